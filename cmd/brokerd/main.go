@@ -1,0 +1,139 @@
+// Command brokerd runs one node of a brokerd STOMP broker cluster.
+//
+//	brokerd                       # single node, embedded defaults
+//	brokerd --config brokerd.yaml # see brokerd.example.yaml
+//	brokerd passwd alice          # print a users-file line
+package main
+
+import (
+	"bufio"
+	"context"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"os/signal"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/brokerd/brokerd/cmd/brokerd/node"
+	"github.com/brokerd/brokerd/config"
+	"github.com/brokerd/brokerd/stomp"
+	"github.com/spf13/cobra"
+)
+
+func main() {
+	os.Exit(run(os.Args[1:], os.Environ(), os.Stdin, os.Stdout, os.Stderr))
+}
+
+// exit codes
+const (
+	exitOK     = 0
+	exitFail   = 1
+	exitConfig = 2
+)
+
+func run(args, environ []string, stdin io.Reader, stdout, stderr io.Writer) int {
+	code := exitOK
+	root := &cobra.Command{
+		Use:           "brokerd",
+		Short:         "A leaderless, replicated STOMP message broker",
+		Long:          "brokerd runs one broker node. With no flags it serves STOMP on 127.0.0.1:61613 and admin HTTP on 127.0.0.1:8613, keeping its data in ./data.",
+		SilenceUsage:  true,
+		SilenceErrors: true,
+		Args:          cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			cfg, err := config.Load(cmd.Flags(), environ)
+			if err != nil {
+				code = exitConfig
+				return fmt.Errorf("config: %w", err)
+			}
+			code = serve(cfg, stderr)
+			return nil
+		},
+	}
+	root.SetArgs(args)
+	root.SetIn(stdin)
+	root.SetOut(stdout)
+	root.SetErr(stderr)
+	config.RegisterFlags(root.Flags())
+	root.AddCommand(passwdCmd(stdin, stdout), versionCmd(stdout))
+	if err := root.Execute(); err != nil {
+		fmt.Fprintf(stderr, "brokerd: %v\n", err)
+		if code == exitOK {
+			code = exitFail
+		}
+	}
+	return code
+}
+
+func newLogger(cfg config.Log, w io.Writer) *slog.Logger {
+	var level slog.Level
+	_ = level.UnmarshalText([]byte(cfg.Level))
+	opts := &slog.HandlerOptions{Level: level}
+	if cfg.Format == "json" {
+		return slog.New(slog.NewJSONHandler(w, opts))
+	}
+	return slog.New(slog.NewTextHandler(w, opts))
+}
+
+// serve runs the node until SIGTERM or SIGINT.
+func serve(cfg config.Config, stderr io.Writer) int {
+	log := newLogger(cfg.Log, stderr)
+	n, err := node.New(cfg, log)
+	if err != nil {
+		fmt.Fprintf(stderr, "brokerd: %v\n", err)
+		return exitFail
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
+	defer stop()
+	if err := n.Start(); err != nil {
+		fmt.Fprintf(stderr, "brokerd: %v\n", err)
+		return exitFail
+	}
+	log.Info("brokerd started", "node_id", n.ID(), "stomp", n.STOMPAddr(), "admin", n.AdminAddr(), "data_dir", cfg.Node.DataDir)
+	<-ctx.Done()
+	stop() // a second signal kills the process the default way
+	log.Info("shutting down")
+	sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	if err := n.Shutdown(sctx); err != nil {
+		log.Warn("shutdown incomplete", "err", err)
+	}
+	log.Info("stopped")
+	return exitOK
+}
+
+func passwdCmd(stdin io.Reader, stdout io.Writer) *cobra.Command {
+	return &cobra.Command{
+		Use:   "passwd NAME",
+		Short: "Read a password on stdin and print a users-file line (NAME:bcrypt-hash) for auth.users_file",
+		Args:  cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			line, err := bufio.NewReader(stdin).ReadString('\n')
+			if err != nil && line == "" {
+				return fmt.Errorf("read password from stdin: %w", err)
+			}
+			pw := strings.TrimRight(line, "\r\n")
+			if pw == "" {
+				return fmt.Errorf("empty password")
+			}
+			out, err := stomp.HashPassword(args[0], pw)
+			if err != nil {
+				return err
+			}
+			fmt.Fprintln(stdout, out)
+			return nil
+		},
+	}
+}
+
+func versionCmd(stdout io.Writer) *cobra.Command {
+	return &cobra.Command{
+		Use:   "version",
+		Short: "Print the version",
+		Args:  cobra.NoArgs,
+		Run:   func(*cobra.Command, []string) { fmt.Fprintln(stdout, "brokerd", node.Version) },
+	}
+}

@@ -1,0 +1,230 @@
+// Package node assembles one brokerd node from its configuration: the
+// store, the destinations, the STOMP listener and the admin HTTP server.
+// main and the in-process tests call the same New.
+package node
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"path/filepath"
+	"time"
+
+	"github.com/brokerd/brokerd/config"
+	"github.com/brokerd/brokerd/replica"
+	"github.com/brokerd/brokerd/stomp"
+	"github.com/brokerd/brokerd/store"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+)
+
+// Version is reported in CONNECTED's server header.
+const Version = "0.1.0"
+
+// Node is one running brokerd.
+type Node struct {
+	cfg    config.Config
+	log    *slog.Logger
+	reg    *prometheus.Registry
+	id     string
+	st     *store.Store
+	rep    *replica.Node
+	srv    *stomp.Server
+	admin  *http.Server
+	adminL net.Listener
+	adminD chan struct{}
+}
+
+// New opens the node's store and recovers its messages. It listens on
+// nothing until Start.
+func New(cfg config.Config, log *slog.Logger) (*Node, error) {
+	if err := cfg.Validate(); err != nil {
+		return nil, err
+	}
+	if log == nil {
+		log = slog.Default()
+	}
+	log = log.With("node", cfg.Node.Name)
+	var auth stomp.Authenticator
+	if cfg.Auth.UsersFile != "" {
+		u, err := stomp.LoadUsers(cfg.Auth.UsersFile)
+		if err != nil {
+			return nil, fmt.Errorf("auth.users_file: %w", err)
+		}
+		auth = u
+	}
+	sync, err := store.ParseSyncMode(cfg.Store.Sync)
+	if err != nil {
+		return nil, fmt.Errorf("store.sync: %w", err)
+	}
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+
+	scfg := store.DefaultConfig(filepath.Join(cfg.Node.DataDir, "brokerd.db"))
+	scfg.Sync = sync
+	scfg.SyncInterval = cfg.Store.SyncInterval
+	scfg.MaxBatchOps = cfg.Store.MaxBatch
+	scfg.Registerer = reg
+	st, err := store.Open(scfg)
+	if err != nil {
+		return nil, err
+	}
+	id, err := nodeID(st)
+	if err != nil {
+		st.Close()
+		return nil, err
+	}
+	log = log.With("node_id", id)
+
+	rcfg := replica.DefaultConfig()
+	rcfg.NodeID = id
+	rcfg.MaxRedeliveries = cfg.Queue.MaxRedeliveries
+	rcfg.DLQPrefix = cfg.Queue.DLQPrefix
+	rcfg.TopicBuffer = cfg.Limits.TopicBuffer
+	rcfg.Registerer = reg
+	rcfg.Logger = log
+	rep := replica.New(rcfg, st)
+	if err := rep.Recover(); err != nil {
+		st.Close()
+		return nil, err
+	}
+
+	pcfg := stomp.DefaultConfig()
+	pcfg.Addr = cfg.STOMP.Addr
+	pcfg.Limits = stomp.Limits{
+		MaxFrameSize:     cfg.Limits.MaxFrameSize,
+		MaxHeaderCount:   cfg.Limits.MaxHeaderCount,
+		MaxHeaderLineLen: cfg.Limits.MaxHeaderLength,
+		MaxBodySize:      cfg.Limits.MaxBodySize,
+	}
+	pcfg.MaxConnections = cfg.Limits.MaxConnections
+	pcfg.MaxSubscriptions = cfg.Limits.MaxSubscriptions
+	pcfg.MaxTxFrames = cfg.Limits.MaxTransactionFrames
+	pcfg.HeartbeatSend = cfg.STOMP.HeartbeatSend
+	pcfg.HeartbeatReceive = cfg.STOMP.HeartbeatReceive
+	pcfg.ConnectTimeout = cfg.STOMP.ConnectTimeout
+	pcfg.WriteTimeout = cfg.STOMP.WriteTimeout
+	pcfg.Auth = auth
+	pcfg.ServerName = "brokerd/" + Version
+	pcfg.Logger = log
+	pcfg.Registerer = reg
+
+	return &Node{
+		cfg: cfg,
+		log: log,
+		reg: reg,
+		id:  id,
+		st:  st,
+		rep: rep,
+		srv: stomp.NewServer(pcfg, rep),
+	}, nil
+}
+
+const metaNodeID = "node_id"
+
+// nodeID returns the node's stable ID, creating it on first start.
+func nodeID(st *store.Store) (string, error) {
+	b, err := st.Meta(metaNodeID)
+	if err != nil {
+		return "", fmt.Errorf("read node id: %w", err)
+	}
+	if len(b) > 0 {
+		return string(b), nil
+	}
+	var r [8]byte
+	if _, err := rand.Read(r[:]); err != nil {
+		return "", err
+	}
+	id := hex.EncodeToString(r[:])
+	if err := st.SetMeta(metaNodeID, []byte(id)); err != nil {
+		return "", fmt.Errorf("write node id: %w", err)
+	}
+	return id, nil
+}
+
+// ID is the node's stable ID.
+func (n *Node) ID() string { return n.id }
+
+// Start starts the store writer and the listeners.
+func (n *Node) Start() error {
+	n.st.Start()
+	n.rep.Start()
+	if n.cfg.Admin.Addr != "" {
+		ln, err := net.Listen("tcp", n.cfg.Admin.Addr)
+		if err != nil {
+			n.rep.Close()
+			n.st.Close()
+			return fmt.Errorf("admin listen: %w", err)
+		}
+		n.adminL = ln
+		n.admin = &http.Server{Handler: n.adminHandler(), ReadHeaderTimeout: 5 * time.Second}
+		n.adminD = make(chan struct{})
+		go func() {
+			defer close(n.adminD)
+			if err := n.admin.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+				n.log.Error("admin server stopped", "err", err)
+			}
+		}()
+		n.log.Info("admin listening", "addr", ln.Addr().String())
+	}
+	if err := n.srv.Start(); err != nil {
+		n.Shutdown(context.Background())
+		return err
+	}
+	return nil
+}
+
+// STOMPAddr is the bound STOMP address.
+func (n *Node) STOMPAddr() string { return n.srv.Addr().String() }
+
+// AdminAddr is the bound admin address, or "" when disabled.
+func (n *Node) AdminAddr() string {
+	if n.adminL == nil {
+		return ""
+	}
+	return n.adminL.Addr().String()
+}
+
+// Shutdown stops accepting clients, lets every session's earlier frames
+// take effect and their receipts go out, closes the connections, finishes
+// in-flight commits and closes the store.
+func (n *Node) Shutdown(ctx context.Context) error {
+	err := n.srv.Shutdown(ctx)
+	if n.admin != nil {
+		sctx, cancel := context.WithTimeout(context.Background(), time.Second)
+		_ = n.admin.Shutdown(sctx)
+		cancel()
+		<-n.adminD
+	}
+	n.rep.Close()
+	if cerr := n.st.Close(); cerr != nil && err == nil {
+		err = cerr
+	}
+	return err
+}
+
+func (n *Node) adminHandler() http.Handler {
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, r *http.Request) {
+		writeJSON(w, map[string]string{"status": "ok", "node_id": n.id, "node_name": n.cfg.Node.Name})
+	})
+	mux.Handle("GET /metrics", promhttp.HandlerFor(n.reg, promhttp.HandlerOpts{}))
+	mux.HandleFunc("GET /v1/destinations", func(w http.ResponseWriter, r *http.Request) {
+		writeJSON(w, n.rep.Destinations())
+	})
+	return mux
+}
+
+func writeJSON(w http.ResponseWriter, v any) {
+	w.Header().Set("Content-Type", "application/json")
+	enc := json.NewEncoder(w)
+	enc.SetIndent("", "  ")
+	_ = enc.Encode(v)
+}

@@ -1,0 +1,253 @@
+package stomp
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/brokerd/brokerd/replica"
+	"github.com/go-stomp/stomp/v3/frame"
+	"github.com/prometheus/client_golang/prometheus"
+)
+
+// Broker is what the STOMP edge needs from the node behind it.
+type Broker interface {
+	// Subscribe registers a subscription whose messages arrive through
+	// opts.Deliver.
+	Subscribe(opts replica.SubOptions) (*replica.Subscription, error)
+	// Apply validates and applies a batch of SENDs, ACKs and NACKs; done
+	// runs once its effects are durable. A validation error is returned
+	// and nothing is applied.
+	Apply(b *replica.Batch, done func(error)) error
+}
+
+var _ Broker = (*replica.Node)(nil)
+
+// Config configures a Server.
+type Config struct {
+	// Addr is the listen address; port 0 picks a free port (see Server.Addr).
+	Addr string
+	// Limits bound each client frame.
+	Limits Limits
+	// MaxConnections caps concurrent client connections.
+	MaxConnections int
+	// MaxSubscriptions caps the subscriptions of one connection.
+	MaxSubscriptions int
+	// MaxTxFrames caps the frames buffered in the open transactions of one connection.
+	MaxTxFrames int
+	// HeartbeatSend is how often the server offers to send heart-beats (0: never).
+	HeartbeatSend time.Duration
+	// HeartbeatReceive is how often the server asks the client for heart-beats (0: never).
+	HeartbeatReceive time.Duration
+	// ConnectTimeout bounds the time from accept to a complete CONNECT frame.
+	ConnectTimeout time.Duration
+	// WriteTimeout bounds one flush to a client that does not read.
+	WriteTimeout time.Duration
+	// Auth checks logins; nil allows anyone.
+	Auth Authenticator
+	// ServerName is sent in CONNECTED's server header.
+	ServerName string
+	// Logger receives the server's logs.
+	Logger *slog.Logger
+	// Registerer receives the metrics; nil means none.
+	Registerer prometheus.Registerer
+}
+
+// DefaultConfig returns a Config with every field set.
+func DefaultConfig() Config {
+	return Config{
+		Addr:             "127.0.0.1:61613",
+		Limits:           DefaultLimits(),
+		MaxConnections:   10000,
+		MaxSubscriptions: 1000,
+		MaxTxFrames:      10000,
+		HeartbeatSend:    10 * time.Second,
+		HeartbeatReceive: 10 * time.Second,
+		ConnectTimeout:   10 * time.Second,
+		WriteTimeout:     60 * time.Second,
+		ServerName:       "brokerd",
+		Logger:           slog.Default(),
+	}
+}
+
+// Server accepts STOMP connections and runs a session for each.
+type Server struct {
+	cfg    Config
+	broker Broker
+	log    *slog.Logger
+	m      *metrics
+
+	ln       net.Listener
+	closing  atomic.Bool
+	mu       sync.Mutex
+	sessions map[*session]struct{}
+	nextID   atomic.Uint64
+	wg       sync.WaitGroup // accept loop and sessions
+}
+
+// NewServer returns a Server for broker. Call Start to listen.
+func NewServer(cfg Config, broker Broker) *Server {
+	def := DefaultConfig()
+	if cfg.Logger == nil {
+		cfg.Logger = def.Logger
+	}
+	if cfg.Limits == (Limits{}) {
+		cfg.Limits = def.Limits
+	}
+	if cfg.ConnectTimeout <= 0 {
+		cfg.ConnectTimeout = def.ConnectTimeout
+	}
+	if cfg.WriteTimeout <= 0 {
+		cfg.WriteTimeout = def.WriteTimeout
+	}
+	if cfg.ServerName == "" {
+		cfg.ServerName = def.ServerName
+	}
+	return &Server{
+		cfg:      cfg,
+		broker:   broker,
+		log:      cfg.Logger.With("component", "stomp"),
+		m:        newMetrics(cfg.Registerer),
+		sessions: make(map[*session]struct{}),
+	}
+}
+
+// Start binds the listener and starts accepting.
+func (s *Server) Start() error {
+	ln, err := net.Listen("tcp", s.cfg.Addr)
+	if err != nil {
+		return fmt.Errorf("stomp listen: %w", err)
+	}
+	s.ln = ln
+	s.wg.Add(1)
+	go s.acceptLoop()
+	s.log.Info("stomp listening", "addr", ln.Addr().String())
+	return nil
+}
+
+// Addr is the bound address.
+func (s *Server) Addr() net.Addr { return s.ln.Addr() }
+
+func (s *Server) acceptLoop() {
+	defer s.wg.Done()
+	var delay time.Duration
+	for {
+		c, err := s.ln.Accept()
+		if err != nil {
+			if s.closing.Load() || errors.Is(err, net.ErrClosed) {
+				return
+			}
+			// Temporary errors such as EMFILE: back off, don't spin.
+			if delay == 0 {
+				delay = 5 * time.Millisecond
+			} else if delay < time.Second {
+				delay *= 2
+			}
+			s.log.Warn("accept failed", "err", err, "retry_in", delay)
+			time.Sleep(delay)
+			continue
+		}
+		delay = 0
+		s.mu.Lock()
+		if s.closing.Load() {
+			s.mu.Unlock()
+			c.Close()
+			return
+		}
+		if s.cfg.MaxConnections > 0 && len(s.sessions) >= s.cfg.MaxConnections {
+			s.mu.Unlock()
+			s.m.refused.Inc()
+			s.log.Warn("connection refused", "reason", "too many connections", "remote", c.RemoteAddr().String())
+			go refuse(c, "too many connections", "this server accepts at most "+strconv.Itoa(s.cfg.MaxConnections)+" connections")
+			continue
+		}
+		sess := newSession(s, c, "session-"+strconv.FormatUint(s.nextID.Add(1), 10))
+		s.sessions[sess] = struct{}{}
+		s.wg.Add(1)
+		s.mu.Unlock()
+		s.m.connections.Inc()
+		s.m.connectionsTotal.Inc()
+		go func() {
+			defer s.wg.Done()
+			sess.run()
+			s.mu.Lock()
+			delete(s.sessions, sess)
+			s.mu.Unlock()
+			s.m.connections.Dec()
+		}()
+	}
+}
+
+// refuse writes an ERROR frame to a connection that is not served and closes it.
+func refuse(c net.Conn, msg, detail string) {
+	defer c.Close()
+	_ = c.SetWriteDeadline(time.Now().Add(2 * time.Second))
+	w := newFrameWriter(c)
+	f := frame.New(frame.ERROR, frame.Message, msg, frame.ContentType, "text/plain")
+	f.Body = []byte(detail)
+	_ = w.WriteFrame(f, "1.2")
+	_ = w.Flush()
+}
+
+// Shutdown stops accepting, tells every client the server is shutting down,
+// waits until each session's earlier frames have taken effect and their
+// receipts are written, and closes the connections. When ctx ends first,
+// the remaining connections are closed at once.
+func (s *Server) Shutdown(ctx context.Context) error {
+	if !s.closing.CompareAndSwap(false, true) {
+		s.wg.Wait()
+		return nil
+	}
+	if s.ln != nil {
+		s.ln.Close()
+	}
+	s.mu.Lock()
+	for sess := range s.sessions {
+		sess.shutdown()
+	}
+	s.mu.Unlock()
+	done := make(chan struct{})
+	go func() { s.wg.Wait(); close(done) }()
+	select {
+	case <-done:
+		return nil
+	case <-ctx.Done():
+		s.mu.Lock()
+		for sess := range s.sessions {
+			sess.conn.Close()
+		}
+		s.mu.Unlock()
+		<-done
+		return ctx.Err()
+	}
+}
+
+type metrics struct {
+	connections      prometheus.Gauge
+	connectionsTotal prometheus.Counter
+	refused          prometheus.Counter
+	framesIn         *prometheus.CounterVec
+	framesOut        *prometheus.CounterVec
+	errors           *prometheus.CounterVec
+}
+
+func newMetrics(reg prometheus.Registerer) *metrics {
+	m := &metrics{
+		connections:      prometheus.NewGauge(prometheus.GaugeOpts{Name: "brokerd_stomp_connections", Help: "Open STOMP connections."}),
+		connectionsTotal: prometheus.NewCounter(prometheus.CounterOpts{Name: "brokerd_stomp_connections_total", Help: "STOMP connections accepted."}),
+		refused:          prometheus.NewCounter(prometheus.CounterOpts{Name: "brokerd_stomp_connections_refused_total", Help: "STOMP connections refused over the connection limit."}),
+		framesIn:         prometheus.NewCounterVec(prometheus.CounterOpts{Name: "brokerd_stomp_frames_in_total", Help: "Frames received, by command."}, []string{"command"}),
+		framesOut:        prometheus.NewCounterVec(prometheus.CounterOpts{Name: "brokerd_stomp_frames_out_total", Help: "Frames sent, by command."}, []string{"command"}),
+		errors:           prometheus.NewCounterVec(prometheus.CounterOpts{Name: "brokerd_stomp_errors_total", Help: "ERROR frames sent, by reason."}, []string{"reason"}),
+	}
+	if reg != nil {
+		reg.MustRegister(m.connections, m.connectionsTotal, m.refused, m.framesIn, m.framesOut, m.errors)
+	}
+	return m
+}

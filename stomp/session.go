@@ -1,0 +1,745 @@
+package stomp
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/brokerd/brokerd/replica"
+	"github.com/go-stomp/stomp/v3/frame"
+)
+
+// supportedVersions are the STOMP versions this server speaks, highest last.
+var supportedVersions = []string{"1.0", "1.1", "1.2"}
+
+// protocolError is a client mistake: it is answered by an ERROR frame whose
+// message header is msg, then the connection closes.
+type protocolError struct {
+	msg    string // short, for the message header
+	detail string // longer, for the body
+	reason string // metrics label
+	header []string
+}
+
+func (e *protocolError) Error() string { return e.msg + ": " + e.detail }
+
+func perr(reason, msg, detail string, args ...any) *protocolError {
+	return &protocolError{msg: msg, detail: fmt.Sprintf(detail, args...), reason: reason}
+}
+
+// session is one client connection.
+type session struct {
+	srv     *Server
+	conn    net.Conn
+	id      string
+	r       *frameReader
+	version string // negotiated; "1.0" until CONNECT
+
+	// owned by the reader goroutine
+	subs     map[string]*sub
+	txs      map[string]*transaction
+	txFrames int
+	subIndex uint64
+	subByIdx map[uint64]*sub
+
+	ops chan *pendingOp // reader -> sequencer, in frame order
+
+	// outbound, guarded by outMu; written by the writer goroutine
+	outMu     sync.Mutex
+	out       []outItem
+	outClosed bool
+	outSignal chan struct{}
+
+	readTimeout   time.Duration
+	writeInterval time.Duration
+	stopping      atomic.Bool
+	writerDone    chan struct{}
+}
+
+type sub struct {
+	id     string
+	idx    uint64
+	dest   string
+	mode   replica.AckMode
+	rs     *replica.Subscription
+	closed atomic.Bool
+}
+
+type transaction struct {
+	batch replica.Batch
+}
+
+// pendingOp is a frame's effect as the sequencer sees it.
+type pendingOp struct {
+	done    chan error // nil when the effect is already complete
+	receipt string
+	errFr   *frame.Frame
+	final   bool // close the connection after this op
+}
+
+type outItem struct {
+	f   *frame.Frame
+	sub *sub
+	d   replica.Delivery
+	end bool // flush and close the connection
+}
+
+func newSession(srv *Server, c net.Conn, id string) *session {
+	return &session{
+		srv:        srv,
+		conn:       c,
+		id:         id,
+		r:          newFrameReader(c, srv.cfg.Limits),
+		version:    "1.0",
+		subs:       make(map[string]*sub),
+		txs:        make(map[string]*transaction),
+		subByIdx:   make(map[uint64]*sub),
+		ops:        make(chan *pendingOp, 1024),
+		outSignal:  make(chan struct{}, 1),
+		writerDone: make(chan struct{}),
+	}
+}
+
+// shutdown makes the reader stop at its next read; the session then ends
+// the usual way, after the receipts of earlier frames.
+func (s *session) shutdown() {
+	s.stopping.Store(true)
+	_ = s.conn.SetReadDeadline(time.Now())
+}
+
+func (s *session) run() {
+	log := s.srv.log.With("session", s.id, "remote", s.conn.RemoteAddr().String())
+	seqDone := make(chan struct{})
+	go s.writeLoop()
+	go func() { s.sequence(); close(seqDone) }()
+
+	err := s.readLoop()
+	var pe *protocolError
+	switch {
+	case errors.As(err, &pe):
+		s.srv.m.errors.WithLabelValues(pe.reason).Inc()
+		log.Info("protocol error", "err", pe.Error())
+		s.ops <- &pendingOp{errFr: errorFrame(pe), final: true}
+	case err != nil && s.stopping.Load():
+		s.ops <- &pendingOp{errFr: errorFrame(perr("shutdown", "server shutting down", "the server is shutting down; reconnect to another node")), final: true}
+	case err != nil && !errors.Is(err, io.EOF) && !errors.Is(err, net.ErrClosed):
+		log.Debug("connection ended", "err", err)
+	}
+	close(s.ops)
+	// The client will send no more ACKs: return what it holds.
+	for _, sb := range s.subs {
+		sb.closed.Store(true)
+		sb.rs.Close()
+	}
+	<-seqDone
+	s.enqueue(outItem{end: true})
+	<-s.writerDone
+	s.conn.Close()
+}
+
+// readLoop handles frames until DISCONNECT, an error, or shutdown.
+func (s *session) readLoop() error {
+	cfg := &s.srv.cfg
+	_ = s.conn.SetReadDeadline(time.Now().Add(cfg.ConnectTimeout))
+	var f *frame.Frame
+	for f == nil {
+		var err error
+		if f, err = s.readFrame(); err != nil {
+			return err
+		}
+	}
+	if err := s.connect(f); err != nil {
+		return err
+	}
+	for {
+		if s.readTimeout > 0 {
+			_ = s.conn.SetReadDeadline(time.Now().Add(s.readTimeout))
+		} else {
+			_ = s.conn.SetReadDeadline(time.Time{})
+		}
+		if s.stopping.Load() {
+			return net.ErrClosed
+		}
+		f, err := s.readFrame()
+		if err != nil {
+			var ne net.Error
+			if errors.As(err, &ne) && ne.Timeout() && !s.stopping.Load() {
+				return perr("heart-beat", "heart-beat timeout", "no frame or heart-beat received for %v", s.readTimeout)
+			}
+			return err
+		}
+		if f == nil {
+			continue // heart-beat
+		}
+		done, err := s.handle(f)
+		if err != nil {
+			var pe *protocolError
+			if errors.As(err, &pe) {
+				if r := f.Header.Get(frame.Receipt); r != "" {
+					pe.header = append(pe.header, frame.ReceiptId, r)
+				}
+			}
+			return err
+		}
+		if done {
+			return nil
+		}
+	}
+}
+
+// readFrame reads a frame, turning a malformed one into a protocolError.
+// It returns a nil frame for a heart-beat.
+func (s *session) readFrame() (*frame.Frame, error) {
+	f, err := s.r.ReadFrame(s.version)
+	if err != nil {
+		for _, e := range []error{ErrFrameTooLarge, ErrBodyTooLarge, ErrTooManyHeaders, ErrHeaderTooLong,
+			ErrBadEscape, ErrMalformedFrame, ErrUnknownCommand, ErrBadContentLength} {
+			if errors.Is(err, e) {
+				return nil, perr("malformed", e.Error(), "%v", err)
+			}
+		}
+		return nil, err
+	}
+	if f != nil {
+		s.srv.m.framesIn.WithLabelValues(f.Command).Inc()
+	}
+	return f, nil
+}
+
+func errorFrame(pe *protocolError) *frame.Frame {
+	f := frame.New(frame.ERROR, frame.Message, pe.msg)
+	for i := 0; i+1 < len(pe.header); i += 2 {
+		f.Header.Add(pe.header[i], pe.header[i+1])
+	}
+	f.Header.Add(frame.ContentType, "text/plain")
+	f.Body = []byte(pe.detail)
+	return f
+}
+
+// negotiate picks the highest version in the accept-version list.
+func negotiate(accept string) (string, bool) {
+	if accept == "" {
+		return "1.0", true
+	}
+	best := ""
+	for _, v := range strings.Split(accept, ",") {
+		v = strings.TrimSpace(v)
+		for _, sv := range supportedVersions {
+			if v == sv && v > best {
+				best = v
+			}
+		}
+	}
+	return best, best != ""
+}
+
+func (s *session) connect(f *frame.Frame) error {
+	cfg := &s.srv.cfg
+	if f.Command != frame.CONNECT && f.Command != frame.STOMP {
+		return perr("not-connected", "not connected", "the first frame must be CONNECT or STOMP, got %s", f.Command)
+	}
+	v, ok := negotiate(f.Header.Get(frame.AcceptVersion))
+	if !ok {
+		pe := perr("version", "unsupported protocol version", "Supported protocol versions are %s", strings.Join(supportedVersions, " "))
+		pe.header = []string{frame.Version, strings.Join(supportedVersions, ",")}
+		return pe
+	}
+	s.version = v
+	if v != "1.0" {
+		if _, ok := f.Header.Contains(frame.Host); !ok {
+			return perr("missing-header", "missing host header", "STOMP %s requires a host header in %s", v, f.Command)
+		}
+	}
+	if cfg.Auth != nil {
+		if err := cfg.Auth.Authenticate(f.Header.Get(frame.Login), f.Header.Get(frame.Passcode)); err != nil {
+			s.srv.log.Warn("login refused", "session", s.id, "login", f.Header.Get(frame.Login), "remote", s.conn.RemoteAddr().String())
+			return perr("auth", "access refused", "login or passcode is wrong")
+		}
+	}
+	var sx, sy time.Duration // what we send / expect, 0 = none
+	if v != "1.0" {
+		if hb, ok := f.Header.Contains(frame.HeartBeat); ok {
+			cx, cy, err := frame.ParseHeartBeat(hb)
+			if err != nil {
+				return perr("bad-header", "invalid heart-beat header", "heart-beat %q: want two comma-separated non-negative integers", hb)
+			}
+			if cy > 0 && cfg.HeartbeatSend > 0 {
+				sx = max(cy, cfg.HeartbeatSend)
+			}
+			if cx > 0 && cfg.HeartbeatReceive > 0 {
+				sy = max(cx, cfg.HeartbeatReceive)
+			}
+		}
+	}
+	s.writeInterval = sx
+	if sy > 0 {
+		// Tolerate a late heart-beat: the spec leaves the margin to us.
+		s.readTimeout = 2*sy + time.Second
+	}
+	c := frame.New(frame.CONNECTED, frame.Version, v, frame.Session, s.id, frame.Server, cfg.ServerName)
+	if v != "1.0" {
+		c.Header.Add(frame.HeartBeat, strconv.FormatInt(cfg.HeartbeatSend.Milliseconds(), 10)+","+strconv.FormatInt(cfg.HeartbeatReceive.Milliseconds(), 10))
+	}
+	s.enqueue(outItem{f: c})
+	return nil
+}
+
+// handle applies one frame. It returns done after DISCONNECT.
+func (s *session) handle(f *frame.Frame) (bool, error) {
+	switch f.Command {
+	case frame.SEND:
+		return false, s.send(f)
+	case frame.SUBSCRIBE:
+		return false, s.subscribe(f)
+	case frame.UNSUBSCRIBE:
+		return false, s.unsubscribe(f)
+	case frame.ACK, frame.NACK:
+		return false, s.ack(f)
+	case frame.BEGIN, frame.COMMIT, frame.ABORT:
+		return false, s.tx(f)
+	case frame.DISCONNECT:
+		s.ops <- &pendingOp{receipt: f.Header.Get(frame.Receipt), final: true}
+		return true, nil
+	case frame.CONNECT, frame.STOMP:
+		return false, perr("protocol", "already connected", "%s received on a connected session", f.Command)
+	default:
+		return false, perr("protocol", "unexpected frame", "%s is not a client frame", f.Command)
+	}
+}
+
+// complete queues an already-complete effect (for its receipt).
+func (s *session) complete(f *frame.Frame) {
+	if r := f.Header.Get(frame.Receipt); r != "" {
+		s.ops <- &pendingOp{receipt: r}
+	}
+}
+
+func (s *session) apply(f *frame.Frame, b *replica.Batch) error {
+	op := &pendingOp{done: make(chan error, 1), receipt: f.Header.Get(frame.Receipt)}
+	if err := s.srv.broker.Apply(b, func(err error) { op.done <- err }); err != nil {
+		return brokerError(f, err)
+	}
+	s.ops <- op
+	return nil
+}
+
+func brokerError(f *frame.Frame, err error) error {
+	switch {
+	case errors.Is(err, replica.ErrBadDestination):
+		return perr("destination", "invalid destination", "%s: %v", f.Command, err)
+	case errors.Is(err, replica.ErrUnknownAck), errors.Is(err, replica.ErrSubscriptionClosed):
+		return perr("ack", "unknown message", "%s: %v", f.Command, err)
+	}
+	return perr("internal", "internal error", "%s: %v", f.Command, err)
+}
+
+func required(f *frame.Frame, name string) (string, error) {
+	v, ok := f.Header.Contains(name)
+	if !ok || v == "" {
+		return "", perr("missing-header", "missing "+name+" header", "%s requires a %s header", f.Command, name)
+	}
+	return v, nil
+}
+
+// transportHeaders are not copied from SEND to MESSAGE.
+var transportHeaders = map[string]bool{
+	frame.Destination: true, frame.Receipt: true, frame.Transaction: true, frame.ContentLength: true,
+	frame.MessageId: true, frame.Subscription: true, frame.Ack: true, "redelivered": true, "x-delivery-count": true,
+}
+
+func (s *session) send(f *frame.Frame) error {
+	dest, err := required(f, frame.Destination)
+	if err != nil {
+		return err
+	}
+	if _, err := replica.ParseDestination(dest); err != nil {
+		return brokerError(f, err)
+	}
+	m := &replica.Message{Dest: dest, Body: f.Body}
+	n := f.Header.Len()
+	m.Headers = make([]string, 0, 2*n)
+	seen := make(map[string]bool, n)
+	for i := 0; i < n; i++ {
+		k, v := f.Header.GetAt(i)
+		if transportHeaders[k] || seen[k] {
+			continue // repeated headers: the first one wins
+		}
+		seen[k] = true
+		m.Headers = append(m.Headers, k, v)
+	}
+	if e, ok := f.Header.Contains("expires"); ok && e != "" {
+		ms, err := strconv.ParseInt(e, 10, 64)
+		if err != nil || ms < 0 {
+			return perr("bad-header", "invalid expires header", "expires %q: want milliseconds since the epoch", e)
+		}
+		m.Expires = ms
+	}
+	if txID, ok := f.Header.Contains(frame.Transaction); ok {
+		t, err := s.transaction(f, txID)
+		if err != nil {
+			return err
+		}
+		t.batch.Sends = append(t.batch.Sends, m)
+		s.complete(f)
+		return nil
+	}
+	return s.apply(f, &replica.Batch{Sends: []*replica.Message{m}})
+}
+
+func (s *session) subscribe(f *frame.Frame) error {
+	cfg := &s.srv.cfg
+	dest, err := required(f, frame.Destination)
+	if err != nil {
+		return err
+	}
+	id := f.Header.Get(frame.Id)
+	if id == "" {
+		if s.version != "1.0" {
+			return perr("missing-header", "missing id header", "SUBSCRIBE requires an id header")
+		}
+		id = dest
+	}
+	if _, dup := s.subs[id]; dup {
+		return perr("subscription", "duplicate subscription id", "subscription %q already exists on this connection", id)
+	}
+	if cfg.MaxSubscriptions > 0 && len(s.subs) >= cfg.MaxSubscriptions {
+		return perr("limit", "too many subscriptions", "at most %d subscriptions per connection", cfg.MaxSubscriptions)
+	}
+	mode, ok := replica.ParseAckMode(f.Header.Get(frame.Ack))
+	if !ok {
+		return perr("bad-header", "invalid ack header", "ack %q: want auto, client or client-individual", f.Header.Get(frame.Ack))
+	}
+	prefetch := 0
+	for _, h := range []string{"prefetch-count", "activemq.prefetchSize"} {
+		if v, ok := f.Header.Contains(h); ok {
+			p, err := strconv.Atoi(v)
+			if err != nil || p < 0 {
+				return perr("bad-header", "invalid "+h+" header", "%s %q: want a non-negative integer", h, v)
+			}
+			prefetch = p
+			break
+		}
+	}
+	s.subIndex++
+	sb := &sub{id: id, idx: s.subIndex, dest: dest, mode: mode}
+	rs, err := s.srv.broker.Subscribe(replica.SubOptions{
+		Dest: dest, Ack: mode, Prefetch: prefetch,
+		Deliver: func(d replica.Delivery) { s.enqueue(outItem{sub: sb, d: d}) },
+	})
+	if err != nil {
+		return brokerError(f, err)
+	}
+	sb.rs = rs
+	s.subs[id] = sb
+	s.subByIdx[sb.idx] = sb
+	s.complete(f)
+	return nil
+}
+
+func (s *session) unsubscribe(f *frame.Frame) error {
+	id := f.Header.Get(frame.Id)
+	if id == "" && s.version == "1.0" {
+		id = f.Header.Get(frame.Destination)
+	}
+	if id == "" {
+		return perr("missing-header", "missing id header", "UNSUBSCRIBE requires an id header")
+	}
+	sb := s.subs[id]
+	if sb == nil {
+		return perr("subscription", "unknown subscription", "no subscription %q on this connection", id)
+	}
+	delete(s.subs, id)
+	delete(s.subByIdx, sb.idx)
+	sb.closed.Store(true)
+	sb.rs.Close()
+	s.complete(f)
+	return nil
+}
+
+// ackToken is the ack header of a MESSAGE: subscription index and tag.
+func ackToken(sb *sub, tag uint64) string {
+	return strconv.FormatUint(sb.idx, 10) + "." + strconv.FormatUint(tag, 10)
+}
+
+// resolveAck finds the subscription and delivery an ACK or NACK names.
+func (s *session) resolveAck(f *frame.Frame) (*sub, uint64, error) {
+	unknown := func(what string) error {
+		return perr("ack", "unknown message", "%s: %s does not name an outstanding message of this connection", f.Command, what)
+	}
+	if s.version == "1.2" {
+		id, err := required(f, frame.Id)
+		if err != nil {
+			return nil, 0, err
+		}
+		a, b, ok := strings.Cut(id, ".")
+		idx, err1 := strconv.ParseUint(a, 10, 64)
+		tag, err2 := strconv.ParseUint(b, 10, 64)
+		if !ok || err1 != nil || err2 != nil || s.subByIdx[idx] == nil {
+			return nil, 0, unknown("id " + strconv.Quote(id))
+		}
+		return s.subByIdx[idx], tag, nil
+	}
+	msgID, err := required(f, frame.MessageId)
+	if err != nil {
+		return nil, 0, err
+	}
+	if s.version == "1.1" {
+		subID, err := required(f, frame.Subscription)
+		if err != nil {
+			return nil, 0, err
+		}
+		sb := s.subs[subID]
+		if sb == nil {
+			return nil, 0, unknown("subscription " + strconv.Quote(subID))
+		}
+		if tag, ok := sb.rs.TagOf(msgID); ok {
+			return sb, tag, nil
+		}
+		return nil, 0, unknown("message-id " + strconv.Quote(msgID))
+	}
+	for _, sb := range s.subs {
+		if tag, ok := sb.rs.TagOf(msgID); ok {
+			return sb, tag, nil
+		}
+	}
+	return nil, 0, unknown("message-id " + strconv.Quote(msgID))
+}
+
+func (s *session) ack(f *frame.Frame) error {
+	if f.Command == frame.NACK && s.version == "1.0" {
+		return perr("protocol", "unexpected frame", "NACK is not part of STOMP 1.0")
+	}
+	sb, tag, err := s.resolveAck(f)
+	if err != nil {
+		return err
+	}
+	if err := sb.rs.Check(tag); err != nil {
+		return brokerError(f, err)
+	}
+	op := replica.AckOp{Sub: sb.rs, Tag: tag, Nack: f.Command == frame.NACK}
+	if txID, ok := f.Header.Contains(frame.Transaction); ok {
+		t, err := s.transaction(f, txID)
+		if err != nil {
+			return err
+		}
+		t.batch.Acks = append(t.batch.Acks, op)
+		s.complete(f)
+		return nil
+	}
+	return s.apply(f, &replica.Batch{Acks: []replica.AckOp{op}})
+}
+
+// transaction returns the open transaction txID, counting one more frame.
+func (s *session) transaction(f *frame.Frame, txID string) (*transaction, error) {
+	t := s.txs[txID]
+	if t == nil {
+		return nil, perr("transaction", "unknown transaction", "%s names transaction %q, which is not open", f.Command, txID)
+	}
+	if s.srv.cfg.MaxTxFrames > 0 && s.txFrames >= s.srv.cfg.MaxTxFrames {
+		return nil, perr("limit", "transaction too large", "at most %d frames in open transactions per connection", s.srv.cfg.MaxTxFrames)
+	}
+	s.txFrames++
+	return t, nil
+}
+
+func (s *session) tx(f *frame.Frame) error {
+	txID, err := required(f, frame.Transaction)
+	if err != nil {
+		return err
+	}
+	t := s.txs[txID]
+	switch f.Command {
+	case frame.BEGIN:
+		if t != nil {
+			return perr("transaction", "transaction already open", "BEGIN: transaction %q is already open", txID)
+		}
+		if s.srv.cfg.MaxTxFrames > 0 && s.txFrames >= s.srv.cfg.MaxTxFrames {
+			return perr("limit", "transaction too large", "at most %d frames in open transactions per connection", s.srv.cfg.MaxTxFrames)
+		}
+		s.txFrames++
+		s.txs[txID] = &transaction{}
+		s.complete(f)
+		return nil
+	case frame.ABORT:
+		if t == nil {
+			return perr("transaction", "unknown transaction", "ABORT: transaction %q is not open", txID)
+		}
+		s.endTx(txID, t)
+		s.complete(f)
+		return nil
+	default: // COMMIT
+		if t == nil {
+			return perr("transaction", "unknown transaction", "COMMIT: transaction %q is not open", txID)
+		}
+		s.endTx(txID, t)
+		return s.apply(f, &t.batch)
+	}
+}
+
+func (s *session) endTx(txID string, t *transaction) {
+	delete(s.txs, txID)
+	s.txFrames -= 1 + len(t.batch.Sends) + len(t.batch.Acks)
+}
+
+// sequence emits receipts and errors in frame order, each only after the
+// effects of every earlier frame are complete.
+func (s *session) sequence() {
+	failed := false
+	for op := range s.ops {
+		if op.done != nil {
+			if err := <-op.done; err != nil && !failed {
+				failed = true
+				s.srv.log.Error("store failure", "session", s.id, "err", err)
+				s.srv.m.errors.WithLabelValues("internal").Inc()
+				pe := perr("internal", "internal error", "the server could not store a frame's effect: %v", err)
+				if op.receipt != "" {
+					pe.header = []string{frame.ReceiptId, op.receipt}
+				}
+				s.enqueue(outItem{f: errorFrame(pe), end: true})
+				s.shutdown()
+			}
+		}
+		if failed {
+			continue
+		}
+		if op.receipt != "" {
+			s.enqueue(outItem{f: frame.New(frame.RECEIPT, frame.ReceiptId, op.receipt)})
+		}
+		if op.errFr != nil {
+			s.enqueue(outItem{f: op.errFr})
+		}
+		if op.final {
+			s.enqueue(outItem{end: true})
+		}
+	}
+}
+
+func (s *session) enqueue(it outItem) {
+	s.outMu.Lock()
+	if s.outClosed {
+		s.outMu.Unlock()
+		return
+	}
+	s.out = append(s.out, it)
+	s.outMu.Unlock()
+	select {
+	case s.outSignal <- struct{}{}:
+	default:
+	}
+}
+
+// writeLoop writes queued frames, flushing when the queue is empty, and
+// heart-beats when idle. It ends at the first end item or write error.
+func (s *session) writeLoop() {
+	defer close(s.writerDone)
+	w := newFrameWriter(s.conn)
+	var tick <-chan time.Time
+	var ticker *time.Ticker
+	lastWrite := time.Now()
+	written := make(map[*sub][]uint64)
+	var batch []outItem
+	fail := func() {
+		s.outMu.Lock()
+		s.outClosed = true
+		s.out = nil
+		s.outMu.Unlock()
+		s.conn.Close()
+	}
+	for {
+		if ticker == nil && s.writeInterval > 0 {
+			ticker = time.NewTicker(s.writeInterval / 2)
+			defer ticker.Stop()
+			tick = ticker.C
+		}
+		select {
+		case <-s.outSignal:
+		case <-tick:
+			if time.Since(lastWrite) >= s.writeInterval/2 {
+				_ = s.conn.SetWriteDeadline(time.Now().Add(s.srv.cfg.WriteTimeout))
+				if w.WriteHeartbeat() != nil || w.Flush() != nil {
+					fail()
+					return
+				}
+				lastWrite = time.Now()
+			}
+			continue
+		}
+		s.outMu.Lock()
+		batch, s.out = s.out, batch[:0]
+		s.outMu.Unlock()
+		end := false
+		for i := range batch {
+			it := &batch[i]
+			if it.end {
+				end = true
+				break
+			}
+			f := it.f
+			if it.sub != nil {
+				if it.sub.closed.Load() {
+					continue // its messages went back to the queue
+				}
+				f = s.messageFrame(it.sub, it.d)
+				written[it.sub] = append(written[it.sub], it.d.Tag)
+			}
+			if err := w.WriteFrame(f, s.version); err != nil {
+				fail()
+				return
+			}
+			s.srv.m.framesOut.WithLabelValues(f.Command).Inc()
+		}
+		for i := range batch {
+			batch[i] = outItem{}
+		}
+		_ = s.conn.SetWriteDeadline(time.Now().Add(s.srv.cfg.WriteTimeout))
+		if err := w.Flush(); err != nil {
+			fail()
+			return
+		}
+		lastWrite = time.Now()
+		for sb, tags := range written {
+			sb.rs.Written(tags...)
+			delete(written, sb)
+		}
+		if end {
+			s.outMu.Lock()
+			s.outClosed = true
+			s.out = nil
+			s.outMu.Unlock()
+			if tc, ok := s.conn.(*net.TCPConn); ok {
+				_ = tc.CloseWrite()
+			}
+			return
+		}
+	}
+}
+
+func (s *session) messageFrame(sb *sub, d replica.Delivery) *frame.Frame {
+	m := d.Msg
+	f := &frame.Frame{Command: frame.MESSAGE, Header: frame.NewHeader(
+		frame.Subscription, sb.id,
+		frame.MessageId, m.ID,
+		frame.Destination, m.Dest,
+	), Body: m.Body}
+	if sb.mode != replica.AckAuto && s.version == "1.2" {
+		f.Header.Add(frame.Ack, ackToken(sb, d.Tag))
+	}
+	if d.Redelivered {
+		f.Header.Add("redelivered", "true")
+		f.Header.Add("x-delivery-count", strconv.Itoa(d.Count))
+	}
+	for i := 0; i+1 < len(m.Headers); i += 2 {
+		v := m.Headers[i+1]
+		if s.version == "1.0" && strings.ContainsAny(v, "\n") {
+			v = strings.ReplaceAll(v, "\n", " ") // 1.0 cannot escape a newline
+		}
+		f.Header.Add(m.Headers[i], v)
+	}
+	return f
+}
