@@ -57,7 +57,7 @@ type session struct {
 	outSignal chan struct{}
 
 	readTimeout   time.Duration
-	writeInterval time.Duration
+	writeInterval atomic.Int64 // heart-beat send interval in ns, set at CONNECT
 	stopping      atomic.Bool
 	writerDone    chan struct{}
 }
@@ -132,14 +132,16 @@ func (s *session) run() {
 		log.Debug("connection ended", "err", err)
 	}
 	close(s.ops)
-	// The client will send no more ACKs: return what it holds.
+	<-seqDone
+	s.enqueue(outItem{end: true})
+	<-s.writerDone
+	// Only now, with every flushed delivery recorded as written, return
+	// the client's unacknowledged messages to their queues; the writer
+	// dropped anything it had not written.
 	for _, sb := range s.subs {
 		sb.closed.Store(true)
 		sb.rs.Close()
 	}
-	<-seqDone
-	s.enqueue(outItem{end: true})
-	<-s.writerDone
 	s.conn.Close()
 }
 
@@ -277,7 +279,7 @@ func (s *session) connect(f *frame.Frame) error {
 			}
 		}
 	}
-	s.writeInterval = sx
+	s.writeInterval.Store(int64(sx))
 	if sy > 0 {
 		// Tolerate a late heart-beat: the spec leaves the margin to us.
 		s.readTimeout = 2*sy + time.Second
@@ -642,7 +644,8 @@ func (s *session) writeLoop() {
 	var tick <-chan time.Time
 	var ticker *time.Ticker
 	lastWrite := time.Now()
-	written := make(map[*sub][]uint64)
+	written := make(map[*replica.Subscription][]uint64)
+	var interval time.Duration
 	var batch []outItem
 	fail := func() {
 		s.outMu.Lock()
@@ -652,15 +655,16 @@ func (s *session) writeLoop() {
 		s.conn.Close()
 	}
 	for {
-		if ticker == nil && s.writeInterval > 0 {
-			ticker = time.NewTicker(s.writeInterval / 2)
+		if ticker == nil && s.writeInterval.Load() > 0 {
+			interval = time.Duration(s.writeInterval.Load())
+			ticker = time.NewTicker(interval / 2)
 			defer ticker.Stop()
 			tick = ticker.C
 		}
 		select {
 		case <-s.outSignal:
 		case <-tick:
-			if time.Since(lastWrite) >= s.writeInterval/2 {
+			if time.Since(lastWrite) >= interval/2 {
 				_ = s.conn.SetWriteDeadline(time.Now().Add(s.srv.cfg.WriteTimeout))
 				if w.WriteHeartbeat() != nil || w.Flush() != nil {
 					fail()
@@ -686,7 +690,7 @@ func (s *session) writeLoop() {
 					continue // its messages went back to the queue
 				}
 				f = s.messageFrame(it.sub, it.d)
-				written[it.sub] = append(written[it.sub], it.d.Tag)
+				written[it.d.Sub] = append(written[it.d.Sub], it.d.Tag)
 			}
 			if err := w.WriteFrame(f, s.version); err != nil {
 				fail()
@@ -703,9 +707,9 @@ func (s *session) writeLoop() {
 			return
 		}
 		lastWrite = time.Now()
-		for sb, tags := range written {
-			sb.rs.Written(tags...)
-			delete(written, sb)
+		for rs, tags := range written {
+			rs.Written(tags...)
+			delete(written, rs)
 		}
 		if end {
 			s.outMu.Lock()

@@ -1,0 +1,196 @@
+package config
+
+import (
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"slices"
+	"strconv"
+	"strings"
+	"time"
+	"unicode"
+)
+
+// The values allowed for the keys that take one of a set of words.
+var (
+	logLevels  = []string{"debug", "info", "warn", "error"}
+	logFormats = []string{"text", "json"}
+	syncModes  = []string{"always", "batch", "none"}
+)
+
+// dlqMustStart is what every queue.dlq_prefix starts with: dead letters go to
+// queues.
+const dlqMustStart = "/queue/"
+
+// Validate reports every problem with c, joined with errors.Join: one
+// *KeyError per line, each naming its key and what is wrong with its value. It
+// returns nil when c is usable. It reads no files: the caller reads
+// auth.users_file and cluster.secret_key_file and reports their problems.
+func (c Config) Validate() error {
+	return errors.Join(c.problems()...)
+}
+
+// problems returns one *KeyError per problem, in the order of Config's fields.
+func (c Config) problems() []error {
+	var errs []error
+	check := func(key string, err error) {
+		if err != nil {
+			errs = append(errs, &KeyError{Key: key, Err: err})
+		}
+	}
+
+	check("node.name", nodeName(c.Node.Name))
+	check("node.data_dir", nonEmpty(c.Node.DataDir))
+
+	check("stomp.addr", listenAddr(c.STOMP.Addr))
+	check("stomp.heartbeat_send", atLeastZero(c.STOMP.HeartbeatSend))
+	check("stomp.heartbeat_receive", atLeastZero(c.STOMP.HeartbeatReceive))
+	check("stomp.connect_timeout", positive(c.STOMP.ConnectTimeout))
+	check("stomp.write_timeout", positive(c.STOMP.WriteTimeout))
+
+	check("admin.addr", optional(c.Admin.Addr, listenAddr))
+
+	check("log.level", oneOf(c.Log.Level, logLevels))
+	check("log.format", oneOf(c.Log.Format, logFormats))
+
+	check("store.sync", oneOf(c.Store.Sync, syncModes))
+	check("store.sync_interval", positive(c.Store.SyncInterval))
+	check("store.max_batch", positive(c.Store.MaxBatch))
+
+	if c.Auth.UsersFile == "" && !c.Auth.AllowAnonymous && listenAddr(c.STOMP.Addr) == nil && !listensOnLoopback(c.STOMP.Addr) {
+		check("auth.users_file", errors.New("required when stomp.addr listens beyond loopback (set auth.allow_anonymous: true to allow anonymous clients)"))
+	}
+
+	check("limits.max_frame_size", positive(c.Limits.MaxFrameSize))
+	check("limits.max_header_count", positive(c.Limits.MaxHeaderCount))
+	check("limits.max_header_length", positive(c.Limits.MaxHeaderLength))
+	check("limits.max_body_size", positive(c.Limits.MaxBodySize))
+	check("limits.max_connections", positive(c.Limits.MaxConnections))
+	check("limits.max_subscriptions", positive(c.Limits.MaxSubscriptions))
+	check("limits.max_transaction_frames", positive(c.Limits.MaxTransactionFrames))
+	check("limits.topic_buffer", positive(c.Limits.TopicBuffer))
+
+	check("queue.max_redeliveries", atLeastZero(c.Queue.MaxRedeliveries))
+	check("queue.dlq_prefix", dlqPrefix(c.Queue.DLQPrefix))
+
+	check("cluster.gossip_addr", optional(c.Cluster.GossipAddr, listenAddr))
+	check("cluster.peer_addr", optional(c.Cluster.PeerAddr, listenAddr))
+	for i, a := range c.Cluster.Join {
+		if err := dialAddr(a); err != nil {
+			check("cluster.join", fmt.Errorf("entry %d: %w", i, err))
+		}
+	}
+	if len(c.Cluster.Join) > 0 && c.Cluster.GossipAddr == "" {
+		check("cluster.join", errors.New("needs cluster.gossip_addr: a node without it runs alone and joins no one"))
+	}
+	if c.Cluster.ActiveMembers < 1 {
+		check("cluster.active_members", fmt.Errorf("must be >= 1, got %d", c.Cluster.ActiveMembers))
+	}
+	check("cluster.name", nonEmpty(c.Cluster.Name))
+	check("cluster.promotion_delay", atLeastZero(c.Cluster.PromotionDelay))
+
+	return errs
+}
+
+func nonEmpty(s string) error {
+	if s == "" {
+		return errors.New("must not be empty")
+	}
+	return nil
+}
+
+func nodeName(s string) error {
+	if s == "" {
+		return errors.New("must not be empty")
+	}
+	if strings.ContainsFunc(s, unicode.IsSpace) {
+		return fmt.Errorf("%q must not contain whitespace", s)
+	}
+	return nil
+}
+
+// number is the kinds of value that have a lower bound.
+type number interface{ ~int | time.Duration }
+
+func positive[T number](v T) error {
+	if v <= 0 {
+		return fmt.Errorf("must be > 0, got %v", v)
+	}
+	return nil
+}
+
+func atLeastZero[T number](v T) error {
+	if v < 0 {
+		return fmt.Errorf("must be >= 0, got %v", v)
+	}
+	return nil
+}
+
+func oneOf(s string, allowed []string) error {
+	if !slices.Contains(allowed, s) {
+		return fmt.Errorf("%q is not one of %s", s, strings.Join(allowed, ", "))
+	}
+	return nil
+}
+
+// optional applies check unless s is "", which turns the feature off.
+func optional(s string, check func(string) error) error {
+	if s == "" {
+		return nil
+	}
+	return check(s)
+}
+
+// listenAddr accepts host:port with port 0..65535; port 0 picks a free port
+// and an empty host listens on every interface.
+func listenAddr(s string) error {
+	_, _, err := splitAddr(s, 0)
+	return err
+}
+
+// dialAddr accepts host:port with a non-empty host (a DNS name or an IP
+// address) and port 1..65535.
+func dialAddr(s string) error {
+	host, _, err := splitAddr(s, 1)
+	if err != nil {
+		return err
+	}
+	if host == "" {
+		return fmt.Errorf("%q has no host", s)
+	}
+	return nil
+}
+
+func splitAddr(s string, minPort uint64) (host string, port uint16, err error) {
+	host, p, err := net.SplitHostPort(s)
+	if err != nil || strings.ContainsFunc(host, unicode.IsSpace) {
+		return "", 0, fmt.Errorf("%q is not host:port", s)
+	}
+	n, err := strconv.ParseUint(p, 10, 16)
+	if err != nil || n < minPort {
+		return "", 0, fmt.Errorf("%q: port %q is not a number in %d..65535", s, p, minPort)
+	}
+	return host, uint16(n), nil
+}
+
+// listensOnLoopback reports whether addr's host is localhost or a loopback
+// address (127.0.0.0/8, ::1). An empty host listens on every interface.
+func listensOnLoopback(addr string) bool {
+	host, _, err := net.SplitHostPort(addr)
+	if err != nil {
+		return false // Validate reports the address itself
+	}
+	if strings.EqualFold(host, "localhost") {
+		return true
+	}
+	ip, err := netip.ParseAddr(host)
+	return err == nil && ip.Unmap().IsLoopback()
+}
+
+func dlqPrefix(s string) error {
+	if !strings.HasPrefix(s, dlqMustStart) || len(s) == len(dlqMustStart) {
+		return fmt.Errorf("%q must start with %q and name more than it", s, dlqMustStart)
+	}
+	return nil
+}
