@@ -121,6 +121,10 @@ type SubOptions struct {
 type Batch struct {
 	Sends []*Message
 	Acks  []AckOp
+	// Sync asks for the batch, and everything committed before it, to be
+	// on disk before done runs (a RECEIPT needs it); without it the batch
+	// survives a crash of the process but not necessarily of the machine.
+	Sync bool
 }
 
 // AckOp acknowledges (or, with Nack, rejects) the delivery Tag of Sub; in
@@ -147,6 +151,10 @@ type Node struct {
 	log *slog.Logger
 	m   *metrics
 	seq atomic.Uint64
+	// seqCeil is the sequence number recorded in the store: after a
+	// restart numbering resumes above it, so message IDs are never reused
+	// even when every message was acknowledged and deleted.
+	seqCeil atomic.Uint64
 
 	mu     sync.Mutex
 	dests  map[string]*destination
@@ -188,7 +196,26 @@ func New(cfg Config, st *store.Store) *Node {
 	return n
 }
 
-const metaSeq = "seq"
+const (
+	metaSeq = "seq"
+	// seqReserve is how far ahead of use the recorded sequence runs, so
+	// that only one commit in seqReserve records it.
+	seqReserve = 1 << 16
+)
+
+// reserve returns the store write that records a new ceiling when seq
+// passed the recorded one.
+func (n *Node) reserve(seq uint64) (store.Op, bool) {
+	for {
+		c := n.seqCeil.Load()
+		if seq <= c {
+			return store.Op{}, false
+		}
+		if n.seqCeil.CompareAndSwap(c, seq+seqReserve) {
+			return store.Op{Kind: store.OpPutMeta, Name: metaSeq, Value: strconv.AppendUint(nil, seq+seqReserve, 10)}, true
+		}
+	}
+}
 
 // Recover loads every stored message into its queue. Messages come back
 // pending, in sequence order, with their delivery counts.
@@ -226,6 +253,7 @@ func (n *Node) Recover() error {
 		return fmt.Errorf("recover: %w", err)
 	}
 	n.seq.Store(maxSeq)
+	n.seqCeil.Store(maxSeq)
 	n.log.Info("recovered messages", "count", count, "seq", maxSeq)
 	return nil
 }
@@ -322,8 +350,8 @@ func (n *Node) Apply(b *Batch, done func(error)) error {
 		ops = append(ops, store.Op{Kind: store.OpPut, Bucket: m.Dest, Key: m.Seq, Value: m.encode()})
 		queued = append(queued, m)
 	}
-	if last > 0 {
-		ops = append(ops, store.Op{Kind: store.OpPutMeta, Name: metaSeq, Value: strconv.AppendUint(nil, last, 10)})
+	if op, ok := n.reserve(last); ok {
+		ops = append(ops, op)
 	}
 	finish := func(err error) {
 		if err == nil {
@@ -350,13 +378,16 @@ func (n *Node) Apply(b *Batch, done func(error)) error {
 		finish(nil)
 		return nil
 	}
-	n.st.Submit(ops, finish)
+	n.st.Submit(ops, b.Sync, finish)
 	return nil
 }
 
+// Barrier calls done once everything applied before is on disk.
+func (n *Node) Barrier(done func(error)) { n.st.Barrier(done) }
+
 func (n *Node) submit(ops []store.Op) {
 	if len(ops) > 0 {
-		n.st.Submit(ops, nil)
+		n.st.Submit(ops, false, nil)
 	}
 }
 
@@ -570,7 +601,9 @@ func (d *destination) requeueLocked(m *Message, delivered bool) ([]store.Op, fun
 		ops := []store.Op{
 			{Kind: store.OpPut, Bucket: dl.Dest, Key: dl.Seq, Value: dl.encode()},
 			{Kind: store.OpDelete, Bucket: d.name, Key: m.Seq},
-			{Kind: store.OpPutMeta, Name: metaSeq, Value: strconv.AppendUint(nil, dl.Seq, 10)},
+		}
+		if op, ok := n.reserve(dl.Seq); ok {
+			ops = append(ops, op)
 		}
 		return ops, func() { n.enqueue(dl) }
 	}
@@ -781,7 +814,7 @@ func (s *Subscription) Close() {
 		}
 		return
 	}
-	d.n.st.Submit(ops, func(err error) {
+	d.n.st.Submit(ops, false, func(err error) {
 		if err != nil {
 			return
 		}

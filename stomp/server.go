@@ -25,6 +25,8 @@ type Broker interface {
 	// runs once its effects are durable. A validation error is returned
 	// and nothing is applied.
 	Apply(b *replica.Batch, done func(error)) error
+	// Barrier calls done once everything applied before is on disk.
+	Barrier(done func(error))
 }
 
 var _ Broker = (*replica.Node)(nil)

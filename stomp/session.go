@@ -47,6 +47,7 @@ type session struct {
 	txFrames int
 	subIndex uint64
 	subByIdx map[uint64]*sub
+	dirty    bool // an Apply since the last synced one was not synced
 
 	ops chan *pendingOp // reader -> sequencer, in frame order
 
@@ -306,7 +307,7 @@ func (s *session) handle(f *frame.Frame) (bool, error) {
 	case frame.BEGIN, frame.COMMIT, frame.ABORT:
 		return false, s.tx(f)
 	case frame.DISCONNECT:
-		s.ops <- &pendingOp{receipt: f.Header.Get(frame.Receipt), final: true}
+		s.receipt(f.Header.Get(frame.Receipt), true)
 		return true, nil
 	case frame.CONNECT, frame.STOMP:
 		return false, perr("protocol", "already connected", "%s received on a connected session", f.Command)
@@ -315,18 +316,35 @@ func (s *session) handle(f *frame.Frame) (bool, error) {
 	}
 }
 
-// complete queues an already-complete effect (for its receipt).
+// complete queues an already-complete effect, for its receipt. A receipt
+// promises that earlier SENDs are on disk: if some were not synced, it
+// waits for a store barrier.
 func (s *session) complete(f *frame.Frame) {
-	if r := f.Header.Get(frame.Receipt); r != "" {
-		s.ops <- &pendingOp{receipt: r}
-	}
+	s.receipt(f.Header.Get(frame.Receipt), false)
 }
 
+func (s *session) receipt(r string, final bool) {
+	if r == "" && !final {
+		return
+	}
+	op := &pendingOp{receipt: r, final: final}
+	if s.dirty && r != "" {
+		s.dirty = false
+		op.done = make(chan error, 1)
+		s.srv.broker.Barrier(func(err error) { op.done <- err })
+	}
+	s.ops <- op
+}
+
+// apply hands b to the broker. Frames with a receipt are synced; others
+// are not, and the next receipt on this connection syncs them.
 func (s *session) apply(f *frame.Frame, b *replica.Batch) error {
 	op := &pendingOp{done: make(chan error, 1), receipt: f.Header.Get(frame.Receipt)}
+	b.Sync = op.receipt != ""
 	if err := s.srv.broker.Apply(b, func(err error) { op.done <- err }); err != nil {
 		return brokerError(f, err)
 	}
+	s.dirty = !b.Sync
 	s.ops <- op
 	return nil
 }

@@ -1,6 +1,7 @@
 package store
 
 import (
+	"bytes"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -98,13 +99,15 @@ type Op struct {
 
 type request struct {
 	ops  []Op
+	sync bool
 	done func(error)
 }
 
-var (
-	bucketQueues = []byte("queues")
-	bucketMeta   = []byte("meta")
-)
+var bucketMeta = []byte("meta")
+
+// queuePrefix starts the name of each destination's top-level bucket. A
+// top-level bucket costs one page less per commit than a nested one.
+const queuePrefix = "q:"
 
 // Store is one node's bbolt file with a group-commit writer.
 type Store struct {
@@ -118,6 +121,8 @@ type Store struct {
 	wg      sync.WaitGroup
 	stop    chan struct{}
 	metrics *metrics
+
+	unsynced bool // writer goroutine only: a commit since the last fsync was not synced
 }
 
 type metrics struct {
@@ -178,9 +183,6 @@ func Open(cfg Config) (*Store, error) {
 		return nil, fmt.Errorf("open %s: %w", cfg.Path, err)
 	}
 	err = db.Update(func(tx *bolt.Tx) error {
-		if _, err := tx.CreateBucketIfNotExists(bucketQueues); err != nil {
-			return err
-		}
 		_, err := tx.CreateBucketIfNotExists(bucketMeta)
 		return err
 	})
@@ -210,10 +212,15 @@ func (s *Store) Start() {
 }
 
 // Submit queues ops for the next group commit. done, if not nil, is called
-// after the commit (fsynced under SyncAlways) with its outcome; callbacks of
-// successive Submits run in submission order on one goroutine and must not
-// block for long. After Close, done is called at once with ErrClosed.
-func (s *Store) Submit(ops []Op, done func(error)) {
+// after the commit with its outcome; callbacks of successive Submits run in
+// submission order on one goroutine and must not block for long. After
+// Close, done is called at once with ErrClosed.
+//
+// With sync (and Config.Sync SyncAlways) the commit is fsynced before done
+// runs, and so is every commit before it. Without sync the commit reaches
+// the OS but not necessarily the disk: it survives a crash of the process,
+// and a machine crash only once a later synced commit (or Barrier) is done.
+func (s *Store) Submit(ops []Op, sync bool, done func(error)) {
 	s.mu.Lock()
 	if s.closed {
 		s.mu.Unlock()
@@ -224,14 +231,18 @@ func (s *Store) Submit(ops []Op, done func(error)) {
 	}
 	// The send happens under mu so Close cannot close reqs under us; the
 	// writer never takes mu, so a full channel only waits for it.
-	s.reqs <- request{ops: ops, done: done}
+	s.reqs <- request{ops: ops, sync: sync, done: done}
 	s.mu.Unlock()
 }
+
+// Barrier calls done once every earlier Submit is committed and, under
+// SyncAlways, on disk.
+func (s *Store) Barrier(done func(error)) { s.Submit(nil, true, done) }
 
 // Apply submits ops and waits for their commit.
 func (s *Store) Apply(ops []Op) error {
 	ch := make(chan error, 1)
-	s.Submit(ops, func(err error) { ch <- err })
+	s.Submit(ops, true, func(err error) { ch <- err })
 	return <-ch
 }
 
@@ -245,6 +256,7 @@ func (s *Store) writeLoop() {
 		}
 		batch := []request{first}
 		n := len(first.ops)
+		sync := first.sync
 	drain:
 		for n < s.cfg.MaxBatchOps {
 			select {
@@ -254,11 +266,12 @@ func (s *Store) writeLoop() {
 				}
 				batch = append(batch, r)
 				n += len(r.ops)
+				sync = sync || r.sync
 			default:
 				break drain
 			}
 		}
-		err := s.commit(batch, n)
+		err := s.commit(batch, n, sync)
 		for i := range batch {
 			batch[i].ops = nil
 		}
@@ -270,7 +283,6 @@ func (s *Store) writeLoop() {
 		s.done <- withErr(batch, err)
 	}
 }
-
 
 func withErr(batch []request, err error) []request {
 	if err == nil {
@@ -284,10 +296,30 @@ func withErr(batch []request, err error) []request {
 	return batch
 }
 
-func (s *Store) commit(batch []request, n int) error {
+func (s *Store) commit(batch []request, n int, sync bool) error {
 	start := time.Now()
-	err := s.db.Update(func(tx *bolt.Tx) error {
-		queues := tx.Bucket(bucketQueues)
+	defer func() {
+		s.metrics.commitSeconds.Observe(time.Since(start).Seconds())
+		s.metrics.batchOps.Observe(float64(n))
+	}()
+	if s.cfg.Sync == SyncAlways {
+		// Only this goroutine commits, so toggling NoSync here is safe.
+		s.db.NoSync = !sync
+		if !sync {
+			s.unsynced = true
+		}
+	}
+	if n == 0 {
+		if sync && s.unsynced && s.cfg.Sync == SyncAlways {
+			s.unsynced = false
+			return s.db.Sync()
+		}
+		return nil
+	}
+	if sync {
+		s.unsynced = false
+	}
+	return s.db.Update(func(tx *bolt.Tx) error {
 		meta := tx.Bucket(bucketMeta)
 		var (
 			cur     *bolt.Bucket
@@ -299,7 +331,7 @@ func (s *Store) commit(batch []request, n int) error {
 				switch op.Kind {
 				case OpPut, OpDelete:
 					if cur == nil || curName != op.Bucket {
-						b, err := queues.CreateBucketIfNotExists([]byte(op.Bucket))
+						b, err := tx.CreateBucketIfNotExists([]byte(queuePrefix + op.Bucket))
 						if err != nil {
 							return fmt.Errorf("bucket %q: %w", op.Bucket, err)
 						}
@@ -326,9 +358,6 @@ func (s *Store) commit(batch []request, n int) error {
 		}
 		return nil
 	})
-	s.metrics.commitSeconds.Observe(time.Since(start).Seconds())
-	s.metrics.batchOps.Observe(float64(n))
-	return err
 }
 
 func (s *Store) completeLoop() {
@@ -360,10 +389,11 @@ func (s *Store) syncLoop() {
 // bucket. value is only valid during the call.
 func (s *Store) ForEach(fn func(bucket string, key uint64, value []byte) error) error {
 	return s.db.View(func(tx *bolt.Tx) error {
-		queues := tx.Bucket(bucketQueues)
-		return queues.ForEachBucket(func(name []byte) error {
-			b := queues.Bucket(name)
-			bucket := string(name)
+		return tx.ForEach(func(name []byte, b *bolt.Bucket) error {
+			if !bytes.HasPrefix(name, []byte(queuePrefix)) {
+				return nil
+			}
+			bucket := string(name[len(queuePrefix):])
 			return b.ForEach(func(k, v []byte) error {
 				if len(k) != 8 {
 					return fmt.Errorf("bucket %q: key of %d bytes", bucket, len(k))
