@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"os"
 	"strings"
+	"sync"
 
 	"golang.org/x/crypto/bcrypt"
 )
@@ -68,13 +69,16 @@ func ParseUsers(b []byte) (*Users, error) {
 
 // dummyHash is compared against for unknown users so that a missing user
 // takes as long as a wrong passcode.
-var dummyHash, _ = bcrypt.GenerateFromPassword([]byte("x"), bcrypt.MinCost)
+var dummyHash = sync.OnceValue(func() []byte {
+	h, _ := bcrypt.GenerateFromPassword([]byte("brokerd"), bcrypt.DefaultCost)
+	return h
+})
 
 // Authenticate implements Authenticator.
 func (u *Users) Authenticate(login, passcode string) error {
 	h, ok := u.hashes[login]
 	if !ok {
-		_ = bcrypt.CompareHashAndPassword(dummyHash, []byte(passcode))
+		_ = bcrypt.CompareHashAndPassword(dummyHash(), []byte(passcode))
 		return ErrBadCredentials
 	}
 	if bcrypt.CompareHashAndPassword(h, []byte(passcode)) != nil {
@@ -94,4 +98,3 @@ func HashPassword(name, password string) (string, error) {
 	}
 	return name + ":" + string(h), nil
 }
-
