@@ -13,6 +13,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"net/http/pprof"
 	"path/filepath"
 	"time"
 
@@ -216,6 +217,11 @@ func (n *Node) adminHandler() http.Handler {
 		writeJSON(w, map[string]string{"status": "ok", "node_id": n.id, "node_name": n.cfg.Node.Name})
 	})
 	mux.Handle("GET /metrics", promhttp.HandlerFor(n.reg, promhttp.HandlerOpts{}))
+	// Profiles for operators chasing a slow node; the admin address is
+	// loopback by default.
+	mux.HandleFunc("/debug/pprof/", pprof.Index)
+	mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
+	mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
 	mux.HandleFunc("GET /v1/destinations", func(w http.ResponseWriter, r *http.Request) {
 		writeJSON(w, n.rep.Destinations())
 	})
