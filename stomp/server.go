@@ -195,6 +195,10 @@ func refuse(c net.Conn, msg, detail string) {
 	f.Body = []byte(detail)
 	_ = w.WriteFrame(f, "1.2")
 	_ = w.Flush()
+	if tc, ok := c.(*net.TCPConn); ok {
+		_ = tc.CloseWrite()
+	}
+	drain(c)
 }
 
 // Shutdown stops accepting, tells every client the server is shutting down,

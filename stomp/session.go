@@ -92,11 +92,10 @@ type outItem struct {
 }
 
 func newSession(srv *Server, c net.Conn, id string) *session {
-	return &session{
+	s := &session{
 		srv:        srv,
 		conn:       c,
 		id:         id,
-		r:          newFrameReader(c, srv.cfg.Limits),
 		version:    "1.0",
 		subs:       make(map[string]*sub),
 		txs:        make(map[string]*transaction),
@@ -105,6 +104,24 @@ func newSession(srv *Server, c net.Conn, id string) *session {
 		outSignal:  make(chan struct{}, 1),
 		writerDone: make(chan struct{}),
 	}
+	s.r = newFrameReader(idleReader{s}, srv.cfg.Limits)
+	return s
+}
+
+// idleReader extends the read deadline on every read, so that any data
+// from the client counts as a sign of life, as the heart-beat rules say,
+// and a large frame arriving slowly is not cut off.
+type idleReader struct{ s *session }
+
+func (r idleReader) Read(p []byte) (int, error) {
+	s := r.s
+	if s.readTimeout > 0 && !s.stopping.Load() {
+		_ = s.conn.SetReadDeadline(time.Now().Add(s.readTimeout))
+		if s.stopping.Load() {
+			_ = s.conn.SetReadDeadline(time.Now())
+		}
+	}
+	return s.conn.Read(p)
 }
 
 // shutdown makes the reader stop at its next read; the session then ends
@@ -122,8 +139,9 @@ func (s *session) run() {
 
 	err := s.readLoop()
 	var pe *protocolError
+	isPE := errors.As(err, &pe)
 	switch {
-	case errors.As(err, &pe):
+	case isPE:
 		s.srv.m.errors.WithLabelValues(pe.reason).Inc()
 		log.Info("protocol error", "err", pe.Error())
 		s.ops <- &pendingOp{errFr: errorFrame(pe), final: true}
@@ -142,6 +160,11 @@ func (s *session) run() {
 	for _, sb := range s.subs {
 		sb.closed.Store(true)
 		sb.rs.Close()
+	}
+	if isPE {
+		// Closing a socket with unread input sends a reset, which can
+		// destroy the ERROR frame before the client reads it.
+		drain(s.conn)
 	}
 	s.conn.Close()
 }
@@ -757,6 +780,9 @@ func (s *session) messageFrame(sb *sub, d replica.Delivery) *frame.Frame {
 		f.Header.Add("x-delivery-count", strconv.Itoa(d.Count))
 	}
 	for i := 0; i+1 < len(m.Headers); i += 2 {
+		if s.version == "1.0" && strings.ContainsAny(m.Headers[i], ":\n") {
+			continue // 1.0 cannot carry this header name
+		}
 		v := m.Headers[i+1]
 		if s.version == "1.0" && strings.ContainsAny(v, "\n") {
 			v = strings.ReplaceAll(v, "\n", " ") // 1.0 cannot escape a newline
@@ -764,4 +790,11 @@ func (s *session) messageFrame(sb *sub, d replica.Delivery) *frame.Frame {
 		f.Header.Add(m.Headers[i], v)
 	}
 	return f
+}
+
+// drain reads and discards what the client still sends, briefly, before a
+// close after an ERROR.
+func drain(c net.Conn) {
+	_ = c.SetReadDeadline(time.Now().Add(time.Second))
+	_, _ = io.Copy(io.Discard, io.LimitReader(c, 64<<10))
 }
