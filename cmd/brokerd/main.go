@@ -47,7 +47,7 @@ func run(args, environ []string, stdin io.Reader, stdout, stderr io.Writer) int 
 			cfg, err := config.Load(cmd.Flags(), environ)
 			if err != nil {
 				code = exitConfig
-				return fmt.Errorf("config: %w", err)
+				return err
 			}
 			code = serve(cfg, stderr)
 			return nil

@@ -153,15 +153,20 @@ func nodeID(st *store.Store) (string, error) {
 // ID is the node's stable ID.
 func (n *Node) ID() string { return n.id }
 
-// Start starts the store writer and the listeners.
+// Start starts the store writer and the listeners: STOMP first, so that
+// /healthz answers only once clients can connect.
 func (n *Node) Start() error {
 	n.st.Start()
 	n.rep.Start()
+	if err := n.srv.Start(); err != nil {
+		n.rep.Close()
+		n.st.Close()
+		return err
+	}
 	if n.cfg.Admin.Addr != "" {
 		ln, err := net.Listen("tcp", n.cfg.Admin.Addr)
 		if err != nil {
-			n.rep.Close()
-			n.st.Close()
+			_ = n.Shutdown(context.Background())
 			return fmt.Errorf("admin listen: %w", err)
 		}
 		n.adminL = ln
@@ -174,10 +179,6 @@ func (n *Node) Start() error {
 			}
 		}()
 		n.log.Info("admin listening", "addr", ln.Addr().String())
-	}
-	if err := n.srv.Start(); err != nil {
-		n.Shutdown(context.Background())
-		return err
 	}
 	return nil
 }

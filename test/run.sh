@@ -1,0 +1,105 @@
+#!/usr/bin/env bash
+# brokerd's test command: go vet, every test with the race detector, and a
+# short run of every fuzz target. Installs Debian's python3-stomp first if
+# /usr/bin/python3 cannot import stomp (TestPythonStompPy needs it).
+#
+#   test/run.sh
+#
+# Environment:
+#   FUZZTIME  how long each fuzz target runs (default 20s)
+#   CI        when "true", a missing stomp.py fails TestPythonStompPy
+#             instead of skipping it
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+FUZZTIME="${FUZZTIME:-20s}"
+PY=/usr/bin/python3
+
+declare -a summary=()
+failed=0
+step() { printf '\n==> %s\n' "$*"; }
+record() { summary+=("$(printf '%-6s %s' "$1" "$2")"); }
+print_summary() {
+	local rc=$?
+	if [ "$rc" -eq 0 ] && [ "$failed" -ne 0 ]; then
+		rc=1
+	fi
+	printf '\n==== summary ====\n'
+	local line
+	for line in "${summary[@]+"${summary[@]}"}"; do
+		printf '%s\n' "$line"
+	done
+	if [ "$rc" -eq 0 ]; then
+		printf 'ALL PASSED\n'
+	else
+		printf 'FAILED (exit status %d)\n' "$rc"
+	fi
+}
+trap print_summary EXIT
+
+# run NAME CMD...: runs CMD and records the outcome; later steps run even
+# after a failure, and the script exits non-zero at the end.
+run() {
+	local name=$1
+	shift
+	step "$name: $*"
+	local start=$SECONDS
+	if "$@"; then
+		record ok "$name ($((SECONDS - start))s)"
+	else
+		local rc=$?
+		record FAIL "$name ($((SECONDS - start))s, exit status $rc)"
+		failed=1
+	fi
+}
+
+as_root() {
+	if [ "$(id -u)" -eq 0 ]; then
+		"$@"
+	elif command -v sudo >/dev/null 2>&1; then
+		sudo "$@"
+	else
+		echo "need root (or sudo) to run: $*" >&2
+		return 1
+	fi
+}
+
+install_stomp_py() {
+	if [ -x "$PY" ] && "$PY" -c 'import stomp' 2>/dev/null; then
+		return 0
+	fi
+	if ! command -v apt-get >/dev/null 2>&1; then
+		echo "no apt-get: install stomp.py for $PY by hand (Debian package python3-stomp)" >&2
+		return 1
+	fi
+	export DEBIAN_FRONTEND=noninteractive
+	if ! as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends python3 python3-stomp; then
+		as_root env DEBIAN_FRONTEND=noninteractive apt-get update
+		as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends python3 python3-stomp
+	fi
+	"$PY" -c 'import stomp; print("stomp.py", ".".join(map(str, stomp.__version__)))'
+}
+
+fuzz_all() {
+	# Every func FuzzX in a _test.go file, each in its own package.
+	local file name pkg found=0
+	while IFS= read -r file; do
+		pkg="./$(dirname "${file#./}")"
+		while IFS= read -r name; do
+			found=1
+			run "fuzz $name ($pkg, $FUZZTIME)" \
+				go test -run='^$' -fuzz="^${name}\$" -fuzztime="$FUZZTIME" "$pkg"
+		done < <(grep -h '^func Fuzz' "$file" | sed -E 's/^func (Fuzz[A-Za-z0-9_]*).*/\1/')
+	done < <(grep -rl --include='*_test.go' '^func Fuzz' . | sort)
+	if [ "$found" -eq 0 ]; then
+		record FAIL "fuzz: no func Fuzz* found"
+		failed=1
+	fi
+}
+
+run "install python3-stomp if missing" install_stomp_py
+run "go vet" go vet ./...
+run "go test -race" go test -race -count=1 -timeout 30m ./...
+fuzz_all
+[ "$failed" -eq 0 ]
