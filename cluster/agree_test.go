@@ -1,0 +1,109 @@
+package cluster
+
+import (
+	"reflect"
+	"testing"
+	"time"
+)
+
+func act(id string, since, joined int64) Member {
+	return Member{ID: id, Active: true, ActiveSince: since, JoinedAt: joined}
+}
+func obs(id string, joined int64) Member { return Member{ID: id, JoinedAt: joined} }
+
+func TestAgree(t *testing.T) {
+	// a..e joined in that order; a, b, c took their seats at 100, 100, 200.
+	a, b, c := act("a", 100, 1), act("b", 100, 2), act("c", 200, 3)
+	d, e := obs("d", 4), obs("e", 5)
+	cases := []struct {
+		name string
+		view []Member
+		m    int
+		want ActiveSet
+	}{
+		{"first start of five: the three oldest", []Member{obs("e", 5), obs("c", 3), obs("a", 1), obs("d", 4), obs("b", 2)}, 3, ActiveSet{"a", "b", "c"}},
+		{"first start, same start time: lowest IDs", []Member{obs("z", 1), obs("y", 1), obs("x", 1)}, 2, ActiveSet{"x", "y"}},
+		{"steady state", []Member{e, d, c, b, a}, 3, ActiveSet{"a", "b", "c"}},
+		{"one active fails: oldest observer fills the gap", []Member{a, c, d, e}, 3, ActiveSet{"a", "c", "d"}},
+		{"two actives fail", []Member{c, d, e}, 3, ActiveSet{"c", "d", "e"}},
+		{"old member rejoins as observer: does not push out its replacement", []Member{a, c, act("d", 300, 4), e, obs("b", 2)}, 3, ActiveSet{"a", "c", "d"}},
+		{"M raised", []Member{a, b, c, d, e}, 4, ActiveSet{"a", "b", "c", "d"}},
+		{"M lowered: the longest active stay", []Member{a, b, c, d, e}, 2, ActiveSet{"a", "b"}},
+		{"M above the view: everyone", []Member{a, d}, 3, ActiveSet{"a", "d"}},
+		{"two clusters of three merge: the longest active three", []Member{
+			act("a", 100, 1), act("b", 150, 2), act("c", 300, 3),
+			act("x", 120, 9), act("y", 400, 8), act("z", 500, 7)}, 3, ActiveSet{"a", "x", "b"}},
+		{"partition side smaller than M: all of it", []Member{d, e}, 3, ActiveSet{"d", "e"}},
+		{"empty view", nil, 3, ActiveSet{}},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			got := Agree(tc.view, tc.m)
+			if !reflect.DeepEqual(got, tc.want) {
+				t.Fatalf("Agree = %v, want %v", got, tc.want)
+			}
+			// Order of the view does not matter.
+			rev := make([]Member, len(tc.view))
+			for i, m := range tc.view {
+				rev[len(rev)-1-i] = m
+			}
+			if got2 := Agree(rev, tc.m); !reflect.DeepEqual(got2, got) {
+				t.Fatalf("Agree depends on view order: %v vs %v", got2, got)
+			}
+		})
+	}
+}
+
+func TestActiveSetHashIgnoresOrder(t *testing.T) {
+	if (ActiveSet{"a", "b", "c"}).Hash() != (ActiveSet{"c", "a", "b"}).Hash() {
+		t.Fatal("hash depends on order")
+	}
+	if (ActiveSet{"a", "b"}).Hash() == (ActiveSet{"a", "b", "c"}).Hash() {
+		t.Fatal("different sets, same hash")
+	}
+}
+
+func TestDecide(t *testing.T) {
+	t0 := time.UnixMilli(1_000_000)
+	delay := 500 * time.Millisecond
+	view := func(selfSeat Seat) []Member {
+		return []Member{act("a", 100, 1), act("c", 200, 3), {ID: "d", Active: selfSeat.Active, ActiveSince: selfSeat.ActiveSince, JoinedAt: 4}, obs("e", 5)}
+	}
+	prev := ActiveSet{"a", "b", "c"}
+
+	// b died: d is in the agreed set and starts waiting.
+	d1 := Decide("d", Seat{}, view(Seat{}), 3, prev, 7, 7, t0, delay)
+	if d1.Seat.Active || d1.Seat.PendingSince != t0 || d1.Promoted {
+		t.Fatalf("first decision: %+v, want pending since t0", d1)
+	}
+	if !reflect.DeepEqual(d1.Set, ActiveSet{"a", "c", "d"}) || d1.Epoch != 8 {
+		t.Fatalf("set %v epoch %d, want [a c d] 8", d1.Set, d1.Epoch)
+	}
+	// Before the delay: still waiting, same epoch.
+	d2 := Decide("d", d1.Seat, view(d1.Seat), 3, d1.Set, d1.Epoch, 8, t0.Add(delay/2), delay)
+	if d2.Seat.Active || d2.Epoch != 8 {
+		t.Fatalf("before delay: %+v", d2)
+	}
+	// After the delay: takes the seat.
+	d3 := Decide("d", d2.Seat, view(d2.Seat), 3, d2.Set, d2.Epoch, 8, t0.Add(delay), delay)
+	if !d3.Seat.Active || !d3.Promoted || d3.Seat.ActiveSince != t0.Add(delay).UnixMilli() {
+		t.Fatalf("after delay: %+v", d3)
+	}
+	// b comes back within the delay (a flap, keeping its seat claim): d,
+	// still pending, drops out and never took a seat.
+	flap := []Member{act("a", 100, 1), act("b", 100, 2), act("c", 200, 3), {ID: "d", JoinedAt: 4}, obs("e", 5)}
+	d4 := Decide("d", d1.Seat, flap, 3, d1.Set, d1.Epoch, 8, t0.Add(delay/2), delay)
+	if d4.Seat.Active || !d4.Seat.PendingSince.IsZero() || d4.Promoted {
+		t.Fatalf("flap: %+v, want observer, not pending", d4)
+	}
+	// An active member outside the agreed set (merge, M lowered) steps down at once.
+	d5 := Decide("c", Seat{Active: true, ActiveSince: 200}, []Member{act("a", 100, 1), act("b", 100, 2), act("c", 200, 3)}, 2, ActiveSet{"a", "b", "c"}, 3, 3, t0, delay)
+	if d5.Seat.Active || d5.Epoch != 4 {
+		t.Fatalf("step down: %+v", d5)
+	}
+	// The epoch follows the highest one advertised.
+	d6 := Decide("a", Seat{Active: true, ActiveSince: 100}, []Member{act("a", 100, 1)}, 1, ActiveSet{"a"}, 2, 9, t0, delay)
+	if d6.Epoch != 9 {
+		t.Fatalf("epoch %d, want 9", d6.Epoch)
+	}
+}
