@@ -6,6 +6,7 @@ package node
 import (
 	"context"
 	"crypto/rand"
+	"encoding/base64"
 	"encoding/hex"
 	"encoding/json"
 	"errors"
@@ -14,9 +15,12 @@ import (
 	"net"
 	"net/http"
 	"net/http/pprof"
+	"os"
 	"path/filepath"
+	"strings"
 	"time"
 
+	"github.com/brokerd/brokerd/cluster"
 	"github.com/brokerd/brokerd/config"
 	"github.com/brokerd/brokerd/replica"
 	"github.com/brokerd/brokerd/stomp"
@@ -38,6 +42,7 @@ type Node struct {
 	st     *store.Store
 	rep    *replica.Node
 	srv    *stomp.Server
+	cl     *cluster.Node
 	admin  *http.Server
 	adminL net.Listener
 	adminD chan struct{}
@@ -117,7 +122,7 @@ func New(cfg config.Config, log *slog.Logger) (*Node, error) {
 	pcfg.Logger = log
 	pcfg.Registerer = reg
 
-	return &Node{
+	n := &Node{
 		cfg: cfg,
 		log: log,
 		reg: reg,
@@ -125,7 +130,42 @@ func New(cfg config.Config, log *slog.Logger) (*Node, error) {
 		st:  st,
 		rep: rep,
 		srv: stomp.NewServer(pcfg, rep),
-	}, nil
+	}
+	return n, nil
+}
+
+// clusterConfig builds the membership config; addresses are the bound ones.
+func (n *Node) clusterConfig() (cluster.Config, error) {
+	cfg := n.cfg
+	c := cluster.DefaultConfig()
+	c.NodeID = n.id
+	c.NodeName = cfg.Node.Name
+	c.ClusterName = cfg.Cluster.Name
+	c.BindAddr = cfg.Cluster.GossipAddr
+	c.Join = cfg.Cluster.Join
+	c.ActiveMembers = cfg.Cluster.ActiveMembers
+	c.PromotionDelay = cfg.Cluster.PromotionDelay
+	c.STOMPAddr = n.STOMPAddr()
+	c.AdminAddr = n.AdminAddr()
+	c.PeerAddr = cfg.Cluster.PeerAddr
+	c.State = n.st
+	c.Logger = n.log
+	c.Registerer = n.reg
+	if cfg.Cluster.SecretKeyFile != "" {
+		b, err := os.ReadFile(cfg.Cluster.SecretKeyFile)
+		if err != nil {
+			return c, fmt.Errorf("cluster.secret_key_file: %w", err)
+		}
+		key, err := base64.StdEncoding.DecodeString(strings.TrimSpace(string(b)))
+		if err != nil {
+			return c, fmt.Errorf("cluster.secret_key_file: %s: not base64: %w", cfg.Cluster.SecretKeyFile, err)
+		}
+		if l := len(key); l != 16 && l != 24 && l != 32 {
+			return c, fmt.Errorf("cluster.secret_key_file: %s: key of %d bytes, want 16, 24 or 32 (e.g. openssl rand -base64 32)", cfg.Cluster.SecretKeyFile, l)
+		}
+		c.SecretKey = key
+	}
+	return c, nil
 }
 
 const metaNodeID = "node_id"
@@ -180,8 +220,23 @@ func (n *Node) Start() error {
 		}()
 		n.log.Info("admin listening", "addr", ln.Addr().String())
 	}
+	ccfg, err := n.clusterConfig()
+	if err == nil {
+		n.cl, err = cluster.New(ccfg)
+	}
+	if err == nil {
+		err = n.cl.Start()
+	}
+	if err != nil {
+		n.cl = nil
+		_ = n.Shutdown(context.Background())
+		return err
+	}
 	return nil
 }
+
+// Cluster is the node's membership.
+func (n *Node) Cluster() *cluster.Node { return n.cl }
 
 // STOMPAddr is the bound STOMP address.
 func (n *Node) STOMPAddr() string { return n.srv.Addr().String() }
@@ -198,6 +253,12 @@ func (n *Node) AdminAddr() string {
 // take effect and their receipts go out, closes the connections, finishes
 // in-flight commits and closes the store.
 func (n *Node) Shutdown(ctx context.Context) error {
+	if n.cl != nil {
+		// Leave first: the others promote a replacement at once.
+		if err := n.cl.Leave(time.Second); err != nil {
+			n.log.Debug("gossip leave incomplete", "err", err)
+		}
+	}
 	err := n.srv.Shutdown(ctx)
 	if n.admin != nil {
 		sctx, cancel := context.WithTimeout(context.Background(), time.Second)
@@ -223,6 +284,33 @@ func (n *Node) adminHandler() http.Handler {
 	mux.HandleFunc("/debug/pprof/", pprof.Index)
 	mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
 	mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
+	mux.HandleFunc("GET /v1/cluster", func(w http.ResponseWriter, r *http.Request) {
+		if n.cl == nil {
+			http.Error(w, "cluster not started", http.StatusServiceUnavailable)
+			return
+		}
+		writeJSON(w, n.cl.Status())
+	})
+	mux.HandleFunc("PUT /v1/cluster/active-members", func(w http.ResponseWriter, r *http.Request) {
+		var req struct {
+			Value *int `json:"value"`
+		}
+		dec := json.NewDecoder(http.MaxBytesReader(w, r.Body, 4096))
+		dec.DisallowUnknownFields()
+		if err := dec.Decode(&req); err != nil || req.Value == nil {
+			http.Error(w, `want JSON {"value": N} with N >= 1`, http.StatusBadRequest)
+			return
+		}
+		if n.cl == nil {
+			http.Error(w, "cluster not started", http.StatusServiceUnavailable)
+			return
+		}
+		if err := n.cl.SetActiveMembers(*req.Value); err != nil {
+			http.Error(w, err.Error(), http.StatusBadRequest)
+			return
+		}
+		writeJSON(w, n.cl.Status())
+	})
 	mux.HandleFunc("GET /v1/destinations", func(w http.ResponseWriter, r *http.Request) {
 		writeJSON(w, n.rep.Destinations())
 	})

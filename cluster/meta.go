@@ -1,0 +1,70 @@
+package cluster
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+)
+
+// ProtocolVersion is the version of Meta this node speaks.
+const ProtocolVersion = 1
+
+// metaMaxSize is memberlist's limit on node metadata.
+const metaMaxSize = 512
+
+// Meta is what a node gossips about itself. Field names are short: it must
+// fit in memberlist's 512 bytes with long addresses.
+type Meta struct {
+	ID          string `json:"id"`
+	Name        string `json:"n"`
+	STOMPAddr   string `json:"s,omitempty"`
+	AdminAddr   string `json:"a,omitempty"`
+	PeerAddr    string `json:"p,omitempty"`
+	Active      bool   `json:"act,omitempty"`
+	ActiveSince int64  `json:"as,omitempty"`
+	JoinedAt    int64  `json:"j"`
+	Proto       int    `json:"v"`
+	SetHash     string `json:"h,omitempty"`
+	Epoch       uint64 `json:"e,omitempty"`
+	// MVersion and M are the cluster-wide wanted number of active members:
+	// the pair with the highest version wins (last writer wins; on a tie,
+	// the higher M).
+	MVersion uint64 `json:"mv,omitempty"`
+	M        int    `json:"m"`
+}
+
+var errMeta = errors.New("bad node metadata")
+
+func (m *Meta) encode() ([]byte, error) {
+	b, err := json.Marshal(m)
+	if err != nil {
+		return nil, err
+	}
+	if len(b) > metaMaxSize {
+		return nil, fmt.Errorf("%w: %d bytes, over memberlist's %d", errMeta, len(b), metaMaxSize)
+	}
+	return b, nil
+}
+
+func decodeMeta(b []byte) (Meta, error) {
+	var m Meta
+	if err := json.Unmarshal(b, &m); err != nil {
+		return Meta{}, fmt.Errorf("%w: %v", errMeta, err)
+	}
+	if m.ID == "" || m.Proto < 1 {
+		return Meta{}, fmt.Errorf("%w: no id or protocol version", errMeta)
+	}
+	return m, nil
+}
+
+func (m Meta) member() Member {
+	return Member{ID: m.ID, Active: m.Active, ActiveSince: m.ActiveSince, JoinedAt: m.JoinedAt}
+}
+
+// newerM reports whether setting (v, m) beats (v2, m2).
+func newerM(v uint64, m int, v2 uint64, m2 int) bool {
+	if v != v2 {
+		return v > v2
+	}
+	return m > m2
+}
