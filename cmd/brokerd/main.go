@@ -58,7 +58,7 @@ func run(args, environ []string, stdin io.Reader, stdout, stderr io.Writer) int 
 	root.SetOut(stdout)
 	root.SetErr(stderr)
 	config.RegisterFlags(root.Flags())
-	root.AddCommand(passwdCmd(stdin, stdout), versionCmd(stdout))
+	root.AddCommand(passwdCmd(stdin, stdout), versionCmd(stdout), statusCmd(stdout), activeMembersCmd(stdout))
 	if err := root.Execute(); err != nil {
 		fmt.Fprintf(stderr, "brokerd: %v\n", err)
 		if code == exitOK {
