@@ -49,7 +49,7 @@ func startClusterProcs(t *testing.T, n, m int) []*clusterProc {
 
 // agreed checks that every process in ps reports a converged view with
 // exactly the alive members wantAlive and m active among them, all the
-// same. It returns the active set, or an error describing the views.
+// same, each active member having taken its seat. It returns the active set, or an error describing the views.
 func agreed(ps []*clusterProc, wantAlive int, m int) ([]string, error) {
 	var set []string
 	var views []string
@@ -60,12 +60,15 @@ func agreed(ps []*clusterProc, wantAlive int, m int) ([]string, error) {
 			return nil, err
 		}
 		var active []string
-		alive := 0
+		alive, unseated := 0, ""
 		for _, mem := range s.Members {
 			if mem.State == "alive" {
 				alive++
 				if mem.Role == "active" {
 					active = append(active, mem.Name)
+					if mem.ActiveSince == nil {
+						unseated = mem.Name // agreed on, still in its promotion delay
+					}
 				}
 			}
 		}
@@ -78,6 +81,8 @@ func agreed(ps []*clusterProc, wantAlive int, m int) ([]string, error) {
 			bad = fmt.Sprintf("%s sees %d alive, want %d", p.name, alive, wantAlive)
 		case len(active) != min(m, wantAlive):
 			bad = fmt.Sprintf("%s sees %d active, want %d", p.name, len(active), min(m, wantAlive))
+		case unseated != "":
+			bad = fmt.Sprintf("%s: %s has not taken its seat yet", p.name, unseated)
 		case set != nil && strings.Join(set, ",") != strings.Join(active, ","):
 			bad = fmt.Sprintf("%s disagrees", p.name)
 		}
@@ -136,6 +141,10 @@ func TestProcessClusterKill9Promotion(t *testing.T) {
 			t.Fatalf("no active member to kill besides n1 in %v", set)
 		}
 		v := ps[victim]
+		before, err := v.status()
+		if err != nil {
+			t.Fatal(err)
+		}
 		var survivors []*clusterProc
 		for i, p := range ps {
 			if i != victim {
@@ -158,6 +167,9 @@ func TestProcessClusterKill9Promotion(t *testing.T) {
 			// The victim comes back on its data directory as an observer.
 			p := startProc(t, v.dataDir, procOpts{args: v.args})
 			ps[victim] = &clusterProc{proc: p, name: v.name, gossip: v.gossip, args: v.args}
+			if after, err := ps[victim].status(); err != nil || after.NodeID != before.NodeID {
+				t.Fatalf("restarted %s: node ID %q, want the same %q (%v)", v.name, after.NodeID, before.NodeID, err)
+			}
 			set = waitAgreed(t, ps, 5, 3, 20*time.Second)
 			for _, a := range set {
 				if a == v.name {
