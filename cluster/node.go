@@ -591,11 +591,17 @@ func (e *events) note(node *memberlist.Node, state string) {
 }
 
 func (e *events) NotifyJoin(node *memberlist.Node) {
+	if node.Name == e.n.cfg.NodeID {
+		return
+	}
 	e.n.log.Info("member joined", "peer", node.Name, "addr", node.Address())
 	e.note(node, "alive")
 }
 func (e *events) NotifyUpdate(node *memberlist.Node) { e.note(node, stateName(node.State)) }
 func (e *events) NotifyLeave(node *memberlist.Node) {
+	if node.Name == e.n.cfg.NodeID {
+		return
+	}
 	st := stateName(node.State)
 	if st != "left" {
 		st = "dead"

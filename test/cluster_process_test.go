@@ -181,3 +181,131 @@ func TestProcessClusterKill9Promotion(t *testing.T) {
 	sort.Slice(times, func(i, j int) bool { return times[i] < times[j] })
 	t.Logf("kill -9 to agreement on a new active set: median %v over %d runs (%v)", times[len(times)/2], len(times), times)
 }
+
+// waitMembers waits until p sees exactly want alive members (itself included).
+func waitMembers(t *testing.T, p *clusterProc, want int, d time.Duration) cluster.Status {
+	t.Helper()
+	deadline := time.Now().Add(d)
+	for {
+		s, err := p.status()
+		alive := 0
+		for _, m := range s.Members {
+			if m.State == "alive" {
+				alive++
+			}
+		}
+		if err == nil && alive == want && s.Converged {
+			return s
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%s: want %d alive members, converged, within %v; last view %+v (err %v)", p.name, want, d, s, err)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// TestProcessClusterJoinRetries: a node whose --join finds nobody starts
+// alone, says so, and joins once the other node appears.
+func TestProcessClusterJoinRetries(t *testing.T) {
+	if testing.Short() {
+		t.Skip("starts processes")
+	}
+	target := freeAddr(t)
+	args := []string{"--node-name", "early", "--gossip-addr", freeAddr(t), "--join", target}
+	early := &clusterProc{proc: startProc(t, t.TempDir(), procOpts{args: args}), name: "early"}
+	s := waitMembers(t, early, 1, 10*time.Second)
+	if len(s.ActiveSet) != 1 {
+		t.Fatalf("alone, the node should be its own active member: %+v", s)
+	}
+	if !strings.Contains(early.stderr.String(), "join failed") {
+		t.Fatalf("no join failure logged; stderr:\n%s", early.stderr.String())
+	}
+	lateArgs := []string{"--node-name", "late", "--gossip-addr", target}
+	late := &clusterProc{proc: startProc(t, t.TempDir(), procOpts{args: lateArgs}), name: "late"}
+	waitMembers(t, early, 2, 15*time.Second)
+	waitMembers(t, late, 2, 15*time.Second)
+}
+
+// TestProcessClusterRefusesStrangers: nodes with another cluster name, or
+// another gossip key, are not merged.
+func TestProcessClusterRefusesStrangers(t *testing.T) {
+	if testing.Short() {
+		t.Skip("starts processes")
+	}
+	dir := t.TempDir()
+	key1, key2 := dir+"/k1", dir+"/k2"
+	os.WriteFile(key1, []byte("MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=\n"), 0o600)
+	os.WriteFile(key2, []byte("ZmVkY2JhOTg3NjU0MzIxMGZlZGNiYTk4NzY1NDMyMTA=\n"), 0o600)
+	for _, tc := range []struct {
+		name       string
+		a, b       []string
+		sameExpect bool
+	}{
+		{"other cluster name", []string{"--cluster-name", "alpha"}, []string{"--cluster-name", "beta"}, false},
+		{"other key", []string{"--config", writeYAML(t, "cluster:\n  secret_key_file: "+key1+"\n")}, []string{"--config", writeYAML(t, "cluster:\n  secret_key_file: "+key2+"\n")}, false},
+		{"same key", []string{"--config", writeYAML(t, "cluster:\n  secret_key_file: "+key1+"\n")}, []string{"--config", writeYAML(t, "cluster:\n  secret_key_file: "+key1+"\n")}, true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			ga := freeAddr(t)
+			a := &clusterProc{proc: startProc(t, t.TempDir(), procOpts{args: append([]string{"--node-name", "a", "--gossip-addr", ga}, tc.a...)}), name: "a"}
+			b := &clusterProc{proc: startProc(t, t.TempDir(), procOpts{args: append([]string{"--node-name", "b", "--gossip-addr", freeAddr(t), "--join", ga}, tc.b...)}), name: "b"}
+			if tc.sameExpect {
+				waitMembers(t, a, 2, 10*time.Second)
+				waitMembers(t, b, 2, 10*time.Second)
+				return
+			}
+			// Give the join and two rejoin rounds their chance, then check
+			// that neither merged the other.
+			deadline := time.Now().Add(5 * time.Second)
+			for time.Now().Before(deadline) {
+				for _, p := range []*clusterProc{a, b} {
+					s, err := p.status()
+					if err != nil {
+						t.Fatal(err)
+					}
+					if len(s.Members) != 1 {
+						t.Fatalf("%s merged a stranger: %+v", p.name, s.Members)
+					}
+				}
+				time.Sleep(100 * time.Millisecond)
+			}
+			if !strings.Contains(b.stderr.String(), "join failed") {
+				t.Fatalf("b's refused join was not logged; stderr:\n%s", b.stderr.String())
+			}
+			if !strings.Contains(a.stderr.String(), "level=ERROR msg=memberlist") {
+				t.Fatalf("a did not log the stranger it refused; stderr:\n%s", a.stderr.String())
+			}
+		})
+	}
+}
+
+func writeYAML(t *testing.T, content string) string {
+	t.Helper()
+	f := t.TempDir() + "/brokerd.yaml"
+	if err := os.WriteFile(f, []byte(content), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return f
+}
+
+// TestProcessClusterBadAddresses: gossip and join addresses that do not
+// parse stop the start with a message naming the key.
+func TestProcessClusterBadAddresses(t *testing.T) {
+	for _, tc := range []struct {
+		args []string
+		key  string
+	}{
+		{[]string{"--gossip-addr", "nonsense"}, "cluster.gossip_addr"},
+		{[]string{"--gossip-addr", "127.0.0.1:0", "--join", "no-port"}, "cluster.join"},
+		{[]string{"--join", "127.0.0.1:7946"}, "cluster.gossip_addr"},
+	} {
+		p := spawn(t, append([]string{"--data-dir", t.TempDir(), "--stomp-addr", freeAddr(t), "--admin-addr", freeAddr(t)}, tc.args...), nil, nil)
+		code, ok := p.wait(10 * time.Second)
+		if !ok || code == 0 {
+			t.Fatalf("%v: want a failed start, got exit %d (exited %v)", tc.args, code, ok)
+		}
+		if !strings.Contains(p.stderr.String(), tc.key) {
+			t.Fatalf("%v: stderr does not name %s:\n%s", tc.args, tc.key, p.stderr.String())
+		}
+	}
+}
