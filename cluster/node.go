@@ -286,6 +286,17 @@ func (n *Node) Start() error {
 	return nil
 }
 
+// Join contacts the nodes at addrs (host:port) and merges their cluster
+// with this one; it returns how many answered.
+func (n *Node) Join(addrs []string) (int, error) {
+	if n.ml == nil {
+		return 0, errors.New("cluster: no gossip address")
+	}
+	k, err := n.ml.Join(addrs)
+	n.signal(n.wake)
+	return k, err
+}
+
 // GossipAddr is the address others reach this node's gossip at.
 func (n *Node) GossipAddr() string {
 	if n.ml == nil {
@@ -376,11 +387,10 @@ func (n *Node) loop() {
 }
 
 // evaluate runs Decide over the current view and publishes the outcome.
+// The view comes from memberlist's events, copied while memberlist holds
+// its lock: the nodes Members returns are mutated by memberlist as they
+// are read, which is a data race.
 func (n *Node) evaluate() {
-	var alive []*memberlist.Node
-	if n.ml != nil {
-		alive = n.ml.Members()
-	}
 	now := n.cfg.Now()
 	n.mu.Lock()
 	defer n.mu.Unlock()
@@ -389,16 +399,13 @@ func (n *Node) evaluate() {
 	maxEpoch := n.self.Epoch
 	metas := map[string]Meta{}
 	states := map[string]string{}
-	for _, an := range alive {
-		if an.Name == n.self.ID {
+	for id, k := range n.known {
+		if k.state != "alive" && k.state != "suspect" {
 			continue
 		}
-		m, err := decodeMeta(an.Meta)
-		if err != nil {
-			continue // logged when it arrived
-		}
-		metas[m.ID] = m
-		states[m.ID] = stateName(an.State)
+		m := k.meta
+		metas[id] = m
+		states[id] = k.state
 		view = append(view, m.member())
 		if newerM(m.MVersion, m.M, mver, mval) {
 			mver, mval = m.MVersion, m.M
@@ -440,14 +447,6 @@ func (n *Node) buildStatus(metas map[string]Meta, states map[string]string) Stat
 		if m.SetHash != n.self.SetHash {
 			converged = false
 		}
-	}
-	for id, m := range metas {
-		k := n.known[id]
-		if k == nil {
-			k = &known{}
-			n.known[id] = k
-		}
-		k.meta, k.state = m, states[id]
 	}
 	s := Status{
 		NodeID: n.self.ID, NodeName: n.self.Name, ClusterName: n.cfg.ClusterName,
