@@ -31,6 +31,9 @@ type Meta struct {
 	// the higher M).
 	MVersion uint64 `json:"mv,omitempty"`
 	M        int    `json:"m"`
+	// Leaving announces a graceful leave: the others drop the node from
+	// their view at once and record it as "left", not "dead".
+	Leaving bool `json:"bye,omitempty"`
 }
 
 var errMeta = errors.New("bad node metadata")

@@ -310,9 +310,22 @@ func (n *Node) GossipAddr() string {
 // promoted at once, then stops gossip.
 func (n *Node) Leave(timeout time.Duration) error {
 	if n.ml == nil {
+		n.Close()
 		return nil
 	}
-	err := n.ml.Leave(timeout)
+	// memberlist's leave event does not tell a leave from a failure (the
+	// node it passes carries a stale state), so announce it in our
+	// metadata first, as serf does with its leave intent.
+	n.mu.Lock()
+	n.self.Leaving = true
+	if b, err := n.self.encode(); err == nil {
+		n.metaB = b
+	}
+	n.mu.Unlock()
+	if err := n.ml.UpdateNode(timeout / 2); err != nil {
+		n.log.Debug("leave intent not confirmed", "err", err)
+	}
+	err := n.ml.Leave(timeout / 2)
 	n.Close()
 	return err
 }
@@ -400,7 +413,7 @@ func (n *Node) evaluate() {
 	metas := map[string]Meta{}
 	states := map[string]string{}
 	for id, k := range n.known {
-		if k.state != "alive" && k.state != "suspect" {
+		if (k.state != "alive" && k.state != "suspect") || k.meta.Leaving {
 			continue
 		}
 		m := k.meta
@@ -472,7 +485,9 @@ func (n *Node) buildStatus(metas map[string]Meta, states map[string]string) Stat
 			add(k.meta, k.state)
 		} else {
 			st := k.state
-			if st == "alive" || st == "suspect" || st == "" {
+			if k.meta.Leaving {
+				st = "left"
+			} else if st == "alive" || st == "suspect" || st == "" {
 				st = "dead"
 			}
 			add(k.meta, st)
@@ -584,6 +599,9 @@ func (e *events) note(node *memberlist.Node, state string) {
 		k = &known{}
 		n.known[m.ID] = k
 	}
+	if m.Leaving && state == "dead" {
+		state = "left"
+	}
 	k.meta, k.addr, k.state = m, node.Address(), state
 	n.mu.Unlock()
 	n.signal(n.wake)
@@ -601,10 +619,12 @@ func (e *events) NotifyLeave(node *memberlist.Node) {
 	if node.Name == e.n.cfg.NodeID {
 		return
 	}
-	st := stateName(node.State)
-	if st != "left" {
-		st = "dead"
+	st := "dead"
+	e.n.mu.Lock()
+	if k := e.n.known[node.Name]; k != nil && k.meta.Leaving {
+		st = "left"
 	}
+	e.n.mu.Unlock()
 	e.n.log.Info("member gone", "peer", node.Name, "addr", node.Address(), "state", st)
 	e.note(node, st)
 }

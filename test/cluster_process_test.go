@@ -7,6 +7,7 @@ import (
 	"sort"
 	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -306,6 +307,91 @@ func TestProcessClusterBadAddresses(t *testing.T) {
 		}
 		if !strings.Contains(p.stderr.String(), tc.key) {
 			t.Fatalf("%v: stderr does not name %s:\n%s", tc.args, tc.key, p.stderr.String())
+		}
+	}
+}
+
+// TestProcessClusterOperations: what an operator does with a running
+// cluster: brokerd status, brokerd active-members, the metrics, and a
+// SIGTERM that leaves gracefully.
+func TestProcessClusterOperations(t *testing.T) {
+	if testing.Short() {
+		t.Skip("starts 5 processes")
+	}
+	ps := startClusterProcs(t, 5, 3)
+	waitAgreed(t, ps, 5, 3, 20*time.Second)
+
+	// brokerd status prints the table.
+	st := spawn(t, []string{"status", "--admin-addr", ps[2].adminAddr}, nil, nil)
+	if code, ok := st.wait(10 * time.Second); !ok || code != 0 {
+		t.Fatalf("brokerd status: exit %d; stderr %s", code, st.stderr.String())
+	}
+	out := st.stdout.String()
+	for _, want := range []string{"converged yes", "active members wanted 3", "NAME", "ROLE", "n1", "n5", "observer", "active"} {
+		if !strings.Contains(out, want) {
+			t.Fatalf("brokerd status output lacks %q:\n%s", want, out)
+		}
+	}
+
+	// M raised through one node spreads to all.
+	am := spawn(t, []string{"active-members", "4", "--admin-addr", ps[4].adminAddr}, nil, nil)
+	if code, ok := am.wait(10 * time.Second); !ok || code != 0 {
+		t.Fatalf("brokerd active-members: exit %d; stderr %s", code, am.stderr.String())
+	}
+	set := waitAgreed(t, ps, 5, 4, 15*time.Second)
+	for _, p := range ps {
+		s, _ := p.status()
+		if s.ActiveMembersWanted != 4 {
+			t.Fatalf("%s: active_members_wanted %d, want 4", p.name, s.ActiveMembersWanted)
+		}
+	}
+	if v, _ := ps[0].metric("brokerd_cluster_members", "role", "active", "state", "alive"); v != 4 {
+		t.Fatalf("brokerd_cluster_members{role=active,state=alive} = %v, want 4", v)
+	}
+	if v, _ := ps[0].metric("brokerd_cluster_epoch"); v < 1 {
+		t.Fatalf("brokerd_cluster_epoch = %v", v)
+	}
+	promotions := 0.0
+	for _, p := range ps {
+		v, _ := p.metric("brokerd_cluster_promotions_total")
+		promotions += v
+	}
+	if promotions < 4 {
+		t.Fatalf("promotions across the cluster = %v, want at least 4", promotions)
+	}
+
+	// A bad value is refused and changes nothing.
+	bad := spawn(t, []string{"active-members", "0", "--admin-addr", ps[0].adminAddr}, nil, nil)
+	if code, ok := bad.wait(10 * time.Second); !ok || code == 0 || !strings.Contains(bad.stderr.String(), ">= 1") {
+		t.Fatalf("active-members 0: exit %d, stderr %s", code, bad.stderr.String())
+	}
+
+	// SIGTERM an active member (not n1): it leaves, the rest agree on a
+	// set without it and see it as "left".
+	var victim int
+	for i, p := range ps {
+		if i > 0 && strings.Contains(","+strings.Join(set, ",")+",", ","+p.name+",") {
+			victim = i
+		}
+	}
+	v := ps[victim]
+	if err := v.cmd.Process.Signal(syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	if code, ok := v.wait(10 * time.Second); !ok || code != 0 {
+		t.Fatalf("SIGTERM: exit %d (exited %v)", code, ok)
+	}
+	var rest []*clusterProc
+	for i, p := range ps {
+		if i != victim {
+			rest = append(rest, p)
+		}
+	}
+	waitAgreed(t, rest, 4, 4, 10*time.Second)
+	s, _ := rest[0].status()
+	for _, m := range s.Members {
+		if m.Name == v.name && m.State != "left" {
+			t.Fatalf("%s after SIGTERM: state %q, want left", v.name, m.State)
 		}
 	}
 }
