@@ -9,6 +9,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -22,9 +23,10 @@ var ErrClosed = errors.New("store closed")
 type SyncMode int
 
 const (
-	// SyncAlways fsyncs every commit before its callbacks run.
+	// SyncAlways fsyncs (fdatasyncs the log) for every commit with sync set
+	// before its callbacks run.
 	SyncAlways SyncMode = iota + 1
-	// SyncBatch fsyncs at most every Config.SyncInterval; a crash of the
+	// SyncBatch fsyncs about every Config.SyncInterval; a crash of the
 	// machine (not of the process) can lose the last interval.
 	SyncBatch
 	// SyncNone never fsyncs. For tests.
@@ -58,7 +60,8 @@ func ParseSyncMode(s string) (SyncMode, error) {
 
 // Config configures a Store.
 type Config struct {
-	// Path is the bbolt file; its directory is created if missing.
+	// Path is the bbolt file; its directory is created if missing. The
+	// write-ahead log is Path + ".wal".
 	Path string
 	// Sync is when commits are fsynced.
 	Sync SyncMode
@@ -66,13 +69,30 @@ type Config struct {
 	SyncInterval time.Duration
 	// MaxBatchOps caps the operations of one commit.
 	MaxBatchOps int
+	// WALSize is the size of the write-ahead log file, written once with
+	// zeros and then overwritten in place; rounded up to 4 KiB, at least
+	// 32 KiB and at most 1 GiB. A group commit larger than the log goes to
+	// bbolt directly. Default 64 MiB.
+	WALSize int64
+	// ApplyInterval is the shortest time between two bbolt transactions
+	// that copy logged commits into bbolt (each is fsynced; fewer of them
+	// leave the disk to the log). Reads and checkpoints do not wait for it.
+	// Under SyncBatch the interval is at least SyncInterval. Default 10ms.
+	ApplyInterval time.Duration
 	// Registerer receives the store's metrics; nil means none.
 	Registerer prometheus.Registerer
 }
 
 // DefaultConfig returns a Config for path with every field set.
 func DefaultConfig(path string) Config {
-	return Config{Path: path, Sync: SyncAlways, SyncInterval: 100 * time.Millisecond, MaxBatchOps: 4096}
+	return Config{
+		Path:          path,
+		Sync:          SyncAlways,
+		SyncInterval:  100 * time.Millisecond,
+		MaxBatchOps:   4096,
+		WALSize:       64 << 20,
+		ApplyInterval: 10 * time.Millisecond,
+	}
 }
 
 // OpKind is what an Op does.
@@ -87,7 +107,7 @@ const (
 	OpPutMeta
 )
 
-// Op is one write. The store keeps Value until the commit is done; the
+// Op is one write. The store reads Value until the commit is done; the
 // caller must not modify it after Submit.
 type Op struct {
 	Kind   OpKind
@@ -98,9 +118,11 @@ type Op struct {
 }
 
 type request struct {
-	ops  []Op
-	sync bool
-	done func(error)
+	ops   []Op
+	sync  bool
+	force bool // fdatasync the log whatever the SyncMode (SetMeta)
+	done  func(error)
+	err   error
 }
 
 var bucketMeta = []byte("meta")
@@ -109,33 +131,47 @@ var bucketMeta = []byte("meta")
 // top-level bucket costs one page less per commit than a nested one.
 const queuePrefix = "q:"
 
-// Store is one node's bbolt file with a group-commit writer.
+// Store is one node's bbolt file behind a write-ahead log with a
+// group-commit writer.
 type Store struct {
 	cfg     Config
 	db      *bolt.DB
+	wal     *wal
+	ap      *applier
 	reqs    chan request
 	done    chan []request
-	errs    chan error
-	mu      sync.Mutex // guards closed, and sends on reqs against close
+	mu      sync.Mutex // guards closed, started, crashed, and sends on reqs against close
 	closed  bool
+	started bool
+	crashed bool // set with closed by crash: stop without a checkpoint
 	wg      sync.WaitGroup
 	stop    chan struct{}
 	metrics *metrics
 
-	unsynced bool // writer goroutine only: a commit since the last fsync was not synced
+	groupBytes int // encoded bytes that end a group
+	durable    bool
+
+	// Writer goroutine only.
+	seq  uint64 // sequence number of the last record written
+	werr error  // sticky failure of the log
+
+	written atomic.Uint64 // last record whose write returned
+	synced  atomic.Uint64 // last record covered by a finished fdatasync
 }
 
 type metrics struct {
 	commitSeconds prometheus.Histogram
 	batchOps      prometheus.Histogram
 	commitErrors  prometheus.Counter
+	applySeconds  prometheus.Histogram
+	checkpoints   prometheus.Counter
 }
 
 func newMetrics(reg prometheus.Registerer) *metrics {
 	m := &metrics{
 		commitSeconds: prometheus.NewHistogram(prometheus.HistogramOpts{
 			Name:    "brokerd_store_commit_seconds",
-			Help:    "Time of one group commit (bbolt transaction and fsync).",
+			Help:    "Time of one group commit (write-ahead log write, and fdatasync when synced).",
 			Buckets: prometheus.ExponentialBuckets(0.00005, 2, 16),
 		}),
 		batchOps: prometheus.NewHistogram(prometheus.HistogramOpts{
@@ -147,14 +183,25 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 			Name: "brokerd_store_commit_errors_total",
 			Help: "Commits that failed.",
 		}),
+		applySeconds: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name:    "brokerd_store_apply_seconds",
+			Help:    "Time of one bbolt transaction copying logged commits into bbolt (with its fsync).",
+			Buckets: prometheus.ExponentialBuckets(0.00005, 2, 16),
+		}),
+		checkpoints: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "brokerd_store_checkpoints_total",
+			Help: "Times the write-ahead log was emptied after its records were made durable in bbolt.",
+		}),
 	}
 	if reg != nil {
-		reg.MustRegister(m.commitSeconds, m.batchOps, m.commitErrors)
+		reg.MustRegister(m.commitSeconds, m.batchOps, m.commitErrors, m.applySeconds, m.checkpoints)
 	}
 	return m
 }
 
-// Open opens (creating if needed) the bbolt file. It starts no goroutine;
+// Open opens (creating if needed) the bbolt file and its write-ahead log,
+// and replays the log into bbolt: every commit that was written to the log
+// before a crash is in bbolt when Open returns. It starts no goroutine;
 // call Start before Submit.
 func Open(cfg Config) (*Store, error) {
 	if cfg.Sync == 0 {
@@ -166,15 +213,26 @@ func Open(cfg Config) (*Store, error) {
 	if cfg.SyncInterval <= 0 {
 		cfg.SyncInterval = 100 * time.Millisecond
 	}
+	if cfg.WALSize == 0 {
+		cfg.WALSize = 64 << 20
+	}
+	if cfg.WALSize < minWALSize || cfg.WALSize > maxWALSize {
+		return nil, fmt.Errorf("store: WALSize %d out of range [%d, %d]", cfg.WALSize, minWALSize, maxWALSize)
+	}
+	cfg.WALSize = (cfg.WALSize + walBlock - 1) / walBlock * walBlock
+	if cfg.ApplyInterval <= 0 {
+		cfg.ApplyInterval = 10 * time.Millisecond
+	}
 	if err := os.MkdirAll(filepath.Dir(cfg.Path), 0o750); err != nil {
 		return nil, fmt.Errorf("create data directory: %w", err)
 	}
+	durable := cfg.Sync != SyncNone
 	db, err := bolt.Open(cfg.Path, 0o600, &bolt.Options{
 		Timeout:         2 * time.Second,
 		NoFreelistSync:  true,
 		FreelistType:    bolt.FreelistMapType,
 		InitialMmapSize: 64 << 20,
-		NoSync:          cfg.Sync != SyncAlways,
+		NoSync:          !durable,
 	})
 	if err != nil {
 		if errors.Is(err, bolt.ErrTimeout) {
@@ -190,18 +248,45 @@ func Open(cfg Config) (*Store, error) {
 		db.Close()
 		return nil, fmt.Errorf("init %s: %w", cfg.Path, err)
 	}
-	return &Store{
-		cfg:     cfg,
-		db:      db,
-		reqs:    make(chan request, 1024),
-		done:    make(chan []request, 64),
-		stop:    make(chan struct{}),
-		metrics: newMetrics(cfg.Registerer),
-	}, nil
+	// The bbolt lock held from here on also guards the log.
+	w, err := openWAL(cfg.Path+".wal", cfg.WALSize, durable, func(payloads [][]byte) error {
+		if err := applyPayloads(db, payloads); err != nil {
+			return fmt.Errorf("apply to %s: %w", cfg.Path, err)
+		}
+		return nil
+	})
+	if err != nil {
+		db.Close()
+		return nil, err
+	}
+	s := &Store{
+		cfg:        cfg,
+		db:         db,
+		wal:        w,
+		reqs:       make(chan request, 1024),
+		done:       make(chan []request, 64),
+		stop:       make(chan struct{}),
+		metrics:    newMetrics(cfg.Registerer),
+		groupBytes: int(min(4<<20, w.capacity()/4)),
+		durable:    durable,
+	}
+	interval := cfg.ApplyInterval
+	if cfg.Sync == SyncBatch {
+		interval = max(interval, cfg.SyncInterval)
+	}
+	s.ap = newApplier(s, interval, int(w.capacity()/2))
+	return s, nil
 }
 
 // Start starts the writer goroutines. Close stops them.
 func (s *Store) Start() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.started || s.closed {
+		return
+	}
+	s.started = true
+	go s.ap.run()
 	s.wg.Add(2)
 	go s.writeLoop()
 	go s.completeLoop()
@@ -220,18 +305,25 @@ func (s *Store) Start() {
 // runs, and so is every commit before it. Without sync the commit reaches
 // the OS but not necessarily the disk: it survives a crash of the process,
 // and a machine crash only once a later synced commit (or Barrier) is done.
+//
+// A Submit whose ops bbolt would refuse (unknown kind, over-long names or
+// values) fails alone; the others of its group commit.
 func (s *Store) Submit(ops []Op, sync bool, done func(error)) {
+	s.submit(request{ops: ops, sync: sync, done: done})
+}
+
+func (s *Store) submit(r request) {
 	s.mu.Lock()
 	if s.closed {
 		s.mu.Unlock()
-		if done != nil {
-			done(ErrClosed)
+		if r.done != nil {
+			r.done(ErrClosed)
 		}
 		return
 	}
 	// The send happens under mu so Close cannot close reqs under us; the
 	// writer never takes mu, so a full channel only waits for it.
-	s.reqs <- request{ops: ops, sync: sync, done: done}
+	s.reqs <- r
 	s.mu.Unlock()
 }
 
@@ -252,13 +344,16 @@ func (s *Store) writeLoop() {
 	for {
 		first, ok := <-s.reqs
 		if !ok {
-			return
+			break
 		}
 		batch := []request{first}
 		n := len(first.ops)
-		sync := first.sync
+		size := 0
+		for i := range first.ops {
+			size += opSize(&first.ops[i])
+		}
 	drain:
-		for n < s.cfg.MaxBatchOps {
+		for n < s.cfg.MaxBatchOps && size < s.groupBytes {
 			select {
 			case r, ok := <-s.reqs:
 				if !ok {
@@ -266,98 +361,176 @@ func (s *Store) writeLoop() {
 				}
 				batch = append(batch, r)
 				n += len(r.ops)
-				sync = sync || r.sync
+				for i := range r.ops {
+					size += opSize(&r.ops[i])
+				}
 			default:
 				break drain
 			}
 		}
-		err := s.commit(batch, n, sync)
+		s.commit(batch, size)
 		for i := range batch {
 			batch[i].ops = nil
 		}
-		if err != nil {
-			// Report the failure to each request so no producer is told
-			// its message is stored when it is not.
-			s.metrics.commitErrors.Inc()
-		}
-		s.done <- withErr(batch, err)
+		s.done <- batch
+	}
+	s.mu.Lock()
+	crashed := s.crashed
+	s.mu.Unlock()
+	if !crashed && s.werr == nil && s.ap.failure() == nil {
+		// Checkpoint, so the next Open has nothing to replay.
+		_ = s.checkpoint()
 	}
 }
 
-func withErr(batch []request, err error) []request {
-	if err == nil {
-		return batch
-	}
+// fail marks every request of batch as failed with err.
+func (s *Store) fail(batch []request, err error) {
+	s.metrics.commitErrors.Inc()
 	for i := range batch {
-		if d := batch[i].done; d != nil {
-			batch[i].done = func(error) { d(err) }
+		if batch[i].err == nil {
+			batch[i].err = err
 		}
 	}
-	return batch
 }
 
-func (s *Store) commit(batch []request, n int, sync bool) error {
+// commit logs one group: encode, write at the tail of the log, fdatasync if
+// a request wants it, queue for bbolt. Errors go to the requests' err.
+func (s *Store) commit(batch []request, size int) {
+	err := s.werr
+	if err == nil {
+		err = s.ap.failure()
+	}
+	if err != nil {
+		s.fail(batch, err)
+		return
+	}
 	start := time.Now()
+	enc := encoder{buf: make([]byte, recHeaderLen, recHeaderLen+size)}
+	n := 0
+	sync := false
+	for i := range batch {
+		r := &batch[i]
+		for j := range r.ops {
+			if err := validateOp(&r.ops[j]); err != nil {
+				r.err = err
+				break
+			}
+		}
+		if r.err != nil {
+			continue
+		}
+		for j := range r.ops {
+			enc.append(&r.ops[j])
+		}
+		n += len(r.ops)
+		sync = sync || r.force || (r.sync && s.cfg.Sync == SyncAlways)
+	}
 	defer func() {
 		s.metrics.commitSeconds.Observe(time.Since(start).Seconds())
 		s.metrics.batchOps.Observe(float64(n))
 	}()
-	if s.cfg.Sync == SyncAlways {
-		// Only this goroutine commits, so toggling NoSync here is safe.
-		s.db.NoSync = !sync
-		if !sync {
-			s.unsynced = true
-		}
-	}
 	if n == 0 {
-		if sync && s.unsynced && s.cfg.Sync == SyncAlways {
-			s.unsynced = false
-			return s.db.Sync()
+		if sync && s.synced.Load() < s.written.Load() {
+			err = s.syncLog()
 		}
-		return nil
+	} else if int64(len(enc.buf)) > s.wal.capacity() {
+		err = s.commitDirect(enc.buf[recHeaderLen:])
+	} else {
+		err = s.logRecord(enc.buf, sync)
 	}
+	if err != nil {
+		s.werr = err
+		s.fail(batch, err)
+	}
+}
+
+// logRecord writes rec (header space, then payload) at the tail of the log,
+// checkpointing first if it does not fit, and queues it for bbolt.
+func (s *Store) logRecord(rec []byte, sync bool) error {
+	w := s.wal
+	if w.tail+int64(len(rec)) > w.size {
+		if err := s.checkpoint(); err != nil {
+			return err
+		}
+	}
+	chain := sealRecord(rec, w.gen, w.chain)
+	if _, err := w.f.WriteAt(rec, w.tail); err != nil {
+		return fmt.Errorf("write %s: %w", w.path, err)
+	}
+	w.chain = chain
+	w.tail += int64(len(rec))
+	s.seq++
+	s.written.Store(s.seq)
 	if sync {
-		s.unsynced = false
-	}
-	return s.db.Update(func(tx *bolt.Tx) error {
-		meta := tx.Bucket(bucketMeta)
-		var (
-			cur     *bolt.Bucket
-			curName string
-			key     [8]byte
-		)
-		for _, r := range batch {
-			for _, op := range r.ops {
-				switch op.Kind {
-				case OpPut, OpDelete:
-					if cur == nil || curName != op.Bucket {
-						b, err := tx.CreateBucketIfNotExists([]byte(queuePrefix + op.Bucket))
-						if err != nil {
-							return fmt.Errorf("bucket %q: %w", op.Bucket, err)
-						}
-						cur, curName = b, op.Bucket
-					}
-					binary.BigEndian.PutUint64(key[:], op.Key)
-					var err error
-					if op.Kind == OpPut {
-						err = cur.Put(key[:], op.Value)
-					} else {
-						err = cur.Delete(key[:])
-					}
-					if err != nil {
-						return fmt.Errorf("bucket %q key %d: %w", op.Bucket, op.Key, err)
-					}
-				case OpPutMeta:
-					if err := meta.Put([]byte(op.Name), op.Value); err != nil {
-						return fmt.Errorf("meta %q: %w", op.Name, err)
-					}
-				default:
-					return fmt.Errorf("unknown op kind %d", op.Kind)
-				}
-			}
+		if err := s.syncLog(); err != nil {
+			return err
 		}
-		return nil
-	})
+	}
+	s.ap.enqueue(rec[recHeaderLen:], s.seq)
+	return nil
+}
+
+// syncLog fdatasyncs the log; every record written before is then durable.
+func (s *Store) syncLog() error {
+	seq := s.written.Load()
+	if err := s.wal.sync(); err != nil {
+		return fmt.Errorf("sync %s: %w", s.wal.path, err)
+	}
+	for {
+		cur := s.synced.Load()
+		if cur >= seq || s.synced.CompareAndSwap(cur, seq) {
+			return nil
+		}
+	}
+}
+
+// commitDirect applies a group too large for the log straight to bbolt.
+// The log is emptied first: replaying older records over this group would
+// undo it.
+func (s *Store) commitDirect(payload []byte) error {
+	if err := s.checkpoint(); err != nil {
+		return err
+	}
+	start := time.Now()
+	err := applyPayloads(s.db, [][]byte{payload})
+	s.metrics.applySeconds.Observe(time.Since(start).Seconds())
+	if err != nil {
+		return fmt.Errorf("apply to %s: %w", s.cfg.Path, err)
+	}
+	return nil
+}
+
+// checkpoint waits until every logged record is durable in bbolt, then
+// starts a new, empty generation of the log.
+func (s *Store) checkpoint() error {
+	if err := s.ap.waitCurrent(); err != nil {
+		return err
+	}
+	if err := s.wal.bump(s.durable); err != nil {
+		return err
+	}
+	s.metrics.checkpoints.Inc()
+	return nil
+}
+
+// applyLogged is the applier's transaction: records up to seq, already in
+// the log, go to bbolt. The log is synced first (unless it is already, or
+// under SyncNone): if bbolt held a commit the log lost, a replay of the
+// log's older records would bring back values that commit replaced.
+func (s *Store) applyLogged(payloads [][]byte, seq uint64) error {
+	if s.durable && s.synced.Load() < seq {
+		if err := s.syncLog(); err != nil {
+			return err
+		}
+	}
+	start := time.Now()
+	err := applyPayloads(s.db, payloads)
+	s.metrics.applySeconds.Observe(time.Since(start).Seconds())
+	if err != nil {
+		s.metrics.commitErrors.Inc()
+		return fmt.Errorf("apply to %s: %w", s.cfg.Path, err)
+	}
+	return nil
 }
 
 func (s *Store) completeLoop() {
@@ -365,7 +538,7 @@ func (s *Store) completeLoop() {
 	for batch := range s.done {
 		for _, r := range batch {
 			if r.done != nil {
-				r.done(nil)
+				r.done(r.err)
 			}
 		}
 	}
@@ -378,7 +551,11 @@ func (s *Store) syncLoop() {
 	for {
 		select {
 		case <-t.C:
-			_ = s.db.Sync()
+			if s.synced.Load() < s.written.Load() {
+				// A failure here is not sticky: the writer's next
+				// synced commit or the applier will meet it too.
+				_ = s.syncLog()
+			}
 		case <-s.stop:
 			return
 		}
@@ -386,8 +563,12 @@ func (s *Store) syncLoop() {
 }
 
 // ForEach calls fn for every (bucket, key, value) in key order within each
-// bucket. value is only valid during the call.
+// bucket. value is only valid during the call. It sees every commit whose
+// callback ran before it was called.
 func (s *Store) ForEach(fn func(bucket string, key uint64, value []byte) error) error {
+	if err := s.ap.waitCurrent(); err != nil {
+		return err
+	}
 	return s.db.View(func(tx *bolt.Tx) error {
 		return tx.ForEach(func(name []byte, b *bolt.Bucket) error {
 			if !bytes.HasPrefix(name, []byte(queuePrefix)) {
@@ -404,8 +585,12 @@ func (s *Store) ForEach(fn func(bucket string, key uint64, value []byte) error) 
 	})
 }
 
-// Meta returns a copy of the meta value name, or nil if it is not set.
+// Meta returns a copy of the meta value name, or nil if it is not set. It
+// sees every commit whose callback ran before it was called.
 func (s *Store) Meta(name string) ([]byte, error) {
+	if err := s.ap.waitCurrent(); err != nil {
+		return nil, err
+	}
 	var out []byte
 	err := s.db.View(func(tx *bolt.Tx) error {
 		if v := tx.Bucket(bucketMeta).Get([]byte(name)); v != nil {
@@ -416,33 +601,89 @@ func (s *Store) Meta(name string) ([]byte, error) {
 	return out, err
 }
 
-// SetMeta stores a meta value synchronously, bypassing the group commit.
-// Use it before Start or for rare records.
+// SetMeta stores a meta value and waits until it is on disk, whatever the
+// SyncMode. Before Start it is a bbolt transaction of its own; after, a
+// commit of its own that is fsynced, in order with the Submits before it.
+// Use it for rare records.
 func (s *Store) SetMeta(name string, value []byte) error {
-	err := s.db.Update(func(tx *bolt.Tx) error {
-		return tx.Bucket(bucketMeta).Put([]byte(name), value)
-	})
-	if err == nil && s.cfg.Sync != SyncAlways {
-		err = s.db.Sync()
+	op := Op{Kind: OpPutMeta, Name: name, Value: value}
+	if err := validateOp(&op); err != nil {
+		return err
 	}
-	return err
+	s.mu.Lock()
+	if s.closed {
+		s.mu.Unlock()
+		return ErrClosed
+	}
+	if !s.started {
+		// Nothing is in the log (Open replayed and emptied it) and nothing
+		// writes to bbolt but us.
+		defer s.mu.Unlock()
+		err := s.db.Update(func(tx *bolt.Tx) error {
+			return tx.Bucket(bucketMeta).Put([]byte(name), value)
+		})
+		if err == nil && !s.durable {
+			err = s.db.Sync()
+		}
+		return err
+	}
+	ch := make(chan error, 1)
+	s.reqs <- request{ops: []Op{op}, sync: true, force: true, done: func(err error) { ch <- err }}
+	s.mu.Unlock()
+	return <-ch
 }
 
 // Close waits for every submitted batch to commit and its callbacks to run,
-// fsyncs, and closes the file. It is idempotent.
+// copies the log into bbolt, and closes the files. It is idempotent.
 func (s *Store) Close() error {
+	return s.shutdown(false)
+}
+
+// crash stops the store as a process crash would (for tests): what was
+// written to the log stays there, the applier's queue is dropped, nothing
+// is synced or checkpointed.
+func (s *Store) crash() error {
+	return s.shutdown(true)
+}
+
+func (s *Store) shutdown(crash bool) error {
 	s.mu.Lock()
 	if s.closed {
 		s.mu.Unlock()
 		return nil
 	}
 	s.closed = true
+	s.crashed = crash
+	started := s.started
 	close(s.reqs)
 	close(s.stop)
 	s.mu.Unlock()
-	s.wg.Wait()
-	if s.cfg.Sync != SyncNone {
-		_ = s.db.Sync()
+	if started {
+		if crash {
+			// Drop the applier's queue first, as a crash would.
+			s.ap.finish(true)
+		}
+		s.wg.Wait()
+		s.ap.finish(false)
+	} else {
+		for r := range s.reqs {
+			if r.done != nil {
+				r.done(ErrClosed)
+			}
+		}
 	}
-	return s.db.Close()
+	var err error
+	if !crash {
+		err = s.werr
+		if err == nil {
+			err = s.ap.failure()
+		}
+	}
+	if cerr := s.wal.f.Close(); cerr != nil && err == nil {
+		err = cerr
+	}
+	if cerr := s.db.Close(); cerr != nil && err == nil {
+		err = cerr
+	}
+	return err
 }

@@ -35,23 +35,38 @@
 //
 // # Healing a partition with memberlist
 //
-// memberlist does NOT re-merge by itself after a partition that lasted
-// long enough for the sides to declare each other dead. Dead nodes are
-// never probed, push/pull only picks alive nodes, and "gossip to the dead"
-// (for GossipToTheDeadTime) only sends queued broadcasts, of which there
-// are none once the cluster is quiet; after GossipToTheDeadTime the dead
-// nodes are also forgotten. Healing the network therefore leaves two
-// clusters that each believe the other side is dead, forever.
+// memberlist (v0.7.0) does not reliably re-merge by itself once the sides
+// of a partition have declared each other dead. Dead nodes are never
+// probed, push/pull only picks alive nodes, and "gossip to the dead" (for
+// GossipToTheDeadTime) only carries broadcasts still queued, of which a
+// quiet cluster has none a few gossip rounds after the dead messages went
+// out; after GossipToTheDeadTime the dead nodes are forgotten altogether.
+// (If the network heals while such broadcasts are still queued, a node
+// may hear it was declared dead, refute, and the sides merge by luck.)
+// Otherwise, healing the network leaves two clusters that each believe the
+// other side dead, for good; in a test that waited 8s after Heal with
+// PushPullInterval 1s, nothing changed.
 //
-// The caller (the cluster layer) must re-merge: periodically (for example
-// every PushPullInterval, or every few seconds) call Memberlist.Join with
-// the addresses of the peers it knows of but does not currently see alive:
-// its configured seeds plus every address it has ever seen in
-// EventDelegate.NotifyJoin. One successful Join (a push/pull) across the
-// former partition is enough: the contacted node learns it was declared
-// dead, refutes with a higher incarnation, and the alive messages gossip to
-// both sides. Joins to still-unreachable peers fail after the dial timeout
-// and are harmless. See TestMemberlistPartitionHeal for the loop.
+// The caller (the cluster layer) must re-merge: periodically (every second
+// or few, or every PushPullInterval) call Memberlist.Join with the
+// addresses of peers it knows of but does not currently see as members:
+// its configured seeds plus every address it has seen in
+// EventDelegate.NotifyJoin (memberlist forgets dead nodes, so the layer
+// must remember addresses itself). A single successful Join (one push/pull)
+// across the former partition is enough: the contacted node learns it was
+// declared dead, refutes with a higher incarnation, and the alive messages
+// gossip to both sides (about 250ms with the test's timings). Joins to
+// peers still unreachable fail after the dial timeout and are harmless.
+// The same loop brings back a node that was killed and revived. See
+// node.rejoin in netsim_test.go.
+//
+// Beware, too: Memberlist.Members returns pointers into memberlist's own
+// state, whose State, Addr, Port and Meta fields it later rewrites under
+// its lock. Reading them after Members returns is a data race (the race
+// detector reports it); only Name is safe. Read addresses inside the
+// EventDelegate callbacks (called with the lock held) instead, and count
+// members with Members/NumMembers, which include suspect nodes and exclude
+// dead and left ones.
 package netsim
 
 import (

@@ -8,6 +8,7 @@ import (
 	"io"
 	"log"
 	"net"
+	"os"
 	"slices"
 	"sort"
 	"strings"
@@ -520,6 +521,10 @@ func startNode(t *testing.T, n *Network, name string) *node {
 	c.SuspicionMult = 2
 	c.PushPullInterval = time.Second
 	c.TCPTimeout = 250 * time.Millisecond // bounds push/pull on a stream gone silent
+	logOut := io.Discard
+	if os.Getenv("NETSIM_LOG") != "" {
+		logOut = os.Stderr // memberlist's debug log, for diagnosis
+	}
 	c.Logger = log.New(logOut, name+" ", log.Lmicroseconds)
 	c.Events = ev
 	ml, err := memberlist.Create(c)
@@ -555,22 +560,20 @@ func (nd *node) rejoin(ctx context.Context, seeds []string, every time.Duration)
 			return
 		case <-ticker.C:
 		}
-		current := map[string]bool{}
+		known := nd.ev.known()
+		skip := map[string]bool{known[nd.name]: true} // self
 		for _, name := range nd.members() {
-			current[name] = true
+			skip[known[name]] = true
 		}
 		targets := map[string]bool{}
-		for name, addr := range nd.ev.known() {
-			if !current[name] {
-				targets[addr] = true
-			}
+		for _, addr := range known {
+			targets[addr] = true
 		}
 		for _, addr := range seeds {
 			targets[addr] = true
 		}
-		self := nd.ml.LocalNode().Name
 		for addr := range targets {
-			if addr == nd.ev.known()[self] {
+			if skip[addr] {
 				continue
 			}
 			if ctx.Err() != nil {

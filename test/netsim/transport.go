@@ -172,6 +172,12 @@ func (t *Transport) DialAddressTimeout(a memberlist.Address, timeout time.Durati
 	}
 	select {
 	case dst.streamCh <- server:
+		if dst.isShutdown() {
+			// Lost a race with Shutdown's backlog reset.
+			_ = server.Close()
+			_ = client.Close()
+			return nil, opErr(syscall.ECONNREFUSED)
+		}
 		return client, nil
 	case <-dst.done:
 		return nil, opErr(syscall.ECONNREFUSED)
