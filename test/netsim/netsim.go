@@ -60,13 +60,16 @@
 // The same loop brings back a node that was killed and revived. See
 // node.rejoin in netsim_test.go.
 //
-// Beware, too: Memberlist.Members returns pointers into memberlist's own
-// state, whose State, Addr, Port and Meta fields it later rewrites under
-// its lock. Reading them after Members returns is a data race (the race
-// detector reports it); only Name is safe. Read addresses inside the
-// EventDelegate callbacks (called with the lock held) instead, and count
-// members with Members/NumMembers, which include suspect nodes and exclude
-// dead and left ones.
+// Beware, too, when reading membership: Memberlist.Members returns
+// pointers into memberlist's own node table. Their Addr, Port, Meta and
+// version fields are rewritten under memberlist's lock whenever a newer
+// alive message arrives (e.g. a refutation after a suspicion), so reading
+// them after Members returns is a data race (the race detector reports
+// it); only Name is safe. And Node.State is never set in v0.7.0 (the real
+// state lives in an internal field that shadows it), so it always reads
+// StateAlive: filtering Members by State is a no-op. Members and NumMembers
+// count suspect nodes and leave out dead and left ones; for addresses and
+// state changes use an EventDelegate (its callbacks run under the lock).
 package netsim
 
 import (

@@ -535,9 +535,10 @@ func startNode(t *testing.T, n *Network, name string) *node {
 	return &node{name: name, ml: ml, ev: ev}
 }
 
-// members returns the sorted names of the nodes nd considers not dead.
-// Only Name is read: the other fields of the returned Nodes are mutated
-// by memberlist without synchronisation with the caller.
+// members returns the sorted names of the nodes nd considers not dead
+// (alive or suspect). Only Name is read: memberlist rewrites the other
+// fields of the returned Nodes without synchronisation with the caller,
+// and Node.State is never set (always StateAlive).
 func (nd *node) members() []string {
 	var names []string
 	for _, m := range nd.ml.Members() {
