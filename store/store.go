@@ -140,10 +140,14 @@ type Store struct {
 	ap      *applier
 	reqs    chan request
 	done    chan []request
-	mu      sync.Mutex // guards closed, started, crashed, and sends on reqs against close
+	mu      sync.Mutex // guards closed, crashed, and sends on reqs against close
 	closed  bool
-	started bool
 	crashed bool // set with closed by crash: stop without a checkpoint
+	// startMu guards started and noStart. It is not mu: a Submit waiting
+	// on a full reqs before Start holds mu.
+	startMu sync.Mutex
+	started bool
+	noStart bool // Close has begun; Start does nothing
 	wg      sync.WaitGroup
 	stop    chan struct{}
 	metrics *metrics
@@ -233,6 +237,7 @@ func Open(cfg Config) (*Store, error) {
 		FreelistType:    bolt.FreelistMapType,
 		InitialMmapSize: 64 << 20,
 		NoSync:          !durable,
+		NoGrowSync:      !durable,
 	})
 	if err != nil {
 		if errors.Is(err, bolt.ErrTimeout) {
@@ -280,9 +285,9 @@ func Open(cfg Config) (*Store, error) {
 
 // Start starts the writer goroutines. Close stops them.
 func (s *Store) Start() {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	if s.started || s.closed {
+	s.startMu.Lock()
+	defer s.startMu.Unlock()
+	if s.started || s.noStart {
 		return
 	}
 	s.started = true
@@ -379,7 +384,7 @@ func (s *Store) writeLoop() {
 	s.mu.Unlock()
 	if !crashed && s.werr == nil && s.ap.failure() == nil {
 		// Checkpoint, so the next Open has nothing to replay.
-		_ = s.checkpoint()
+		s.werr = s.checkpoint()
 	}
 }
 
@@ -476,10 +481,15 @@ func (s *Store) syncLog() error {
 	if err := s.wal.sync(); err != nil {
 		return fmt.Errorf("sync %s: %w", s.wal.path, err)
 	}
+	s.markSynced(seq)
+	return nil
+}
+
+func (s *Store) markSynced(seq uint64) {
 	for {
 		cur := s.synced.Load()
 		if cur >= seq || s.synced.CompareAndSwap(cur, seq) {
-			return nil
+			return
 		}
 	}
 }
@@ -506,8 +516,12 @@ func (s *Store) checkpoint() error {
 	if err := s.ap.waitCurrent(); err != nil {
 		return err
 	}
+	seq := s.written.Load()
 	if err := s.wal.bump(s.durable); err != nil {
 		return err
+	}
+	if s.durable {
+		s.markSynced(seq) // bump's fdatasync covered the old records too
 	}
 	s.metrics.checkpoints.Inc()
 	return nil
@@ -610,15 +624,15 @@ func (s *Store) SetMeta(name string, value []byte) error {
 	if err := validateOp(&op); err != nil {
 		return err
 	}
-	s.mu.Lock()
-	if s.closed {
-		s.mu.Unlock()
+	s.startMu.Lock()
+	if s.noStart {
+		s.startMu.Unlock()
 		return ErrClosed
 	}
 	if !s.started {
-		// Nothing is in the log (Open replayed and emptied it) and nothing
-		// writes to bbolt but us.
-		defer s.mu.Unlock()
+		// Nothing is in the log (Open replayed and emptied it) and, until
+		// Start, nothing writes to bbolt but us.
+		defer s.startMu.Unlock()
 		err := s.db.Update(func(tx *bolt.Tx) error {
 			return tx.Bucket(bucketMeta).Put([]byte(name), value)
 		})
@@ -627,9 +641,9 @@ func (s *Store) SetMeta(name string, value []byte) error {
 		}
 		return err
 	}
+	s.startMu.Unlock()
 	ch := make(chan error, 1)
-	s.reqs <- request{ops: []Op{op}, sync: true, force: true, done: func(err error) { ch <- err }}
-	s.mu.Unlock()
+	s.submit(request{ops: []Op{op}, sync: true, force: true, done: func(err error) { ch <- err }})
 	return <-ch
 }
 
@@ -637,13 +651,6 @@ func (s *Store) SetMeta(name string, value []byte) error {
 // copies the log into bbolt, and closes the files. It is idempotent.
 func (s *Store) Close() error {
 	return s.shutdown(false)
-}
-
-// crash stops the store as a process crash would (for tests): what was
-// written to the log stays there, the applier's queue is dropped, nothing
-// is synced or checkpointed.
-func (s *Store) crash() error {
-	return s.shutdown(true)
 }
 
 func (s *Store) shutdown(crash bool) error {
@@ -654,10 +661,13 @@ func (s *Store) shutdown(crash bool) error {
 	}
 	s.closed = true
 	s.crashed = crash
-	started := s.started
 	close(s.reqs)
 	close(s.stop)
 	s.mu.Unlock()
+	s.startMu.Lock()
+	s.noStart = true
+	started := s.started
+	s.startMu.Unlock()
 	if started {
 		if crash {
 			// Drop the applier's queue first, as a crash would.
