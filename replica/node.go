@@ -155,6 +155,10 @@ type Node struct {
 	// restart numbering resumes above it, so message IDs are never reused
 	// even when every message was acknowledged and deleted.
 	seqCeil atomic.Uint64
+	// Topic messages are not stored: their IDs are unique by a prefix
+	// naming this process's start and a counter.
+	topicIDPrefix string
+	topicSeq      atomic.Uint64
 
 	mu     sync.Mutex
 	dests  map[string]*destination
@@ -186,6 +190,7 @@ func New(cfg Config, st *store.Store) *Node {
 		cfg.DLQPrefix = def.DLQPrefix
 	}
 	n := &Node{
+		topicIDPrefix: cfg.NodeID + "-t" + strconv.FormatInt(cfg.Now().UnixMilli(), 36) + "-",
 		cfg:   cfg,
 		st:    st,
 		log:   cfg.Logger.With("component", "replica"),
@@ -299,9 +304,17 @@ func (n *Node) Subscribe(opts SubOptions) (*Subscription, error) {
 	if opts.Ack == 0 {
 		opts.Ack = AckAuto
 	}
-	d := n.destination(opts.Dest, kind)
+	// Find the destination and join it under Node.mu, so that the last
+	// subscriber of a topic leaving cannot delete it between the two.
+	n.mu.Lock()
+	d := n.dests[opts.Dest]
+	if d == nil {
+		d = &destination{name: opts.Dest, kind: kind, n: n}
+		n.dests[opts.Dest] = d
+	}
 	s := &Subscription{d: d, opts: opts, inflight: make(map[uint64]*inflight)}
 	d.mu.Lock()
+	n.mu.Unlock()
 	d.subs = append(d.subs, s)
 	ops := d.dispatchLocked()
 	d.mu.Unlock()
@@ -339,6 +352,9 @@ func (n *Node) Apply(b *Batch, done func(error)) error {
 	var last uint64
 	for i, m := range b.Sends {
 		if kinds[i] == KindTopic {
+			if m.ID == "" {
+				m.ID = n.topicIDPrefix + strconv.FormatUint(n.topicSeq.Add(1), 10)
+			}
 			topics = append(topics, m)
 			continue
 		}
@@ -361,10 +377,7 @@ func (n *Node) Apply(b *Batch, done func(error)) error {
 			for _, f := range after {
 				f()
 			}
-			for i, m := range topics {
-				if m.ID == "" {
-					m.ID = n.cfg.NodeID + "-t" + strconv.FormatUint(n.seq.Load(), 10) + "-" + strconv.Itoa(i)
-				}
+			for _, m := range topics {
 				n.fanOut(m)
 			}
 		} else {
@@ -375,6 +388,12 @@ func (n *Node) Apply(b *Batch, done func(error)) error {
 		}
 	}
 	if len(ops) == 0 {
+		if b.Sync {
+			// Nothing to write, but the caller's receipt still promises
+			// that earlier unsynced writes are on disk.
+			n.st.Barrier(finish)
+			return nil
+		}
 		finish(nil)
 		return nil
 	}

@@ -88,7 +88,20 @@ type outItem struct {
 	f   *frame.Frame
 	sub *sub
 	d   replica.Delivery
-	end bool // flush and close the connection
+	end bool // flush and close the connection (after f, if set)
+	// closeSub closes a subscription once everything queued before it is
+	// written; closed is then signalled.
+	closeSub *sub
+	closed   chan error
+}
+
+// closeSub closes a subscription: its unacknowledged messages go back.
+func closeSub(sb *sub, done chan error) {
+	sb.closed.Store(true)
+	sb.rs.Close()
+	if done != nil {
+		done <- nil
+	}
 }
 
 func newSession(srv *Server, c net.Conn, id string) *session {
@@ -499,9 +512,16 @@ func (s *session) unsubscribe(f *frame.Frame) error {
 	}
 	delete(s.subs, id)
 	delete(s.subByIdx, sb.idx)
-	sb.closed.Store(true)
-	sb.rs.Close()
-	s.complete(f)
+	op := &pendingOp{done: make(chan error, 1), receipt: f.Header.Get(frame.Receipt)}
+	s.enqueue(outItem{closeSub: sb, closed: op.done})
+	if op.receipt != "" && s.dirty {
+		// The receipt also covers earlier unsynced frames.
+		s.dirty = false
+		s.ops <- op
+		s.receipt(op.receipt, false)
+		return nil
+	}
+	s.ops <- op
 	return nil
 }
 
@@ -667,6 +687,9 @@ func (s *session) enqueue(it outItem) {
 	s.outMu.Lock()
 	if s.outClosed {
 		s.outMu.Unlock()
+		if it.closeSub != nil {
+			closeSub(it.closeSub, it.closed)
+		}
 		return
 	}
 	s.out = append(s.out, it)
@@ -691,8 +714,14 @@ func (s *session) writeLoop() {
 	fail := func() {
 		s.outMu.Lock()
 		s.outClosed = true
+		rest := append(batch, s.out...)
 		s.out = nil
 		s.outMu.Unlock()
+		for _, it := range rest {
+			if it.closeSub != nil {
+				closeSub(it.closeSub, it.closed)
+			}
+		}
 		s.conn.Close()
 	}
 	for {
@@ -721,9 +750,24 @@ func (s *session) writeLoop() {
 		end := false
 		for i := range batch {
 			it := &batch[i]
-			if it.end {
+			if it.end && it.f == nil {
 				end = true
 				break
+			}
+			if it.closeSub != nil {
+				// Everything before the UNSUBSCRIBE reaches the wire and is
+				// recorded as written before the subscription closes, so
+				// what the client got comes back marked redelivered.
+				if err := w.Flush(); err != nil {
+					fail()
+					return
+				}
+				for rs, tags := range written {
+					rs.Written(tags...)
+					delete(written, rs)
+				}
+				closeSub(it.closeSub, it.closed)
+				continue
 			}
 			f := it.f
 			if it.sub != nil {
@@ -738,6 +782,10 @@ func (s *session) writeLoop() {
 				return
 			}
 			s.srv.m.framesOut.WithLabelValues(f.Command).Inc()
+			if it.end {
+				end = true
+				break
+			}
 		}
 		for i := range batch {
 			batch[i] = outItem{}
@@ -755,8 +803,14 @@ func (s *session) writeLoop() {
 		if end {
 			s.outMu.Lock()
 			s.outClosed = true
+			rest := s.out
 			s.out = nil
 			s.outMu.Unlock()
+			for _, it := range rest {
+				if it.closeSub != nil {
+					closeSub(it.closeSub, it.closed)
+				}
+			}
 			if tc, ok := s.conn.(*net.TCPConn); ok {
 				_ = tc.CloseWrite()
 			}
