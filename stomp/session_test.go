@@ -1,0 +1,103 @@
+package stomp
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"io"
+	"log/slog"
+	"net"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/brokerd/brokerd/replica"
+	"github.com/brokerd/brokerd/store"
+)
+
+// recBroker wraps a Broker, records its calls and can fail the next Apply.
+type recBroker struct {
+	inner    Broker
+	mu       sync.Mutex
+	log      []string
+	failNext bool
+}
+
+func (b *recBroker) Subscribe(o replica.SubOptions) (*replica.Subscription, error) {
+	return b.inner.Subscribe(o)
+}
+func (b *recBroker) Apply(x *replica.Batch, done func(error)) error {
+	b.mu.Lock()
+	dests := []string{}
+	for _, m := range x.Sends {
+		dests = append(dests, m.Dest)
+	}
+	b.log = append(b.log, "apply sync="+map[bool]string{true: "T", false: "F"}[x.Sync]+" "+strings.Join(dests, ","))
+	fail := b.failNext
+	b.mu.Unlock()
+	if fail {
+		done(errors.New("disk on fire"))
+		return nil
+	}
+	return b.inner.Apply(x, func(err error) {
+		b.mu.Lock()
+		b.log = append(b.log, "done")
+		b.mu.Unlock()
+		done(err)
+	})
+}
+func (b *recBroker) Barrier(done func(error)) {
+	b.mu.Lock()
+	b.log = append(b.log, "barrier")
+	b.mu.Unlock()
+	b.inner.Barrier(done)
+}
+
+func testServer(t *testing.T) (*recBroker, string) {
+	scfg := store.DefaultConfig(filepath.Join(t.TempDir(), "r.db"))
+	scfg.Sync = store.SyncNone
+	st, err := store.Open(scfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	st.Start()
+	t.Cleanup(func() { st.Close() })
+	rcfg := replica.DefaultConfig()
+	rcfg.Logger = slog.New(slog.NewTextHandler(io.Discard, nil))
+	rep := replica.New(rcfg, st)
+	rep.Start()
+	rb := &recBroker{inner: rep}
+	cfg := DefaultConfig()
+	cfg.Addr = "127.0.0.1:0"
+	cfg.Logger = rcfg.Logger
+	srv := NewServer(cfg, rb)
+	if err := srv.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = srv.Shutdown(context.Background()) })
+	return rb, srv.Addr().String()
+}
+
+func readAll(t *testing.T, c net.Conn) string {
+	c.SetReadDeadline(time.Now().Add(2 * time.Second))
+	b, _ := io.ReadAll(bufio.NewReader(c))
+	return strings.ReplaceAll(string(b), "\x00", "|")
+}
+
+// A store failure must reach the client as an ERROR frame.
+func TestSessionStoreFailureSendsError(t *testing.T) {
+	rb, addr := testServer(t)
+	rb.failNext = true
+	c, _ := net.Dial("tcp", addr)
+	io.WriteString(c, "CONNECT\naccept-version:1.2\nhost:/\n\n\x00"+
+		"SEND\ndestination:/queue/a\nreceipt:r1\n\nq\x00")
+	out := readAll(t, c)
+	if !strings.Contains(out, "ERROR\nmessage:internal error\nreceipt-id:r1") {
+		t.Fatalf("want an ERROR frame for r1 after the store failed, the client saw %q", out)
+	}
+	if strings.Contains(out, "RECEIPT") {
+		t.Fatalf("a RECEIPT for a frame whose write failed: %q", out)
+	}
+}
