@@ -191,11 +191,11 @@ func New(cfg Config, st *store.Store) *Node {
 	}
 	n := &Node{
 		topicIDPrefix: cfg.NodeID + "-t" + strconv.FormatInt(cfg.Now().UnixMilli(), 36) + "-",
-		cfg:   cfg,
-		st:    st,
-		log:   cfg.Logger.With("component", "replica"),
-		dests: make(map[string]*destination),
-		stop:  make(chan struct{}),
+		cfg:           cfg,
+		st:            st,
+		log:           cfg.Logger.With("component", "replica"),
+		dests:         make(map[string]*destination),
+		stop:          make(chan struct{}),
 	}
 	n.m = newMetrics(cfg.Registerer, n)
 	return n
