@@ -139,7 +139,11 @@ type Store struct {
 	wal     *wal
 	ap      *applier
 	reqs    chan request
-	done    chan []request
+	// done carries committed batches to the completer. It is a queue
+	// without bound, so the writer never waits for callbacks: a callback
+	// that Submits more work while reqs is full would otherwise wait for
+	// the writer, which would wait for the callback.
+	done *batchQueue
 	mu      sync.Mutex // guards closed, crashed, and sends on reqs against close
 	closed  bool
 	crashed bool // set with closed by crash: stop without a checkpoint
@@ -269,7 +273,7 @@ func Open(cfg Config) (*Store, error) {
 		db:         db,
 		wal:        w,
 		reqs:       make(chan request, 1024),
-		done:       make(chan []request, 64),
+		done:       newBatchQueue(),
 		stop:       make(chan struct{}),
 		metrics:    newMetrics(cfg.Registerer),
 		groupBytes: int(min(4<<20, w.capacity()/4)),
@@ -345,7 +349,7 @@ func (s *Store) Apply(ops []Op) error {
 
 func (s *Store) writeLoop() {
 	defer s.wg.Done()
-	defer close(s.done)
+	defer s.done.close()
 	for {
 		first, ok := <-s.reqs
 		if !ok {
@@ -377,7 +381,7 @@ func (s *Store) writeLoop() {
 		for i := range batch {
 			batch[i].ops = nil
 		}
-		s.done <- batch
+		s.done.push(batch)
 	}
 	s.mu.Lock()
 	crashed := s.crashed
@@ -549,12 +553,69 @@ func (s *Store) applyLogged(payloads [][]byte, seq uint64) error {
 
 func (s *Store) completeLoop() {
 	defer s.wg.Done()
-	for batch := range s.done {
-		for _, r := range batch {
-			if r.done != nil {
-				r.done(r.err)
+	for {
+		batches, ok := s.done.popAll()
+		if !ok {
+			return
+		}
+		for _, batch := range batches {
+			for _, r := range batch {
+				if r.done != nil {
+					r.done(r.err)
+				}
 			}
 		}
+	}
+}
+
+// batchQueue is an unbounded FIFO of committed batches.
+type batchQueue struct {
+	mu     sync.Mutex
+	q      [][]request
+	closed bool
+	signal chan struct{}
+}
+
+func newBatchQueue() *batchQueue { return &batchQueue{signal: make(chan struct{}, 1)} }
+
+func (b *batchQueue) push(batch []request) {
+	b.mu.Lock()
+	b.q = append(b.q, batch)
+	b.mu.Unlock()
+	b.wake()
+}
+
+func (b *batchQueue) close() {
+	b.mu.Lock()
+	b.closed = true
+	b.mu.Unlock()
+	b.wake()
+}
+
+func (b *batchQueue) wake() {
+	select {
+	case b.signal <- struct{}{}:
+	default:
+	}
+}
+
+// popAll waits for batches and returns them all, in order; ok is false
+// once the queue is closed and empty.
+func (b *batchQueue) popAll() ([][]request, bool) {
+	for {
+		b.mu.Lock()
+		if len(b.q) > 0 {
+			q := b.q
+			b.q = nil
+			b.mu.Unlock()
+			return q, true
+		}
+		if b.closed {
+			b.mu.Unlock()
+			return nil, false
+		}
+		b.mu.Unlock()
+		<-b.signal
 	}
 }
 

@@ -956,3 +956,38 @@ func TestReadsSeeAcknowledgedCommits(t *testing.T) {
 		t.Fatalf("Meta in callback: %q", v)
 	}
 }
+
+// TestCallbacksMaySubmit: completion callbacks that submit more work
+// (as the broker's do: a committed message can expire on dispatch and be
+// deleted) must not deadlock the store, however full its queues are.
+func TestCallbacksMaySubmit(t *testing.T) {
+	cfg := DefaultConfig(filepath.Join(t.TempDir(), "cb.db"))
+	cfg.Sync = SyncNone
+	cfg.MaxBatchOps = 4
+	s, err := Open(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	s.Start()
+	const n = 20000
+	var wg sync.WaitGroup
+	wg.Add(n)
+	val := []byte("v")
+	go func() {
+		for i := 0; i < n; i++ {
+			i := i
+			s.Submit([]Op{{Kind: OpPut, Bucket: "/queue/a", Key: uint64(i), Value: val}}, false, func(error) {
+				s.Submit([]Op{{Kind: OpDelete, Bucket: "/queue/a", Key: uint64(i)}}, false, func(error) { wg.Done() })
+			})
+		}
+	}()
+	done := make(chan struct{})
+	go func() { wg.Wait(); close(done) }()
+	select {
+	case <-done:
+		s.Close()
+	case <-time.After(60 * time.Second):
+		// Not closed: Close would wait on the deadlock.
+		t.Fatal("callbacks that submit deadlocked the store")
+	}
+}
