@@ -138,6 +138,10 @@ type Node struct {
 
 	wake    chan struct{}
 	publish chan struct{}
+	// pubMu serializes UpdateNode calls: memberlist reads our metadata
+	// before it takes the next incarnation, so two concurrent calls could
+	// let older metadata win (and lose the leave intent).
+	pubMu sync.Mutex
 	stop    chan struct{}
 	wg      sync.WaitGroup
 	closeMu sync.Mutex
@@ -322,9 +326,11 @@ func (n *Node) Leave(timeout time.Duration) error {
 		n.metaB = b
 	}
 	n.mu.Unlock()
+	n.pubMu.Lock()
 	if err := n.ml.UpdateNode(timeout / 2); err != nil {
 		n.log.Debug("leave intent not confirmed", "err", err)
 	}
+	n.pubMu.Unlock()
 	err := n.ml.Leave(timeout / 2)
 	n.Close()
 	return err
@@ -522,9 +528,11 @@ func (n *Node) publishLoop() {
 		case <-n.stop:
 			return
 		case <-n.publish:
+			n.pubMu.Lock()
 			if err := n.ml.UpdateNode(time.Second); err != nil {
 				n.log.Debug("metadata broadcast not confirmed", "err", err)
 			}
+			n.pubMu.Unlock()
 		}
 	}
 }
