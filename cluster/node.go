@@ -141,7 +141,7 @@ type Node struct {
 	// pubMu serializes UpdateNode calls: memberlist reads our metadata
 	// before it takes the next incarnation, so two concurrent calls could
 	// let older metadata win (and lose the leave intent).
-	pubMu sync.Mutex
+	pubMu   sync.Mutex
 	stop    chan struct{}
 	wg      sync.WaitGroup
 	closeMu sync.Mutex

@@ -14,6 +14,7 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 	bolt "go.etcd.io/bbolt"
+	berrors "go.etcd.io/bbolt/errors"
 )
 
 // ErrClosed is returned for work submitted after Close.
@@ -134,16 +135,16 @@ const queuePrefix = "q:"
 // Store is one node's bbolt file behind a write-ahead log with a
 // group-commit writer.
 type Store struct {
-	cfg     Config
-	db      *bolt.DB
-	wal     *wal
-	ap      *applier
-	reqs    chan request
+	cfg  Config
+	db   *bolt.DB
+	wal  *wal
+	ap   *applier
+	reqs chan request
 	// done carries committed batches to the completer. It is a queue
 	// without bound, so the writer never waits for callbacks: a callback
 	// that Submits more work while reqs is full would otherwise wait for
 	// the writer, which would wait for the callback.
-	done *batchQueue
+	done    *batchQueue
 	mu      sync.Mutex // guards closed, crashed, and sends on reqs against close
 	closed  bool
 	crashed bool // set with closed by crash: stop without a checkpoint
@@ -244,7 +245,7 @@ func Open(cfg Config) (*Store, error) {
 		NoGrowSync:      !durable,
 	})
 	if err != nil {
-		if errors.Is(err, bolt.ErrTimeout) {
+		if errors.Is(err, berrors.ErrTimeout) {
 			return nil, fmt.Errorf("open %s: locked by another process", cfg.Path)
 		}
 		return nil, fmt.Errorf("open %s: %w", cfg.Path, err)

@@ -83,8 +83,6 @@ func (b *broker) restart() *broker {
 
 func (b *broker) addr() string { return b.node.STOMPAddr() }
 
-func (b *broker) adminURL(path string) string { return "http://" + b.node.AdminAddr() + path }
-
 // dial connects go-stomp's client; it is disconnected when the test ends.
 func (b *broker) dial(opts ...func(*stomp.Conn) error) *stomp.Conn {
 	b.t.Helper()

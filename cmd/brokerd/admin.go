@@ -103,7 +103,7 @@ func activeMembersCmd(stdout io.Writer) *cobra.Command {
 		RunE: func(cmd *cobra.Command, args []string) error {
 			v, err := strconv.Atoi(args[0])
 			if err != nil || v < 1 {
-				return fmt.Errorf("N must be an integer >= 1, got %q", args[0])
+				return fmt.Errorf("active members must be an integer >= 1, got %q", args[0])
 			}
 			var s cluster.Status
 			if err := adminCall(http.MethodPut, addr, "/v1/cluster/active-members", map[string]int{"value": v}, &s); err != nil {
