@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# brokerd's test command: go vet, every test with the race detector, and a
+# brokerd's test command: go vet, staticcheck, every test with the race detector, and a
 # short run of every fuzz target. Installs Debian's python3-stomp first if
 # /usr/bin/python3 cannot import stomp (TestPythonStompPy needs it).
 #
@@ -100,6 +100,7 @@ fuzz_all() {
 
 run "install python3-stomp if missing" install_stomp_py
 run "go vet" go vet ./...
+run "staticcheck" go run honnef.co/go/tools/cmd/staticcheck@v0.8.2 ./...
 run "go test -race" go test -race -count=1 -timeout 30m ./...
 fuzz_all
 [ "$failed" -eq 0 ]
