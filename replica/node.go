@@ -725,6 +725,21 @@ func (s *Subscription) Written(tags ...uint64) {
 	d.n.submit(ops)
 }
 
+// Tried records that the deliveries tags may have reached the client
+// (the write failed part way): without acknowledging them, even in
+// AckAuto mode, so that they come back marked redelivered.
+func (s *Subscription) Tried(tags ...uint64) {
+	d := s.d
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	for _, tag := range tags {
+		if e := s.inflight[tag]; e != nil && !e.written {
+			e.written = true
+			s.unwritten--
+		}
+	}
+}
+
 // Check returns ErrUnknownAck unless tag is outstanding on s.
 func (s *Subscription) Check(tag uint64) error {
 	s.d.mu.Lock()

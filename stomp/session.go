@@ -100,7 +100,10 @@ func closeSub(sb *sub, done chan error) {
 	sb.closed.Store(true)
 	sb.rs.Close()
 	if done != nil {
-		done <- nil
+		select {
+		case done <- nil: // buffered: the sequencer reads it once
+		default:
+		}
 	}
 }
 
@@ -722,6 +725,11 @@ func (s *session) writeLoop() {
 				closeSub(it.closeSub, it.closed)
 			}
 		}
+		// Messages written to the buffer may or may not have reached the
+		// client: they go back marked redelivered, not acknowledged.
+		for rs, tags := range written {
+			rs.Tried(tags...)
+		}
 		s.conn.Close()
 	}
 	for {
@@ -767,6 +775,7 @@ func (s *session) writeLoop() {
 					delete(written, rs)
 				}
 				closeSub(it.closeSub, it.closed)
+				it.closeSub = nil // done: fail must not close it again
 				continue
 			}
 			f := it.f
