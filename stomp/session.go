@@ -515,16 +515,13 @@ func (s *session) unsubscribe(f *frame.Frame) error {
 	}
 	delete(s.subs, id)
 	delete(s.subByIdx, sb.idx)
-	op := &pendingOp{done: make(chan error, 1), receipt: f.Header.Get(frame.Receipt)}
+	// The writer closes the subscription once what it holds is written;
+	// the receipt (after a barrier, if earlier frames are unsynced) waits
+	// for that.
+	op := &pendingOp{done: make(chan error, 1)}
 	s.enqueue(outItem{closeSub: sb, closed: op.done})
-	if op.receipt != "" && s.dirty {
-		// The receipt also covers earlier unsynced frames.
-		s.dirty = false
-		s.ops <- op
-		s.receipt(op.receipt, false)
-		return nil
-	}
 	s.ops <- op
+	s.complete(f)
 	return nil
 }
 

@@ -101,3 +101,26 @@ func TestSessionStoreFailureSendsError(t *testing.T) {
 		t.Fatalf("a RECEIPT for a frame whose write failed: %q", out)
 	}
 }
+
+// TestSessionOneReceiptPerFrame: an UNSUBSCRIBE with a receipt after an
+// unsynced SEND gets exactly one RECEIPT (after a barrier), not two.
+func TestSessionOneReceiptPerFrame(t *testing.T) {
+	_, addr := testServer(t)
+	c, err := net.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	io.WriteString(c, "CONNECT\naccept-version:1.2\nhost:/\n\n\x00"+
+		"SUBSCRIBE\nid:1\ndestination:/queue/one\n\n\x00"+
+		"SEND\ndestination:/queue/other\n\nq\x00"+
+		"UNSUBSCRIBE\nid:1\nreceipt:u\n\n\x00"+
+		"DISCONNECT\nreceipt:d\n\n\x00")
+	out := readAll(t, c)
+	if n := strings.Count(out, "receipt-id:u"); n != 1 {
+		t.Fatalf("want one RECEIPT for the UNSUBSCRIBE, got %d in %q", n, out)
+	}
+	if n := strings.Count(out, "receipt-id:d"); n != 1 {
+		t.Fatalf("want one RECEIPT for the DISCONNECT, got %d in %q", n, out)
+	}
+}
