@@ -72,7 +72,7 @@ func TestDecide(t *testing.T) {
 	prev := ActiveSet{"a", "b", "c"}
 
 	// b died: d is in the agreed set and starts waiting.
-	d1 := Decide("d", Seat{}, view(Seat{}), 3, prev, 7, 7, t0, delay)
+	d1 := Decide("d", Seat{}, view(Seat{}), nil, 3, prev, 7, 7, t0, delay)
 	if d1.Seat.Active || d1.Seat.PendingSince != t0 || d1.Promoted {
 		t.Fatalf("first decision: %+v, want pending since t0", d1)
 	}
@@ -80,30 +80,60 @@ func TestDecide(t *testing.T) {
 		t.Fatalf("set %v epoch %d, want [a c d] 8", d1.Set, d1.Epoch)
 	}
 	// Before the delay: still waiting, same epoch.
-	d2 := Decide("d", d1.Seat, view(d1.Seat), 3, d1.Set, d1.Epoch, 8, t0.Add(delay/2), delay)
+	d2 := Decide("d", d1.Seat, view(d1.Seat), nil, 3, d1.Set, d1.Epoch, 8, t0.Add(delay/2), delay)
 	if d2.Seat.Active || d2.Epoch != 8 {
 		t.Fatalf("before delay: %+v", d2)
 	}
 	// After the delay: takes the seat.
-	d3 := Decide("d", d2.Seat, view(d2.Seat), 3, d2.Set, d2.Epoch, 8, t0.Add(delay), delay)
+	d3 := Decide("d", d2.Seat, view(d2.Seat), nil, 3, d2.Set, d2.Epoch, 8, t0.Add(delay), delay)
 	if !d3.Seat.Active || !d3.Promoted || d3.Seat.ActiveSince != t0.Add(delay).UnixMilli() {
 		t.Fatalf("after delay: %+v", d3)
 	}
 	// b comes back within the delay (a flap, keeping its seat claim): d,
 	// still pending, drops out and never took a seat.
 	flap := []Member{act("a", 100, 1), act("b", 100, 2), act("c", 200, 3), {ID: "d", JoinedAt: 4}, obs("e", 5)}
-	d4 := Decide("d", d1.Seat, flap, 3, d1.Set, d1.Epoch, 8, t0.Add(delay/2), delay)
+	d4 := Decide("d", d1.Seat, flap, nil, 3, d1.Set, d1.Epoch, 8, t0.Add(delay/2), delay)
 	if d4.Seat.Active || !d4.Seat.PendingSince.IsZero() || d4.Promoted {
 		t.Fatalf("flap: %+v, want observer, not pending", d4)
 	}
 	// An active member outside the agreed set (merge, M lowered) steps down at once.
-	d5 := Decide("c", Seat{Active: true, ActiveSince: 200}, []Member{act("a", 100, 1), act("b", 100, 2), act("c", 200, 3)}, 2, ActiveSet{"a", "b", "c"}, 3, 3, t0, delay)
+	d5 := Decide("c", Seat{Active: true, ActiveSince: 200}, []Member{act("a", 100, 1), act("b", 100, 2), act("c", 200, 3)}, nil, 2, ActiveSet{"a", "b", "c"}, 3, 3, t0, delay)
 	if d5.Seat.Active || d5.Epoch != 4 {
 		t.Fatalf("step down: %+v", d5)
 	}
 	// The epoch follows the highest one advertised.
-	d6 := Decide("a", Seat{Active: true, ActiveSince: 100}, []Member{act("a", 100, 1)}, 1, ActiveSet{"a"}, 2, 9, t0, delay)
+	d6 := Decide("a", Seat{Active: true, ActiveSince: 100}, []Member{act("a", 100, 1)}, nil, 1, ActiveSet{"a"}, 2, 9, t0, delay)
 	if d6.Epoch != 9 {
 		t.Fatalf("epoch %d, want 9", d6.Epoch)
+	}
+}
+
+// TestDecideGrace: a failed active member keeps its place in the published
+// set for the delay, so a flap changes neither the set nor the epoch, while
+// its replacement's wait starts at once.
+func TestDecideGrace(t *testing.T) {
+	t0 := time.UnixMilli(1_000_000)
+	delay := 500 * time.Millisecond
+	prev := ActiveSet{"a", "b", "c"}
+	b := act("b", 100, 2)
+	view := []Member{act("a", 100, 1), act("c", 200, 3), obs("d", 4), obs("e", 5)}
+	// b just failed: d starts waiting, the published set and epoch stay.
+	d1 := Decide("d", Seat{}, view, []Member{b}, 3, prev, 7, 7, t0, delay)
+	if d1.Seat.PendingSince != t0 || d1.Seat.Active {
+		t.Fatalf("replacement: %+v, want pending since t0", d1.Seat)
+	}
+	if d1.Set.Hash() != prev.Hash() || d1.Epoch != 7 {
+		t.Fatalf("during grace: set %v epoch %d, want %v and 7", d1.Set, d1.Epoch, prev)
+	}
+	// b comes back within the delay: nothing changed at all.
+	back := append([]Member{b}, view...)
+	d2 := Decide("d", d1.Seat, back, nil, 3, d1.Set, d1.Epoch, 7, t0.Add(delay/2), delay)
+	if d2.Seat.Active || !d2.Seat.PendingSince.IsZero() || d2.Set.Hash() != prev.Hash() || d2.Epoch != 7 {
+		t.Fatalf("after the flap: %+v", d2)
+	}
+	// b stays dead: when the grace ends, d takes the seat, one set change.
+	d3 := Decide("d", d1.Seat, view, nil, 3, d1.Set, d1.Epoch, 7, t0.Add(delay), delay)
+	if !d3.Promoted || !reflect.DeepEqual(d3.Set, ActiveSet{"a", "c", "d"}) || d3.Epoch != 8 {
+		t.Fatalf("after the grace: %+v", d3)
 	}
 }

@@ -26,10 +26,17 @@ type Decision struct {
 // and epoch it computed last time, the highest epoch advertised in the
 // view, and now. An observer in the agreed set takes its seat once it has
 // been there for delay; an active member out of it steps down at once.
-func Decide(self string, seat Seat, view []Member, m int, prevSet ActiveSet, epoch, maxEpoch uint64, now time.Time, delay time.Duration) Decision {
-	set := Agree(view, m)
-	d := Decision{Set: set, Seat: seat, Epoch: max(epoch, maxEpoch)}
-	in := set.Contains(self)
+//
+// graced are active members that failed less than delay ago. They keep
+// their place in the published set (so a member that flaps, declared dead
+// and back within the delay, changes neither the set nor the epoch) but
+// not in the seat decisions, so the observer that will replace a member
+// that is really gone starts its wait at once and takes the seat when the
+// grace ends.
+func Decide(self string, seat Seat, view, graced []Member, m int, prevSet ActiveSet, epoch, maxEpoch uint64, now time.Time, delay time.Duration) Decision {
+	target := Agree(view, m)
+	d := Decision{Seat: seat, Epoch: max(epoch, maxEpoch)}
+	in := target.Contains(self)
 	switch {
 	case !in:
 		d.Seat = Seat{}
@@ -45,7 +52,20 @@ func Decide(self string, seat Seat, view []Member, m int, prevSet ActiveSet, epo
 		d.Seat = Seat{Active: true, ActiveSince: now.UnixMilli()}
 		d.Promoted = true
 	}
-	if prevSet == nil || set.Hash() != prevSet.Hash() {
+	d.Set = target
+	if len(graced) > 0 {
+		// Publish the set as if the graced members were still there, with
+		// this node's new seat.
+		all := make([]Member, 0, len(view)+len(graced))
+		for _, mb := range view {
+			if mb.ID == self {
+				mb.Active, mb.ActiveSince = d.Seat.Active, d.Seat.ActiveSince
+			}
+			all = append(all, mb)
+		}
+		d.Set = Agree(append(all, graced...), m)
+	}
+	if prevSet == nil || d.Set.Hash() != prevSet.Hash() {
 		d.Epoch++
 	}
 	return d

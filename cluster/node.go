@@ -149,9 +149,10 @@ type Node struct {
 }
 
 type known struct {
-	meta  Meta
-	addr  string
-	state string
+	meta   Meta
+	addr   string
+	state  string
+	deadAt time.Time // when it was last declared dead
 }
 
 const metaJoinedAt = "cluster_joined_at"
@@ -431,7 +432,13 @@ func (n *Node) evaluate() {
 		}
 		maxEpoch = max(maxEpoch, m.Epoch)
 	}
-	d := Decide(n.self.ID, n.seat, view, mval, n.set, n.self.Epoch, maxEpoch, now, n.cfg.PromotionDelay)
+	var graced []Member
+	for _, k := range n.known {
+		if k.state == "dead" && k.meta.Active && !k.meta.Leaving && now.Sub(k.deadAt) < n.cfg.PromotionDelay {
+			graced = append(graced, k.meta.member())
+		}
+	}
+	d := Decide(n.self.ID, n.seat, view, graced, mval, n.set, n.self.Epoch, maxEpoch, now, n.cfg.PromotionDelay)
 	if d.Promoted {
 		n.promoted++
 		n.m.promotions.Inc()
@@ -609,6 +616,9 @@ func (e *events) note(node *memberlist.Node, state string) {
 	}
 	if m.Leaving && state == "dead" {
 		state = "left"
+	}
+	if state == "dead" && k.state != "dead" {
+		k.deadAt = n.cfg.Now()
 	}
 	k.meta, k.addr, k.state = m, node.Address(), state
 	n.mu.Unlock()
