@@ -293,11 +293,9 @@ func (s *session) connect(f *frame.Frame) error {
 		return pe
 	}
 	s.version = v
-	if v != "1.0" {
-		if _, ok := f.Header.Contains(frame.Host); !ok {
-			return perr("missing-header", "missing host header", "STOMP %s requires a host header in %s", v, f.Command)
-		}
-	}
+	// host names a virtual host. There is one: any value, and none (which
+	// stomp.py sends by default despite 1.1 and 1.2 requiring it), selects
+	// it, as the specification allows a server to.
 	if cfg.Auth != nil {
 		if err := cfg.Auth.Authenticate(f.Header.Get(frame.Login), f.Header.Get(frame.Passcode)); err != nil {
 			s.srv.log.Warn("login refused", "session", s.id, "login", f.Header.Get(frame.Login), "remote", s.conn.RemoteAddr().String())
