@@ -199,12 +199,12 @@ func (s *session) readLoop() error {
 	if err := s.connect(f); err != nil {
 		return err
 	}
+	if s.readTimeout == 0 {
+		// No heart-beats: lift the CONNECT deadline. Otherwise idleReader
+		// extends the deadline on every read.
+		_ = s.conn.SetReadDeadline(time.Time{})
+	}
 	for {
-		if s.readTimeout > 0 {
-			_ = s.conn.SetReadDeadline(time.Now().Add(s.readTimeout))
-		} else {
-			_ = s.conn.SetReadDeadline(time.Time{})
-		}
 		if s.stopping.Load() {
 			return net.ErrClosed
 		}
@@ -421,13 +421,14 @@ func (s *session) send(f *frame.Frame) error {
 	m := &replica.Message{Dest: dest, Body: f.Body}
 	n := f.Header.Len()
 	m.Headers = make([]string, 0, 2*n)
-	seen := make(map[string]bool, n)
 	for i := 0; i < n; i++ {
 		k, v := f.Header.GetAt(i)
-		if transportHeaders[k] || seen[k] {
+		if transportHeaders[k] {
+			continue
+		}
+		if _, dup := m.Header(k); dup {
 			continue // repeated headers: the first one wins
 		}
-		seen[k] = true
 		m.Headers = append(m.Headers, k, v)
 	}
 	if e, ok := f.Header.Contains("expires"); ok && e != "" {
