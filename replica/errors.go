@@ -12,3 +12,12 @@ var (
 	// ErrClosed is an operation on a Node after Close.
 	ErrClosed = errors.New("broker closed")
 )
+
+var (
+	// ErrQueueFull is a SEND refused because its queue is at queue.max_length
+	// or queue.max_bytes with overflow reject-publish. Nothing was stored.
+	ErrQueueFull = errors.New("queue full")
+	// ErrLowDisk is a SEND refused while free space on the data directory's
+	// filesystem is below store.min_free_bytes. Nothing was stored.
+	ErrLowDisk = errors.New("broker low on disk space")
+)
