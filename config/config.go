@@ -34,6 +34,7 @@ type STOMP struct {
 	HeartbeatReceive time.Duration // stomp.heartbeat_receive: 10s, what the server wants to receive; 0 disables
 	ConnectTimeout   time.Duration // stomp.connect_timeout: 10s (> 0), from accept to CONNECT
 	WriteTimeout     time.Duration // stomp.write_timeout: 60s (> 0), for one write to a client
+	HeartbeatMin     time.Duration // stomp.heartbeat_min: 1s (>= 0), the shortest heart-beat interval the server agrees to, either way
 }
 
 // Admin is the HTTP server for health and metrics.
@@ -52,6 +53,9 @@ type Store struct {
 	Sync         string        // store.sync: always, batch or none; "always"
 	SyncInterval time.Duration // store.sync_interval: 100ms (> 0), how long batch waits to group commits
 	MaxBatch     int           // store.max_batch: 4096 (> 0), operations per group commit
+	WALSize      int64         // store.wal_size: 64 MiB (32 KiB..1 GiB), the preallocated write-ahead log
+	MinFreeBytes int64         // store.min_free_bytes: 256 MiB (>= 0); SENDs are refused while the data directory's filesystem has less free; 0 disables
+	Recover      string        // store.recover: refuse or truncate; "refuse", what to do with a corrupt record in the middle of the write-ahead log
 }
 
 // Auth is client authentication.
@@ -61,32 +65,44 @@ type Auth struct {
 }
 
 // Limits bound what one client can make the broker hold. All are > 0.
+// Byte sizes accept units ("4MiB").
 type Limits struct {
-	MaxFrameSize         int // limits.max_frame_size: 8 MiB + 64 KiB, a whole frame in bytes
-	MaxHeaderCount       int // limits.max_header_count: 128 headers per frame
-	MaxHeaderLength      int // limits.max_header_length: 8192 bytes, one header line
-	MaxBodySize          int // limits.max_body_size: 8 MiB, one frame body in bytes
-	MaxConnections       int // limits.max_connections: 10000 client connections per node
-	MaxSubscriptions     int // limits.max_subscriptions: 1000 per connection
-	MaxTransactionFrames int // limits.max_transaction_frames: 10000 frames held by open transactions, per connection
-	TopicBuffer          int // limits.topic_buffer: 10000 messages per topic subscriber before drops
+	MaxFrameSize         int   // limits.max_frame_size: 8 MiB + 64 KiB, a whole frame in bytes
+	MaxHeaderCount       int   // limits.max_header_count: 128 headers per frame
+	MaxHeaderLength      int   // limits.max_header_length: 8192 bytes, one header line
+	MaxBodySize          int   // limits.max_body_size: 8 MiB, one frame body in bytes
+	MaxConnections       int   // limits.max_connections: 10000 client connections per node
+	MaxSubscriptions     int   // limits.max_subscriptions: 1000 per connection
+	MaxTransactionFrames int   // limits.max_transaction_frames: 10000 frames held by open transactions, per connection
+	TopicBuffer          int   // limits.topic_buffer: 10000 messages per topic subscriber before drops
+	MaxUnacked           int   // limits.max_unacked: 10000 delivered-but-unacknowledged messages per subscription; prefetch-count above it is clamped
+	MaxOutgoingBytes     int   // limits.max_outgoing_bytes: 4 MiB of frames queued to one connection
+	MaxTransactionBytes  int64 // limits.max_transaction_bytes: 64 MiB of frames held by open transactions, per connection
 }
 
 // Queue is queue delivery.
 type Queue struct {
-	MaxRedeliveries int    // queue.max_redeliveries: 5 (>= 0); 0 means never dead-letter
-	DLQPrefix       string // queue.dlq_prefix: "/queue/DLQ."; starts with "/queue/" and is longer than it
+	MaxRedeliveries   int           // queue.max_redeliveries: 5 (>= 0); 0 means never dead-letter
+	DLQPrefix         string        // queue.dlq_prefix: "/queue/DLQ."; starts with "/queue/" and is longer than it
+	MaxLength         int64         // queue.max_length: 0 (>= 0), messages per queue; 0 is unlimited
+	MaxBytes          int64         // queue.max_bytes: 0 (>= 0), bytes of message bodies per queue; 0 is unlimited
+	Overflow          string        // queue.overflow: reject-publish or drop-head; "reject-publish", what a SEND to a full queue does
+	IdleDeleteAfter   time.Duration // queue.idle_delete_after: 1h (> 0); an empty queue without subscribers is removed after this
+	ReadAheadMessages int           // queue.read_ahead_messages: 1000 (> 0), messages of a queue's on-disk backlog held in memory
+	ReadAheadBytes    int           // queue.read_ahead_bytes: 4 MiB (> 0), bytes of a queue's on-disk backlog held in memory
 }
 
 // Cluster is membership and replication between nodes.
 type Cluster struct {
-	GossipAddr     string        // cluster.gossip_addr: ""; "" runs a single node without gossip
-	PeerAddr       string        // cluster.peer_addr: "", the listen address for peer links
-	Join           []string      // cluster.join: none; host:port of nodes to join, DNS names allowed
-	ActiveMembers  int           // cluster.active_members: 3 (>= 1), the wanted number M of active members
-	Name           string        // cluster.name: "brokerd", the name of the cluster this node belongs to
-	SecretKeyFile  string        // cluster.secret_key_file: "", the file holding the cluster's shared key; "" for none
-	PromotionDelay time.Duration // cluster.promotion_delay: 500ms (>= 0), before an observer fills a dead member's place
+	GossipAddr           string        // cluster.gossip_addr: ""; "" runs a single node without gossip
+	PeerAddr             string        // cluster.peer_addr: "", the listen address for peer links
+	Join                 []string      // cluster.join: none; host:port of nodes to join, DNS names allowed
+	ActiveMembers        int           // cluster.active_members: 3 (>= 1), the wanted number M of active members
+	Name                 string        // cluster.name: "brokerd", the name of the cluster this node belongs to
+	SecretKeyFile        string        // cluster.secret_key_file: "", the file holding the cluster's shared key; "" for none
+	PromotionDelay       time.Duration // cluster.promotion_delay: 500ms (>= 0), before an observer fills a dead member's place
+	ForgetAfter          time.Duration // cluster.forget_after: 24h (> 0); a member dead this long is forgotten and no longer re-dialled
+	AllowPlaintextGossip bool          // cluster.allow_plaintext_gossip: false; must be true to gossip beyond loopback without cluster.secret_key_file
 }
 
 // Default returns the configuration used where nothing overrides it. Every
@@ -104,6 +120,7 @@ func Default() Config {
 			HeartbeatReceive: 10 * time.Second,
 			ConnectTimeout:   10 * time.Second,
 			WriteTimeout:     60 * time.Second,
+			HeartbeatMin:     time.Second,
 		},
 		Admin: Admin{
 			Addr: "127.0.0.1:8613",
@@ -116,6 +133,9 @@ func Default() Config {
 			Sync:         "always",
 			SyncInterval: 100 * time.Millisecond,
 			MaxBatch:     4096,
+			WALSize:      64 << 20,
+			MinFreeBytes: 256 << 20,
+			Recover:      "refuse",
 		},
 		Auth: Auth{
 			UsersFile:      "",
@@ -130,10 +150,19 @@ func Default() Config {
 			MaxSubscriptions:     1000,
 			MaxTransactionFrames: 10000,
 			TopicBuffer:          10000,
+			MaxUnacked:           10000,
+			MaxOutgoingBytes:     4 << 20,
+			MaxTransactionBytes:  64 << 20,
 		},
 		Queue: Queue{
-			MaxRedeliveries: 5,
-			DLQPrefix:       "/queue/DLQ.",
+			MaxRedeliveries:   5,
+			DLQPrefix:         "/queue/DLQ.",
+			MaxLength:         0,
+			MaxBytes:          0,
+			Overflow:          "reject-publish",
+			IdleDeleteAfter:   time.Hour,
+			ReadAheadMessages: 1000,
+			ReadAheadBytes:    4 << 20,
 		},
 		Cluster: Cluster{
 			GossipAddr:     "",
@@ -143,6 +172,7 @@ func Default() Config {
 			Name:           "brokerd",
 			SecretKeyFile:  "",
 			PromotionDelay: 500 * time.Millisecond,
+			ForgetAfter:    24 * time.Hour,
 		},
 	}
 }

@@ -85,13 +85,19 @@ func TestDefault(t *testing.T) {
 	if d.STOMP.Addr != "127.0.0.1:61613" || d.Admin.Addr != "127.0.0.1:8613" ||
 		d.Limits.MaxFrameSize != 8<<20+64<<10 || d.Limits.MaxBodySize != 8<<20 ||
 		d.Cluster.ActiveMembers != 3 || d.Cluster.PromotionDelay != 500*time.Millisecond ||
-		d.Queue.DLQPrefix != "/queue/DLQ." || d.Store.Sync != "always" {
+		d.Queue.DLQPrefix != "/queue/DLQ." || d.Store.Sync != "always" ||
+		d.Store.MinFreeBytes != 268435456 || d.Store.WALSize != 64<<20 || d.Store.Recover != "refuse" ||
+		d.Queue.Overflow != "reject-publish" || d.Queue.IdleDeleteAfter != time.Hour ||
+		d.Queue.ReadAheadMessages != 1000 || d.Queue.ReadAheadBytes != 4<<20 || d.Limits.MaxUnacked != 10000 ||
+		d.STOMP.HeartbeatMin != time.Second || d.Limits.MaxOutgoingBytes != 4<<20 || d.Limits.MaxTransactionBytes != 64<<20 ||
+		d.Cluster.ForgetAfter != 24*time.Hour || d.Cluster.AllowPlaintextGossip {
 		t.Errorf("Default() = %+v", d)
 	}
 
 	// Every field is set, except those whose default is documented as empty.
 	mayBeZero := []string{"auth.users_file", "auth.allow_anonymous", "cluster.gossip_addr",
-		"cluster.peer_addr", "cluster.join", "cluster.secret_key_file"}
+		"cluster.peer_addr", "cluster.join", "cluster.secret_key_file", "cluster.allow_plaintext_gossip",
+		"queue.max_length", "queue.max_bytes"}
 	for _, s := range settings {
 		if reflect.ValueOf(s.field(&d)).Elem().IsZero() && !slices.Contains(mayBeZero, s.key) {
 			t.Errorf("Default() leaves %s unset", s.key)
@@ -195,6 +201,8 @@ func TestFlags(t *testing.T) {
 		"join":            {"cluster.join", "[]"},
 		"active-members":  {"cluster.active_members", "3"},
 		"cluster-name":    {"cluster.name", "brokerd"},
+
+		"allow-plaintext-gossip": {"cluster.allow_plaintext_gossip", "false"},
 	}
 	var got []string
 	fset.VisitAll(func(f *pflag.Flag) { got = append(got, f.Name) })
@@ -303,25 +311,31 @@ func TestEveryKeyFromEveryLayer(t *testing.T) {
 	want := Config{
 		Node: Node{Name: "n1", DataDir: "/var/lib/brokerd"},
 		STOMP: STOMP{Addr: "127.0.0.1:0", HeartbeatSend: time.Second, HeartbeatReceive: 2 * time.Second,
-			ConnectTimeout: 3 * time.Second, WriteTimeout: 4 * time.Second},
-		Admin:  Admin{Addr: ""},
-		Log:    Log{Level: "debug", Format: "json"},
-		Store:  Store{Sync: "batch", SyncInterval: 5 * time.Millisecond, MaxBatch: 6},
-		Auth:   Auth{UsersFile: "/etc/brokerd/users", AllowAnonymous: true},
-		Limits: Limits{MaxFrameSize: 7, MaxHeaderCount: 8, MaxHeaderLength: 9, MaxBodySize: 10, MaxConnections: 11, MaxSubscriptions: 12, MaxTransactionFrames: 13, TopicBuffer: 14},
-		Queue:  Queue{MaxRedeliveries: 0, DLQPrefix: "/queue/dead."},
+			ConnectTimeout: 3 * time.Second, WriteTimeout: 4 * time.Second, HeartbeatMin: 0},
+		Admin: Admin{Addr: ""},
+		Log:   Log{Level: "debug", Format: "json"},
+		Store: Store{Sync: "batch", SyncInterval: 5 * time.Millisecond, MaxBatch: 6,
+			WALSize: 1 << 20, MinFreeBytes: 0, Recover: "truncate"},
+		Auth: Auth{UsersFile: "/etc/brokerd/users", AllowAnonymous: true},
+		Limits: Limits{MaxFrameSize: 7, MaxHeaderCount: 8, MaxHeaderLength: 9, MaxBodySize: 10, MaxConnections: 11, MaxSubscriptions: 12, MaxTransactionFrames: 13, TopicBuffer: 14,
+			MaxUnacked: 15, MaxOutgoingBytes: 16 << 10, MaxTransactionBytes: 17e6},
+		Queue: Queue{MaxRedeliveries: 0, DLQPrefix: "/queue/dead.", MaxLength: 18, MaxBytes: 19 << 30, Overflow: "drop-head",
+			IdleDeleteAfter: 20 * time.Minute, ReadAheadMessages: 21, ReadAheadBytes: 22},
 		Cluster: Cluster{GossipAddr: "0.0.0.0:7946", PeerAddr: ":7947", Join: []string{"a.example:7946", "[::1]:7946"},
-			ActiveMembers: 5, Name: "prod", SecretKeyFile: "/etc/brokerd/key", PromotionDelay: 0},
+			ActiveMembers: 5, Name: "prod", SecretKeyFile: "/etc/brokerd/key", PromotionDelay: 0,
+			ForgetAfter: 23 * time.Hour, AllowPlaintextGossip: true},
 	}
 	file := `
 node: {name: n1, data_dir: /var/lib/brokerd}
-stomp: {addr: "127.0.0.1:0", heartbeat_send: 1s, heartbeat_receive: 2s, connect_timeout: 3s, write_timeout: 4s}
+stomp: {addr: "127.0.0.1:0", heartbeat_send: 1s, heartbeat_receive: 2s, connect_timeout: 3s, write_timeout: 4s, heartbeat_min: 0}
 admin: {addr: }
 log: {level: debug, format: json}
-store: {sync: batch, sync_interval: 5ms, max_batch: 6}
+store: {sync: batch, sync_interval: 5ms, max_batch: 6, wal_size: 1MiB, min_free_bytes: 0, recover: truncate}
 auth: {users_file: /etc/brokerd/users, allow_anonymous: true}
-limits: {max_frame_size: 7, max_header_count: 8, max_header_length: 9, max_body_size: 10, max_connections: 11, max_subscriptions: 12, max_transaction_frames: 13, topic_buffer: 14}
-queue: {max_redeliveries: 0, dlq_prefix: /queue/dead.}
+limits: {max_frame_size: 7, max_header_count: 8, max_header_length: 9, max_body_size: 10, max_connections: 11, max_subscriptions: 12, max_transaction_frames: 13, topic_buffer: 14,
+  max_unacked: 15, max_outgoing_bytes: 16KiB, max_transaction_bytes: 17MB}
+queue: {max_redeliveries: 0, dlq_prefix: /queue/dead., max_length: 18, max_bytes: 19 GiB, overflow: drop-head,
+  idle_delete_after: 20m, read_ahead_messages: 21, read_ahead_bytes: 22}
 cluster:
   gossip_addr: "0.0.0.0:7946"
   peer_addr: ":7947"
@@ -330,23 +344,29 @@ cluster:
   name: prod
   secret_key_file: /etc/brokerd/key
   promotion_delay: 0
+  forget_after: 23h
+  allow_plaintext_gossip: true
 `
 	env := []string{
 		"BROKERD_NODE_NAME=n1", "BROKERD_NODE_DATA_DIR=/var/lib/brokerd",
 		"BROKERD_STOMP_ADDR=127.0.0.1:0", "BROKERD_STOMP_HEARTBEAT_SEND=1s", "BROKERD_STOMP_HEARTBEAT_RECEIVE=2s",
-		"BROKERD_STOMP_CONNECT_TIMEOUT=3s", "BROKERD_STOMP_WRITE_TIMEOUT=4s",
+		"BROKERD_STOMP_CONNECT_TIMEOUT=3s", "BROKERD_STOMP_WRITE_TIMEOUT=4s", "BROKERD_STOMP_HEARTBEAT_MIN=0s",
 		"BROKERD_ADMIN_ADDR=",
 		"BROKERD_LOG_LEVEL=debug", "BROKERD_LOG_FORMAT=json",
 		"BROKERD_STORE_SYNC=batch", "BROKERD_STORE_SYNC_INTERVAL=5ms", "BROKERD_STORE_MAX_BATCH=6",
+		"BROKERD_STORE_WAL_SIZE=1048576", "BROKERD_STORE_MIN_FREE_BYTES=0", "BROKERD_STORE_RECOVER=truncate",
 		"BROKERD_AUTH_USERS_FILE=/etc/brokerd/users", "BROKERD_AUTH_ALLOW_ANONYMOUS=true",
 		"BROKERD_LIMITS_MAX_FRAME_SIZE=7", "BROKERD_LIMITS_MAX_HEADER_COUNT=8", "BROKERD_LIMITS_MAX_HEADER_LENGTH=9",
 		"BROKERD_LIMITS_MAX_BODY_SIZE=10", "BROKERD_LIMITS_MAX_CONNECTIONS=11", "BROKERD_LIMITS_MAX_SUBSCRIPTIONS=12",
 		"BROKERD_LIMITS_MAX_TRANSACTION_FRAMES=13", "BROKERD_LIMITS_TOPIC_BUFFER=14",
+		"BROKERD_LIMITS_MAX_UNACKED=15", "BROKERD_LIMITS_MAX_OUTGOING_BYTES=16KiB", "BROKERD_LIMITS_MAX_TRANSACTION_BYTES=17000000",
 		"BROKERD_QUEUE_MAX_REDELIVERIES=0", "BROKERD_QUEUE_DLQ_PREFIX=/queue/dead.",
+		"BROKERD_QUEUE_MAX_LENGTH=18", "BROKERD_QUEUE_MAX_BYTES=19GiB", "BROKERD_QUEUE_OVERFLOW=drop-head",
+		"BROKERD_QUEUE_IDLE_DELETE_AFTER=20m", "BROKERD_QUEUE_READ_AHEAD_MESSAGES=21", "BROKERD_QUEUE_READ_AHEAD_BYTES=22B",
 		"BROKERD_CLUSTER_GOSSIP_ADDR=0.0.0.0:7946", "BROKERD_CLUSTER_PEER_ADDR=:7947",
 		"BROKERD_CLUSTER_JOIN=a.example:7946, [::1]:7946", "BROKERD_CLUSTER_ACTIVE_MEMBERS=5",
 		"BROKERD_CLUSTER_NAME=prod", "BROKERD_CLUSTER_SECRET_KEY_FILE=/etc/brokerd/key",
-		"BROKERD_CLUSTER_PROMOTION_DELAY=0s",
+		"BROKERD_CLUSTER_PROMOTION_DELAY=0s", "BROKERD_CLUSTER_FORGET_AFTER=23h", "BROKERD_CLUSTER_ALLOW_PLAINTEXT_GOSSIP=true",
 	}
 	if len(env) != len(settings) {
 		t.Fatalf("env sets %d keys, there are %d", len(env), len(settings))
@@ -372,7 +392,7 @@ cluster:
 }
 
 func TestJoin(t *testing.T) {
-	gossip := []string{"--gossip-addr=:7946"}
+	gossip := []string{"--gossip-addr=127.0.0.1:7946"}
 	for _, tc := range []struct {
 		name string
 		file string
@@ -449,8 +469,20 @@ func TestLoadErrors(t *testing.T) {
 			message: []string{`unknown key "stomp.addr.port"`}},
 		{name: "section given a value", file: "stomp: 5\n",
 			message: []string{`brokerd.yaml: stomp: must hold keys`}},
-		{name: "int of the wrong type", file: "limits:\n  max_body_size: lots\n", keys: []string{"limits.max_body_size"},
-			message: []string{`brokerd.yaml: limits.max_body_size: "lots" is not an integer`}},
+		{name: "int of the wrong type", file: "limits:\n  max_connections: lots\n", keys: []string{"limits.max_connections"},
+			message: []string{`brokerd.yaml: limits.max_connections: "lots" is not an integer`}},
+		{name: "size of the wrong type", file: "limits:\n  max_body_size: lots\n", keys: []string{"limits.max_body_size"},
+			message: []string{`brokerd.yaml: limits.max_body_size: "lots" is not a size in bytes, like 4096 or "256MiB"`}},
+		{name: "size with an unknown unit", file: "store: {min_free_bytes: 256mb}", keys: []string{"store.min_free_bytes"},
+			message: []string{`store.min_free_bytes: "256mb" is not a size in bytes`, "MiB"}},
+		{name: "size with a fraction", file: "queue: {max_bytes: 1.5GiB}", keys: []string{"queue.max_bytes"}},
+		{name: "size too large", file: "queue: {max_bytes: 9000000TiB}", keys: []string{"queue.max_bytes"},
+			message: []string{`"9000000TiB" is too large`}},
+		{name: "int64 of the wrong type", file: "queue: {max_length: many}", keys: []string{"queue.max_length"},
+			message: []string{`queue.max_length: "many" is not an integer`}},
+		{name: "message count with a unit", file: "queue: {max_length: 1MiB}", keys: []string{"queue.max_length"}},
+		{name: "unknown overflow", file: "queue: {overflow: drop-tail}", keys: []string{"queue.overflow"},
+			message: []string{`queue.overflow: "drop-tail" is not one of reject-publish, drop-head`}},
 		{name: "int with a fraction", file: "limits: {topic_buffer: 1.5}", keys: []string{"limits.topic_buffer"}},
 		{name: "duration without unit", file: "stomp: {write_timeout: 10}", keys: []string{"stomp.write_timeout"},
 			message: []string{"stomp.write_timeout: 10 is not a duration"}},
@@ -470,8 +502,12 @@ func TestLoadErrors(t *testing.T) {
 			message: []string{"BROKERD_STOMP_ADR", `did you mean "BROKERD_STOMP_ADDR"`}},
 		{name: "unknown env var, nothing close", env: []string{"BROKERD_CONFIG=x.yaml"}, is: ErrUnknownKey,
 			message: []string{"environment variable BROKERD_CONFIG: unknown key"}},
-		{name: "bad env int", env: []string{"BROKERD_LIMITS_MAX_BODY_SIZE=8M"}, keys: []string{"limits.max_body_size"},
-			message: []string{"BROKERD_LIMITS_MAX_BODY_SIZE", `"8M" is not an integer`}},
+		{name: "bad env int", env: []string{"BROKERD_LIMITS_MAX_CONNECTIONS=8M"}, keys: []string{"limits.max_connections"},
+			message: []string{"BROKERD_LIMITS_MAX_CONNECTIONS", `"8M" is not an integer`}},
+		{name: "bad env size", env: []string{"BROKERD_LIMITS_MAX_BODY_SIZE=8M"}, keys: []string{"limits.max_body_size"},
+			message: []string{"BROKERD_LIMITS_MAX_BODY_SIZE", `"8M" is not a size in bytes`}},
+		{name: "bad env store.recover", env: []string{"BROKERD_STORE_RECOVER=ignore"}, keys: []string{"store.recover"},
+			message: []string{`config: store.recover: "ignore" is not one of refuse, truncate (set by BROKERD_STORE_RECOVER)`}},
 		{name: "bad env duration", env: []string{"BROKERD_STOMP_HEARTBEAT_SEND=fast"}, keys: []string{"stomp.heartbeat_send"}},
 		{name: "bad env bool", env: []string{"BROKERD_AUTH_ALLOW_ANONYMOUS=yes"}, keys: []string{"auth.allow_anonymous"}},
 		{name: "hex env int refused", env: []string{"BROKERD_STORE_MAX_BATCH=0x10"}, keys: []string{"store.max_batch"}},
@@ -548,6 +584,8 @@ func TestValidate(t *testing.T) {
 		{"stomp.heartbeat_receive negative", func(c *Config) { c.STOMP.HeartbeatReceive = -1 }, "stomp.heartbeat_receive", ">= 0"},
 		{"stomp.connect_timeout 0", func(c *Config) { c.STOMP.ConnectTimeout = 0 }, "stomp.connect_timeout", "must be > 0, got 0s"},
 		{"stomp.write_timeout negative", func(c *Config) { c.STOMP.WriteTimeout = -1 }, "stomp.write_timeout", "> 0"},
+		{"stomp.heartbeat_min negative", func(c *Config) { c.STOMP.HeartbeatMin = -time.Second }, "stomp.heartbeat_min", "must be >= 0, got -1s"},
+		{"stomp.heartbeat_min 0", func(c *Config) { c.STOMP.HeartbeatMin = 0 }, "", ""},
 
 		{"admin.addr bad", func(c *Config) { c.Admin.Addr = "localhost" }, "admin.addr", "not host:port"},
 		{"admin.addr disabled", func(c *Config) { c.Admin.Addr = "" }, "", ""},
@@ -560,6 +598,14 @@ func TestValidate(t *testing.T) {
 		{"store.sync unknown", func(c *Config) { c.Store.Sync = "sometimes" }, "store.sync", "always, batch, none"},
 		{"store.sync_interval 0", func(c *Config) { c.Store.SyncInterval = 0 }, "store.sync_interval", "> 0"},
 		{"store.max_batch 0", func(c *Config) { c.Store.MaxBatch = 0 }, "store.max_batch", "> 0"},
+		{"store.wal_size too small", func(c *Config) { c.Store.WALSize = 32<<10 - 1 }, "store.wal_size", "must be between 32768 (32 KiB) and 1073741824 (1 GiB), got 32767"},
+		{"store.wal_size smallest", func(c *Config) { c.Store.WALSize = 32 << 10 }, "", ""},
+		{"store.wal_size largest", func(c *Config) { c.Store.WALSize = 1 << 30 }, "", ""},
+		{"store.wal_size too large", func(c *Config) { c.Store.WALSize = 1<<30 + 1 }, "store.wal_size", "got 1073741825"},
+		{"store.min_free_bytes negative", func(c *Config) { c.Store.MinFreeBytes = -1 }, "store.min_free_bytes", "must be >= 0, got -1"},
+		{"store.min_free_bytes 0 disables", func(c *Config) { c.Store.MinFreeBytes = 0 }, "", ""},
+		{"store.recover unknown", func(c *Config) { c.Store.Recover = "repair" }, "store.recover", `"repair" is not one of refuse, truncate`},
+		{"store.recover truncate", func(c *Config) { c.Store.Recover = "truncate" }, "", ""},
 
 		{"limits.max_frame_size 0", func(c *Config) { c.Limits.MaxFrameSize = 0 }, "limits.max_frame_size", "must be > 0, got 0"},
 		{"limits.max_header_count 0", func(c *Config) { c.Limits.MaxHeaderCount = 0 }, "limits.max_header_count", "> 0"},
@@ -569,30 +615,45 @@ func TestValidate(t *testing.T) {
 		{"limits.max_subscriptions 0", func(c *Config) { c.Limits.MaxSubscriptions = 0 }, "limits.max_subscriptions", "> 0"},
 		{"limits.max_transaction_frames 0", func(c *Config) { c.Limits.MaxTransactionFrames = 0 }, "limits.max_transaction_frames", "> 0"},
 		{"limits.topic_buffer 0", func(c *Config) { c.Limits.TopicBuffer = 0 }, "limits.topic_buffer", "> 0"},
+		{"limits.max_unacked 0", func(c *Config) { c.Limits.MaxUnacked = 0 }, "limits.max_unacked", "must be > 0, got 0"},
+		{"limits.max_outgoing_bytes 0", func(c *Config) { c.Limits.MaxOutgoingBytes = 0 }, "limits.max_outgoing_bytes", "> 0"},
+		{"limits.max_transaction_bytes negative", func(c *Config) { c.Limits.MaxTransactionBytes = -5 }, "limits.max_transaction_bytes", "must be > 0, got -5"},
 
 		{"queue.max_redeliveries negative", func(c *Config) { c.Queue.MaxRedeliveries = -1 }, "queue.max_redeliveries", "must be >= 0, got -1"},
 		{"queue.max_redeliveries 0", func(c *Config) { c.Queue.MaxRedeliveries = 0 }, "", ""},
 		{"queue.dlq_prefix on a topic", func(c *Config) { c.Queue.DLQPrefix = "/topic/DLQ." }, "queue.dlq_prefix", `must start with "/queue/"`},
 		{"queue.dlq_prefix only /queue/", func(c *Config) { c.Queue.DLQPrefix = "/queue/" }, "queue.dlq_prefix", "more than it"},
 		{"queue.dlq_prefix empty", func(c *Config) { c.Queue.DLQPrefix = "" }, "queue.dlq_prefix", "/queue/"},
+		{"queue.max_length negative", func(c *Config) { c.Queue.MaxLength = -1 }, "queue.max_length", "must be >= 0, got -1"},
+		{"queue.max_length set", func(c *Config) { c.Queue.MaxLength = 1 }, "", ""},
+		{"queue.max_bytes negative", func(c *Config) { c.Queue.MaxBytes = -1 }, "queue.max_bytes", ">= 0"},
+		{"queue.overflow unknown", func(c *Config) { c.Queue.Overflow = "reject" }, "queue.overflow", `"reject" is not one of reject-publish, drop-head`},
+		{"queue.overflow drop-head", func(c *Config) { c.Queue.Overflow = "drop-head" }, "", ""},
+		{"queue.idle_delete_after 0", func(c *Config) { c.Queue.IdleDeleteAfter = 0 }, "queue.idle_delete_after", "must be > 0, got 0s"},
+		{"queue.read_ahead_messages 0", func(c *Config) { c.Queue.ReadAheadMessages = 0 }, "queue.read_ahead_messages", "> 0"},
+		{"queue.read_ahead_bytes 0", func(c *Config) { c.Queue.ReadAheadBytes = 0 }, "queue.read_ahead_bytes", "> 0"},
 
 		{"cluster.gossip_addr bad", func(c *Config) { c.Cluster.GossipAddr = "7946" }, "cluster.gossip_addr", "not host:port"},
-		{"cluster.gossip_addr all interfaces", func(c *Config) { c.Cluster.GossipAddr = ":7946" }, "", ""},
+		{"cluster.gossip_addr all interfaces without a key", func(c *Config) { c.Cluster.GossipAddr = ":7946" }, "cluster.secret_key_file", "required when cluster.gossip_addr listens beyond loopback"},
+		{"cluster.gossip_addr all interfaces with a key", func(c *Config) {
+			c.Cluster.GossipAddr = ":7946"
+			c.Cluster.SecretKeyFile = "/etc/brokerd/key"
+		}, "", ""},
 		{"cluster.peer_addr bad", func(c *Config) { c.Cluster.PeerAddr = "host:99999" }, "cluster.peer_addr", "0..65535"},
 		{"cluster.join entry without port", func(c *Config) {
-			c.Cluster.GossipAddr = ":7946"
+			c.Cluster.GossipAddr, c.Cluster.AllowPlaintextGossip = ":7946", true
 			c.Cluster.Join = []string{"a.example:7946", "b.example"}
 		}, "cluster.join", `entry 1: "b.example" is not host:port`},
 		{"cluster.join entry port 0", func(c *Config) {
-			c.Cluster.GossipAddr = ":7946"
+			c.Cluster.GossipAddr, c.Cluster.AllowPlaintextGossip = ":7946", true
 			c.Cluster.Join = []string{"a.example:0"}
 		}, "cluster.join", "1..65535"},
 		{"cluster.join entry without host", func(c *Config) {
-			c.Cluster.GossipAddr = ":7946"
+			c.Cluster.GossipAddr, c.Cluster.AllowPlaintextGossip = ":7946", true
 			c.Cluster.Join = []string{":7946"}
 		}, "cluster.join", "no host"},
 		{"cluster.join DNS names and IPs", func(c *Config) {
-			c.Cluster.GossipAddr = ":7946"
+			c.Cluster.GossipAddr, c.Cluster.AllowPlaintextGossip = ":7946", true
 			c.Cluster.Join = []string{"node-1.brokerd.svc.cluster.local:7946", "10.0.0.1:7946", "[fe80::1]:7946"}
 		}, "", ""},
 		{"cluster.join without gossip", func(c *Config) { c.Cluster.Join = []string{"a.example:7946"} }, "cluster.join", "cluster.gossip_addr"},
@@ -601,6 +662,8 @@ func TestValidate(t *testing.T) {
 		{"cluster.name empty", func(c *Config) { c.Cluster.Name = "" }, "cluster.name", "must not be empty"},
 		{"cluster.promotion_delay negative", func(c *Config) { c.Cluster.PromotionDelay = -time.Millisecond }, "cluster.promotion_delay", ">= 0"},
 		{"cluster.promotion_delay 0", func(c *Config) { c.Cluster.PromotionDelay = 0 }, "", ""},
+		{"cluster.forget_after 0", func(c *Config) { c.Cluster.ForgetAfter = 0 }, "cluster.forget_after", "must be > 0, got 0s"},
+		{"cluster.forget_after 1ms", func(c *Config) { c.Cluster.ForgetAfter = time.Millisecond }, "", ""},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			c := Default()
@@ -675,6 +738,72 @@ func TestValidateAnonymous(t *testing.T) {
 			t.Errorf("Load with --users-file = %v", err)
 		}
 	})
+}
+
+// TestValidatePlaintextGossip: gossip beyond loopback needs a key, or an
+// explicit cluster.allow_plaintext_gossip, as anonymous STOMP does.
+func TestValidatePlaintextGossip(t *testing.T) {
+	const refused = "cluster.secret_key_file"
+	for _, tc := range []struct {
+		addr      string
+		keyFile   string
+		plaintext bool
+		key       string
+	}{
+		{"", "", false, ""}, // no gossip at all
+		{"127.0.0.1:7946", "", false, ""},
+		{"127.0.0.2:7946", "", false, ""},
+		{"localhost:7946", "", false, ""},
+		{"[::1]:7946", "", false, ""},
+		{"0.0.0.0:7946", "", false, refused},
+		{":7946", "", false, refused},
+		{"[::]:7946", "", false, refused},
+		{"10.0.0.1:7946", "", false, refused},
+		{"node-1.brokerd.example:7946", "", false, refused},
+		{"0.0.0.0:7946", "/etc/brokerd/key", false, ""},
+		{"0.0.0.0:7946", "", true, ""},
+		{"0.0.0.0:7946", "/etc/brokerd/key", true, ""},
+	} {
+		t.Run(tc.addr, func(t *testing.T) {
+			c := Default()
+			c.Cluster.GossipAddr, c.Cluster.SecretKeyFile, c.Cluster.AllowPlaintextGossip = tc.addr, tc.keyFile, tc.plaintext
+			checkValidateError(t, c.Validate(), tc.key, "required when cluster.gossip_addr listens beyond loopback (set cluster.allow_plaintext_gossip: true")
+		})
+	}
+
+	t.Run("through flags, file and environment", func(t *testing.T) {
+		if _, err := load(t, "", nil, "--gossip-addr=0.0.0.0:7946"); err == nil || !strings.Contains(err.Error(), "config: cluster.secret_key_file: required") {
+			t.Errorf("Load = %v, want the plaintext gossip rule", err)
+		}
+		if _, err := load(t, "", nil, "--gossip-addr=0.0.0.0:7946", "--allow-plaintext-gossip"); err != nil {
+			t.Errorf("Load with --allow-plaintext-gossip = %v", err)
+		}
+		if _, err := load(t, "cluster: {allow_plaintext_gossip: true}", nil, "--gossip-addr=0.0.0.0:7946"); err != nil {
+			t.Errorf("Load with allow_plaintext_gossip in the file = %v", err)
+		}
+		if _, err := load(t, "", []string{"BROKERD_CLUSTER_SECRET_KEY_FILE=/etc/brokerd/key"}, "--gossip-addr=0.0.0.0:7946"); err != nil {
+			t.Errorf("Load with a secret key file = %v", err)
+		}
+	})
+}
+
+func TestSizes(t *testing.T) {
+	for in, want := range map[string]int64{
+		"0": 0, "4096": 4096, " 4096 ": 4096, "1B": 1, "4KiB": 4 << 10, "256MiB": 256 << 20, "256 MiB": 256 << 20,
+		"2GiB": 2 << 30, "1TiB": 1 << 40, "5kB": 5000, "5KB": 5000, "3MB": 3e6, "1GB": 1e9, "1TB": 1e12, "-1": -1,
+	} {
+		if got, err := toSize(in); err != nil || got != want {
+			t.Errorf("toSize(%q) = %d, %v; want %d", in, got, err, want)
+		}
+	}
+	for _, in := range []string{"", "MiB", "1.5MiB", "1mib", "1 M", "4k", "0x10", "1MiB2", "9223372036854775807KiB"} {
+		if got, err := toSize(in); err == nil {
+			t.Errorf("toSize(%q) = %d, want an error", in, got)
+		}
+	}
+	if got, err := toSize(4096); err != nil || got != 4096 {
+		t.Errorf("toSize(4096) = %d, %v", got, err)
+	}
 }
 
 func TestValidateReportsEveryProblem(t *testing.T) {

@@ -18,7 +18,8 @@
 // here is global or mutable.
 //
 // Value syntax, in the environment and in the file: durations in Go syntax
-// ("250ms", "10s"; a bare 0 is also accepted), integers in decimal, booleans
-// true or false, lists (cluster.join) as a YAML list or a comma-separated
-// string.
+// ("250ms", "10s"; a bare 0 is also accepted), integers in decimal, sizes in
+// bytes (keys such as store.min_free_bytes) as an integer or a whole number
+// with a unit ("256MiB", "4KiB", "1GB"), booleans true or false, lists
+// (cluster.join) as a YAML list or a comma-separated string.
 package config

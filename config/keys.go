@@ -10,8 +10,8 @@ type setting struct {
 	key  string // "stomp.addr"
 	flag string // "stomp-addr", or "" when no flag sets the key
 	help string // flag usage; RegisterFlags appends the key
-	// field returns a pointer into c: *string, *int, *bool, *time.Duration
-	// or *[]string.
+	// field returns a pointer into c: *string, *int, *int64, *bool,
+	// *time.Duration or *[]string.
 	field func(c *Config) any
 }
 
@@ -26,6 +26,7 @@ var settings = []setting{
 	{"stomp.heartbeat_receive", "", "", func(c *Config) any { return &c.STOMP.HeartbeatReceive }},
 	{"stomp.connect_timeout", "", "", func(c *Config) any { return &c.STOMP.ConnectTimeout }},
 	{"stomp.write_timeout", "", "", func(c *Config) any { return &c.STOMP.WriteTimeout }},
+	{"stomp.heartbeat_min", "", "", func(c *Config) any { return &c.STOMP.HeartbeatMin }},
 
 	{"admin.addr", "admin-addr", `admin HTTP listen address, "" to disable`, func(c *Config) any { return &c.Admin.Addr }},
 
@@ -35,6 +36,9 @@ var settings = []setting{
 	{"store.sync", "store-sync", "when the store syncs to disk: always, batch or none", func(c *Config) any { return &c.Store.Sync }},
 	{"store.sync_interval", "", "", func(c *Config) any { return &c.Store.SyncInterval }},
 	{"store.max_batch", "", "", func(c *Config) any { return &c.Store.MaxBatch }},
+	{"store.wal_size", "", "", func(c *Config) any { return &c.Store.WALSize }},
+	{"store.min_free_bytes", "", "", func(c *Config) any { return &c.Store.MinFreeBytes }},
+	{"store.recover", "", "", func(c *Config) any { return &c.Store.Recover }},
 
 	{"auth.users_file", "users-file", `file of users and passwords, "" for no login`, func(c *Config) any { return &c.Auth.UsersFile }},
 	{"auth.allow_anonymous", "allow-anonymous", "allow clients without a login beyond loopback", func(c *Config) any { return &c.Auth.AllowAnonymous }},
@@ -47,9 +51,18 @@ var settings = []setting{
 	{"limits.max_subscriptions", "", "", func(c *Config) any { return &c.Limits.MaxSubscriptions }},
 	{"limits.max_transaction_frames", "", "", func(c *Config) any { return &c.Limits.MaxTransactionFrames }},
 	{"limits.topic_buffer", "", "", func(c *Config) any { return &c.Limits.TopicBuffer }},
+	{"limits.max_unacked", "", "", func(c *Config) any { return &c.Limits.MaxUnacked }},
+	{"limits.max_outgoing_bytes", "", "", func(c *Config) any { return &c.Limits.MaxOutgoingBytes }},
+	{"limits.max_transaction_bytes", "", "", func(c *Config) any { return &c.Limits.MaxTransactionBytes }},
 
 	{"queue.max_redeliveries", "", "", func(c *Config) any { return &c.Queue.MaxRedeliveries }},
 	{"queue.dlq_prefix", "", "", func(c *Config) any { return &c.Queue.DLQPrefix }},
+	{"queue.max_length", "", "", func(c *Config) any { return &c.Queue.MaxLength }},
+	{"queue.max_bytes", "", "", func(c *Config) any { return &c.Queue.MaxBytes }},
+	{"queue.overflow", "", "", func(c *Config) any { return &c.Queue.Overflow }},
+	{"queue.idle_delete_after", "", "", func(c *Config) any { return &c.Queue.IdleDeleteAfter }},
+	{"queue.read_ahead_messages", "", "", func(c *Config) any { return &c.Queue.ReadAheadMessages }},
+	{"queue.read_ahead_bytes", "", "", func(c *Config) any { return &c.Queue.ReadAheadBytes }},
 
 	{"cluster.gossip_addr", "gossip-addr", `gossip listen address, "" for a single node`, func(c *Config) any { return &c.Cluster.GossipAddr }},
 	{"cluster.peer_addr", "peer-addr", "peer link listen address", func(c *Config) any { return &c.Cluster.PeerAddr }},
@@ -58,6 +71,22 @@ var settings = []setting{
 	{"cluster.name", "cluster-name", "cluster name", func(c *Config) any { return &c.Cluster.Name }},
 	{"cluster.secret_key_file", "", "", func(c *Config) any { return &c.Cluster.SecretKeyFile }},
 	{"cluster.promotion_delay", "", "", func(c *Config) any { return &c.Cluster.PromotionDelay }},
+	{"cluster.forget_after", "", "", func(c *Config) any { return &c.Cluster.ForgetAfter }},
+	{"cluster.allow_plaintext_gossip", "allow-plaintext-gossip", "allow gossip without cluster.secret_key_file beyond loopback", func(c *Config) any { return &c.Cluster.AllowPlaintextGossip }},
+}
+
+// sizeKeys are the keys whose value is a number of bytes: besides a plain
+// integer they accept a number with a unit, "4MiB" or "256MB" (see toSize).
+var sizeKeys = map[string]bool{
+	"store.wal_size":               true,
+	"store.min_free_bytes":         true,
+	"limits.max_frame_size":        true,
+	"limits.max_header_length":     true,
+	"limits.max_body_size":         true,
+	"limits.max_outgoing_bytes":    true,
+	"limits.max_transaction_bytes": true,
+	"queue.max_bytes":              true,
+	"queue.read_ahead_bytes":       true,
 }
 
 // envName is the environment variable that sets key:

@@ -35,6 +35,8 @@ func RegisterFlags(fs *pflag.FlagSet) {
 			fs.String(s.flag, *p, usage)
 		case *int:
 			fs.Int(s.flag, *p, usage)
+		case *int64:
+			fs.Int64(s.flag, *p, usage)
 		case *bool:
 			fs.Bool(s.flag, *p, usage)
 		case *time.Duration:
@@ -124,7 +126,7 @@ func applyFile(c *Config, origin map[string]string, path string) (keyErrs []erro
 		s, ok := lookupKey(key)
 		switch {
 		case ok:
-			if err := decode(s.field(c), raw); err != nil {
+			if err := decode(s.field(c), raw, sizeKeys[s.key]); err != nil {
 				keyErrs = append(keyErrs, fmt.Errorf("config: %s: %w", path, &KeyError{Key: key, Err: err}))
 			}
 			origin[key] = "set in " + path
@@ -163,7 +165,7 @@ func applyEnv(c *Config, origin map[string]string, environ []string) []error {
 			errs = append(errs, fmt.Errorf("config: environment variable %s: %w%s", name, ErrUnknownKey, didYouMean(name, names)))
 			continue
 		}
-		if err := decode(s.field(c), val); err != nil {
+		if err := decode(s.field(c), val, sizeKeys[s.key]); err != nil {
 			errs = append(errs, fmt.Errorf("config: environment variable %s: %w", name, &KeyError{Key: s.key, Err: err}))
 		}
 		origin[s.key] = "set by " + name
@@ -186,6 +188,8 @@ func applyFlags(c *Config, origin map[string]string, fs *pflag.FlagSet) []error 
 			*p, err = fs.GetString(s.flag)
 		case *int:
 			*p, err = fs.GetInt(s.flag)
+		case *int64:
+			*p, err = fs.GetInt64(s.flag)
 		case *bool:
 			*p, err = fs.GetBool(s.flag)
 		case *time.Duration:
@@ -223,15 +227,30 @@ func didYouMean(name string, candidates []string) string {
 }
 
 // decode stores raw, a value from the file or the environment, in dst, one
-// of the pointers that setting.field returns. Its error describes the value,
-// not the key.
-func decode(dst any, raw any) error {
+// of the pointers that setting.field returns; size allows units (sizeKeys).
+// Its error describes the value, not the key.
+func decode(dst any, raw any, size bool) error {
 	var err error
 	switch p := dst.(type) {
 	case *string:
 		*p, err = toString(raw)
 	case *int:
-		*p, err = toInt(raw)
+		if !size {
+			*p, err = toInt(raw)
+			break
+		}
+		var n int64
+		n, err = toSize(raw)
+		if err == nil && n > math.MaxInt {
+			err = fmt.Errorf("%s is too large", describe(raw))
+		}
+		*p = int(n)
+	case *int64:
+		if size {
+			*p, err = toSize(raw)
+		} else {
+			*p, err = toInt64(raw)
+		}
 	case *bool:
 		*p, err = toBool(raw)
 	case *time.Duration:
@@ -283,6 +302,69 @@ func toInt(raw any) (int, error) {
 		}
 	}
 	return 0, fmt.Errorf("%s is not an integer", describe(raw))
+}
+
+// toInt64 accepts a decimal integer, as a number or a string.
+func toInt64(raw any) (int64, error) {
+	switch v := raw.(type) {
+	case int:
+		return int64(v), nil
+	case int64:
+		return v, nil
+	case uint64:
+		if v <= math.MaxInt64 {
+			return int64(v), nil
+		}
+	case float64:
+		if v == math.Trunc(v) && v >= math.MinInt64 && v < math.MaxInt64 {
+			return int64(v), nil
+		}
+	case string:
+		n, err := strconv.ParseInt(strings.TrimSpace(v), 10, 64)
+		if err == nil {
+			return n, nil
+		}
+	}
+	return 0, fmt.Errorf("%s is not an integer", describe(raw))
+}
+
+// sizeUnits are the units toSize accepts, binary and decimal.
+var sizeUnits = map[string]int64{
+	"B":   1,
+	"KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30, "TiB": 1 << 40,
+	"kB": 1e3, "KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12,
+}
+
+// toSize accepts a number of bytes: an integer, as a number or a string, or
+// a string of a whole number and a unit ("256MiB", "4 MiB", "1GB"). Units are
+// case-sensitive, so that "mb" (millibits?) is refused rather than guessed.
+func toSize(raw any) (int64, error) {
+	s, ok := raw.(string)
+	if !ok {
+		n, err := toInt64(raw)
+		if err != nil {
+			return 0, fmt.Errorf(`%s is not a size in bytes, like 4096 or "256MiB"`, describe(raw))
+		}
+		return n, nil
+	}
+	t := strings.TrimSpace(s)
+	i := strings.IndexFunc(t, func(r rune) bool { return (r < '0' || r > '9') && r != '-' && r != '+' })
+	num, unit := t, ""
+	if i >= 0 {
+		num, unit = t[:i], strings.TrimSpace(t[i:])
+	}
+	n, err := strconv.ParseInt(num, 10, 64)
+	mult, known := sizeUnits[unit]
+	if unit == "" {
+		mult, known = 1, true
+	}
+	if err != nil || !known {
+		return 0, fmt.Errorf(`%s is not a size in bytes, like 4096 or "256MiB" (units B, KiB, MiB, GiB, TiB, kB, MB, GB, TB)`, describe(raw))
+	}
+	if n > math.MaxInt64/mult || n < math.MinInt64/mult {
+		return 0, fmt.Errorf("%s is too large", describe(raw))
+	}
+	return n * mult, nil
 }
 
 // toBool accepts true or false, as a boolean or a string (strconv.ParseBool).

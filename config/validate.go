@@ -8,15 +8,22 @@ import (
 	"slices"
 	"strconv"
 	"strings"
-	"time"
 	"unicode"
 )
 
 // The values allowed for the keys that take one of a set of words.
 var (
-	logLevels  = []string{"debug", "info", "warn", "error"}
-	logFormats = []string{"text", "json"}
-	syncModes  = []string{"always", "batch", "none"}
+	logLevels    = []string{"debug", "info", "warn", "error"}
+	logFormats   = []string{"text", "json"}
+	syncModes    = []string{"always", "batch", "none"}
+	recoverModes = []string{"refuse", "truncate"}
+	overflows    = []string{"reject-publish", "drop-head"}
+)
+
+// The bounds of store.wal_size, as the store enforces them.
+const (
+	minWALSize = 32 << 10
+	maxWALSize = 1 << 30
 )
 
 // dlqMustStart is what every queue.dlq_prefix starts with: dead letters go to
@@ -48,6 +55,7 @@ func (c Config) problems() []error {
 	check("stomp.heartbeat_receive", atLeastZero(c.STOMP.HeartbeatReceive))
 	check("stomp.connect_timeout", positive(c.STOMP.ConnectTimeout))
 	check("stomp.write_timeout", positive(c.STOMP.WriteTimeout))
+	check("stomp.heartbeat_min", atLeastZero(c.STOMP.HeartbeatMin))
 
 	check("admin.addr", optional(c.Admin.Addr, listenAddr))
 
@@ -57,6 +65,11 @@ func (c Config) problems() []error {
 	check("store.sync", oneOf(c.Store.Sync, syncModes))
 	check("store.sync_interval", positive(c.Store.SyncInterval))
 	check("store.max_batch", positive(c.Store.MaxBatch))
+	if c.Store.WALSize < minWALSize || c.Store.WALSize > maxWALSize {
+		check("store.wal_size", fmt.Errorf("must be between %d (32 KiB) and %d (1 GiB), got %d", minWALSize, maxWALSize, c.Store.WALSize))
+	}
+	check("store.min_free_bytes", atLeastZero(c.Store.MinFreeBytes))
+	check("store.recover", oneOf(c.Store.Recover, recoverModes))
 
 	if c.Auth.UsersFile == "" && !c.Auth.AllowAnonymous && listenAddr(c.STOMP.Addr) == nil && !listensOnLoopback(c.STOMP.Addr) {
 		check("auth.users_file", errors.New("required when stomp.addr listens beyond loopback (set auth.allow_anonymous: true to allow anonymous clients)"))
@@ -70,9 +83,18 @@ func (c Config) problems() []error {
 	check("limits.max_subscriptions", positive(c.Limits.MaxSubscriptions))
 	check("limits.max_transaction_frames", positive(c.Limits.MaxTransactionFrames))
 	check("limits.topic_buffer", positive(c.Limits.TopicBuffer))
+	check("limits.max_unacked", positive(c.Limits.MaxUnacked))
+	check("limits.max_outgoing_bytes", positive(c.Limits.MaxOutgoingBytes))
+	check("limits.max_transaction_bytes", positive(c.Limits.MaxTransactionBytes))
 
 	check("queue.max_redeliveries", atLeastZero(c.Queue.MaxRedeliveries))
 	check("queue.dlq_prefix", dlqPrefix(c.Queue.DLQPrefix))
+	check("queue.max_length", atLeastZero(c.Queue.MaxLength))
+	check("queue.max_bytes", atLeastZero(c.Queue.MaxBytes))
+	check("queue.overflow", oneOf(c.Queue.Overflow, overflows))
+	check("queue.idle_delete_after", positive(c.Queue.IdleDeleteAfter))
+	check("queue.read_ahead_messages", positive(c.Queue.ReadAheadMessages))
+	check("queue.read_ahead_bytes", positive(c.Queue.ReadAheadBytes))
 
 	check("cluster.gossip_addr", optional(c.Cluster.GossipAddr, listenAddr))
 	check("cluster.peer_addr", optional(c.Cluster.PeerAddr, listenAddr))
@@ -88,7 +110,13 @@ func (c Config) problems() []error {
 		check("cluster.active_members", fmt.Errorf("must be >= 1, got %d", c.Cluster.ActiveMembers))
 	}
 	check("cluster.name", nonEmpty(c.Cluster.Name))
+	// Without a key anyone who reaches the gossip port can join, change M
+	// and take a seat: as with anonymous STOMP, only on loopback by default.
+	if c.Cluster.SecretKeyFile == "" && !c.Cluster.AllowPlaintextGossip && c.Cluster.GossipAddr != "" && listenAddr(c.Cluster.GossipAddr) == nil && !listensOnLoopback(c.Cluster.GossipAddr) {
+		check("cluster.secret_key_file", errors.New("required when cluster.gossip_addr listens beyond loopback (set cluster.allow_plaintext_gossip: true to allow unauthenticated gossip)"))
+	}
 	check("cluster.promotion_delay", atLeastZero(c.Cluster.PromotionDelay))
+	check("cluster.forget_after", positive(c.Cluster.ForgetAfter))
 
 	return errs
 }
@@ -111,7 +139,7 @@ func nodeName(s string) error {
 }
 
 // number is the kinds of value that have a lower bound.
-type number interface{ ~int | time.Duration }
+type number interface{ ~int | ~int64 }
 
 func positive[T number](v T) error {
 	if v <= 0 {
