@@ -163,6 +163,12 @@ type config struct {
 	subReceipt                        bool
 	jsonOnly                          bool
 	label                             string
+
+	series bool   // per-second receipt p99/max series
+	pid    int    // broker process to sample memory of (0 = none)
+	admin  string // brokerd admin address, for its checkpoint counter
+	mode   string // load | backlog
+	bl     backlogConfig
 }
 
 func parseFlags(args []string) (config, error) {
@@ -189,6 +195,11 @@ func parseFlags(args []string) (config, error) {
 	fs.BoolVar(&c.subReceipt, "sub-receipt", true, "wait for a RECEIPT to each SUBSCRIBE before producing (false for brokers that send none, e.g. go-stomp's server)")
 	fs.BoolVar(&c.jsonOnly, "json", false, "print only the JSON line")
 	fs.StringVar(&c.label, "label", "", "free-text label included in the output (e.g. brokerd, rabbitmq)")
+	fs.BoolVar(&c.series, "series", false, "report receipt p99/max (and receipts, deliveries) per second of the run: worst seconds in the summary, every second in the JSON")
+	fs.IntVar(&c.pid, "pid", 0, "broker process ID: sample its memory (VmRSS, RssAnon, RssFile from /proc/PID/status) during the run")
+	fs.StringVar(&c.admin, "admin", "", "brokerd admin address host:port: count brokerd_store_checkpoints_total (write-ahead log wraps) during the run, per second with -series")
+	fs.StringVar(&c.mode, "mode", "load", "load (one run against a running broker) or backlog (start brokerd with -broker, fill a queue with -count messages, kill -9, restart, drain; see the package doc)")
+	c.bl.flags(fs)
 	fs.Usage = func() {
 		fmt.Fprintf(fs.Output(), "usage: go run ./test/bench [flags]\n\nSTOMP load tool; see `go doc ./test/bench` for details.\n\n")
 		fs.PrintDefaults()
@@ -198,6 +209,20 @@ func parseFlags(args []string) (config, error) {
 	}
 	if fs.NArg() > 0 {
 		return c, fmt.Errorf("unexpected arguments: %q", fs.Args())
+	}
+	set := map[string]bool{}
+	fs.Visit(func(f *flag.Flag) { set[f.Name] = true })
+	switch c.mode {
+	case "load":
+	case "backlog":
+		if err := c.backlogDefaults(set); err != nil {
+			return c, err
+		}
+	default:
+		return c, fmt.Errorf("-mode must be load or backlog, not %q", c.mode)
+	}
+	if c.pid < 0 {
+		return c, errors.New("-pid must be >= 0")
 	}
 	switch {
 	case c.producers < 1:
@@ -242,6 +267,9 @@ func main() {
 		}
 		fmt.Fprintln(os.Stderr, "bench:", err)
 		os.Exit(2)
+	}
+	if cfg.mode == "backlog" {
+		os.Exit(backlogMain(cfg))
 	}
 	os.Exit(newRun(cfg).main())
 }
@@ -319,6 +347,7 @@ type run struct {
 	stop      chan struct{} // closed to stop producers early (Ctrl-C)
 	stopOnce  sync.Once
 	abort     chan struct{} // closed to cut the drain short (second Ctrl-C)
+	abortOnce sync.Once
 	producers []*producer
 	consumers []*consumer
 
@@ -328,9 +357,14 @@ type run struct {
 	redeliv    atomic.Int64
 	foreign    atomic.Int64 // MESSAGEs not from this run
 	lastRecv   atomic.Int64 // unix nanos of the last first-time delivery
+	firstRecv  atomic.Int64 // unix nanos of the first delivery of this run's messages
 
 	e2e  *reservoir
 	rcpt *reservoir
+
+	trackers []*tracker // deliveries per message, one per producer
+	src      *run       // whose producers sent what the consumers expect (nil: this run)
+	series   *series    // -series: per-second figures (nil otherwise)
 }
 
 func newRun(cfg config) *run {
@@ -658,6 +692,9 @@ func (p *producer) handle(f *frame.Frame) {
 		return
 	}
 	p.r.rcpt.add(now.UnixNano() - sentAt)
+	if s := p.r.series; s != nil {
+		s.receipt(now.UnixNano(), now.UnixNano()-sentAt)
+	}
 	<-p.sem
 }
 
@@ -846,6 +883,7 @@ func (cs *consumer) handle(f *frame.Frame) {
 		r.foreign.Add(1)
 		return
 	}
+	r.firstRecv.CompareAndSwap(0, now)
 	if sent, err := strconv.ParseInt(f.Header.Get("x-sent"), 10, 64); err == nil {
 		r.e2e.add(now - sent)
 	}
@@ -861,6 +899,9 @@ func (cs *consumer) handle(f *frame.Frame) {
 	case cs.trackers[pi].record(seq) == 0:
 		r.uniqueRecv.Add(1)
 		r.lastRecv.Store(now)
+		if s := r.series; s != nil {
+			s.received(now)
+		}
 	}
 }
 
@@ -933,17 +974,57 @@ func (r *run) main() int {
 		r.stopOnce.Do(func() { close(r.stop) })
 		<-sig
 		fmt.Fprintln(os.Stderr, "bench: interrupted again: cutting the drain short (a third time kills)")
-		close(r.abort)
+		r.abortOnce.Do(func() { close(r.abort) })
 		signal.Stop(sig)
 	}()
 
-	trackers := make([]*tracker, cfg.producers)
-	for i := range trackers {
-		trackers[i] = &tracker{}
+	var mem *memSampler
+	if cfg.pid > 0 {
+		mem = startMemSampler(cfg.pid, 250*time.Millisecond)
 	}
+	var ck *ckptWatch
+	if cfg.admin != "" {
+		ck = newCkptWatch(cfg.admin)
+	}
+	if err := r.setup(nil); err != nil {
+		r.teardown()
+		return r.finish(time.Now(), mem, ck)
+	}
+	r.begin(ck)
+	sendEnd := r.produce()
+	r.waitDrain(false)
+	r.closeConsumers()
+	return r.finish(sendEnd, mem, ck)
+}
 
+// finish stops the samplers and reports.
+func (r *run) finish(sendEnd time.Time, mem *memSampler, ck *ckptWatch) int {
+	res := r.compute(sendEnd)
+	if mem != nil {
+		st := mem.stop()
+		res.Broker = &st
+	}
+	if ck != nil {
+		n := ck.stop()
+		res.Checkpoints = &n
+	}
+	return r.emit(&res)
+}
+
+// setup connects and subscribes the consumers, then connects the
+// producers. Their messages are tracked in trackers (new ones, one per
+// producer, when nil). On failure it has reported the failure; the caller
+// then calls teardown.
+func (r *run) setup(trackers []*tracker) error {
+	cfg := r.cfg
+	if trackers == nil {
+		trackers = make([]*tracker, cfg.producers)
+		for i := range trackers {
+			trackers[i] = &tracker{}
+		}
+	}
+	r.trackers = trackers
 	var setupErr error
-	// Consumers first: connect, subscribe, wait for the receipts.
 	for i := 0; i < cfg.consumers && setupErr == nil; i++ {
 		c, err := dial(r, fmt.Sprintf("consumer-%d", i))
 		if err != nil {
@@ -953,6 +1034,11 @@ func (r *run) main() int {
 		cs := &consumer{r: r, idx: i, c: c, subID: fmt.Sprintf("sub-%d", i), trackers: trackers}
 		r.consumers = append(r.consumers, cs)
 		go c.loop(cs.handle)
+		if cfg.producers == 0 && r.start.IsZero() {
+			// A consumer-only run (the backlog drain) counts from the
+			// first SUBSCRIBE.
+			r.start = time.Now()
+		}
 		if err := cs.subscribe(); err != nil {
 			setupErr = err
 		}
@@ -978,33 +1064,68 @@ func (r *run) main() int {
 		r.producers = append(r.producers, p)
 		go c.loop(p.handle)
 	}
-	if setupErr != nil {
-		if !r.isFailed() {
-			r.fail(setupErr)
-		}
-		for _, p := range r.producers {
-			_ = p.c.disconnect(cfg.timeout)
-		}
-		for _, cs := range r.consumers {
-			_ = cs.c.disconnect(cfg.timeout)
-		}
-		r.report(time.Now())
-		return 1
+	if setupErr != nil && !r.isFailed() {
+		r.fail(setupErr)
 	}
+	return setupErr
+}
 
-	// Send.
-	r.start = time.Now()
-	deadline := r.start.Add(cfg.duration)
+// teardown disconnects whatever setup connected, after a failure.
+func (r *run) teardown() {
+	for _, p := range r.producers {
+		_ = p.c.disconnect(r.cfg.timeout)
+	}
+	for _, cs := range r.consumers {
+		_ = cs.c.disconnect(r.cfg.timeout)
+	}
+}
+
+// begin marks the start of the measurement (unless setup already has).
+func (r *run) begin(ck *ckptWatch) {
+	if r.start.IsZero() {
+		r.start = time.Now()
+	}
+	if r.cfg.series {
+		r.series = newSeries(r.start)
+		if ck != nil {
+			ck.attach(r.series)
+		}
+	}
+}
+
+// produce runs the producers to the end and returns when they have all
+// stopped (and waited for their receipts).
+func (r *run) produce() time.Time {
+	deadline := r.start.Add(r.cfg.duration)
 	var wg sync.WaitGroup
 	for _, p := range r.producers {
 		wg.Go(func() { p.run(deadline) })
 	}
 	wg.Wait()
-	sendEnd := time.Now()
+	return time.Now()
+}
 
-	// Drain: until everything sent has been received, -drain has elapsed or
-	// no consumer connection is left. A failure does not cut the drain
-	// short: what was sent before it is still counted.
+// expected is the number of messages the consumers should receive: all
+// those sent by the producers of the source run.
+func (r *run) expected() int64 { return r.source().totalSent.Load() }
+
+func (r *run) source() *run {
+	if r.src != nil {
+		return r.src
+	}
+	return r
+}
+
+// waitDrain waits until every sent message has been received, no consumer
+// connection is left, or the drain is cut short (second Ctrl-C). It gives up
+// after -drain in all, or with idle after -drain without a new message. A
+// failure does not cut the drain short: what was sent before it is still
+// counted.
+func (r *run) waitDrain(idle bool) {
+	cfg := r.cfg
+	if cfg.consumers == 0 {
+		return
+	}
 	consumersGone := func() bool {
 		for _, cs := range r.consumers {
 			select {
@@ -1015,32 +1136,41 @@ func (r *run) main() int {
 		}
 		return true
 	}
-	if cfg.consumers > 0 {
-		t := time.NewTimer(cfg.drain)
-		tick := time.NewTicker(2 * time.Millisecond)
-	drain:
-		for r.uniqueRecv.Load() < r.totalSent.Load() {
-			select {
-			case <-tick.C:
-				if consumersGone() {
-					break drain
-				}
-			case <-t.C:
-				break drain
-			case <-r.abort:
-				break drain
-			}
+	tick := time.NewTicker(2 * time.Millisecond)
+	defer tick.Stop()
+	limit := time.Now().Add(cfg.drain)
+	last := r.uniqueRecv.Load()
+	for {
+		n := r.uniqueRecv.Load()
+		if n >= r.expected() {
+			return
 		}
-		t.Stop()
-		tick.Stop()
+		if idle && n != last {
+			last = n
+			limit = time.Now().Add(cfg.drain)
+		}
+		if !time.Now().Before(limit) {
+			return
+		}
+		select {
+		case <-tick.C:
+			if consumersGone() {
+				return
+			}
+		case <-r.abort:
+			return
+		}
 	}
+}
+
+// closeConsumers acknowledges what is left and disconnects the consumers.
+func (r *run) closeConsumers() {
 	for _, cs := range r.consumers {
 		cs.flushAck()
-		if err := cs.c.disconnect(cfg.timeout); err != nil {
+		if err := cs.c.disconnect(r.cfg.timeout); err != nil {
 			r.fail(err)
 		}
 	}
-	return r.report(sendEnd)
 }
 
 // result is the JSON line.
@@ -1082,10 +1212,20 @@ type result struct {
 	BrokerError bool    `json:"broker_error"`
 	Errors      int     `json:"errors"`
 	OK          bool    `json:"ok"`
+
+	// With -pid: the broker's memory, sampled every 250 ms.
+	Broker *memStats `json:"broker,omitempty"`
+	// With -admin: brokerd_store_checkpoints_total during the run (each
+	// one a wrap of the store's write-ahead log).
+	Checkpoints *int64 `json:"checkpoints,omitempty"`
+	// With -series: one point per second of the run.
+	Series []point `json:"series,omitempty"`
 }
 
-func (r *run) report(sendEnd time.Time) int {
+// compute gathers the figures of the run.
+func (r *run) compute(sendEnd time.Time) result {
 	cfg := r.cfg
+	src := r.source()
 	res := result{
 		Label: cfg.label, Addr: cfg.addr, Dest: cfg.dest,
 		Producers: cfg.producers, Consumers: cfg.consumers, Size: cfg.size,
@@ -1098,12 +1238,12 @@ func (r *run) report(sendEnd time.Time) int {
 		trackers = r.consumers[0].trackers
 	}
 	var end time.Time
-	for _, p := range r.producers {
+	for _, p := range src.producers {
 		p.mu.Lock()
 		res.Sent += p.sent
 		res.Receipted += p.nReceipted
 		for seq := int64(0); seq < p.sent; seq++ {
-			counted := cfg.window == 0 || (seq < int64(len(p.receipted)) && p.receipted[seq])
+			counted := src.cfg.window == 0 || (seq < int64(len(p.receipted)) && p.receipted[seq])
 			n := uint8(0)
 			if trackers != nil {
 				n = trackers[p.idx].get(seq)
@@ -1117,7 +1257,7 @@ func (r *run) report(sendEnd time.Time) int {
 		}
 		p.mu.Unlock()
 	}
-	if cfg.window > 0 {
+	if src.cfg.window > 0 {
 		res.Unreceipted = res.Sent - res.Receipted
 	}
 	for _, t := range trackers {
@@ -1135,13 +1275,15 @@ func (r *run) report(sendEnd time.Time) int {
 		if end.IsZero() {
 			end = sendEnd
 		}
-		res.SendSecs = end.Sub(r.start).Seconds()
 		done := res.Sent
 		if cfg.window > 0 {
 			done = res.Receipted
 		}
-		if res.SendSecs > 0 {
-			res.SendRate = float64(done) / res.SendSecs
+		if src == r {
+			res.SendSecs = end.Sub(r.start).Seconds()
+			if res.SendSecs > 0 {
+				res.SendRate = float64(done) / res.SendSecs
+			}
 		}
 		if lr := r.lastRecv.Load(); lr > 0 {
 			res.RecvSecs = time.Unix(0, lr).Sub(r.start).Seconds()
@@ -1157,11 +1299,19 @@ func (r *run) report(sendEnd time.Time) int {
 	res.Errors = len(r.errs)
 	r.errMu.Unlock()
 	res.OK = res.Errors == 0 && res.Lost == 0
-
-	if !cfg.jsonOnly {
-		r.printSummary(&res)
+	if r.series != nil {
+		res.Series = r.series.points()
 	}
-	line, _ := json.Marshal(&res)
+	return res
+}
+
+// emit prints the summary (unless -json) and the JSON line, and returns
+// the exit status.
+func (r *run) emit(res *result) int {
+	if !r.cfg.jsonOnly {
+		r.printSummary(res)
+	}
+	line, _ := json.Marshal(res)
 	fmt.Println(string(line))
 	if res.OK {
 		return 0
@@ -1210,6 +1360,15 @@ func (r *run) printSummary(res *result) {
 		fmt.Fprintf(w, " foreign=%d", res.Foreign)
 	}
 	fmt.Fprintln(w)
+	if res.Broker != nil {
+		fmt.Fprintf(w, "broker    pid %d %s\n", cfg.pid, res.Broker)
+	}
+	if res.Checkpoints != nil {
+		fmt.Fprintf(w, "store     %d checkpoint(s) (write-ahead log wraps) during the run\n", *res.Checkpoints)
+	}
+	if res.Series != nil {
+		printSeries(w, res.Series, cfg.window > 0)
+	}
 	switch {
 	case res.OK:
 		fmt.Fprintln(w, "result    OK")
