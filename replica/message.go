@@ -160,3 +160,55 @@ func decodeMessage(dest string, seq uint64, b []byte) (*Message, error) {
 	m.Body = append([]byte(nil), b...)
 	return m, nil
 }
+
+// StoredBodyLen returns the body length of a stored message record, for
+// the store's per-queue byte counts (store.Config.Weigh); 0 for a record
+// it cannot read.
+func StoredBodyLen(b []byte) int64 {
+	if len(b) < 1 || b[0] != codecVersion {
+		return 0
+	}
+	b = b[1:]
+	skip := func() bool { // one uvarint
+		_, n := binary.Uvarint(b)
+		if n <= 0 {
+			return false
+		}
+		b = b[n:]
+		return true
+	}
+	str := func() bool {
+		l, n := binary.Uvarint(b)
+		if n <= 0 || l > uint64(len(b)-n) {
+			return false
+		}
+		b = b[n+int(l):]
+		return true
+	}
+	if !skip() {
+		return 0
+	}
+	if _, n := binary.Varint(b); n <= 0 {
+		return 0
+	} else {
+		b = b[n:]
+	}
+	if !str() {
+		return 0
+	}
+	nh, n := binary.Uvarint(b)
+	if n <= 0 || nh > uint64(len(b)) {
+		return 0
+	}
+	b = b[n:]
+	for i := uint64(0); i < nh; i++ {
+		if !str() {
+			return 0
+		}
+	}
+	bl, n := binary.Uvarint(b)
+	if n <= 0 || bl != uint64(len(b)-n) {
+		return 0
+	}
+	return int64(bl)
+}

@@ -10,6 +10,9 @@ type metrics struct {
 	deadLettered prometheus.Counter
 	expired      prometheus.Counter
 	dropped      prometheus.Counter
+	rejected     prometheus.Counter
+	droppedHead  prometheus.Counter
+	idleRemoved  prometheus.Counter
 }
 
 func newMetrics(reg prometheus.Registerer, n *Node) *metrics {
@@ -23,9 +26,13 @@ func newMetrics(reg prometheus.Registerer, n *Node) *metrics {
 		deadLettered: prometheus.NewCounter(prometheus.CounterOpts{Name: "brokerd_messages_dead_lettered_total", Help: "Messages moved to a dead-letter queue."}),
 		expired:      prometheus.NewCounter(prometheus.CounterOpts{Name: "brokerd_messages_expired_total", Help: "Messages dropped because their expires time passed."}),
 		dropped:      prometheus.NewCounter(prometheus.CounterOpts{Name: "brokerd_topic_messages_dropped_total", Help: "Topic messages dropped for a subscriber whose buffer was full."}),
+		rejected:     prometheus.NewCounter(prometheus.CounterOpts{Name: "brokerd_queue_rejected_total", Help: "SENDs refused because their queue was at queue.max_length or queue.max_bytes (overflow reject-publish)."}),
+		droppedHead:  prometheus.NewCounter(prometheus.CounterOpts{Name: "brokerd_queue_dropped_head_total", Help: "Oldest pending messages removed to keep a queue within queue.max_length or queue.max_bytes (overflow drop-head)."}),
+		idleRemoved:  prometheus.NewCounter(prometheus.CounterOpts{Name: "brokerd_queues_idle_removed_total", Help: "Empty queues removed after queue.idle_delete_after without subscribers."}),
 	}
 	if reg != nil {
-		reg.MustRegister(m.published, m.delivered, m.acked, m.redelivered, m.deadLettered, m.expired, m.dropped, &depthCollector{n: n})
+		reg.MustRegister(m.published, m.delivered, m.acked, m.redelivered, m.deadLettered, m.expired, m.dropped,
+			m.rejected, m.droppedHead, m.idleRemoved, &depthCollector{n: n})
 	}
 	return m
 }

@@ -1,11 +1,11 @@
 package replica
 
 import (
-	"container/heap"
 	"fmt"
 	"log/slog"
 	"sort"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -51,6 +51,40 @@ func ParseAckMode(s string) (AckMode, bool) {
 	return 0, false
 }
 
+// Overflow is what a queue at its length or byte limit does with a new
+// message.
+type Overflow int
+
+const (
+	// OverflowRejectPublish refuses the SEND with ErrQueueFull; nothing is
+	// stored.
+	OverflowRejectPublish Overflow = iota + 1
+	// OverflowDropHead accepts the message and removes the oldest pending
+	// ones until the queue is within its limits again.
+	OverflowDropHead
+)
+
+func (o Overflow) String() string {
+	switch o {
+	case OverflowRejectPublish:
+		return "reject-publish"
+	case OverflowDropHead:
+		return "drop-head"
+	}
+	return fmt.Sprintf("Overflow(%d)", int(o))
+}
+
+// ParseOverflow reads "reject-publish" or "drop-head".
+func ParseOverflow(s string) (Overflow, error) {
+	switch strings.ToLower(s) {
+	case "reject-publish":
+		return OverflowRejectPublish, nil
+	case "drop-head":
+		return OverflowDropHead, nil
+	}
+	return 0, fmt.Errorf("unknown overflow %q (want reject-publish or drop-head)", s)
+}
+
 // Config configures a Node.
 type Config struct {
 	// NodeID prefixes every message-id this node assigns.
@@ -67,7 +101,27 @@ type Config struct {
 	// messages of one topic subscription; beyond it messages for that
 	// subscriber are dropped and counted.
 	TopicBuffer int
-	// ExpirySweep is how often pending messages are checked for expiry.
+	// MaxUnacked caps the delivered, unacknowledged messages of one queue
+	// subscription in a client ack mode (they are held in memory); a larger
+	// prefetch-count, or none, is clamped to it.
+	MaxUnacked int
+	// ReadAheadMessages and ReadAheadBytes bound the pending messages of
+	// one queue held in memory, ready for dispatch; the rest of a backlog
+	// stays on disk and is read in as the window drains.
+	ReadAheadMessages int
+	ReadAheadBytes    int
+	// MaxLength and MaxBytes limit a queue's ready (pending, not in
+	// flight) messages and the bytes of their bodies; 0 is unlimited.
+	MaxLength int64
+	MaxBytes  int64
+	// Overflow says what happens to a SEND beyond MaxLength or MaxBytes.
+	Overflow Overflow
+	// IdleDeleteAfter is how long a queue without messages, subscribers
+	// or writes in progress is kept before it is removed (with its store
+	// bucket); 0 never removes one.
+	IdleDeleteAfter time.Duration
+	// ExpirySweep is how often pending messages in memory are checked for
+	// expiry, idle queues removed and unused read-ahead windows released.
 	ExpirySweep time.Duration
 	// Registerer receives the metrics; nil means none.
 	Registerer prometheus.Registerer
@@ -80,14 +134,19 @@ type Config struct {
 // DefaultConfig returns a Config with every field set.
 func DefaultConfig() Config {
 	return Config{
-		NodeID:          "node",
-		MaxRedeliveries: 5,
-		DLQPrefix:       "/queue/DLQ.",
-		WriteWindow:     256,
-		TopicBuffer:     10000,
-		ExpirySweep:     time.Second,
-		Logger:          slog.Default(),
-		Now:             time.Now,
+		NodeID:            "node",
+		MaxRedeliveries:   5,
+		DLQPrefix:         "/queue/DLQ.",
+		WriteWindow:       256,
+		TopicBuffer:       10000,
+		MaxUnacked:        10000,
+		ReadAheadMessages: 1000,
+		ReadAheadBytes:    4 << 20,
+		Overflow:          OverflowRejectPublish,
+		IdleDeleteAfter:   time.Hour,
+		ExpirySweep:       time.Second,
+		Logger:            slog.Default(),
+		Now:               time.Now,
 	}
 }
 
@@ -107,7 +166,7 @@ type Delivery struct {
 type SubOptions struct {
 	Dest     string
 	Ack      AckMode
-	Prefetch int // unacknowledged messages at most; 0 is unlimited
+	Prefetch int // unacknowledged messages at most; 0 is Config.MaxUnacked
 	// Deliver hands a message to the subscriber. It runs with the
 	// destination's lock held: it must not block or call into the Node.
 	// The subscriber calls Subscription.Written once the message is on the
@@ -142,6 +201,11 @@ type DestinationInfo struct {
 	Pending   int    `json:"pending"`
 	InFlight  int    `json:"in_flight"`
 	Consumers int    `json:"consumers"`
+	// Bytes is the body bytes of the pending messages.
+	Bytes int64 `json:"pending_bytes"`
+	// InMemory is the pending messages held in memory (read-ahead window
+	// and returned messages); the rest are on disk.
+	InMemory int `json:"in_memory"`
 }
 
 // Node is the set of destinations of one broker node.
@@ -150,11 +214,16 @@ type Node struct {
 	st  *store.Store
 	log *slog.Logger
 	m   *metrics
-	seq atomic.Uint64
+	// seq numbers stored messages. Keys are taken and submitted to the
+	// store under wmu, so within every bucket keys commit in increasing
+	// order: the loader, which reads a queue's backlog by key from where
+	// its window ends, relies on it.
+	wmu sync.Mutex
+	seq uint64
 	// seqCeil is the sequence number recorded in the store: after a
 	// restart numbering resumes above it, so message IDs are never reused
-	// even when every message was acknowledged and deleted.
-	seqCeil atomic.Uint64
+	// even when every message was acknowledged and deleted. Guarded by wmu.
+	seqCeil uint64
 	// Topic messages are not stored: their IDs are unique by a prefix
 	// naming this process's start and a counter.
 	topicIDPrefix string
@@ -163,6 +232,10 @@ type Node struct {
 	mu     sync.Mutex
 	dests  map[string]*destination
 	closed bool
+
+	loadMu  sync.Mutex
+	loadQ   []*destination // queues waiting for the loader, each at most once
+	loadSig chan struct{}
 
 	stop chan struct{}
 	wg   sync.WaitGroup
@@ -183,6 +256,18 @@ func New(cfg Config, st *store.Store) *Node {
 	if cfg.TopicBuffer <= 0 {
 		cfg.TopicBuffer = def.TopicBuffer
 	}
+	if cfg.MaxUnacked <= 0 {
+		cfg.MaxUnacked = def.MaxUnacked
+	}
+	if cfg.ReadAheadMessages <= 0 {
+		cfg.ReadAheadMessages = def.ReadAheadMessages
+	}
+	if cfg.ReadAheadBytes <= 0 {
+		cfg.ReadAheadBytes = def.ReadAheadBytes
+	}
+	if cfg.Overflow == 0 {
+		cfg.Overflow = def.Overflow
+	}
 	if cfg.ExpirySweep <= 0 {
 		cfg.ExpirySweep = def.ExpirySweep
 	}
@@ -195,6 +280,7 @@ func New(cfg Config, st *store.Store) *Node {
 		st:            st,
 		log:           cfg.Logger.With("component", "replica"),
 		dests:         make(map[string]*destination),
+		loadSig:       make(chan struct{}, 1),
 		stop:          make(chan struct{}),
 	}
 	n.m = newMetrics(cfg.Registerer, n)
@@ -208,22 +294,11 @@ const (
 	seqReserve = 1 << 16
 )
 
-// reserve returns the store write that records a new ceiling when seq
-// passed the recorded one.
-func (n *Node) reserve(seq uint64) (store.Op, bool) {
-	for {
-		c := n.seqCeil.Load()
-		if seq <= c {
-			return store.Op{}, false
-		}
-		if n.seqCeil.CompareAndSwap(c, seq+seqReserve) {
-			return store.Op{Kind: store.OpPutMeta, Name: metaSeq, Value: strconv.AppendUint(nil, seq+seqReserve, 10)}, true
-		}
-	}
-}
-
-// Recover loads every stored message into its queue. Messages come back
-// pending, in sequence order, with their delivery counts.
+// Recover reads what the store holds: the sequence ceiling and, for every
+// queue, its message count, byte count and key range. It reads no message:
+// each queue's backlog stays on disk and is read into its window once the
+// queue has a subscriber, so a restart takes the same time whatever the
+// backlog.
 func (n *Node) Recover() error {
 	var maxSeq uint64
 	if b, err := n.st.Meta(metaSeq); err != nil {
@@ -235,42 +310,47 @@ func (n *Node) Recover() error {
 		}
 		maxSeq = v
 	}
-	count := 0
-	err := n.st.ForEach(func(bucket string, key uint64, value []byte) error {
-		m, err := decodeMessage(bucket, key, value)
-		if err != nil {
-			return fmt.Errorf("queue %q message %d: %w", bucket, key, err)
-		}
-		d := n.destination(bucket, KindQueue)
-		d.mu.Lock()
-		d.fresh = append(d.fresh, m)
-		if m.Expires > 0 {
-			d.expiring++
-		}
-		d.mu.Unlock()
-		if key > maxSeq {
-			maxSeq = key
-		}
-		count++
-		return nil
-	})
+	buckets, err := n.st.Buckets()
 	if err != nil {
 		return fmt.Errorf("recover: %w", err)
 	}
-	n.seq.Store(maxSeq)
-	n.seqCeil.Store(maxSeq)
-	n.log.Info("recovered messages", "count", count, "seq", maxSeq)
+	var count int64
+	queues := 0
+	for _, b := range buckets {
+		if b.Count == 0 {
+			continue
+		}
+		if k, err := ParseDestination(b.Name); err != nil || k != KindQueue {
+			n.log.Warn("store bucket is not a queue; left alone", "bucket", b.Name, "messages", b.Count)
+			continue
+		}
+		d := n.destination(b.Name, KindQueue)
+		d.mu.Lock()
+		d.onDisk = b.Count
+		d.onDiskBytes = b.Bytes
+		if b.FirstKey > 0 {
+			d.loadedTo = b.FirstKey - 1
+		}
+		d.mu.Unlock()
+		maxSeq = max(maxSeq, b.LastKey)
+		count += b.Count
+		queues++
+	}
+	n.seq = maxSeq
+	n.seqCeil = maxSeq
+	n.log.Info("recovered queues", "queues", queues, "messages", count, "seq", maxSeq)
 	return nil
 }
 
-// Start starts the expiry sweeper.
+// Start starts the loader and the sweeper.
 func (n *Node) Start() {
-	n.wg.Add(1)
+	n.wg.Add(2)
 	go n.sweepLoop()
+	go n.loadLoop()
 }
 
-// Close stops the sweeper. Callers close subscriptions first; the store is
-// closed by its owner after Close returns.
+// Close stops the loader and the sweeper. Callers close subscriptions
+// first; the store is closed by its owner after Close returns.
 func (n *Node) Close() {
 	n.mu.Lock()
 	if n.closed {
@@ -283,14 +363,30 @@ func (n *Node) Close() {
 	n.wg.Wait()
 }
 
+// destination returns the destination name, creating it.
 func (n *Node) destination(name string, kind Kind) *destination {
 	n.mu.Lock()
 	defer n.mu.Unlock()
+	return n.destinationLocked(name, kind)
+}
+
+func (n *Node) destinationLocked(name string, kind Kind) *destination {
 	d := n.dests[name]
 	if d == nil {
 		d = &destination{name: name, kind: kind, n: n}
 		n.dests[name] = d
 	}
+	return d
+}
+
+// lockDestination returns destination name, created if missing, locked.
+// Taking d.mu before Node.mu is released means the sweeper, which removes
+// idle queues holding both, cannot remove d between lookup and use.
+func (n *Node) lockDestination(name string, kind Kind) *destination {
+	n.mu.Lock()
+	d := n.destinationLocked(name, kind)
+	d.mu.Lock()
+	n.mu.Unlock()
 	return d
 }
 
@@ -304,123 +400,177 @@ func (n *Node) Subscribe(opts SubOptions) (*Subscription, error) {
 	if opts.Ack == 0 {
 		opts.Ack = AckAuto
 	}
-	// Find the destination and join it under Node.mu, so that the last
-	// subscriber of a topic leaving cannot delete it between the two.
-	n.mu.Lock()
-	d := n.dests[opts.Dest]
-	if d == nil {
-		d = &destination{name: opts.Dest, kind: kind, n: n}
-		n.dests[opts.Dest] = d
+	if opts.Ack != AckAuto && kind == KindQueue && (opts.Prefetch <= 0 || opts.Prefetch > n.cfg.MaxUnacked) {
+		opts.Prefetch = n.cfg.MaxUnacked
 	}
+	d := n.lockDestination(opts.Dest, kind)
 	s := &Subscription{d: d, opts: opts, inflight: make(map[uint64]*inflight)}
-	d.mu.Lock()
-	n.mu.Unlock()
 	d.subs = append(d.subs, s)
+	d.idleSince = time.Time{}
 	ops := d.dispatchLocked()
 	d.mu.Unlock()
 	n.submit(ops)
 	return s, nil
 }
 
-// Apply validates b, then applies it: acknowledgements at once in memory,
-// store writes in one group commit, new queue messages visible once
-// committed, topic messages fanned out. done is called once every effect is
-// durable (or failed). An invalid ACK makes Apply return an error and
-// change nothing.
-func (n *Node) Apply(b *Batch, done func(error)) error {
-	for _, a := range b.Acks {
-		if err := a.Sub.Check(a.Tag); err != nil {
-			return err
-		}
-	}
-	kinds := make([]Kind, len(b.Sends))
-	for i, m := range b.Sends {
-		k, err := ParseDestination(m.Dest)
-		if err != nil {
-			return err
-		}
-		kinds[i] = k
-	}
-	var ops []store.Op
-	var after []func()
-	for _, a := range b.Acks {
-		o, f := a.Sub.settle(a.Tag, a.Nack)
-		ops = append(ops, o...)
-		after = append(after, f...)
-	}
-	var queued, topics []*Message
-	var last uint64
-	for i, m := range b.Sends {
-		if kinds[i] == KindTopic {
-			if m.ID == "" {
-				m.ID = n.topicIDPrefix + strconv.FormatUint(n.topicSeq.Add(1), 10)
-			}
-			topics = append(topics, m)
-			continue
-		}
-		m.Seq = n.seq.Add(1)
-		last = m.Seq
-		if m.ID == "" {
-			m.ID = n.cfg.NodeID + "-" + strconv.FormatUint(m.Seq, 10)
-		}
-		ops = append(ops, store.Op{Kind: store.OpPut, Bucket: m.Dest, Key: m.Seq, Value: m.encode()})
-		queued = append(queued, m)
-	}
-	if op, ok := n.reserve(last); ok {
-		ops = append(ops, op)
-	}
+// newKeys is the part of a commit that stores messages under new keys.
+type newKeys struct {
+	msgs []*Message
+	dst  []*destination // the queue each message goes to
+}
+
+func (k *newKeys) add(d *destination, m *Message) {
+	k.msgs = append(k.msgs, m)
+	k.dst = append(k.dst, d)
+}
+
+// commit submits ops plus a put of every message of nk under a new key,
+// in one group commit. Once it commits, each message of nk joins its
+// queue, then after runs. done gets the outcome.
+func (n *Node) commit(ops []store.Op, nk newKeys, sync bool, after func(), done func(error)) {
 	finish := func(err error) {
 		if err == nil {
-			for _, m := range queued {
-				n.enqueue(m)
+			for i, m := range nk.msgs {
+				nk.dst[i].committed(m)
 			}
-			for _, f := range after {
-				f()
-			}
-			for _, m := range topics {
-				n.fanOut(m)
+			if after != nil {
+				after()
 			}
 		} else {
+			for i, m := range nk.msgs {
+				nk.dst[i].unreserve(m)
+			}
 			n.log.Error("store commit failed", "err", err)
 		}
 		if done != nil {
 			done(err)
 		}
 	}
-	if len(ops) == 0 {
-		if b.Sync {
-			// Nothing to write, but the caller's receipt still promises
-			// that earlier unsynced writes are on disk.
+	if len(nk.msgs) == 0 {
+		switch {
+		case len(ops) > 0:
+			n.st.Submit(ops, sync, finish)
+		case sync:
+			// Nothing to write, but a receipt still promises that earlier
+			// unsynced writes are on disk.
 			n.st.Barrier(finish)
-			return nil
+		default:
+			// Nothing to write: through the store anyway, so that effects
+			// (a topic fan-out) keep the order of earlier frames.
+			n.st.Submit(nil, false, finish)
 		}
-		finish(nil)
-		return nil
+		return
 	}
-	n.st.Submit(ops, b.Sync, finish)
+	for i, m := range nk.msgs {
+		if nk.dst[i] == nil {
+			// A dead-letter move: admitted whatever the limits (it is
+			// not a new publish; drop-head still applies once committed).
+			d := n.lockDestination(m.Dest, KindQueue)
+			d.reserved++
+			d.resBytes += int64(len(m.Body))
+			d.idleSince = time.Time{}
+			d.mu.Unlock()
+			nk.dst[i] = d
+		}
+	}
+	n.wmu.Lock()
+	for _, m := range nk.msgs {
+		n.seq++
+		m.Seq = n.seq
+		if m.ID == "" {
+			m.ID = n.cfg.NodeID + "-" + strconv.FormatUint(m.Seq, 10)
+		}
+		ops = append(ops, store.Op{Kind: store.OpPut, Bucket: m.Dest, Key: m.Seq, Value: m.encode()})
+	}
+	if n.seq > n.seqCeil {
+		n.seqCeil = n.seq + seqReserve
+		ops = append(ops, store.Op{Kind: store.OpPutMeta, Name: metaSeq, Value: strconv.AppendUint(nil, n.seqCeil, 10)})
+	}
+	n.st.Submit(ops, sync, finish)
+	n.wmu.Unlock()
+}
+
+// Apply validates b, then applies it: acknowledgements at once in memory,
+// store writes in one group commit, new queue messages visible once
+// committed, topic messages fanned out after everything submitted before
+// them took effect. done is called once every effect is durable (or
+// failed). An invalid ACK, a full queue (ErrQueueFull) or a low disk
+// (ErrLowDisk) makes Apply return an error and change nothing.
+func (n *Node) Apply(b *Batch, done func(error)) error {
+	for _, a := range b.Acks {
+		if err := a.Sub.Check(a.Tag); err != nil {
+			return err
+		}
+	}
+	var nk newKeys
+	var topics []*Message
+	queued := 0
+	for _, m := range b.Sends {
+		k, err := ParseDestination(m.Dest)
+		if err != nil {
+			return err
+		}
+		if k == KindQueue {
+			queued++
+		}
+	}
+	if len(b.Sends) > 0 && n.lowDisk() {
+		return fmt.Errorf("%w: free space on the data directory's filesystem is below the configured minimum; new messages are refused until it returns", ErrLowDisk)
+	}
+	if queued > 0 {
+		nk.msgs = make([]*Message, 0, queued)
+		nk.dst = make([]*destination, 0, queued)
+	}
+	for _, m := range b.Sends {
+		if !strings.HasPrefix(m.Dest, QueuePrefix) {
+			topics = append(topics, m)
+			continue
+		}
+		d := n.lockDestination(m.Dest, KindQueue)
+		err := d.reserveLocked(m)
+		d.mu.Unlock()
+		if err != nil {
+			for i, r := range nk.msgs {
+				nk.dst[i].unreserve(r)
+			}
+			return err
+		}
+		nk.add(d, m)
+	}
+	var ops []store.Op
+	for _, a := range b.Acks {
+		ops = a.Sub.settle(a.Tag, a.Nack, ops, &nk)
+	}
+	var after func()
+	if len(topics) > 0 {
+		after = func() {
+			for _, m := range topics {
+				if m.ID == "" {
+					m.ID = n.topicIDPrefix + strconv.FormatUint(n.topicSeq.Add(1), 10)
+				}
+				n.fanOut(m)
+			}
+		}
+	}
+	n.commit(ops, nk, b.Sync, after, done)
 	return nil
 }
 
 // Barrier calls done once everything applied before is on disk.
 func (n *Node) Barrier(done func(error)) { n.st.Barrier(done) }
 
+// submit queues internal writes (deletes, delivery counts) without sync. A
+// failure fails the store, which stops the node; it is logged here too.
 func (n *Node) submit(ops []store.Op) {
 	if len(ops) > 0 {
-		n.st.Submit(ops, false, nil)
+		n.st.Submit(ops, false, n.internalDone)
 	}
 }
 
-func (n *Node) enqueue(m *Message) {
-	d := n.destination(m.Dest, KindQueue)
-	d.mu.Lock()
-	d.fresh = append(d.fresh, m)
-	if m.Expires > 0 {
-		d.expiring++
+func (n *Node) internalDone(err error) {
+	if err != nil {
+		n.log.Error("store write failed", "err", err)
 	}
-	ops := d.dispatchLocked()
-	d.mu.Unlock()
-	n.m.published.WithLabelValues("queue").Inc()
-	n.submit(ops)
 }
 
 func (n *Node) fanOut(m *Message) {
@@ -454,7 +604,8 @@ func (n *Node) Destinations() []DestinationInfo {
 	out := make([]DestinationInfo, 0, len(ds))
 	for _, d := range ds {
 		d.mu.Lock()
-		info := DestinationInfo{Name: d.name, Kind: d.kind.String(), Pending: d.pendingLen(), Consumers: len(d.subs)}
+		info := DestinationInfo{Name: d.name, Kind: d.kind.String(), Pending: int(d.readyLen()),
+			Consumers: len(d.subs), Bytes: d.readyBytes(), InMemory: d.memLen()}
 		for _, s := range d.subs {
 			info.InFlight += len(s.inflight)
 		}
@@ -479,398 +630,61 @@ func (n *Node) sweepLoop() {
 	}
 }
 
-// sweep drops expired pending messages of every queue holding any.
+// sweep drops expired pending messages held in memory, releases the
+// read-ahead window of queues without subscribers, and removes queues
+// idle for IdleDeleteAfter. Expired messages still on disk are dropped
+// when they are read in.
 func (n *Node) sweep() {
 	n.mu.Lock()
-	var ds []*destination
+	ds := make([]*destination, 0, len(n.dests))
 	for _, d := range n.dests {
 		ds = append(ds, d)
 	}
 	n.mu.Unlock()
 	now := n.cfg.Now()
 	for _, d := range ds {
-		d.mu.Lock()
-		if d.expiring == 0 {
-			d.mu.Unlock()
+		if d.kind != KindQueue {
 			continue
 		}
-		var ops []store.Op
-		keep := d.fresh[:0]
-		for _, m := range d.fresh[d.head:] {
-			if m.Expired(now) {
-				ops = append(ops, d.expireLocked(m))
-				continue
-			}
-			keep = append(keep, m)
+		d.mu.Lock()
+		ops := d.expireLocked(now)
+		d.releaseLocked()
+		idle := d.idleLocked()
+		if !idle {
+			d.idleSince = time.Time{}
+		} else if d.idleSince.IsZero() {
+			d.idleSince = now
 		}
-		for i := len(keep); i < len(d.fresh); i++ {
-			d.fresh[i] = nil
-		}
-		d.fresh, d.head = keep, 0
-		var rq msgHeap
-		for _, m := range d.requeued {
-			if m.Expired(now) {
-				ops = append(ops, d.expireLocked(m))
-				continue
-			}
-			rq = append(rq, m)
-		}
-		heap.Init(&rq)
-		d.requeued = rq
+		remove := idle && n.cfg.IdleDeleteAfter > 0 && now.Sub(d.idleSince) >= n.cfg.IdleDeleteAfter
 		d.mu.Unlock()
 		n.submit(ops)
-	}
-}
-
-// destination is one queue or topic.
-type destination struct {
-	name string
-	kind Kind
-	n    *Node
-
-	mu       sync.Mutex
-	fresh    []*Message // committed, never delivered, in commit order from head
-	head     int
-	requeued msgHeap // returned messages, lowest sequence first
-	expiring int     // pending messages with an expiry
-	subs     []*Subscription
-	rr       int
-}
-
-func (d *destination) pendingLen() int { return len(d.fresh) - d.head + len(d.requeued) }
-
-func (d *destination) pop() *Message {
-	if len(d.requeued) > 0 {
-		return heap.Pop(&d.requeued).(*Message)
-	}
-	m := d.fresh[d.head]
-	d.fresh[d.head] = nil
-	d.head++
-	if d.head == len(d.fresh) {
-		d.fresh, d.head = d.fresh[:0], 0
-	} else if d.head > 1024 && d.head*2 > len(d.fresh) {
-		d.fresh = append(d.fresh[:0], d.fresh[d.head:]...)
-		d.head = 0
-	}
-	return m
-}
-
-func (d *destination) expireLocked(m *Message) store.Op {
-	if m.Expires > 0 {
-		d.expiring--
-	}
-	d.n.m.expired.Inc()
-	return store.Op{Kind: store.OpDelete, Bucket: d.name, Key: m.Seq}
-}
-
-// dispatchLocked hands pending messages to subscriptions with room, round
-// robin, and returns the store writes it needs (deletes of expired messages).
-func (d *destination) dispatchLocked() []store.Op {
-	if d.kind != KindQueue {
-		return nil
-	}
-	var ops []store.Op
-	now := d.n.cfg.Now()
-	for d.pendingLen() > 0 && len(d.subs) > 0 {
-		var s *Subscription
-		for i := 0; i < len(d.subs); i++ {
-			c := d.subs[(d.rr+i)%len(d.subs)]
-			if c.hasRoom() {
-				s = c
-				d.rr = (d.rr + i + 1) % len(d.subs)
-				break
-			}
-		}
-		if s == nil {
-			break
-		}
-		m := d.pop()
-		if m.Expired(now) {
-			ops = append(ops, d.expireLocked(m))
-			continue
-		}
-		if m.Expires > 0 {
-			d.expiring--
-		}
-		s.deliverLocked(m)
-	}
-	return ops
-}
-
-// requeueLocked returns m to pending, or moves it to the dead-letter queue
-// when it has been delivered too often. It returns the store writes and,
-// for a dead-lettered message, what to run once they commit.
-func (d *destination) requeueLocked(m *Message, delivered bool) ([]store.Op, func()) {
-	n := d.n
-	if delivered {
-		m.Deliveries++
-		n.m.redelivered.Inc()
-	}
-	if delivered && n.cfg.MaxRedeliveries > 0 && m.Deliveries > n.cfg.MaxRedeliveries &&
-		!isDLQ(d.name, n.cfg.DLQPrefix) {
-		dl := &Message{
-			Dest:    n.cfg.DLQPrefix + d.name[len(QueuePrefix):],
-			Seq:     n.seq.Add(1),
-			ID:      m.ID,
-			Headers: append(append([]string(nil), m.Headers...), "x-original-destination", d.name),
-			Body:    m.Body,
-			Expires: 0,
-		}
-		n.m.deadLettered.Inc()
-		ops := []store.Op{
-			{Kind: store.OpPut, Bucket: dl.Dest, Key: dl.Seq, Value: dl.encode()},
-			{Kind: store.OpDelete, Bucket: d.name, Key: m.Seq},
-		}
-		if op, ok := n.reserve(dl.Seq); ok {
-			ops = append(ops, op)
-		}
-		return ops, func() { n.enqueue(dl) }
-	}
-	heap.Push(&d.requeued, m)
-	if m.Expires > 0 {
-		d.expiring++
-	}
-	if !delivered {
-		return nil, nil
-	}
-	// Keep the delivery count across restarts.
-	return []store.Op{{Kind: store.OpPut, Bucket: d.name, Key: m.Seq, Value: m.encode()}}, nil
-}
-
-func isDLQ(name, prefix string) bool {
-	return len(name) >= len(prefix) && name[:len(prefix)] == prefix
-}
-
-func (d *destination) removeSub(s *Subscription) {
-	for i, c := range d.subs {
-		if c == s {
-			d.subs = append(d.subs[:i], d.subs[i+1:]...)
-			if d.rr > i {
-				d.rr--
-			}
-			if len(d.subs) > 0 {
-				d.rr %= len(d.subs)
-			} else {
-				d.rr = 0
-			}
-			return
+		if remove {
+			n.removeIdle(d)
 		}
 	}
 }
 
-type inflight struct {
-	msg     *Message
-	written bool
-}
-
-// Subscription is one subscriber of one destination.
-type Subscription struct {
-	d    *destination
-	opts SubOptions
-
-	// guarded by d.mu
-	nextTag   uint64
-	inflight  map[uint64]*inflight
-	unwritten int
-	closed    bool
-}
-
-// Dest returns the destination name.
-func (s *Subscription) Dest() string { return s.d.name }
-
-// Kind returns the destination's kind.
-func (s *Subscription) Kind() Kind { return s.d.kind }
-
-// AckMode returns the subscription's ack mode.
-func (s *Subscription) AckMode() AckMode { return s.opts.Ack }
-
-func (s *Subscription) hasRoom() bool {
-	if s.closed || s.unwritten >= s.d.n.cfg.WriteWindow {
-		return false
-	}
-	return s.opts.Prefetch <= 0 || len(s.inflight) < s.opts.Prefetch
-}
-
-func (s *Subscription) deliverLocked(m *Message) {
-	s.nextTag++
-	s.inflight[s.nextTag] = &inflight{msg: m}
-	s.unwritten++
-	s.d.n.m.delivered.Inc()
-	s.opts.Deliver(Delivery{Msg: m, Sub: s, Tag: s.nextTag, Redelivered: m.Deliveries > 0, Count: m.Deliveries})
-}
-
-// Written records that the deliveries tags are on the wire. In AckAuto
-// mode that acknowledges them.
-func (s *Subscription) Written(tags ...uint64) {
-	d := s.d
-	var ops []store.Op
+// removeIdle removes queue d, if it is still idle, and its store bucket.
+func (n *Node) removeIdle(d *destination) {
+	n.mu.Lock()
 	d.mu.Lock()
-	for _, tag := range tags {
-		e := s.inflight[tag]
-		if e == nil || e.written {
-			continue
-		}
-		e.written = true
-		s.unwritten--
-		if s.opts.Ack == AckAuto {
-			delete(s.inflight, tag)
-			d.n.m.acked.Inc()
-			if d.kind == KindQueue {
-				ops = append(ops, store.Op{Kind: store.OpDelete, Bucket: d.name, Key: e.msg.Seq})
-			}
-		}
+	ok := n.dests[d.name] == d && d.idleLocked()
+	if ok {
+		delete(n.dests, d.name)
+		d.removed = true
 	}
-	ops = append(ops, d.dispatchLocked()...)
 	d.mu.Unlock()
-	d.n.submit(ops)
-}
-
-// Tried records that the deliveries tags may have reached the client
-// (the write failed part way): without acknowledging them, even in
-// AckAuto mode, so that they come back marked redelivered.
-func (s *Subscription) Tried(tags ...uint64) {
-	d := s.d
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	for _, tag := range tags {
-		if e := s.inflight[tag]; e != nil && !e.written {
-			e.written = true
-			s.unwritten--
-		}
-	}
-}
-
-// Check returns ErrUnknownAck unless tag is outstanding on s.
-func (s *Subscription) Check(tag uint64) error {
-	s.d.mu.Lock()
-	defer s.d.mu.Unlock()
-	if s.closed {
-		return ErrSubscriptionClosed
-	}
-	if s.inflight[tag] == nil || s.opts.Ack == AckAuto {
-		return ErrUnknownAck
-	}
-	return nil
-}
-
-// settle removes the acknowledged (or rejected) deliveries and returns the
-// store writes and the work to run after they commit.
-func (s *Subscription) settle(tag uint64, nack bool) ([]store.Op, []func()) {
-	d := s.d
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	var tags []uint64
-	if s.opts.Ack == AckClient {
-		for t := range s.inflight {
-			if t <= tag {
-				tags = append(tags, t)
-			}
-		}
-		sort.Slice(tags, func(i, j int) bool { return tags[i] < tags[j] })
-	} else if s.inflight[tag] != nil {
-		tags = []uint64{tag}
-	}
-	var ops []store.Op
-	var after []func()
-	for _, t := range tags {
-		e := s.inflight[t]
-		delete(s.inflight, t)
-		if !e.written {
-			s.unwritten--
-		}
-		switch {
-		case d.kind == KindTopic:
-			if !nack {
-				d.n.m.acked.Inc()
-			}
-		case nack:
-			o, f := d.requeueLocked(e.msg, true)
-			ops = append(ops, o...)
-			if f != nil {
-				after = append(after, f)
-			}
-		default:
-			d.n.m.acked.Inc()
-			ops = append(ops, store.Op{Kind: store.OpDelete, Bucket: d.name, Key: e.msg.Seq})
-		}
-	}
-	ops = append(ops, d.dispatchLocked()...)
-	return ops, after
-}
-
-// Close ends the subscription. Its unacknowledged messages go back to the
-// queue (marked redelivered if they reached the wire) and to the other
-// subscribers; topic messages are dropped.
-func (s *Subscription) Close() {
-	d := s.d
-	d.mu.Lock()
-	if s.closed {
-		d.mu.Unlock()
+	n.mu.Unlock()
+	if !ok {
 		return
 	}
-	s.closed = true
-	d.removeSub(s)
-	var ops []store.Op
-	var after []func()
-	if d.kind == KindQueue {
-		tags := make([]uint64, 0, len(s.inflight))
-		for t := range s.inflight {
-			tags = append(tags, t)
-		}
-		sort.Slice(tags, func(i, j int) bool { return tags[i] < tags[j] })
-		for _, t := range tags {
-			e := s.inflight[t]
-			o, f := d.requeueLocked(e.msg, e.written)
-			ops = append(ops, o...)
-			if f != nil {
-				after = append(after, f)
-			}
-		}
-	}
-	s.inflight = nil
-	s.unwritten = 0
-	ops = append(ops, d.dispatchLocked()...)
-	empty := d.kind == KindTopic && len(d.subs) == 0
-	d.mu.Unlock()
-	if empty {
-		n := d.n
-		n.mu.Lock()
-		d.mu.Lock()
-		if len(d.subs) == 0 && n.dests[d.name] == d {
-			delete(n.dests, d.name)
-		}
-		d.mu.Unlock()
-		n.mu.Unlock()
-	}
-	if len(ops) == 0 {
-		for _, f := range after {
-			f()
-		}
-		return
-	}
-	d.n.st.Submit(ops, false, func(err error) {
-		if err != nil {
-			return
-		}
-		for _, f := range after {
-			f()
-		}
-	})
-}
-
-// msgHeap orders messages by sequence.
-type msgHeap []*Message
-
-func (h msgHeap) Len() int           { return len(h) }
-func (h msgHeap) Less(i, j int) bool { return h[i].Seq < h[j].Seq }
-func (h msgHeap) Swap(i, j int)      { h[i], h[j] = h[j], h[i] }
-func (h *msgHeap) Push(x any)        { *h = append(*h, x.(*Message)) }
-func (h *msgHeap) Pop() any {
-	old := *h
-	m := old[len(old)-1]
-	old[len(old)-1] = nil
-	*h = old[:len(old)-1]
-	return m
+	n.log.Debug("idle queue removed", "dest", d.name)
+	n.m.idleRemoved.Inc()
+	// Under wmu: a later message to a queue of this name takes a key, and
+	// commits, after the bucket is gone.
+	n.wmu.Lock()
+	n.st.Submit([]store.Op{{Kind: store.OpDeleteBucket, Bucket: d.name}}, false, n.internalDone)
+	n.wmu.Unlock()
 }
 
 // TagOf finds the outstanding delivery of message id, for STOMP 1.0 and
@@ -885,4 +699,10 @@ func (s *Subscription) TagOf(id string) (uint64, bool) {
 		}
 	}
 	return best, best != 0
+}
+
+// lowDisk reports the store's low-disk alarm.
+func (n *Node) lowDisk() bool {
+	ld, ok := any(n.st).(interface{ LowDisk() bool })
+	return ok && ld.LowDisk()
 }

@@ -78,6 +78,7 @@ func New(cfg config.Config, log *slog.Logger) (*Node, error) {
 	scfg.SyncInterval = cfg.Store.SyncInterval
 	scfg.MaxBatchOps = cfg.Store.MaxBatch
 	scfg.Registerer = reg
+	scfg.Weigh = replica.StoredBodyLen // queue.max_bytes counts bodies
 	st, err := store.Open(scfg)
 	if err != nil {
 		return nil, err
@@ -145,6 +146,7 @@ func (n *Node) clusterConfig() (cluster.Config, error) {
 	c.Join = cfg.Cluster.Join
 	c.ActiveMembers = cfg.Cluster.ActiveMembers
 	c.PromotionDelay = cfg.Cluster.PromotionDelay
+	c.ForgetAfter = cfg.Cluster.ForgetAfter
 	c.STOMPAddr = n.STOMPAddr()
 	c.AdminAddr = n.AdminAddr()
 	c.PeerAddr = cfg.Cluster.PeerAddr

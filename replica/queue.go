@@ -1,0 +1,466 @@
+package replica
+
+import (
+	"container/heap"
+	"fmt"
+	"sync"
+	"time"
+
+	"github.com/brokerd/brokerd/store"
+)
+
+// destination is one queue or topic.
+//
+// A queue's pending messages are the messages of its store bucket that are
+// not in flight. Memory holds a window of them: the requeued heap (returned
+// by NACK or a closed session, redelivered first, lowest key first) and the
+// window slice (read ahead, in key order). Every pending message whose key
+// is at most loadedTo is in memory; the onDisk messages above loadedTo are
+// only in the store, and the loader reads them in, in key order, as the
+// window drains. Keys commit in increasing order within a bucket (see
+// Node.wmu), so a message that commits while onDisk is 0 and the window
+// has room can join the window directly, and one that commits otherwise
+// is found by the loader's next read.
+type destination struct {
+	name string
+	kind Kind
+	n    *Node
+
+	mu          sync.Mutex
+	window      []*Message // read-ahead, in key order from head
+	head        int
+	windowBytes int
+	requeued    msgHeap // returned messages, lowest key first
+	reqBytes    int64
+	loadedTo    uint64 // every pending message with a key <= loadedTo is in memory
+	onDisk      int64  // pending messages with a key > loadedTo
+	onDiskBytes int64  // their body bytes
+	diskGen     uint64 // counts messages added to onDisk, so a read that found none can tell
+	loading     bool   // queued for, or in, the loader
+	reserved    int64  // accepted SENDs not yet committed
+	resBytes    int64
+	expiring    int // pending messages in memory with an expiry
+	subs        []*Subscription
+	rr          int
+	idleSince   time.Time
+	removed     bool // taken out of Node.dests by the sweeper
+}
+
+func (d *destination) memLen() int { return len(d.window) - d.head + len(d.requeued) }
+
+// readyLen is the number of pending messages, in memory and on disk.
+func (d *destination) readyLen() int64 { return int64(d.memLen()) + d.onDisk }
+
+// readyBytes is the body bytes of the pending messages.
+func (d *destination) readyBytes() int64 { return int64(d.windowBytes) + d.reqBytes + d.onDiskBytes }
+
+func (d *destination) idleLocked() bool {
+	if len(d.subs) > 0 || d.readyLen() > 0 || d.reserved > 0 || d.loading {
+		return false
+	}
+	return true
+}
+
+// reserveLocked admits m under the queue's limits, counting it as
+// reserved until its commit ends (committed or unreserve).
+func (d *destination) reserveLocked(m *Message) error {
+	cfg := &d.n.cfg
+	if cfg.Overflow == OverflowRejectPublish {
+		if cfg.MaxLength > 0 && d.readyLen()+d.reserved+1 > cfg.MaxLength {
+			d.n.m.rejected.Inc()
+			return fmt.Errorf("%w: %s holds %d messages, its limit (queue.max_length) is %d", ErrQueueFull, d.name, d.readyLen(), cfg.MaxLength)
+		}
+		if cfg.MaxBytes > 0 && d.readyBytes()+d.resBytes+int64(len(m.Body)) > cfg.MaxBytes {
+			d.n.m.rejected.Inc()
+			return fmt.Errorf("%w: %s holds %d bytes of message bodies, its limit (queue.max_bytes) is %d", ErrQueueFull, d.name, d.readyBytes(), cfg.MaxBytes)
+		}
+	}
+	d.reserved++
+	d.resBytes += int64(len(m.Body))
+	d.idleSince = time.Time{}
+	return nil
+}
+
+func (d *destination) unreserve(m *Message) {
+	d.mu.Lock()
+	d.reserved--
+	d.resBytes -= int64(len(m.Body))
+	d.mu.Unlock()
+}
+
+// committed makes m, now in the store, pending: in the window when it can
+// go there, else on disk for the loader.
+func (d *destination) committed(m *Message) {
+	d.mu.Lock()
+	d.reserved--
+	d.resBytes -= int64(len(m.Body))
+	if m.Seq <= d.loadedTo {
+		// Cannot happen while keys commit in order; keep it correct anyway.
+		d.insertWindowLocked(m)
+	} else if d.onDisk == 0 && len(d.window)-d.head < d.n.cfg.ReadAheadMessages &&
+		d.windowBytes+len(m.Body) <= d.n.cfg.ReadAheadBytes {
+		d.window = append(d.window, m)
+		d.windowBytes += len(m.Body)
+		d.loadedTo = m.Seq
+		if m.Expires > 0 {
+			d.expiring++
+		}
+	} else {
+		d.onDisk++
+		d.onDiskBytes += int64(len(m.Body))
+		d.diskGen++
+	}
+	ops := d.enforceLimitsLocked()
+	ops = append(ops, d.dispatchLocked()...)
+	d.mu.Unlock()
+	d.n.m.published.WithLabelValues("queue").Inc()
+	d.n.submit(ops)
+}
+
+func (d *destination) insertWindowLocked(m *Message) {
+	i := len(d.window)
+	for i > d.head && d.window[i-1].Seq > m.Seq {
+		i--
+	}
+	d.window = append(d.window, nil)
+	copy(d.window[i+1:], d.window[i:])
+	d.window[i] = m
+	d.windowBytes += len(m.Body)
+	if m.Expires > 0 {
+		d.expiring++
+	}
+}
+
+// enforceLimitsLocked removes the oldest pending messages held in memory
+// while a drop-head queue is over a limit. A head still on disk is
+// removed once the loader has read it in.
+func (d *destination) enforceLimitsLocked() []store.Op {
+	cfg := &d.n.cfg
+	if cfg.Overflow != OverflowDropHead || (cfg.MaxLength <= 0 && cfg.MaxBytes <= 0) {
+		return nil
+	}
+	var ops []store.Op
+	for d.memLen() > 0 && ((cfg.MaxLength > 0 && d.readyLen() > cfg.MaxLength) ||
+		(cfg.MaxBytes > 0 && d.readyBytes() > cfg.MaxBytes)) {
+		m := d.pop()
+		if m.Expires > 0 {
+			d.expiring--
+		}
+		d.n.m.droppedHead.Inc()
+		ops = append(ops, store.Op{Kind: store.OpDelete, Bucket: d.name, Key: m.Seq})
+	}
+	if d.onDisk > 0 && ((cfg.MaxLength > 0 && d.readyLen() > cfg.MaxLength) ||
+		(cfg.MaxBytes > 0 && d.readyBytes() > cfg.MaxBytes)) {
+		d.scheduleLoadLocked(true)
+	}
+	return ops
+}
+
+// pop takes the next pending message in memory: requeued first.
+func (d *destination) pop() *Message {
+	if len(d.requeued) > 0 {
+		m := heap.Pop(&d.requeued).(*Message)
+		d.reqBytes -= int64(len(m.Body))
+		return m
+	}
+	m := d.window[d.head]
+	d.window[d.head] = nil
+	d.head++
+	d.windowBytes -= len(m.Body)
+	if d.head == len(d.window) {
+		d.window, d.head = d.window[:0], 0
+	} else if d.head > 1024 && d.head*2 > len(d.window) {
+		d.window = append(d.window[:0], d.window[d.head:]...)
+		d.head = 0
+	}
+	return m
+}
+
+func (d *destination) expiredOp(m *Message) store.Op {
+	d.n.m.expired.Inc()
+	return store.Op{Kind: store.OpDelete, Bucket: d.name, Key: m.Seq}
+}
+
+// expireLocked drops the expired messages held in memory.
+func (d *destination) expireLocked(now time.Time) []store.Op {
+	if d.expiring == 0 {
+		return nil
+	}
+	var ops []store.Op
+	keep := d.window[d.head:d.head]
+	for _, m := range d.window[d.head:] {
+		if m.Expired(now) {
+			d.expiring--
+			d.windowBytes -= len(m.Body)
+			ops = append(ops, d.expiredOp(m))
+			continue
+		}
+		keep = append(keep, m)
+	}
+	for i := d.head + len(keep); i < len(d.window); i++ {
+		d.window[i] = nil
+	}
+	d.window = d.window[:d.head+len(keep)]
+	rq := d.requeued[:0]
+	for _, m := range d.requeued {
+		if m.Expired(now) {
+			d.expiring--
+			d.reqBytes -= int64(len(m.Body))
+			ops = append(ops, d.expiredOp(m))
+			continue
+		}
+		rq = append(rq, m)
+	}
+	for i := len(rq); i < len(d.requeued); i++ {
+		d.requeued[i] = nil
+	}
+	d.requeued = rq
+	heap.Init(&d.requeued)
+	return ops
+}
+
+// releaseLocked gives back the read-ahead window of a queue without
+// subscribers: its messages are on disk, and are read again when a
+// subscriber comes. Requeued messages stay (they are few: they were in
+// flight).
+func (d *destination) releaseLocked() {
+	if len(d.subs) > 0 || d.loading || len(d.window) == d.head {
+		return
+	}
+	first := d.window[d.head].Seq
+	for _, m := range d.requeued {
+		if m.Seq >= first {
+			return // keys no longer split cleanly; keep the window
+		}
+	}
+	for _, m := range d.window[d.head:] {
+		if m.Expires > 0 {
+			d.expiring--
+		}
+	}
+	d.onDisk += int64(len(d.window) - d.head)
+	d.onDiskBytes += int64(d.windowBytes)
+	d.diskGen++
+	d.loadedTo = first - 1
+	d.window, d.head, d.windowBytes = nil, 0, 0
+}
+
+// scheduleLoadLocked queues d for the loader when its window runs low and
+// messages wait on disk, and it has a subscriber (or force).
+func (d *destination) scheduleLoadLocked(force bool) {
+	if d.loading || d.onDisk == 0 || (!force && len(d.subs) == 0) {
+		return
+	}
+	if len(d.window)-d.head > d.n.cfg.ReadAheadMessages/2 || d.windowBytes > d.n.cfg.ReadAheadBytes/2 {
+		return
+	}
+	d.loading = true
+	d.n.queueLoad(d)
+}
+
+// dispatchLocked hands pending messages to subscriptions with room, round
+// robin, and returns the store writes it needs (deletes of expired messages).
+func (d *destination) dispatchLocked() []store.Op {
+	if d.kind != KindQueue {
+		return nil
+	}
+	var ops []store.Op
+	now := d.n.cfg.Now()
+	for d.memLen() > 0 && len(d.subs) > 0 {
+		var s *Subscription
+		for i := 0; i < len(d.subs); i++ {
+			c := d.subs[(d.rr+i)%len(d.subs)]
+			if c.hasRoom() {
+				s = c
+				d.rr = (d.rr + i + 1) % len(d.subs)
+				break
+			}
+		}
+		if s == nil {
+			break
+		}
+		m := d.pop()
+		if m.Expires > 0 {
+			d.expiring--
+		}
+		if m.Expired(now) {
+			ops = append(ops, d.expiredOp(m))
+			continue
+		}
+		s.deliverLocked(m)
+	}
+	d.scheduleLoadLocked(false)
+	return ops
+}
+
+// requeueLocked returns m to pending, or, when it has been delivered too
+// often, adds it to nk for the dead-letter queue and returns the delete
+// of the original. ops gets the store writes.
+func (d *destination) requeueLocked(m *Message, delivered bool, ops []store.Op, nk *newKeys) []store.Op {
+	n := d.n
+	if delivered {
+		m.Deliveries++
+		n.m.redelivered.Inc()
+	}
+	if delivered && n.cfg.MaxRedeliveries > 0 && m.Deliveries > n.cfg.MaxRedeliveries &&
+		!isDLQ(d.name, n.cfg.DLQPrefix) {
+		dl := &Message{
+			Dest:    n.cfg.DLQPrefix + d.name[len(QueuePrefix):],
+			ID:      m.ID,
+			Headers: append(append([]string(nil), m.Headers...), "x-original-destination", d.name),
+			Body:    m.Body,
+		}
+		n.m.deadLettered.Inc()
+		// The dead-letter queue is found, and the message reserved on it,
+		// by commit: d.mu is held here, and Node.mu comes before it.
+		nk.add(nil, dl)
+		return append(ops, store.Op{Kind: store.OpDelete, Bucket: d.name, Key: m.Seq})
+	}
+	heap.Push(&d.requeued, m)
+	d.reqBytes += int64(len(m.Body))
+	if m.Expires > 0 {
+		d.expiring++
+	}
+	if !delivered {
+		return ops
+	}
+	// Keep the delivery count across restarts.
+	return append(ops, store.Op{Kind: store.OpPut, Bucket: d.name, Key: m.Seq, Value: m.encode()})
+}
+
+func isDLQ(name, prefix string) bool {
+	return len(name) >= len(prefix) && name[:len(prefix)] == prefix
+}
+
+func (d *destination) removeSub(s *Subscription) {
+	for i, c := range d.subs {
+		if c == s {
+			d.subs = append(d.subs[:i], d.subs[i+1:]...)
+			if d.rr > i {
+				d.rr--
+			}
+			if len(d.subs) > 0 {
+				d.rr %= len(d.subs)
+			} else {
+				d.rr = 0
+			}
+			return
+		}
+	}
+}
+
+// queueLoad hands d to the loader.
+func (n *Node) queueLoad(d *destination) {
+	n.loadMu.Lock()
+	n.loadQ = append(n.loadQ, d)
+	n.loadMu.Unlock()
+	select {
+	case n.loadSig <- struct{}{}:
+	default:
+	}
+}
+
+// loadLoop reads queues' backlogs into their windows, one queue at a
+// time, off every lock.
+func (n *Node) loadLoop() {
+	defer n.wg.Done()
+	for {
+		select {
+		case <-n.stop:
+			return
+		case <-n.loadSig:
+		}
+		for {
+			n.loadMu.Lock()
+			if len(n.loadQ) == 0 {
+				n.loadMu.Unlock()
+				break
+			}
+			d := n.loadQ[0]
+			n.loadQ[0] = nil
+			n.loadQ = n.loadQ[1:]
+			n.loadMu.Unlock()
+			n.load(d)
+			select {
+			case <-n.stop:
+				return
+			default:
+			}
+		}
+	}
+}
+
+// load reads the next messages of d's backlog into its window.
+func (n *Node) load(d *destination) {
+	d.mu.Lock()
+	from := d.loadedTo
+	limit := max(n.cfg.ReadAheadMessages-(len(d.window)-d.head), 1)
+	maxBytes := max(n.cfg.ReadAheadBytes-d.windowBytes, 1)
+	gen := d.diskGen
+	d.mu.Unlock()
+
+	var msgs []*Message
+	err := n.st.Scan(d.name, from, limit, maxBytes, func(key uint64, value []byte) error {
+		m, err := decodeMessage(d.name, key, value)
+		if err != nil {
+			return fmt.Errorf("queue %q message %d: %w", d.name, key, err)
+		}
+		msgs = append(msgs, m)
+		return nil
+	})
+
+	d.mu.Lock()
+	d.loading = false
+	if err != nil {
+		d.mu.Unlock()
+		// A failed read is a failed store (fail-stop elsewhere) or a
+		// corrupt record, which no retry mends.
+		n.log.Error("queue read failed", "dest", d.name, "err", err)
+		return
+	}
+	var ops []store.Op
+	now := n.cfg.Now()
+	for _, m := range msgs {
+		if m.Seq <= d.loadedTo {
+			continue // a window release raced this read; already counted
+		}
+		d.onDisk--
+		d.onDiskBytes -= int64(len(m.Body))
+		d.loadedTo = m.Seq
+		if m.Expired(now) {
+			ops = append(ops, d.expiredOp(m))
+			continue
+		}
+		d.window = append(d.window, m)
+		d.windowBytes += len(m.Body)
+		if m.Expires > 0 {
+			d.expiring++
+		}
+	}
+	if len(msgs) == 0 && d.diskGen == gen && d.onDisk != 0 {
+		n.log.Warn("queue count disagrees with the store; corrected", "dest", d.name, "counted", d.onDisk)
+		d.onDisk, d.onDiskBytes = 0, 0
+	}
+	if d.onDisk < 0 || d.onDiskBytes < 0 {
+		d.onDisk, d.onDiskBytes = max(d.onDisk, 0), max(d.onDiskBytes, 0)
+	}
+	ops = append(ops, d.enforceLimitsLocked()...)
+	ops = append(ops, d.dispatchLocked()...)
+	d.mu.Unlock()
+	n.submit(ops)
+}
+
+// msgHeap orders messages by key.
+type msgHeap []*Message
+
+func (h msgHeap) Len() int           { return len(h) }
+func (h msgHeap) Less(i, j int) bool { return h[i].Seq < h[j].Seq }
+func (h msgHeap) Swap(i, j int)      { h[i], h[j] = h[j], h[i] }
+func (h *msgHeap) Push(x any)        { *h = append(*h, x.(*Message)) }
+func (h *msgHeap) Pop() any {
+	old := *h
+	m := old[len(old)-1]
+	old[len(old)-1] = nil
+	*h = old[:len(old)-1]
+	return m
+}

@@ -1,0 +1,188 @@
+package replica
+
+import (
+	"sort"
+
+	"github.com/brokerd/brokerd/store"
+)
+
+type inflight struct {
+	msg     *Message
+	written bool
+}
+
+// Subscription is one subscriber of one destination.
+type Subscription struct {
+	d    *destination
+	opts SubOptions
+
+	// guarded by d.mu
+	nextTag   uint64
+	inflight  map[uint64]*inflight
+	unwritten int
+	closed    bool
+}
+
+// Dest returns the destination name.
+func (s *Subscription) Dest() string { return s.d.name }
+
+// Kind returns the destination's kind.
+func (s *Subscription) Kind() Kind { return s.d.kind }
+
+// AckMode returns the subscription's ack mode.
+func (s *Subscription) AckMode() AckMode { return s.opts.Ack }
+
+func (s *Subscription) hasRoom() bool {
+	if s.closed || s.unwritten >= s.d.n.cfg.WriteWindow {
+		return false
+	}
+	return s.opts.Prefetch <= 0 || len(s.inflight) < s.opts.Prefetch
+}
+
+func (s *Subscription) deliverLocked(m *Message) {
+	s.nextTag++
+	s.inflight[s.nextTag] = &inflight{msg: m}
+	s.unwritten++
+	s.d.n.m.delivered.Inc()
+	s.opts.Deliver(Delivery{Msg: m, Sub: s, Tag: s.nextTag, Redelivered: m.Deliveries > 0, Count: m.Deliveries})
+}
+
+// Written records that the deliveries tags are on the wire. In AckAuto
+// mode that acknowledges them.
+func (s *Subscription) Written(tags ...uint64) {
+	d := s.d
+	var ops []store.Op
+	d.mu.Lock()
+	for _, tag := range tags {
+		e := s.inflight[tag]
+		if e == nil || e.written {
+			continue
+		}
+		e.written = true
+		s.unwritten--
+		if s.opts.Ack == AckAuto {
+			delete(s.inflight, tag)
+			d.n.m.acked.Inc()
+			if d.kind == KindQueue {
+				ops = append(ops, store.Op{Kind: store.OpDelete, Bucket: d.name, Key: e.msg.Seq})
+			}
+		}
+	}
+	ops = append(ops, d.dispatchLocked()...)
+	d.mu.Unlock()
+	d.n.submit(ops)
+}
+
+// Tried records that the deliveries tags may have reached the client
+// (the write failed part way): without acknowledging them, even in
+// AckAuto mode, so that they come back marked redelivered.
+func (s *Subscription) Tried(tags ...uint64) {
+	d := s.d
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	for _, tag := range tags {
+		if e := s.inflight[tag]; e != nil && !e.written {
+			e.written = true
+			s.unwritten--
+		}
+	}
+}
+
+// Check returns ErrUnknownAck unless tag is outstanding on s.
+func (s *Subscription) Check(tag uint64) error {
+	s.d.mu.Lock()
+	defer s.d.mu.Unlock()
+	if s.closed {
+		return ErrSubscriptionClosed
+	}
+	if s.inflight[tag] == nil || s.opts.Ack == AckAuto {
+		return ErrUnknownAck
+	}
+	return nil
+}
+
+// settle removes the acknowledged (or rejected) deliveries, appending the
+// store writes to ops and dead-letter moves to nk.
+func (s *Subscription) settle(tag uint64, nack bool, ops []store.Op, nk *newKeys) []store.Op {
+	d := s.d
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	var tags []uint64
+	if s.opts.Ack == AckClient {
+		for t := range s.inflight {
+			if t <= tag {
+				tags = append(tags, t)
+			}
+		}
+		sort.Slice(tags, func(i, j int) bool { return tags[i] < tags[j] })
+	} else if s.inflight[tag] != nil {
+		tags = []uint64{tag}
+	}
+	for _, t := range tags {
+		e := s.inflight[t]
+		delete(s.inflight, t)
+		if !e.written {
+			s.unwritten--
+		}
+		switch {
+		case d.kind == KindTopic:
+			if !nack {
+				d.n.m.acked.Inc()
+			}
+		case nack:
+			ops = d.requeueLocked(e.msg, true, ops, nk)
+		default:
+			d.n.m.acked.Inc()
+			ops = append(ops, store.Op{Kind: store.OpDelete, Bucket: d.name, Key: e.msg.Seq})
+		}
+	}
+	return append(ops, d.dispatchLocked()...)
+}
+
+// Close ends the subscription. Its unacknowledged messages go back to the
+// queue (marked redelivered if they reached the wire) and to the other
+// subscribers; topic messages are dropped. The store writes this makes
+// (delivery counts, dead-letter moves) are submitted before Close returns,
+// so a later Barrier covers them.
+func (s *Subscription) Close() {
+	d := s.d
+	d.mu.Lock()
+	if s.closed {
+		d.mu.Unlock()
+		return
+	}
+	s.closed = true
+	d.removeSub(s)
+	var ops []store.Op
+	var nk newKeys
+	if d.kind == KindQueue {
+		tags := make([]uint64, 0, len(s.inflight))
+		for t := range s.inflight {
+			tags = append(tags, t)
+		}
+		sort.Slice(tags, func(i, j int) bool { return tags[i] < tags[j] })
+		for _, t := range tags {
+			e := s.inflight[t]
+			ops = d.requeueLocked(e.msg, e.written, ops, &nk)
+		}
+	}
+	s.inflight = nil
+	s.unwritten = 0
+	ops = append(ops, d.dispatchLocked()...)
+	empty := d.kind == KindTopic && len(d.subs) == 0
+	d.mu.Unlock()
+	if empty {
+		n := d.n
+		n.mu.Lock()
+		d.mu.Lock()
+		if len(d.subs) == 0 && n.dests[d.name] == d {
+			delete(n.dests, d.name)
+		}
+		d.mu.Unlock()
+		n.mu.Unlock()
+	}
+	if len(ops) == 0 && len(nk.msgs) == 0 {
+		return
+	}
+	d.n.commit(ops, nk, false, nil, nil)
+}
