@@ -49,6 +49,11 @@ type Config struct {
 	// RejoinInterval is how often the node retries its join list while
 	// alone, and the addresses of members it lost (to merge partitions).
 	RejoinInterval time.Duration
+	// ForgetAfter is how long a member that failed or left is remembered:
+	// after it the member leaves the view and the status, and its address
+	// is no longer retried. A forgotten member that comes back is a new
+	// member to the others. Default 24h.
+	ForgetAfter time.Duration
 	// Tick is how often the view is re-evaluated even without events.
 	Tick time.Duration
 	// STOMPAddr, AdminAddr and PeerAddr are advertised to the others.
@@ -75,6 +80,7 @@ func DefaultConfig() Config {
 		ActiveMembers:  3,
 		PromotionDelay: 500 * time.Millisecond,
 		RejoinInterval: 2 * time.Second,
+		ForgetAfter:    24 * time.Hour,
 		Tick:           50 * time.Millisecond,
 		Logger:         slog.Default(),
 		Now:            time.Now,
@@ -153,6 +159,7 @@ type known struct {
 	addr   string
 	state  string
 	deadAt time.Time // when it was last declared dead
+	goneAt time.Time // when it was last declared dead or left; zero while alive or suspect
 }
 
 const metaJoinedAt = "cluster_joined_at"
@@ -171,6 +178,9 @@ func New(cfg Config) (*Node, error) {
 	}
 	if cfg.RejoinInterval <= 0 {
 		cfg.RejoinInterval = def.RejoinInterval
+	}
+	if cfg.ForgetAfter <= 0 {
+		cfg.ForgetAfter = def.ForgetAfter
 	}
 	if cfg.ActiveMembers < 1 {
 		return nil, fmt.Errorf("cluster: active members must be at least 1, got %d", cfg.ActiveMembers)
@@ -414,6 +424,7 @@ func (n *Node) evaluate() {
 	now := n.cfg.Now()
 	n.mu.Lock()
 	defer n.mu.Unlock()
+	n.forgetLocked(now)
 	view := []Member{{ID: n.self.ID, Active: n.seat.Active, ActiveSince: n.seat.ActiveSince, JoinedAt: n.self.JoinedAt}}
 	mver, mval := n.self.MVersion, n.self.M
 	maxEpoch := n.self.Epoch
@@ -464,6 +475,21 @@ func (n *Node) evaluate() {
 		}
 	}
 	n.status = n.buildStatus(metas, states)
+}
+
+// forgetLocked drops the members that have been dead or gone for
+// ForgetAfter: they leave the status and the metrics, and rejoinLoop no
+// longer dials them. memberlist itself drops dead nodes after its
+// GossipToTheDeadTime (seconds); should the member come back, its alive
+// message brings it back here as a new entry.
+func (n *Node) forgetLocked(now time.Time) {
+	for id, k := range n.known {
+		if k.goneAt.IsZero() || now.Sub(k.goneAt) < n.cfg.ForgetAfter {
+			continue
+		}
+		delete(n.known, id)
+		n.log.Info("member forgotten", "peer", id, "name", k.meta.Name, "addr", k.addr, "state", k.state, "gone_since", k.goneAt, "forget_after", n.cfg.ForgetAfter)
+	}
 }
 
 // buildStatus assembles the status under n.mu.
@@ -617,8 +643,15 @@ func (e *events) note(node *memberlist.Node, state string) {
 	if m.Leaving && state == "dead" {
 		state = "left"
 	}
+	now := n.cfg.Now()
 	if state == "dead" && k.state != "dead" {
-		k.deadAt = n.cfg.Now()
+		k.deadAt = now
+	}
+	switch gone := state == "dead" || state == "left"; {
+	case !gone:
+		k.goneAt = time.Time{}
+	case k.goneAt.IsZero():
+		k.goneAt = now
 	}
 	k.meta, k.addr, k.state = m, node.Address(), state
 	n.mu.Unlock()
