@@ -87,7 +87,7 @@ type Queue struct {
 	MaxLength         int64         // queue.max_length: 0 (>= 0), messages per queue; 0 is unlimited
 	MaxBytes          int64         // queue.max_bytes: 0 (>= 0), bytes of message bodies per queue; 0 is unlimited
 	Overflow          string        // queue.overflow: reject-publish or drop-head; "reject-publish", what a SEND to a full queue does
-	IdleDeleteAfter   time.Duration // queue.idle_delete_after: 1h (> 0); an empty queue without subscribers is removed after this
+	IdleDeleteAfter   time.Duration // queue.idle_delete_after: 1h (>= 0); an empty queue without subscribers is removed after this; 0 never
 	ReadAheadMessages int           // queue.read_ahead_messages: 1000 (> 0), messages of a queue's on-disk backlog held in memory
 	ReadAheadBytes    int           // queue.read_ahead_bytes: 4 MiB (> 0), bytes of a queue's on-disk backlog held in memory
 }

@@ -629,7 +629,8 @@ func TestValidate(t *testing.T) {
 		{"queue.max_bytes negative", func(c *Config) { c.Queue.MaxBytes = -1 }, "queue.max_bytes", ">= 0"},
 		{"queue.overflow unknown", func(c *Config) { c.Queue.Overflow = "reject" }, "queue.overflow", `"reject" is not one of reject-publish, drop-head`},
 		{"queue.overflow drop-head", func(c *Config) { c.Queue.Overflow = "drop-head" }, "", ""},
-		{"queue.idle_delete_after 0", func(c *Config) { c.Queue.IdleDeleteAfter = 0 }, "queue.idle_delete_after", "must be > 0, got 0s"},
+		{"queue.idle_delete_after negative", func(c *Config) { c.Queue.IdleDeleteAfter = -time.Second }, "queue.idle_delete_after", "must be >= 0, got -1s"},
+		{"queue.idle_delete_after 0 never deletes", func(c *Config) { c.Queue.IdleDeleteAfter = 0 }, "", ""},
 		{"queue.read_ahead_messages 0", func(c *Config) { c.Queue.ReadAheadMessages = 0 }, "queue.read_ahead_messages", "> 0"},
 		{"queue.read_ahead_bytes 0", func(c *Config) { c.Queue.ReadAheadBytes = 0 }, "queue.read_ahead_bytes", "> 0"},
 

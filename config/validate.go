@@ -92,7 +92,7 @@ func (c Config) problems() []error {
 	check("queue.max_length", atLeastZero(c.Queue.MaxLength))
 	check("queue.max_bytes", atLeastZero(c.Queue.MaxBytes))
 	check("queue.overflow", oneOf(c.Queue.Overflow, overflows))
-	check("queue.idle_delete_after", positive(c.Queue.IdleDeleteAfter))
+	check("queue.idle_delete_after", atLeastZero(c.Queue.IdleDeleteAfter))
 	check("queue.read_ahead_messages", positive(c.Queue.ReadAheadMessages))
 	check("queue.read_ahead_bytes", positive(c.Queue.ReadAheadBytes))
 

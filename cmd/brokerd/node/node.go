@@ -70,6 +70,10 @@ func New(cfg config.Config, log *slog.Logger) (*Node, error) {
 	if err != nil {
 		return nil, fmt.Errorf("store.sync: %w", err)
 	}
+	overflow, err := replica.ParseOverflow(cfg.Queue.Overflow)
+	if err != nil {
+		return nil, fmt.Errorf("queue.overflow: %w", err)
+	}
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 
@@ -95,6 +99,13 @@ func New(cfg config.Config, log *slog.Logger) (*Node, error) {
 	rcfg.MaxRedeliveries = cfg.Queue.MaxRedeliveries
 	rcfg.DLQPrefix = cfg.Queue.DLQPrefix
 	rcfg.TopicBuffer = cfg.Limits.TopicBuffer
+	rcfg.MaxUnacked = cfg.Limits.MaxUnacked
+	rcfg.MaxLength = cfg.Queue.MaxLength
+	rcfg.MaxBytes = cfg.Queue.MaxBytes
+	rcfg.Overflow = overflow
+	rcfg.IdleDeleteAfter = cfg.Queue.IdleDeleteAfter
+	rcfg.ReadAheadMessages = cfg.Queue.ReadAheadMessages
+	rcfg.ReadAheadBytes = cfg.Queue.ReadAheadBytes
 	rcfg.Registerer = reg
 	rcfg.Logger = log
 	rep := replica.New(rcfg, st)
