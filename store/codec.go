@@ -7,6 +7,7 @@ import (
 	"fmt"
 
 	bolt "go.etcd.io/bbolt"
+	berrors "go.etcd.io/bbolt/errors"
 )
 
 // A record's payload is its group's ops back to back:
@@ -14,6 +15,7 @@ import (
 //	kind byte (OpKind; | sameBucket when the bucket is the previous op's)
 //	OpPut:     [bucket] uvarint key, uvarint len, value
 //	OpDelete:  [bucket] uvarint key
+//	OpDeleteBucket: [bucket]
 //	OpPutMeta: uvarint len, name, uvarint len, value
 //
 // where [bucket] is uvarint len, name, absent with sameBucket.
@@ -24,7 +26,7 @@ const sameBucket = 0x80
 // the log can be applied (replay must never fail on a record it accepted).
 func validateOp(op *Op) error {
 	switch op.Kind {
-	case OpPut, OpDelete:
+	case OpPut, OpDelete, OpDeleteBucket:
 		if len(queuePrefix)+len(op.Bucket) > bolt.MaxKeySize {
 			return fmt.Errorf("bucket name of %d bytes is too long", len(op.Bucket))
 		}
@@ -59,7 +61,7 @@ type encoder struct {
 func (e *encoder) append(op *Op) {
 	kind := byte(op.Kind)
 	switch op.Kind {
-	case OpPut, OpDelete:
+	case OpPut, OpDelete, OpDeleteBucket:
 		if e.haveBkt && e.bucket == op.Bucket {
 			e.buf = append(e.buf, kind|sameBucket)
 		} else {
@@ -67,6 +69,9 @@ func (e *encoder) append(op *Op) {
 			e.buf = binary.AppendUvarint(e.buf, uint64(len(op.Bucket)))
 			e.buf = append(e.buf, op.Bucket...)
 			e.bucket, e.haveBkt = op.Bucket, true
+		}
+		if op.Kind == OpDeleteBucket {
+			break
 		}
 		e.buf = binary.AppendUvarint(e.buf, op.Key)
 		if op.Kind == OpPut {
@@ -112,14 +117,15 @@ func decodeOps(p []byte, fn func(*rawOp) error) error {
 		op.kind = OpKind(kind &^ sameBucket)
 		ok := true
 		switch op.kind {
-		case OpPut, OpDelete:
+		case OpPut, OpDelete, OpDeleteBucket:
 			if kind&sameBucket != 0 {
 				ok = haveBkt
 			} else {
 				op.bucket, ok = bytesOf()
 				haveBkt = true
 			}
-			if ok {
+			op.key = 0
+			if ok && op.kind != OpDeleteBucket {
 				var k int
 				op.key, k = binary.Uvarint(p)
 				ok = k > 0
@@ -156,37 +162,126 @@ func decodeOps(p []byte, fn func(*rawOp) error) error {
 // checkOps reports whether payload p decodes.
 func checkOps(p []byte) error { return decodeOps(p, func(*rawOp) error { return nil }) }
 
+// Each queue bucket "q:<dest>" has a stats record under the same name in
+// the stats bucket: count (u64) and bytes (i64), big-endian. The applier
+// keeps it exact in the transaction that changes the entries: an op changes
+// the stats only by what it changes in the bucket, so replaying a record
+// bbolt already holds leaves them exact too.
+const statsLen = 16
+
+func decodeStats(v []byte) (count, bytes int64) {
+	if len(v) != statsLen {
+		return 0, 0
+	}
+	return int64(binary.BigEndian.Uint64(v)), int64(binary.BigEndian.Uint64(v[8:]))
+}
+
+// encodeStats returns a new record: bbolt keeps a Put's value until its
+// transaction ends.
+func encodeStats(count, bytes int64) []byte {
+	b := make([]byte, statsLen)
+	binary.BigEndian.PutUint64(b, uint64(count))
+	binary.BigEndian.PutUint64(b[8:], uint64(bytes))
+	return b
+}
+
+// bucketStats is one bucket's stats while a transaction changes it.
+type bucketStats struct {
+	name         string // top-level bucket name, queuePrefix included
+	count, bytes int64
+}
+
 // txApplier applies decoded ops in one bbolt transaction.
 type txApplier struct {
 	tx      *bolt.Tx
 	meta    *bolt.Bucket
-	cur     *bolt.Bucket
+	stats   *bolt.Bucket
+	weigh   func([]byte) int64
+	cur     *bolt.Bucket // nil after a bucket switch or delete
+	curC    *bolt.Cursor
+	curSt   *bucketStats
 	curName []byte
 	name    []byte
 	key     [8]byte
+	touched map[string]*bucketStats // stats to write back at the end
+}
+
+func weighLen(v []byte) int64 { return int64(len(v)) }
+
+// bucket makes op's bucket current. With create false a missing bucket
+// leaves cur nil.
+func (a *txApplier) bucket(name []byte, create bool) error {
+	if a.cur != nil && bytes.Equal(a.curName, name) {
+		return nil
+	}
+	a.cur, a.curC, a.curSt = nil, nil, nil
+	a.name = append(append(a.name[:0], queuePrefix...), name...)
+	b := a.tx.Bucket(a.name)
+	st := a.touched[string(a.name)]
+	if b == nil {
+		if !create {
+			return nil
+		}
+		var err error
+		if b, err = a.tx.CreateBucket(a.name); err != nil {
+			return fmt.Errorf("bucket %q: %w", name, err)
+		}
+		st = &bucketStats{name: string(a.name)}
+		a.touched[st.name] = st
+	} else if st == nil {
+		st = &bucketStats{name: string(a.name)}
+		st.count, st.bytes = decodeStats(a.stats.Get(a.name))
+		a.touched[st.name] = st
+	}
+	a.cur, a.curC, a.curSt = b, b.Cursor(), st
+	a.curName = append(a.curName[:0], name...)
+	return nil
+}
+
+// old returns the value under key in the current bucket, and whether it
+// is there. (Bucket.Get cannot tell a nil value from a missing key.)
+func (a *txApplier) old(key []byte) ([]byte, bool) {
+	k, v := a.curC.Seek(key)
+	return v, k != nil && bytes.Equal(k, key)
 }
 
 func (a *txApplier) apply(op *rawOp) error {
 	switch op.kind {
 	case OpPut, OpDelete:
-		if a.cur == nil || !bytes.Equal(a.curName, op.bucket) {
-			a.name = append(append(a.name[:0], queuePrefix...), op.bucket...)
-			b, err := a.tx.CreateBucketIfNotExists(a.name)
-			if err != nil {
-				return fmt.Errorf("bucket %q: %w", op.bucket, err)
-			}
-			a.cur = b
-			a.curName = append(a.curName[:0], op.bucket...)
+		if err := a.bucket(op.bucket, op.kind == OpPut); err != nil {
+			return err
+		}
+		if a.cur == nil {
+			return nil // delete in a missing bucket
 		}
 		binary.BigEndian.PutUint64(a.key[:], op.key)
+		old, had := a.old(a.key[:])
 		var err error
 		if op.kind == OpPut {
+			if had {
+				a.curSt.bytes -= a.weigh(old)
+			} else {
+				a.curSt.count++
+			}
+			a.curSt.bytes += a.weigh(op.value)
 			err = a.cur.Put(a.key[:], op.value)
-		} else {
+		} else if had {
+			a.curSt.count--
+			a.curSt.bytes -= a.weigh(old)
 			err = a.cur.Delete(a.key[:])
 		}
 		if err != nil {
 			return fmt.Errorf("bucket %q key %d: %w", op.bucket, op.key, err)
+		}
+	case OpDeleteBucket:
+		a.cur, a.curC, a.curSt = nil, nil, nil
+		a.name = append(append(a.name[:0], queuePrefix...), op.bucket...)
+		if err := a.tx.DeleteBucket(a.name); err != nil && !errors.Is(err, berrors.ErrBucketNotFound) {
+			return fmt.Errorf("delete bucket %q: %w", op.bucket, err)
+		}
+		delete(a.touched, string(a.name))
+		if err := a.stats.Delete(a.name); err != nil {
+			return fmt.Errorf("delete stats of %q: %w", op.bucket, err)
 		}
 	case OpPutMeta:
 		if err := a.meta.Put(op.name, op.value); err != nil {
@@ -196,16 +291,62 @@ func (a *txApplier) apply(op *rawOp) error {
 	return nil
 }
 
+// finish writes back the stats of the buckets the transaction touched.
+func (a *txApplier) finish() error {
+	for _, st := range a.touched {
+		if err := a.stats.Put([]byte(st.name), encodeStats(st.count, st.bytes)); err != nil {
+			return fmt.Errorf("stats of %q: %w", st.name[len(queuePrefix):], err)
+		}
+	}
+	return nil
+}
+
+func newTxApplier(tx *bolt.Tx, weigh func([]byte) int64) *txApplier {
+	if weigh == nil {
+		weigh = weighLen
+	}
+	return &txApplier{tx: tx, meta: tx.Bucket(bucketMeta), stats: tx.Bucket(statsBucket), weigh: weigh, touched: map[string]*bucketStats{}}
+}
+
 // applyPayloads applies payloads, in order, in one bbolt transaction. The
 // payloads must stay unchanged until it returns (bbolt keeps the values).
-func applyPayloads(db *bolt.DB, payloads [][]byte) error {
+func applyPayloads(db *bolt.DB, weigh func([]byte) int64, payloads [][]byte) error {
 	return db.Update(func(tx *bolt.Tx) error {
-		a := &txApplier{tx: tx, meta: tx.Bucket(bucketMeta)}
+		a := newTxApplier(tx, weigh)
 		for _, p := range payloads {
 			if err := decodeOps(p, a.apply); err != nil {
 				return err
 			}
 		}
+		return a.finish()
+	})
+}
+
+// initStats creates the stats bucket if it is missing, counting the
+// entries of every queue bucket (a store written before stats existed).
+func initStats(tx *bolt.Tx, weigh func([]byte) int64) error {
+	if tx.Bucket(statsBucket) != nil {
 		return nil
+	}
+	if weigh == nil {
+		weigh = weighLen
+	}
+	stats, err := tx.CreateBucket(statsBucket)
+	if err != nil {
+		return err
+	}
+	return tx.ForEach(func(name []byte, b *bolt.Bucket) error {
+		if !bytes.HasPrefix(name, []byte(queuePrefix)) {
+			return nil
+		}
+		var count, n int64
+		if err := b.ForEach(func(_, v []byte) error {
+			count++
+			n += weigh(v)
+			return nil
+		}); err != nil {
+			return err
+		}
+		return stats.Put(name, encodeStats(count, n))
 	})
 }

@@ -80,6 +80,11 @@ type Config struct {
 	// leave the disk to the log). Reads and checkpoints do not wait for it.
 	// Under SyncBatch the interval is at least SyncInterval. Default 10ms.
 	ApplyInterval time.Duration
+	// Weigh gives the weight of a value in BucketStats.Bytes and Scan's
+	// maxBytes; nil means len(value). It must be a pure function of the
+	// value and stay the same across restarts: the stats keep the sums of
+	// its results, computed once per write.
+	Weigh func(value []byte) int64
 	// Registerer receives the store's metrics; nil means none.
 	Registerer prometheus.Registerer
 }
@@ -106,7 +111,24 @@ const (
 	OpDelete
 	// OpPutMeta stores Value under the meta key Name.
 	OpPutMeta
+	// OpDeleteBucket removes Bucket with its entries and stats; deleting
+	// a missing bucket is not an error.
+	OpDeleteBucket
 )
+
+func (k OpKind) String() string {
+	switch k {
+	case OpPut:
+		return "put"
+	case OpDelete:
+		return "delete"
+	case OpPutMeta:
+		return "put-meta"
+	case OpDeleteBucket:
+		return "delete-bucket"
+	}
+	return fmt.Sprintf("OpKind(%d)", int(k))
+}
 
 // Op is one write. The store reads Value until the commit is done; the
 // caller must not modify it after Submit.
@@ -126,7 +148,10 @@ type request struct {
 	err   error
 }
 
-var bucketMeta = []byte("meta")
+var (
+	bucketMeta  = []byte("meta")
+	statsBucket = []byte("stats")
+)
 
 // queuePrefix starts the name of each destination's top-level bucket. A
 // top-level bucket costs one page less per commit than a nested one.
@@ -251,8 +276,10 @@ func Open(cfg Config) (*Store, error) {
 		return nil, fmt.Errorf("open %s: %w", cfg.Path, err)
 	}
 	err = db.Update(func(tx *bolt.Tx) error {
-		_, err := tx.CreateBucketIfNotExists(bucketMeta)
-		return err
+		if _, err := tx.CreateBucketIfNotExists(bucketMeta); err != nil {
+			return err
+		}
+		return initStats(tx, cfg.Weigh)
 	})
 	if err != nil {
 		db.Close()
@@ -260,7 +287,7 @@ func Open(cfg Config) (*Store, error) {
 	}
 	// The bbolt lock held from here on also guards the log.
 	w, err := openWAL(cfg.Path+".wal", cfg.WALSize, durable, func(payloads [][]byte) error {
-		if err := applyPayloads(db, payloads); err != nil {
+		if err := applyPayloads(db, cfg.Weigh, payloads); err != nil {
 			return fmt.Errorf("apply to %s: %w", cfg.Path, err)
 		}
 		return nil
@@ -507,7 +534,7 @@ func (s *Store) commitDirect(payload []byte) error {
 		return err
 	}
 	start := time.Now()
-	err := applyPayloads(s.db, [][]byte{payload})
+	err := applyPayloads(s.db, s.cfg.Weigh, [][]byte{payload})
 	s.metrics.applySeconds.Observe(time.Since(start).Seconds())
 	if err != nil {
 		return fmt.Errorf("apply to %s: %w", s.cfg.Path, err)
@@ -543,7 +570,7 @@ func (s *Store) applyLogged(payloads [][]byte, seq uint64) error {
 		}
 	}
 	start := time.Now()
-	err := applyPayloads(s.db, payloads)
+	err := applyPayloads(s.db, s.cfg.Weigh, payloads)
 	s.metrics.applySeconds.Observe(time.Since(start).Seconds())
 	if err != nil {
 		s.metrics.commitErrors.Inc()

@@ -26,19 +26,30 @@ type entry struct {
 
 // model is the expected content of a store.
 type model struct {
-	data map[entry]string
-	meta map[string]string
+	data    map[entry]string
+	meta    map[string]string
+	buckets map[string]bool // created by a Put, until an OpDeleteBucket
 }
 
-func newModel() *model { return &model{data: map[entry]string{}, meta: map[string]string{}} }
+func newModel() *model {
+	return &model{data: map[entry]string{}, meta: map[string]string{}, buckets: map[string]bool{}}
+}
 
 func (m *model) apply(ops []Op) {
 	for _, op := range ops {
 		switch op.Kind {
 		case OpPut:
 			m.data[entry{op.Bucket, op.Key}] = string(op.Value)
+			m.buckets[op.Bucket] = true
 		case OpDelete:
 			delete(m.data, entry{op.Bucket, op.Key})
+		case OpDeleteBucket:
+			for k := range m.data {
+				if k.bucket == op.Bucket {
+					delete(m.data, k)
+				}
+			}
+			delete(m.buckets, op.Bucket)
 		case OpPutMeta:
 			m.meta[op.Name] = string(op.Value)
 		}
@@ -52,6 +63,9 @@ func (m *model) clone() *model {
 	}
 	for k, v := range m.meta {
 		c.meta[k] = v
+	}
+	for k := range m.buckets {
+		c.buckets[k] = true
 	}
 	return c
 }

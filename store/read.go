@@ -1,0 +1,95 @@
+package store
+
+import (
+	"bytes"
+	"encoding/binary"
+	"fmt"
+
+	bolt "go.etcd.io/bbolt"
+)
+
+// BucketStats describes one bucket (destination).
+type BucketStats struct {
+	Name     string
+	Count    int64  // entries
+	Bytes    int64  // sum of Config.Weigh(value) over entries (len(value) when Weigh is nil)
+	FirstKey uint64 // 0 when empty
+	LastKey  uint64 // 0 when empty
+}
+
+// Buckets returns the stats of every bucket, sorted by name. It reads one
+// stats record per bucket and the first and last key of each (a cursor
+// descent), never the entries. It sees every commit whose callback ran
+// before it was called.
+func (s *Store) Buckets() ([]BucketStats, error) {
+	if err := s.ap.waitCurrent(); err != nil {
+		return nil, err
+	}
+	var out []BucketStats
+	err := s.db.View(func(tx *bolt.Tx) error {
+		c := tx.Bucket(statsBucket).Cursor()
+		for k, v := c.First(); k != nil; k, v = c.Next() {
+			if !bytes.HasPrefix(k, []byte(queuePrefix)) {
+				continue
+			}
+			st := BucketStats{Name: string(k[len(queuePrefix):])}
+			st.Count, st.Bytes = decodeStats(v)
+			if b := tx.Bucket(k); b != nil {
+				bc := b.Cursor()
+				if first, _ := bc.First(); len(first) == 8 {
+					st.FirstKey = binary.BigEndian.Uint64(first)
+				}
+				if last, _ := bc.Last(); len(last) == 8 {
+					st.LastKey = binary.BigEndian.Uint64(last)
+				}
+			}
+			out = append(out, st)
+		}
+		return nil
+	})
+	return out, err
+}
+
+// Scan calls fn with the entries of bucket whose key is > after, in key
+// order, stopping after limit entries or once the weights (Config.Weigh)
+// of the values passed reach maxBytes; at least one entry is passed when
+// one exists. limit <= 0 or maxBytes <= 0 is no limit. value is only
+// valid during the call. An error from fn stops the scan and is returned.
+// It sees every commit whose callback ran before it was called. A missing
+// bucket is empty, not an error.
+func (s *Store) Scan(bucket string, after uint64, limit int, maxBytes int, fn func(key uint64, value []byte) error) error {
+	if after == ^uint64(0) {
+		return nil
+	}
+	if err := s.ap.waitCurrent(); err != nil {
+		return err
+	}
+	weigh := s.cfg.Weigh
+	if weigh == nil {
+		weigh = weighLen
+	}
+	return s.db.View(func(tx *bolt.Tx) error {
+		b := tx.Bucket([]byte(queuePrefix + bucket))
+		if b == nil {
+			return nil
+		}
+		var seek [8]byte
+		binary.BigEndian.PutUint64(seek[:], after+1)
+		c := b.Cursor()
+		n, size := 0, int64(0)
+		for k, v := c.Seek(seek[:]); k != nil; k, v = c.Next() {
+			if len(k) != 8 {
+				return fmt.Errorf("bucket %q: key of %d bytes", bucket, len(k))
+			}
+			if err := fn(binary.BigEndian.Uint64(k), v); err != nil {
+				return err
+			}
+			n++
+			size += weigh(v)
+			if (limit > 0 && n >= limit) || (maxBytes > 0 && size >= int64(maxBytes)) {
+				return nil
+			}
+		}
+		return nil
+	})
+}
