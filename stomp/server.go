@@ -49,7 +49,9 @@ type Config struct {
 	HeartbeatReceive time.Duration
 	// ConnectTimeout bounds the time from accept to a complete CONNECT frame.
 	ConnectTimeout time.Duration
-	// WriteTimeout bounds one flush to a client that does not read.
+	// WriteTimeout bounds each write to a client: a client that reads
+	// nothing for that long while the server has something to send it is
+	// disconnected.
 	WriteTimeout time.Duration
 	// Auth checks logins; nil allows anyone.
 	Auth Authenticator

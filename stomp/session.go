@@ -140,6 +140,20 @@ func (r idleReader) Read(p []byte) (int, error) {
 	return s.conn.Read(p)
 }
 
+// deadlineWriter sets the write deadline before every write to the
+// connection, so that WriteTimeout bounds each write however long the
+// connection was idle before it: a frame larger than the write buffer is
+// written during WriteFrame, not only at the flush.
+type deadlineWriter struct {
+	c net.Conn
+	d time.Duration
+}
+
+func (w deadlineWriter) Write(p []byte) (int, error) {
+	_ = w.c.SetWriteDeadline(time.Now().Add(w.d))
+	return w.c.Write(p)
+}
+
 // shutdown makes the reader stop at its next read; the session then ends
 // the usual way, after the receipts of earlier frames.
 func (s *session) shutdown() {
@@ -703,7 +717,7 @@ func (s *session) enqueue(it outItem) {
 // heart-beats when idle. It ends at the first end item or write error.
 func (s *session) writeLoop() {
 	defer close(s.writerDone)
-	w := newFrameWriter(s.conn)
+	w := newFrameWriter(deadlineWriter{s.conn, s.srv.cfg.WriteTimeout})
 	var tick <-chan time.Time
 	var ticker *time.Ticker
 	lastWrite := time.Now()
@@ -739,7 +753,6 @@ func (s *session) writeLoop() {
 		case <-s.outSignal:
 		case <-tick:
 			if time.Since(lastWrite) >= interval/2 {
-				_ = s.conn.SetWriteDeadline(time.Now().Add(s.srv.cfg.WriteTimeout))
 				if w.WriteHeartbeat() != nil || w.Flush() != nil {
 					fail()
 					return
@@ -795,7 +808,6 @@ func (s *session) writeLoop() {
 		for i := range batch {
 			batch[i] = outItem{}
 		}
-		_ = s.conn.SetWriteDeadline(time.Now().Add(s.srv.cfg.WriteTimeout))
 		if err := w.Flush(); err != nil {
 			fail()
 			return

@@ -56,6 +56,13 @@ func (b *recBroker) Barrier(done func(error)) {
 }
 
 func testServer(t *testing.T) (*recBroker, string) {
+	rb, srv := testServerCfg(t, nil)
+	return rb, srv.Addr().String()
+}
+
+// testServerCfg starts a Server on a fresh store and replica, with
+// DefaultConfig changed by mutate.
+func testServerCfg(t *testing.T, mutate func(*Config)) (*recBroker, *Server) {
 	scfg := store.DefaultConfig(filepath.Join(t.TempDir(), "r.db"))
 	scfg.Sync = store.SyncNone
 	st, err := store.Open(scfg)
@@ -72,12 +79,15 @@ func testServer(t *testing.T) (*recBroker, string) {
 	cfg := DefaultConfig()
 	cfg.Addr = "127.0.0.1:0"
 	cfg.Logger = rcfg.Logger
+	if mutate != nil {
+		mutate(&cfg)
+	}
 	srv := NewServer(cfg, rb)
 	if err := srv.Start(); err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { _ = srv.Shutdown(context.Background()) })
-	return rb, srv.Addr().String()
+	return rb, srv
 }
 
 func readAll(t *testing.T, c net.Conn) string {
