@@ -163,3 +163,22 @@ func TestForgetDeadMember(t *testing.T) {
 		t.Errorf("c came back into a's status: %+v", a.Status().Members)
 	}
 }
+
+// TestLeaveTwice: a node that leaves because its store failed and is then
+// shut down leaves once; memberlist panics on a second leave.
+func TestLeaveTwice(t *testing.T) {
+	netw := netsim.New()
+	a := startNode(t, netw, "a", nil, nil, nil)
+	b := startNode(t, netw, "b", []string{netw.Host("a").Addr()}, nil, nil)
+	waitFor(t, 10*time.Second, "a sees b", func() bool { return memberState(a, "b") == "alive" })
+	if err := b.Leave(time.Second); err != nil {
+		t.Logf("first leave: %v", err)
+	}
+	if err := b.Leave(time.Second); err != nil {
+		t.Errorf("second leave: %v", err)
+	}
+	if err := b.Close(); err != nil {
+		t.Errorf("close after leave: %v", err)
+	}
+	waitFor(t, 5*time.Second, "a sees b left", func() bool { return memberState(a, "b") == "left" })
+}

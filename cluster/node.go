@@ -147,7 +147,10 @@ type Node struct {
 	// pubMu serializes UpdateNode calls: memberlist reads our metadata
 	// before it takes the next incarnation, so two concurrent calls could
 	// let older metadata win (and lose the leave intent).
-	pubMu   sync.Mutex
+	pubMu sync.Mutex
+	// leaveMu serializes Leave: memberlist panics on a leave after its
+	// shutdown, which the first Leave ends with.
+	leaveMu sync.Mutex
 	stop    chan struct{}
 	wg      sync.WaitGroup
 	closeMu sync.Mutex
@@ -322,8 +325,17 @@ func (n *Node) GossipAddr() string {
 }
 
 // Leave tells the others this node is going away, so its replacement is
-// promoted at once, then stops gossip.
+// promoted at once, then stops gossip. After the first call (or Close) it
+// does nothing.
 func (n *Node) Leave(timeout time.Duration) error {
+	n.leaveMu.Lock()
+	defer n.leaveMu.Unlock()
+	n.closeMu.Lock()
+	closed := n.closed
+	n.closeMu.Unlock()
+	if closed {
+		return nil
+	}
 	if n.ml == nil {
 		n.Close()
 		return nil

@@ -32,6 +32,16 @@ const (
 	exitOK     = 0
 	exitFail   = 1
 	exitConfig = 2
+	// exitStoreFailed: the store failed (a write or fsync of the log or of
+	// bbolt); a restart replays the write-ahead log.
+	exitStoreFailed = 3
+)
+
+// Shutdown bounds: the node's own, and how long main waits for it before
+// exiting anyway (a store whose fsync hangs must not keep the process up).
+const (
+	shutdownTimeout = 5 * time.Second
+	shutdownHardCap = 10 * time.Second
 )
 
 func run(args, environ []string, stdin io.Reader, stdout, stderr io.Writer) int {
@@ -78,7 +88,7 @@ func newLogger(cfg config.Log, w io.Writer) *slog.Logger {
 	return slog.New(slog.NewTextHandler(w, opts))
 }
 
-// serve runs the node until SIGTERM or SIGINT.
+// serve runs the node until SIGTERM or SIGINT, or until its store fails.
 func serve(cfg config.Config, stderr io.Writer) int {
 	log := newLogger(cfg.Log, stderr)
 	n, err := node.New(cfg, log)
@@ -93,13 +103,34 @@ func serve(cfg config.Config, stderr io.Writer) int {
 		return exitFail
 	}
 	log.Info("brokerd started", "node_id", n.ID(), "stomp", n.STOMPAddr(), "admin", n.AdminAddr(), "data_dir", cfg.Node.DataDir)
-	<-ctx.Done()
+	code := exitOK
+	select {
+	case <-ctx.Done():
+		log.Info("shutting down")
+	case <-n.Failed():
+		log.Error("exiting: the store failed", "err", n.Err(), "exit_code", exitStoreFailed)
+		code = exitStoreFailed
+	}
 	stop() // a second signal kills the process the default way
-	log.Info("shutting down")
-	sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	sctx, cancel := context.WithTimeout(context.Background(), shutdownTimeout)
 	defer cancel()
-	if err := n.Shutdown(sctx); err != nil {
-		log.Warn("shutdown incomplete", "err", err)
+	done := make(chan error, 1)
+	go func() { done <- n.Shutdown(sctx) }()
+	select {
+	case err := <-done:
+		if err != nil {
+			log.Warn("shutdown incomplete", "err", err)
+		}
+	case <-time.After(shutdownHardCap):
+		log.Error("shutdown did not finish; exiting anyway", "waited", shutdownHardCap)
+		if code == exitOK {
+			code = exitFail
+		}
+		return code
+	}
+	if code != exitOK {
+		log.Error("stopped after a store failure", "err", n.Err(), "exit_code", code)
+		return code
 	}
 	log.Info("stopped")
 	return exitOK

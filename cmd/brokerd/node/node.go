@@ -18,6 +18,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/brokerd/brokerd/cluster"
@@ -46,6 +47,23 @@ type Node struct {
 	admin  *http.Server
 	adminL net.Listener
 	adminD chan struct{}
+
+	// Fail-stop: closed once the store has failed and the node has stopped
+	// serving (see watchStore).
+	failed   chan struct{}
+	failOnce sync.Once
+	failErr  error         // set before failed is closed
+	stopped  chan struct{} // closed by Shutdown: watchStore returns
+	stopOnce sync.Once
+}
+
+// storeHealth is what the node asks the store about its health. The store
+// reports a failed write or fsync (after which it refuses every commit)
+// and the low-disk alarm.
+type storeHealth interface {
+	Failed() <-chan struct{}
+	Err() error
+	LowDisk() bool
 }
 
 // New opens the node's store and recovers its messages. It listens on
@@ -81,6 +99,7 @@ func New(cfg config.Config, log *slog.Logger) (*Node, error) {
 	scfg.Sync = sync
 	scfg.SyncInterval = cfg.Store.SyncInterval
 	scfg.MaxBatchOps = cfg.Store.MaxBatch
+	scfg.WALSize = cfg.Store.WALSize
 	scfg.Registerer = reg
 	scfg.Weigh = replica.StoredBodyLen // queue.max_bytes counts bodies
 	st, err := store.Open(scfg)
@@ -142,6 +161,9 @@ func New(cfg config.Config, log *slog.Logger) (*Node, error) {
 		st:  st,
 		rep: rep,
 		srv: stomp.NewServer(pcfg, rep),
+
+		failed:  make(chan struct{}),
+		stopped: make(chan struct{}),
 	}
 	return n, nil
 }
@@ -245,7 +267,70 @@ func (n *Node) Start() error {
 		_ = n.Shutdown(context.Background())
 		return err
 	}
+	go n.watchStore()
 	return nil
+}
+
+// health is the store's health interface, or nil when it has none.
+func (n *Node) health() storeHealth {
+	h, _ := any(n.st).(storeHealth)
+	return h
+}
+
+// watchStore stops the node when the store fails: a write or fsync of the
+// log or of bbolt failed, so no further commit can be trusted. It logs the
+// cause, closes the STOMP listener (sessions answer what is pending with
+// ERROR frames and close), and leaves the cluster so that the others see it
+// as left at once and promote a replacement. /healthz answers 503 from
+// then on. The process (main) exits on Failed, so that a supervisor
+// restarts it and the log is replayed.
+func (n *Node) watchStore() {
+	h := n.health()
+	if h == nil {
+		return
+	}
+	select {
+	case <-n.stopped:
+		return
+	case <-h.Failed():
+	}
+	err := h.Err()
+	if err == nil {
+		err = errors.New("store failed")
+	}
+	n.failErr = err
+	n.log.Error("store failed: refusing clients and leaving the cluster; restart to recover from the write-ahead log", "err", err)
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
+	defer cancel()
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		if err := n.srv.Shutdown(ctx); err != nil {
+			n.log.Warn("closing STOMP sessions after the store failure", "err", err)
+		}
+	}()
+	if n.cl != nil {
+		if err := n.cl.Leave(time.Second); err != nil {
+			n.log.Debug("gossip leave incomplete", "err", err)
+		}
+	}
+	wg.Wait()
+	n.failOnce.Do(func() { close(n.failed) })
+}
+
+// Failed is closed once the node has stopped serving because its store
+// failed; Err then says why. The process should exit.
+func (n *Node) Failed() <-chan struct{} { return n.failed }
+
+// Err is the store failure that stopped the node, or nil.
+func (n *Node) Err() error {
+	select {
+	case <-n.failed:
+		return n.failErr
+	default:
+		return nil
+	}
 }
 
 // Cluster is the node's membership.
@@ -266,6 +351,7 @@ func (n *Node) AdminAddr() string {
 // take effect and their receipts go out, closes the connections, finishes
 // in-flight commits and closes the store.
 func (n *Node) Shutdown(ctx context.Context) error {
+	n.stopOnce.Do(func() { close(n.stopped) })
 	if n.cl != nil {
 		// Leave first: the others promote a replacement at once.
 		if err := n.cl.Leave(time.Second); err != nil {
@@ -288,9 +374,7 @@ func (n *Node) Shutdown(ctx context.Context) error {
 
 func (n *Node) adminHandler() http.Handler {
 	mux := http.NewServeMux()
-	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, r *http.Request) {
-		writeJSON(w, map[string]string{"status": "ok", "node_id": n.id, "node_name": n.cfg.Node.Name})
-	})
+	mux.HandleFunc("GET /healthz", n.healthz)
 	mux.Handle("GET /metrics", promhttp.HandlerFor(n.reg, promhttp.HandlerOpts{}))
 	// Profiles for operators chasing a slow node; the admin address is
 	// loopback by default.
@@ -328,6 +412,43 @@ func (n *Node) adminHandler() http.Handler {
 		writeJSON(w, n.rep.Destinations())
 	})
 	return mux
+}
+
+// healthz answers 200 {"status": "ok"} while the node serves, 200
+// {"status": "degraded", "reason": "low disk space"} while the low-disk
+// alarm refuses SENDs (consumers must still reach the node to drain it, so a
+// readiness probe must not take it out of service), and 503
+// {"status": "failed", "error": ...} once the store has failed and the
+// node is stopping.
+func (n *Node) healthz(w http.ResponseWriter, r *http.Request) {
+	body := map[string]string{"status": "ok", "node_id": n.id, "node_name": n.cfg.Node.Name}
+	h := n.health()
+	var failed error
+	if h != nil {
+		select {
+		case <-h.Failed():
+			failed = h.Err()
+			if failed == nil {
+				failed = errors.New("store failed")
+			}
+		default:
+		}
+	}
+	switch {
+	case failed != nil:
+		body["status"] = "failed"
+		body["error"] = "store failed: " + failed.Error()
+		w.Header().Set("Content-Type", "application/json")
+		w.WriteHeader(http.StatusServiceUnavailable)
+		enc := json.NewEncoder(w)
+		enc.SetIndent("", "  ")
+		_ = enc.Encode(body)
+		return
+	case h != nil && h.LowDisk():
+		body["status"] = "degraded"
+		body["reason"] = "low disk space"
+	}
+	writeJSON(w, body)
 }
 
 func writeJSON(w http.ResponseWriter, v any) {
