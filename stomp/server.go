@@ -43,10 +43,21 @@ type Config struct {
 	MaxSubscriptions int
 	// MaxTxFrames caps the frames buffered in the open transactions of one connection.
 	MaxTxFrames int
-	// HeartbeatSend is how often the server offers to send heart-beats (0: never).
+	// HeartbeatSend enables heart-beats from the server (0: never send
+	// any). When enabled, the server sends them as often as the client
+	// asks (the second field of its heart-beat header), but not more often
+	// than every HeartbeatMin.
 	HeartbeatSend time.Duration
-	// HeartbeatReceive is how often the server asks the client for heart-beats (0: never).
+	// HeartbeatReceive enables the check of the client's heart-beats (0:
+	// never ask for any). When enabled, the server expects them as often
+	// as the client offers (the first field of its heart-beat header),
+	// but not more often than every HeartbeatMin.
 	HeartbeatReceive time.Duration
+	// HeartbeatMin is the shortest heart-beat period the server agrees
+	// to, both ways; a client asking for more frequent heart-beats gets
+	// this period, stated in CONNECTED. Zero or negative means the
+	// default (1s).
+	HeartbeatMin time.Duration
 	// ConnectTimeout bounds the time from accept to a complete CONNECT frame.
 	ConnectTimeout time.Duration
 	// WriteTimeout bounds each write to a client: a client that reads
@@ -73,6 +84,7 @@ func DefaultConfig() Config {
 		MaxTxFrames:      10000,
 		HeartbeatSend:    10 * time.Second,
 		HeartbeatReceive: 10 * time.Second,
+		HeartbeatMin:     time.Second,
 		ConnectTimeout:   10 * time.Second,
 		WriteTimeout:     60 * time.Second,
 		ServerName:       "brokerd",
@@ -109,6 +121,13 @@ func NewServer(cfg Config, broker Broker) *Server {
 	}
 	if cfg.WriteTimeout <= 0 {
 		cfg.WriteTimeout = def.WriteTimeout
+	}
+	if cfg.HeartbeatMin <= 0 {
+		cfg.HeartbeatMin = def.HeartbeatMin
+	}
+	// Whole milliseconds, as CONNECTED states it.
+	if r := cfg.HeartbeatMin % time.Millisecond; r != 0 {
+		cfg.HeartbeatMin += time.Millisecond - r
 	}
 	if cfg.ServerName == "" {
 		cfg.ServerName = def.ServerName

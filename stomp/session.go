@@ -323,11 +323,14 @@ func (s *session) connect(f *frame.Frame) error {
 			if err != nil {
 				return perr("bad-header", "invalid heart-beat header", "heart-beat %q: want two comma-separated non-negative integers", hb)
 			}
+			// What the client asks for, down to HeartbeatMin. Stating
+			// sx >= cy and sy >= cx in CONNECTED makes the periods the
+			// spec derives, MAX(sx,cy) and MAX(cx,sy), exactly sx and sy.
 			if cy > 0 && cfg.HeartbeatSend > 0 {
-				sx = max(cy, cfg.HeartbeatSend)
+				sx = max(cy, cfg.HeartbeatMin)
 			}
 			if cx > 0 && cfg.HeartbeatReceive > 0 {
-				sy = max(cx, cfg.HeartbeatReceive)
+				sy = max(cx, cfg.HeartbeatMin)
 			}
 		}
 	}
@@ -338,7 +341,7 @@ func (s *session) connect(f *frame.Frame) error {
 	}
 	c := frame.New(frame.CONNECTED, frame.Version, v, frame.Session, s.id, frame.Server, cfg.ServerName)
 	if v != "1.0" {
-		c.Header.Add(frame.HeartBeat, strconv.FormatInt(cfg.HeartbeatSend.Milliseconds(), 10)+","+strconv.FormatInt(cfg.HeartbeatReceive.Milliseconds(), 10))
+		c.Header.Add(frame.HeartBeat, strconv.FormatInt(sx.Milliseconds(), 10)+","+strconv.FormatInt(sy.Milliseconds(), 10))
 	}
 	s.enqueue(outItem{f: c})
 	return nil
