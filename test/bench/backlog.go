@@ -693,22 +693,22 @@ func (bl *backlog) printSummary() {
 		}
 		fmt.Fprintf(w, "fill      %.1f msg/s (receipted %d of %d sent in %.1f s), receipt p50 %.3f ms p99 %.3f ms max %.3f ms%s\n",
 			f.SendRate, f.Receipted, f.Sent, f.SendSecs, f.RcptP50, f.RcptP99, f.RcptMax, ck)
-		fmt.Fprintf(w, "  memory  during: %s\n", &r.FillMem)
-		fmt.Fprintf(w, "          filled: %s\n", r.FilledMem)
-		fmt.Fprintf(w, "          +%s:    %s\n", cfg.bl.settle, r.FilledSettledMem)
+		fmt.Fprintf(w, "  memory  %-16s %s\n", "during:", &r.FillMem)
+		fmt.Fprintf(w, "          %-16s %s\n", "last receipt:", r.FilledMem)
+		fmt.Fprintf(w, "          %-16s %s\n", "+"+cfg.bl.settle.String()+":", r.FilledSettledMem)
 		if f.Series != nil {
 			printSeries(w, f.Series, true)
 		}
 	}
 	if r.RestartConnectedS > 0 {
 		fmt.Fprintf(w, "restart   after kill -9: CONNECTED %.3f s after exec, probe round trip at %.3f s\n", r.RestartConnectedS, r.RestartReadyS)
-		fmt.Fprintf(w, "  memory  at CONNECTED: %s\n", r.RestartMem)
-		fmt.Fprintf(w, "          +%s:        %s\n", cfg.bl.settle, r.RestartSettledMem)
+		fmt.Fprintf(w, "  memory  %-16s %s\n", "at CONNECTED:", r.RestartMem)
+		fmt.Fprintf(w, "          %-16s %s\n", "+"+cfg.bl.settle.String()+":", r.RestartSettledMem)
 	}
 	if d := r.Drain; d != nil {
 		fmt.Fprintf(w, "drain     %.1f msg/s (%d distinct in %.1f s from the first SUBSCRIBE; first MESSAGE after %.3f s), message age at delivery p50 %.0f ms max %.0f ms\n",
 			r.DrainRate, r.Received, r.DrainS, r.DrainFirstS, d.LatP50, d.LatMax)
-		fmt.Fprintf(w, "  memory  during: %s\n", &r.DrainMem)
+		fmt.Fprintf(w, "  memory  %-16s %s\n", "during:", &r.DrainMem)
 		fmt.Fprintf(w, "  counts  expected=%d received=%d lost=%d duplicated=%d redelivered=%d deliveries=%d\n",
 			d.Receipted, d.Received, d.Lost, d.Duplicated, d.Redelivered, d.Deliveries)
 	}

@@ -17,6 +17,17 @@
 #   RABBIT_PASSCODE
 #   DURATION          send duration per run     (default 10s)
 #   WINDOWS           receipt windows to run    (default "1 64")
+#   SERIES            1: per-second receipt p99 (-series), rows "sec p99 ..."
+#                     (default 1; 0 to leave the flag out)
+#   BROKERD_ADMIN     brokerd admin address: count its store checkpoints
+#                     (write-ahead log wraps) per run (default: none)
+#   BROKERD_PID       brokerd's PID: its peak VmRSS/RssAnon per run (default: none)
+#
+# The store's write-ahead log (64 MiB) wraps every ~200k messages of 256 B,
+# i.e. every 10-15 s at window 64 on a 2-core machine; with DURATION=60s and
+# BROKERD_ADMIN set, the "sec p99 worst" and "checkpoints" rows show whether
+# a wrap stalls commits (window 1 alone commits too slowly to wrap in 60 s;
+# add e.g. -producers 8).
 # Extra arguments are passed to every run, after the defaults above, e.g.
 #   test/bench/compare.sh -size 1024 -prefetch 64
 #
@@ -31,6 +42,9 @@ RABBIT_LOGIN=${RABBIT_LOGIN:-guest}
 RABBIT_PASSCODE=${RABBIT_PASSCODE:-guest}
 DURATION=${DURATION:-10s}
 WINDOWS=${WINDOWS:-"1 64"}
+SERIES=${SERIES:-1}
+BROKERD_ADMIN=${BROKERD_ADMIN:-}
+BROKERD_PID=${BROKERD_PID:-}
 
 root=$(cd "$(dirname "$0")/../.." && pwd)
 tmp=$(mktemp -d "${TMPDIR:-/tmp}/bench-compare.XXXXXX")
@@ -43,13 +57,18 @@ status=0
 
 run() { # TARGET WINDOW
   local t=$1 w=$2 addr login pass
+  local -a opt=()
   shift 2
-  if [ "$t" = brokerd ]; then addr=$BROKERD_ADDR login=$BROKERD_LOGIN pass=$BROKERD_PASSCODE
+  if [ "$t" = brokerd ]; then
+    addr=$BROKERD_ADDR login=$BROKERD_LOGIN pass=$BROKERD_PASSCODE
+    [ -n "$BROKERD_ADMIN" ] && opt+=(-admin "$BROKERD_ADMIN")
+    [ -n "$BROKERD_PID" ] && opt+=(-pid "$BROKERD_PID")
   else addr=$RABBIT_ADDR login=$RABBIT_LOGIN pass=$RABBIT_PASSCODE; fi
+  [ "$SERIES" = 1 ] && opt+=(-series)
   echo "compare.sh: $t @ $addr window=$w for $DURATION ..." >&2
   "$tmp/bench" -json -label "$t" -addr "$addr" -login "$login" -passcode "$pass" \
     -producers 1 -consumers 1 -size 256 -persistent=true -ack client-individual -prefetch 256 \
-    -window "$w" -duration "$DURATION" "$@" >"$tmp/$t-$w.out" 2>"$tmp/$t-$w.err"
+    -window "$w" -duration "$DURATION" "${opt[@]}" "$@" >"$tmp/$t-$w.out" 2>"$tmp/$t-$w.err"
   echo $? >"$tmp/$t-$w.rc"
   grep '^{' "$tmp/$t-$w.out" | tail -n 1 >"$tmp/$t-$w.json"
 }
@@ -106,6 +125,24 @@ row "e2e p99 ms" lat_p99_ms '%.3f'
 row "e2e max ms" lat_max_ms '%.3f'
 row "receipt p50 ms" receipt_p50_ms '%.3f'
 row "receipt p99 ms" receipt_p99_ms '%.3f'
+row "receipt max ms" receipt_max_ms '%.3f'
+if [ "$SERIES" = 1 ]; then
+  row "sec p99 median ms" sec_p99_median_ms '%.3f'
+  row "sec p99 worst ms" sec_p99_worst_ms '%.3f'
+  row "sec w/o receipt" sec_idle '%d'
+fi
+[ -n "$BROKERD_ADMIN" ] && row "checkpoints" checkpoints '%d'
+if [ -n "$BROKERD_PID" ]; then
+  printf '%-18s' "peak VmRSS MiB"
+  for w in $WINDOWS; do
+    for t in "${targets[@]}"; do
+      v=$(field "$tmp/$t-$w.json" peak_rss)
+      if [ -n "$v" ]; then v=$(awk -v b="$v" 'BEGIN { printf "%.1f", b / 1048576 }'); else v=-; fi
+      printf ' | %12s' "$v"
+    done
+  done
+  echo
+fi
 row "sent" sent '%d'
 row "receipted" receipted '%d'
 row "received" received '%d'

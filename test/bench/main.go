@@ -1218,7 +1218,8 @@ type result struct {
 	// With -admin: brokerd_store_checkpoints_total during the run (each
 	// one a wrap of the store's write-ahead log).
 	Checkpoints *int64 `json:"checkpoints,omitempty"`
-	// With -series: one point per second of the run.
+	// With -series: one point per second of the run, and a digest.
+	*seriesStats
 	Series []point `json:"series,omitempty"`
 }
 
@@ -1301,6 +1302,10 @@ func (r *run) compute(sendEnd time.Time) result {
 	res.OK = res.Errors == 0 && res.Lost == 0
 	if r.series != nil {
 		res.Series = r.series.points()
+		if cfg.window > 0 {
+			st := summarize(res.Series)
+			res.seriesStats = &st
+		}
 	}
 	return res
 }

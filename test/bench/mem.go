@@ -206,7 +206,7 @@ func newCkptWatch(admin string) *ckptWatch {
 	return w
 }
 
-// attach starts polling once a second into s.
+// attach starts polling into s, four times a second.
 func (w *ckptWatch) attach(s *series) {
 	if !w.ok {
 		return
@@ -215,7 +215,7 @@ func (w *ckptWatch) attach(s *series) {
 		go func() {
 			defer close(w.done)
 			prev := w.first
-			t := time.NewTicker(time.Second)
+			t := time.NewTicker(250 * time.Millisecond)
 			defer t.Stop()
 			for {
 				select {
