@@ -3,12 +3,14 @@ package stomp
 import (
 	"bufio"
 	"bytes"
+	"fmt"
 	"io"
 	"net"
 	"strings"
 	"testing"
 	"time"
 
+	"github.com/brokerd/brokerd/replica"
 	"github.com/go-stomp/stomp/v3/frame"
 )
 
@@ -156,5 +158,37 @@ func TestSessionLargeMessageAfterIdle(t *testing.T) {
 	cons.write(tframe(frame.ACK, "", "id:"+m.Header.Get(frame.Ack), "receipt:a"))
 	if msgs := cons.receipt("a"); len(msgs) != 0 {
 		t.Fatalf("more messages: %v", msgs[0].Header)
+	}
+}
+
+// TestSessionBrokerRefusals: a SEND the broker refuses because its queue is
+// full or the disk is low gets an ERROR saying so, with its receipt-id,
+// and the connection closes.
+func TestSessionBrokerRefusals(t *testing.T) {
+	for _, tc := range []struct {
+		err       error
+		msg, body string
+	}{
+		{fmt.Errorf("%w: /queue/full holds 1000 messages, its limit (queue.max_length)", replica.ErrQueueFull),
+			"queue full", "/queue/full holds 1000 messages, its limit (queue.max_length)"},
+		{fmt.Errorf("%w: 10 MiB free, store.min_free_bytes is 1 GiB", replica.ErrLowDisk),
+			"broker low on disk space", "consumers can still receive and acknowledge"},
+	} {
+		t.Run(tc.msg, func(t *testing.T) {
+			rb, srv := testServerCfg(t, nil)
+			c := tdial(t, srv.Addr().String())
+			c.connect()
+			rb.mu.Lock()
+			rb.applyErr = tc.err
+			rb.mu.Unlock()
+			c.write(tframe(frame.SEND, "m", "destination:/queue/full", "receipt:r1"))
+			f := c.expectError(tc.msg)
+			if got := f.Header.Get(frame.ReceiptId); got != "r1" {
+				t.Errorf("ERROR receipt-id %q, want r1", got)
+			}
+			if !strings.Contains(string(f.Body), tc.body) {
+				t.Errorf("ERROR body %q does not contain %q", f.Body, tc.body)
+			}
+		})
 	}
 }

@@ -409,6 +409,12 @@ func brokerError(f *frame.Frame, err error) error {
 		return perr("destination", "invalid destination", "%s: %v", f.Command, err)
 	case errors.Is(err, replica.ErrUnknownAck), errors.Is(err, replica.ErrSubscriptionClosed):
 		return perr("ack", "unknown message", "%s: %v", f.Command, err)
+	case errors.Is(err, replica.ErrQueueFull):
+		// The wrapped error names the queue and the limit it is at.
+		return perr("queue-full", "queue full", "%v", err)
+	case errors.Is(err, replica.ErrLowDisk):
+		return perr("low-disk", "broker low on disk space",
+			"the broker refuses new messages until free disk space returns; consumers can still receive and acknowledge (%v)", err)
 	}
 	return perr("internal", "internal error", "%s: %v", f.Command, err)
 }
@@ -568,10 +574,13 @@ func (s *session) resolveAck(f *frame.Frame) (*sub, uint64, error) {
 	if err != nil {
 		return nil, 0, err
 	}
-	if s.version == "1.1" {
-		subID, err := required(f, frame.Subscription)
-		if err != nil {
-			return nil, 0, err
+	// 1.1 requires the subscription header. In 1.0 (whose ACK has none,
+	// and whose NACK is an extension) it is optional: it narrows the
+	// search when it names a subscription of this connection.
+	subID := f.Header.Get(frame.Subscription)
+	if s.version == "1.1" || s.subs[subID] != nil {
+		if subID == "" {
+			return nil, 0, perr("missing-header", "missing subscription header", "%s requires a subscription header", f.Command)
 		}
 		sb := s.subs[subID]
 		if sb == nil {
@@ -591,9 +600,8 @@ func (s *session) resolveAck(f *frame.Frame) (*sub, uint64, error) {
 }
 
 func (s *session) ack(f *frame.Frame) error {
-	if f.Command == frame.NACK && s.version == "1.0" {
-		return perr("protocol", "unexpected frame", "NACK is not part of STOMP 1.0")
-	}
+	// NACK is not part of STOMP 1.0, but RabbitMQ accepts it there, with
+	// the 1.1 headers; so does this server.
 	sb, tag, err := s.resolveAck(f)
 	if err != nil {
 		return err

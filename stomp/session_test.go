@@ -23,6 +23,7 @@ type recBroker struct {
 	mu       sync.Mutex
 	log      []string
 	failNext bool
+	applyErr error // returned by Apply, which then applies nothing
 }
 
 func (b *recBroker) Subscribe(o replica.SubOptions) (*replica.Subscription, error) {
@@ -36,7 +37,11 @@ func (b *recBroker) Apply(x *replica.Batch, done func(error)) error {
 	}
 	b.log = append(b.log, "apply sync="+map[bool]string{true: "T", false: "F"}[x.Sync]+" "+strings.Join(dests, ","))
 	fail := b.failNext
+	applyErr := b.applyErr
 	b.mu.Unlock()
+	if applyErr != nil {
+		return applyErr
+	}
 	if fail {
 		done(errors.New("disk on fire"))
 		return nil
