@@ -1,0 +1,8 @@
+//go:build !linux
+
+package store
+
+import bolt "go.etcd.io/bbolt"
+
+// releaseMapped does nothing beyond Linux.
+func releaseMapped(*bolt.DB) error { return nil }
