@@ -192,3 +192,42 @@ func TestSessionBrokerRefusals(t *testing.T) {
 		})
 	}
 }
+
+// TestSessionTxBytesLimit: the bytes buffered in a connection's open
+// transactions are bounded by MaxTxBytes: the frame that would pass it
+// gets an ERROR naming the limit, with its receipt-id, the connection
+// closes and the transaction's SENDs are dropped. ABORT frees the budget.
+func TestSessionTxBytesLimit(t *testing.T) {
+	const limit = 1000
+	_, srv := testServerCfg(t, func(c *Config) { c.MaxTxBytes = limit })
+	addr := srv.Addr().String()
+	q := "/queue/tx-bytes"
+	body := strings.Repeat("x", 400)
+	c := tdial(t, addr)
+	c.connect()
+	c.write(tframe(frame.BEGIN, "", "transaction:t1"))
+	c.write(tframe(frame.SEND, body, "destination:"+q, "transaction:t1"))
+	c.write(tframe(frame.SEND, body, "destination:"+q, "transaction:t1", "receipt:s2"))
+	c.receipt("s2")
+	c.write(tframe(frame.ABORT, "", "transaction:t1"))
+	c.write(tframe(frame.BEGIN, "", "transaction:t2"))
+	c.write(tframe(frame.SEND, body, "destination:"+q, "transaction:t2", "receipt:s3"))
+	c.receipt("s3")
+	c.write(tframe(frame.SEND, body+body, "destination:"+q, "transaction:t2", "receipt:big"))
+	f := c.expectError("transaction too large")
+	if got := f.Header.Get(frame.ReceiptId); got != "big" {
+		t.Errorf("ERROR receipt-id %q, want big", got)
+	}
+	if !strings.Contains(string(f.Body), "1000 bytes") {
+		t.Errorf("ERROR body %q does not name the limit", f.Body)
+	}
+	// Nothing of t2 reached the queue: a sentinel sent now comes first.
+	c2 := tdial(t, addr)
+	c2.connect()
+	c2.write(tframe(frame.SEND, "sentinel", "destination:"+q, "receipt:p"))
+	c2.receipt("p")
+	c2.write(tframe(frame.SUBSCRIBE, "", "id:0", "destination:"+q))
+	if m := c2.read(); m.Command != frame.MESSAGE || string(m.Body) != "sentinel" {
+		t.Fatalf("want the sentinel first, got %s %q", m.Command, m.Body)
+	}
+}

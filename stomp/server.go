@@ -43,6 +43,11 @@ type Config struct {
 	MaxSubscriptions int
 	// MaxTxFrames caps the frames buffered in the open transactions of one connection.
 	MaxTxFrames int
+	// MaxTxBytes caps the bytes (bodies and headers) of the frames
+	// buffered in the open transactions of one connection; the frame that
+	// would pass it gets an ERROR "transaction too large". Zero or
+	// negative means the default (64 MiB).
+	MaxTxBytes int64
 	// HeartbeatSend enables heart-beats from the server (0: never send
 	// any). When enabled, the server sends them as often as the client
 	// asks (the second field of its heart-beat header), but not more often
@@ -82,6 +87,7 @@ func DefaultConfig() Config {
 		MaxConnections:   10000,
 		MaxSubscriptions: 1000,
 		MaxTxFrames:      10000,
+		MaxTxBytes:       64 << 20,
 		HeartbeatSend:    10 * time.Second,
 		HeartbeatReceive: 10 * time.Second,
 		HeartbeatMin:     time.Second,
@@ -121,6 +127,9 @@ func NewServer(cfg Config, broker Broker) *Server {
 	}
 	if cfg.WriteTimeout <= 0 {
 		cfg.WriteTimeout = def.WriteTimeout
+	}
+	if cfg.MaxTxBytes <= 0 {
+		cfg.MaxTxBytes = def.MaxTxBytes
 	}
 	if cfg.HeartbeatMin <= 0 {
 		cfg.HeartbeatMin = def.HeartbeatMin

@@ -45,6 +45,7 @@ type session struct {
 	subs     map[string]*sub
 	txs      map[string]*transaction
 	txFrames int
+	txBytes  int64 // frameBytes of the frames in open transactions
 	subIndex uint64
 	subByIdx map[uint64]*sub
 	dirty    bool // an Apply since the last synced one was not synced
@@ -74,6 +75,7 @@ type sub struct {
 
 type transaction struct {
 	batch replica.Batch
+	bytes int64 // frameBytes of its SENDs, ACKs and NACKs
 }
 
 // pendingOp is a frame's effect as the sequencer sees it.
@@ -462,7 +464,7 @@ func (s *session) send(f *frame.Frame) error {
 		m.Expires = ms
 	}
 	if txID, ok := f.Header.Contains(frame.Transaction); ok {
-		t, err := s.transaction(f, txID)
+		t, err := s.transaction(f, txID, frameBytes(f))
 		if err != nil {
 			return err
 		}
@@ -611,7 +613,7 @@ func (s *session) ack(f *frame.Frame) error {
 	}
 	op := replica.AckOp{Sub: sb.rs, Tag: tag, Nack: f.Command == frame.NACK}
 	if txID, ok := f.Header.Contains(frame.Transaction); ok {
-		t, err := s.transaction(f, txID)
+		t, err := s.transaction(f, txID, frameBytes(f))
 		if err != nil {
 			return err
 		}
@@ -622,8 +624,9 @@ func (s *session) ack(f *frame.Frame) error {
 	return s.apply(f, &replica.Batch{Acks: []replica.AckOp{op}})
 }
 
-// transaction returns the open transaction txID, counting one more frame.
-func (s *session) transaction(f *frame.Frame, txID string) (*transaction, error) {
+// transaction returns the open transaction txID, counting one more frame
+// of n bytes.
+func (s *session) transaction(f *frame.Frame, txID string, n int64) (*transaction, error) {
 	t := s.txs[txID]
 	if t == nil {
 		return nil, perr("transaction", "unknown transaction", "%s names transaction %q, which is not open", f.Command, txID)
@@ -631,8 +634,25 @@ func (s *session) transaction(f *frame.Frame, txID string) (*transaction, error)
 	if s.srv.cfg.MaxTxFrames > 0 && s.txFrames >= s.srv.cfg.MaxTxFrames {
 		return nil, perr("limit", "transaction too large", "at most %d frames in open transactions per connection", s.srv.cfg.MaxTxFrames)
 	}
+	if s.txBytes+n > s.srv.cfg.MaxTxBytes {
+		return nil, perr("limit", "transaction too large", "at most %d bytes (bodies and headers) in open transactions per connection; this %s would make %d",
+			s.srv.cfg.MaxTxBytes, f.Command, s.txBytes+n)
+	}
 	s.txFrames++
+	s.txBytes += n
+	t.bytes += n
 	return t, nil
+}
+
+// frameBytes approximates the memory a frame held in a transaction takes:
+// its body and its headers' names and values.
+func frameBytes(f *frame.Frame) int64 {
+	n := int64(len(f.Body))
+	for i := 0; i < f.Header.Len(); i++ {
+		k, v := f.Header.GetAt(i)
+		n += int64(len(k) + len(v))
+	}
+	return n
 }
 
 func (s *session) tx(f *frame.Frame) error {
@@ -672,6 +692,7 @@ func (s *session) tx(f *frame.Frame) error {
 func (s *session) endTx(txID string, t *transaction) {
 	delete(s.txs, txID)
 	s.txFrames -= 1 + len(t.batch.Sends) + len(t.batch.Acks)
+	s.txBytes -= t.bytes
 }
 
 // sequence emits receipts and errors in frame order, each only after the
