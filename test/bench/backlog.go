@@ -34,6 +34,7 @@ import (
 	"errors"
 	"flag"
 	"fmt"
+	"io"
 	"os"
 	"os/exec"
 	"os/signal"
@@ -407,8 +408,12 @@ func backlogMain(cfg config) int {
 		fmt.Fprintln(os.Stderr, "bench: interrupted: ending this phase, skipping the rest, stopping brokerd (again to kill it and exit)")
 		bl.intr.Store(true)
 		if cur := bl.cur.Load(); cur != nil {
+			// Producers stop and still wait (up to their -drain) for the
+			// receipts of what they sent; a consumers-only drain stops.
 			cur.stopOnce.Do(func() { close(cur.stop) })
-			cur.abortOnce.Do(func() { close(cur.abort) })
+			if cur.cfg.producers == 0 {
+				cur.abortOnce.Do(func() { close(cur.abort) })
+			}
 		}
 		<-sig
 		fmt.Fprintln(os.Stderr, "bench: interrupted again: killing brokerd")
@@ -694,8 +699,8 @@ func (bl *backlog) printSummary() {
 		fmt.Fprintf(w, "fill      %.1f msg/s (receipted %d of %d sent in %.1f s), receipt p50 %.3f ms p99 %.3f ms max %.3f ms%s\n",
 			f.SendRate, f.Receipted, f.Sent, f.SendSecs, f.RcptP50, f.RcptP99, f.RcptMax, ck)
 		fmt.Fprintf(w, "  memory  %-16s %s\n", "during:", &r.FillMem)
-		fmt.Fprintf(w, "          %-16s %s\n", "last receipt:", r.FilledMem)
-		fmt.Fprintf(w, "          %-16s %s\n", "+"+cfg.bl.settle.String()+":", r.FilledSettledMem)
+		memLine(w, "last receipt:", r.FilledMem)
+		memLine(w, "+"+cfg.bl.settle.String()+":", r.FilledSettledMem)
 		if f.Series != nil {
 			printSeries(w, f.Series, true)
 		}
@@ -703,7 +708,7 @@ func (bl *backlog) printSummary() {
 	if r.RestartConnectedS > 0 {
 		fmt.Fprintf(w, "restart   after kill -9: CONNECTED %.3f s after exec, probe round trip at %.3f s\n", r.RestartConnectedS, r.RestartReadyS)
 		fmt.Fprintf(w, "  memory  %-16s %s\n", "at CONNECTED:", r.RestartMem)
-		fmt.Fprintf(w, "          %-16s %s\n", "+"+cfg.bl.settle.String()+":", r.RestartSettledMem)
+		memLine(w, "+"+cfg.bl.settle.String()+":", r.RestartSettledMem)
 	}
 	if d := r.Drain; d != nil {
 		fmt.Fprintf(w, "drain     %.1f msg/s (%d distinct in %.1f s from the first SUBSCRIBE; first MESSAGE after %.3f s), message age at delivery p50 %.0f ms max %.0f ms\n",
@@ -715,17 +720,21 @@ func (bl *backlog) printSummary() {
 	if r.RefRate > 0 && r.Drain != nil {
 		fmt.Fprintf(w, "ratio     drain / reference = %.1f / %.1f = %.3f\n", r.DrainRate, r.RefRate, r.Ratio)
 	}
-	t := r.Targets
-	verdict := func(ok bool) string {
-		if ok {
-			return "met"
+	if r.Drain == nil {
+		fmt.Fprintln(w, "targets   not evaluated: the scenario did not reach the drain")
+	} else {
+		t := r.Targets
+		verdict := func(ok bool) string {
+			if ok {
+				return "met"
+			}
+			return "MISSED"
 		}
-		return "MISSED"
+		fmt.Fprintf(w, "targets   VmRSS with the backlog pending <= %d MiB: peak %.1f MiB %s (RssAnon peak %.1f MiB %s)\n",
+			t.RSSMiB, mib(r.BacklogPeakRSS), verdict(t.RSSOK), mib(r.BacklogPeakAnon), verdict(t.RSSAnonOK))
+		fmt.Fprintf(w, "          restart to CONNECTED < %.3f s: %.3f s %s\n", t.RestartS, r.RestartConnectedS, verdict(t.RestartOK))
+		fmt.Fprintf(w, "          drain >= %.2f x reference: %.3f %s\n", t.Ratio, r.Ratio, verdict(t.RatioOK))
 	}
-	fmt.Fprintf(w, "targets   VmRSS with the backlog pending <= %d MiB: peak %.1f MiB %s (RssAnon peak %.1f MiB %s)\n",
-		t.RSSMiB, mib(r.BacklogPeakRSS), verdict(t.RSSOK), mib(r.BacklogPeakAnon), verdict(t.RSSAnonOK))
-	fmt.Fprintf(w, "          restart to CONNECTED < %.3f s: %.3f s %s\n", t.RestartS, r.RestartConnectedS, verdict(t.RestartOK))
-	fmt.Fprintf(w, "          drain >= %.2f x reference: %.3f %s\n", t.Ratio, r.Ratio, verdict(t.RatioOK))
 	switch {
 	case r.OK:
 		fmt.Fprintln(w, "result    OK")
@@ -750,5 +759,12 @@ func (bl *backlog) printSummary() {
 			why = append(why, "did not reach the drain")
 		}
 		fmt.Fprintf(w, "result    FAIL (%s)\n", strings.Join(why, ", "))
+	}
+}
+
+// memLine prints one memory reading, if it was taken.
+func memLine(w io.Writer, label string, m memStat) {
+	if m.RSS > 0 {
+		fmt.Fprintf(w, "          %-16s %s\n", label, m)
 	}
 }

@@ -38,7 +38,7 @@
 # tool recorded), removes its data directory and build directory, and exits
 # with the tool's status: 0 clean run and every target met, 3 clean run with a
 # target missed, 1 failure (loss, ERROR, broker not back, interrupted), 2 bad
-# flags.
+# flags, 124 TIME_LIMIT reached (the tool was interrupted and still reported).
 set -uo pipefail
 
 COUNT=${COUNT:-200000}

@@ -797,7 +797,7 @@ loop:
 		t.Stop()
 		p.mu.Lock()
 		if n := len(p.pending); n > 0 && !r.isFailed() {
-			fmt.Fprintf(os.Stderr, "bench: %s: %d SENDs still without RECEIPT after %s\n", p.c.name, n, cfg.drain)
+			fmt.Fprintf(os.Stderr, "bench: %s: %d SENDs without RECEIPT when the wait for them ended (-drain %s)\n", p.c.name, n, cfg.drain)
 		}
 		if p.nReceipted > 0 {
 			p.end = p.lastReceipt
