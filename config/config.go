@@ -30,11 +30,11 @@ type Node struct {
 // STOMP is the client-facing listener.
 type STOMP struct {
 	Addr             string        // stomp.addr: "127.0.0.1:61613"; port 0 picks a free port
-	HeartbeatSend    time.Duration // stomp.heartbeat_send: 10s, what the server offers to send; 0 disables
-	HeartbeatReceive time.Duration // stomp.heartbeat_receive: 10s, what the server wants to receive; 0 disables
+	HeartbeatSend    time.Duration // stomp.heartbeat_send: 10s (>= 0); 0 never sends heart-beats, otherwise the server sends them as often as the client asks, down to heartbeat_min
+	HeartbeatReceive time.Duration // stomp.heartbeat_receive: 10s (>= 0); 0 never checks the client's, otherwise they are expected as often as the client offers, down to heartbeat_min
 	ConnectTimeout   time.Duration // stomp.connect_timeout: 10s (> 0), from accept to CONNECT
 	WriteTimeout     time.Duration // stomp.write_timeout: 60s (> 0), for one write to a client
-	HeartbeatMin     time.Duration // stomp.heartbeat_min: 1s (>= 0), the shortest heart-beat interval the server agrees to, either way
+	HeartbeatMin     time.Duration // stomp.heartbeat_min: 1s (> 0), the shortest heart-beat period the server agrees to, either way
 }
 
 // Admin is the HTTP server for health and metrics.

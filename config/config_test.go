@@ -311,7 +311,7 @@ func TestEveryKeyFromEveryLayer(t *testing.T) {
 	want := Config{
 		Node: Node{Name: "n1", DataDir: "/var/lib/brokerd"},
 		STOMP: STOMP{Addr: "127.0.0.1:0", HeartbeatSend: time.Second, HeartbeatReceive: 2 * time.Second,
-			ConnectTimeout: 3 * time.Second, WriteTimeout: 4 * time.Second, HeartbeatMin: 0},
+			ConnectTimeout: 3 * time.Second, WriteTimeout: 4 * time.Second, HeartbeatMin: 5 * time.Millisecond},
 		Admin: Admin{Addr: ""},
 		Log:   Log{Level: "debug", Format: "json"},
 		Store: Store{Sync: "batch", SyncInterval: 5 * time.Millisecond, MaxBatch: 6,
@@ -327,7 +327,7 @@ func TestEveryKeyFromEveryLayer(t *testing.T) {
 	}
 	file := `
 node: {name: n1, data_dir: /var/lib/brokerd}
-stomp: {addr: "127.0.0.1:0", heartbeat_send: 1s, heartbeat_receive: 2s, connect_timeout: 3s, write_timeout: 4s, heartbeat_min: 0}
+stomp: {addr: "127.0.0.1:0", heartbeat_send: 1s, heartbeat_receive: 2s, connect_timeout: 3s, write_timeout: 4s, heartbeat_min: 5ms}
 admin: {addr: }
 log: {level: debug, format: json}
 store: {sync: batch, sync_interval: 5ms, max_batch: 6, wal_size: 1MiB, min_free_bytes: 0, recover: truncate}
@@ -350,7 +350,7 @@ cluster:
 	env := []string{
 		"BROKERD_NODE_NAME=n1", "BROKERD_NODE_DATA_DIR=/var/lib/brokerd",
 		"BROKERD_STOMP_ADDR=127.0.0.1:0", "BROKERD_STOMP_HEARTBEAT_SEND=1s", "BROKERD_STOMP_HEARTBEAT_RECEIVE=2s",
-		"BROKERD_STOMP_CONNECT_TIMEOUT=3s", "BROKERD_STOMP_WRITE_TIMEOUT=4s", "BROKERD_STOMP_HEARTBEAT_MIN=0s",
+		"BROKERD_STOMP_CONNECT_TIMEOUT=3s", "BROKERD_STOMP_WRITE_TIMEOUT=4s", "BROKERD_STOMP_HEARTBEAT_MIN=5ms",
 		"BROKERD_ADMIN_ADDR=",
 		"BROKERD_LOG_LEVEL=debug", "BROKERD_LOG_FORMAT=json",
 		"BROKERD_STORE_SYNC=batch", "BROKERD_STORE_SYNC_INTERVAL=5ms", "BROKERD_STORE_MAX_BATCH=6",
@@ -584,8 +584,9 @@ func TestValidate(t *testing.T) {
 		{"stomp.heartbeat_receive negative", func(c *Config) { c.STOMP.HeartbeatReceive = -1 }, "stomp.heartbeat_receive", ">= 0"},
 		{"stomp.connect_timeout 0", func(c *Config) { c.STOMP.ConnectTimeout = 0 }, "stomp.connect_timeout", "must be > 0, got 0s"},
 		{"stomp.write_timeout negative", func(c *Config) { c.STOMP.WriteTimeout = -1 }, "stomp.write_timeout", "> 0"},
-		{"stomp.heartbeat_min negative", func(c *Config) { c.STOMP.HeartbeatMin = -time.Second }, "stomp.heartbeat_min", "must be >= 0, got -1s"},
-		{"stomp.heartbeat_min 0", func(c *Config) { c.STOMP.HeartbeatMin = 0 }, "", ""},
+		{"stomp.heartbeat_min negative", func(c *Config) { c.STOMP.HeartbeatMin = -time.Second }, "stomp.heartbeat_min", "must be > 0, got -1s"},
+		{"stomp.heartbeat_min 0", func(c *Config) { c.STOMP.HeartbeatMin = 0 }, "stomp.heartbeat_min", "must be > 0, got 0s"},
+		{"stomp.heartbeat_min 1ms", func(c *Config) { c.STOMP.HeartbeatMin = time.Millisecond }, "", ""},
 
 		{"admin.addr bad", func(c *Config) { c.Admin.Addr = "localhost" }, "admin.addr", "not host:port"},
 		{"admin.addr disabled", func(c *Config) { c.Admin.Addr = "" }, "", ""},

@@ -55,7 +55,7 @@ func (c Config) problems() []error {
 	check("stomp.heartbeat_receive", atLeastZero(c.STOMP.HeartbeatReceive))
 	check("stomp.connect_timeout", positive(c.STOMP.ConnectTimeout))
 	check("stomp.write_timeout", positive(c.STOMP.WriteTimeout))
-	check("stomp.heartbeat_min", atLeastZero(c.STOMP.HeartbeatMin))
+	check("stomp.heartbeat_min", positive(c.STOMP.HeartbeatMin))
 
 	check("admin.addr", optional(c.Admin.Addr, listenAddr))
 

@@ -144,8 +144,10 @@ func New(cfg config.Config, log *slog.Logger) (*Node, error) {
 	pcfg.MaxConnections = cfg.Limits.MaxConnections
 	pcfg.MaxSubscriptions = cfg.Limits.MaxSubscriptions
 	pcfg.MaxTxFrames = cfg.Limits.MaxTransactionFrames
+	pcfg.MaxTxBytes = cfg.Limits.MaxTransactionBytes
 	pcfg.HeartbeatSend = cfg.STOMP.HeartbeatSend
 	pcfg.HeartbeatReceive = cfg.STOMP.HeartbeatReceive
+	pcfg.HeartbeatMin = cfg.STOMP.HeartbeatMin
 	pcfg.ConnectTimeout = cfg.STOMP.ConnectTimeout
 	pcfg.WriteTimeout = cfg.STOMP.WriteTimeout
 	pcfg.Auth = auth
