@@ -98,14 +98,19 @@ type outItem struct {
 }
 
 // closeSub closes a subscription: its unacknowledged messages go back.
-func closeSub(sb *sub, done chan error) {
+// Close submits its store writes (delivery counts, dead-lettering) without
+// a sync; when done is set (an UNSUBSCRIBE waits), a barrier then makes
+// them durable before done is signalled, so that the receipt covers them.
+func (s *session) closeSub(sb *sub, done chan error) {
 	sb.closed.Store(true)
 	sb.rs.Close()
 	if done != nil {
-		select {
-		case done <- nil: // buffered: the sequencer reads it once
-		default:
-		}
+		s.srv.broker.Barrier(func(err error) {
+			select {
+			case done <- err: // buffered: the sequencer reads it once
+			default:
+			}
+		})
 	}
 }
 
@@ -539,12 +544,14 @@ func (s *session) unsubscribe(f *frame.Frame) error {
 	}
 	delete(s.subs, id)
 	delete(s.subByIdx, sb.idx)
-	// The writer closes the subscription once what it holds is written;
-	// the receipt (after a barrier, if earlier frames are unsynced) waits
-	// for that.
+	// The writer closes the subscription once what it holds is written,
+	// then issues a store barrier; the receipt waits for that. The barrier
+	// comes after every earlier Apply of this connection too, so no other
+	// is needed for them.
 	op := &pendingOp{done: make(chan error, 1)}
 	s.enqueue(outItem{closeSub: sb, closed: op.done})
 	s.ops <- op
+	s.dirty = false
 	s.complete(f)
 	return nil
 }
@@ -733,7 +740,7 @@ func (s *session) enqueue(it outItem) {
 	if s.outClosed {
 		s.outMu.Unlock()
 		if it.closeSub != nil {
-			closeSub(it.closeSub, it.closed)
+			s.closeSub(it.closeSub, it.closed)
 		}
 		return
 	}
@@ -764,7 +771,7 @@ func (s *session) writeLoop() {
 		s.outMu.Unlock()
 		for _, it := range rest {
 			if it.closeSub != nil {
-				closeSub(it.closeSub, it.closed)
+				s.closeSub(it.closeSub, it.closed)
 			}
 		}
 		// Messages written to the buffer may or may not have reached the
@@ -815,7 +822,7 @@ func (s *session) writeLoop() {
 					rs.Written(tags...)
 					delete(written, rs)
 				}
-				closeSub(it.closeSub, it.closed)
+				s.closeSub(it.closeSub, it.closed)
 				it.closeSub = nil // done: fail must not close it again
 				continue
 			}
@@ -857,7 +864,7 @@ func (s *session) writeLoop() {
 			s.outMu.Unlock()
 			for _, it := range rest {
 				if it.closeSub != nil {
-					closeSub(it.closeSub, it.closed)
+					s.closeSub(it.closeSub, it.closed)
 				}
 			}
 			if tc, ok := s.conn.(*net.TCPConn); ok {

@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"log/slog"
 	"net"
@@ -24,10 +25,31 @@ type recBroker struct {
 	log      []string
 	failNext bool
 	applyErr error // returned by Apply, which then applies nothing
+	subs     []*replica.Subscription
 }
 
 func (b *recBroker) Subscribe(o replica.SubOptions) (*replica.Subscription, error) {
-	return b.inner.Subscribe(o)
+	rs, err := b.inner.Subscribe(o)
+	if err == nil {
+		b.mu.Lock()
+		b.subs = append(b.subs, rs)
+		b.mu.Unlock()
+	}
+	return rs, err
+}
+
+// closedSubs counts the subscriptions made through b that are closed.
+func (b *recBroker) closedSubs() int {
+	b.mu.Lock()
+	subs := b.subs
+	b.mu.Unlock()
+	n := 0
+	for _, rs := range subs {
+		if errors.Is(rs.Check(0), replica.ErrSubscriptionClosed) {
+			n++
+		}
+	}
+	return n
 }
 func (b *recBroker) Apply(x *replica.Batch, done func(error)) error {
 	b.mu.Lock()
@@ -54,10 +76,16 @@ func (b *recBroker) Apply(x *replica.Batch, done func(error)) error {
 	})
 }
 func (b *recBroker) Barrier(done func(error)) {
+	closed := b.closedSubs()
 	b.mu.Lock()
 	b.log = append(b.log, "barrier")
 	b.mu.Unlock()
-	b.inner.Barrier(done)
+	b.inner.Barrier(func(err error) {
+		b.mu.Lock()
+		b.log = append(b.log, fmt.Sprintf("barrier done, issued after %d closes", closed))
+		b.mu.Unlock()
+		done(err)
+	})
 }
 
 func testServer(t *testing.T) (*recBroker, string) {

@@ -77,3 +77,42 @@ func TestSessionUnsubscribeLosesNothingSilently(t *testing.T) {
 		}
 	}
 }
+
+// TestSessionUnsubscribeReceiptAfterBarrier: closing a subscription returns
+// its unacknowledged messages with their delivery counts raised, which the
+// replica submits to the store without a sync. The RECEIPT of the
+// UNSUBSCRIBE promises those writes are durable: a store barrier issued
+// after the close must have completed before it.
+func TestSessionUnsubscribeReceiptAfterBarrier(t *testing.T) {
+	rb, srv := testServerCfg(t, nil)
+	addr := srv.Addr().String()
+	q := "/queue/unsub-barrier"
+	c := tdial(t, addr)
+	c.connect()
+	c.write(tframe(frame.SEND, "m", "destination:"+q, "receipt:p"))
+	c.receipt("p")
+	c.write(tframe(frame.SUBSCRIBE, "", "id:0", "destination:"+q, "ack:client-individual"))
+	if m := c.read(); m.Command != frame.MESSAGE {
+		t.Fatalf("want MESSAGE, got %s %v", m.Command, m.Header)
+	}
+	c.write(tframe(frame.UNSUBSCRIBE, "", "id:0", "receipt:u"))
+	c.receipt("u")
+	rb.mu.Lock()
+	log := append([]string(nil), rb.log...)
+	rb.mu.Unlock()
+	found := false
+	for _, l := range log {
+		if l == "barrier done, issued after 1 closes" {
+			found = true
+		}
+	}
+	if !found {
+		t.Fatalf("RECEIPT for UNSUBSCRIBE before any store barrier issued after the close completed; broker calls: %q", log)
+	}
+	// The message came back with its delivery counted.
+	c.write(tframe(frame.SUBSCRIBE, "", "id:1", "destination:"+q))
+	m := c.read()
+	if m.Command != frame.MESSAGE || m.Header.Get("x-delivery-count") != "1" {
+		t.Fatalf("want the message back with x-delivery-count:1, got %s %v", m.Command, m.Header)
+	}
+}
