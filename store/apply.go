@@ -2,33 +2,50 @@ package store
 
 import (
 	"sync"
+	"sync/atomic"
 	"time"
 )
 
 // applier copies logged groups into bbolt on its own goroutine, several
 // groups per transaction, at most one transaction per interval unless
-// someone waits for it (a checkpoint, a read, Close) or the queue holds
-// flushBytes. Its transactions are fsynced (except under SyncNone): bbolt
-// with NoSync may write a meta page before the pages it points to, which a
-// power failure turns into a corrupt file that no replay can repair.
+// someone waits for it (a segment switch, a read, Close) or the queue holds
+// flushBytes. It applies only records the log holds durably (under
+// SyncNone, every record written): if bbolt held a commit the log lost, a
+// replay of the log's older records would bring back values that commit
+// replaced. When it needs records that are written but not yet synced, it
+// asks the writer, the only goroutine that syncs the log, and waits.
+//
+// Its transactions are fsynced by bbolt's commit (except under SyncNone):
+// bbolt with NoSync may write a meta page before the pages it points to,
+// which a power failure turns into a corrupt file that no replay can
+// repair.
 type applier struct {
 	s          *Store
 	interval   time.Duration
 	flushBytes int
 
+	// wantSync is set by the applier when it waits for a sync of the log;
+	// the writer clears it and wakes the applier after its next sync.
+	wantSync atomic.Bool
+
 	mu      sync.Mutex
 	cond    sync.Cond // broadcast when applied or err changes, or on abandon
-	queue   [][]byte  // logged payloads not yet in bbolt
+	queue   []logged  // logged payloads not yet in bbolt, in order
 	queued  int       // bytes in queue
 	handed  uint64    // sequence number of the last queued payload
 	applied uint64    // sequence number of the last payload committed to bbolt
 	flushTo uint64    // commit up to here without waiting for the interval
-	err     error     // sticky: bbolt or log failure
+	err     error     // sticky: the store failed
 	stop    bool      // apply what is queued, then exit
 	abandon bool      // exit now (crash simulation)
 
 	wake   chan struct{}
 	exited chan struct{}
+}
+
+type logged struct {
+	p   []byte
+	seq uint64
 }
 
 func newApplier(s *Store, interval time.Duration, flushBytes int) *applier {
@@ -49,7 +66,7 @@ func (a *applier) signal() {
 func (a *applier) enqueue(p []byte, seq uint64) {
 	a.mu.Lock()
 	wasEmpty := len(a.queue) == 0
-	a.queue = append(a.queue, p)
+	a.queue = append(a.queue, logged{p, seq})
 	a.queued += len(p)
 	a.handed = seq
 	full := a.queued >= a.flushBytes && a.queued-len(p) < a.flushBytes
@@ -90,10 +107,15 @@ func (a *applier) waitApplied(seq uint64) error {
 // waitCurrent returns once everything queued so far is in bbolt.
 func (a *applier) waitCurrent() error { return a.waitApplied(a.lastHanded()) }
 
-func (a *applier) failure() error {
+// fail records the store's failure: the applier stops, waiters return err.
+func (a *applier) fail(err error) {
 	a.mu.Lock()
-	defer a.mu.Unlock()
-	return a.err
+	if a.err == nil {
+		a.err = err
+	}
+	a.cond.Broadcast()
+	a.mu.Unlock()
+	a.signal()
 }
 
 // finish stops the applier once its queue is applied; abandon stops it at
@@ -108,6 +130,14 @@ func (a *applier) finish(abandon bool) {
 	<-a.exited
 }
 
+// durableUpTo is the last record the applier may apply.
+func (a *applier) durableUpTo() uint64 {
+	if a.s.durable {
+		return a.s.synced.Load()
+	}
+	return a.s.written.Load()
+}
+
 func (a *applier) run() {
 	defer close(a.exited)
 	timer := time.NewTimer(time.Hour)
@@ -115,17 +145,18 @@ func (a *applier) run() {
 	last := time.Now()
 	for {
 		a.mu.Lock()
-		if a.abandon || (a.stop && (len(a.queue) == 0 || a.err != nil)) {
+		if a.abandon || a.err != nil || (a.stop && len(a.queue) == 0) {
+			a.queue, a.queued = nil, 0
 			a.mu.Unlock()
 			return
 		}
-		if len(a.queue) == 0 || a.err != nil {
-			a.queue, a.queued = nil, 0
+		if len(a.queue) == 0 {
 			a.mu.Unlock()
 			<-a.wake
 			continue
 		}
-		if !a.stop && a.flushTo <= a.applied && a.queued < a.flushBytes {
+		urgent := a.stop || a.flushTo > a.applied || a.queued >= a.flushBytes
+		if !urgent {
 			if d := time.Until(last.Add(a.interval)); d > 0 {
 				a.mu.Unlock()
 				timer.Reset(d)
@@ -137,20 +168,58 @@ func (a *applier) run() {
 				continue
 			}
 		}
-		batch, upto := a.queue, a.handed
-		a.queue, a.queued = nil, 0
+		limit := a.durableUpTo()
+		n := 0
+		for n < len(a.queue) && a.queue[n].seq <= limit {
+			n++
+		}
+		if n < len(a.queue) {
+			// Ask the writer to sync the rest; it wakes us after.
+			a.wantSync.Store(true)
+			a.s.requestSync()
+			if n == 0 {
+				a.mu.Unlock()
+				if a.durableUpTo() < a.queue0() {
+					<-a.wake
+				}
+				continue
+			}
+		}
+		batch := make([][]byte, n)
+		bytes := 0
+		for i := range batch {
+			batch[i] = a.queue[i].p
+			bytes += len(batch[i])
+		}
+		upto := a.queue[n-1].seq
+		a.queue = a.queue[n:]
+		if len(a.queue) == 0 {
+			a.queue = nil
+		}
+		a.queued -= bytes
 		a.mu.Unlock()
 
-		err := a.s.applyLogged(batch, upto)
+		err := a.s.applyLogged(batch)
 		last = time.Now()
 
 		a.mu.Lock()
-		if err != nil {
-			a.err = err
-		} else {
+		if err == nil {
 			a.applied = upto
 		}
 		a.cond.Broadcast()
 		a.mu.Unlock()
+		if err != nil {
+			a.s.setFailed(err)
+		}
 	}
+}
+
+// queue0 is the sequence number of the first queued payload.
+func (a *applier) queue0() uint64 {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if len(a.queue) == 0 {
+		return 0
+	}
+	return a.queue[0].seq
 }

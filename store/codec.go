@@ -310,9 +310,9 @@ func newTxApplier(tx *bolt.Tx, weigh func([]byte) int64) *txApplier {
 
 // applyPayloads applies payloads, in order, in one bbolt transaction. The
 // payloads must stay unchanged until it returns (bbolt keeps the values).
-func applyPayloads(db *bolt.DB, weigh func([]byte) int64, payloads [][]byte) error {
-	return db.Update(func(tx *bolt.Tx) error {
-		a := newTxApplier(tx, weigh)
+func applyPayloads(db *bolt.DB, cfg *Config, payloads [][]byte) error {
+	return cfg.update(db, func(tx *bolt.Tx) error {
+		a := newTxApplier(tx, cfg.Weigh)
 		for _, p := range payloads {
 			if err := decodeOps(p, a.apply); err != nil {
 				return err

@@ -5,6 +5,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"log/slog"
 	"os"
 	"path/filepath"
 	"strings"
@@ -19,6 +20,34 @@ import (
 
 // ErrClosed is returned for work submitted after Close.
 var ErrClosed = errors.New("store closed")
+
+// ErrCorruptLog is wrapped by Open's error when a record in the middle of
+// the write-ahead log fails its checksum while the records after it check:
+// damage, not a write torn by a crash. Config.Recover decides.
+var ErrCorruptLog = errors.New("write-ahead log corrupt")
+
+// RecoverMode says what Open does with a write-ahead log corrupt in the
+// middle (ErrCorruptLog).
+type RecoverMode int
+
+const (
+	// RecoverRefuse fails Open, naming the file and the byte offset. The
+	// default.
+	RecoverRefuse RecoverMode = iota + 1
+	// RecoverTruncate drops the bad record and every record after it,
+	// logging what was dropped, and opens the store without them.
+	RecoverTruncate
+)
+
+func (m RecoverMode) String() string {
+	switch m {
+	case RecoverRefuse:
+		return "refuse"
+	case RecoverTruncate:
+		return "truncate"
+	}
+	return fmt.Sprintf("RecoverMode(%d)", int(m))
+}
 
 // SyncMode says when commits reach the disk.
 type SyncMode int
@@ -85,8 +114,26 @@ type Config struct {
 	// value and stay the same across restarts: the stats keep the sums of
 	// its results, computed once per write.
 	Weigh func(value []byte) int64
+	// Recover is what Open does with a log corrupt in the middle; 0 means
+	// RecoverRefuse.
+	Recover RecoverMode
+	// Logger receives the replay summary and failures; nil means
+	// slog.Default().
+	Logger *slog.Logger
 	// Registerer receives the store's metrics; nil means none.
 	Registerer prometheus.Registerer
+
+	// hooks lets tests inject faults; nil in production.
+	hooks *hooks
+}
+
+// hooks are the store's fault-injection seams for tests.
+type hooks struct {
+	// wrapWAL wraps the log file once it is open.
+	wrapWAL func(walFile) walFile
+	// update runs every bbolt write transaction that applies ops (the
+	// applier's, replay's, commitDirect's) in place of db.Update.
+	update func(db *bolt.DB, fn func(*bolt.Tx) error) error
 }
 
 // DefaultConfig returns a Config for path with every field set.
@@ -161,6 +208,7 @@ const queuePrefix = "q:"
 // group-commit writer.
 type Store struct {
 	cfg  Config
+	log  *slog.Logger
 	db   *bolt.DB
 	wal  *wal
 	ap   *applier
@@ -181,13 +229,22 @@ type Store struct {
 	wg      sync.WaitGroup
 	stop    chan struct{}
 	metrics *metrics
+	replay  ReplayStats
 
 	groupBytes int // encoded bytes that end a group
 	durable    bool
 
+	// syncReq asks the writer, the only goroutine that syncs the log, for
+	// an fdatasync (from the applier and the SyncBatch loop).
+	syncReq chan struct{}
+
+	// failure is the first storage error, sticky; failed is closed then.
+	failOnce sync.Once
+	failure  atomic.Pointer[error]
+	failed   chan struct{}
+
 	// Writer goroutine only.
-	seq  uint64 // sequence number of the last record written
-	werr error  // sticky failure of the log
+	seq uint64 // sequence number of the last record written
 
 	written atomic.Uint64 // last record whose write returned
 	synced  atomic.Uint64 // last record covered by a finished fdatasync
@@ -199,6 +256,7 @@ type metrics struct {
 	commitErrors  prometheus.Counter
 	applySeconds  prometheus.Histogram
 	checkpoints   prometheus.Counter
+	failed        prometheus.Gauge
 }
 
 func newMetrics(reg prometheus.Registerer) *metrics {
@@ -226,11 +284,24 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 			Name: "brokerd_store_checkpoints_total",
 			Help: "Times the write-ahead log was emptied after its records were made durable in bbolt.",
 		}),
+		failed: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "brokerd_store_failed",
+			Help: "1 once a write or fsync of the store's files failed: the store acknowledges nothing more.",
+		}),
 	}
 	if reg != nil {
-		reg.MustRegister(m.commitSeconds, m.batchOps, m.commitErrors, m.applySeconds, m.checkpoints)
+		reg.MustRegister(m.commitSeconds, m.batchOps, m.commitErrors, m.applySeconds, m.checkpoints, m.failed)
 	}
 	return m
+}
+
+// update runs fn in a bbolt write transaction (through the test hook when
+// one is set).
+func (c *Config) update(db *bolt.DB, fn func(*bolt.Tx) error) error {
+	if c.hooks != nil && c.hooks.update != nil {
+		return c.hooks.update(db, fn)
+	}
+	return db.Update(fn)
 }
 
 // Open opens (creating if needed) the bbolt file and its write-ahead log,
@@ -257,6 +328,14 @@ func Open(cfg Config) (*Store, error) {
 	if cfg.ApplyInterval <= 0 {
 		cfg.ApplyInterval = 10 * time.Millisecond
 	}
+	if cfg.Recover == 0 {
+		cfg.Recover = RecoverRefuse
+	}
+	log := cfg.Logger
+	if log == nil {
+		log = slog.Default()
+	}
+	log = log.With("component", "store")
 	if err := os.MkdirAll(filepath.Dir(cfg.Path), 0o750); err != nil {
 		return nil, fmt.Errorf("create data directory: %w", err)
 	}
@@ -286,11 +365,19 @@ func Open(cfg Config) (*Store, error) {
 		return nil, fmt.Errorf("init %s: %w", cfg.Path, err)
 	}
 	// The bbolt lock held from here on also guards the log.
-	w, err := openWAL(cfg.Path+".wal", cfg.WALSize, durable, func(payloads [][]byte) error {
-		if err := applyPayloads(db, cfg.Weigh, payloads); err != nil {
-			return fmt.Errorf("apply to %s: %w", cfg.Path, err)
-		}
-		return nil
+	w, rs, err := openWAL(walOptions{
+		path:    cfg.Path + ".wal",
+		size:    cfg.WALSize,
+		durable: durable,
+		recover: cfg.Recover,
+		log:     log,
+		wrap:    cfg.wrapWAL,
+		apply: func(payloads [][]byte) error {
+			if err := applyPayloads(db, &cfg, payloads); err != nil {
+				return fmt.Errorf("apply to %s: %w", cfg.Path, err)
+			}
+			return nil
+		},
 	})
 	if err != nil {
 		db.Close()
@@ -298,14 +385,18 @@ func Open(cfg Config) (*Store, error) {
 	}
 	s := &Store{
 		cfg:        cfg,
+		log:        log,
 		db:         db,
 		wal:        w,
 		reqs:       make(chan request, 1024),
 		done:       newBatchQueue(),
 		stop:       make(chan struct{}),
 		metrics:    newMetrics(cfg.Registerer),
+		replay:     rs,
 		groupBytes: int(min(4<<20, w.capacity()/4)),
 		durable:    durable,
+		syncReq:    make(chan struct{}, 1),
+		failed:     make(chan struct{}),
 	}
 	interval := cfg.ApplyInterval
 	if cfg.Sync == SyncBatch {
@@ -313,6 +404,41 @@ func Open(cfg Config) (*Store, error) {
 	}
 	s.ap = newApplier(s, interval, int(w.capacity()/2))
 	return s, nil
+}
+
+func (c *Config) wrapWAL(f walFile) walFile {
+	if c.hooks != nil && c.hooks.wrapWAL != nil {
+		return c.hooks.wrapWAL(f)
+	}
+	return f
+}
+
+// Replay returns what Open replayed from the write-ahead log.
+func (s *Store) Replay() ReplayStats { return s.replay }
+
+// Failed is closed when the store fails: a write or fsync of the log or of
+// bbolt returned an error. From then on every commit, read and Close
+// return that error (Err); nothing more is acknowledged. The node should
+// stop: the next Open replays whatever the log holds durably.
+func (s *Store) Failed() <-chan struct{} { return s.failed }
+
+// Err returns the error that failed the store, or nil.
+func (s *Store) Err() error {
+	if p := s.failure.Load(); p != nil {
+		return *p
+	}
+	return nil
+}
+
+// setFailed fails the store with err, once.
+func (s *Store) setFailed(err error) {
+	s.failOnce.Do(func() {
+		s.failure.Store(&err)
+		close(s.failed)
+		s.metrics.failed.Set(1)
+		s.log.Error("storage failed; acknowledging nothing more", "err", err)
+		s.ap.fail(err)
+	})
 }
 
 // Start starts the writer goroutines. Close stops them.
@@ -336,7 +462,8 @@ func (s *Store) Start() {
 // Submit queues ops for the next group commit. done, if not nil, is called
 // after the commit with its outcome; callbacks of successive Submits run in
 // submission order on one goroutine and must not block for long. After
-// Close, done is called at once with ErrClosed.
+// Close, done is called at once with ErrClosed; after the store failed,
+// with its error (Err).
 //
 // With sync (and Config.Sync SyncAlways) the commit is fsynced before done
 // runs, and so is every commit before it. Without sync the commit reaches
@@ -344,7 +471,8 @@ func (s *Store) Start() {
 // and a machine crash only once a later synced commit (or Barrier) is done.
 //
 // A Submit whose ops bbolt would refuse (unknown kind, over-long names or
-// values) fails alone; the others of its group commit.
+// values) fails alone; the others of its group commit. That does not fail
+// the store.
 func (s *Store) Submit(ops []Op, sync bool, done func(error)) {
 	s.submit(request{ops: ops, sync: sync, done: done})
 }
@@ -375,13 +503,42 @@ func (s *Store) Apply(ops []Op) error {
 	return <-ch
 }
 
+// requestSync asks the writer for an fdatasync of the log.
+func (s *Store) requestSync() {
+	select {
+	case s.syncReq <- struct{}{}:
+	default:
+	}
+}
+
+// serveSync is the writer's answer to requestSync.
+func (s *Store) serveSync() {
+	if s.durable && s.Err() == nil && s.synced.Load() < s.written.Load() {
+		if err := s.syncLog(); err != nil {
+			s.setFailed(err)
+			return
+		}
+	}
+	if s.ap.wantSync.CompareAndSwap(true, false) {
+		s.ap.signal()
+	}
+}
+
 func (s *Store) writeLoop() {
 	defer s.wg.Done()
 	defer s.done.close()
 	for {
-		first, ok := <-s.reqs
-		if !ok {
-			break
+		var first request
+		select {
+		case r, ok := <-s.reqs:
+			if !ok {
+				s.finalCheckpoint()
+				return
+			}
+			first = r
+		case <-s.syncReq:
+			s.serveSync()
+			continue
 		}
 		batch := []request{first}
 		n := len(first.ops)
@@ -411,12 +568,19 @@ func (s *Store) writeLoop() {
 		}
 		s.done.push(batch)
 	}
+}
+
+// finalCheckpoint empties the log on Close, so the next Open has nothing
+// to replay.
+func (s *Store) finalCheckpoint() {
 	s.mu.Lock()
 	crashed := s.crashed
 	s.mu.Unlock()
-	if !crashed && s.werr == nil && s.ap.failure() == nil {
-		// Checkpoint, so the next Open has nothing to replay.
-		s.werr = s.checkpoint()
+	if crashed || s.Err() != nil {
+		return
+	}
+	if err := s.checkpoint(); err != nil {
+		s.setFailed(err)
 	}
 }
 
@@ -431,13 +595,10 @@ func (s *Store) fail(batch []request, err error) {
 }
 
 // commit logs one group: encode, write at the tail of the log, fdatasync if
-// a request wants it, queue for bbolt. Errors go to the requests' err.
+// a request wants it, queue for bbolt. Errors go to the requests' err; a
+// failed write or sync fails the store.
 func (s *Store) commit(batch []request, size int) {
-	err := s.werr
-	if err == nil {
-		err = s.ap.failure()
-	}
-	if err != nil {
+	if err := s.Err(); err != nil {
 		s.fail(batch, err)
 		return
 	}
@@ -466,6 +627,7 @@ func (s *Store) commit(batch []request, size int) {
 		s.metrics.commitSeconds.Observe(time.Since(start).Seconds())
 		s.metrics.batchOps.Observe(float64(n))
 	}()
+	var err error
 	if n == 0 {
 		if sync && s.synced.Load() < s.written.Load() {
 			err = s.syncLog()
@@ -476,7 +638,11 @@ func (s *Store) commit(batch []request, size int) {
 		err = s.logRecord(enc.buf, sync)
 	}
 	if err != nil {
-		s.werr = err
+		s.setFailed(err)
+	}
+	// The store may also have failed meanwhile (the applier): then this
+	// group reports the failure, durable or not.
+	if err := s.Err(); err != nil {
 		s.fail(batch, err)
 	}
 }
@@ -508,22 +674,17 @@ func (s *Store) logRecord(rec []byte, sync bool) error {
 }
 
 // syncLog fdatasyncs the log; every record written before is then durable.
+// Only the writer goroutine calls it.
 func (s *Store) syncLog() error {
 	seq := s.written.Load()
 	if err := s.wal.sync(); err != nil {
 		return fmt.Errorf("sync %s: %w", s.wal.path, err)
 	}
-	s.markSynced(seq)
-	return nil
-}
-
-func (s *Store) markSynced(seq uint64) {
-	for {
-		cur := s.synced.Load()
-		if cur >= seq || s.synced.CompareAndSwap(cur, seq) {
-			return
-		}
+	s.synced.Store(seq)
+	if s.ap.wantSync.Load() && s.ap.wantSync.CompareAndSwap(true, false) {
+		s.ap.signal()
 	}
+	return nil
 }
 
 // commitDirect applies a group too large for the log straight to bbolt.
@@ -534,7 +695,7 @@ func (s *Store) commitDirect(payload []byte) error {
 		return err
 	}
 	start := time.Now()
-	err := applyPayloads(s.db, s.cfg.Weigh, [][]byte{payload})
+	err := applyPayloads(s.db, &s.cfg, [][]byte{payload})
 	s.metrics.applySeconds.Observe(time.Since(start).Seconds())
 	if err != nil {
 		return fmt.Errorf("apply to %s: %w", s.cfg.Path, err)
@@ -542,35 +703,29 @@ func (s *Store) commitDirect(payload []byte) error {
 	return nil
 }
 
-// checkpoint waits until every logged record is durable in bbolt, then
-// starts a new, empty generation of the log.
+// checkpoint makes every logged record durable in the log and then in
+// bbolt, and starts a new, empty generation of the log. Writer only.
 func (s *Store) checkpoint() error {
-	if err := s.ap.waitCurrent(); err != nil {
+	if s.durable && s.synced.Load() < s.written.Load() {
+		if err := s.syncLog(); err != nil {
+			return err
+		}
+	}
+	if err := s.ap.waitApplied(s.written.Load()); err != nil {
 		return err
 	}
-	seq := s.written.Load()
 	if err := s.wal.bump(s.durable); err != nil {
 		return err
-	}
-	if s.durable {
-		s.markSynced(seq) // bump's fdatasync covered the old records too
 	}
 	s.metrics.checkpoints.Inc()
 	return nil
 }
 
-// applyLogged is the applier's transaction: records up to seq, already in
-// the log, go to bbolt. The log is synced first (unless it is already, or
-// under SyncNone): if bbolt held a commit the log lost, a replay of the
-// log's older records would bring back values that commit replaced.
-func (s *Store) applyLogged(payloads [][]byte, seq uint64) error {
-	if s.durable && s.synced.Load() < seq {
-		if err := s.syncLog(); err != nil {
-			return err
-		}
-	}
+// applyLogged is the applier's transaction: payloads the log holds
+// durably go to bbolt.
+func (s *Store) applyLogged(payloads [][]byte) error {
 	start := time.Now()
-	err := applyPayloads(s.db, s.cfg.Weigh, payloads)
+	err := applyPayloads(s.db, &s.cfg, payloads)
 	s.metrics.applySeconds.Observe(time.Since(start).Seconds())
 	if err != nil {
 		s.metrics.commitErrors.Inc()
@@ -647,6 +802,8 @@ func (b *batchQueue) popAll() ([][]request, bool) {
 	}
 }
 
+// syncLoop asks the writer for an fdatasync every SyncInterval under
+// SyncBatch.
 func (s *Store) syncLoop() {
 	defer s.wg.Done()
 	t := time.NewTicker(s.cfg.SyncInterval)
@@ -655,9 +812,7 @@ func (s *Store) syncLoop() {
 		select {
 		case <-t.C:
 			if s.synced.Load() < s.written.Load() {
-				// A failure here is not sticky: the writer's next
-				// synced commit or the applier will meet it too.
-				_ = s.syncLog()
+				s.requestSync()
 			}
 		case <-s.stop:
 			return
@@ -773,10 +928,7 @@ func (s *Store) shutdown(crash bool) error {
 	}
 	var err error
 	if !crash {
-		err = s.werr
-		if err == nil {
-			err = s.ap.failure()
-		}
+		err = s.Err()
 	}
 	if cerr := s.wal.f.Close(); cerr != nil && err == nil {
 		err = cerr

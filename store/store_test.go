@@ -194,11 +194,11 @@ func records(t testing.TB, path string) (walHeader, [][]byte, int64) {
 	defer f.Close()
 	st, _ := f.Stat()
 	var out [][]byte
-	h, _, end, err := scanWAL(f, st.Size(), func(p []byte) error { out = append(out, p); return nil })
+	h, res, err := scanWAL(f, st.Size(), func(p []byte) error { out = append(out, p); return nil })
 	if err != nil {
 		t.Fatalf("scan %s: %v", path, err)
 	}
-	return h, out, end
+	return h, out, res.tail
 }
 
 func TestRoundTrip(t *testing.T) {
@@ -508,11 +508,11 @@ func TestScanChain(t *testing.T) {
 		return append(b, make([]byte, 100)...)
 	}
 	count := func(b []byte) int {
-		_, n, _, err := scanWAL(bytes.NewReader(b), int64(len(b)), func([]byte) error { return nil })
+		_, res, err := scanWAL(bytes.NewReader(b), int64(len(b)), func([]byte) error { return nil })
 		if err != nil {
 			t.Fatal(err)
 		}
-		return n
+		return res.records
 	}
 	a, ca := rec("\x01\x01q\x01\x00", 5, h.salt)
 	b, cb := rec("\x01\x01q\x02\x00", 5, ca)

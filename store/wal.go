@@ -7,9 +7,11 @@ import (
 	"fmt"
 	"hash/crc32"
 	"io"
+	"log/slog"
 	"math/rand/v2"
 	"os"
 	"path/filepath"
+	"time"
 )
 
 // The write-ahead log is one preallocated file, overwritten in place:
@@ -96,20 +98,138 @@ func recordCRC(prev uint32, hdr, payload []byte) uint32 {
 	return crc32.Update(crc, castagnoli, payload)
 }
 
-// scanWAL reads the header of the WAL in r (size bytes) and calls fn with
-// the payload of every valid record of the current generation, in order.
-// Each payload is a fresh slice that fn may keep. It returns the header, the
-// number of records and the offset just past the last valid one.
-func scanWAL(r io.ReaderAt, size int64, fn func(payload []byte) error) (walHeader, int, int64, error) {
+// walFile is the log's file: *os.File with Sync an fdatasync. Tests wrap
+// it to inject faults.
+type walFile interface {
+	io.ReaderAt
+	io.WriterAt
+	Sync() error // fdatasync
+	Close() error
+}
+
+type osWALFile struct{ *os.File }
+
+func (f osWALFile) Sync() error { return fdatasync(f.File) }
+
+// ReplayStats is what Open replayed from the write-ahead log.
+type ReplayStats struct {
+	Records  int           // records applied to bbolt
+	Bytes    int64         // their payload bytes
+	Duration time.Duration // reading and applying them
+	// DroppedRecords and DroppedBytes are the records (and their payload
+	// bytes) found valid after a corrupt one and dropped under
+	// RecoverTruncate, the corrupt one included.
+	DroppedRecords int
+	DroppedBytes   int64
+}
+
+// corruption describes a record in the middle of a generation that fails
+// its checksum while the record after it checks.
+type corruption struct {
+	off     int64 // byte offset of the bad record
+	index   int   // its index in the generation
+	records int   // records dropped with it (itself included)
+	bytes   int64 // their payload bytes
+}
+
+// scanResult is what scanRecords found.
+type scanResult struct {
+	records int
+	bytes   int64
+	tail    int64       // offset just past the last valid record
+	corrupt *corruption // nil for a clean or torn end
+}
+
+// scanRecords calls fn with the payload of every valid record of
+// generation gen in r between start and end, in order. Each payload is a
+// fresh slice that fn may keep. It stops at the first record that does not
+// check. That is the end of the generation or a torn write, unless the
+// record's header is intact (its length fits and it names gen) and the
+// record after it checks when chained from the bad record's stored CRC:
+// then it is corruption, described in the result (the caller decides).
+func scanRecords(r io.ReaderAt, start, end int64, gen uint64, chain uint32, fn func(payload []byte) error) (scanResult, error) {
+	res := scanResult{tail: start}
+	if end <= start {
+		return res, nil
+	}
+	br := bufio.NewReaderSize(io.NewSectionReader(r, start, end-start), int(min(1<<20, end-start)))
+	off := start
+	var rh [recHeaderLen]byte
+	for end-off >= recHeaderLen {
+		if _, err := io.ReadFull(br, rh[:]); err != nil {
+			return res, fmt.Errorf("read record at %d: %w", off, err)
+		}
+		length := int64(binary.LittleEndian.Uint32(rh[0:]))
+		if length == 0 || length > end-off-recHeaderLen || binary.LittleEndian.Uint64(rh[8:]) != gen {
+			break
+		}
+		payload := make([]byte, length)
+		if _, err := io.ReadFull(br, payload); err != nil {
+			return res, fmt.Errorf("read record at %d: %w", off, err)
+		}
+		stored := binary.LittleEndian.Uint32(rh[4:])
+		crc := recordCRC(chain, rh[:], payload)
+		if crc != stored {
+			next := off + recHeaderLen + length
+			if n, _ := countValid(r, next, end, gen, stored, 1); n > 0 {
+				n, b := countValid(r, next, end, gen, stored, -1)
+				res.corrupt = &corruption{off: off, index: res.records, records: n + 1, bytes: b + length}
+			}
+			break
+		}
+		if err := fn(payload); err != nil {
+			return res, fmt.Errorf("record %d at %d: %w", res.records, off, err)
+		}
+		chain = crc
+		res.records++
+		res.bytes += length
+		off += recHeaderLen + length
+		res.tail = off
+	}
+	return res, nil
+}
+
+// countValid counts the valid records of generation gen from off, chained
+// from chain, up to max of them (max < 0: all), and their payload bytes.
+func countValid(r io.ReaderAt, off, end int64, gen uint64, chain uint32, max int) (int, int64) {
+	n, bytes := 0, int64(0)
+	var rh [recHeaderLen]byte
+	for (max < 0 || n < max) && end-off >= recHeaderLen {
+		if _, err := r.ReadAt(rh[:], off); err != nil {
+			break
+		}
+		length := int64(binary.LittleEndian.Uint32(rh[0:]))
+		if length == 0 || length > end-off-recHeaderLen || binary.LittleEndian.Uint64(rh[8:]) != gen {
+			break
+		}
+		payload := make([]byte, length)
+		if _, err := r.ReadAt(payload, off+recHeaderLen); err != nil {
+			break
+		}
+		crc := recordCRC(chain, rh[:], payload)
+		if crc != binary.LittleEndian.Uint32(rh[4:]) {
+			break
+		}
+		chain = crc
+		n++
+		bytes += length
+		off += recHeaderLen + length
+	}
+	return n, bytes
+}
+
+// readHeader returns the current (valid, highest) header of the two slots
+// at base and base+walBlock.
+func readHeader(r io.ReaderAt, size, base int64) (walHeader, error) {
 	var hdr walHeader
 	found := false
 	for slot := int64(0); slot < 2; slot++ {
-		if size < slot*walBlock+walHeaderLen {
+		if size < base+slot*walBlock+walHeaderLen {
 			break
 		}
 		b := make([]byte, walHeaderLen)
-		if _, err := r.ReadAt(b, slot*walBlock); err != nil {
-			return walHeader{}, 0, 0, fmt.Errorf("read header: %w", err)
+		if _, err := r.ReadAt(b, base+slot*walBlock); err != nil {
+			return walHeader{}, fmt.Errorf("read header: %w", err)
 		}
 		h, ok := decodeWALHeader(b)
 		if ok && headerSlot(h.gen) == slot*walBlock && (!found || h.gen > hdr.gen) {
@@ -117,46 +237,25 @@ func scanWAL(r io.ReaderAt, size int64, fn func(payload []byte) error) (walHeade
 		}
 	}
 	if !found {
-		return walHeader{}, 0, 0, errNoWALHeader
+		return walHeader{}, errNoWALHeader
 	}
-	if size <= walDataStart {
-		return hdr, 0, walDataStart, nil
-	}
-	br := bufio.NewReaderSize(io.NewSectionReader(r, walDataStart, size-walDataStart), int(min(1<<20, size-walDataStart)))
-	off := int64(walDataStart)
-	chain := hdr.salt
-	n := 0
-	var rh [recHeaderLen]byte
-	for size-off >= recHeaderLen {
-		if _, err := io.ReadFull(br, rh[:]); err != nil {
-			return hdr, n, off, fmt.Errorf("read record at %d: %w", off, err)
-		}
-		length := int64(binary.LittleEndian.Uint32(rh[0:]))
-		if length == 0 || length > size-off-recHeaderLen || binary.LittleEndian.Uint64(rh[8:]) != hdr.gen {
-			break
-		}
-		payload := make([]byte, length)
-		if _, err := io.ReadFull(br, payload); err != nil {
-			return hdr, n, off, fmt.Errorf("read record at %d: %w", off, err)
-		}
-		crc := recordCRC(chain, rh[:], payload)
-		if crc != binary.LittleEndian.Uint32(rh[4:]) {
-			break
-		}
-		if err := fn(payload); err != nil {
-			return hdr, n, off, fmt.Errorf("record %d at %d: %w", n, off, err)
-		}
-		chain = crc
-		n++
-		off += recHeaderLen + length
-	}
-	return hdr, n, off, nil
+	return hdr, nil
 }
 
-// wal is the open log file. Only the writer goroutine uses it after Start,
-// except sync, which the applier and the sync loop may call too.
+// scanWAL reads the header of the WAL in r (size bytes) and calls fn with
+// the payload of every valid record of the current generation, in order.
+func scanWAL(r io.ReaderAt, size int64, fn func(payload []byte) error) (walHeader, scanResult, error) {
+	hdr, err := readHeader(r, size, 0)
+	if err != nil {
+		return walHeader{}, scanResult{}, err
+	}
+	res, err := scanRecords(r, walDataStart, size, hdr.gen, hdr.salt, fn)
+	return hdr, res, err
+}
+
+// wal is the open log file. Only the writer goroutine uses it after Start.
 type wal struct {
-	f     *os.File
+	f     walFile
 	path  string
 	size  int64
 	gen   uint64
@@ -166,7 +265,7 @@ type wal struct {
 
 func (w *wal) capacity() int64 { return w.size - walDataStart }
 
-func (w *wal) sync() error { return fdatasync(w.f) }
+func (w *wal) sync() error { return w.f.Sync() }
 
 // bump starts generation gen+1 with an empty log: the caller has made every
 // record of the current generation durable in bbolt. With durable, the new
@@ -185,12 +284,24 @@ func (w *wal) bump(durable bool) error {
 	return nil
 }
 
+// walOptions are openWAL's parameters.
+type walOptions struct {
+	path    string
+	size    int64
+	durable bool
+	recover RecoverMode
+	log     *slog.Logger
+	wrap    func(walFile) walFile
+	// apply makes payloads durable in bbolt.
+	apply func(payloads [][]byte) error
+}
+
 // createWAL writes a zero-filled log of size bytes whose header is
 // generation gen next to path, then renames it to path. Writing the zeros
 // (rather than fallocate) means later in-place writes change no metadata,
 // so fdatasync has only the data to write.
-func createWAL(path string, size int64, gen uint64, durable bool) (*wal, error) {
-	tmp := path + ".tmp"
+func createWAL(o walOptions, gen uint64) (*wal, error) {
+	tmp := o.path + ".tmp"
 	f, err := os.OpenFile(tmp, os.O_CREATE|os.O_TRUNC|os.O_RDWR, 0o600)
 	if err != nil {
 		return nil, fmt.Errorf("create %s: %w", tmp, err)
@@ -200,10 +311,10 @@ func createWAL(path string, size int64, gen uint64, durable bool) (*wal, error) 
 		os.Remove(tmp)
 		return nil, err
 	}
-	zero := make([]byte, min(1<<20, size))
-	for off := int64(0); off < size; off += int64(len(zero)) {
+	zero := make([]byte, min(1<<20, o.size))
+	for off := int64(0); off < o.size; off += int64(len(zero)) {
 		chunk := zero
-		if rest := size - off; rest < int64(len(chunk)) {
+		if rest := o.size - off; rest < int64(len(chunk)) {
 			chunk = chunk[:rest]
 		}
 		if _, err := f.WriteAt(chunk, off); err != nil {
@@ -214,21 +325,21 @@ func createWAL(path string, size int64, gen uint64, durable bool) (*wal, error) 
 	if _, err := f.WriteAt(h.encode(), headerSlot(gen)); err != nil {
 		return fail(fmt.Errorf("write header %s: %w", tmp, err))
 	}
-	if durable {
+	if o.durable {
 		if err := f.Sync(); err != nil {
 			return fail(fmt.Errorf("sync %s: %w", tmp, err))
 		}
 	}
-	if err := os.Rename(tmp, path); err != nil {
+	if err := os.Rename(tmp, o.path); err != nil {
 		return fail(fmt.Errorf("rename %s: %w", tmp, err))
 	}
-	if durable {
-		if err := syncDir(filepath.Dir(path)); err != nil {
+	if o.durable {
+		if err := syncDir(filepath.Dir(o.path)); err != nil {
 			f.Close()
 			return nil, err
 		}
 	}
-	return &wal{f: f, path: path, size: size, gen: gen, chain: h.salt, tail: walDataStart}, nil
+	return &wal{f: o.wrap(osWALFile{f}), path: o.path, size: o.size, gen: gen, chain: h.salt, tail: walDataStart}, nil
 }
 
 func syncDir(dir string) error {
@@ -243,21 +354,28 @@ func syncDir(dir string) error {
 	return nil
 }
 
-// openWAL opens the log at path, replays its records through apply (which
-// must make them durable before it returns), and starts a new, empty
-// generation. A missing file is created.
-func openWAL(path string, size int64, durable bool, apply func(payloads [][]byte) error) (*wal, error) {
-	f, err := os.OpenFile(path, os.O_RDWR, 0)
+// openWAL opens the log at o.path, replays its records through o.apply,
+// and starts a new, empty generation. A missing file is created. It logs a
+// summary of the replay and returns it.
+func openWAL(o walOptions) (*wal, ReplayStats, error) {
+	began := time.Now()
+	var rs ReplayStats
+	f, err := os.OpenFile(o.path, os.O_RDWR, 0)
 	if errors.Is(err, os.ErrNotExist) {
-		return createWAL(path, size, 1, durable)
+		w, err := createWAL(o, 1)
+		if err == nil {
+			rs.Duration = time.Since(began)
+			o.log.Info("replayed write-ahead log", "path", o.path, "records", 0, "bytes", 0, "duration", rs.Duration, "created", true)
+		}
+		return w, rs, err
 	}
 	if err != nil {
-		return nil, fmt.Errorf("open %s: %w", path, err)
+		return nil, rs, fmt.Errorf("open %s: %w", o.path, err)
 	}
 	st, err := f.Stat()
 	if err != nil {
 		f.Close()
-		return nil, fmt.Errorf("stat %s: %w", path, err)
+		return nil, rs, fmt.Errorf("stat %s: %w", o.path, err)
 	}
 	var (
 		pending [][]byte
@@ -267,11 +385,11 @@ func openWAL(path string, size int64, durable bool, apply func(payloads [][]byte
 		if len(pending) == 0 {
 			return nil
 		}
-		err := apply(pending)
+		err := o.apply(pending)
 		pending, bytes = nil, 0
 		return err
 	}
-	hdr, _, end, err := scanWAL(f, st.Size(), func(p []byte) error {
+	hdr, res, err := scanWAL(f, st.Size(), func(p []byte) error {
 		if err := checkOps(p); err != nil {
 			return err
 		}
@@ -282,31 +400,44 @@ func openWAL(path string, size int64, durable bool, apply func(payloads [][]byte
 		}
 		return nil
 	})
+	if err == nil && res.corrupt != nil {
+		c := res.corrupt
+		if o.recover != RecoverTruncate {
+			err = fmt.Errorf("record %d at byte offset %d fails its checksum and %d valid records follow it: %w", c.index, c.off, c.records-1, ErrCorruptLog)
+		} else {
+			rs.DroppedRecords, rs.DroppedBytes = c.records, c.bytes
+			o.log.Warn("dropped corrupt write-ahead log records", "path", o.path, "offset", c.off,
+				"records", c.records, "bytes", c.bytes)
+		}
+	}
 	if err == nil {
 		err = flush()
 	}
 	if err != nil {
 		f.Close()
 		if errors.Is(err, errNoWALHeader) {
-			return nil, fmt.Errorf("replay %s: %w (the file is damaged; moving it away opens the store without its unapplied records)", path, err)
+			return nil, rs, fmt.Errorf("replay %s: %w (the file is damaged; moving it away opens the store without its unapplied records)", o.path, err)
 		}
-		return nil, fmt.Errorf("replay %s: %w", path, err)
+		return nil, rs, fmt.Errorf("replay %s: %w", o.path, err)
 	}
-	if st.Size() != size {
+	rs.Records, rs.Bytes, rs.Duration = res.records, res.bytes, time.Since(began)
+	o.log.Info("replayed write-ahead log", "path", o.path, "records", rs.Records, "bytes", rs.Bytes, "duration", rs.Duration)
+	if st.Size() != o.size {
 		// Every record is in bbolt now, so the log can be replaced.
 		f.Close()
-		return createWAL(path, size, hdr.gen+1, durable)
+		w, err := createWAL(o, hdr.gen+1)
+		return w, rs, err
 	}
 	// Read the rest once, so that the first writes to each page after the
 	// tail do not wait for the disk to read it.
-	if _, err := io.Copy(io.Discard, io.NewSectionReader(f, end, size-end)); err != nil {
+	if _, err := io.Copy(io.Discard, io.NewSectionReader(f, res.tail, o.size-res.tail)); err != nil {
 		f.Close()
-		return nil, fmt.Errorf("read %s: %w", path, err)
+		return nil, rs, fmt.Errorf("read %s: %w", o.path, err)
 	}
-	w := &wal{f: f, path: path, size: size, gen: hdr.gen}
-	if err := w.bump(durable); err != nil {
-		f.Close()
-		return nil, fmt.Errorf("%s: %w", path, err)
+	w := &wal{f: o.wrap(osWALFile{f}), path: o.path, size: o.size, gen: hdr.gen}
+	if err := w.bump(o.durable); err != nil {
+		w.f.Close()
+		return nil, rs, fmt.Errorf("%s: %w", o.path, err)
 	}
-	return w, nil
+	return w, rs, nil
 }
