@@ -114,6 +114,11 @@ type Config struct {
 	// value and stay the same across restarts: the stats keep the sums of
 	// its results, computed once per write.
 	Weigh func(value []byte) int64
+	// MinFreeBytes turns on the low-disk alarm (LowDisk) while the free
+	// space for the store (the filesystem's available bytes plus bbolt's
+	// free pages) is below it; checked every second once started. 0
+	// disables it.
+	MinFreeBytes int64
 	// Recover is what Open does with a log corrupt in the middle; 0 means
 	// RecoverRefuse.
 	Recover RecoverMode
@@ -243,6 +248,9 @@ type Store struct {
 	failure  atomic.Pointer[error]
 	failed   chan struct{}
 
+	lowDisk   atomic.Bool
+	freeBytes atomic.Int64
+
 	// Writer goroutine only.
 	seq uint64 // sequence number of the last record written
 
@@ -257,6 +265,8 @@ type metrics struct {
 	applySeconds  prometheus.Histogram
 	checkpoints   prometheus.Counter
 	failed        prometheus.Gauge
+	diskAlarm     prometheus.Gauge
+	freeBytes     prometheus.Gauge
 }
 
 func newMetrics(reg prometheus.Registerer) *metrics {
@@ -288,9 +298,17 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 			Name: "brokerd_store_failed",
 			Help: "1 once a write or fsync of the store's files failed: the store acknowledges nothing more.",
 		}),
+		diskAlarm: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "brokerd_store_disk_alarm",
+			Help: "1 while the free space for the store is below its minimum (new messages are refused).",
+		}),
+		freeBytes: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "brokerd_store_free_bytes",
+			Help: "Free space for the store: the filesystem's available bytes plus bbolt's free pages.",
+		}),
 	}
 	if reg != nil {
-		reg.MustRegister(m.commitSeconds, m.batchOps, m.commitErrors, m.applySeconds, m.checkpoints, m.failed)
+		reg.MustRegister(m.commitSeconds, m.batchOps, m.commitErrors, m.applySeconds, m.checkpoints, m.failed, m.diskAlarm, m.freeBytes)
 	}
 	return m
 }
@@ -456,6 +474,13 @@ func (s *Store) Start() {
 	if s.cfg.Sync == SyncBatch {
 		s.wg.Add(1)
 		go s.syncLoop()
+	}
+	if s.cfg.MinFreeBytes > 0 {
+		if err := s.checkDisk(); err != nil {
+			s.log.Error("cannot measure free disk space", "err", err)
+		}
+		s.wg.Add(1)
+		go s.diskLoop()
 	}
 }
 

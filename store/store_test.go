@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
+	"log/slog"
 	"math/rand/v2"
 	"os"
 	"path/filepath"
@@ -145,6 +146,7 @@ func testConfig(dir string) Config {
 	cfg := DefaultConfig(filepath.Join(dir, "s.db"))
 	cfg.WALSize = 256 << 10
 	cfg.ApplyInterval = time.Hour
+	cfg.Logger = slog.New(slog.DiscardHandler)
 	return cfg
 }
 

@@ -1,0 +1,9 @@
+//go:build !(linux || darwin || freebsd || netbsd || openbsd)
+
+package store
+
+import "errors"
+
+func fsFreeBytes(string) (int64, error) {
+	return 0, errors.New("free space unknown on this platform")
+}
