@@ -57,14 +57,8 @@ type Node struct {
 	stopOnce sync.Once
 }
 
-// storeHealth is what the node asks the store about its health. The store
-// reports a failed write or fsync (after which it refuses every commit)
-// and the low-disk alarm.
-type storeHealth interface {
-	Failed() <-chan struct{}
-	Err() error
-	LowDisk() bool
-}
+// lowDisker is the store's low-disk alarm.
+type lowDisker interface{ LowDisk() bool }
 
 // New opens the node's store and recovers its messages. It listens on
 // nothing until Start.
@@ -100,6 +94,11 @@ func New(cfg config.Config, log *slog.Logger) (*Node, error) {
 	scfg.SyncInterval = cfg.Store.SyncInterval
 	scfg.MaxBatchOps = cfg.Store.MaxBatch
 	scfg.WALSize = cfg.Store.WALSize
+	scfg.Recover = store.RecoverRefuse
+	if cfg.Store.Recover == "truncate" {
+		scfg.Recover = store.RecoverTruncate
+	}
+	scfg.Logger = log
 	scfg.Registerer = reg
 	scfg.Weigh = replica.StoredBodyLen // queue.max_bytes counts bodies
 	st, err := store.Open(scfg)
@@ -273,10 +272,10 @@ func (n *Node) Start() error {
 	return nil
 }
 
-// health is the store's health interface, or nil when it has none.
-func (n *Node) health() storeHealth {
-	h, _ := any(n.st).(storeHealth)
-	return h
+// lowDisk reports whether the store's low-disk alarm is raised.
+func (n *Node) lowDisk() bool {
+	l, ok := any(n.st).(lowDisker)
+	return ok && l.LowDisk()
 }
 
 // watchStore stops the node when the store fails: a write or fsync of the
@@ -287,16 +286,12 @@ func (n *Node) health() storeHealth {
 // then on. The process (main) exits on Failed, so that a supervisor
 // restarts it and the log is replayed.
 func (n *Node) watchStore() {
-	h := n.health()
-	if h == nil {
-		return
-	}
 	select {
 	case <-n.stopped:
 		return
-	case <-h.Failed():
+	case <-n.st.Failed():
 	}
-	err := h.Err()
+	err := n.st.Err()
 	if err == nil {
 		err = errors.New("store failed")
 	}
@@ -424,17 +419,14 @@ func (n *Node) adminHandler() http.Handler {
 // node is stopping.
 func (n *Node) healthz(w http.ResponseWriter, r *http.Request) {
 	body := map[string]string{"status": "ok", "node_id": n.id, "node_name": n.cfg.Node.Name}
-	h := n.health()
 	var failed error
-	if h != nil {
-		select {
-		case <-h.Failed():
-			failed = h.Err()
-			if failed == nil {
-				failed = errors.New("store failed")
-			}
-		default:
+	select {
+	case <-n.st.Failed():
+		failed = n.st.Err()
+		if failed == nil {
+			failed = errors.New("store failed")
 		}
+	default:
 	}
 	switch {
 	case failed != nil:
@@ -446,7 +438,7 @@ func (n *Node) healthz(w http.ResponseWriter, r *http.Request) {
 		enc.SetIndent("", "  ")
 		_ = enc.Encode(body)
 		return
-	case h != nil && h.LowDisk():
+	case n.lowDisk():
 		body["status"] = "degraded"
 		body["reason"] = "low disk space"
 	}
