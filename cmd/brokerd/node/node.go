@@ -102,6 +102,9 @@ func New(cfg config.Config, log *slog.Logger) (*Node, error) {
 	scfg.Registerer = reg
 	scfg.Weigh = replica.StoredBodyLen // queue.max_bytes counts bodies
 	st, err := store.Open(scfg)
+	if errors.Is(err, store.ErrCorruptLog) && scfg.Recover == store.RecoverRefuse {
+		return nil, fmt.Errorf("%w (store.recover is refuse: with store.recover: truncate the node starts without that record and every one after it)", err)
+	}
 	if err != nil {
 		return nil, err
 	}

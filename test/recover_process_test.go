@@ -1,0 +1,73 @@
+package test
+
+import (
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/go-stomp/stomp/v3"
+)
+
+// TestProcessCorruptLogRecover: a write-ahead log damaged in the middle (a
+// record fails its checksum while later ones check: not a torn last write)
+// stops the start with store.recover: refuse (the default), naming the key
+// that lets it start; with store.recover: truncate it starts.
+func TestProcessCorruptLogRecover(t *testing.T) {
+	p := startProc(t, t.TempDir(), procOpts{})
+	q := uniqueQueue(t)
+	prod := p.dial()
+	for i := 0; i < 20; i++ {
+		if err := prod.Send(q, "text/plain", []byte(fmt.Sprintf("m-%02d %s", i, strings.Repeat("x", 1000))), stomp.SendOpt.Receipt); err != nil {
+			t.Fatalf("send: %v", err)
+		}
+	}
+	// kill -9: the log keeps its records (a clean stop would empty it).
+	if err := p.cmd.Process.Signal(syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	if _, ok := p.wait(10 * time.Second); !ok {
+		t.Fatal("brokerd did not die from SIGKILL")
+	}
+
+	// Flip a byte of the first record's payload (records start at 8 KiB,
+	// after two header blocks, with a 16-byte record header).
+	wal := filepath.Join(p.dataDir, "brokerd.db.wal")
+	f, err := os.OpenFile(wal, os.O_RDWR, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b := make([]byte, 1)
+	const off = 8192 + 16 + 8
+	if _, err := f.ReadAt(b, off); err != nil {
+		t.Fatal(err)
+	}
+	b[0] ^= 0xff
+	if _, err := f.WriteAt(b, off); err != nil {
+		t.Fatal(err)
+	}
+	f.Close()
+
+	args := []string{"--data-dir", p.dataDir, "--stomp-addr", freeAddr(t), "--admin-addr", freeAddr(t)}
+	refused := spawn(t, args, nil, nil)
+	code, ok := refused.wait(20 * time.Second)
+	if !ok {
+		t.Fatal("brokerd started on a log corrupt in the middle with store.recover: refuse")
+	}
+	msg := refused.stderr.String()
+	t.Logf("refused (exit %d): %s", code, strings.TrimSpace(msg))
+	if code == 0 || !strings.Contains(msg, "write-ahead log corrupt") || !strings.Contains(msg, "store.recover: truncate") {
+		t.Fatalf("exit %d, stderr %q: want a failed start that says the log is corrupt and names store.recover: truncate", code, msg)
+	}
+
+	p2 := p.restart(procOpts{env: []string{"BROKERD_STORE_RECOVER=truncate"}})
+	if p2.exited() {
+		t.Fatal("brokerd with store.recover: truncate exited")
+	}
+	if _, ok := p2.destination(q); !ok {
+		t.Logf("queue %s not present after truncation (its messages were all in the dropped records)", q)
+	}
+}
