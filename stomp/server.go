@@ -43,6 +43,13 @@ type Config struct {
 	MaxSubscriptions int
 	// MaxTxFrames caps the frames buffered in the open transactions of one connection.
 	MaxTxFrames int
+	// MaxOutgoingBytes caps the bytes of the frames queued for one
+	// connection and not yet written to it (RECEIPTs, ERRORs; MESSAGEs are
+	// bounded by the replica's write window instead). While it is reached
+	// the server reads no more frames from that client, so TCP pushes back
+	// on it; a client that reads nothing for WriteTimeout is disconnected.
+	// Zero or negative means the default (4 MiB).
+	MaxOutgoingBytes int
 	// MaxTxBytes caps the bytes (bodies and headers) of the frames
 	// buffered in the open transactions of one connection; the frame that
 	// would pass it gets an ERROR "transaction too large". Zero or
@@ -88,6 +95,7 @@ func DefaultConfig() Config {
 		MaxSubscriptions: 1000,
 		MaxTxFrames:      10000,
 		MaxTxBytes:       64 << 20,
+		MaxOutgoingBytes: 4 << 20,
 		HeartbeatSend:    10 * time.Second,
 		HeartbeatReceive: 10 * time.Second,
 		HeartbeatMin:     time.Second,
@@ -127,6 +135,9 @@ func NewServer(cfg Config, broker Broker) *Server {
 	}
 	if cfg.WriteTimeout <= 0 {
 		cfg.WriteTimeout = def.WriteTimeout
+	}
+	if cfg.MaxOutgoingBytes <= 0 {
+		cfg.MaxOutgoingBytes = def.MaxOutgoingBytes
 	}
 	if cfg.MaxTxBytes <= 0 {
 		cfg.MaxTxBytes = def.MaxTxBytes

@@ -58,6 +58,14 @@ type session struct {
 	outClosed bool
 	outSignal chan struct{}
 
+	// outBytes counts the bytes of the frames queued for the writer and
+	// not yet written, plus those the reader reserved for RECEIPTs still
+	// to come. The reader waits for it to fit under MaxOutgoingBytes before
+	// handling a frame; MESSAGE frames do not count (see outItem.n).
+	outBytes   atomic.Int64
+	outWaiting atomic.Bool   // the reader waits for room
+	outRoom    chan struct{} // signalled when outBytes drops, or on shutdown
+
 	readTimeout   time.Duration
 	writeInterval atomic.Int64 // heart-beat send interval in ns, set at CONNECT
 	stopping      atomic.Bool
@@ -91,6 +99,12 @@ type outItem struct {
 	sub *sub
 	d   replica.Delivery
 	end bool // flush and close the connection (after f, if set)
+	// n is what the item counts in session.outBytes, released once it is
+	// written (or dropped). MESSAGE frames count 0: they cannot wait, as
+	// the replica hands them over holding a lock, and their number is
+	// bounded by its write window; their bodies are held by the replica
+	// until written or acknowledged anyway.
+	n int64
 	// closeSub closes a subscription once everything queued before it is
 	// written; closed is then signalled.
 	closeSub *sub
@@ -125,6 +139,7 @@ func newSession(srv *Server, c net.Conn, id string) *session {
 		subByIdx:   make(map[uint64]*sub),
 		ops:        make(chan *pendingOp, 1024),
 		outSignal:  make(chan struct{}, 1),
+		outRoom:    make(chan struct{}, 1),
 		writerDone: make(chan struct{}),
 	}
 	s.r = newFrameReader(idleReader{s}, srv.cfg.Limits)
@@ -166,6 +181,10 @@ func (w deadlineWriter) Write(p []byte) (int, error) {
 func (s *session) shutdown() {
 	s.stopping.Store(true)
 	_ = s.conn.SetReadDeadline(time.Now())
+	select {
+	case s.outRoom <- struct{}{}: // wake a reader waiting for room
+	default:
+	}
 }
 
 func (s *session) run() {
@@ -240,11 +259,23 @@ func (s *session) readLoop() error {
 		if f == nil {
 			continue // heart-beat
 		}
+		// Back-pressure: room for what this frame will make the server
+		// send, before handling it. While the client does not read, its
+		// frames stay in the socket, and TCP pushes back on it.
+		r := f.Header.Get(frame.Receipt)
+		need := receiptBytes(r)
+		if f.Command == frame.UNSUBSCRIBE {
+			need += closeSubBytes
+		}
+		if err := s.reserve(need); err != nil {
+			return err
+		}
 		done, err := s.handle(f)
 		if err != nil {
+			s.release(need)
 			var pe *protocolError
 			if errors.As(err, &pe) {
-				if r := f.Header.Get(frame.Receipt); r != "" {
+				if r != "" {
 					pe.header = append(pe.header, frame.ReceiptId, r)
 				}
 			}
@@ -350,7 +381,7 @@ func (s *session) connect(f *frame.Frame) error {
 	if v != "1.0" {
 		c.Header.Add(frame.HeartBeat, strconv.FormatInt(sx.Milliseconds(), 10)+","+strconv.FormatInt(sy.Milliseconds(), 10))
 	}
-	s.enqueue(outItem{f: c})
+	s.enqueueFrame(c, false)
 	return nil
 }
 
@@ -549,7 +580,7 @@ func (s *session) unsubscribe(f *frame.Frame) error {
 	// comes after every earlier Apply of this connection too, so no other
 	// is needed for them.
 	op := &pendingOp{done: make(chan error, 1)}
-	s.enqueue(outItem{closeSub: sb, closed: op.done})
+	s.enqueue(outItem{closeSub: sb, closed: op.done, n: closeSubBytes}) // reserved by readLoop
 	s.ops <- op
 	s.dirty = false
 	s.complete(f)
@@ -716,18 +747,20 @@ func (s *session) sequence() {
 				if op.receipt != "" {
 					pe.header = []string{frame.ReceiptId, op.receipt}
 				}
-				s.enqueue(outItem{f: errorFrame(pe), end: true})
+				s.enqueueFrame(errorFrame(pe), true)
 				s.shutdown()
 			}
 		}
 		if failed {
+			s.release(receiptBytes(op.receipt))
 			continue
 		}
 		if op.receipt != "" {
-			s.enqueue(outItem{f: frame.New(frame.RECEIPT, frame.ReceiptId, op.receipt)})
+			// Its bytes were reserved by readLoop.
+			s.enqueue(outItem{f: frame.New(frame.RECEIPT, frame.ReceiptId, op.receipt), n: receiptBytes(op.receipt)})
 		}
 		if op.errFr != nil {
-			s.enqueue(outItem{f: op.errFr})
+			s.enqueueFrame(op.errFr, false)
 		}
 		if op.final {
 			s.enqueue(outItem{end: true})
@@ -735,10 +768,122 @@ func (s *session) sequence() {
 	}
 }
 
+// closeSubBytes is what closing a subscription counts in outBytes, so
+// that UNSUBSCRIBEs without receipts cannot queue closes without bound.
+const closeSubBytes = 64
+
+// receiptBytes is what the RECEIPT for receipt r counts in outBytes: about
+// its encoded size. 0 for no receipt.
+func receiptBytes(r string) int64 {
+	if r == "" {
+		return 0
+	}
+	return int64(len("RECEIPT\nreceipt-id:\n\n\x00") + len(r))
+}
+
+// outFrameBytes approximates the encoded size of f.
+func outFrameBytes(f *frame.Frame) int64 {
+	n := len(f.Command) + 3 + len(f.Body)
+	if len(f.Body) > 0 {
+		n += len("content-length:\n") + 10
+	}
+	for i := 0; i < f.Header.Len(); i++ {
+		k, v := f.Header.GetAt(i)
+		n += len(k) + len(v) + 2
+	}
+	return int64(n)
+}
+
+// reserve waits until n more bytes fit in the outgoing queue, then counts
+// them. A queue with nothing in it takes anything. It fails when the
+// writer has ended or the session is shutting down.
+func (s *session) reserve(n int64) error {
+	limit := int64(s.srv.cfg.MaxOutgoingBytes)
+	for {
+		cur := s.outBytes.Load()
+		if cur+n <= limit || cur == 0 {
+			if n == 0 {
+				return nil
+			}
+			if s.outBytes.CompareAndSwap(cur, cur+n) {
+				if h := testHookOutBytes; h != nil {
+					h(s, cur+n)
+				}
+				return nil
+			}
+			continue
+		}
+		if err := s.waitRoom(n, limit); err != nil {
+			return err
+		}
+	}
+}
+
+// waitRoom waits until n bytes fit, or the writer ends, or shutdown.
+func (s *session) waitRoom(n, limit int64) error {
+	s.outWaiting.Store(true)
+	defer s.outWaiting.Store(false)
+	if h := testHookOutFull; h != nil {
+		h(s)
+	}
+	for {
+		// After setting outWaiting: release either sees it and signals,
+		// or its decrement is visible here.
+		if cur := s.outBytes.Load(); cur+n <= limit || cur == 0 {
+			return nil
+		}
+		if s.stopping.Load() {
+			return net.ErrClosed
+		}
+		select {
+		case <-s.outRoom:
+		case <-s.writerDone:
+			return net.ErrClosed
+		}
+	}
+}
+
+// release uncounts n bytes of the outgoing queue and wakes a waiting reader.
+func (s *session) release(n int64) {
+	if n == 0 {
+		return
+	}
+	s.outBytes.Add(-n)
+	if s.outWaiting.Load() {
+		select {
+		case s.outRoom <- struct{}{}:
+		default:
+		}
+	}
+}
+
+// enqueueFrame counts f's bytes in the outgoing queue and queues it; end
+// closes the connection after it. For frames that do not wait for room:
+// CONNECTED and ERROR.
+func (s *session) enqueueFrame(f *frame.Frame, end bool) {
+	n := outFrameBytes(f)
+	v := s.outBytes.Add(n)
+	if h := testHookOutBytes; h != nil {
+		h(s, v)
+	}
+	s.enqueue(outItem{f: f, end: end, n: n})
+}
+
+// Test hooks, set only by tests before a server starts: testHookOutBytes
+// sees a session's outgoing bytes after each increase, testHookOutFull a
+// reader about to wait for room.
+var (
+	testHookOutBytes func(s *session, queued int64)
+	testHookOutFull  func(s *session)
+)
+
+// enqueue queues it for the writer; it.n must already be counted in
+// outBytes.
 func (s *session) enqueue(it outItem) {
 	s.outMu.Lock()
 	if s.outClosed {
 		s.outMu.Unlock()
+		s.release(it.n)
 		if it.closeSub != nil {
 			s.closeSub(it.closeSub, it.closed)
 		}
@@ -769,11 +914,14 @@ func (s *session) writeLoop() {
 		rest := append(batch, s.out...)
 		s.out = nil
 		s.outMu.Unlock()
+		var n int64
 		for _, it := range rest {
+			n += it.n
 			if it.closeSub != nil {
 				s.closeSub(it.closeSub, it.closed)
 			}
 		}
+		s.release(n)
 		// Messages written to the buffer may or may not have reached the
 		// client: they go back marked redelivered, not acknowledged.
 		for rs, tags := range written {
@@ -844,9 +992,17 @@ func (s *session) writeLoop() {
 				break
 			}
 		}
+		// The batch is in the write buffer or on the wire: its bytes
+		// leave the queue. Closes after an end item are done here.
+		var n int64
 		for i := range batch {
+			n += batch[i].n
+			if batch[i].closeSub != nil {
+				s.closeSub(batch[i].closeSub, batch[i].closed)
+			}
 			batch[i] = outItem{}
 		}
+		s.release(n)
 		if err := w.Flush(); err != nil {
 			fail()
 			return
@@ -862,11 +1018,14 @@ func (s *session) writeLoop() {
 			rest := s.out
 			s.out = nil
 			s.outMu.Unlock()
+			var n int64
 			for _, it := range rest {
+				n += it.n
 				if it.closeSub != nil {
 					s.closeSub(it.closeSub, it.closed)
 				}
 			}
+			s.release(n)
 			if tc, ok := s.conn.(*net.TCPConn); ok {
 				_ = tc.CloseWrite()
 			}
