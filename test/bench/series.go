@@ -200,7 +200,11 @@ func printSeries(w io.Writer, pts []point, receipts bool) {
 			otherMax, otherP99 = max(otherMax, p.Max), max(otherP99, p.P99)
 		}
 	}
-	if nWith+nOther > 0 {
+	switch {
+	case nWith+nOther == 0:
+	case nWith == 0:
+		fmt.Fprintln(w, "  no store checkpoint during the run")
+	default:
 		fmt.Fprintf(w, "  %d s within 1 s of a checkpoint: worst p99 %.3f ms, worst max %.3f ms; %d s not: worst p99 %.3f ms, worst max %.3f ms\n",
 			nWith, withP99, withMax, nOther, otherP99, otherMax)
 	}
