@@ -68,7 +68,7 @@ func (b *backlogConfig) flags(fs *flag.FlagSet) {
 	fs.StringVar(&b.pidFile, "broker-pidfile", "", "backlog: write the running brokerd's PID to this file (for the caller's cleanup)")
 	fs.DurationVar(&b.refDuration, "ref-duration", 10*time.Second, "backlog: length of the reference run (1 producer, 1 consumer, -window; 0 skips it)")
 	fs.DurationVar(&b.settle, "settle", 2*time.Second, "backlog: wait before the settled memory readings after the fill and after the restart")
-	fs.DurationVar(&b.startTimeout, "start-timeout", 60*time.Second, "backlog: how long brokerd may take from exec to CONNECTED")
+	fs.DurationVar(&b.startTimeout, "start-timeout", 120*time.Second, "backlog: how long brokerd may take from exec to CONNECTED")
 	fs.DurationVar(&b.fillTimeout, "fill-timeout", time.Hour, "backlog: stop filling after this long (the run then fails)")
 	fs.DurationVar(&b.progress, "progress", 10*time.Second, "backlog: progress line on stderr this often during the fill and the drain (0 = none)")
 	fs.IntVar(&b.targetRSS, "target-rss", 256, "backlog: target for brokerd's VmRSS with the backlog pending, MiB")
@@ -408,12 +408,7 @@ func backlogMain(cfg config) int {
 		fmt.Fprintln(os.Stderr, "bench: interrupted: ending this phase, skipping the rest, stopping brokerd (again to kill it and exit)")
 		bl.intr.Store(true)
 		if cur := bl.cur.Load(); cur != nil {
-			// Producers stop and still wait (up to their -drain) for the
-			// receipts of what they sent; a consumers-only drain stops.
-			cur.stopOnce.Do(func() { close(cur.stop) })
-			if cur.cfg.producers == 0 {
-				cur.abortOnce.Do(func() { close(cur.abort) })
-			}
+			bl.interrupt(cur)
 		}
 		<-sig
 		fmt.Fprintln(os.Stderr, "bench: interrupted again: killing brokerd")
@@ -433,11 +428,23 @@ func backlogMain(cfg config) int {
 	return bl.report()
 }
 
+// interrupt ends run r early: producers stop and still wait (up to their
+// -drain) for the receipts of what they sent; a consumers-only drain stops.
+func (bl *backlog) interrupt(r *run) {
+	r.stopOnce.Do(func() { close(r.stop) })
+	if r.cfg.producers == 0 {
+		r.abortOnce.Do(func() { close(r.abort) })
+	}
+}
+
 // phase runs one load run (reference, fill or drain) with its memory
 // sampler and checkpoint watch.
 func (bl *backlog) phase(r *run, trackers []*tracker, idleDrain bool) (result, memStats, *int64) {
 	bl.cur.Store(r)
 	defer bl.cur.Store(nil)
+	if bl.stopped() { // interrupted between phases
+		bl.interrupt(r)
+	}
 	mem := startMemSampler(bl.b.pid(), 250*time.Millisecond)
 	var ck *ckptWatch
 	if bl.cfg.admin != "" {
@@ -603,6 +610,9 @@ func (bl *backlog) scenario() {
 	bl.log("restart: %s later: brokerd %s", cfg.bl.settle, r.RestartSettledMem)
 
 	// 5. Drain.
+	if bl.stopped() {
+		return
+	}
 	dc := cfg
 	dc.label, dc.producers = "drain", 0
 	drain := newRun(dc)
