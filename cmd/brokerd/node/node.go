@@ -147,6 +147,7 @@ func New(cfg config.Config, log *slog.Logger) (*Node, error) {
 	pcfg.MaxSubscriptions = cfg.Limits.MaxSubscriptions
 	pcfg.MaxTxFrames = cfg.Limits.MaxTransactionFrames
 	pcfg.MaxTxBytes = cfg.Limits.MaxTransactionBytes
+	pcfg.MaxOutgoingBytes = cfg.Limits.MaxOutgoingBytes
 	pcfg.HeartbeatSend = cfg.STOMP.HeartbeatSend
 	pcfg.HeartbeatReceive = cfg.STOMP.HeartbeatReceive
 	pcfg.HeartbeatMin = cfg.STOMP.HeartbeatMin
