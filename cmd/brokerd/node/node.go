@@ -55,6 +55,7 @@ type Node struct {
 	failErr  error         // set before failed is closed
 	stopped  chan struct{} // closed by Shutdown: watchStore returns
 	stopOnce sync.Once
+	watchWG  sync.WaitGroup // watchStore
 }
 
 // lowDisker is the store's low-disk alarm.
@@ -272,6 +273,7 @@ func (n *Node) Start() error {
 		_ = n.Shutdown(context.Background())
 		return err
 	}
+	n.watchWG.Add(1)
 	go n.watchStore()
 	return nil
 }
@@ -290,6 +292,7 @@ func (n *Node) lowDisk() bool {
 // then on. The process (main) exits on Failed, so that a supervisor
 // restarts it and the log is replayed.
 func (n *Node) watchStore() {
+	defer n.watchWG.Done()
 	select {
 	case <-n.stopped:
 		return
@@ -353,6 +356,7 @@ func (n *Node) AdminAddr() string {
 // in-flight commits and closes the store.
 func (n *Node) Shutdown(ctx context.Context) error {
 	n.stopOnce.Do(func() { close(n.stopped) })
+	n.watchWG.Wait() // a fail-stop in progress finishes first (bounded)
 	if n.cl != nil {
 		// Leave first: the others promote a replacement at once.
 		if err := n.cl.Leave(time.Second); err != nil {
