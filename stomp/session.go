@@ -162,17 +162,24 @@ func (r idleReader) Read(p []byte) (int, error) {
 	return s.conn.Read(p)
 }
 
-// deadlineWriter sets the write deadline before every write to the
+// deadlineWriter keeps a write deadline in force for every write to the
 // connection, so that WriteTimeout bounds each write however long the
 // connection was idle before it: a frame larger than the write buffer is
-// written during WriteFrame, not only at the flush.
+// written during WriteFrame, not only at the flush. It re-arms the
+// deadline only once an eighth of it has passed, so a burst of writes
+// costs one SetWriteDeadline; each write starts with at least 7/8 of
+// WriteTimeout ahead of it.
 type deadlineWriter struct {
-	c net.Conn
-	d time.Duration
+	c        net.Conn
+	d        time.Duration
+	deadline time.Time
 }
 
-func (w deadlineWriter) Write(p []byte) (int, error) {
-	_ = w.c.SetWriteDeadline(time.Now().Add(w.d))
+func (w *deadlineWriter) Write(p []byte) (int, error) {
+	if now := time.Now(); w.deadline.Sub(now) < w.d-w.d/8 {
+		w.deadline = now.Add(w.d)
+		_ = w.c.SetWriteDeadline(w.deadline)
+	}
 	return w.c.Write(p)
 }
 
@@ -901,7 +908,7 @@ func (s *session) enqueue(it outItem) {
 // heart-beats when idle. It ends at the first end item or write error.
 func (s *session) writeLoop() {
 	defer close(s.writerDone)
-	w := newFrameWriter(deadlineWriter{s.conn, s.srv.cfg.WriteTimeout})
+	w := newFrameWriter(&deadlineWriter{c: s.conn, d: s.srv.cfg.WriteTimeout})
 	var tick <-chan time.Time
 	var ticker *time.Ticker
 	lastWrite := time.Now()

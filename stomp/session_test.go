@@ -95,9 +95,10 @@ func testServer(t *testing.T) (*recBroker, string) {
 
 // testServerCfg starts a Server on a fresh store and replica, with
 // DefaultConfig changed by mutate.
-func testServerCfg(t *testing.T, mutate func(*Config)) (*recBroker, *Server) {
+func testServerCfg(t testing.TB, mutate func(*Config)) (*recBroker, *Server) {
 	scfg := store.DefaultConfig(filepath.Join(t.TempDir(), "r.db"))
 	scfg.Sync = store.SyncNone
+	scfg.Logger = slog.New(slog.NewTextHandler(io.Discard, nil))
 	st, err := store.Open(scfg)
 	if err != nil {
 		t.Fatal(err)
