@@ -260,10 +260,12 @@ func healthz(t *testing.T, p *proc) (int, map[string]string) {
 	return code, body
 }
 
-// sendUntil sends receipted messages of size bytes on fresh connections
+// sendUntilRefused sends receipted messages of size bytes, one per pace,
 // until one is refused with an ERROR whose message contains want (returned),
-// for at most d; accepted ids are added to receipted.
-func sendUntilRefused(t *testing.T, p *proc, q, prefix string, size int, receipted map[string]bool, want string, d time.Duration) *frame.Frame {
+// for at most d; accepted ids are added to receipted. The pace keeps the
+// disk from filling faster than the broker's free-space check (every
+// second) can raise the alarm: this tests the alarm, not the fail-stop.
+func sendUntilRefused(t *testing.T, p *proc, q, prefix string, size int, pace time.Duration, receipted map[string]bool, want string, d time.Duration) *frame.Frame {
 	t.Helper()
 	deadline := time.Now().Add(d)
 	var sc *stompClient
@@ -290,6 +292,7 @@ func sendUntilRefused(t *testing.T, p *proc, q, prefix string, size int, receipt
 		switch f.Command {
 		case frame.RECEIPT:
 			receipted[id] = true
+			time.Sleep(pace)
 		case frame.ERROR:
 			if msg := f.Header.Get(frame.Message); !strings.Contains(msg, want) {
 				t.Fatalf("SEND %s: ERROR %q, want %q", id, msg, want)
@@ -358,7 +361,8 @@ func TestProcessLowDiskAlarm(t *testing.T) {
 
 	const size = 64 << 10
 	receipted := map[string]bool{}
-	sendUntilRefused(t, p, q, "a", size, receipted, "broker low on disk space", 30*time.Second)
+	// 64 KiB every 50 ms: 1.3 MiB/s, against 8 MiB kept free.
+	sendUntilRefused(t, p, q, "a", size, 50*time.Millisecond, receipted, "broker low on disk space", 30*time.Second)
 	t.Logf("%d messages accepted before the alarm; %d bytes free", len(receipted), freeBytes(t, mnt))
 	if len(receipted) == 0 {
 		t.Fatal("the alarm refused the first SEND: the filler left too little room")
@@ -405,7 +409,7 @@ func TestProcessLowDiskAlarm(t *testing.T) {
 	// Another file takes the room: refused again; it goes: accepted again.
 	filler2 := filepath.Join(mnt, "filler2")
 	fill(t, filler2, freeBytes(t, mnt)-minFree/2)
-	sendUntilRefused(t, p, q, "b", size, map[string]bool{}, "broker low on disk space", 15*time.Second)
+	sendUntilRefused(t, p, q, "b", size, 50*time.Millisecond, map[string]bool{}, "broker low on disk space", 30*time.Second)
 	if err := os.Remove(filler2); err != nil {
 		t.Fatal(err)
 	}
