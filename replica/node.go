@@ -514,7 +514,7 @@ func (n *Node) Apply(b *Batch, done func(error)) error {
 			queued++
 		}
 	}
-	if len(b.Sends) > 0 && n.lowDisk() {
+	if len(b.Sends) > 0 && n.st.LowDisk() {
 		return fmt.Errorf("%w: free space on the data directory's filesystem is below the configured minimum; new messages are refused until it returns", ErrLowDisk)
 	}
 	if queued > 0 {
@@ -699,10 +699,4 @@ func (s *Subscription) TagOf(id string) (uint64, bool) {
 		}
 	}
 	return best, best != 0
-}
-
-// lowDisk reports the store's low-disk alarm.
-func (n *Node) lowDisk() bool {
-	ld, ok := any(n.st).(interface{ LowDisk() bool })
-	return ok && ld.LowDisk()
 }
