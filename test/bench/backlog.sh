@@ -82,8 +82,13 @@ cleanup() {
   fi
   exit "$rc"
 }
+# Ctrl-C (or TERM): the tool ends its phase, stops brokerd and still
+# reports; a second one makes it kill brokerd and exit at once.
+on_signal() {
+  if [ -n "$tool_pid" ]; then kill -TERM "$tool_pid" 2>/dev/null; else exit 130; fi
+}
 trap cleanup EXIT
-trap 'exit 130' INT TERM
+trap on_signal INT TERM
 
 # Disk: at 1M messages of 256 B the data directory reached ~890 MiB (bbolt
 # plus the 64 MiB log; bbolt never shrinks), so ~1 KiB a message.
@@ -113,15 +118,20 @@ echo "backlog.sh: building brokerd and the load tool into $bin" >&2
 
 echo "backlog.sh: COUNT=$COUNT data in $data, STOMP 127.0.0.1:$STOMP_PORT, admin 127.0.0.1:$ADMIN_PORT, time limit ${TIME_LIMIT}s" >&2
 # The tool stops its phase on SIGINT and still reports; after the limit it
-# gets one, 60 s later a SIGKILL (and brokerd then dies in cleanup).
+# gets one, 60 s later a SIGKILL (and brokerd then dies in cleanup). timeout
+# runs the tool in its own process group, so a Ctrl-C reaches it only once,
+# through on_signal.
 timeout --signal=INT --kill-after=60 "$TIME_LIMIT" \
   "$bin/bench" -mode backlog -label brokerd -count "$COUNT" -ref-duration "$REF_DURATION" \
   -addr "127.0.0.1:$STOMP_PORT" -admin "127.0.0.1:$ADMIN_PORT" \
   -broker "$bin/brokerd --data-dir $data --stomp-addr 127.0.0.1:$STOMP_PORT --admin-addr 127.0.0.1:$ADMIN_PORT $BROKERD_ARGS" \
   -broker-log "$work/brokerd.log" -broker-pidfile "$work/brokerd.pid" "$@" &
 tool_pid=$!
-wait "$tool_pid"
-rc=$?
+while :; do
+  wait "$tool_pid"
+  rc=$?
+  kill -0 "$tool_pid" 2>/dev/null || break # else wait was cut short by a signal
+done
 tool_pid=
 if [ "$rc" != 0 ] && [ "$rc" != 3 ] && [ -s "$work/brokerd.log" ]; then
   echo "--- backlog.sh: last lines of brokerd's log:" >&2
