@@ -58,9 +58,6 @@ type Node struct {
 	watchWG  sync.WaitGroup // watchStore
 }
 
-// lowDisker is the store's low-disk alarm.
-type lowDisker interface{ LowDisk() bool }
-
 // New opens the node's store and recovers its messages. It listens on
 // nothing until Start.
 func New(cfg config.Config, log *slog.Logger) (*Node, error) {
@@ -95,6 +92,7 @@ func New(cfg config.Config, log *slog.Logger) (*Node, error) {
 	scfg.SyncInterval = cfg.Store.SyncInterval
 	scfg.MaxBatchOps = cfg.Store.MaxBatch
 	scfg.WALSize = cfg.Store.WALSize
+	scfg.MinFreeBytes = cfg.Store.MinFreeBytes
 	scfg.Recover = store.RecoverRefuse
 	if cfg.Store.Recover == "truncate" {
 		scfg.Recover = store.RecoverTruncate
@@ -278,12 +276,6 @@ func (n *Node) Start() error {
 	return nil
 }
 
-// lowDisk reports whether the store's low-disk alarm is raised.
-func (n *Node) lowDisk() bool {
-	l, ok := any(n.st).(lowDisker)
-	return ok && l.LowDisk()
-}
-
 // watchStore stops the node when the store fails: a write or fsync of the
 // log or of bbolt failed, so no further commit can be trusted. It logs the
 // cause, closes the STOMP listener (sessions answer what is pending with
@@ -446,7 +438,7 @@ func (n *Node) healthz(w http.ResponseWriter, r *http.Request) {
 		enc.SetIndent("", "  ")
 		_ = enc.Encode(body)
 		return
-	case n.lowDisk():
+	case n.st.LowDisk():
 		body["status"] = "degraded"
 		body["reason"] = "low disk space"
 	}
