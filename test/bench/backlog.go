@@ -696,7 +696,9 @@ func (bl *backlog) printSummary() {
 	fmt.Fprintf(w, "params    count=%d size=%dB fill: producers=%d window=%d persistent=%t; drain: consumers=%d ack=%s prefetch=%d\n",
 		cfg.count, cfg.size, cfg.producers, cfg.window, cfg.persistent, cfg.consumers, cfg.ack, cfg.prefetch)
 	fmt.Fprintf(w, "broker    %s\n", strings.Join(r.BrokerCmd, " "))
-	fmt.Fprintf(w, "cold      CONNECTED %.3f s after exec, probe round trip at %.3f s; idle %s\n", r.ColdConnectedS, r.ColdReadyS, r.IdleMem)
+	if r.ColdConnectedS > 0 {
+		fmt.Fprintf(w, "cold      CONNECTED %.3f s after exec, probe round trip at %.3f s; idle %s\n", r.ColdConnectedS, r.ColdReadyS, r.IdleMem)
+	}
 	if ref := r.Reference; ref != nil {
 		fmt.Fprintf(w, "reference 1 producer, 1 consumer, window %d, %.0f s: received %.1f msg/s, receipted %.1f msg/s, receipt p50 %.3f ms p99 %.3f ms, lost %d\n",
 			ref.Window, ref.DurationS, ref.RecvRate, ref.SendRate, ref.RcptP50, ref.RcptP99, ref.Lost)

@@ -29,10 +29,17 @@
 #   DATA_ROOT      where the data directory is created   (default ${TMPDIR:-/tmp})
 #   STOMP_PORT     brokerd's STOMP port on 127.0.0.1     (default: a free one)
 #   ADMIN_PORT     brokerd's admin port on 127.0.0.1     (default: a free one)
-#   BROKERD_ARGS   extra brokerd flags, e.g. "--store-sync batch"
+#   BROKER_ARGS    extra brokerd flags, e.g. "--store-sync batch"
+#   BROKER_REV     build brokerd from this git revision (git archive into the
+#                  scratch directory; the checkout is not touched), e.g. to
+#                  measure the broker before a change (default: the working tree)
+#   BROKER_BIN     use this brokerd binary instead of building one
 #   TIME_LIMIT     seconds before the run is interrupted (default 300 + COUNT/1000)
 #   KEEP=1         keep the data directory and the build directory
 #   LOG=FILE       copy brokerd's log there (it is printed on failure anyway)
+# brokerd reads BROKERD_<KEY> variables as configuration (and refuses unknown
+# ones): e.g. BROKERD_STORE_SYNC=batch in the environment reaches it as
+# store.sync; this script's own variables are therefore named BROKER_*.
 #
 # The script kills only what it started (the tool, and brokerd by the PID the
 # tool recorded), removes its data directory and build directory, and exits
@@ -44,7 +51,7 @@ set -uo pipefail
 COUNT=${COUNT:-200000}
 REF_DURATION=${REF_DURATION:-20s}
 DATA_ROOT=${DATA_ROOT:-${TMPDIR:-/tmp}}
-BROKERD_ARGS=${BROKERD_ARGS:-}
+BROKER_ARGS=${BROKER_ARGS:-}
 TIME_LIMIT=${TIME_LIMIT:-$((300 + COUNT / 1000))}
 KEEP=${KEEP:-0}
 LOG=${LOG:-}
@@ -112,9 +119,29 @@ STOMP_PORT=${STOMP_PORT:-$(free_port)} || { echo "backlog.sh: no free port" >&2;
 ADMIN_PORT=${ADMIN_PORT:-$(free_port)} || { echo "backlog.sh: no free port" >&2; exit 1; }
 [ "$STOMP_PORT" != "$ADMIN_PORT" ] || ADMIN_PORT=$((STOMP_PORT + 1))
 
-echo "backlog.sh: building brokerd and the load tool into $bin" >&2
-(cd "$root" && go build -o "$bin/brokerd" ./cmd/brokerd && go build -o "$bin/bench" ./test/bench) ||
-  { echo "backlog.sh: build failed" >&2; exit 1; }
+BROKER_REV=${BROKER_REV:-}
+BROKER_BIN=${BROKER_BIN:-}
+echo "backlog.sh: building the load tool into $bin" >&2
+(cd "$root" && go build -o "$bin/bench" ./test/bench) || { echo "backlog.sh: build failed" >&2; exit 1; }
+if [ -n "$BROKER_BIN" ]; then
+  cp "$BROKER_BIN" "$bin/brokerd" || exit 1
+  label="brokerd ($BROKER_BIN)"
+elif [ -n "$BROKER_REV" ]; then
+  rev=$(cd "$root" && git rev-parse --short "$BROKER_REV") || { echo "backlog.sh: no revision $BROKER_REV" >&2; exit 1; }
+  echo "backlog.sh: building brokerd from revision $rev" >&2
+  mkdir -p "$work/src"
+  (cd "$root" && git archive "$rev") | tar -x -C "$work/src" &&
+    (cd "$work/src" && go build -o "$bin/brokerd" ./cmd/brokerd) || { echo "backlog.sh: build of $rev failed" >&2; exit 1; }
+  rm -rf "$work/src"
+  label="brokerd@$rev"
+else
+  rev=$(cd "$root" && git rev-parse --short HEAD 2>/dev/null)
+  dirty=$(cd "$root" && git status --porcelain 2>/dev/null | grep -vc ' test/bench/')
+  echo "backlog.sh: building brokerd from the working tree (HEAD $rev, $dirty other uncommitted path(s))" >&2
+  (cd "$root" && go build -o "$bin/brokerd" ./cmd/brokerd) || { echo "backlog.sh: build failed" >&2; exit 1; }
+  label="brokerd@$rev"
+  [ "$dirty" = 0 ] || label="$label+dirty"
+fi
 
 echo "backlog.sh: COUNT=$COUNT data in $data, STOMP 127.0.0.1:$STOMP_PORT, admin 127.0.0.1:$ADMIN_PORT, time limit ${TIME_LIMIT}s" >&2
 # The tool stops its phase on SIGINT and still reports; after the limit it
@@ -122,9 +149,9 @@ echo "backlog.sh: COUNT=$COUNT data in $data, STOMP 127.0.0.1:$STOMP_PORT, admin
 # runs the tool in its own process group, so a Ctrl-C reaches it only once,
 # through on_signal.
 timeout --signal=INT --kill-after=60 "$TIME_LIMIT" \
-  "$bin/bench" -mode backlog -label brokerd -count "$COUNT" -ref-duration "$REF_DURATION" \
+  "$bin/bench" -mode backlog -label "$label" -count "$COUNT" -ref-duration "$REF_DURATION" \
   -addr "127.0.0.1:$STOMP_PORT" -admin "127.0.0.1:$ADMIN_PORT" \
-  -broker "$bin/brokerd --data-dir $data --stomp-addr 127.0.0.1:$STOMP_PORT --admin-addr 127.0.0.1:$ADMIN_PORT $BROKERD_ARGS" \
+  -broker "$bin/brokerd --data-dir $data --stomp-addr 127.0.0.1:$STOMP_PORT --admin-addr 127.0.0.1:$ADMIN_PORT $BROKER_ARGS" \
   -broker-log "$work/brokerd.log" -broker-pidfile "$work/brokerd.pid" "$@" &
 tool_pid=$!
 while :; do

@@ -28,8 +28,11 @@
 #   DURATION      send duration per run             (default 60s)
 #   CONSUMERS     consumers per run                 (default 1 for 1 producer, else 4)
 #   DATA_ROOT     where the data directory goes     (default ${TMPDIR:-/tmp})
-#   BROKERD_ARGS  extra brokerd flags
+#   BROKER_ARGS  extra brokerd flags
 #   KEEP=1        keep the data and build directory
+# brokerd reads BROKERD_<KEY> variables as configuration (and refuses unknown
+# ones): e.g. BROKERD_STORE_SYNC=batch in the environment reaches it as
+# store.sync; this script's own variables are therefore named BROKER_*.
 #
 # Exit status: 0 when every run succeeded, 1 otherwise. Kills only the
 # brokerd it started (by PID).
@@ -39,7 +42,7 @@ RUNS=${RUNS:-"64:1 1:16"}
 DURATION=${DURATION:-60s}
 CONSUMERS=${CONSUMERS:-}
 DATA_ROOT=${DATA_ROOT:-${TMPDIR:-/tmp}}
-BROKERD_ARGS=${BROKERD_ARGS:-}
+BROKER_ARGS=${BROKER_ARGS:-}
 KEEP=${KEEP:-0}
 
 root=$(cd "$(dirname "$0")/../.." && pwd)
@@ -78,9 +81,9 @@ stomp=$(free_port) && admin=$(free_port) || { echo "walwrap.sh: no free port" >&
 (cd "$root" && go build -o "$bin/brokerd" ./cmd/brokerd && go build -o "$bin/bench" ./test/bench) ||
   { echo "walwrap.sh: build failed" >&2; exit 1; }
 
-# shellcheck disable=SC2086 # BROKERD_ARGS is a list of flags
+# shellcheck disable=SC2086 # BROKER_ARGS is a list of flags
 "$bin/brokerd" --data-dir "$work/data" --stomp-addr "127.0.0.1:$stomp" --admin-addr "127.0.0.1:$admin" \
-  $BROKERD_ARGS >"$work/brokerd.log" 2>&1 &
+  $BROKER_ARGS >"$work/brokerd.log" 2>&1 &
 broker_pid=$!
 for _ in $(seq 300); do
   if { exec 3<>"/dev/tcp/127.0.0.1/$stomp"; } 2>/dev/null; then exec 3>&-; break; fi
