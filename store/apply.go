@@ -104,6 +104,13 @@ func (a *applier) waitApplied(seq uint64) error {
 	return a.err
 }
 
+// appliedUpTo is the sequence number of the last payload in bbolt.
+func (a *applier) appliedUpTo() uint64 {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return a.applied
+}
+
 // waitCurrent returns once everything queued so far is in bbolt.
 func (a *applier) waitCurrent() error { return a.waitApplied(a.lastHanded()) }
 

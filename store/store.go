@@ -139,6 +139,9 @@ type hooks struct {
 	// update runs every bbolt write transaction that applies ops (the
 	// applier's, replay's, commitDirect's) in place of db.Update.
 	update func(db *bolt.DB, fn func(*bolt.Tx) error) error
+	// switchWait is called when a segment switch has to wait for the
+	// applier.
+	switchWait func()
 }
 
 // DefaultConfig returns a Config for path with every field set.
@@ -248,8 +251,9 @@ type Store struct {
 	failure  atomic.Pointer[error]
 	failed   chan struct{}
 
-	lowDisk   atomic.Bool
-	freeBytes atomic.Int64
+	lowDisk    atomic.Bool
+	freeBytes  atomic.Int64
+	walGenSeen atomic.Uint64 // the log's generation, for tests
 
 	// Writer goroutine only.
 	seq uint64 // sequence number of the last record written
@@ -265,6 +269,8 @@ type metrics struct {
 	applySeconds  prometheus.Histogram
 	checkpoints   prometheus.Counter
 	failed        prometheus.Gauge
+	switches      prometheus.Counter
+	switchWaits   prometheus.Counter
 	diskAlarm     prometheus.Gauge
 	freeBytes     prometheus.Gauge
 }
@@ -292,11 +298,19 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 		}),
 		checkpoints: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "brokerd_store_checkpoints_total",
-			Help: "Times the write-ahead log was emptied after its records were made durable in bbolt.",
+			Help: "Times the write-ahead log was emptied after its records were made durable in bbolt (Close, groups larger than a segment).",
 		}),
 		failed: prometheus.NewGauge(prometheus.GaugeOpts{
 			Name: "brokerd_store_failed",
 			Help: "1 once a write or fsync of the store's files failed: the store acknowledges nothing more.",
+		}),
+		switches: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "brokerd_store_wal_switches_total",
+			Help: "Times the writer moved to the other segment of the write-ahead log.",
+		}),
+		switchWaits: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "brokerd_store_wal_switch_waits_total",
+			Help: "Segment switches that waited for the applier to copy the segment's old records into bbolt.",
 		}),
 		diskAlarm: prometheus.NewGauge(prometheus.GaugeOpts{
 			Name: "brokerd_store_disk_alarm",
@@ -308,7 +322,7 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 		}),
 	}
 	if reg != nil {
-		reg.MustRegister(m.commitSeconds, m.batchOps, m.commitErrors, m.applySeconds, m.checkpoints, m.failed, m.diskAlarm, m.freeBytes)
+		reg.MustRegister(m.commitSeconds, m.batchOps, m.commitErrors, m.applySeconds, m.checkpoints, m.failed, m.switches, m.switchWaits, m.diskAlarm, m.freeBytes)
 	}
 	return m
 }
@@ -420,7 +434,8 @@ func Open(cfg Config) (*Store, error) {
 	if cfg.Sync == SyncBatch {
 		interval = max(interval, cfg.SyncInterval)
 	}
-	s.ap = newApplier(s, interval, int(w.capacity()/2))
+	s.ap = newApplier(s, interval, int(w.capacity()/4))
+	s.walGenSeen.Store(w.gen())
 	return s, nil
 }
 
@@ -673,21 +688,22 @@ func (s *Store) commit(batch []request, size int) {
 }
 
 // logRecord writes rec (header space, then payload) at the tail of the log,
-// checkpointing first if it does not fit, and queues it for bbolt.
+// switching segments first if it does not fit, and queues it for bbolt.
 func (s *Store) logRecord(rec []byte, sync bool) error {
 	w := s.wal
-	if w.tail+int64(len(rec)) > w.size {
-		if err := s.checkpoint(); err != nil {
+	if w.tail+int64(len(rec)) > w.seg[w.cur].end {
+		if err := s.switchSegment(); err != nil {
 			return err
 		}
 	}
-	chain := sealRecord(rec, w.gen, w.chain)
+	chain := sealRecord(rec, w.gen(), w.chain)
 	if _, err := w.f.WriteAt(rec, w.tail); err != nil {
 		return fmt.Errorf("write %s: %w", w.path, err)
 	}
 	w.chain = chain
 	w.tail += int64(len(rec))
 	s.seq++
+	w.seg[w.cur].last = s.seq
 	s.written.Store(s.seq)
 	if sync {
 		if err := s.syncLog(); err != nil {
@@ -695,6 +711,37 @@ func (s *Store) logRecord(rec []byte, sync bool) error {
 		}
 	}
 	s.ap.enqueue(rec[recHeaderLen:], s.seq)
+	return nil
+}
+
+// switchSegment starts a new generation in the other segment, after the
+// current one. The current segment's records are made durable first (a
+// replay must find them complete before the other's), and the other's old
+// records must be in bbolt, which the applier has usually done long ago.
+func (s *Store) switchSegment() error {
+	w := s.wal
+	if s.durable && s.synced.Load() < s.written.Load() {
+		if err := s.syncLog(); err != nil {
+			return err
+		}
+	}
+	other := 1 - w.cur
+	if last := w.seg[other].last; last > 0 {
+		if s.ap.appliedUpTo() < last {
+			s.metrics.switchWaits.Inc()
+			if h := s.cfg.hooks; h != nil && h.switchWait != nil {
+				h.switchWait()
+			}
+		}
+		if err := s.ap.waitApplied(last); err != nil {
+			return err
+		}
+	}
+	if err := w.begin(other, w.gen(), w.tail, s.durable); err != nil {
+		return err
+	}
+	s.walGenSeen.Store(w.gen())
+	s.metrics.switches.Inc()
 	return nil
 }
 
@@ -729,7 +776,8 @@ func (s *Store) commitDirect(payload []byte) error {
 }
 
 // checkpoint makes every logged record durable in the log and then in
-// bbolt, and starts a new, empty generation of the log. Writer only.
+// bbolt, and starts a new generation of the log with nothing before it.
+// Writer only.
 func (s *Store) checkpoint() error {
 	if s.durable && s.synced.Load() < s.written.Load() {
 		if err := s.syncLog(); err != nil {
@@ -739,9 +787,10 @@ func (s *Store) checkpoint() error {
 	if err := s.ap.waitApplied(s.written.Load()); err != nil {
 		return err
 	}
-	if err := s.wal.bump(s.durable); err != nil {
+	if err := s.wal.reset(s.durable); err != nil {
 		return err
 	}
+	s.walGenSeen.Store(s.wal.gen())
 	s.metrics.checkpoints.Inc()
 	return nil
 }
@@ -963,3 +1012,7 @@ func (s *Store) shutdown(crash bool) error {
 	}
 	return err
 }
+
+// walGen is the current generation of the log (for tests and benchmarks;
+// not synchronised with the writer beyond a race-free read).
+func (s *Store) walGen() uint64 { return s.walGenSeen.Load() }

@@ -185,9 +185,10 @@ func del(bucket string, key uint64) Op { return Op{Kind: OpDelete, Bucket: bucke
 
 func putMeta(name, value string) Op { return Op{Kind: OpPutMeta, Name: name, Value: []byte(value)} }
 
-// records returns the WAL's current generation and the payloads of its
-// valid records.
-func records(t testing.TB, path string) (walHeader, [][]byte, int64) {
+// records returns what a replay of the WAL would find, the payloads it
+// would replay, and the offset past the last valid record of the newest
+// segment.
+func records(t testing.TB, path string) (walScan, [][]byte, int64) {
 	t.Helper()
 	f, err := os.Open(path)
 	if err != nil {
@@ -196,11 +197,11 @@ func records(t testing.TB, path string) (walHeader, [][]byte, int64) {
 	defer f.Close()
 	st, _ := f.Stat()
 	var out [][]byte
-	h, res, err := scanWAL(f, st.Size(), func(p []byte) error { out = append(out, p); return nil })
+	ws, err := scanWAL(f, st.Size(), func(p []byte) error { out = append(out, p); return nil })
 	if err != nil {
 		t.Fatalf("scan %s: %v", path, err)
 	}
-	return h, out, res.tail
+	return ws, out, ws.tail
 }
 
 func TestRoundTrip(t *testing.T) {
@@ -384,9 +385,10 @@ func TestTornLastRecord(t *testing.T) {
 	}
 }
 
-// TestStaleGenerationNotReplayed fills the log so that it wraps, then
-// writes fewer records, which delete what the first generation put, and
-// crashes: the first generation's records past the tail must not come back.
+// TestStaleGenerationNotReplayed fills both segments of the log so that
+// the writer is back in the first one, then writes fewer records there,
+// which delete what its previous generation put, and crashes: that
+// generation's records past the tail must not come back.
 func TestStaleGenerationNotReplayed(t *testing.T) {
 	cfg := testConfig(t.TempDir())
 	cfg.WALSize = 64 << 10
@@ -394,30 +396,35 @@ func TestStaleGenerationNotReplayed(t *testing.T) {
 	s.Start()
 	m := newModel()
 	val := strings.Repeat("p", 200)
-	gen0 := s.wal.gen
+	gen0 := s.walGen()
 	var keys []uint64
-	for i := uint64(0); s.wal.gen == gen0; i++ {
+	for i := uint64(0); s.walGen() < gen0+2; i++ {
 		// Every record the same size: the tail of the new generation falls
 		// on a record boundary of the old one.
 		apply(t, s, m, put("q", 1000+i, val))
-		keys = append(keys, 1000+i)
+		if s.walGen() == gen0 {
+			keys = append(keys, 1000+i)
+		}
 	}
-	gen1 := s.wal.gen
-	// The record that did not fit opened the new generation; the keys the
-	// old generation put are in bbolt. Delete half of them, in fewer bytes
-	// than the old generation used: its records lie past the new tail.
+	// The keys the first generation put are in bbolt. Delete half of
+	// them, in fewer bytes than that generation used: its records lie
+	// past the new tail.
 	for _, k := range keys[:len(keys)/2] {
 		apply(t, s, m, del("q", k))
 	}
-	if s.wal.gen != gen1 {
-		t.Fatal("second generation wrapped; write fewer records")
+	if s.walGen() != gen0+2 {
+		t.Fatal("third generation wrapped; write fewer records")
 	}
 	if err := s.crash(); err != nil {
 		t.Fatal(err)
 	}
-	h, recs, _ := records(t, cfg.Path+".wal")
-	if h.gen != gen1 || len(recs) != 1+len(keys)/2 {
-		t.Fatalf("log at generation %d with %d records, want %d with %d", h.gen, len(recs), gen1, 1+len(keys)/2)
+	ws, recs, _ := records(t, cfg.Path+".wal")
+	if ws.maxGen != gen0+2 || ws.newest != 0 || ws.segs[0].prev != gen0+1 {
+		t.Fatalf("log at generation %d in segment %d after %d, want %d in 0 after %d", ws.maxGen, ws.newest, ws.segs[0].prev, gen0+2, gen0+1)
+	}
+	// Replay: the second generation (all of segment 1), then the third.
+	if want := len(keys) + 1 + len(keys)/2; len(recs) > want {
+		t.Fatalf("replay of %d records, want at most %d", len(recs), want)
 	}
 	s = open(t, cfg)
 	defer s.Close()
@@ -432,9 +439,9 @@ func TestStaleSameSizeRecords(t *testing.T) {
 	s := open(t, cfg)
 	s.Start()
 	m := newModel()
-	gen0 := s.wal.gen
+	gen0 := s.walGen()
 	n := uint64(0)
-	for ; s.wal.gen == gen0; n++ {
+	for ; s.walGen() < gen0+2; n++ {
 		apply(t, s, m, put("q", n%10, fmt.Sprintf("old-%06d", n)))
 	}
 	for i := uint64(0); i < 10; i++ {
@@ -448,73 +455,84 @@ func TestStaleSameSizeRecords(t *testing.T) {
 	checkContents(t, s, m)
 }
 
+// TestTornHeaderFallsBack: the header of a new generation is torn by a
+// crash, whether it was a segment switch (the other segment) or a
+// checkpoint (the same one): the old headers are current and their
+// records replay again over bbolt, which already holds them.
 func TestTornHeaderFallsBack(t *testing.T) {
-	cfg := testConfig(t.TempDir())
-	s := open(t, cfg)
-	s.Start()
-	m := newModel()
-	for i := uint64(0); i < 30; i++ {
-		apply(t, s, m, put("q", i, fmt.Sprint(i)), del("q", i/2))
-	}
-	// A checkpoint got as far as bbolt (a read makes the applier catch
-	// up), then tore the new header and crashed.
-	checkContents(t, s, m)
-	gen := s.wal.gen
-	if err := s.crash(); err != nil {
-		t.Fatal(err)
-	}
-	path := cfg.Path + ".wal"
-	f, err := os.OpenFile(path, os.O_RDWR, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	torn := walHeader{gen: gen + 1, salt: 7}.encode()
-	copy(torn[16:], "torn")
-	if _, err := f.WriteAt(torn, headerSlot(gen+1)); err != nil {
-		t.Fatal(err)
-	}
-	f.Close()
-	// The old header is current: its records replay again over bbolt,
-	// which already holds them, and that changes nothing.
-	if h, recs, _ := records(t, path); h.gen != gen || len(recs) != 30 {
-		t.Fatalf("generation %d with %d records, want %d with 30", h.gen, len(recs), gen)
-	}
-	s = open(t, cfg)
-	checkContents(t, s, m)
-	s.Close()
+	for _, sameSeg := range []bool{false, true} {
+		t.Run(fmt.Sprint("same-segment=", sameSeg), func(t *testing.T) {
+			cfg := testConfig(t.TempDir())
+			s := open(t, cfg)
+			s.Start()
+			m := newModel()
+			for i := uint64(0); i < 30; i++ {
+				apply(t, s, m, put("q", i, fmt.Sprint(i)), del("q", i/2))
+			}
+			// The switch or checkpoint got as far as bbolt (a read makes
+			// the applier catch up), then tore the new header and crashed.
+			checkContents(t, s, m)
+			if err := s.crash(); err != nil {
+				t.Fatal(err)
+			}
+			w := s.wal
+			gen, seg := w.gen(), w.seg[1-w.cur]
+			if sameSeg {
+				seg = w.seg[w.cur]
+			}
+			path := cfg.Path + ".wal"
+			f, err := os.OpenFile(path, os.O_RDWR, 0)
+			if err != nil {
+				t.Fatal(err)
+			}
+			torn := walHeader{gen: gen + 1, salt: 7, prev: gen, prevEnd: w.tail, size: w.size}.encode()
+			copy(torn[16:], "torn")
+			if _, err := f.WriteAt(torn, seg.hdr+(1-seg.slot)*walBlock); err != nil {
+				t.Fatal(err)
+			}
+			f.Close()
+			if ws, recs, _ := records(t, path); ws.maxGen != gen || len(recs) != 30 {
+				t.Fatalf("generation %d with %d records, want %d with 30", ws.maxGen, len(recs), gen)
+			}
+			s = open(t, cfg)
+			checkContents(t, s, m)
+			s.Close()
 
-	// Both slots damaged: Open refuses rather than guess.
-	f, _ = os.OpenFile(path, os.O_RDWR, 0)
-	f.WriteAt(make([]byte, walHeaderLen), 0)
-	f.WriteAt(make([]byte, walHeaderLen), walBlock)
-	f.Close()
-	if _, err := Open(cfg); err == nil || !strings.Contains(err.Error(), "no valid header") {
-		t.Fatalf("Open with no header: %v", err)
+			// Every slot damaged: Open refuses rather than guess.
+			f, _ = os.OpenFile(path, os.O_RDWR, 0)
+			for i := int64(0); i < 4; i++ {
+				f.WriteAt(make([]byte, walHeaderLen), i*walBlock)
+			}
+			f.Close()
+			if _, err := Open(cfg); err == nil || !strings.Contains(err.Error(), "no valid header") {
+				t.Fatalf("Open with no header: %v", err)
+			}
+		})
 	}
 }
 
 // TestScanChain checks that a record is only valid after its predecessor
 // in its own generation.
 func TestScanChain(t *testing.T) {
-	h := walHeader{gen: 5, salt: 0x12345678}
+	h := walHeader{gen: 5, salt: 0x12345678, size: minWALSize}
 	rec := func(payload string, gen uint64, prev uint32) ([]byte, uint32) {
 		r := append(make([]byte, recHeaderLen), payload...)
 		return r, sealRecord(r, gen, prev)
 	}
 	build := func(recs ...[]byte) []byte {
-		b := make([]byte, walDataStart)
-		copy(b[headerSlot(h.gen):], h.encode())
+		b := make([]byte, walDataStart, minWALSize)
+		copy(b, h.encode())
 		for _, r := range recs {
 			b = append(b, r...)
 		}
-		return append(b, make([]byte, 100)...)
+		return b[:minWALSize]
 	}
 	count := func(b []byte) int {
-		_, res, err := scanWAL(bytes.NewReader(b), int64(len(b)), func([]byte) error { return nil })
+		ws, err := scanWAL(bytes.NewReader(b), int64(len(b)), func([]byte) error { return nil })
 		if err != nil {
 			t.Fatal(err)
 		}
-		return res.records
+		return ws.records
 	}
 	a, ca := rec("\x01\x01q\x01\x00", 5, h.salt)
 	b, cb := rec("\x01\x01q\x02\x00", 5, ca)
@@ -550,7 +568,7 @@ func TestWrapAround(t *testing.T) {
 			cfg.MaxBatchOps = 64
 			s := open(t, cfg)
 			s.Start()
-			gen0 := s.wal.gen
+			gen0 := s.walGen()
 			const writers = 16
 			models := make([]*model, writers)
 			var wg sync.WaitGroup
@@ -589,8 +607,8 @@ func TestWrapAround(t *testing.T) {
 				}(w)
 			}
 			wg.Wait()
-			if n := s.wal.gen - gen0; n < 10 {
-				t.Fatalf("%d checkpoints, want many", n)
+			if n := s.walGen() - gen0; n < 10 {
+				t.Fatalf("%d segment switches, want many", n)
 			}
 			want := newModel()
 			for _, m := range models {

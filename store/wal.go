@@ -14,16 +14,27 @@ import (
 	"time"
 )
 
-// The write-ahead log is one preallocated file, overwritten in place:
+// The write-ahead log is one preallocated file, overwritten in place, in
+// two segments:
 //
-//	block 0 (4 KiB)  header slot for even generations
-//	block 1 (4 KiB)  header slot for odd generations
-//	8 KiB ...        records of the current generation, back to back
+//	blocks 0-1 (4 KiB each)  the two header slots of segment 0
+//	blocks 2-3               the two header slots of segment 1
+//	16 KiB ...               segment 0's records, back to back
+//	16 KiB + segment size    segment 1's records (the rest of the file)
 //
-// A header slot is magic, version, generation, salt and a CRC-32C of those.
-// The valid slot with the higher generation is current; writing the new
-// generation into the other slot means a torn header write leaves the old
-// one intact.
+// The writer fills one segment while the applier copies the other's
+// records into bbolt in the background; when the segment is full, it
+// starts a new generation in the other one, which waits only if the
+// applier has not yet applied that segment's old records.
+//
+// Generations number the segments' contents across both segments. A header
+// is magic, version, generation, salt, prev, prevEnd and a CRC-32C of
+// those: prev is the generation of the other segment whose records come
+// just before this one's (0 when none do: after a checkpoint, Open or a
+// group too large for the log) and prevEnd the offset where its records
+// end. Each segment's valid slot with the higher generation is current; a
+// new generation is written into the other slot, so a torn header write
+// leaves the old one intact.
 //
 // A record is {length u32, crc u32, generation u64} and length bytes of
 // payload (the encoded ops of one group commit). The CRC-32C covers length,
@@ -33,20 +44,35 @@ import (
 // stale bytes past the tail (older generations, or any bytes a client put in
 // a message body) are never mistaken for records, short of a 2^-32 chance.
 //
-// Replay reads records from 8 KiB while they are valid and stops at the first
-// invalid one: the torn write of a group that was never acknowledged, or the
-// tail of the generation.
+// Replay takes the segment with the newer current generation. If its prev
+// is the other segment's current generation, the other's records replay
+// first, and must end exactly at prevEnd (that segment was complete and
+// synced before the newer one began: anything else is damage). Then the
+// newer segment's records replay while they are valid; the first invalid
+// one is the torn write of a group that was never acknowledged, or the
+// tail. Except: a record whose checksum fails although its header is
+// intact (its length fits, it names the generation), followed by a record
+// that checks when chained from the bad one's stored CRC, is damage in the
+// middle, not a torn tail. Damage fails Open with ErrCorruptLog, naming
+// the file and byte offset, unless Config.Recover is RecoverTruncate,
+// which drops the damaged record and everything after it.
+//
+// Version 1 logs (one segment, header slots by generation parity, records
+// from 8 KiB) are replayed and replaced by a version 2 log.
 
 const (
 	walMagic      = "BRKDWAL1"
-	walVersion    = 1
+	walVersion    = 2
 	walBlock      = 4096
-	walDataStart  = 2 * walBlock
-	walHeaderLen  = 28
+	walDataStart  = 4 * walBlock
+	walHeaderLen  = 52
 	recHeaderLen  = 16
 	minWALSize    = 32 << 10
 	maxWALSize    = 1 << 30
 	replayTxBytes = 16 << 20 // payload bytes per bbolt transaction during replay
+
+	v1HeaderLen = 28
+	v1DataStart = 2 * walBlock
 )
 
 var castagnoli = crc32.MakeTable(crc32.Castagnoli)
@@ -54,8 +80,12 @@ var castagnoli = crc32.MakeTable(crc32.Castagnoli)
 var errNoWALHeader = errors.New("no valid header")
 
 type walHeader struct {
-	gen  uint64
-	salt uint32
+	gen     uint64
+	salt    uint32
+	prev    uint64 // generation of the other segment replayed before this one; 0: none
+	prevEnd int64  // where prev's records end
+	size    int64  // the log's size, which places the segments
+	version uint32 // when decoded
 }
 
 func (h walHeader) encode() []byte {
@@ -64,23 +94,44 @@ func (h walHeader) encode() []byte {
 	binary.LittleEndian.PutUint32(b[8:], walVersion)
 	binary.LittleEndian.PutUint64(b[12:], h.gen)
 	binary.LittleEndian.PutUint32(b[20:], h.salt)
-	binary.LittleEndian.PutUint32(b[24:], crc32.Checksum(b[:24], castagnoli))
+	binary.LittleEndian.PutUint64(b[24:], h.prev)
+	binary.LittleEndian.PutUint64(b[32:], uint64(h.prevEnd))
+	binary.LittleEndian.PutUint64(b[40:], uint64(h.size))
+	binary.LittleEndian.PutUint32(b[48:], crc32.Checksum(b[:48], castagnoli))
 	return b
 }
 
+// decodeWALHeader decodes a version 2 header, or a version 1 one (which
+// has no prev).
 func decodeWALHeader(b []byte) (walHeader, bool) {
-	if len(b) < walHeaderLen || string(b[:8]) != walMagic ||
-		binary.LittleEndian.Uint32(b[8:]) != walVersion ||
-		binary.LittleEndian.Uint32(b[24:]) != crc32.Checksum(b[:24], castagnoli) {
+	if len(b) < v1HeaderLen || string(b[:8]) != walMagic {
 		return walHeader{}, false
 	}
-	h := walHeader{gen: binary.LittleEndian.Uint64(b[12:]), salt: binary.LittleEndian.Uint32(b[20:])}
+	h := walHeader{version: binary.LittleEndian.Uint32(b[8:]), gen: binary.LittleEndian.Uint64(b[12:]), salt: binary.LittleEndian.Uint32(b[20:])}
+	switch h.version {
+	case 1:
+		if binary.LittleEndian.Uint32(b[24:]) != crc32.Checksum(b[:24], castagnoli) {
+			return walHeader{}, false
+		}
+	case walVersion:
+		if len(b) < walHeaderLen || binary.LittleEndian.Uint32(b[48:]) != crc32.Checksum(b[:48], castagnoli) {
+			return walHeader{}, false
+		}
+		h.prev = binary.LittleEndian.Uint64(b[24:])
+		h.prevEnd = int64(binary.LittleEndian.Uint64(b[32:]))
+		h.size = int64(binary.LittleEndian.Uint64(b[40:]))
+		if h.size < minWALSize || h.size > maxWALSize || h.size%walBlock != 0 {
+			return walHeader{}, false
+		}
+	default:
+		return walHeader{}, false
+	}
 	return h, h.gen != 0
 }
 
-func headerSlot(gen uint64) int64 { return int64(gen%2) * walBlock }
-
-func newHeader(gen uint64) walHeader { return walHeader{gen: gen, salt: rand.Uint32()} }
+func newHeader(gen, prev uint64, prevEnd, size int64) walHeader {
+	return walHeader{gen: gen, salt: rand.Uint32(), prev: prev, prevEnd: prevEnd, size: size}
+}
 
 // sealRecord fills the header of rec (recHeaderLen bytes, then the payload)
 // and returns its CRC, the chain value for the next record.
@@ -96,6 +147,17 @@ func recordCRC(prev uint32, hdr, payload []byte) uint32 {
 	crc := crc32.Update(prev, castagnoli, hdr[0:4])
 	crc = crc32.Update(crc, castagnoli, hdr[8:16])
 	return crc32.Update(crc, castagnoli, payload)
+}
+
+// segBounds returns where segment i's header slots and records lie in a
+// version 2 log of size bytes (the header slots are in the same place
+// whatever the size).
+func segBounds(size int64, i int) (hdr, start, end int64) {
+	half := (size - walDataStart) / 2 / walBlock * walBlock
+	if i == 0 {
+		return 0, walDataStart, walDataStart + half
+	}
+	return 2 * walBlock, walDataStart + half, size
 }
 
 // walFile is the log's file: *os.File with Sync an fdatasync. Tests wrap
@@ -218,39 +280,135 @@ func countValid(r io.ReaderAt, off, end int64, gen uint64, chain uint32, max int
 	return n, bytes
 }
 
+// slotHeader is one segment's current header.
+type slotHeader struct {
+	walHeader
+	slot int64 // 0 or 1
+	ok   bool
+}
+
 // readHeader returns the current (valid, highest) header of the two slots
-// at base and base+walBlock.
-func readHeader(r io.ReaderAt, size, base int64) (walHeader, error) {
-	var hdr walHeader
-	found := false
+// at base and base+walBlock. With v1, it looks for version 1 headers in
+// their slots by generation parity; else for version 2 ones.
+func readHeader(r io.ReaderAt, size, base int64, v1 bool) (slotHeader, error) {
+	var cur slotHeader
 	for slot := int64(0); slot < 2; slot++ {
 		if size < base+slot*walBlock+walHeaderLen {
 			break
 		}
 		b := make([]byte, walHeaderLen)
 		if _, err := r.ReadAt(b, base+slot*walBlock); err != nil {
-			return walHeader{}, fmt.Errorf("read header: %w", err)
+			return cur, fmt.Errorf("read header: %w", err)
 		}
 		h, ok := decodeWALHeader(b)
-		if ok && headerSlot(h.gen) == slot*walBlock && (!found || h.gen > hdr.gen) {
-			hdr, found = h, true
+		if !ok || (h.version == 1) != v1 || (v1 && int64(h.gen%2) != slot) {
+			continue
+		}
+		if !cur.ok || h.gen > cur.gen {
+			cur = slotHeader{walHeader: h, slot: slot, ok: true}
 		}
 	}
-	if !found {
-		return walHeader{}, errNoWALHeader
-	}
-	return hdr, nil
+	return cur, nil
 }
 
-// scanWAL reads the header of the WAL in r (size bytes) and calls fn with
-// the payload of every valid record of the current generation, in order.
-func scanWAL(r io.ReaderAt, size int64, fn func(payload []byte) error) (walHeader, scanResult, error) {
-	hdr, err := readHeader(r, size, 0)
+// walScan is what scanWAL found.
+type walScan struct {
+	version uint32
+	segs    [2]slotHeader // version 2: each segment's current header
+	newest  int           // the segment with the newer generation
+	records int
+	bytes   int64
+	tail    int64       // offset just past the newest segment's last valid record
+	corrupt *corruption // offsets are the file's
+	maxGen  uint64      // highest generation seen
+	size    int64       // the log size the newest header gives (version 2)
+}
+
+// scanWAL reads the headers of the log in r (size bytes) and calls fn with
+// the payload of every record to replay, in order (see the format above).
+// Each payload is a fresh slice that fn may keep. Damage is reported in
+// the result's corrupt, and fn has been called for the records before it.
+func scanWAL(r io.ReaderAt, size int64, fn func(payload []byte) error) (walScan, error) {
+	var ws walScan
+	v1, err := readHeader(r, size, 0, true)
 	if err != nil {
-		return walHeader{}, scanResult{}, err
+		return ws, err
 	}
-	res, err := scanRecords(r, walDataStart, size, hdr.gen, hdr.salt, fn)
-	return hdr, res, err
+	if v1.ok {
+		ws.version, ws.maxGen = 1, v1.gen
+		res, err := scanRecords(r, v1DataStart, size, v1.gen, v1.salt, fn)
+		ws.records, ws.bytes, ws.tail, ws.corrupt = res.records, res.bytes, res.tail, res.corrupt
+		return ws, err
+	}
+	ws.version = walVersion
+	for i := range ws.segs {
+		base, _, _ := segBounds(minWALSize, i)
+		if ws.segs[i], err = readHeader(r, size, base, false); err != nil {
+			return ws, err
+		}
+	}
+	a, b := ws.segs[0], ws.segs[1]
+	switch {
+	case !a.ok && !b.ok:
+		return ws, errNoWALHeader
+	case !a.ok || (b.ok && b.gen > a.gen):
+		ws.newest = 1
+	}
+	n, o := ws.segs[ws.newest], ws.segs[1-ws.newest]
+	ws.maxGen, ws.size = n.gen, n.size
+	// The segments are where the newest header says, whatever the file's
+	// size now; records past its end are missing.
+	bounds := func(i int) (int64, int64, int64) {
+		hdr, start, end := segBounds(n.size, i)
+		return hdr, start, min(end, size)
+	}
+	_, nStart, nEnd := bounds(ws.newest)
+	if n.prev != 0 {
+		oBase, oStart, oEnd := bounds(1 - ws.newest)
+		// dropRest describes damage at off: that record, what follows it
+		// in the older segment, and the whole newer segment.
+		dropRest := func(off int64, index int, following int, bytes int64) {
+			nn, nb := countValid(r, nStart, nEnd, n.gen, n.salt, -1)
+			ws.corrupt = &corruption{off: off, index: index, records: 1 + following + nn, bytes: bytes + nb}
+		}
+		if !o.ok || o.gen != n.prev || o.size != n.size || n.prevEnd < oStart || n.prevEnd > oEnd {
+			// The segment whose records come first lost its header.
+			dropRest(oBase, 0, 0, 0)
+			ws.corrupt.records--
+			return ws, nil
+		}
+		res, err := scanRecords(r, oStart, n.prevEnd, o.gen, o.salt, fn)
+		ws.records, ws.bytes = res.records, res.bytes
+		if err != nil {
+			return ws, err
+		}
+		if c := res.corrupt; c != nil {
+			dropRest(c.off, c.index, c.records-1, c.bytes)
+			return ws, nil
+		}
+		if res.tail != n.prevEnd {
+			// The older segment was complete and synced before the newer
+			// began: a record that does not check there is damage.
+			dropRest(res.tail, res.records, 0, 0)
+			return ws, nil
+		}
+	}
+	res, err := scanRecords(r, nStart, nEnd, n.gen, n.salt, fn)
+	ws.records += res.records
+	ws.bytes += res.bytes
+	ws.tail, ws.corrupt = res.tail, res.corrupt
+	if ws.corrupt != nil {
+		ws.corrupt.index += ws.records - res.records
+	}
+	return ws, err
+}
+
+// segment is one of the log's two segments.
+type segment struct {
+	hdr, start, end int64  // header slots; records
+	gen             uint64 // current generation (0: none)
+	slot            int64  // slot of the current header; the next goes to the other
+	last            uint64 // sequence number of its last record written since Open (0: none)
 }
 
 // wal is the open log file. Only the writer goroutine uses it after Start.
@@ -258,29 +416,57 @@ type wal struct {
 	f     walFile
 	path  string
 	size  int64
-	gen   uint64
-	chain uint32
-	tail  int64 // offset of the next record
+	seg   [2]segment
+	cur   int    // segment being written
+	chain uint32 // CRC of the last record written, or the salt
+	tail  int64  // offset of the next record
 }
 
-func (w *wal) capacity() int64 { return w.size - walDataStart }
+func newWAL(f walFile, path string, size int64) *wal {
+	w := &wal{f: f, path: path, size: size}
+	for i := range w.seg {
+		w.seg[i].hdr, w.seg[i].start, w.seg[i].end = segBounds(size, i)
+		w.seg[i].slot = 1
+	}
+	return w
+}
+
+// capacity is the largest record the log takes (segment 0 is the smaller).
+func (w *wal) capacity() int64 { return w.seg[0].end - w.seg[0].start }
+
+func (w *wal) gen() uint64 { return w.seg[w.cur].gen }
 
 func (w *wal) sync() error { return w.f.Sync() }
 
-// bump starts generation gen+1 with an empty log: the caller has made every
-// record of the current generation durable in bbolt. With durable, the new
-// header is fdatasynced before any record of the new generation is written.
-func (w *wal) bump(durable bool) error {
-	h := newHeader(w.gen + 1)
-	if _, err := w.f.WriteAt(h.encode(), headerSlot(h.gen)); err != nil {
-		return fmt.Errorf("write wal header: %w", err)
+// begin starts a new generation in segment i, whose records come after
+// those of generation prev (0: none) ending at prevEnd. The caller has
+// made the segment's old records durable in bbolt. With durable, the
+// header is fdatasynced before any record of the new generation is
+// written.
+func (w *wal) begin(i int, prev uint64, prevEnd int64, durable bool) error {
+	sg := &w.seg[i]
+	h := newHeader(max(w.seg[0].gen, w.seg[1].gen)+1, prev, prevEnd, w.size)
+	slot := 1 - sg.slot
+	if _, err := w.f.WriteAt(h.encode(), sg.hdr+slot*walBlock); err != nil {
+		return fmt.Errorf("write %s header: %w", w.path, err)
 	}
 	if durable {
 		if err := w.sync(); err != nil {
-			return fmt.Errorf("sync wal header: %w", err)
+			return fmt.Errorf("sync %s header: %w", w.path, err)
 		}
 	}
-	w.gen, w.chain, w.tail = h.gen, h.salt, walDataStart
+	sg.gen, sg.slot, sg.last = h.gen, slot, 0
+	w.cur, w.chain, w.tail = i, h.salt, sg.start
+	return nil
+}
+
+// reset starts a new generation with nothing before it: the caller has
+// made every record durable in bbolt.
+func (w *wal) reset(durable bool) error {
+	if err := w.begin(w.cur, 0, 0, durable); err != nil {
+		return err
+	}
+	w.seg[1-w.cur].last = 0
 	return nil
 }
 
@@ -296,10 +482,10 @@ type walOptions struct {
 	apply func(payloads [][]byte) error
 }
 
-// createWAL writes a zero-filled log of size bytes whose header is
-// generation gen next to path, then renames it to path. Writing the zeros
-// (rather than fallocate) means later in-place writes change no metadata,
-// so fdatasync has only the data to write.
+// createWAL writes a zero-filled log of o.size bytes next to o.path whose
+// segment 0 starts generation gen, then renames it to o.path. Writing the
+// zeros (rather than fallocate) means later in-place writes change no
+// metadata, so fdatasync has only the data to write.
 func createWAL(o walOptions, gen uint64) (*wal, error) {
 	tmp := o.path + ".tmp"
 	f, err := os.OpenFile(tmp, os.O_CREATE|os.O_TRUNC|os.O_RDWR, 0o600)
@@ -321,9 +507,10 @@ func createWAL(o walOptions, gen uint64) (*wal, error) {
 			return fail(fmt.Errorf("preallocate %s: %w", tmp, err))
 		}
 	}
-	h := newHeader(gen)
-	if _, err := f.WriteAt(h.encode(), headerSlot(gen)); err != nil {
-		return fail(fmt.Errorf("write header %s: %w", tmp, err))
+	w := newWAL(osWALFile{f}, tmp, o.size)
+	w.seg[0].gen = gen - 1 // begin numbers from the highest generation
+	if err := w.begin(0, 0, 0, false); err != nil {
+		return fail(err)
 	}
 	if o.durable {
 		if err := f.Sync(); err != nil {
@@ -339,7 +526,8 @@ func createWAL(o walOptions, gen uint64) (*wal, error) {
 			return nil, err
 		}
 	}
-	return &wal{f: o.wrap(osWALFile{f}), path: o.path, size: o.size, gen: gen, chain: h.salt, tail: walDataStart}, nil
+	w.f, w.path = o.wrap(w.f), o.path
+	return w, nil
 }
 
 func syncDir(dir string) error {
@@ -355,8 +543,9 @@ func syncDir(dir string) error {
 }
 
 // openWAL opens the log at o.path, replays its records through o.apply,
-// and starts a new, empty generation. A missing file is created. It logs a
-// summary of the replay and returns it.
+// and starts a new generation with nothing before it. A missing file is
+// created; a log of another size or version is replaced once replayed. It
+// logs a summary of the replay and returns it.
 func openWAL(o walOptions) (*wal, ReplayStats, error) {
 	began := time.Now()
 	var rs ReplayStats
@@ -389,7 +578,7 @@ func openWAL(o walOptions) (*wal, ReplayStats, error) {
 		pending, bytes = nil, 0
 		return err
 	}
-	hdr, res, err := scanWAL(f, st.Size(), func(p []byte) error {
+	ws, err := scanWAL(f, st.Size(), func(p []byte) error {
 		if err := checkOps(p); err != nil {
 			return err
 		}
@@ -400,10 +589,10 @@ func openWAL(o walOptions) (*wal, ReplayStats, error) {
 		}
 		return nil
 	})
-	if err == nil && res.corrupt != nil {
-		c := res.corrupt
+	if err == nil && ws.corrupt != nil {
+		c := ws.corrupt
 		if o.recover != RecoverTruncate {
-			err = fmt.Errorf("record %d at byte offset %d fails its checksum and %d valid records follow it: %w", c.index, c.off, c.records-1, ErrCorruptLog)
+			err = fmt.Errorf("record %d at byte offset %d does not check and %d valid records follow it: %w", c.index, c.off, c.records-1, ErrCorruptLog)
 		} else {
 			rs.DroppedRecords, rs.DroppedBytes = c.records, c.bytes
 			o.log.Warn("dropped corrupt write-ahead log records", "path", o.path, "offset", c.off,
@@ -420,24 +609,30 @@ func openWAL(o walOptions) (*wal, ReplayStats, error) {
 		}
 		return nil, rs, fmt.Errorf("replay %s: %w", o.path, err)
 	}
-	rs.Records, rs.Bytes, rs.Duration = res.records, res.bytes, time.Since(began)
+	rs.Records, rs.Bytes, rs.Duration = ws.records, ws.bytes, time.Since(began)
 	o.log.Info("replayed write-ahead log", "path", o.path, "records", rs.Records, "bytes", rs.Bytes, "duration", rs.Duration)
-	if st.Size() != o.size {
+	if st.Size() != o.size || ws.version != walVersion || ws.size != o.size {
 		// Every record is in bbolt now, so the log can be replaced.
 		f.Close()
-		w, err := createWAL(o, hdr.gen+1)
+		w, err := createWAL(o, ws.maxGen+1)
 		return w, rs, err
 	}
-	// Read the rest once, so that the first writes to each page after the
-	// tail do not wait for the disk to read it.
-	if _, err := io.Copy(io.Discard, io.NewSectionReader(f, res.tail, o.size-res.tail)); err != nil {
+	// Read the rest of the newest segment and the other one once, so that
+	// the first writes to each page do not wait for the disk to read it.
+	if _, err := io.Copy(io.Discard, io.NewSectionReader(f, walDataStart, o.size-walDataStart)); err != nil {
 		f.Close()
 		return nil, rs, fmt.Errorf("read %s: %w", o.path, err)
 	}
-	w := &wal{f: o.wrap(osWALFile{f}), path: o.path, size: o.size, gen: hdr.gen}
-	if err := w.bump(o.durable); err != nil {
+	w := newWAL(o.wrap(osWALFile{f}), o.path, o.size)
+	for i, h := range ws.segs {
+		if h.ok {
+			w.seg[i].gen, w.seg[i].slot = h.gen, h.slot
+		}
+	}
+	w.cur = 0
+	if err := w.reset(o.durable); err != nil {
 		w.f.Close()
-		return nil, rs, fmt.Errorf("%s: %w", o.path, err)
+		return nil, rs, err
 	}
 	return w, rs, nil
 }
