@@ -15,7 +15,10 @@ import (
 // (nothing stored; each receipt waits for a store barrier). Allocations
 // include the client's, which are few.
 func BenchmarkSessionSendReceipt(b *testing.B) {
-	_, srv := testServerCfg(b, nil)
+	rb, srv := testServerCfg(b, nil)
+	rb.mu.Lock()
+	rb.quiet = true
+	rb.mu.Unlock()
 	c, err := net.Dial("tcp", srv.Addr().String())
 	if err != nil {
 		b.Fatal(err)
