@@ -325,9 +325,9 @@ type backlogResult struct {
 	FillRate float64  `json:"fill_rate"` // receipted/s
 	FillMem  memStats `json:"fill_mem"`  // during the fill
 	// Memory right after the last receipt and -settle later.
-	FilledMem        memStat `json:"filled_mem"`
-	FilledSettledMem memStat `json:"filled_settled_mem"`
-	FillCheckpoints  *int64  `json:"fill_checkpoints,omitempty"` // with -admin
+	FilledMem        memStat      `json:"filled_mem"`
+	FilledSettledMem memStat      `json:"filled_settled_mem"`
+	FillStore        *storeCounts `json:"fill_store,omitempty"` // with -admin: log wraps during the fill
 
 	// Restart after kill -9: exec to CONNECTED, exec to a probe's round
 	// trip (another queue), memory at CONNECTED and -settle later.
@@ -439,16 +439,16 @@ func (bl *backlog) interrupt(r *run) {
 
 // phase runs one load run (reference, fill or drain) with its memory
 // sampler and checkpoint watch.
-func (bl *backlog) phase(r *run, trackers []*tracker, idleDrain bool) (result, memStats, *int64) {
+func (bl *backlog) phase(r *run, trackers []*tracker, idleDrain bool) (result, memStats, *storeCounts) {
 	bl.cur.Store(r)
 	defer bl.cur.Store(nil)
 	if bl.stopped() { // interrupted between phases
 		bl.interrupt(r)
 	}
 	mem := startMemSampler(bl.b.pid(), 250*time.Millisecond)
-	var ck *ckptWatch
+	var ck *storeWatch
 	if bl.cfg.admin != "" {
-		ck = newCkptWatch(bl.cfg.admin)
+		ck = newStoreWatch(bl.cfg.admin)
 	}
 	progress := make(chan struct{})
 	var pwg sync.WaitGroup
@@ -494,11 +494,10 @@ func (bl *backlog) phase(r *run, trackers []*tracker, idleDrain bool) (result, m
 	pwg.Wait()
 	res := r.compute(sendEnd)
 	ms := mem.stop()
-	var nck *int64
+	var nck *storeCounts
 	if ck != nil {
-		n := ck.stop()
-		nck = &n
-		res.Checkpoints = &n
+		nck = ck.stop()
+		res.Store = nck
 	}
 	res.Broker = &ms
 	r.errMu.Lock()
@@ -560,7 +559,7 @@ func (bl *backlog) scenario() {
 	bl.log("fill: %d producers, window %d, %d messages of %d B on %s", fc.producers, fc.window, fc.count, fc.size, fc.dest)
 	res, fm, nck := bl.phase(fill, nil, false)
 	fillTimer.Stop()
-	r.Fill, r.FillRate, r.FillMem, r.FillCheckpoints = &res, res.SendRate, fm, nck
+	r.Fill, r.FillRate, r.FillMem, r.FillStore = &res, res.SendRate, fm, nck
 	r.Unreceipted = res.Unreceipted
 	r.FilledMem, _ = readMem(b.pid())
 	bl.log("fill: %d receipted of %d sent in %.1fs, %.1f msg/s; brokerd now %s", res.Receipted, res.Sent, res.SendSecs, res.SendRate, r.FilledMem)
@@ -705,8 +704,8 @@ func (bl *backlog) printSummary() {
 	}
 	if f := r.Fill; f != nil {
 		ck := ""
-		if r.FillCheckpoints != nil {
-			ck = fmt.Sprintf(", %d store checkpoint(s)", *r.FillCheckpoints)
+		if r.FillStore != nil {
+			ck = "; store: " + r.FillStore.String()
 		}
 		fmt.Fprintf(w, "fill      %.1f msg/s (receipted %d of %d sent in %.1f s), receipt p50 %.3f ms p99 %.3f ms max %.3f ms%s\n",
 			f.SendRate, f.Receipted, f.Sent, f.SendSecs, f.RcptP50, f.RcptP99, f.RcptMax, ck)

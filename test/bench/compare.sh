@@ -19,14 +19,14 @@
 #   WINDOWS           receipt windows to run    (default "1 64")
 #   SERIES            1: per-second receipt p99 (-series), rows "sec p99 ..."
 #                     (default 1; 0 to leave the flag out)
-#   BROKERD_ADMIN     brokerd admin address: count its store checkpoints
-#                     (write-ahead log wraps) per run (default: none)
+#   BROKERD_ADMIN     brokerd admin address: count the wraps of its
+#                     write-ahead log per run (default: none)
 #   BROKERD_PID       brokerd's PID: its peak VmRSS/RssAnon per run (default: none)
 #
 # The store's write-ahead log (64 MiB) wraps every ~200k messages of 256 B,
 # i.e. every 10-15 s at window 64 on a 2-core machine; with DURATION=60s and
-# BROKERD_ADMIN set, the "sec p99 worst" and "checkpoints" rows show whether
-# a wrap stalls commits (window 1 alone commits too slowly to wrap in 60 s;
+# BROKERD_ADMIN set, the "sec p99 worst" and "log wraps" rows show whether
+# a wrap stalls commits (test/bench/walwrap.sh does this on its own brokerd) (window 1 alone commits too slowly to wrap in 60 s;
 # add e.g. -producers 8).
 # Extra arguments are passed to every run, after the defaults above, e.g.
 #   test/bench/compare.sh -size 1024 -prefetch 64
@@ -131,7 +131,10 @@ if [ "$SERIES" = 1 ]; then
   row "sec p99 worst ms" sec_p99_worst_ms '%.3f'
   row "sec w/o receipt" sec_idle '%d'
 fi
-[ -n "$BROKERD_ADMIN" ] && row "checkpoints" checkpoints '%d'
+if [ -n "$BROKERD_ADMIN" ]; then
+  row "log wraps" wal_wraps '%d'
+  row "wraps waited" wal_switch_waits '%d'
+fi
 if [ -n "$BROKERD_PID" ]; then
   printf '%-18s' "peak VmRSS MiB"
   for w in $WINDOWS; do

@@ -56,24 +56,26 @@
 //	-label TEXT         free text included in the output (e.g. brokerd, rabbitmq)
 //	-series             per-second receipt p99/max (see below)
 //	-pid N              sample process N's memory from /proc/N/status (brokerd's PID)
-//	-admin host:port    brokerd's admin address: count its store checkpoints
+//	-admin host:port    brokerd's admin address: count its write-ahead log wraps
 //	-mode MODE          load (this) | backlog (see backlog.go and backlog.sh)
 //
 // With -series every second of the run (counted from the start of sending)
 // gets: the receipts that arrived in it, their p99 (from a log-linear
 // histogram, within ~3%) and max, the distinct messages first delivered in
-// it and, with -admin, the store checkpoints brokerd reported in it
-// (brokerd_store_checkpoints_total, polled 4 times a second; a checkpoint is
-// a wrap of the store's 64 MiB write-ahead log). The summary shows the
-// median and worst per-second p99, the seconds without a receipt, the 5
-// worst seconds by max, and the seconds within 1 s of a checkpoint against
-// the others; the JSON has sec_p99_median_ms, sec_p99_worst_ms, sec_idle
-// and the whole series (key series: t, rcpt, rcpt_p99_ms, rcpt_max_ms,
-// recv, ckpt). Its cost is one lock and one increment per receipt and per
+// it and, with -admin, the wraps of brokerd's write-ahead log in it
+// (brokerd_store_checkpoints_total + brokerd_store_wal_switches_total,
+// whichever it exports, polled 4 times a second) and the switches among
+// them that had to wait for bbolt (brokerd_store_wal_switch_waits_total).
+// The summary shows the median and worst per-second p99, the seconds
+// without a receipt, the 5 worst seconds by max, and the seconds within 1 s
+// of a wrap against the others; the JSON has sec_p99_median_ms,
+// sec_p99_worst_ms, sec_idle and the whole series (key series: t, rcpt,
+// rcpt_p99_ms, rcpt_max_ms, recv, wraps, waits). Its cost is one lock and one increment per receipt and per
 // first delivery, and ~7.5 KB of memory per second of run. With -pid the
 // JSON has broker: samples, last (rss, rss_anon, rss_file, rss_shmem,
 // vm_hwm, bytes), peak_rss, peak_rss_anon, peak_rss_file; with -admin,
-// checkpoints.
+// store: wal_wraps, checkpoints, wal_switches, wal_switch_waits (each only
+// if brokerd exports its counter).
 //
 // -mode backlog starts brokerd itself (-broker "command line"), fills one
 // queue with -count messages, kills brokerd with SIGKILL, restarts it and
@@ -198,7 +200,7 @@ type config struct {
 
 	series bool   // per-second receipt p99/max series
 	pid    int    // broker process to sample memory of (0 = none)
-	admin  string // brokerd admin address, for its checkpoint counter
+	admin  string // brokerd admin address, for its store counters
 	mode   string // load | backlog
 	bl     backlogConfig
 }
@@ -229,7 +231,7 @@ func parseFlags(args []string) (config, error) {
 	fs.StringVar(&c.label, "label", "", "free-text label included in the output (e.g. brokerd, rabbitmq)")
 	fs.BoolVar(&c.series, "series", false, "report receipt p99/max (and receipts, deliveries) per second of the run: worst seconds in the summary, every second in the JSON")
 	fs.IntVar(&c.pid, "pid", 0, "broker process ID: sample its memory (VmRSS, RssAnon, RssFile from /proc/PID/status) during the run")
-	fs.StringVar(&c.admin, "admin", "", "brokerd admin address host:port: count brokerd_store_checkpoints_total (write-ahead log wraps) during the run, per second with -series")
+	fs.StringVar(&c.admin, "admin", "", "brokerd admin address host:port: count the wraps of its write-ahead log (store checkpoints or segment switches) during the run, per second with -series")
 	fs.StringVar(&c.mode, "mode", "load", "load (one run against a running broker) or backlog (start brokerd with -broker, fill a queue with -count messages, kill -9, restart, drain; see the package doc)")
 	c.bl.flags(fs)
 	fs.Usage = func() {
@@ -1014,9 +1016,9 @@ func (r *run) main() int {
 	if cfg.pid > 0 {
 		mem = startMemSampler(cfg.pid, 250*time.Millisecond)
 	}
-	var ck *ckptWatch
+	var ck *storeWatch
 	if cfg.admin != "" {
-		ck = newCkptWatch(cfg.admin)
+		ck = newStoreWatch(cfg.admin)
 	}
 	if err := r.setup(nil); err != nil {
 		r.teardown()
@@ -1030,15 +1032,14 @@ func (r *run) main() int {
 }
 
 // finish stops the samplers and reports.
-func (r *run) finish(sendEnd time.Time, mem *memSampler, ck *ckptWatch) int {
+func (r *run) finish(sendEnd time.Time, mem *memSampler, ck *storeWatch) int {
 	res := r.compute(sendEnd)
 	if mem != nil {
 		st := mem.stop()
 		res.Broker = &st
 	}
 	if ck != nil {
-		n := ck.stop()
-		res.Checkpoints = &n
+		res.Store = ck.stop()
 	}
 	return r.emit(&res)
 }
@@ -1113,7 +1114,7 @@ func (r *run) teardown() {
 }
 
 // begin marks the start of the measurement (unless setup already has).
-func (r *run) begin(ck *ckptWatch) {
+func (r *run) begin(ck *storeWatch) {
 	if r.start.IsZero() {
 		r.start = time.Now()
 	}
@@ -1247,9 +1248,8 @@ type result struct {
 
 	// With -pid: the broker's memory, sampled every 250 ms.
 	Broker *memStats `json:"broker,omitempty"`
-	// With -admin: brokerd_store_checkpoints_total during the run (each
-	// one a wrap of the store's write-ahead log).
-	Checkpoints *int64 `json:"checkpoints,omitempty"`
+	// With -admin: wraps of brokerd's write-ahead log during the run.
+	Store *storeCounts `json:"store,omitempty"`
 	// With -series: one point per second of the run, and a digest.
 	*seriesStats
 	Series []point `json:"series,omitempty"`
@@ -1400,8 +1400,8 @@ func (r *run) printSummary(res *result) {
 	if res.Broker != nil {
 		fmt.Fprintf(w, "broker    pid %d %s\n", cfg.pid, res.Broker)
 	}
-	if res.Checkpoints != nil {
-		fmt.Fprintf(w, "store     %d checkpoint(s) (write-ahead log wraps) during the run\n", *res.Checkpoints)
+	if res.Store != nil {
+		fmt.Fprintf(w, "store     %s during the run\n", res.Store)
 	}
 	if res.Series != nil {
 		printSeries(w, res.Series, cfg.window > 0)

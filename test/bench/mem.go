@@ -152,63 +152,108 @@ func (s *memSampler) stop() memStats {
 }
 
 // ---------------------------------------------------------------------------
-// brokerd's checkpoint counter
+// brokerd's store counters: wraps of its write-ahead log
 
-const ckptMetric = "brokerd_store_checkpoints_total"
+// The store's log is reused in place. Depending on the store's version a
+// wrap is a checkpoint (wait for bbolt, start again from the top:
+// brokerd_store_checkpoints_total) or a switch to the other segment
+// (brokerd_store_wal_switches_total; brokerd_store_wal_switch_waits_total
+// counts those that had to wait for bbolt to catch up). Whichever of them
+// brokerd exports is counted; wraps = checkpoints + switches.
+var storeCounters = []string{
+	"brokerd_store_checkpoints_total",
+	"brokerd_store_wal_switches_total",
+	"brokerd_store_wal_switch_waits_total",
+}
+
+// storeCounts are the counters' increases during a run; nil = not exported
+// by this brokerd.
+type storeCounts struct {
+	Checkpoints *int64 `json:"checkpoints,omitempty"`
+	Switches    *int64 `json:"wal_switches,omitempty"`
+	SwitchWaits *int64 `json:"wal_switch_waits,omitempty"`
+	Wraps       *int64 `json:"wal_wraps,omitempty"` // checkpoints + switches
+}
+
+func (c *storeCounts) String() string {
+	var parts []string
+	add := func(p *int64, what string) {
+		if p != nil {
+			parts = append(parts, fmt.Sprintf("%d %s", *p, what))
+		}
+	}
+	add(c.Wraps, "write-ahead log wrap(s)")
+	add(c.Checkpoints, "checkpoint(s)")
+	add(c.Switches, "segment switch(es)")
+	add(c.SwitchWaits, "switch(es) that waited for bbolt")
+	if len(parts) == 0 {
+		return "no store counter exported"
+	}
+	return strings.Join(parts, ", ")
+}
 
 var metricsClient = &http.Client{Timeout: 2 * time.Second}
 
-// scrapeCounter reads one unlabelled counter from a Prometheus text page.
-func scrapeCounter(admin, name string) (int64, error) {
+// scrapeCounters reads the unlabelled counters of names present on
+// brokerd's /metrics page.
+func scrapeCounters(admin string, names []string) (map[string]int64, error) {
 	resp, err := metricsClient.Get("http://" + admin + "/metrics")
 	if err != nil {
-		return 0, err
+		return nil, err
 	}
 	defer resp.Body.Close()
 	if resp.StatusCode != http.StatusOK {
-		return 0, fmt.Errorf("GET /metrics: %s", resp.Status)
+		return nil, fmt.Errorf("GET /metrics: %s", resp.Status)
 	}
 	b, err := io.ReadAll(io.LimitReader(resp.Body, 8<<20))
 	if err != nil {
-		return 0, err
+		return nil, err
 	}
+	out := map[string]int64{}
 	for line := range strings.Lines(string(b)) {
-		if v, ok := strings.CutPrefix(line, name+" "); ok {
-			f, err := strconv.ParseFloat(strings.TrimSpace(v), 64)
-			if err != nil {
-				return 0, fmt.Errorf("%s: %w", name, err)
+		for _, name := range names {
+			if v, ok := strings.CutPrefix(line, name+" "); ok {
+				if f, err := strconv.ParseFloat(strings.TrimSpace(v), 64); err == nil {
+					out[name] = int64(f)
+				}
 			}
-			return int64(f), nil
 		}
 	}
-	return 0, fmt.Errorf("no %s on http://%s/metrics", name, admin)
+	return out, nil
 }
 
-// ckptWatch counts brokerd's store checkpoints between its creation and
-// stop, and, once attached to a series, polls every second to place them.
-type ckptWatch struct {
+// wraps is checkpoints + switches in a scrape.
+func wraps(m map[string]int64) int64 {
+	return m[storeCounters[0]] + m[storeCounters[1]]
+}
+
+// storeWatch counts brokerd's store counters between its creation and
+// stop, and, once attached to a series, polls them to place them in time.
+type storeWatch struct {
 	admin string
-	first int64
-	ok    bool
+	first map[string]int64 // nil when the first scrape failed
 	quit  chan struct{}
 	done  chan struct{}
 	once  sync.Once
 }
 
-func newCkptWatch(admin string) *ckptWatch {
-	w := &ckptWatch{admin: admin, quit: make(chan struct{}), done: make(chan struct{})}
-	n, err := scrapeCounter(admin, ckptMetric)
-	if err != nil {
+func newStoreWatch(admin string) *storeWatch {
+	w := &storeWatch{admin: admin, quit: make(chan struct{}), done: make(chan struct{})}
+	m, err := scrapeCounters(admin, storeCounters)
+	switch {
+	case err != nil:
 		fmt.Fprintln(os.Stderr, "bench: -admin:", err)
-	} else {
-		w.first, w.ok = n, true
+	case len(m) == 0:
+		fmt.Fprintf(os.Stderr, "bench: -admin: none of %s on http://%s/metrics\n", strings.Join(storeCounters, ", "), admin)
+	default:
+		w.first = m
 	}
 	return w
 }
 
 // attach starts polling into s, four times a second.
-func (w *ckptWatch) attach(s *series) {
-	if !w.ok {
+func (w *storeWatch) attach(s *series) {
+	if w.first == nil {
 		return
 	}
 	w.once.Do(func() {
@@ -222,30 +267,47 @@ func (w *ckptWatch) attach(s *series) {
 				case <-w.quit:
 					return
 				case now := <-t.C:
-					n, err := scrapeCounter(w.admin, ckptMetric)
+					m, err := scrapeCounters(w.admin, storeCounters)
 					if err != nil {
 						continue
 					}
-					s.checkpoints(now.UnixNano(), n-prev)
-					prev = n
+					s.storeEvents(now.UnixNano(), wraps(m)-wraps(prev), m[storeCounters[2]]-prev[storeCounters[2]])
+					prev = m
 				}
 			}
 		}()
 	})
 }
 
-// stop returns the number of checkpoints since newCkptWatch (-1 when the
-// counter could not be read).
-func (w *ckptWatch) stop() int64 {
+// stop returns the counters' increases since newStoreWatch (nil when they
+// could not be read).
+func (w *storeWatch) stop() *storeCounts {
 	close(w.quit)
 	w.once.Do(func() { close(w.done) }) // never attached
 	<-w.done
-	if !w.ok {
-		return -1
+	if w.first == nil {
+		return nil
 	}
-	n, err := scrapeCounter(w.admin, ckptMetric)
+	m, err := scrapeCounters(w.admin, storeCounters)
 	if err != nil {
-		return -1
+		return nil
 	}
-	return n - w.first
+	var c storeCounts
+	delta := func(name string) *int64 {
+		a, ok1 := w.first[name]
+		b, ok2 := m[name]
+		if !ok1 || !ok2 {
+			return nil
+		}
+		d := b - a
+		return &d
+	}
+	c.Checkpoints = delta(storeCounters[0])
+	c.Switches = delta(storeCounters[1])
+	c.SwitchWaits = delta(storeCounters[2])
+	if c.Checkpoints != nil || c.Switches != nil {
+		n := wraps(m) - wraps(w.first)
+		c.Wraps = &n
+	}
+	return &c
 }

@@ -10,10 +10,11 @@ import (
 
 // Per-second figures (-series): for every second of a run, counted from its
 // start, the receipts that arrived in it with their latency p99 and max, the
-// distinct messages first delivered in it, and (with -admin) the store
-// checkpoints brokerd reported in it. A stall of the broker, e.g. while its
-// write-ahead log wraps, shows as a second with a high max, or with no
-// receipts at all while producers were waiting.
+// distinct messages first delivered in it, and (with -admin) the wraps of
+// brokerd's write-ahead log in it (checkpoints or segment switches, and the
+// switches that had to wait for bbolt). A stall of the broker, e.g. while
+// its log wraps, shows as a second with a high max, or with no receipts at
+// all while producers were waiting.
 //
 // Latencies go into a log-linear histogram of microseconds (32 sub-buckets
 // per power of two, so a percentile is within ~3% of the true value; the
@@ -50,8 +51,9 @@ type second struct {
 	n     int64             // receipts
 	max   int64             // nanos
 	recv  int64             // first-time deliveries
-	ckpt  int64             // store checkpoints (with -admin)
-	ckptK bool              // checkpoint figure known for this second
+	wraps int64             // write-ahead log wraps (with -admin)
+	waits int64             // of which switches that waited for bbolt
+	known bool              // store figures known for this second
 }
 
 type series struct {
@@ -99,25 +101,28 @@ func (s *series) received(at int64) {
 	s.mu.Unlock()
 }
 
-// checkpoints records d checkpoints observed by the poll at unix-nanos at
-// (they happened during the 250 ms poll interval before it).
-func (s *series) checkpoints(at, d int64) {
+// storeEvents records the log wraps and switch waits observed by the poll
+// at unix-nanos at (they happened during the 250 ms poll interval before
+// it).
+func (s *series) storeEvents(at, wraps, waits int64) {
 	s.mu.Lock()
 	if sec := s.at(at - 125e6); sec != nil {
-		sec.ckpt += d
-		sec.ckptK = true
+		sec.wraps += wraps
+		sec.waits += waits
+		sec.known = true
 	}
 	s.mu.Unlock()
 }
 
 // point is one second of the JSON series.
 type point struct {
-	T      int     `json:"t"`              // second since the start
-	Rcpt   int64   `json:"rcpt"`           // receipts that arrived in it
-	P99    float64 `json:"rcpt_p99_ms"`    // their p99 (±3%)
-	Max    float64 `json:"rcpt_max_ms"`    // their max (exact)
-	Recv   int64   `json:"recv"`           // distinct messages first delivered in it
-	Checks *int64  `json:"ckpt,omitempty"` // store checkpoints (with -admin)
+	T     int     `json:"t"`               // second since the start
+	Rcpt  int64   `json:"rcpt"`            // receipts that arrived in it
+	P99   float64 `json:"rcpt_p99_ms"`     // their p99 (±3%)
+	Max   float64 `json:"rcpt_max_ms"`     // their max (exact)
+	Recv  int64   `json:"recv"`            // distinct messages first delivered in it
+	Wraps *int64  `json:"wraps,omitempty"` // write-ahead log wraps (with -admin)
+	Waits *int64  `json:"waits,omitempty"` // of which switches that waited for bbolt
 }
 
 func (s *series) points() []point {
@@ -138,9 +143,9 @@ func (s *series) points() []point {
 				}
 			}
 		}
-		if sec.ckptK {
-			c := sec.ckpt
-			p.Checks = &c
+		if sec.known {
+			a, b := sec.wraps, sec.waits
+			p.Wraps, p.Waits = &a, &b
 		}
 		out[i] = p
 	}
@@ -148,7 +153,7 @@ func (s *series) points() []point {
 }
 
 // printSeries writes the human summary of a series: the worst seconds by
-// receipt max, and seconds with checkpoints against the others.
+// receipt max, and seconds near a log wrap against the others.
 func printSeries(w io.Writer, pts []point, receipts bool) {
 	if len(pts) == 0 {
 		return
@@ -179,20 +184,23 @@ func printSeries(w io.Writer, pts []point, receipts bool) {
 	})
 	for i, p := range worst[:min(5, len(worst))] {
 		ck := ""
-		if p.Checks != nil {
-			ck = fmt.Sprintf("  checkpoints %d (t-1..t+1: %d)", *p.Checks, nearCheckpoints(pts, p.T))
+		if p.Wraps != nil {
+			ck = fmt.Sprintf("  log wraps %d (t-1..t+1: %d)", *p.Wraps, nearWraps(pts, p.T))
+			if *p.Waits > 0 {
+				ck += fmt.Sprintf(", %d waited for bbolt", *p.Waits)
+			}
 		}
 		fmt.Fprintf(w, "  worst#%d  t=%3ds  receipts %7d  p99 %9.3f ms  max %9.3f ms%s\n", i+1, p.T, p.Rcpt, p.P99, p.Max, ck)
 	}
-	// Seconds near a checkpoint (within a second: the counter is polled)
+	// Seconds near a log wrap (within a second: the counters are polled)
 	// against the others, when known.
 	var withMax, withP99, otherMax, otherP99 float64
 	nWith, nOther := 0, 0
 	for _, p := range pts {
-		if p.Checks == nil {
+		if p.Wraps == nil {
 			continue
 		}
-		if nearCheckpoints(pts, p.T) > 0 {
+		if nearWraps(pts, p.T) > 0 {
 			nWith++
 			withMax, withP99 = max(withMax, p.Max), max(withP99, p.P99)
 		} else {
@@ -203,18 +211,18 @@ func printSeries(w io.Writer, pts []point, receipts bool) {
 	switch {
 	case nWith+nOther == 0:
 	case nWith == 0:
-		fmt.Fprintln(w, "  no store checkpoint during the run")
+		fmt.Fprintln(w, "  no write-ahead log wrap during the run")
 	default:
-		fmt.Fprintf(w, "  %d s within 1 s of a checkpoint: worst p99 %.3f ms, worst max %.3f ms; %d s not: worst p99 %.3f ms, worst max %.3f ms\n",
+		fmt.Fprintf(w, "  %d s within 1 s of a log wrap: worst p99 %.3f ms, worst max %.3f ms; %d s not: worst p99 %.3f ms, worst max %.3f ms\n",
 			nWith, withP99, withMax, nOther, otherP99, otherMax)
 	}
 }
 
-// nearCheckpoints is the number of checkpoints in seconds t-1, t and t+1.
-func nearCheckpoints(pts []point, t int) int64 {
+// nearWraps is the number of log wraps in seconds t-1, t and t+1.
+func nearWraps(pts []point, t int) int64 {
 	var n int64
 	for i := max(t-1, 0); i <= t+1 && i < len(pts); i++ {
-		if c := pts[i].Checks; c != nil {
+		if c := pts[i].Wraps; c != nil {
 			n += *c
 		}
 	}

@@ -2,11 +2,11 @@
 # walwrap.sh: receipt latency across wraps of brokerd's write-ahead log.
 #
 # Builds brokerd and the load tool, starts brokerd on a fresh data directory
-# and runs the tool with -series (per-second receipt p99/max), -admin (store
-# checkpoints, i.e. wraps of the 64 MiB log, placed in their second) and
-# -pid (brokerd's memory), once per entry of RUNS, one after the other. Each
+# and runs the tool with -series (per-second receipt p99/max), -admin (wraps
+# of the store's 64 MiB log, checkpoints or segment switches, placed in their
+# second) and -pid (brokerd's memory), once per entry of RUNS, one after the other. Each
 # run prints its summary (overall receipt p50/p99/max, the worst seconds,
-# seconds within 1 s of a checkpoint against the others) and its JSON line
+# seconds within 1 s of a log wrap against the others) and its JSON line
 # (with the whole series). brokerd is stopped and the directory removed at
 # the end.
 #
