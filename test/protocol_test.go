@@ -971,7 +971,7 @@ func TestProtocolErrorsCloseOnlyThatConnection(t *testing.T) {
 			protoFrame(frame.SUBSCRIBE, "", "id:0", "destination:"+bad, "ack:client") + protoFrame(frame.ACK, "", "message-id:nope", "subscription:0"), "unknown message"},
 		{"ACK without subscription (1.1)", "1.1", protoFrame(frame.ACK, "", "message-id:nope"), "missing subscription"},
 		{"ACK unknown message-id (1.0)", "1.0", protoFrame(frame.ACK, "", "message-id:nope"), "unknown message"},
-		{"NACK in 1.0", "1.0", protoFrame(frame.NACK, "", "message-id:nope"), "unexpected frame"},
+		{"NACK unknown message-id (1.0)", "1.0", protoFrame(frame.NACK, "", "message-id:nope"), "unknown message"},
 		{"COMMIT unknown transaction", "1.2", protoFrame(frame.COMMIT, "", "transaction:nope"), "unknown transaction"},
 		{"ABORT unknown transaction", "1.2", protoFrame(frame.ABORT, "", "transaction:nope"), "unknown transaction"},
 		{"BEGIN twice", "1.2",
