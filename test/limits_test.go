@@ -2,8 +2,12 @@ package test
 
 import (
 	"fmt"
+	"strconv"
+	"strings"
 	"testing"
+	"time"
 
+	"github.com/brokerd/brokerd/config"
 	"github.com/go-stomp/stomp/v3/frame"
 )
 
@@ -45,4 +49,59 @@ func TestProtocolNack10(t *testing.T) {
 			protoAckedNotRedelivered(t, b, q)
 		})
 	}
+}
+
+// TestSlowConsumerDoesNotStallProducer: a client-ack consumer that stops
+// reading does not slow a producer flooding its queue (every SEND is
+// receipted promptly); the consumer is disconnected once the server's
+// writes to it stall for stomp.write_timeout, and every message, including
+// those written to it, is delivered to the next consumer.
+func TestSlowConsumerDoesNotStallProducer(t *testing.T) {
+	t.Parallel()
+	b := startBroker(t, func(c *config.Config) { c.STOMP.WriteTimeout = time.Second })
+	q := uniqueQueue(t)
+	cons := protoRaw(t, b)
+	cons.connect()
+	cons.write(protoFrame(frame.SUBSCRIBE, "", "id:0", "destination:"+q, "ack:client-individual", "receipt:s"))
+	cons.protoReceipt("s")
+	// From now on cons reads nothing.
+
+	const n, size = 600, 16 << 10 // more than the socket buffers hold
+	body := strings.Repeat("b", size)
+	prod := protoRaw(t, b)
+	prod.connect()
+	for i := 0; i < n; i++ {
+		prod.write(protoFrame(frame.SEND, fmt.Sprintf("%04d", i)+body, "destination:"+q, "receipt:"+strconv.Itoa(i)))
+		prod.protoReceipt(strconv.Itoa(i)) // read within 5 s each
+	}
+
+	// cons is disconnected: a heart-beat written to it eventually fails.
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		_ = cons.c.SetWriteDeadline(time.Now().Add(time.Second))
+		if _, err := cons.c.Write([]byte("\n")); err != nil {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the consumer that reads nothing is still connected after 20s")
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+
+	next := protoRaw(t, b)
+	next.connect()
+	next.write(protoFrame(frame.SUBSCRIBE, "", "id:0", "destination:"+q, "ack:auto"))
+	seen := map[string]bool{}
+	redelivered := 0
+	for len(seen) < n {
+		m := next.protoMessage()
+		if len(m.Body) != 4+size {
+			t.Fatalf("message of %d bytes", len(m.Body))
+		}
+		seen[string(m.Body[:4])] = true
+		if m.Header.Get("redelivered") == "true" {
+			redelivered++
+		}
+	}
+	t.Logf("%d messages, %d of them redelivered", n, redelivered)
 }
