@@ -10,6 +10,17 @@
 // DISCONNECT, goes out only when every earlier frame of the connection has
 // taken effect.
 //
+// Each connection's outgoing queue is bounded (Config.MaxOutgoingBytes):
+// before handling a frame the reader reserves room for what it will make
+// the server send (its RECEIPT), and waits while the queue is full, so a
+// client that sends without reading is slowed down by TCP rather than
+// growing the server's memory. MESSAGE frames are not counted there (the
+// replica hands them over under a lock and bounds them by its write
+// window) and are never dropped. Every write runs under a deadline of
+// Config.WriteTimeout: a client that reads nothing for that long while
+// the server has something for it is disconnected, and its unacknowledged
+// messages go back to their queues.
+//
 // Client frames are read by frameReader, which enforces Limits before it
 // allocates; go-stomp's frame.Reader is not used on this edge because it
 // allocates whatever content-length says, reads lines without bound and
