@@ -566,6 +566,45 @@ func openWAL(o walOptions) (*wal, ReplayStats, error) {
 		f.Close()
 		return nil, rs, fmt.Errorf("stat %s: %w", o.path, err)
 	}
+	ws, rs, err := replayLog(f, st.Size(), o)
+	if err != nil {
+		f.Close()
+		return nil, rs, err
+	}
+	rs.Duration = time.Since(began)
+	o.log.Info("replayed write-ahead log", "path", o.path, "records", rs.Records, "bytes", rs.Bytes, "duration", rs.Duration)
+	if st.Size() != o.size || ws.version != walVersion || ws.size != o.size {
+		// Every record is in bbolt now, so the log can be replaced.
+		f.Close()
+		w, err := createWAL(o, ws.maxGen+1)
+		return w, rs, err
+	}
+	// Read both segments once, so that the first writes to each page do
+	// not wait for the disk to read it.
+	if _, err := io.Copy(io.Discard, io.NewSectionReader(f, walDataStart, o.size-walDataStart)); err != nil {
+		f.Close()
+		return nil, rs, fmt.Errorf("read %s: %w", o.path, err)
+	}
+	w := newWAL(o.wrap(osWALFile{f}), o.path, o.size)
+	for i, h := range ws.segs {
+		if h.ok {
+			w.seg[i].gen, w.seg[i].slot = h.gen, h.slot
+		}
+	}
+	w.cur = 0
+	if err := w.reset(o.durable); err != nil {
+		w.f.Close()
+		return nil, rs, err
+	}
+	return w, rs, nil
+}
+
+// replayLog scans the log in r (size bytes) and applies the records to
+// replay through o.apply, in transactions of about replayTxBytes. Damage
+// is an error wrapping ErrCorruptLog, or with RecoverTruncate is dropped
+// and logged.
+func replayLog(r io.ReaderAt, size int64, o walOptions) (walScan, ReplayStats, error) {
+	var rs ReplayStats
 	var (
 		pending [][]byte
 		bytes   int
@@ -578,7 +617,7 @@ func openWAL(o walOptions) (*wal, ReplayStats, error) {
 		pending, bytes = nil, 0
 		return err
 	}
-	ws, err := scanWAL(f, st.Size(), func(p []byte) error {
+	ws, err := scanWAL(r, size, func(p []byte) error {
 		if err := checkOps(p); err != nil {
 			return err
 		}
@@ -603,36 +642,11 @@ func openWAL(o walOptions) (*wal, ReplayStats, error) {
 		err = flush()
 	}
 	if err != nil {
-		f.Close()
 		if errors.Is(err, errNoWALHeader) {
-			return nil, rs, fmt.Errorf("replay %s: %w (the file is damaged; moving it away opens the store without its unapplied records)", o.path, err)
+			return ws, rs, fmt.Errorf("replay %s: %w (the file is damaged; moving it away opens the store without its unapplied records)", o.path, err)
 		}
-		return nil, rs, fmt.Errorf("replay %s: %w", o.path, err)
+		return ws, rs, fmt.Errorf("replay %s: %w", o.path, err)
 	}
-	rs.Records, rs.Bytes, rs.Duration = ws.records, ws.bytes, time.Since(began)
-	o.log.Info("replayed write-ahead log", "path", o.path, "records", rs.Records, "bytes", rs.Bytes, "duration", rs.Duration)
-	if st.Size() != o.size || ws.version != walVersion || ws.size != o.size {
-		// Every record is in bbolt now, so the log can be replaced.
-		f.Close()
-		w, err := createWAL(o, ws.maxGen+1)
-		return w, rs, err
-	}
-	// Read the rest of the newest segment and the other one once, so that
-	// the first writes to each page do not wait for the disk to read it.
-	if _, err := io.Copy(io.Discard, io.NewSectionReader(f, walDataStart, o.size-walDataStart)); err != nil {
-		f.Close()
-		return nil, rs, fmt.Errorf("read %s: %w", o.path, err)
-	}
-	w := newWAL(o.wrap(osWALFile{f}), o.path, o.size)
-	for i, h := range ws.segs {
-		if h.ok {
-			w.seg[i].gen, w.seg[i].slot = h.gen, h.slot
-		}
-	}
-	w.cur = 0
-	if err := w.reset(o.durable); err != nil {
-		w.f.Close()
-		return nil, rs, err
-	}
-	return w, rs, nil
+	rs.Records, rs.Bytes = ws.records, ws.bytes
+	return ws, rs, nil
 }
