@@ -5,38 +5,108 @@
 // (bucket, key) pairs, where a bucket is a destination name and a key a
 // per-node sequence number, plus a small meta bucket.
 //
+// # Commits
+//
 // Writes are group-committed through a write-ahead log, as etcd does:
 // Submit hands a batch of operations to a single writer goroutine, which
 // encodes every batch that arrived while the previous commit was in flight
 // into one record, writes it at the tail of a preallocated log file
 // (Config.Path + ".wal", overwritten in place) and, when a batch asks for it
-// under SyncAlways, fdatasyncs the log: one fdatasync of a file whose size
-// and blocks never change, where a bbolt commit costs two. Completion
-// callbacks run on one goroutine in the order the batches were submitted,
-// after their commit.
+// under SyncAlways, fdatasyncs the log: one pwrite and one fdatasync of a
+// file whose size and blocks never change, where a bbolt commit costs two
+// fsyncs. Completion callbacks run on one goroutine in the order the
+// batches were submitted, after their commit. A group larger than a log
+// segment is applied to bbolt directly, after a checkpoint (below).
 //
-// An applier goroutine copies logged records into bbolt, several per
-// transaction and at most one transaction per Config.ApplyInterval. Its
-// transactions are fsynced (bbolt without fsync can be left corrupt by a
-// power failure, which no replay repairs), and before each it makes sure
-// the log holds, durably, every record it applies. When the log is full, and
-// on Close, the writer checkpoints: it waits until bbolt has every record,
-// then starts a new generation of the log (a new header with a new random
-// salt; records chain their checksums from it) and writes from the start
-// again. Open replays the records of the current generation into bbolt
-// (every op is a blind write, so records bbolt already has replay
-// harmlessly), stopping at the first record that does not check, then
-// starts a new generation. See wal.go for the format.
+// # Log segments
 //
-// ForEach and Meta first wait for the applier to catch up, so they see
-// every commit whose callback has run. SetMeta is a commit of its own,
-// fsynced whatever the SyncMode (a bbolt transaction before Start); it must
-// not be called from a Submit callback.
+// The log is two segments of one file (see wal.go for the format). The
+// writer fills one; an applier goroutine copies logged records into bbolt,
+// several per transaction, at most one transaction per
+// Config.ApplyInterval unless someone waits for it or a quarter of a
+// segment is queued. When the segment is full the writer syncs it and
+// starts a new generation in the other segment, whose header names the
+// generation it follows and where that one ends; it waits only if the
+// applier has not yet applied the other segment's old records, which it
+// counts in brokerd_store_wal_switch_waits_total. A checkpoint (on Close,
+// and before a group too large for a segment) waits until bbolt has every
+// record and starts a generation that follows nothing.
 //
-// An I/O error on the log or in bbolt fails the store: that commit and
-// every later one report it, and Close returns it. Whatever was logged is
-// replayed by the next Open.
+// # Who syncs what
 //
-// Caveats: values passed to the ForEach callback are only valid inside the
-// callback (bbolt memory); copy them out.
+// The writer goroutine is the only one that fdatasyncs the log: for synced
+// commits, before a segment switch or checkpoint, and when asked by the
+// SyncBatch loop (every SyncInterval) or by the applier. The applier
+// applies only records the log holds durably (under SyncNone, every
+// record written); when it needs more, it asks the writer and waits. Were
+// bbolt to hold a commit the log lost, a replay of the log's older records
+// would bring back values that commit replaced. bbolt's file is synced by
+// bbolt's own commit (except under SyncNone): bbolt without fsync can be
+// left corrupt by a power failure, which no replay repairs.
+//
+// # Failure
+//
+// Storage fails stop. The first failed write or fsync of the log, or
+// failed bbolt transaction (the applier's or a direct group's), fails the
+// store for good: that commit and every later one (including those
+// already queued, and unsynced ones with no callback) report the error,
+// reads return it, Failed is closed, Err returns it and Close returns it.
+// No callback reports success for a commit that is not known durable
+// under its sync setting; a group written but whose fdatasync failed
+// reports the error. The node is expected to stop: the next Open replays
+// whatever the log holds. A Submit whose ops are invalid fails alone and
+// does not fail the store.
+//
+// # Replay
+//
+// Open replays the log into bbolt, then starts a new generation. It reads
+// the older segment's records (when the newer one follows it), which must
+// end exactly where the newer header says, then the newer segment's
+// records while they are valid. Every op is a blind write whose effect on
+// the stats depends only on bbolt's content, so records bbolt already has
+// replay harmlessly. The first invalid record of the newer segment ends the
+// replay: the torn write of a group never acknowledged, or the tail. A
+// record in the middle whose checksum fails while its header is intact and
+// the next record checks (chained from the bad one's stored CRC), a record
+// of the older segment that does not check, or a missing older segment is
+// damage: Open fails with ErrCorruptLog naming the file and byte offset,
+// unless Config.Recover is RecoverTruncate, which drops the damaged record
+// and everything after it and logs what it dropped. In the newer segment,
+// damage to a record's length or generation field looks like a tail and
+// is cut. Each Open logs
+// a summary (records, bytes, duration) through Config.Logger, also
+// returned by Replay. A log of the earlier one-segment format is replayed
+// and replaced.
+//
+// # Reads and stats
+//
+// ForEach, Scan, Buckets and Meta first wait for the applier to apply
+// every record handed to it when they are called, so they see every
+// commit whose callback ran before. Scan pages through one bucket by key;
+// Buckets returns each bucket's entry count, bytes (Config.Weigh) and
+// first and last key without reading its entries: the applier keeps a
+// stats record per bucket in the same bbolt transaction as the entries
+// (a new key adds, an overwrite adjusts the bytes, a delete of a present
+// key subtracts, OpDeleteBucket removes bucket and record), so the stats
+// are exact after a crash and a replay. A file written before stats
+// existed has them counted once at Open. SetMeta is a commit of its own,
+// fsynced whatever the SyncMode (a bbolt transaction before Start); it
+// must not be called from a Submit callback.
+//
+// # Low disk
+//
+// With Config.MinFreeBytes set, a started store measures every second the
+// free space for its data: the filesystem's available bytes plus bbolt's
+// free pages (bbolt never shrinks its file; deleting messages frees pages
+// that new data reuses). LowDisk is true from when that falls below
+// MinFreeBytes until it is back at MinFreeBytes plus an eighth, and
+// brokerd_store_disk_alarm and brokerd_store_free_bytes show it. The store
+// itself refuses nothing: the replica layer refuses new messages while
+// LowDisk is true.
+//
+// # Caveats
+//
+// Values passed to the ForEach and Scan callbacks are only valid inside
+// the callback (bbolt memory); copy them out. Config.Weigh must stay the
+// same function across restarts: the stats keep sums of its results.
 package store
