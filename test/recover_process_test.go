@@ -1,6 +1,7 @@
 package test
 
 import (
+	"bytes"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -33,20 +34,23 @@ func TestProcessCorruptLogRecover(t *testing.T) {
 		t.Fatal("brokerd did not die from SIGKILL")
 	}
 
-	// Flip a byte of the first record's payload (records start at 8 KiB,
-	// after two header blocks, with a 16-byte record header).
+	// Flip a byte inside the record that holds m-05 (found by its body, not
+	// by the log's layout): it fails its checksum while the records of
+	// m-06..m-19 after it check, which is damage, not a torn last write.
 	wal := filepath.Join(p.dataDir, "brokerd.db.wal")
+	data, err := os.ReadFile(wal)
+	if err != nil {
+		t.Fatal(err)
+	}
+	off := bytes.Index(data, []byte("m-05 xxxx"))
+	if off < 0 {
+		t.Fatalf("m-05 not found in %s", wal)
+	}
 	f, err := os.OpenFile(wal, os.O_RDWR, 0)
 	if err != nil {
 		t.Fatal(err)
 	}
-	b := make([]byte, 1)
-	const off = 8192 + 16 + 8
-	if _, err := f.ReadAt(b, off); err != nil {
-		t.Fatal(err)
-	}
-	b[0] ^= 0xff
-	if _, err := f.WriteAt(b, off); err != nil {
+	if _, err := f.WriteAt([]byte{data[off+8] ^ 0xff}, int64(off+8)); err != nil {
 		t.Fatal(err)
 	}
 	f.Close()

@@ -232,8 +232,9 @@ func nodeID(st *store.Store) (string, error) {
 // ID is the node's stable ID.
 func (n *Node) ID() string { return n.id }
 
-// Start starts the store writer and the listeners: STOMP first, so that
-// /healthz answers only once clients can connect.
+// Start starts the store writer and the listeners: STOMP, then the
+// cluster, then the admin server, so that /healthz answers only once
+// clients can connect and the node is in the cluster.
 func (n *Node) Start() error {
 	n.st.Start()
 	n.rep.Start()
@@ -243,12 +244,31 @@ func (n *Node) Start() error {
 		return err
 	}
 	if n.cfg.Admin.Addr != "" {
+		// Bound now, for the address the cluster advertises; served once
+		// the cluster runs, so /healthz and /v1/cluster never answer for a
+		// node that is half started.
 		ln, err := net.Listen("tcp", n.cfg.Admin.Addr)
 		if err != nil {
 			_ = n.Shutdown(context.Background())
 			return fmt.Errorf("admin listen: %w", err)
 		}
 		n.adminL = ln
+	}
+	ccfg, err := n.clusterConfig()
+	var cl *cluster.Node
+	if err == nil {
+		cl, err = cluster.New(ccfg)
+	}
+	if err == nil {
+		err = cl.Start()
+	}
+	if err != nil {
+		_ = n.Shutdown(context.Background())
+		return err
+	}
+	n.cl = cl
+	if n.adminL != nil {
+		ln := n.adminL
 		n.admin = &http.Server{Handler: n.adminHandler(), ReadHeaderTimeout: 5 * time.Second}
 		n.adminD = make(chan struct{})
 		go func() {
@@ -258,18 +278,6 @@ func (n *Node) Start() error {
 			}
 		}()
 		n.log.Info("admin listening", "addr", ln.Addr().String())
-	}
-	ccfg, err := n.clusterConfig()
-	if err == nil {
-		n.cl, err = cluster.New(ccfg)
-	}
-	if err == nil {
-		err = n.cl.Start()
-	}
-	if err != nil {
-		n.cl = nil
-		_ = n.Shutdown(context.Background())
-		return err
 	}
 	n.watchWG.Add(1)
 	go n.watchStore()
@@ -361,6 +369,8 @@ func (n *Node) Shutdown(ctx context.Context) error {
 		_ = n.admin.Shutdown(sctx)
 		cancel()
 		<-n.adminD
+	} else if n.adminL != nil {
+		n.adminL.Close() // bound, never served: Start failed
 	}
 	n.rep.Close()
 	if cerr := n.st.Close(); cerr != nil && err == nil {
