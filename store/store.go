@@ -101,8 +101,9 @@ type Config struct {
 	MaxBatchOps int
 	// WALSize is the size of the write-ahead log file, written once with
 	// zeros and then overwritten in place; rounded up to 4 KiB, at least
-	// 32 KiB and at most 1 GiB. A group commit larger than the log goes to
-	// bbolt directly. Default 64 MiB.
+	// 32 KiB and at most 1 GiB. It holds 16 KiB of headers and two
+	// segments of half the rest each. A group commit larger than a
+	// segment goes to bbolt directly. Default 64 MiB.
 	WALSize int64
 	// ApplyInterval is the shortest time between two bbolt transactions
 	// that copy logged commits into bbolt (each is fsynced; fewer of them
