@@ -13,6 +13,7 @@ import (
 func openBench(b *testing.B, sync SyncMode) *Store {
 	cfg := DefaultConfig(filepath.Join(b.TempDir(), "b.db"))
 	cfg.Sync = sync
+	cfg.Logger = slog.New(slog.DiscardHandler)
 	s, err := Open(cfg)
 	if err != nil {
 		b.Fatal(err)
