@@ -618,6 +618,9 @@ func TestWrapAround(t *testing.T) {
 				for k, v := range m.meta {
 					want.meta[k] = v
 				}
+				for b := range m.buckets {
+					want.buckets[b] = true
+				}
 			}
 			if crash {
 				if err := s.crash(); err != nil {
@@ -629,6 +632,7 @@ func TestWrapAround(t *testing.T) {
 			s = open(t, cfg)
 			defer s.Close()
 			checkContents(t, s, want)
+			checkStats(t, s, want, weighLen)
 		})
 	}
 }
@@ -656,6 +660,7 @@ func TestLargeGroup(t *testing.T) {
 	s = open(t, cfg)
 	defer s.Close()
 	checkContents(t, s, m)
+	checkStats(t, s, m, weighLen)
 }
 
 func TestCallbackOrder(t *testing.T) {
