@@ -169,6 +169,15 @@ func FuzzWALReplay(f *testing.F) {
 		f.Add(compactWAL('T', file, n0, n1))
 		f.Add(compact[:len(compact)-7])
 		f.Add(compact[:1+4*walHeaderLen])
+		// Damage in the middle (a payload byte of the second record), and
+		// a lost header of segment 0.
+		damaged := bytes.Clone(file)
+		damaged[s0+recHeaderLen+int64(binary.LittleEndian.Uint32(file[s0:]))+recHeaderLen+1] ^= 0x20
+		f.Add(compactWAL('R', damaged, n0, n1))
+		f.Add(compactWAL('T', damaged, n0, n1))
+		damaged = bytes.Clone(file)
+		copy(damaged[:2*walBlock], make([]byte, 2*walBlock))
+		f.Add(compactWAL('T', damaged, n0, n1))
 	}
 	f.Add([]byte{})
 	f.Add([]byte("R" + walMagic))
