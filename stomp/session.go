@@ -50,7 +50,11 @@ type session struct {
 	subByIdx map[uint64]*sub
 	dirty    bool // an Apply since the last synced one was not synced
 
-	ops chan *pendingOp // reader -> sequencer, in frame order
+	// seq orders receipts and errors: frames' effects in frame order,
+	// each emitted by whichever goroutine completes the op at the head
+	// (the reader, or the store's completion callback), with no goroutine
+	// of its own in between.
+	seq sequencer
 
 	// outbound, guarded by outMu; written by the writer goroutine
 	outMu     sync.Mutex
@@ -88,10 +92,26 @@ type transaction struct {
 
 // pendingOp is a frame's effect as the sequencer sees it.
 type pendingOp struct {
-	done    chan error // nil when the effect is already complete
+	waits   bool // an effect completes later, through session.finish
 	receipt string
 	errFr   *frame.Frame
 	final   bool // close the connection after this op
+
+	// guarded by sequencer.mu
+	complete bool
+	err      error
+}
+
+// maxPendingOps bounds the frames whose effects are in progress on one
+// connection; the reader waits beyond it.
+const maxPendingOps = 1024
+
+// sequencer is the queue of a connection's ops in frame order.
+type sequencer struct {
+	mu     sync.Mutex
+	cond   sync.Cond // signalled when the queue shrinks
+	q      []*pendingOp
+	failed bool
 }
 
 type outItem struct {
@@ -106,25 +126,20 @@ type outItem struct {
 	// until written or acknowledged anyway.
 	n int64
 	// closeSub closes a subscription once everything queued before it is
-	// written; closed is then signalled.
+	// written; closed then gets the outcome of a store barrier after it.
 	closeSub *sub
-	closed   chan error
+	closed   func(error)
 }
 
 // closeSub closes a subscription: its unacknowledged messages go back.
 // Close submits its store writes (delivery counts, dead-lettering) without
 // a sync; when done is set (an UNSUBSCRIBE waits), a barrier then makes
 // them durable before done is signalled, so that the receipt covers them.
-func (s *session) closeSub(sb *sub, done chan error) {
+func (s *session) closeSub(sb *sub, done func(error)) {
 	sb.closed.Store(true)
 	sb.rs.Close()
 	if done != nil {
-		s.srv.broker.Barrier(func(err error) {
-			select {
-			case done <- err: // buffered: the sequencer reads it once
-			default:
-			}
-		})
+		s.srv.broker.Barrier(done)
 	}
 }
 
@@ -137,12 +152,12 @@ func newSession(srv *Server, c net.Conn, id string) *session {
 		subs:       make(map[string]*sub),
 		txs:        make(map[string]*transaction),
 		subByIdx:   make(map[uint64]*sub),
-		ops:        make(chan *pendingOp, 1024),
 		outSignal:  make(chan struct{}, 1),
 		outRoom:    make(chan struct{}, 1),
 		writerDone: make(chan struct{}),
 	}
 	s.r = newFrameReader(idleReader{s}, srv.cfg.Limits)
+	s.seq.cond.L = &s.seq.mu
 	return s
 }
 
@@ -196,9 +211,7 @@ func (s *session) shutdown() {
 
 func (s *session) run() {
 	log := s.srv.log.With("session", s.id, "remote", s.conn.RemoteAddr().String())
-	seqDone := make(chan struct{})
 	go s.writeLoop()
-	go func() { s.sequence(); close(seqDone) }()
 
 	err := s.readLoop()
 	var pe *protocolError
@@ -207,14 +220,13 @@ func (s *session) run() {
 	case isPE:
 		s.srv.m.errors.WithLabelValues(pe.reason).Inc()
 		log.Info("protocol error", "err", pe.Error())
-		s.ops <- &pendingOp{errFr: errorFrame(pe), final: true}
+		s.push(&pendingOp{errFr: errorFrame(pe), final: true})
 	case err != nil && s.stopping.Load():
-		s.ops <- &pendingOp{errFr: errorFrame(perr("shutdown", "server shutting down", "the server is shutting down; reconnect to another node")), final: true}
+		s.push(&pendingOp{errFr: errorFrame(perr("shutdown", "server shutting down", "the server is shutting down; reconnect to another node")), final: true})
 	case err != nil && !errors.Is(err, io.EOF) && !errors.Is(err, net.ErrClosed):
 		log.Debug("connection ended", "err", err)
 	}
-	close(s.ops)
-	<-seqDone
+	s.waitOps()
 	s.enqueue(outItem{end: true})
 	<-s.writerDone
 	// Only now, with every flushed delivery recorded as written, return
@@ -429,22 +441,22 @@ func (s *session) receipt(r string, final bool) {
 	op := &pendingOp{receipt: r, final: final}
 	if s.dirty && r != "" {
 		s.dirty = false
-		op.done = make(chan error, 1)
-		s.srv.broker.Barrier(func(err error) { op.done <- err })
+		op.waits = true
+		s.srv.broker.Barrier(func(err error) { s.finish(op, err) })
 	}
-	s.ops <- op
+	s.push(op)
 }
 
 // apply hands b to the broker. Frames with a receipt are synced; others
 // are not, and the next receipt on this connection syncs them.
 func (s *session) apply(f *frame.Frame, b *replica.Batch) error {
-	op := &pendingOp{done: make(chan error, 1), receipt: f.Header.Get(frame.Receipt)}
+	op := &pendingOp{waits: true, receipt: f.Header.Get(frame.Receipt)}
 	b.Sync = op.receipt != ""
-	if err := s.srv.broker.Apply(b, func(err error) { op.done <- err }); err != nil {
+	if err := s.srv.broker.Apply(b, func(err error) { s.finish(op, err) }); err != nil {
 		return brokerError(f, err)
 	}
 	s.dirty = !b.Sync
-	s.ops <- op
+	s.push(op)
 	return nil
 }
 
@@ -586,9 +598,9 @@ func (s *session) unsubscribe(f *frame.Frame) error {
 	// then issues a store barrier; the receipt waits for that. The barrier
 	// comes after every earlier Apply of this connection too, so no other
 	// is needed for them.
-	op := &pendingOp{done: make(chan error, 1)}
-	s.enqueue(outItem{closeSub: sb, closed: op.done, n: closeSubBytes}) // reserved by readLoop
-	s.ops <- op
+	op := &pendingOp{waits: true}
+	s.enqueue(outItem{closeSub: sb, closed: func(err error) { s.finish(op, err) }, n: closeSubBytes}) // reserved by readLoop
+	s.push(op)
 	s.dirty = false
 	s.complete(f)
 	return nil
@@ -740,25 +752,66 @@ func (s *session) endTx(txID string, t *transaction) {
 	s.txBytes -= t.bytes
 }
 
-// sequence emits receipts and errors in frame order, each only after the
-// effects of every earlier frame are complete.
-func (s *session) sequence() {
-	failed := false
-	for op := range s.ops {
-		if op.done != nil {
-			if err := <-op.done; err != nil && !failed {
-				failed = true
-				s.srv.log.Error("store failure", "session", s.id, "err", err)
-				s.srv.m.errors.WithLabelValues("internal").Inc()
-				pe := perr("internal", "internal error", "the server could not store a frame's effect: %v", err)
-				if op.receipt != "" {
-					pe.header = []string{frame.ReceiptId, op.receipt}
-				}
-				s.enqueueFrame(errorFrame(pe), true)
-				s.shutdown()
+// push appends op to the connection's ops, in frame order, waiting while
+// maxPendingOps are in progress, and emits what is complete at the head.
+// Only the reader goroutine pushes.
+func (s *session) push(op *pendingOp) {
+	q := &s.seq
+	q.mu.Lock()
+	for len(q.q) >= maxPendingOps && !q.failed {
+		q.cond.Wait()
+	}
+	if !op.waits {
+		op.complete = true
+	}
+	q.q = append(q.q, op)
+	s.emitLocked()
+	q.mu.Unlock()
+}
+
+// finish records the outcome of op's effect and emits what is complete
+// at the head. It may run before push(op) (a fast store callback); push
+// then finds op complete.
+func (s *session) finish(op *pendingOp, err error) {
+	q := &s.seq
+	q.mu.Lock()
+	op.complete, op.err = true, err
+	s.emitLocked()
+	q.mu.Unlock()
+}
+
+// waitOps returns once every pushed op has been emitted.
+func (s *session) waitOps() {
+	q := &s.seq
+	q.mu.Lock()
+	for len(q.q) > 0 {
+		q.cond.Wait()
+	}
+	q.mu.Unlock()
+}
+
+// emitLocked emits the receipts and errors of the complete ops at the
+// head of the queue, in frame order: each only after the effects of every
+// earlier frame. After a failed effect, nothing more is acknowledged.
+func (s *session) emitLocked() {
+	q := &s.seq
+	n := 0
+	for n < len(q.q) && q.q[n].complete {
+		op := q.q[n]
+		q.q[n] = nil
+		n++
+		if op.err != nil && !q.failed {
+			q.failed = true
+			s.srv.log.Error("store failure", "session", s.id, "err", op.err)
+			s.srv.m.errors.WithLabelValues("internal").Inc()
+			pe := perr("internal", "internal error", "the server could not store a frame's effect: %v", op.err)
+			if op.receipt != "" {
+				pe.header = []string{frame.ReceiptId, op.receipt}
 			}
+			s.enqueueFrame(errorFrame(pe), true)
+			s.shutdown()
 		}
-		if failed {
+		if q.failed {
 			s.release(receiptBytes(op.receipt))
 			continue
 		}
@@ -772,6 +825,12 @@ func (s *session) sequence() {
 		if op.final {
 			s.enqueue(outItem{end: true})
 		}
+	}
+	if n > 0 {
+		rest := copy(q.q, q.q[n:])
+		clear(q.q[rest:])
+		q.q = q.q[:rest]
+		q.cond.Broadcast()
 	}
 }
 
