@@ -495,9 +495,6 @@ func (s *session) send(f *frame.Frame) error {
 	if err != nil {
 		return err
 	}
-	if _, err := replica.ParseDestination(dest); err != nil {
-		return brokerError(f, err)
-	}
 	m := &replica.Message{Dest: dest, Body: f.Body}
 	n := f.Header.Len()
 	m.Headers = make([]string, 0, 2*n)
@@ -519,6 +516,11 @@ func (s *session) send(f *frame.Frame) error {
 		m.Expires = ms
 	}
 	if txID, ok := f.Header.Contains(frame.Transaction); ok {
+		// Apply validates the destination; a transaction's SEND is
+		// refused now, not at COMMIT.
+		if _, err := replica.ParseDestination(dest); err != nil {
+			return brokerError(f, err)
+		}
 		t, err := s.transaction(f, txID, frameBytes(f))
 		if err != nil {
 			return err
