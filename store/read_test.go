@@ -7,6 +7,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 
 	bolt "go.etcd.io/bbolt"
@@ -247,5 +248,63 @@ func TestScanEdges(t *testing.T) {
 	apply(t, s, nil, put("q", 3, "abc"), Op{Kind: OpDeleteBucket, Bucket: "q"}, put("q", 4, "de"))
 	if b, err := s.Buckets(); err != nil || !reflect.DeepEqual(b, []BucketStats{{Name: "q", Count: 1, Bytes: 2, FirstKey: 4, LastKey: 4}}) {
 		t.Fatalf("Buckets after delete and put in one commit: %+v %v", b, err)
+	}
+}
+
+// TestReadsDuringUnsyncedLoad: under SyncAlways, unsynced commits are not
+// durable in the log, so a read makes the applier ask the writer for an
+// fdatasync, while the writer is busy with more commits. Every read still
+// sees every commit acknowledged before it.
+func TestReadsDuringUnsyncedLoad(t *testing.T) {
+	cfg := testConfig(t.TempDir())
+	cfg.WALSize = 1 << 20
+	s := start(t, cfg)
+	const writers, perWriter = 8, 1500
+	var acked atomic.Int64
+	var wg sync.WaitGroup
+	for w := 0; w < writers; w++ {
+		wg.Add(1)
+		go func(w int) {
+			defer wg.Done()
+			var pending sync.WaitGroup
+			for i := 0; i < perWriter; i++ {
+				pending.Add(1)
+				s.Submit([]Op{put("q", uint64(w*perWriter+i+1), "v")}, false, func(err error) {
+					if err != nil {
+						t.Error(err)
+					}
+					acked.Add(1)
+					pending.Done()
+				})
+				if i%100 == 99 {
+					pending.Wait() // bound the queue
+				}
+			}
+			pending.Wait()
+		}(w)
+	}
+	done := make(chan struct{})
+	go func() { wg.Wait(); close(done) }()
+	for reads := 0; ; reads++ {
+		select {
+		case <-done:
+			if b, err := s.Buckets(); err != nil || len(b) != 1 || b[0].Count != writers*perWriter {
+				t.Fatalf("Buckets after the load: %+v, %v", b, err)
+			}
+			return
+		default:
+		}
+		before := acked.Load()
+		b, err := s.Buckets()
+		if err != nil {
+			t.Fatal(err)
+		}
+		var n int64
+		if len(b) == 1 {
+			n = b[0].Count
+		}
+		if n < before {
+			t.Fatalf("read %d: %d entries, but %d commits were acknowledged before it", reads, n, before)
+		}
 	}
 }

@@ -257,7 +257,8 @@ type Store struct {
 	walGenSeen atomic.Uint64 // the log's generation, for tests
 
 	// Writer goroutine only.
-	seq uint64 // sequence number of the last record written
+	seq      uint64 // sequence number of the last record written
+	syncNext bool   // the next commit fdatasyncs the log for a sync request
 
 	written atomic.Uint64 // last record whose write returned
 	synced  atomic.Uint64 // last record covered by a finished fdatasync
@@ -578,6 +579,11 @@ func (s *Store) writeLoop() {
 			}
 			first = r
 		case <-s.syncReq:
+			if len(s.reqs) > 0 && s.durable {
+				// A commit is waiting: its fdatasync serves the request.
+				s.syncNext = true
+				continue
+			}
 			s.serveSync()
 			continue
 		}
@@ -604,6 +610,10 @@ func (s *Store) writeLoop() {
 			}
 		}
 		s.commit(batch, size)
+		if s.syncNext {
+			s.syncNext = false
+			s.serveSync() // wakes the applier; syncs only if commit did not
+		}
 		for i := range batch {
 			batch[i].ops = nil
 		}
@@ -646,7 +656,7 @@ func (s *Store) commit(batch []request, size int) {
 	start := time.Now()
 	enc := encoder{buf: make([]byte, recHeaderLen, recHeaderLen+size)}
 	n := 0
-	sync := false
+	sync := s.syncNext
 	for i := range batch {
 		r := &batch[i]
 		for j := range r.ops {
