@@ -107,7 +107,8 @@ type Config struct {
 	WALSize int64
 	// ApplyInterval is the shortest time between two bbolt transactions
 	// that copy logged commits into bbolt (each is fsynced; fewer of them
-	// leave the disk to the log). Reads and checkpoints do not wait for it.
+	// leave the disk to the log). Reads, segment switches and checkpoints
+	// do not wait for it.
 	// Under SyncBatch the interval is at least SyncInterval. Default 10ms.
 	ApplyInterval time.Duration
 	// Weigh gives the weight of a value in BucketStats.Bytes and Scan's
@@ -154,6 +155,7 @@ func DefaultConfig(path string) Config {
 		MaxBatchOps:   4096,
 		WALSize:       64 << 20,
 		ApplyInterval: 10 * time.Millisecond,
+		Recover:       RecoverRefuse,
 	}
 }
 
