@@ -89,7 +89,7 @@ func DefaultConfig() Config {
 
 // LANConfig is memberlist's configuration as brokerd uses it on a LAN:
 // failure detection in about a second rather than DefaultLANConfig's five
-// or more. Measured (DESIGN.md): 200 ms probes with a 100 ms timeout never
+// or more. Measured (docs/DESIGN.md, Membership): 200 ms probes with a 100 ms timeout never
 // marked a live member dead with every core busy; 100/50 ms did.
 func LANConfig() *memberlist.Config {
 	c := memberlist.DefaultLANConfig()
