@@ -46,6 +46,7 @@ type applier struct {
 type logged struct {
 	p   []byte
 	seq uint64
+	pos walPos // where the record ends in the log
 }
 
 func newApplier(s *Store, interval time.Duration, flushBytes int) *applier {
@@ -63,10 +64,10 @@ func (a *applier) signal() {
 
 // enqueue hands the applier the payload of record seq, which is written to
 // the log (not necessarily synced).
-func (a *applier) enqueue(p []byte, seq uint64) {
+func (a *applier) enqueue(p []byte, seq uint64, pos walPos) {
 	a.mu.Lock()
 	wasEmpty := len(a.queue) == 0
-	a.queue = append(a.queue, logged{p, seq})
+	a.queue = append(a.queue, logged{p, seq, pos})
 	a.queued += len(p)
 	a.handed = seq
 	full := a.queued >= a.flushBytes && a.queued-len(p) < a.flushBytes
@@ -198,7 +199,7 @@ func (a *applier) run() {
 			batch[i] = a.queue[i].p
 			bytes += len(batch[i])
 		}
-		upto := a.queue[n-1].seq
+		upto, pos := a.queue[n-1].seq, a.queue[n-1].pos
 		a.queue = a.queue[n:]
 		if len(a.queue) == 0 {
 			a.queue = nil
@@ -206,7 +207,7 @@ func (a *applier) run() {
 		a.queued -= bytes
 		a.mu.Unlock()
 
-		err := a.s.applyLogged(batch)
+		err := a.s.applyLogged(batch, pos)
 		last = time.Now()
 
 		a.mu.Lock()

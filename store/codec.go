@@ -208,6 +208,11 @@ type txApplier struct {
 
 func weighLen(v []byte) int64 { return int64(len(v)) }
 
+// queueFillPercent is how full bbolt fills the pages it splits in a queue
+// bucket. A little room is left for a rare out-of-order key or a value
+// rewritten larger.
+const queueFillPercent = 0.95
+
 // bucket makes op's bucket current. With create false a missing bucket
 // leaves cur nil.
 func (a *txApplier) bucket(name []byte, create bool) error {
@@ -233,6 +238,10 @@ func (a *txApplier) bucket(name []byte, create bool) error {
 		st.count, st.bytes = decodeStats(a.stats.Get(a.name))
 		a.touched[st.name] = st
 	}
+	// Keys within a queue bucket only grow (per-node sequence numbers,
+	// appended at the end, deleted from the front): split pages full,
+	// not half full (bbolt's default), or every page stays half empty.
+	b.FillPercent = queueFillPercent
 	a.cur, a.curC, a.curSt = b, b.Cursor(), st
 	a.curName = append(a.curName[:0], name...)
 	return nil
@@ -310,7 +319,10 @@ func newTxApplier(tx *bolt.Tx, weigh func([]byte) int64) *txApplier {
 
 // applyPayloads applies payloads, in order, in one bbolt transaction. The
 // payloads must stay unchanged until it returns (bbolt keeps the values).
-func applyPayloads(db *bolt.DB, cfg *Config, payloads [][]byte) error {
+// With pos set (a generation), the transaction also records that the log
+// is applied up to pos, the position of the last payload: a replay skips
+// the records up to there.
+func applyPayloads(db *bolt.DB, cfg *Config, payloads [][]byte, pos walPos) error {
 	return cfg.update(db, func(tx *bolt.Tx) error {
 		a := newTxApplier(tx, cfg.Weigh)
 		for _, p := range payloads {
@@ -318,8 +330,29 @@ func applyPayloads(db *bolt.DB, cfg *Config, payloads [][]byte) error {
 				return err
 			}
 		}
-		return a.finish()
+		if err := a.finish(); err != nil {
+			return err
+		}
+		if pos.gen == 0 {
+			return nil
+		}
+		if err := a.stats.Put(walAppliedKey, pos.encode()); err != nil {
+			return fmt.Errorf("log position: %w", err)
+		}
+		return nil
 	})
+}
+
+// walAppliedKey, in the stats bucket (whose per-bucket keys all start
+// with queuePrefix), holds the log position bbolt is applied up to.
+var walAppliedKey = []byte("wal-applied")
+
+// readWALApplied returns the log position recorded in bbolt (zero: none).
+func readWALApplied(tx *bolt.Tx) walPos {
+	if b := tx.Bucket(statsBucket); b != nil {
+		return decodeWALPos(b.Get(walAppliedKey))
+	}
+	return walPos{}
 }
 
 // initStats creates the stats bucket if it is missing, counting the

@@ -204,7 +204,7 @@ func fuzzReplay(t testing.TB, file []byte, mode RecoverMode) *model {
 		size:    fuzzWALSize,
 		recover: mode,
 		log:     slog.New(slog.DiscardHandler),
-		apply: func(payloads [][]byte) error {
+		apply: func(payloads [][]byte, _ walPos) error {
 			for _, p := range payloads {
 				if err := applyToModel(got, p); err != nil {
 					return err

@@ -376,9 +376,16 @@ func Open(cfg Config) (*Store, error) {
 		return nil, fmt.Errorf("create data directory: %w", err)
 	}
 	durable := cfg.Sync != SyncNone
+	// The freelist is persisted (NoFreelistSync false): Open reads it
+	// instead of visiting every page of the file, which at a backlog of
+	// millions of messages took seconds and made the whole file resident.
+	// A file written without it gets it on this Open (bbolt's one-time
+	// scan and commit). The hashmap freelist allocates from a map of free
+	// spans; the array one scans every free id for each allocation, which
+	// after a large backlog drains is millions of ids per commit.
 	db, err := bolt.Open(cfg.Path, 0o600, &bolt.Options{
 		Timeout:         2 * time.Second,
-		NoFreelistSync:  true,
+		NoFreelistSync:  false,
 		FreelistType:    bolt.FreelistMapType,
 		InitialMmapSize: 64 << 20,
 		NoSync:          !durable,
@@ -390,11 +397,16 @@ func Open(cfg Config) (*Store, error) {
 		}
 		return nil, fmt.Errorf("open %s: %w", cfg.Path, err)
 	}
+	var applied walPos
 	err = db.Update(func(tx *bolt.Tx) error {
 		if _, err := tx.CreateBucketIfNotExists(bucketMeta); err != nil {
 			return err
 		}
-		return initStats(tx, cfg.Weigh)
+		if err := initStats(tx, cfg.Weigh); err != nil {
+			return err
+		}
+		applied = readWALApplied(tx)
+		return nil
 	})
 	if err != nil {
 		db.Close()
@@ -408,8 +420,9 @@ func Open(cfg Config) (*Store, error) {
 		recover: cfg.Recover,
 		log:     log,
 		wrap:    cfg.wrapWAL,
-		apply: func(payloads [][]byte) error {
-			if err := applyPayloads(db, &cfg, payloads); err != nil {
+		applied: applied,
+		apply: func(payloads [][]byte, pos walPos) error {
+			if err := applyPayloads(db, &cfg, payloads, pos); err != nil {
 				return fmt.Errorf("apply to %s: %w", cfg.Path, err)
 			}
 			return nil
@@ -723,7 +736,7 @@ func (s *Store) logRecord(rec []byte, sync bool) error {
 			return err
 		}
 	}
-	s.ap.enqueue(rec[recHeaderLen:], s.seq)
+	s.ap.enqueue(rec[recHeaderLen:], s.seq, walPos{w.gen(), w.tail})
 	return nil
 }
 
@@ -780,7 +793,9 @@ func (s *Store) commitDirect(payload []byte) error {
 		return err
 	}
 	start := time.Now()
-	err := applyPayloads(s.db, &s.cfg, [][]byte{payload})
+	// Not in the log: no position to record (the checkpoint started a
+	// new generation, whose records all come after this group).
+	err := applyPayloads(s.db, &s.cfg, [][]byte{payload}, walPos{})
 	s.metrics.applySeconds.Observe(time.Since(start).Seconds())
 	if err != nil {
 		return fmt.Errorf("apply to %s: %w", s.cfg.Path, err)
@@ -809,10 +824,10 @@ func (s *Store) checkpoint() error {
 }
 
 // applyLogged is the applier's transaction: payloads the log holds
-// durably go to bbolt.
-func (s *Store) applyLogged(payloads [][]byte) error {
+// durably go to bbolt, with pos, the log position of the last one.
+func (s *Store) applyLogged(payloads [][]byte, pos walPos) error {
 	start := time.Now()
-	err := applyPayloads(s.db, &s.cfg, payloads)
+	err := applyPayloads(s.db, &s.cfg, payloads, pos)
 	s.metrics.applySeconds.Observe(time.Since(start).Seconds())
 	if err != nil {
 		s.metrics.commitErrors.Inc()

@@ -173,11 +173,45 @@ type osWALFile struct{ *os.File }
 
 func (f osWALFile) Sync() error { return fdatasync(f.File) }
 
+// walPos is a place in the log: the end of a record of generation gen.
+// Generations only grow (a new log starts above every generation bbolt
+// has seen), so positions order records in time: by generation, then by
+// offset.
+type walPos struct {
+	gen uint64
+	end int64 // offset just past the record
+}
+
+// covers reports whether the record ending at q is at or before p.
+func (p walPos) covers(q walPos) bool {
+	return q.gen < p.gen || (q.gen == p.gen && q.end <= p.end)
+}
+
+func (p walPos) encode() []byte {
+	b := make([]byte, 16)
+	binary.BigEndian.PutUint64(b, p.gen)
+	binary.BigEndian.PutUint64(b[8:], uint64(p.end))
+	return b
+}
+
+func decodeWALPos(b []byte) walPos {
+	if len(b) != 16 {
+		return walPos{}
+	}
+	return walPos{gen: binary.BigEndian.Uint64(b), end: int64(binary.BigEndian.Uint64(b[8:]))}
+}
+
 // ReplayStats is what Open replayed from the write-ahead log.
 type ReplayStats struct {
 	Records  int           // records applied to bbolt
 	Bytes    int64         // their payload bytes
 	Duration time.Duration // reading and applying them
+	// Skipped and SkippedBytes are the valid records (and their payload
+	// bytes) that bbolt already had: at or before the log position its
+	// last transaction recorded. They are read and their checksums
+	// checked, not applied.
+	Skipped      int
+	SkippedBytes int64
 	// DroppedRecords and DroppedBytes are the records (and their payload
 	// bytes) found valid after a corrupt one and dropped under
 	// RecoverTruncate, the corrupt one included.
@@ -202,14 +236,14 @@ type scanResult struct {
 	corrupt *corruption // nil for a clean or torn end
 }
 
-// scanRecords calls fn with the payload of every valid record of
-// generation gen in r between start and end, in order. Each payload is a
-// fresh slice that fn may keep. It stops at the first record that does not
+// scanRecords calls fn with the payload and position of every valid
+// record of generation gen in r between start and end, in order. Each
+// payload is a fresh slice that fn may keep. It stops at the first record that does not
 // check. That is the end of the generation or a torn write, unless the
 // record's header is intact (its length fits and it names gen) and the
 // record after it checks when chained from the bad record's stored CRC:
 // then it is corruption, described in the result (the caller decides).
-func scanRecords(r io.ReaderAt, start, end int64, gen uint64, chain uint32, fn func(payload []byte) error) (scanResult, error) {
+func scanRecords(r io.ReaderAt, start, end int64, gen uint64, chain uint32, fn func(payload []byte, pos walPos) error) (scanResult, error) {
 	res := scanResult{tail: start}
 	if end <= start {
 		return res, nil
@@ -239,7 +273,7 @@ func scanRecords(r io.ReaderAt, start, end int64, gen uint64, chain uint32, fn f
 			}
 			break
 		}
-		if err := fn(payload); err != nil {
+		if err := fn(payload, walPos{gen, off + recHeaderLen + length}); err != nil {
 			return res, fmt.Errorf("record %d at %d: %w", res.records, off, err)
 		}
 		chain = crc
@@ -329,6 +363,11 @@ type walScan struct {
 // Each payload is a fresh slice that fn may keep. Damage is reported in
 // the result's corrupt, and fn has been called for the records before it.
 func scanWAL(r io.ReaderAt, size int64, fn func(payload []byte) error) (walScan, error) {
+	return scanWALPos(r, size, func(p []byte, _ walPos) error { return fn(p) })
+}
+
+// scanWALPos is scanWAL, also passing each record's position.
+func scanWALPos(r io.ReaderAt, size int64, fn func(payload []byte, pos walPos) error) (walScan, error) {
 	var ws walScan
 	v1, err := readHeader(r, size, 0, true)
 	if err != nil {
@@ -417,6 +456,7 @@ type wal struct {
 	path  string
 	size  int64
 	seg   [2]segment
+	floor uint64 // new generations are above this (bbolt's applied position)
 	cur   int    // segment being written
 	chain uint32 // CRC of the last record written, or the salt
 	tail  int64  // offset of the next record
@@ -445,7 +485,7 @@ func (w *wal) sync() error { return w.f.Sync() }
 // written.
 func (w *wal) begin(i int, prev uint64, prevEnd int64, durable bool) error {
 	sg := &w.seg[i]
-	h := newHeader(max(w.seg[0].gen, w.seg[1].gen)+1, prev, prevEnd, w.size)
+	h := newHeader(max(w.seg[0].gen, w.seg[1].gen, w.floor)+1, prev, prevEnd, w.size)
 	slot := 1 - sg.slot
 	if _, err := w.f.WriteAt(h.encode(), sg.hdr+slot*walBlock); err != nil {
 		return fmt.Errorf("write %s header: %w", w.path, err)
@@ -478,8 +518,12 @@ type walOptions struct {
 	recover RecoverMode
 	log     *slog.Logger
 	wrap    func(walFile) walFile
-	// apply makes payloads durable in bbolt.
-	apply func(payloads [][]byte) error
+	// applied is the log position bbolt has applied up to (zero: none
+	// recorded): records at or before it are not applied again.
+	applied walPos
+	// apply makes payloads durable in bbolt, recording pos, the position
+	// of the last one, in the same transaction.
+	apply func(payloads [][]byte, pos walPos) error
 }
 
 // createWAL writes a zero-filled log of o.size bytes next to o.path whose
@@ -508,6 +552,7 @@ func createWAL(o walOptions, gen uint64) (*wal, error) {
 		}
 	}
 	w := newWAL(osWALFile{f}, tmp, o.size)
+	gen = max(gen, o.applied.gen+1)
 	w.seg[0].gen = gen - 1 // begin numbers from the highest generation
 	if err := w.begin(0, 0, 0, false); err != nil {
 		return fail(err)
@@ -554,7 +599,7 @@ func openWAL(o walOptions) (*wal, ReplayStats, error) {
 		w, err := createWAL(o, 1)
 		if err == nil {
 			rs.Duration = time.Since(began)
-			o.log.Info("replayed write-ahead log", "path", o.path, "records", 0, "bytes", 0, "duration", rs.Duration, "created", true)
+			o.log.Info("replayed write-ahead log", "path", o.path, "records", 0, "bytes", 0, "skipped", 0, "duration", rs.Duration, "created", true)
 		}
 		return w, rs, err
 	}
@@ -572,7 +617,8 @@ func openWAL(o walOptions) (*wal, ReplayStats, error) {
 		return nil, rs, err
 	}
 	rs.Duration = time.Since(began)
-	o.log.Info("replayed write-ahead log", "path", o.path, "records", rs.Records, "bytes", rs.Bytes, "duration", rs.Duration)
+	o.log.Info("replayed write-ahead log", "path", o.path, "records", rs.Records, "bytes", rs.Bytes,
+		"skipped", rs.Skipped, "skipped_bytes", rs.SkippedBytes, "duration", rs.Duration)
 	if st.Size() != o.size || ws.version != walVersion || ws.size != o.size {
 		// Every record is in bbolt now, so the log can be replaced.
 		f.Close()
@@ -586,6 +632,7 @@ func openWAL(o walOptions) (*wal, ReplayStats, error) {
 		return nil, rs, fmt.Errorf("read %s: %w", o.path, err)
 	}
 	w := newWAL(o.wrap(osWALFile{f}), o.path, o.size)
+	w.floor = o.applied.gen
 	for i, h := range ws.segs {
 		if h.ok {
 			w.seg[i].gen, w.seg[i].slot = h.gen, h.slot
@@ -600,29 +647,40 @@ func openWAL(o walOptions) (*wal, ReplayStats, error) {
 }
 
 // replayLog scans the log in r (size bytes) and applies the records to
-// replay through o.apply, in transactions of about replayTxBytes. Damage
-// is an error wrapping ErrCorruptLog, or with RecoverTruncate is dropped
-// and logged.
+// replay through o.apply, in transactions of about replayTxBytes. Records
+// at or before o.applied are in bbolt already: their checksums are checked
+// (the chain runs through them, and damage there is still damage) but
+// they are neither decoded nor applied. Damage is an error wrapping
+// ErrCorruptLog, or with RecoverTruncate is dropped and logged.
 func replayLog(r io.ReaderAt, size int64, o walOptions) (walScan, ReplayStats, error) {
 	var rs ReplayStats
 	var (
 		pending [][]byte
 		bytes   int
+		last    walPos
 	)
 	flush := func() error {
 		if len(pending) == 0 {
 			return nil
 		}
-		err := o.apply(pending)
+		err := o.apply(pending, last)
 		pending, bytes = nil, 0
 		return err
 	}
-	ws, err := scanWAL(r, size, func(p []byte) error {
+	ws, err := scanWALPos(r, size, func(p []byte, pos walPos) error {
+		if o.applied.covers(pos) {
+			rs.Skipped++
+			rs.SkippedBytes += int64(len(p))
+			return nil
+		}
 		if err := checkOps(p); err != nil {
 			return err
 		}
 		pending = append(pending, p)
 		bytes += len(p)
+		last = pos
+		rs.Records++
+		rs.Bytes += int64(len(p))
 		if bytes >= replayTxBytes {
 			return flush()
 		}
@@ -647,6 +705,5 @@ func replayLog(r io.ReaderAt, size int64, o walOptions) (walScan, ReplayStats, e
 		}
 		return ws, rs, fmt.Errorf("replay %s: %w", o.path, err)
 	}
-	rs.Records, rs.Bytes = ws.records, ws.bytes
 	return ws, rs, nil
 }
