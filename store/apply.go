@@ -23,6 +23,9 @@ type applier struct {
 	s          *Store
 	interval   time.Duration
 	flushBytes int
+	// lastTx is the duration of the last transaction (applier goroutine
+	// only); the next waits max(interval, applyBackoff x lastTx).
+	lastTx time.Duration
 
 	// wantSync is set by the applier when it waits for a sync of the log;
 	// the writer clears it and wakes the applier after its next sync.
@@ -47,6 +50,19 @@ type logged struct {
 	p   []byte
 	seq uint64
 	pos walPos // where the record ends in the log
+}
+
+// applyBackoff scales the last transaction's duration into the shortest
+// wait before the next one that nobody waits for: bbolt work then takes at
+// most 1/(applyBackoff+1) of the time. A bbolt commit writes the whole
+// freelist, which after a large backlog drains holds millions of free
+// pages, so a transaction can take far longer than ApplyInterval. Reads,
+// segment switches, checkpoints and a quarter segment queued do not wait.
+const applyBackoff = 4
+
+// wait is the time between two transactions that nobody waits for.
+func (a *applier) wait() time.Duration {
+	return max(a.interval, applyBackoff*a.lastTx)
 }
 
 func newApplier(s *Store, interval time.Duration, flushBytes int) *applier {
@@ -165,7 +181,7 @@ func (a *applier) run() {
 		}
 		urgent := a.stop || a.flushTo > a.applied || a.queued >= a.flushBytes
 		if !urgent {
-			if d := time.Until(last.Add(a.interval)); d > 0 {
+			if d := time.Until(last.Add(a.wait())); d > 0 {
 				a.mu.Unlock()
 				timer.Reset(d)
 				select {
@@ -207,8 +223,10 @@ func (a *applier) run() {
 		a.queued -= bytes
 		a.mu.Unlock()
 
+		start := time.Now()
 		err := a.s.applyLogged(batch, pos)
 		last = time.Now()
+		a.lastTx = last.Sub(start)
 
 		a.mu.Lock()
 		if err == nil {

@@ -50,6 +50,44 @@ func (s *Store) checkDisk() error {
 	return nil
 }
 
+// releaseMappedAbove is the size of bbolt's data above which the store
+// releases bbolt's map pages from the resident set every
+// diskCheckInterval (see releaseMapped): a consumer draining a backlog
+// reads it through the map, and the pages it read would otherwise stay in
+// the broker's RSS up to the file's size.
+const releaseMappedAbove = 64 << 20
+
+// mapLoop releases bbolt's map pages every diskCheckInterval, while the
+// data is larger than releaseMappedAbove, until Close (which waits for it
+// before closing bbolt).
+func (s *Store) mapLoop() {
+	defer s.wg.Done()
+	var tick <-chan time.Time
+	if h := s.cfg.hooks; h != nil && h.mapTick != nil {
+		tick = h.mapTick
+	} else {
+		t := time.NewTicker(diskCheckInterval)
+		defer t.Stop()
+		tick = t.C
+	}
+	var logged bool
+	for {
+		select {
+		case <-tick:
+			released, err := releaseMapped(s.db, s.releaseAbove)
+			if err != nil && !logged {
+				s.log.Warn("cannot release bbolt's mapped pages", "err", err)
+				logged = true
+			}
+			if h := s.cfg.hooks; h != nil && h.mapReleased != nil {
+				h.mapReleased(released)
+			}
+		case <-s.stop:
+			return
+		}
+	}
+}
+
 // diskLoop checks free space every diskCheckInterval until Close.
 func (s *Store) diskLoop() {
 	defer s.wg.Done()

@@ -5,4 +5,4 @@ package store
 import bolt "go.etcd.io/bbolt"
 
 // releaseMapped does nothing beyond Linux.
-func releaseMapped(*bolt.DB) error { return nil }
+func releaseMapped(*bolt.DB, int64) (bool, error) { return false, nil }

@@ -144,6 +144,10 @@ type hooks struct {
 	// switchWait is called when a segment switch has to wait for the
 	// applier.
 	switchWait func()
+	// mapTick replaces mapLoop's ticker; mapReleased is called after
+	// each of its rounds with whether it released the map's pages.
+	mapTick     chan time.Time
+	mapReleased func(bool)
 }
 
 // DefaultConfig returns a Config for path with every field set.
@@ -242,8 +246,9 @@ type Store struct {
 	metrics *metrics
 	replay  ReplayStats
 
-	groupBytes int // encoded bytes that end a group
-	durable    bool
+	groupBytes   int // encoded bytes that end a group
+	durable      bool
+	releaseAbove int64 // mapLoop releases bbolt's map pages above this data size
 
 	// syncReq asks the writer, the only goroutine that syncs the log, for
 	// an fdatasync (from the applier and the SyncBatch loop).
@@ -433,19 +438,20 @@ func Open(cfg Config) (*Store, error) {
 		return nil, err
 	}
 	s := &Store{
-		cfg:        cfg,
-		log:        log,
-		db:         db,
-		wal:        w,
-		reqs:       make(chan request, 1024),
-		done:       newBatchQueue(),
-		stop:       make(chan struct{}),
-		metrics:    newMetrics(cfg.Registerer),
-		replay:     rs,
-		groupBytes: int(min(4<<20, w.capacity()/4)),
-		durable:    durable,
-		syncReq:    make(chan struct{}, 1),
-		failed:     make(chan struct{}),
+		cfg:          cfg,
+		log:          log,
+		db:           db,
+		wal:          w,
+		reqs:         make(chan request, 1024),
+		done:         newBatchQueue(),
+		stop:         make(chan struct{}),
+		metrics:      newMetrics(cfg.Registerer),
+		replay:       rs,
+		groupBytes:   int(min(4<<20, w.capacity()/4)),
+		releaseAbove: releaseMappedAbove,
+		durable:      durable,
+		syncReq:      make(chan struct{}, 1),
+		failed:       make(chan struct{}),
 	}
 	interval := cfg.ApplyInterval
 	if cfg.Sync == SyncBatch {
@@ -507,6 +513,8 @@ func (s *Store) Start() {
 		s.wg.Add(1)
 		go s.syncLoop()
 	}
+	s.wg.Add(1)
+	go s.mapLoop()
 	if s.cfg.MinFreeBytes > 0 {
 		if err := s.checkDisk(); err != nil {
 			s.log.Error("cannot measure free disk space", "err", err)
