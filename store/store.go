@@ -107,8 +107,10 @@ type Config struct {
 	WALSize int64
 	// ApplyInterval is the shortest time between two bbolt transactions
 	// that copy logged commits into bbolt (each is fsynced; fewer of them
-	// leave the disk to the log). Reads, segment switches and checkpoints
-	// do not wait for it.
+	// leave the disk to the log); after a slow transaction the applier
+	// waits 4 times its duration if that is longer. Reads, segment
+	// switches, checkpoints and a quarter of a segment queued do not wait
+	// for it.
 	// Under SyncBatch the interval is at least SyncInterval. Default 10ms.
 	ApplyInterval time.Duration
 	// Weigh gives the weight of a value in BucketStats.Bytes and Scan's
