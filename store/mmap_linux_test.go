@@ -89,7 +89,12 @@ func TestMapLoopReleases(t *testing.T) {
 	}
 	s.releaseAbove = 16 << 20
 	s.Start()
-	defer s.Close()
+	closed := false
+	defer func() {
+		if !closed {
+			s.Close()
+		}
+	}()
 	round := func() bool {
 		tick <- time.Now()
 		return <-released
@@ -133,5 +138,16 @@ func TestMapLoopReleases(t *testing.T) {
 	}
 	if got := read(); got != n {
 		t.Fatalf("after release, scan read %d entries, want %d", got, n)
+	}
+	// Close stops the loop before it closes bbolt: nothing takes a
+	// tick afterwards.
+	closed = true
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case tick <- time.Now():
+		t.Fatal("the map release loop still runs after Close")
+	default:
 	}
 }
