@@ -76,6 +76,7 @@ type Limits struct {
 	MaxTransactionFrames int   // limits.max_transaction_frames: 10000 frames held by open transactions, per connection
 	TopicBuffer          int   // limits.topic_buffer: 10000 messages per topic subscriber before drops
 	MaxUnacked           int   // limits.max_unacked: 10000 delivered-but-unacknowledged messages per subscription; prefetch-count above it is clamped
+	MaxUnackedBytes      int   // limits.max_unacked_bytes: 64 MiB of message bodies delivered and unacknowledged (or unwritten) per subscription
 	MaxOutgoingBytes     int   // limits.max_outgoing_bytes: 4 MiB of frames queued to one connection
 	MaxTransactionBytes  int64 // limits.max_transaction_bytes: 64 MiB of frames held by open transactions, per connection
 }
@@ -151,6 +152,7 @@ func Default() Config {
 			MaxTransactionFrames: 10000,
 			TopicBuffer:          10000,
 			MaxUnacked:           10000,
+			MaxUnackedBytes:      64 << 20,
 			MaxOutgoingBytes:     4 << 20,
 			MaxTransactionBytes:  64 << 20,
 		},

@@ -318,7 +318,7 @@ func TestEveryKeyFromEveryLayer(t *testing.T) {
 			WALSize: 1 << 20, MinFreeBytes: 0, Recover: "truncate"},
 		Auth: Auth{UsersFile: "/etc/brokerd/users", AllowAnonymous: true},
 		Limits: Limits{MaxFrameSize: 7, MaxHeaderCount: 8, MaxHeaderLength: 9, MaxBodySize: 10, MaxConnections: 11, MaxSubscriptions: 12, MaxTransactionFrames: 13, TopicBuffer: 14,
-			MaxUnacked: 15, MaxOutgoingBytes: 16 << 10, MaxTransactionBytes: 17e6},
+			MaxUnacked: 15, MaxUnackedBytes: 2 << 20, MaxOutgoingBytes: 16 << 10, MaxTransactionBytes: 17e6},
 		Queue: Queue{MaxRedeliveries: 0, DLQPrefix: "/queue/dead.", MaxLength: 18, MaxBytes: 19 << 30, Overflow: "drop-head",
 			IdleDeleteAfter: 20 * time.Minute, ReadAheadMessages: 21, ReadAheadBytes: 22},
 		Cluster: Cluster{GossipAddr: "0.0.0.0:7946", PeerAddr: ":7947", Join: []string{"a.example:7946", "[::1]:7946"},
@@ -333,7 +333,7 @@ log: {level: debug, format: json}
 store: {sync: batch, sync_interval: 5ms, max_batch: 6, wal_size: 1MiB, min_free_bytes: 0, recover: truncate}
 auth: {users_file: /etc/brokerd/users, allow_anonymous: true}
 limits: {max_frame_size: 7, max_header_count: 8, max_header_length: 9, max_body_size: 10, max_connections: 11, max_subscriptions: 12, max_transaction_frames: 13, topic_buffer: 14,
-  max_unacked: 15, max_outgoing_bytes: 16KiB, max_transaction_bytes: 17MB}
+  max_unacked: 15, max_unacked_bytes: 2MiB, max_outgoing_bytes: 16KiB, max_transaction_bytes: 17MB}
 queue: {max_redeliveries: 0, dlq_prefix: /queue/dead., max_length: 18, max_bytes: 19 GiB, overflow: drop-head,
   idle_delete_after: 20m, read_ahead_messages: 21, read_ahead_bytes: 22}
 cluster:
@@ -359,7 +359,7 @@ cluster:
 		"BROKERD_LIMITS_MAX_FRAME_SIZE=7", "BROKERD_LIMITS_MAX_HEADER_COUNT=8", "BROKERD_LIMITS_MAX_HEADER_LENGTH=9",
 		"BROKERD_LIMITS_MAX_BODY_SIZE=10", "BROKERD_LIMITS_MAX_CONNECTIONS=11", "BROKERD_LIMITS_MAX_SUBSCRIPTIONS=12",
 		"BROKERD_LIMITS_MAX_TRANSACTION_FRAMES=13", "BROKERD_LIMITS_TOPIC_BUFFER=14",
-		"BROKERD_LIMITS_MAX_UNACKED=15", "BROKERD_LIMITS_MAX_OUTGOING_BYTES=16KiB", "BROKERD_LIMITS_MAX_TRANSACTION_BYTES=17000000",
+		"BROKERD_LIMITS_MAX_UNACKED=15", "BROKERD_LIMITS_MAX_UNACKED_BYTES=2MiB", "BROKERD_LIMITS_MAX_OUTGOING_BYTES=16KiB", "BROKERD_LIMITS_MAX_TRANSACTION_BYTES=17000000",
 		"BROKERD_QUEUE_MAX_REDELIVERIES=0", "BROKERD_QUEUE_DLQ_PREFIX=/queue/dead.",
 		"BROKERD_QUEUE_MAX_LENGTH=18", "BROKERD_QUEUE_MAX_BYTES=19GiB", "BROKERD_QUEUE_OVERFLOW=drop-head",
 		"BROKERD_QUEUE_IDLE_DELETE_AFTER=20m", "BROKERD_QUEUE_READ_AHEAD_MESSAGES=21", "BROKERD_QUEUE_READ_AHEAD_BYTES=22B",
@@ -617,6 +617,7 @@ func TestValidate(t *testing.T) {
 		{"limits.max_transaction_frames 0", func(c *Config) { c.Limits.MaxTransactionFrames = 0 }, "limits.max_transaction_frames", "> 0"},
 		{"limits.topic_buffer 0", func(c *Config) { c.Limits.TopicBuffer = 0 }, "limits.topic_buffer", "> 0"},
 		{"limits.max_unacked 0", func(c *Config) { c.Limits.MaxUnacked = 0 }, "limits.max_unacked", "must be > 0, got 0"},
+		{"limits.max_unacked_bytes 0", func(c *Config) { c.Limits.MaxUnackedBytes = 0 }, "limits.max_unacked_bytes", "> 0"},
 		{"limits.max_outgoing_bytes 0", func(c *Config) { c.Limits.MaxOutgoingBytes = 0 }, "limits.max_outgoing_bytes", "> 0"},
 		{"limits.max_transaction_bytes negative", func(c *Config) { c.Limits.MaxTransactionBytes = -5 }, "limits.max_transaction_bytes", "must be > 0, got -5"},
 

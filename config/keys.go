@@ -52,6 +52,7 @@ var settings = []setting{
 	{"limits.max_transaction_frames", "", "", func(c *Config) any { return &c.Limits.MaxTransactionFrames }},
 	{"limits.topic_buffer", "", "", func(c *Config) any { return &c.Limits.TopicBuffer }},
 	{"limits.max_unacked", "", "", func(c *Config) any { return &c.Limits.MaxUnacked }},
+	{"limits.max_unacked_bytes", "", "", func(c *Config) any { return &c.Limits.MaxUnackedBytes }},
 	{"limits.max_outgoing_bytes", "", "", func(c *Config) any { return &c.Limits.MaxOutgoingBytes }},
 	{"limits.max_transaction_bytes", "", "", func(c *Config) any { return &c.Limits.MaxTransactionBytes }},
 
@@ -83,6 +84,7 @@ var sizeKeys = map[string]bool{
 	"limits.max_frame_size":        true,
 	"limits.max_header_length":     true,
 	"limits.max_body_size":         true,
+	"limits.max_unacked_bytes":     true,
 	"limits.max_outgoing_bytes":    true,
 	"limits.max_transaction_bytes": true,
 	"queue.max_bytes":              true,

@@ -84,6 +84,7 @@ func (c Config) problems() []error {
 	check("limits.max_transaction_frames", positive(c.Limits.MaxTransactionFrames))
 	check("limits.topic_buffer", positive(c.Limits.TopicBuffer))
 	check("limits.max_unacked", positive(c.Limits.MaxUnacked))
+	check("limits.max_unacked_bytes", positive(c.Limits.MaxUnackedBytes))
 	check("limits.max_outgoing_bytes", positive(c.Limits.MaxOutgoingBytes))
 	check("limits.max_transaction_bytes", positive(c.Limits.MaxTransactionBytes))
 

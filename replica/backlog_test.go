@@ -427,3 +427,59 @@ func waitFor(t *testing.T, ok func() bool, what func() string) {
 		time.Sleep(2 * time.Millisecond)
 	}
 }
+
+// A subscription without prefetch-count holds at most MaxUnackedBytes of
+// unacknowledged bodies (at least one message), so a consumer of large
+// messages cannot pull a backlog into memory.
+func TestUnackedBytesBound(t *testing.T) {
+	cfg := DefaultConfig()
+	cfg.MaxUnackedBytes = 10000
+	h := newHarness(t, cfg)
+	big := string(make([]byte, 4000))
+	for i := 0; i < 10; i++ {
+		if err := h.send("/queue/big", big); err != nil {
+			t.Fatal(err)
+		}
+	}
+	c := newCollector()
+	sub, err := h.n.Subscribe(SubOptions{Dest: "/queue/big", Ack: AckClientIndividual, Deliver: c.deliver})
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := c.wait(t, 3)
+	if info := h.info("/queue/big"); info.InFlight != 3 || info.Pending != 7 {
+		t.Fatalf("in flight %d, pending %d; want 3 (12000 bytes, the third crossing 10000) and 7", info.InFlight, info.Pending)
+	}
+	if err := h.n.Apply(&Batch{Acks: []AckOp{{Sub: sub, Tag: got[0].Tag}}}, nil); err != nil {
+		t.Fatal(err)
+	}
+	c.wait(t, 4)
+	if info := h.info("/queue/big"); info.InFlight != 3 {
+		t.Fatalf("after one ACK: %d in flight, want 3", info.InFlight)
+	}
+}
+
+// A topic SUBSCRIBE takes effect in the order of the connection's frames:
+// it does not receive a message whose SEND came before it, even while that
+// SEND's store commit is still in flight.
+func TestTopicSubscribeAfterSend(t *testing.T) {
+	h := newHarness(t, DefaultConfig())
+	for i := 0; i < 200; i++ {
+		dest := fmt.Sprintf("/topic/s%d", i)
+		// Keep a subscriber so the destination exists.
+		keep, _ := h.n.Subscribe(SubOptions{Dest: dest, Deliver: func(d Delivery) { go d.Sub.Written(d.Tag) }})
+		if err := h.n.Apply(&Batch{Sends: []*Message{{Dest: "/queue/side", Body: []byte("x")}, {Dest: dest, Body: []byte("before")}}, Sync: true}, nil); err != nil {
+			t.Fatal(err)
+		}
+		c := newCollector()
+		sub, _ := h.n.Subscribe(SubOptions{Dest: dest, Deliver: c.deliver})
+		if err := h.n.Apply(&Batch{Sends: []*Message{{Dest: dest, Body: []byte("after")}}}, nil); err != nil {
+			t.Fatal(err)
+		}
+		if got := bodies(c.wait(t, 1)); got[0] != "after" {
+			t.Fatalf("iteration %d: a subscriber that came after the SEND received %q", i, got[0])
+		}
+		sub.Close()
+		keep.Close()
+	}
+}

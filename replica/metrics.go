@@ -13,6 +13,7 @@ type metrics struct {
 	rejected     prometheus.Counter
 	droppedHead  prometheus.Counter
 	idleRemoved  prometheus.Counter
+	corrupt      prometheus.Counter
 }
 
 func newMetrics(reg prometheus.Registerer, n *Node) *metrics {
@@ -28,11 +29,12 @@ func newMetrics(reg prometheus.Registerer, n *Node) *metrics {
 		dropped:      prometheus.NewCounter(prometheus.CounterOpts{Name: "brokerd_topic_messages_dropped_total", Help: "Topic messages dropped for a subscriber whose buffer was full."}),
 		rejected:     prometheus.NewCounter(prometheus.CounterOpts{Name: "brokerd_queue_rejected_total", Help: "SENDs refused because their queue was at queue.max_length or queue.max_bytes (overflow reject-publish)."}),
 		droppedHead:  prometheus.NewCounter(prometheus.CounterOpts{Name: "brokerd_queue_dropped_head_total", Help: "Oldest pending messages removed to keep a queue within queue.max_length or queue.max_bytes (overflow drop-head)."}),
+		corrupt:      prometheus.NewCounter(prometheus.CounterOpts{Name: "brokerd_queue_corrupt_records_total", Help: "Stored messages that could not be decoded and were skipped (left in the store)."}),
 		idleRemoved:  prometheus.NewCounter(prometheus.CounterOpts{Name: "brokerd_queues_idle_removed_total", Help: "Empty queues removed after queue.idle_delete_after without subscribers."}),
 	}
 	if reg != nil {
 		reg.MustRegister(m.published, m.delivered, m.acked, m.redelivered, m.deadLettered, m.expired, m.dropped,
-			m.rejected, m.droppedHead, m.idleRemoved, &depthCollector{n: n})
+			m.rejected, m.droppedHead, m.idleRemoved, m.corrupt, &depthCollector{n: n})
 	}
 	return m
 }

@@ -101,6 +101,10 @@ type Config struct {
 	// messages of one topic subscription; beyond it messages for that
 	// subscriber are dropped and counted.
 	TopicBuffer int
+	// MaxUnackedBytes caps the body bytes of one subscription's delivered,
+	// unacknowledged (or, in auto mode, unwritten) messages, queue or
+	// topic; a subscription always gets at least one message.
+	MaxUnackedBytes int
 	// MaxUnacked caps the delivered, unacknowledged messages of one queue
 	// subscription in a client ack mode (they are held in memory); a larger
 	// prefetch-count, or none, is clamped to it.
@@ -140,6 +144,7 @@ func DefaultConfig() Config {
 		WriteWindow:       256,
 		TopicBuffer:       10000,
 		MaxUnacked:        10000,
+		MaxUnackedBytes:   64 << 20,
 		ReadAheadMessages: 1000,
 		ReadAheadBytes:    4 << 20,
 		Overflow:          OverflowRejectPublish,
@@ -167,6 +172,9 @@ type SubOptions struct {
 	Dest     string
 	Ack      AckMode
 	Prefetch int // unacknowledged messages at most; 0 is Config.MaxUnacked
+	// ByMessageID keeps an index from message-id to delivery, for
+	// TagOf (STOMP 1.0 and 1.1 clients acknowledge by message-id).
+	ByMessageID bool
 	// Deliver hands a message to the subscriber. It runs with the
 	// destination's lock held: it must not block or call into the Node.
 	// The subscriber calls Subscription.Written once the message is on the
@@ -259,6 +267,9 @@ func New(cfg Config, st *store.Store) *Node {
 	if cfg.MaxUnacked <= 0 {
 		cfg.MaxUnacked = def.MaxUnacked
 	}
+	if cfg.MaxUnackedBytes <= 0 {
+		cfg.MaxUnackedBytes = def.MaxUnackedBytes
+	}
 	if cfg.ReadAheadMessages <= 0 {
 		cfg.ReadAheadMessages = def.ReadAheadMessages
 	}
@@ -328,6 +339,7 @@ func (n *Node) Recover() error {
 		d.mu.Lock()
 		d.onDisk = b.Count
 		d.onDiskBytes = b.Bytes
+		d.countedTo = b.LastKey
 		if b.FirstKey > 0 {
 			d.loadedTo = b.FirstKey - 1
 		}
@@ -404,12 +416,26 @@ func (n *Node) Subscribe(opts SubOptions) (*Subscription, error) {
 		opts.Prefetch = n.cfg.MaxUnacked
 	}
 	d := n.lockDestination(opts.Dest, kind)
-	s := &Subscription{d: d, opts: opts, inflight: make(map[uint64]*inflight)}
+	s := &Subscription{d: d, opts: opts, inflight: make(map[uint64]*inflight), active: kind == KindQueue}
+	if opts.ByMessageID {
+		s.byID = make(map[string]uint64)
+	}
 	d.subs = append(d.subs, s)
 	d.idleSince = time.Time{}
 	ops := d.dispatchLocked()
 	d.mu.Unlock()
 	n.submit(ops)
+	if kind == KindTopic {
+		// A topic message reaches the subscribers present when its fan-out
+		// runs, in store completion order: the subscription starts there
+		// too, so it gets exactly the messages whose SENDs came after its
+		// SUBSCRIBE on the same connection.
+		n.st.Submit(nil, false, func(error) {
+			d.mu.Lock()
+			s.active = true
+			d.mu.Unlock()
+		})
+	}
 	return s, nil
 }
 
@@ -584,7 +610,11 @@ func (n *Node) fanOut(m *Message) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	for _, s := range d.subs {
+		if !s.active {
+			continue
+		}
 		if s.unwritten >= n.cfg.TopicBuffer || len(s.inflight) >= n.cfg.TopicBuffer ||
+			(len(s.inflight) > 0 && s.inflightBytes >= n.cfg.MaxUnackedBytes) ||
 			(s.opts.Prefetch > 0 && s.opts.Ack != AckAuto && len(s.inflight) >= s.opts.Prefetch) {
 			n.m.dropped.Inc()
 			continue
@@ -665,7 +695,14 @@ func (n *Node) sweep() {
 }
 
 // removeIdle removes queue d, if it is still idle, and its store bucket.
+// wmu is held from before the check to after the bucket's delete is
+// submitted: a message to a new queue of this name, which can only be
+// created once d is out of the map, takes its key and submits its write
+// after the delete (lock order wmu, Node.mu, destination.mu; commit never
+// holds the other two while taking wmu).
 func (n *Node) removeIdle(d *destination) {
+	n.wmu.Lock()
+	defer n.wmu.Unlock()
 	n.mu.Lock()
 	d.mu.Lock()
 	ok := n.dests[d.name] == d && d.idleLocked()
@@ -680,11 +717,7 @@ func (n *Node) removeIdle(d *destination) {
 	}
 	n.log.Debug("idle queue removed", "dest", d.name)
 	n.m.idleRemoved.Inc()
-	// Under wmu: a later message to a queue of this name takes a key, and
-	// commits, after the bucket is gone.
-	n.wmu.Lock()
 	n.st.Submit([]store.Op{{Kind: store.OpDeleteBucket, Bucket: d.name}}, false, n.internalDone)
-	n.wmu.Unlock()
 }
 
 // TagOf finds the outstanding delivery of message id, for STOMP 1.0 and
@@ -692,6 +725,10 @@ func (n *Node) removeIdle(d *destination) {
 func (s *Subscription) TagOf(id string) (uint64, bool) {
 	s.d.mu.Lock()
 	defer s.d.mu.Unlock()
+	if s.byID != nil {
+		t, ok := s.byID[id]
+		return t, ok
+	}
 	var best uint64
 	for t, e := range s.inflight {
 		if e.msg.ID == id && t > best {

@@ -2,6 +2,7 @@ package replica
 
 import (
 	"container/heap"
+	"errors"
 	"fmt"
 	"sync"
 	"time"
@@ -32,12 +33,15 @@ type destination struct {
 	windowBytes int
 	requeued    msgHeap // returned messages, lowest key first
 	reqBytes    int64
-	loadedTo    uint64 // every pending message with a key <= loadedTo is in memory
-	onDisk      int64  // pending messages with a key > loadedTo
-	onDiskBytes int64  // their body bytes
-	diskGen     uint64 // counts messages added to onDisk, so a read that found none can tell
-	loading     bool   // queued for, or in, the loader
-	reserved    int64  // accepted SENDs not yet committed
+	loadedTo    uint64     // every pending message with a key <= loadedTo is in memory
+	countedTo   uint64     // the highest key whose commit this queue has counted (committed ran)
+	holes       bool       // messages were removed from the window's middle (their deletes may not be visible yet)
+	rewrites    []store.Op // delivery-count rewrites to submit before d.mu is released
+	onDisk      int64      // pending messages with a key > loadedTo
+	onDiskBytes int64      // their body bytes
+	diskGen     uint64     // counts messages added to onDisk, so a read that found none can tell
+	loading     bool       // queued for, or in, the loader
+	reserved    int64      // accepted SENDs not yet committed
 	resBytes    int64
 	expiring    int // pending messages in memory with an expiry
 	subs        []*Subscription
@@ -94,8 +98,11 @@ func (d *destination) committed(m *Message) {
 	d.mu.Lock()
 	d.reserved--
 	d.resBytes -= int64(len(m.Body))
+	d.countedTo = max(d.countedTo, m.Seq)
 	if m.Seq <= d.loadedTo {
-		// Cannot happen while keys commit in order; keep it correct anyway.
+		// Cannot happen: keys commit in order and the loader reads only
+		// keys already counted here. Keep the message rather than lose it.
+		d.n.log.Error("message committed below the read position", "dest", d.name, "key", m.Seq, "loaded_to", d.loadedTo)
 		d.insertWindowLocked(m)
 	} else if d.onDisk == 0 && len(d.window)-d.head < d.n.cfg.ReadAheadMessages &&
 		d.windowBytes+len(m.Body) <= d.n.cfg.ReadAheadBytes {
@@ -118,6 +125,11 @@ func (d *destination) committed(m *Message) {
 }
 
 func (d *destination) insertWindowLocked(m *Message) {
+	for _, w := range d.window[d.head:] {
+		if w.Seq == m.Seq {
+			return
+		}
+	}
 	i := len(d.window)
 	for i > d.head && d.window[i-1].Seq > m.Seq {
 		i--
@@ -169,6 +181,7 @@ func (d *destination) pop() *Message {
 	d.windowBytes -= len(m.Body)
 	if d.head == len(d.window) {
 		d.window, d.head = d.window[:0], 0
+		d.holes = false
 	} else if d.head > 1024 && d.head*2 > len(d.window) {
 		d.window = append(d.window[:0], d.window[d.head:]...)
 		d.head = 0
@@ -193,9 +206,13 @@ func (d *destination) expireLocked(now time.Time) []store.Op {
 			d.expiring--
 			d.windowBytes -= len(m.Body)
 			ops = append(ops, d.expiredOp(m))
+			d.holes = true
 			continue
 		}
 		keep = append(keep, m)
+	}
+	if len(keep) == 0 {
+		d.holes = false // nothing left above them in memory
 	}
 	for i := d.head + len(keep); i < len(d.window); i++ {
 		d.window[i] = nil
@@ -224,7 +241,9 @@ func (d *destination) expireLocked(now time.Time) []store.Op {
 // subscriber comes. Requeued messages stay (they are few: they were in
 // flight).
 func (d *destination) releaseLocked() {
-	if len(d.subs) > 0 || d.loading || len(d.window) == d.head {
+	if len(d.subs) > 0 || d.loading || len(d.window) == d.head || d.holes {
+		// With holes, the loader could read again a message whose
+		// delete is not visible yet: keep the window.
 		return
 	}
 	first := d.window[d.head].Seq
@@ -324,8 +343,25 @@ func (d *destination) requeueLocked(m *Message, delivered bool, ops []store.Op, 
 	if !delivered {
 		return ops
 	}
-	// Keep the delivery count across restarts.
-	return append(ops, store.Op{Kind: store.OpPut, Bucket: d.name, Key: m.Seq, Value: m.encode()})
+	// Keep the delivery count across restarts. The rewrite is submitted
+	// before d.mu is released (flushRewritesLocked): the message can be
+	// dispatched again, and acknowledged, as soon as it is, and a rewrite
+	// reaching the store after that delete would bring it back.
+	d.rewrites = append(d.rewrites, store.Op{Kind: store.OpPut, Bucket: d.name, Key: m.Seq, Value: m.encode()})
+	return ops
+}
+
+// flushRewritesLocked submits the delivery-count rewrites decided under
+// d.mu, before anything else can write the same keys. Submit never waits
+// for a destination lock (the store's callbacks run on their own
+// goroutine), so calling it with d.mu held cannot deadlock.
+func (d *destination) flushRewritesLocked() {
+	if len(d.rewrites) == 0 {
+		return
+	}
+	ops := d.rewrites
+	d.rewrites = nil
+	d.n.st.Submit(ops, false, d.n.internalDone)
 }
 
 func isDLQ(name, prefix string) bool {
@@ -390,43 +426,63 @@ func (n *Node) loadLoop() {
 	}
 }
 
-// load reads the next messages of d's backlog into its window.
+// errScanDone stops a Scan at the first key not yet counted.
+var errScanDone = errors.New("scan done")
+
+// load reads the next messages of d's backlog into its window. It takes
+// only keys this queue has already counted (committed ran): the store can
+// show a commit whose callback has not run yet, and that callback would
+// add the message a second time.
 func (n *Node) load(d *destination) {
 	d.mu.Lock()
-	from := d.loadedTo
+	from, upTo := d.loadedTo, d.countedTo
 	limit := max(n.cfg.ReadAheadMessages-(len(d.window)-d.head), 1)
 	maxBytes := max(n.cfg.ReadAheadBytes-d.windowBytes, 1)
 	gen := d.diskGen
 	d.mu.Unlock()
 
 	var msgs []*Message
+	var bad []uint64
 	err := n.st.Scan(d.name, from, limit, maxBytes, func(key uint64, value []byte) error {
+		if key > upTo {
+			return errScanDone
+		}
 		m, err := decodeMessage(d.name, key, value)
 		if err != nil {
-			return fmt.Errorf("queue %q message %d: %w", d.name, key, err)
+			n.log.Error("corrupt message record skipped", "dest", d.name, "key", key, "err", err)
+			n.m.corrupt.Inc()
+			bad = append(bad, key)
+			return nil
 		}
 		msgs = append(msgs, m)
 		return nil
 	})
+	if errors.Is(err, errScanDone) {
+		err = nil
+	}
 
 	d.mu.Lock()
 	d.loading = false
 	if err != nil {
 		d.mu.Unlock()
-		// A failed read is a failed store (fail-stop elsewhere) or a
-		// corrupt record, which no retry mends.
+		// A failed read is a failed store, which stops the node.
 		n.log.Error("queue read failed", "dest", d.name, "err", err)
 		return
 	}
 	var ops []store.Op
 	now := n.cfg.Now()
-	for _, m := range msgs {
-		if m.Seq <= d.loadedTo {
-			continue // a window release raced this read; already counted
-		}
+	took := func(key uint64, body int) {
 		d.onDisk--
-		d.onDiskBytes -= int64(len(m.Body))
-		d.loadedTo = m.Seq
+		d.onDiskBytes -= int64(body)
+		d.loadedTo = key
+	}
+	bi := 0
+	for _, m := range msgs {
+		for bi < len(bad) && bad[bi] < m.Seq {
+			took(bad[bi], 0)
+			bi++
+		}
+		took(m.Seq, len(m.Body))
 		if m.Expired(now) {
 			ops = append(ops, d.expiredOp(m))
 			continue
@@ -437,11 +493,15 @@ func (n *Node) load(d *destination) {
 			d.expiring++
 		}
 	}
-	if len(msgs) == 0 && d.diskGen == gen && d.onDisk != 0 {
-		n.log.Warn("queue count disagrees with the store; corrected", "dest", d.name, "counted", d.onDisk)
+	for ; bi < len(bad); bi++ {
+		took(bad[bi], 0)
+	}
+	if len(msgs) == 0 && len(bad) == 0 && d.diskGen == gen && d.onDisk != 0 && d.countedTo == upTo {
+		n.log.Error("queue count disagrees with the store; corrected", "dest", d.name, "counted", d.onDisk)
 		d.onDisk, d.onDiskBytes = 0, 0
 	}
 	if d.onDisk < 0 || d.onDiskBytes < 0 {
+		n.log.Error("queue count below zero; corrected", "dest", d.name, "on_disk", d.onDisk, "bytes", d.onDiskBytes)
 		d.onDisk, d.onDiskBytes = max(d.onDisk, 0), max(d.onDiskBytes, 0)
 	}
 	ops = append(ops, d.enforceLimitsLocked()...)

@@ -17,10 +17,13 @@ type Subscription struct {
 	opts SubOptions
 
 	// guarded by d.mu
-	nextTag   uint64
-	inflight  map[uint64]*inflight
-	unwritten int
-	closed    bool
+	nextTag       uint64
+	inflight      map[uint64]*inflight
+	inflightBytes int               // body bytes in inflight
+	byID          map[string]uint64 // message-id to its latest tag, with SubOptions.ByMessageID
+	unwritten     int
+	closed        bool
+	active        bool // topic subscriptions receive from when their SUBSCRIBE took effect in store order
 }
 
 // Dest returns the destination name.
@@ -36,15 +39,31 @@ func (s *Subscription) hasRoom() bool {
 	if s.closed || s.unwritten >= s.d.n.cfg.WriteWindow {
 		return false
 	}
+	if len(s.inflight) > 0 && s.inflightBytes >= s.d.n.cfg.MaxUnackedBytes {
+		return false
+	}
 	return s.opts.Prefetch <= 0 || len(s.inflight) < s.opts.Prefetch
 }
 
 func (s *Subscription) deliverLocked(m *Message) {
 	s.nextTag++
 	s.inflight[s.nextTag] = &inflight{msg: m}
+	s.inflightBytes += len(m.Body)
+	if s.byID != nil {
+		s.byID[m.ID] = s.nextTag
+	}
 	s.unwritten++
 	s.d.n.m.delivered.Inc()
 	s.opts.Deliver(Delivery{Msg: m, Sub: s, Tag: s.nextTag, Redelivered: m.Deliveries > 0, Count: m.Deliveries})
+}
+
+// removeLocked takes delivery tag (entry e) out of the in-flight set.
+func (s *Subscription) removeLocked(tag uint64, e *inflight) {
+	delete(s.inflight, tag)
+	s.inflightBytes -= len(e.msg.Body)
+	if s.byID != nil && s.byID[e.msg.ID] == tag {
+		delete(s.byID, e.msg.ID)
+	}
 }
 
 // Written records that the deliveries tags are on the wire. In AckAuto
@@ -61,7 +80,7 @@ func (s *Subscription) Written(tags ...uint64) {
 		e.written = true
 		s.unwritten--
 		if s.opts.Ack == AckAuto {
-			delete(s.inflight, tag)
+			s.removeLocked(tag, e)
 			d.n.m.acked.Inc()
 			if d.kind == KindQueue {
 				ops = append(ops, store.Op{Kind: store.OpDelete, Bucket: d.name, Key: e.msg.Seq})
@@ -120,7 +139,7 @@ func (s *Subscription) settle(tag uint64, nack bool, ops []store.Op, nk *newKeys
 	}
 	for _, t := range tags {
 		e := s.inflight[t]
-		delete(s.inflight, t)
+		s.removeLocked(t, e)
 		if !e.written {
 			s.unwritten--
 		}
@@ -136,7 +155,9 @@ func (s *Subscription) settle(tag uint64, nack bool, ops []store.Op, nk *newKeys
 			ops = append(ops, store.Op{Kind: store.OpDelete, Bucket: d.name, Key: e.msg.Seq})
 		}
 	}
-	return append(ops, d.dispatchLocked()...)
+	ops = append(ops, d.dispatchLocked()...)
+	d.flushRewritesLocked()
+	return ops
 }
 
 // Close ends the subscription. Its unacknowledged messages go back to the
@@ -167,8 +188,11 @@ func (s *Subscription) Close() {
 		}
 	}
 	s.inflight = nil
+	s.byID = nil
 	s.unwritten = 0
+	s.inflightBytes = 0
 	ops = append(ops, d.dispatchLocked()...)
+	d.flushRewritesLocked()
 	empty := d.kind == KindTopic && len(d.subs) == 0
 	d.mu.Unlock()
 	if empty {

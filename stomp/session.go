@@ -570,7 +570,8 @@ func (s *session) subscribe(f *frame.Frame) error {
 	sb := &sub{id: id, idx: s.subIndex, dest: dest, mode: mode}
 	rs, err := s.srv.broker.Subscribe(replica.SubOptions{
 		Dest: dest, Ack: mode, Prefetch: prefetch,
-		Deliver: func(d replica.Delivery) { s.enqueue(outItem{sub: sb, d: d}) },
+		ByMessageID: s.version != "1.2", // 1.0 and 1.1 acknowledge by message-id
+		Deliver:     func(d replica.Delivery) { s.enqueue(outItem{sub: sb, d: d}) },
 	})
 	if err != nil {
 		return brokerError(f, err)
@@ -982,6 +983,12 @@ func (s *session) writeLoop() {
 		rest := append(batch, s.out...)
 		s.out = nil
 		s.outMu.Unlock()
+		// Messages written to the buffer may or may not have reached the
+		// client: they go back marked redelivered, not acknowledged. This
+		// comes before closing subscriptions, whose close returns them.
+		for rs, tags := range written {
+			rs.Tried(tags...)
+		}
 		var n int64
 		for _, it := range rest {
 			n += it.n
@@ -990,11 +997,6 @@ func (s *session) writeLoop() {
 			}
 		}
 		s.release(n)
-		// Messages written to the buffer may or may not have reached the
-		// client: they go back marked redelivered, not acknowledged.
-		for rs, tags := range written {
-			rs.Tried(tags...)
-		}
 		s.conn.Close()
 	}
 	for {
@@ -1061,17 +1063,21 @@ func (s *session) writeLoop() {
 			}
 		}
 		// The batch is in the write buffer or on the wire: its bytes
-		// leave the queue. Closes after an end item are done here.
+		// leave the queue. Closes after an end item are done once what was
+		// written is flushed and recorded, so that it comes back marked
+		// redelivered.
 		var n int64
+		var closes []outItem
 		for i := range batch {
 			n += batch[i].n
 			if batch[i].closeSub != nil {
-				s.closeSub(batch[i].closeSub, batch[i].closed)
+				closes = append(closes, outItem{closeSub: batch[i].closeSub, closed: batch[i].closed}) // n released here
 			}
 			batch[i] = outItem{}
 		}
 		s.release(n)
 		if err := w.Flush(); err != nil {
+			batch = append(batch[:0], closes...) // fail closes them, after Tried
 			fail()
 			return
 		}
@@ -1079,6 +1085,9 @@ func (s *session) writeLoop() {
 		for rs, tags := range written {
 			rs.Written(tags...)
 			delete(written, rs)
+		}
+		for _, it := range closes {
+			s.closeSub(it.closeSub, it.closed)
 		}
 		if end {
 			s.outMu.Lock()

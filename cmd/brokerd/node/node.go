@@ -120,6 +120,7 @@ func New(cfg config.Config, log *slog.Logger) (*Node, error) {
 	rcfg.DLQPrefix = cfg.Queue.DLQPrefix
 	rcfg.TopicBuffer = cfg.Limits.TopicBuffer
 	rcfg.MaxUnacked = cfg.Limits.MaxUnacked
+	rcfg.MaxUnackedBytes = cfg.Limits.MaxUnackedBytes
 	rcfg.MaxLength = cfg.Queue.MaxLength
 	rcfg.MaxBytes = cfg.Queue.MaxBytes
 	rcfg.Overflow = overflow
