@@ -34,6 +34,7 @@ type applier struct {
 	mu      sync.Mutex
 	cond    sync.Cond // broadcast when applied or err changes, or on abandon
 	queue   []logged  // logged payloads not yet in bbolt, in order
+	taken   []logged  // the payloads of the transaction in progress
 	queued  int       // bytes in queue
 	handed  uint64    // sequence number of the last queued payload
 	applied uint64    // sequence number of the last payload committed to bbolt
@@ -50,6 +51,64 @@ type logged struct {
 	p   []byte
 	seq uint64
 	pos walPos // where the record ends in the log
+	// touched is what the record changes that a Scan can see.
+	touched touched
+}
+
+// touched summarises the queue entries a record changes: per bucket, the
+// highest key it puts or deletes (all keys for a deleted bucket). A Scan
+// of a bucket after some key waits only for records that change a key
+// above it there. Past maxTouched buckets it gives up: all.
+type touched struct {
+	buckets []touch
+	all     bool
+}
+
+type touch struct {
+	bucket string
+	maxKey uint64
+}
+
+const maxTouched = 8
+
+func (t *touched) add(op *Op) {
+	var k uint64
+	switch op.Kind {
+	case OpPut, OpDelete:
+		k = op.Key
+	case OpDeleteBucket:
+		k = ^uint64(0)
+	default:
+		return
+	}
+	if t.all {
+		return
+	}
+	for i := range t.buckets {
+		if t.buckets[i].bucket == op.Bucket {
+			t.buckets[i].maxKey = max(t.buckets[i].maxKey, k)
+			return
+		}
+	}
+	if len(t.buckets) == maxTouched {
+		t.buckets, t.all = nil, true
+		return
+	}
+	t.buckets = append(t.buckets, touch{op.Bucket, k})
+}
+
+// affects reports whether the record may change what a Scan of bucket
+// after key after returns.
+func (t *touched) affects(bucket string, after uint64) bool {
+	if t.all {
+		return true
+	}
+	for i := range t.buckets {
+		if t.buckets[i].bucket == bucket {
+			return t.buckets[i].maxKey > after
+		}
+	}
+	return false
 }
 
 // applyBackoff scales the last transaction's duration into the shortest
@@ -80,10 +139,10 @@ func (a *applier) signal() {
 
 // enqueue hands the applier the payload of record seq, which is written to
 // the log (not necessarily synced).
-func (a *applier) enqueue(p []byte, seq uint64, pos walPos) {
+func (a *applier) enqueue(p []byte, seq uint64, pos walPos, t touched) {
 	a.mu.Lock()
 	wasEmpty := len(a.queue) == 0
-	a.queue = append(a.queue, logged{p, seq, pos})
+	a.queue = append(a.queue, logged{p, seq, pos, t})
 	a.queued += len(p)
 	a.handed = seq
 	full := a.queued >= a.flushBytes && a.queued-len(p) < a.flushBytes
@@ -130,6 +189,24 @@ func (a *applier) appliedUpTo() uint64 {
 
 // waitCurrent returns once everything queued so far is in bbolt.
 func (a *applier) waitCurrent() error { return a.waitApplied(a.lastHanded()) }
+
+// waitScan returns once every payload queued so far that may change what
+// a Scan of bucket after key after returns is in bbolt; a consumer whose
+// acknowledgements (deletes of keys it has read) are all that is queued
+// does not force a bbolt transaction to read on.
+func (a *applier) waitScan(bucket string, after uint64) error {
+	a.mu.Lock()
+	need := uint64(0)
+	for _, l := range [2][]logged{a.queue, a.taken} {
+		for i := len(l) - 1; i >= 0 && need == 0; i-- {
+			if l[i].touched.affects(bucket, after) {
+				need = l[i].seq
+			}
+		}
+	}
+	a.mu.Unlock()
+	return a.waitApplied(need)
+}
 
 // fail records the store's failure: the applier stops, waiters return err.
 func (a *applier) fail(err error) {
@@ -216,6 +293,7 @@ func (a *applier) run() {
 			bytes += len(batch[i])
 		}
 		upto, pos := a.queue[n-1].seq, a.queue[n-1].pos
+		a.taken = a.queue[:n:n]
 		a.queue = a.queue[n:]
 		if len(a.queue) == 0 {
 			a.queue = nil
@@ -232,6 +310,7 @@ func (a *applier) run() {
 		if err == nil {
 			a.applied = upto
 		}
+		a.taken = nil
 		a.cond.Broadcast()
 		a.mu.Unlock()
 		if err != nil {

@@ -107,9 +107,15 @@
 //
 // # Reads and stats
 //
-// ForEach, Scan, Buckets and Meta first wait for the applier to apply
-// every record handed to it when they are called, so they see every
-// commit whose callback ran before. Scan pages through one bucket by key;
+// ForEach, Buckets and Meta first wait for the applier to apply every
+// record handed to it when they are called, so they see every commit
+// whose callback ran before. Scan waits only for the records that change
+// a key it can return (in its bucket, above its starting key; the writer
+// notes per record the highest key it touches in up to 8 buckets, and a
+// record touching more counts for all), so a consumer reading on through
+// a backlog while its acknowledgements (deletes of keys it has read) are
+// queued does not force a bbolt transaction, each of which writes the
+// freelist, per read. Scan pages through one bucket by key;
 // Buckets returns each bucket's entry count, bytes (Config.Weigh) and
 // first and last key without reading its entries: the applier keeps a
 // stats record per bucket in the same bbolt transaction as the entries

@@ -55,13 +55,16 @@ func (s *Store) Buckets() ([]BucketStats, error) {
 // of the values passed reach maxBytes; at least one entry is passed when
 // one exists. limit <= 0 or maxBytes <= 0 is no limit. value is only
 // valid during the call. An error from fn stops the scan and is returned.
-// It sees every commit whose callback ran before it was called. A missing
+// It sees every commit whose callback ran before it was called: it waits
+// for the applier to copy into bbolt those that change a key of bucket
+// above after (a put, a delete, or the bucket's deletion), not the others
+// (a consumer's deletes of keys it has read, other buckets). A missing
 // bucket is empty, not an error.
 func (s *Store) Scan(bucket string, after uint64, limit int, maxBytes int, fn func(key uint64, value []byte) error) error {
 	if after == ^uint64(0) {
 		return nil
 	}
-	if err := s.ap.waitCurrent(); err != nil {
+	if err := s.ap.waitScan(bucket, after); err != nil {
 		return err
 	}
 	weigh := s.cfg.Weigh

@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"os"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -209,4 +210,77 @@ func TestApplyWaitFollowsTransactionTime(t *testing.T) {
 	if got := a.wait(); got != applyBackoff*100*time.Millisecond {
 		t.Fatalf("wait %v after a 100ms transaction, want %v", got, applyBackoff*100*time.Millisecond)
 	}
+}
+
+// TestScanWaitsOnlyForWhatItReads: a Scan forces a bbolt transaction only
+// when a commit not yet in bbolt changes a key it would read (above its
+// starting key, in its bucket); a consumer's acknowledgements of what it
+// has read, or writes to other buckets, do not hold it up. Every Scan
+// sees every acknowledged commit.
+func TestScanWaitsOnlyForWhatItReads(t *testing.T) {
+	cfg := testConfig(t.TempDir())
+	var txs atomic.Int64
+	cfg.hooks = &hooks{update: func(db *bolt.DB, fn func(*bolt.Tx) error) error {
+		txs.Add(1)
+		return db.Update(fn)
+	}}
+	s := open(t, cfg)
+	s.ap.flushBytes = 1 << 40 // only reads put records into bbolt
+	s.Start()
+	defer s.Close()
+	m := newModel()
+	keys := func(bucket string, after uint64) []uint64 {
+		t.Helper()
+		var out []uint64
+		if err := s.Scan(bucket, after, 0, 0, func(k uint64, v []byte) error {
+			if want := m.data[entry{bucket, k}]; string(v) != want {
+				t.Errorf("%s key %d = %q, want %q", bucket, k, v, want)
+			}
+			out = append(out, k)
+			return nil
+		}); err != nil {
+			t.Fatal(err)
+		}
+		return out
+	}
+	check := func(bucket string, after uint64, wantTx bool, want ...uint64) {
+		t.Helper()
+		before := txs.Load()
+		got := keys(bucket, after)
+		if fmt.Sprint(got) != fmt.Sprint(want) {
+			t.Fatalf("Scan(%q, %d) = %v, want %v", bucket, after, got, want)
+		}
+		if tx := txs.Load() != before; tx != wantTx {
+			t.Fatalf("Scan(%q, %d): bbolt transaction %v, want %v", bucket, after, tx, wantTx)
+		}
+	}
+	for k := uint64(1); k <= 10; k++ {
+		apply(t, s, m, put("q", k, fmt.Sprint("v", k)))
+	}
+	check("q", 0, true, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10)
+	// Acknowledge what was read up to 5; another queue gets a message.
+	apply(t, s, m, del("q", 1), del("q", 2), del("q", 3))
+	apply(t, s, m, del("q", 4), del("q", 5), put("other", 1, "o"), putMeta("x", "y"))
+	check("q", 5, false, 6, 7, 8, 9, 10)
+	check("q", 10, false)
+	// From the start, the deletes matter.
+	check("q", 0, true, 6, 7, 8, 9, 10)
+	check("other", 0, false, 1)
+	// A new message above the starting key, in a group with others.
+	apply(t, s, m, put("z", 1, "z"), del("q", 6), put("q", 11, "v11"))
+	check("q", 9, true, 10, 11)
+	// An overwrite above the starting key.
+	apply(t, s, m, put("q", 10, "new"))
+	check("q", 9, true, 10, 11)
+	// A deleted bucket, whatever the starting key.
+	apply(t, s, m, Op{Kind: OpDeleteBucket, Bucket: "q"})
+	check("q", 1000, true)
+	// A group touching more buckets than the summary keeps: waits.
+	var ops []Op
+	for i := 0; i <= maxTouched; i++ {
+		ops = append(ops, put(fmt.Sprint("b", i), 1, "b"))
+	}
+	apply(t, s, m, ops...)
+	check("q", 1000, true)
+	checkContents(t, s, m)
 }

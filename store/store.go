@@ -680,6 +680,7 @@ func (s *Store) commit(batch []request, size int) {
 	}
 	start := time.Now()
 	enc := encoder{buf: make([]byte, recHeaderLen, recHeaderLen+size)}
+	var t touched
 	n := 0
 	sync := s.syncNext
 	for i := range batch {
@@ -695,6 +696,7 @@ func (s *Store) commit(batch []request, size int) {
 		}
 		for j := range r.ops {
 			enc.append(&r.ops[j])
+			t.add(&r.ops[j])
 		}
 		n += len(r.ops)
 		sync = sync || r.force || (r.sync && s.cfg.Sync == SyncAlways)
@@ -711,7 +713,7 @@ func (s *Store) commit(batch []request, size int) {
 	} else if int64(len(enc.buf)) > s.wal.capacity() {
 		err = s.commitDirect(enc.buf[recHeaderLen:])
 	} else {
-		err = s.logRecord(enc.buf, sync)
+		err = s.logRecord(enc.buf, sync, t)
 	}
 	if err != nil {
 		s.setFailed(err)
@@ -725,7 +727,7 @@ func (s *Store) commit(batch []request, size int) {
 
 // logRecord writes rec (header space, then payload) at the tail of the log,
 // switching segments first if it does not fit, and queues it for bbolt.
-func (s *Store) logRecord(rec []byte, sync bool) error {
+func (s *Store) logRecord(rec []byte, sync bool, t touched) error {
 	w := s.wal
 	if w.tail+int64(len(rec)) > w.seg[w.cur].end {
 		if err := s.switchSegment(); err != nil {
@@ -746,7 +748,7 @@ func (s *Store) logRecord(rec []byte, sync bool) error {
 			return err
 		}
 	}
-	s.ap.enqueue(rec[recHeaderLen:], s.seq, walPos{w.gen(), w.tail})
+	s.ap.enqueue(rec[recHeaderLen:], s.seq, walPos{w.gen(), w.tail}, t)
 	return nil
 }
 
