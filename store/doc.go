@@ -24,17 +24,17 @@
 // writer fills one; an applier goroutine copies logged records into bbolt,
 // several per transaction, at most one transaction per
 // max(Config.ApplyInterval, 4 x the last transaction's duration) unless
-// someone waits for it (a read, a segment switch, a checkpoint) or a
+// someone waits for it (a read, below; a segment switch; a checkpoint) or a
 // quarter of a segment is queued: bbolt's commit writes its whole freelist,
 // which after a large backlog drains lists every page the backlog used,
 // and the wait keeps bbolt to at most a fifth of the time when nobody
 // waits. Each transaction also records, in bbolt, the log position
 // (generation and end offset) of the last record it applied. When the
-// segment is full the writer syncs it and
-// starts a new generation in the other segment, whose header names the
-// generation it follows and where that one ends; it waits only if the
-// applier has not yet applied the other segment's old records, which it
-// counts in brokerd_store_wal_switch_waits_total. A checkpoint (on Close,
+// segment is full the writer syncs it and starts a new generation in
+// the other segment, whose header names the generation it follows and
+// where that one ends; it waits only if the applier has not yet applied
+// the other segment's old records, which it counts in
+// brokerd_store_wal_switch_waits_total. A checkpoint (on Close,
 // and before a group too large for a segment) waits until bbolt has every
 // record and starts a generation that follows nothing.
 //
@@ -73,12 +73,13 @@
 // starts above that position's, so positions order records in time); the
 // earlier ones are read and their checksums checked, which is cheap next
 // to applying them and keeps damage among them detected, but they are
-// neither decoded nor applied, and ReplayStats counts them as Skipped.
+// neither decoded nor applied, and ReplayStats counts them as Skipped
+// (damage among them is still damage, below, although bbolt has them).
 // Replay's own transactions record the position too. Every op is a blind
 // write whose effect on the stats depends only on bbolt's content, so a
-// record applied twice (a file without a position, written before
-// positions were recorded) replays harmlessly. The first invalid record of the newer segment ends the
-// replay: the torn write of a group never acknowledged, or the tail. A
+// record applied twice (a file written before positions were recorded)
+// replays harmlessly. The first invalid record of the newer segment ends
+// the replay: the torn write of a group never acknowledged, or the tail. A
 // record in the middle whose checksum fails while its header is intact and
 // the next record checks (chained from the bad one's stored CRC), a record
 // of the older segment that does not check, or a missing older segment is
