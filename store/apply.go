@@ -193,10 +193,16 @@ func (a *applier) waitCurrent() error { return a.waitApplied(a.lastHanded()) }
 // waitScan returns once every payload queued so far that may change what
 // a Scan of bucket after key after returns is in bbolt; a consumer whose
 // acknowledgements (deletes of keys it has read) are all that is queued
-// does not force a bbolt transaction to read on.
+// does not force a bbolt transaction to read on, unless flushBytes or
+// more are queued: then it waits for them all.
 func (a *applier) waitScan(bucket string, after uint64) error {
 	a.mu.Lock()
 	need := uint64(0)
+	if a.queued >= a.flushBytes {
+		// The applier is behind: the reader waits for it, which bounds
+		// the records (and their memory) queued behind a fast consumer.
+		need = a.handed
+	}
 	for _, l := range [2][]logged{a.queue, a.taken} {
 		for i := len(l) - 1; i >= 0 && need == 0; i-- {
 			if l[i].touched.affects(bucket, after) {
@@ -270,11 +276,18 @@ func (a *applier) run() {
 			}
 		}
 		limit := a.durableUpTo()
-		n := 0
+		n, size := 0, 0
 		for n < len(a.queue) && a.queue[n].seq <= limit {
 			n++
+			size += len(a.queue[n-1].p)
+			if size >= a.flushBytes {
+				// One transaction takes about flushBytes: its memory
+				// (bbolt's nodes for every page it changes) stays
+				// bounded; the rest is still urgent.
+				break
+			}
 		}
-		if n < len(a.queue) {
+		if n < len(a.queue) && a.queue[n].seq > limit {
 			// Ask the writer to sync the rest; it wakes us after.
 			a.wantSync.Store(true)
 			a.s.requestSync()
