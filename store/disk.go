@@ -52,21 +52,28 @@ func (s *Store) checkDisk() error {
 
 // releaseMappedAbove is the size of bbolt's data above which the store
 // releases bbolt's map pages from the resident set every
-// diskCheckInterval (see releaseMapped): a consumer draining a backlog
+// releaseMappedInterval (see releaseMapped): a consumer draining a backlog
 // reads it through the map, and the pages it read would otherwise stay in
 // the broker's RSS up to the file's size.
 const releaseMappedAbove = 64 << 20
 
-// mapLoop releases bbolt's map pages every diskCheckInterval, while the
-// data is larger than releaseMappedAbove, until Close (which waits for it
-// before closing bbolt).
+// releaseMappedInterval bounds the map pages resident to those read (by
+// Scan, and by the applier's transactions) in that time: on two cores a
+// drain at 140k messages/s touched about 130 MiB of them a second. A
+// round costs a walk of the map's page tables and minor faults for the
+// hot pages (branches, the tail) after it.
+const releaseMappedInterval = 250 * time.Millisecond
+
+// mapLoop releases bbolt's map pages every releaseMappedInterval, while
+// the data is larger than releaseMappedAbove, until Close (which waits for
+// it before closing bbolt).
 func (s *Store) mapLoop() {
 	defer s.wg.Done()
 	var tick <-chan time.Time
 	if h := s.cfg.hooks; h != nil && h.mapTick != nil {
 		tick = h.mapTick
 	} else {
-		t := time.NewTicker(diskCheckInterval)
+		t := time.NewTicker(releaseMappedInterval)
 		defer t.Stop()
 		tick = t.C
 	}

@@ -101,7 +101,7 @@
 // spans, where the array type scans and moves every free id. Queue
 // buckets fill the pages they split to 95% (keys only grow within a
 // bucket), not bbolt's default half. A started store gives bbolt's map
-// pages back to the page cache every second while the data is above
+// pages back to the page cache every 250 ms while the data is above
 // 64 MiB (madvise DONTNEED inside a read transaction, which holds
 // bbolt's mmap lock), so the pages a consumer drained stop counting in the
 // broker's resident set; a later read of them is a minor fault.
@@ -116,7 +116,8 @@
 // record touching more counts for all), so a consumer reading on through
 // a backlog while its acknowledgements (deletes of keys it has read) are
 // queued does not force a bbolt transaction, each of which writes the
-// freelist, per read. Scan pages through one bucket by key;
+// freelist, per read. Once a quarter of a segment is queued the applier
+// is behind, and Scan waits for every record, as the others do. Scan pages through one bucket by key;
 // Buckets returns each bucket's entry count, bytes (Config.Weigh) and
 // first and last key without reading its entries: the applier keeps a
 // stats record per bucket in the same bbolt transaction as the entries

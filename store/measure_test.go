@@ -6,10 +6,12 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"runtime"
 	"slices"
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -92,6 +94,26 @@ func TestMeasureBacklog(t *testing.T) {
 	t.Logf("open after kill: %v, RssFile +%d KiB, replay %+v", open.Round(time.Millisecond), rssFile(t)-rss0, s.Replay())
 	s.Start()
 
+	var peakHeap atomic.Uint64
+	stopSample := make(chan struct{})
+	sampled := make(chan struct{})
+	go func() {
+		defer close(sampled)
+		tk := time.NewTicker(20 * time.Millisecond)
+		defer tk.Stop()
+		for {
+			var ms runtime.MemStats
+			runtime.ReadMemStats(&ms)
+			if ms.HeapInuse > peakHeap.Load() {
+				peakHeap.Store(ms.HeapInuse)
+			}
+			select {
+			case <-tk.C:
+			case <-stopSample:
+				return
+			}
+		}
+	}()
 	t0 = time.Now()
 	after := uint64(0)
 	for {
@@ -120,6 +142,9 @@ func TestMeasureBacklog(t *testing.T) {
 		t.Fatal(err)
 	}
 	drainApplied := time.Since(t0)
+	close(stopSample)
+	<-sampled
+	t.Logf("drain: peak Go heap in use %d MiB", peakHeap.Load()>>20)
 	t.Logf("drain: %v (%.0f msg/s), %v with every delete in bbolt, RssFile %d KiB after", drain.Round(time.Millisecond),
 		float64(n)/drain.Seconds(), drainApplied.Round(time.Millisecond), rssFile(t))
 

@@ -58,7 +58,8 @@ func (s *Store) Buckets() ([]BucketStats, error) {
 // It sees every commit whose callback ran before it was called: it waits
 // for the applier to copy into bbolt those that change a key of bucket
 // above after (a put, a delete, or the bucket's deletion), not the others
-// (a consumer's deletes of keys it has read, other buckets). A missing
+// (a consumer's deletes of keys it has read, other buckets) unless the
+// applier is a quarter of a log segment behind. A missing
 // bucket is empty, not an error.
 func (s *Store) Scan(bucket string, after uint64, limit int, maxBytes int, fn func(key uint64, value []byte) error) error {
 	if after == ^uint64(0) {
