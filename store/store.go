@@ -748,7 +748,14 @@ func (s *Store) logRecord(rec []byte, sync bool, t touched) error {
 			return err
 		}
 	}
-	s.ap.enqueue(rec[recHeaderLen:], s.seq, walPos{w.gen(), w.tail}, t)
+	payload := rec[recHeaderLen:]
+	if cap(payload) > 2*len(payload)+4096 {
+		// The buffer was sized by an upper bound (opSize), several times
+		// too large for small deletes; the applier may hold many records,
+		// so it gets a copy of the right size.
+		payload = bytes.Clone(payload)
+	}
+	s.ap.enqueue(payload, s.seq, walPos{w.gen(), w.tail}, t)
 	return nil
 }
 
