@@ -245,8 +245,12 @@ type Store struct {
 	noStart bool // Close has begun; Start does nothing
 	wg      sync.WaitGroup
 	stop    chan struct{}
-	metrics *metrics
-	replay  ReplayStats
+	// closing is closed when Close begins, before it takes mu, so that a
+	// Submit blocked on a full reqs (holding mu) gives up.
+	closing     chan struct{}
+	closingOnce sync.Once
+	metrics     *metrics
+	replay      ReplayStats
 
 	groupBytes   int // encoded bytes that end a group
 	durable      bool
@@ -447,6 +451,7 @@ func Open(cfg Config) (*Store, error) {
 		reqs:         make(chan request, 1024),
 		done:         newBatchQueue(),
 		stop:         make(chan struct{}),
+		closing:      make(chan struct{}),
 		metrics:      newMetrics(cfg.Registerer),
 		replay:       rs,
 		groupBytes:   int(min(4<<20, w.capacity()/4)),
@@ -554,9 +559,18 @@ func (s *Store) submit(r request) {
 		return
 	}
 	// The send happens under mu so Close cannot close reqs under us; the
-	// writer never takes mu, so a full channel only waits for it.
-	s.reqs <- r
-	s.mu.Unlock()
+	// writer never takes mu, so a full channel only waits for it, or (before
+	// Start, when nothing drains reqs) for Close, which signals closing
+	// before it takes mu.
+	select {
+	case s.reqs <- r:
+		s.mu.Unlock()
+	case <-s.closing:
+		s.mu.Unlock()
+		if r.done != nil {
+			r.done(ErrClosed)
+		}
+	}
 }
 
 // Barrier calls done once every earlier Submit is committed and, under
@@ -1019,6 +1033,7 @@ func (s *Store) Close() error {
 }
 
 func (s *Store) shutdown(crash bool) error {
+	s.closingOnce.Do(func() { close(s.closing) })
 	s.mu.Lock()
 	if s.closed {
 		s.mu.Unlock()
