@@ -52,7 +52,7 @@ func fuzzGroups() [][]Op {
 }
 
 // fuzzLog writes the fuzz history into an in-memory log of size bytes the
-// way the writer does: a generation in segment 0, then, from group
+// way the writer does (every group synced but the fifth): a generation in segment 0, then, from group
 // switchAt on (if > 0), a new generation in segment 1 after it, whose
 // header says segment 0's records end at prevEnd.
 func fuzzLog(size int64, switchAt int) (file []byte, w *wal, prevEnd int64) {
@@ -73,8 +73,15 @@ func fuzzLog(size int64, switchAt int) (file []byte, w *wal, prevEnd int64) {
 		for j := range g {
 			enc.append(&g[j])
 		}
-		w.chain = sealRecord(enc.buf, w.gen(), w.chain)
+		w.chain = sealRecord(enc.buf, w.gen(), w.chain, w.durable)
 		w.tail += int64(copy(f.b[w.tail:], enc.buf))
+		if i != 4 {
+			// Every group but the fifth is synced at once: the records
+			// after it say so.
+			if err := w.sync(); err != nil {
+				panic(err)
+			}
+		}
 	}
 	return f.b, w, prevEnd
 }
@@ -175,6 +182,21 @@ func FuzzWALReplay(f *testing.F) {
 		damaged[s0+recHeaderLen+int64(binary.LittleEndian.Uint32(file[s0:]))+recHeaderLen+1] ^= 0x20
 		f.Add(compactWAL('R', damaged, n0, n1))
 		f.Add(compactWAL('T', damaged, n0, n1))
+		// The fifth group, never synced, torn: cut with the sixth. Its
+		// stored CRC field damaged: replayed.
+		off5 := s0
+		if switchAt > 0 {
+			off5 = s1
+		}
+		for i := 0; i < 4-switchAt; i++ {
+			off5 += recHeaderLen + int64(binary.LittleEndian.Uint32(file[off5:]))
+		}
+		damaged = bytes.Clone(file)
+		damaged[off5+recHeaderLen] ^= 0x20
+		f.Add(compactWAL('R', damaged, n0, n1))
+		damaged = bytes.Clone(file)
+		damaged[off5+4] ^= 0x20
+		f.Add(compactWAL('R', damaged, n0, n1))
 		damaged = bytes.Clone(file)
 		copy(damaged[:2*walBlock], make([]byte, 2*walBlock))
 		f.Add(compactWAL('T', damaged, n0, n1))

@@ -216,7 +216,7 @@ func v1Log(t *testing.T, path string, size int64, gen uint64, groups [][]Op) {
 		for i := range g {
 			enc.append(&g[i])
 		}
-		chain = sealRecord(enc.buf, gen, chain)
+		chain = sealRecordV2(enc.buf, gen, chain)
 		off += int64(copy(data[off:], enc.buf))
 	}
 	if err := os.WriteFile(path, data, 0o600); err != nil {

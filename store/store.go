@@ -748,7 +748,7 @@ func (s *Store) logRecord(rec []byte, sync bool, t touched) error {
 			return err
 		}
 	}
-	chain := sealRecord(rec, w.gen(), w.chain)
+	chain := sealRecord(rec, w.gen(), w.chain, w.durable)
 	if _, err := w.f.WriteAt(rec, w.tail); err != nil {
 		return fmt.Errorf("write %s: %w", w.path, err)
 	}

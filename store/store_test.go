@@ -517,7 +517,7 @@ func TestScanChain(t *testing.T) {
 	h := walHeader{gen: 5, salt: 0x12345678, size: minWALSize}
 	rec := func(payload string, gen uint64, prev uint32) ([]byte, uint32) {
 		r := append(make([]byte, recHeaderLen), payload...)
-		return r, sealRecord(r, gen, prev)
+		return r, sealRecord(r, gen, prev, 0)
 	}
 	build := func(recs ...[]byte) []byte {
 		b := make([]byte, walDataStart, minWALSize)

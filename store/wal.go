@@ -62,7 +62,7 @@ import (
 
 const (
 	walMagic      = "BRKDWAL1"
-	walVersion    = 2
+	walVersion    = 3
 	walBlock      = 4096
 	walDataStart  = 4 * walBlock
 	walHeaderLen  = 52
@@ -101,8 +101,8 @@ func (h walHeader) encode() []byte {
 	return b
 }
 
-// decodeWALHeader decodes a version 2 header, or a version 1 one (which
-// has no prev).
+// decodeWALHeader decodes a version 2 or 3 header (the same layout), or
+// a version 1 one (which has no prev).
 func decodeWALHeader(b []byte) (walHeader, bool) {
 	if len(b) < v1HeaderLen || string(b[:8]) != walMagic {
 		return walHeader{}, false
@@ -113,7 +113,7 @@ func decodeWALHeader(b []byte) (walHeader, bool) {
 		if binary.LittleEndian.Uint32(b[24:]) != crc32.Checksum(b[:24], castagnoli) {
 			return walHeader{}, false
 		}
-	case walVersion:
+	case 2, walVersion:
 		if len(b) < walHeaderLen || binary.LittleEndian.Uint32(b[48:]) != crc32.Checksum(b[:48], castagnoli) {
 			return walHeader{}, false
 		}
@@ -133,14 +133,41 @@ func newHeader(gen, prev uint64, prevEnd, size int64) walHeader {
 	return walHeader{gen: gen, salt: rand.Uint32(), prev: prev, prevEnd: prevEnd, size: size}
 }
 
-// sealRecord fills the header of rec (recHeaderLen bytes, then the payload)
-// and returns its CRC, the chain value for the next record.
-func sealRecord(rec []byte, gen uint64, prev uint32) uint32 {
+// sealRecord fills the version 3 header of rec (recHeaderLen bytes, then
+// the payload) and returns its CRC, the chain value for the next record.
+// durable is the file offset up to which a completed fdatasync had made
+// the record's segment durable when it was written.
+func sealRecord(rec []byte, gen uint64, prev uint32, durable int64) uint32 {
+	binary.LittleEndian.PutUint32(rec[0:], uint32(len(rec)-recHeaderLen))
+	binary.LittleEndian.PutUint32(rec[8:], uint32(gen))
+	binary.LittleEndian.PutUint32(rec[12:], uint32(durable))
+	crc := recordCRC(prev, rec[:recHeaderLen], rec[recHeaderLen:])
+	binary.LittleEndian.PutUint32(rec[4:], crc)
+	return crc
+}
+
+// sealRecordV2 fills a version 1 or 2 record header (a 64-bit generation);
+// tests write such logs with it.
+func sealRecordV2(rec []byte, gen uint64, prev uint32) uint32 {
 	binary.LittleEndian.PutUint32(rec[0:], uint32(len(rec)-recHeaderLen))
 	binary.LittleEndian.PutUint64(rec[8:], gen)
 	crc := recordCRC(prev, rec[:recHeaderLen], rec[recHeaderLen:])
 	binary.LittleEndian.PutUint32(rec[4:], crc)
 	return crc
+}
+
+// recHeaderFits reports whether the record header rh, at a place with
+// room bytes left in its segment, has a length that fits and names
+// generation gen in the record format of version.
+func recHeaderFits(rh []byte, room int64, gen uint64, version uint32) bool {
+	length := int64(binary.LittleEndian.Uint32(rh[0:]))
+	if length == 0 || length > room-recHeaderLen {
+		return false
+	}
+	if version >= 3 {
+		return binary.LittleEndian.Uint32(rh[8:]) == uint32(gen)
+	}
+	return binary.LittleEndian.Uint64(rh[8:]) == gen
 }
 
 func recordCRC(prev uint32, hdr, payload []byte) uint32 {
@@ -220,12 +247,28 @@ type ReplayStats struct {
 }
 
 // corruption describes a record in the middle of a generation that fails
-// its checksum while the record after it checks.
+// its checksum while records after it check: damage, or (cut) a torn
+// unsynced tail followed by records that were not made durable either.
 type corruption struct {
 	off     int64 // byte offset of the bad record
 	index   int   // its index in the generation
 	records int   // records dropped with it (itself included)
 	bytes   int64 // their payload bytes
+}
+
+// scanNote is a damaged record that replay read past: its stored CRC
+// field alone was damaged (crcField), or it was at or before the applied
+// position, which bbolt already holds.
+type scanNote struct {
+	off      int64
+	index    int
+	crcField bool
+}
+
+// scanOpts are scanRecords' parameters beyond the segment.
+type scanOpts struct {
+	version uint32 // the log's format: records of 1 and 2 name a 64-bit generation, of 3 a 32-bit one and a durable end
+	applied walPos // records at or before it are in bbolt already
 }
 
 // scanResult is what scanRecords found.
@@ -234,16 +277,30 @@ type scanResult struct {
 	bytes   int64
 	tail    int64       // offset just past the last valid record
 	corrupt *corruption // nil for a clean or torn end
+	cut     *corruption // a torn unsynced record followed by valid, unsynced ones, all cut
+	notes   []scanNote
 }
 
 // scanRecords calls fn with the payload and position of every valid
 // record of generation gen in r between start and end, in order. Each
-// payload is a fresh slice that fn may keep. It stops at the first record that does not
-// check. That is the end of the generation or a torn write, unless the
-// record's header is intact (its length fits and it names gen) and the
-// record after it checks when chained from the bad record's stored CRC:
-// then it is corruption, described in the result (the caller decides).
-func scanRecords(r io.ReaderAt, start, end int64, gen uint64, chain uint32, fn func(payload []byte, pos walPos) error) (scanResult, error) {
+// payload is a fresh slice that fn may keep. It stops at the first record
+// that does not check: the end of the generation or a torn write, except
+// when the record's header is intact (its length fits and it names gen)
+// and
+//   - the record after it checks when chained from the bad record's
+//     computed CRC: only the stored CRC field is damaged; the record is
+//     passed to fn, noted, and the scan goes on;
+//   - else, the bad record is at or before o.applied (bbolt has it): it is
+//     passed to fn (which skips it), noted, and the scan goes on, chained
+//     from its stored CRC;
+//   - else, records after it check when chained from its stored CRC: in a
+//     version 3 log, that is corruption (described in the result; the
+//     caller decides) only if the last of them says a completed fdatasync
+//     had made the log durable past the bad record's end; otherwise the
+//     bad record was an unsynced write torn by a power loss and the scan
+//     ends there, the records cut described in cut. In older logs it is
+//     corruption.
+func scanRecords(r io.ReaderAt, start, end int64, gen uint64, chain uint32, o scanOpts, fn func(payload []byte, pos walPos) error) (scanResult, error) {
 	res := scanResult{tail: start}
 	if end <= start {
 		return res, nil
@@ -255,49 +312,69 @@ func scanRecords(r io.ReaderAt, start, end int64, gen uint64, chain uint32, fn f
 		if _, err := io.ReadFull(br, rh[:]); err != nil {
 			return res, fmt.Errorf("read record at %d: %w", off, err)
 		}
-		length := int64(binary.LittleEndian.Uint32(rh[0:]))
-		if length == 0 || length > end-off-recHeaderLen || binary.LittleEndian.Uint64(rh[8:]) != gen {
+		if !recHeaderFits(rh[:], end-off, gen, o.version) {
 			break
 		}
+		length := int64(binary.LittleEndian.Uint32(rh[0:]))
 		payload := make([]byte, length)
 		if _, err := io.ReadFull(br, payload); err != nil {
 			return res, fmt.Errorf("read record at %d: %w", off, err)
 		}
 		stored := binary.LittleEndian.Uint32(rh[4:])
 		crc := recordCRC(chain, rh[:], payload)
+		next := off + recHeaderLen + length
 		if crc != stored {
-			next := off + recHeaderLen + length
-			if n, _ := countValid(r, next, end, gen, stored, 1); n > 0 {
-				n, b := countValid(r, next, end, gen, stored, -1)
-				res.corrupt = &corruption{off: off, index: res.records, records: n + 1, bytes: b + length}
+			switch {
+			case countValid(r, next, end, gen, crc, o.version, 1).n > 0:
+				res.notes = append(res.notes, scanNote{off: off, index: res.records, crcField: true})
+			case o.applied.covers(walPos{gen, next}):
+				res.notes = append(res.notes, scanNote{off: off, index: res.records})
+				crc = stored
+			default:
+				v := countValid(r, next, end, gen, stored, o.version, -1)
+				if v.n > 0 {
+					c := &corruption{off: off, index: res.records, records: v.n + 1, bytes: v.bytes + length}
+					if o.version < 3 || v.durable >= next {
+						res.corrupt = c
+					} else {
+						res.cut = c
+					}
+				}
+				return res, nil
 			}
-			break
 		}
-		if err := fn(payload, walPos{gen, off + recHeaderLen + length}); err != nil {
+		if err := fn(payload, walPos{gen, next}); err != nil {
 			return res, fmt.Errorf("record %d at %d: %w", res.records, off, err)
 		}
 		chain = crc
 		res.records++
 		res.bytes += length
-		off += recHeaderLen + length
+		off = next
 		res.tail = off
 	}
 	return res, nil
 }
 
+// validRun is what countValid found.
+type validRun struct {
+	n       int
+	bytes   int64
+	durable int64 // the last record's durable end (version 3)
+}
+
 // countValid counts the valid records of generation gen from off, chained
 // from chain, up to max of them (max < 0: all), and their payload bytes.
-func countValid(r io.ReaderAt, off, end int64, gen uint64, chain uint32, max int) (int, int64) {
-	n, bytes := 0, int64(0)
+func countValid(r io.ReaderAt, off, end int64, gen uint64, chain uint32, version uint32, max int) validRun {
+	var v validRun
 	var rh [recHeaderLen]byte
-	for (max < 0 || n < max) && end-off >= recHeaderLen {
+	for (max < 0 || v.n < max) && end-off >= recHeaderLen {
 		if _, err := r.ReadAt(rh[:], off); err != nil {
 			break
 		}
-		length := int64(binary.LittleEndian.Uint32(rh[0:]))
-		if length == 0 || length > end-off-recHeaderLen || binary.LittleEndian.Uint64(rh[8:]) != gen {
+		if !recHeaderFits(rh[:], end-off, gen, version) {
 			break
 		}
+		length := int64(binary.LittleEndian.Uint32(rh[0:]))
 		payload := make([]byte, length)
 		if _, err := r.ReadAt(payload, off+recHeaderLen); err != nil {
 			break
@@ -307,11 +384,12 @@ func countValid(r io.ReaderAt, off, end int64, gen uint64, chain uint32, max int
 			break
 		}
 		chain = crc
-		n++
-		bytes += length
+		v.n++
+		v.bytes += length
+		v.durable = int64(binary.LittleEndian.Uint32(rh[12:]))
 		off += recHeaderLen + length
 	}
-	return n, bytes
+	return v
 }
 
 // slotHeader is one segment's current header.
@@ -347,15 +425,17 @@ func readHeader(r io.ReaderAt, size, base int64, v1 bool) (slotHeader, error) {
 
 // walScan is what scanWAL found.
 type walScan struct {
-	version uint32
-	segs    [2]slotHeader // version 2: each segment's current header
+	version uint32        // the newest header's
+	segs    [2]slotHeader // version 2 or 3: each segment's current header
 	newest  int           // the segment with the newer generation
 	records int
 	bytes   int64
 	tail    int64       // offset just past the newest segment's last valid record
 	corrupt *corruption // offsets are the file's
+	cut     *corruption // a torn unsynced record of the newest segment and the valid ones cut after it
+	notes   []scanNote  // damaged records read past
 	maxGen  uint64      // highest generation seen
-	size    int64       // the log size the newest header gives (version 2)
+	size    int64       // the log size the newest header gives (version 2 or 3)
 }
 
 // scanWAL reads the headers of the log in r (size bytes) and calls fn with
@@ -363,11 +443,12 @@ type walScan struct {
 // Each payload is a fresh slice that fn may keep. Damage is reported in
 // the result's corrupt, and fn has been called for the records before it.
 func scanWAL(r io.ReaderAt, size int64, fn func(payload []byte) error) (walScan, error) {
-	return scanWALPos(r, size, func(p []byte, _ walPos) error { return fn(p) })
+	return scanWALPos(r, size, walPos{}, func(p []byte, _ walPos) error { return fn(p) })
 }
 
-// scanWALPos is scanWAL, also passing each record's position.
-func scanWALPos(r io.ReaderAt, size int64, fn func(payload []byte, pos walPos) error) (walScan, error) {
+// scanWALPos is scanWAL, also passing each record's position; records at
+// or before applied are in bbolt already (see scanRecords).
+func scanWALPos(r io.ReaderAt, size int64, applied walPos, fn func(payload []byte, pos walPos) error) (walScan, error) {
 	var ws walScan
 	v1, err := readHeader(r, size, 0, true)
 	if err != nil {
@@ -375,11 +456,10 @@ func scanWALPos(r io.ReaderAt, size int64, fn func(payload []byte, pos walPos) e
 	}
 	if v1.ok {
 		ws.version, ws.maxGen = 1, v1.gen
-		res, err := scanRecords(r, v1DataStart, size, v1.gen, v1.salt, fn)
-		ws.records, ws.bytes, ws.tail, ws.corrupt = res.records, res.bytes, res.tail, res.corrupt
+		res, err := scanRecords(r, v1DataStart, size, v1.gen, v1.salt, scanOpts{version: 1, applied: applied}, fn)
+		ws.records, ws.bytes, ws.tail, ws.corrupt, ws.notes = res.records, res.bytes, res.tail, res.corrupt, res.notes
 		return ws, err
 	}
-	ws.version = walVersion
 	for i := range ws.segs {
 		base, _, _ := segBounds(minWALSize, i)
 		if ws.segs[i], err = readHeader(r, size, base, false); err != nil {
@@ -394,7 +474,8 @@ func scanWALPos(r io.ReaderAt, size int64, fn func(payload []byte, pos walPos) e
 		ws.newest = 1
 	}
 	n, o := ws.segs[ws.newest], ws.segs[1-ws.newest]
-	ws.maxGen, ws.size = n.gen, n.size
+	ws.maxGen, ws.size, ws.version = n.gen, n.size, n.version
+	opts := scanOpts{version: n.version, applied: applied}
 	// The segments are where the newest header says, whatever the file's
 	// size now; records past its end are missing.
 	bounds := func(i int) (int64, int64, int64) {
@@ -407,21 +488,27 @@ func scanWALPos(r io.ReaderAt, size int64, fn func(payload []byte, pos walPos) e
 		// dropRest describes damage at off: that record, what follows it
 		// in the older segment, and the whole newer segment.
 		dropRest := func(off int64, index int, following int, bytes int64) {
-			nn, nb := countValid(r, nStart, nEnd, n.gen, n.salt, -1)
-			ws.corrupt = &corruption{off: off, index: index, records: 1 + following + nn, bytes: bytes + nb}
+			v := countValid(r, nStart, nEnd, n.gen, n.salt, n.version, -1)
+			ws.corrupt = &corruption{off: off, index: index, records: 1 + following + v.n, bytes: bytes + v.bytes}
 		}
-		if !o.ok || o.gen != n.prev || o.size != n.size || n.prevEnd < oStart || n.prevEnd > oEnd {
+		if !o.ok || o.gen != n.prev || o.size != n.size || o.version != n.version || n.prevEnd < oStart || n.prevEnd > oEnd {
 			// The segment whose records come first lost its header.
 			dropRest(oBase, 0, 0, 0)
 			ws.corrupt.records--
 			return ws, nil
 		}
-		res, err := scanRecords(r, oStart, n.prevEnd, o.gen, o.salt, fn)
-		ws.records, ws.bytes = res.records, res.bytes
+		res, err := scanRecords(r, oStart, n.prevEnd, o.gen, o.salt, opts, fn)
+		ws.records, ws.bytes, ws.notes = res.records, res.bytes, res.notes
 		if err != nil {
 			return ws, err
 		}
 		if c := res.corrupt; c != nil {
+			dropRest(c.off, c.index, c.records-1, c.bytes)
+			return ws, nil
+		}
+		if c := res.cut; c != nil {
+			// The older segment was synced whole: nothing there is an
+			// unsynced tail.
 			dropRest(c.off, c.index, c.records-1, c.bytes)
 			return ws, nil
 		}
@@ -432,12 +519,18 @@ func scanWALPos(r io.ReaderAt, size int64, fn func(payload []byte, pos walPos) e
 			return ws, nil
 		}
 	}
-	res, err := scanRecords(r, nStart, nEnd, n.gen, n.salt, fn)
+	res, err := scanRecords(r, nStart, nEnd, n.gen, n.salt, opts, fn)
 	ws.records += res.records
 	ws.bytes += res.bytes
-	ws.tail, ws.corrupt = res.tail, res.corrupt
-	if ws.corrupt != nil {
-		ws.corrupt.index += ws.records - res.records
+	ws.tail, ws.corrupt, ws.cut = res.tail, res.corrupt, res.cut
+	for _, c := range []*corruption{ws.corrupt, ws.cut} {
+		if c != nil {
+			c.index += ws.records - res.records
+		}
+	}
+	for _, nt := range res.notes {
+		nt.index += ws.records - res.records
+		ws.notes = append(ws.notes, nt)
 	}
 	return ws, err
 }
@@ -460,6 +553,9 @@ type wal struct {
 	cur   int    // segment being written
 	chain uint32 // CRC of the last record written, or the salt
 	tail  int64  // offset of the next record
+	// durable is the offset up to which a completed fdatasync has made
+	// the current segment's records durable (its start: none yet).
+	durable int64
 }
 
 func newWAL(f walFile, path string, size int64) *wal {
@@ -476,7 +572,14 @@ func (w *wal) capacity() int64 { return w.seg[0].end - w.seg[0].start }
 
 func (w *wal) gen() uint64 { return w.seg[w.cur].gen }
 
-func (w *wal) sync() error { return w.f.Sync() }
+func (w *wal) sync() error {
+	tail := w.tail
+	if err := w.f.Sync(); err != nil {
+		return err
+	}
+	w.durable = tail
+	return nil
+}
 
 // begin starts a new generation in segment i, whose records come after
 // those of generation prev (0: none) ending at prevEnd. The caller has
@@ -496,7 +599,7 @@ func (w *wal) begin(i int, prev uint64, prevEnd int64, durable bool) error {
 		}
 	}
 	sg.gen, sg.slot, sg.last = h.gen, slot, 0
-	w.cur, w.chain, w.tail = i, h.salt, sg.start
+	w.cur, w.chain, w.tail, w.durable = i, h.salt, sg.start, sg.start
 	return nil
 }
 
@@ -667,7 +770,7 @@ func replayLog(r io.ReaderAt, size int64, o walOptions) (walScan, ReplayStats, e
 		pending, bytes = nil, 0
 		return err
 	}
-	ws, err := scanWALPos(r, size, func(p []byte, pos walPos) error {
+	ws, err := scanWALPos(r, size, o.applied, func(p []byte, pos walPos) error {
 		if o.applied.covers(pos) {
 			rs.Skipped++
 			rs.SkippedBytes += int64(len(p))
@@ -686,6 +789,17 @@ func replayLog(r io.ReaderAt, size int64, o walOptions) (walScan, ReplayStats, e
 		}
 		return nil
 	})
+	for _, nt := range ws.notes {
+		if nt.crcField {
+			o.log.Warn("write-ahead log record with a damaged CRC field: its payload checks against the next record, replayed", "path", o.path, "offset", nt.off, "record", nt.index)
+		} else {
+			o.log.Warn("damaged write-ahead log record that bbolt already holds: skipped, later records replayed", "path", o.path, "offset", nt.off, "record", nt.index)
+		}
+	}
+	if c := ws.cut; c != nil {
+		o.log.Warn("cut a torn unsynced write-ahead log tail", "path", o.path, "offset", c.off,
+			"records", c.records, "bytes", c.bytes)
+	}
 	if err == nil && ws.corrupt != nil {
 		c := ws.corrupt
 		if o.recover != RecoverTruncate {
