@@ -79,18 +79,42 @@
 // write whose effect on the stats depends only on bbolt's content, so a
 // record applied twice (a file written before positions were recorded)
 // replays harmlessly. The first invalid record of the newer segment ends
-// the replay: the torn write of a group never acknowledged, or the tail. A
-// record in the middle whose checksum fails while its header is intact and
-// the next record checks (chained from the bad one's stored CRC), a record
-// of the older segment that does not check, or a missing older segment is
-// damage: Open fails with ErrCorruptLog naming the file and byte offset,
-// unless Config.Recover is RecoverTruncate, which drops the damaged record
-// and everything after it and logs what it dropped. In the newer segment,
-// damage to a record's length or generation field looks like a tail and
-// is cut. Each Open logs
-// a summary (records, bytes, duration) through Config.Logger, also
-// returned by Replay. A log of the earlier one-segment format is replayed
-// and replaced.
+// the replay: the torn write of a group never acknowledged, or the tail.
+//
+// Each record also names the offset up to which a completed fdatasync had
+// made its segment durable when it was written (log format 3). A record
+// whose checksum fails while its header is intact (its length fits, it
+// names the generation) is, in this order:
+//
+//   - replayed, with a logged warning, when the next record checks chained
+//     from the bad one's computed CRC: its payload is proven intact and only
+//     its stored CRC field is damaged;
+//   - logged and read past (counted as Skipped), chaining on from its stored
+//     CRC, when it is at or before the position bbolt recorded: bbolt holds
+//     it, and the acknowledged records after it are kept;
+//   - damage when records after it check (chained from its stored CRC) and
+//     the last of them names a durable offset at or past the bad record's
+//     end: it had been synced, so this is not a power loss;
+//   - otherwise a write never synced, torn by a power loss (unsynced pages
+//     reach the disk in any order): it and the valid records after it are
+//     cut as a torn tail, and the cut is logged (none of them was
+//     acknowledged as synced).
+//
+// A record of the older segment that does not check (the first two cases
+// aside: that segment was synced whole before the newer began), or a
+// missing older segment, is damage too. Damage fails Open with
+// ErrCorruptLog naming the file and byte offset, unless Config.Recover is
+// RecoverTruncate, which drops the damaged record and everything after it
+// and logs what it dropped (ReplayStats.DroppedRecords, all after the
+// applied position). In the newer segment, damage to a record's length or
+// generation field looks like a tail and is cut. Under SyncNone the log is
+// fdatasynced only by SetMeta, so a bad record past the last such sync is
+// cut, never damage. Each Open logs a
+// summary (records, bytes, duration) through Config.Logger, also returned
+// by Replay. A log of an earlier format (the one-segment version 1, or
+// version 2, whose records name no durable offset and where a bad record
+// followed by a valid one is damage whatever was synced) is replayed by its
+// rules and replaced.
 //
 // # bbolt's file
 //

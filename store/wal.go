@@ -36,9 +36,13 @@ import (
 // new generation is written into the other slot, so a torn header write
 // leaves the old one intact.
 //
-// A record is {length u32, crc u32, generation u64} and length bytes of
-// payload (the encoded ops of one group commit). The CRC-32C covers length,
-// generation and payload and is chained: it starts from the previous
+// A record is {length u32, crc u32, generation u32, durable u32} and length
+// bytes of payload (the encoded ops of one group commit). generation is the
+// low 32 bits of the header's; durable is the file offset up to which a
+// completed fdatasync had made the record's segment durable when the record
+// was written (the segment's start when none had since the generation
+// began). The CRC-32C covers length, generation, durable and payload and is
+// chained: it starts from the previous
 // record's CRC, or from the generation's random salt for the first record.
 // A record is therefore only valid at its own place in its own generation:
 // stale bytes past the tail (older generations, or any bytes a client put in
@@ -50,15 +54,34 @@ import (
 // synced before the newer one began: anything else is damage). Then the
 // newer segment's records replay while they are valid; the first invalid
 // one is the torn write of a group that was never acknowledged, or the
-// tail. Except: a record whose checksum fails although its header is
-// intact (its length fits, it names the generation), followed by a record
-// that checks when chained from the bad one's stored CRC, is damage in the
-// middle, not a torn tail. Damage fails Open with ErrCorruptLog, naming
-// the file and byte offset, unless Config.Recover is RecoverTruncate,
-// which drops the damaged record and everything after it.
+// tail. A record whose checksum fails although its header is intact (its
+// length fits, it names the generation) is looked at further, in order:
 //
-// Version 1 logs (one segment, header slots by generation parity, records
-// from 8 KiB) are replayed and replaced by a version 2 log.
+//   - if the next record checks when chained from the bad one's computed
+//     CRC, only the stored CRC field is damaged: the record is replayed,
+//     with a logged warning, and the scan goes on;
+//   - else, if the record is at or before the position bbolt has applied
+//     (bbolt holds it), the damage is logged and the scan goes on, chained
+//     from its stored CRC;
+//   - else, if records after it check when chained from its stored CRC and
+//     the last of them has a durable end at or past the bad record's end,
+//     the bad record had been synced: damage in the middle. Damage fails
+//     Open with ErrCorruptLog, naming the file and byte offset, unless
+//     Config.Recover is RecoverTruncate, which drops the damaged record and
+//     everything after it;
+//   - else it is an unsynced write torn by a power loss (pages of unsynced
+//     writes reach the disk in any order): it and the valid records after
+//     it are cut as a torn tail, and the cut is logged.
+//
+// In the older segment, which was synced whole before the newer began, a
+// record that does not check (and is not one of the first two cases) is
+// damage whatever the durable ends say.
+//
+// Version 2 logs (the same layout, records with a 64-bit generation and no
+// durable end) are replayed with the rules above but for the durable end: a
+// bad record followed by records that check is damage. Version 1 logs (one
+// segment, header slots by generation parity, records from 8 KiB, as
+// version 2) are replayed too. Either is then replaced by a version 3 log.
 
 const (
 	walMagic      = "BRKDWAL1"
