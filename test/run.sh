@@ -66,7 +66,10 @@ as_root() {
 }
 
 install_stomp_py() {
-	if [ -x "$PY" ] && "$PY" -c 'import stomp' 2>/dev/null; then
+	# -I: isolated, so the repository's own stomp/ directory (a Go package,
+	# which Python would import from the working directory as an empty
+	# namespace package) is not taken for stomp.py.
+	if [ -x "$PY" ] && "$PY" -I -c 'import stomp.connect' 2>/dev/null; then
 		return 0
 	fi
 	if ! command -v apt-get >/dev/null 2>&1; then
@@ -78,7 +81,7 @@ install_stomp_py() {
 		as_root env DEBIAN_FRONTEND=noninteractive apt-get update
 		as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends python3 python3-stomp
 	fi
-	"$PY" -c 'import stomp; print("stomp.py", ".".join(map(str, stomp.__version__)))'
+	"$PY" -I -c 'import stomp; print("stomp.py", ".".join(map(str, stomp.__version__)))'
 }
 
 # fuzz_one PKG NAME: fuzzes one target for $FUZZTIME. Go 1.26's fuzz
