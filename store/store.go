@@ -22,7 +22,8 @@ import (
 var ErrClosed = errors.New("store closed")
 
 // ErrCorruptLog is wrapped by Open's error when a record in the middle of
-// the write-ahead log fails its checksum while the records after it check:
+// the write-ahead log fails its checksum while the records after it check
+// and show it had been synced (see Replay in the package documentation):
 // damage, not a write torn by a crash. Config.Recover decides.
 var ErrCorruptLog = errors.New("write-ahead log corrupt")
 
