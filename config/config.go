@@ -50,12 +50,13 @@ type Log struct {
 
 // Store is the node's bbolt file.
 type Store struct {
-	Sync         string        // store.sync: always, batch or none; "always"
-	SyncInterval time.Duration // store.sync_interval: 100ms (> 0), how long batch waits to group commits
-	MaxBatch     int           // store.max_batch: 4096 (> 0), operations per group commit
-	WALSize      int64         // store.wal_size: 64 MiB (32 KiB..1 GiB), the preallocated write-ahead log
-	MinFreeBytes int64         // store.min_free_bytes: 256 MiB (>= 0); SENDs are refused while the data directory's filesystem has less free; 0 disables
-	Recover      string        // store.recover: refuse or truncate; "refuse", what to do with a corrupt record in the middle of the write-ahead log
+	Sync          string        // store.sync: always, batch or none; "always"
+	SyncInterval  time.Duration // store.sync_interval: 100ms (> 0), how long batch waits to group commits
+	MaxBatch      int           // store.max_batch: 4096 (> 0), operations per group commit
+	ApplyInterval time.Duration // store.apply_interval: 10ms (> 0), the shortest wait between bbolt transactions that copy the log into bbolt
+	WALSize       int64         // store.wal_size: 64 MiB (32 KiB..1 GiB), the preallocated write-ahead log
+	MinFreeBytes  int64         // store.min_free_bytes: 256 MiB (>= 0); SENDs are refused while the data directory's filesystem has less free; 0 disables
+	Recover       string        // store.recover: refuse or truncate; "refuse", what to do with a corrupt record in the middle of the write-ahead log
 }
 
 // Auth is client authentication.
@@ -131,12 +132,13 @@ func Default() Config {
 			Format: "text",
 		},
 		Store: Store{
-			Sync:         "always",
-			SyncInterval: 100 * time.Millisecond,
-			MaxBatch:     4096,
-			WALSize:      64 << 20,
-			MinFreeBytes: 256 << 20,
-			Recover:      "refuse",
+			Sync:          "always",
+			SyncInterval:  100 * time.Millisecond,
+			MaxBatch:      4096,
+			ApplyInterval: 10 * time.Millisecond,
+			WALSize:       64 << 20,
+			MinFreeBytes:  256 << 20,
+			Recover:       "refuse",
 		},
 		Auth: Auth{
 			UsersFile:      "",

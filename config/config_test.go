@@ -315,7 +315,7 @@ func TestEveryKeyFromEveryLayer(t *testing.T) {
 		Admin: Admin{Addr: ""},
 		Log:   Log{Level: "debug", Format: "json"},
 		Store: Store{Sync: "batch", SyncInterval: 5 * time.Millisecond, MaxBatch: 6,
-			WALSize: 1 << 20, MinFreeBytes: 0, Recover: "truncate"},
+			ApplyInterval: 7 * time.Millisecond, WALSize: 1 << 20, MinFreeBytes: 0, Recover: "truncate"},
 		Auth: Auth{UsersFile: "/etc/brokerd/users", AllowAnonymous: true},
 		Limits: Limits{MaxFrameSize: 7, MaxHeaderCount: 8, MaxHeaderLength: 9, MaxBodySize: 10, MaxConnections: 11, MaxSubscriptions: 12, MaxTransactionFrames: 13, TopicBuffer: 14,
 			MaxUnacked: 15, MaxUnackedBytes: 2 << 20, MaxOutgoingBytes: 16 << 10, MaxTransactionBytes: 17e6},
@@ -330,7 +330,7 @@ node: {name: n1, data_dir: /var/lib/brokerd}
 stomp: {addr: "127.0.0.1:0", heartbeat_send: 1s, heartbeat_receive: 2s, connect_timeout: 3s, write_timeout: 4s, heartbeat_min: 5ms}
 admin: {addr: }
 log: {level: debug, format: json}
-store: {sync: batch, sync_interval: 5ms, max_batch: 6, wal_size: 1MiB, min_free_bytes: 0, recover: truncate}
+store: {sync: batch, sync_interval: 5ms, max_batch: 6, apply_interval: 7ms, wal_size: 1MiB, min_free_bytes: 0, recover: truncate}
 auth: {users_file: /etc/brokerd/users, allow_anonymous: true}
 limits: {max_frame_size: 7, max_header_count: 8, max_header_length: 9, max_body_size: 10, max_connections: 11, max_subscriptions: 12, max_transaction_frames: 13, topic_buffer: 14,
   max_unacked: 15, max_unacked_bytes: 2MiB, max_outgoing_bytes: 16KiB, max_transaction_bytes: 17MB}
@@ -354,7 +354,7 @@ cluster:
 		"BROKERD_ADMIN_ADDR=",
 		"BROKERD_LOG_LEVEL=debug", "BROKERD_LOG_FORMAT=json",
 		"BROKERD_STORE_SYNC=batch", "BROKERD_STORE_SYNC_INTERVAL=5ms", "BROKERD_STORE_MAX_BATCH=6",
-		"BROKERD_STORE_WAL_SIZE=1048576", "BROKERD_STORE_MIN_FREE_BYTES=0", "BROKERD_STORE_RECOVER=truncate",
+		"BROKERD_STORE_APPLY_INTERVAL=7ms", "BROKERD_STORE_WAL_SIZE=1048576", "BROKERD_STORE_MIN_FREE_BYTES=0", "BROKERD_STORE_RECOVER=truncate",
 		"BROKERD_AUTH_USERS_FILE=/etc/brokerd/users", "BROKERD_AUTH_ALLOW_ANONYMOUS=true",
 		"BROKERD_LIMITS_MAX_FRAME_SIZE=7", "BROKERD_LIMITS_MAX_HEADER_COUNT=8", "BROKERD_LIMITS_MAX_HEADER_LENGTH=9",
 		"BROKERD_LIMITS_MAX_BODY_SIZE=10", "BROKERD_LIMITS_MAX_CONNECTIONS=11", "BROKERD_LIMITS_MAX_SUBSCRIPTIONS=12",

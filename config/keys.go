@@ -36,6 +36,7 @@ var settings = []setting{
 	{"store.sync", "store-sync", "when the store syncs to disk: always, batch or none", func(c *Config) any { return &c.Store.Sync }},
 	{"store.sync_interval", "", "", func(c *Config) any { return &c.Store.SyncInterval }},
 	{"store.max_batch", "", "", func(c *Config) any { return &c.Store.MaxBatch }},
+	{"store.apply_interval", "", "", func(c *Config) any { return &c.Store.ApplyInterval }},
 	{"store.wal_size", "", "", func(c *Config) any { return &c.Store.WALSize }},
 	{"store.min_free_bytes", "", "", func(c *Config) any { return &c.Store.MinFreeBytes }},
 	{"store.recover", "", "", func(c *Config) any { return &c.Store.Recover }},

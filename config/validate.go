@@ -65,6 +65,7 @@ func (c Config) problems() []error {
 	check("store.sync", oneOf(c.Store.Sync, syncModes))
 	check("store.sync_interval", positive(c.Store.SyncInterval))
 	check("store.max_batch", positive(c.Store.MaxBatch))
+	check("store.apply_interval", positive(c.Store.ApplyInterval))
 	if c.Store.WALSize < minWALSize || c.Store.WALSize > maxWALSize {
 		check("store.wal_size", fmt.Errorf("must be between %d (32 KiB) and %d (1 GiB), got %d", minWALSize, maxWALSize, c.Store.WALSize))
 	}

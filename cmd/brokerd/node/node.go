@@ -92,6 +92,7 @@ func New(cfg config.Config, log *slog.Logger) (*Node, error) {
 	scfg.SyncInterval = cfg.Store.SyncInterval
 	scfg.MaxBatchOps = cfg.Store.MaxBatch
 	scfg.WALSize = cfg.Store.WALSize
+	scfg.ApplyInterval = cfg.Store.ApplyInterval
 	scfg.MinFreeBytes = cfg.Store.MinFreeBytes
 	scfg.Recover = store.RecoverRefuse
 	if cfg.Store.Recover == "truncate" {
