@@ -40,6 +40,9 @@ type session struct {
 	id      string
 	r       *frameReader
 	version string // negotiated; "1.0" until CONNECT
+	// frameRead is when the reader read the frame it handles, if that
+	// frame asks for a receipt (reader goroutine only).
+	frameRead time.Time
 
 	// owned by the reader goroutine
 	subs     map[string]*sub
@@ -94,6 +97,7 @@ type transaction struct {
 type pendingOp struct {
 	waits   bool // an effect completes later, through session.finish
 	receipt string
+	read    time.Time // when the frame asking for receipt was read
 	errFr   *frame.Frame
 	final   bool // close the connection after this op
 
@@ -125,6 +129,9 @@ type outItem struct {
 	// bounded by its write window; their bodies are held by the replica
 	// until written or acknowledged anyway.
 	n int64
+	// read is when the frame this RECEIPT answers was read (zero for
+	// other items), for brokerd_stomp_receipt_seconds.
+	read time.Time
 	// closeSub closes a subscription once everything queued before it is
 	// written; closed then gets the outcome of a store barrier after it.
 	closeSub *sub
@@ -282,6 +289,9 @@ func (s *session) readLoop() error {
 		// send, before handling it. While the client does not read, its
 		// frames stay in the socket, and TCP pushes back on it.
 		r := f.Header.Get(frame.Receipt)
+		if r != "" {
+			s.frameRead = time.Now()
+		}
 		need := receiptBytes(r)
 		if f.Command == frame.UNSUBSCRIBE {
 			need += closeSubBytes
@@ -760,6 +770,9 @@ func (s *session) endTx(txID string, t *transaction) {
 // Only the reader goroutine pushes.
 func (s *session) push(op *pendingOp) {
 	q := &s.seq
+	if op.receipt != "" {
+		op.read = s.frameRead
+	}
 	q.mu.Lock()
 	for len(q.q) >= maxPendingOps && !q.failed {
 		q.cond.Wait()
@@ -820,7 +833,7 @@ func (s *session) emitLocked() {
 		}
 		if op.receipt != "" {
 			// Its bytes were reserved by readLoop.
-			s.enqueue(outItem{f: frame.New(frame.RECEIPT, frame.ReceiptId, op.receipt), n: receiptBytes(op.receipt)})
+			s.enqueue(outItem{f: frame.New(frame.RECEIPT, frame.ReceiptId, op.receipt), n: receiptBytes(op.receipt), read: op.read})
 		}
 		if op.errFr != nil {
 			s.enqueueFrame(op.errFr, false)
@@ -977,6 +990,7 @@ func (s *session) writeLoop() {
 	written := make(map[*replica.Subscription][]uint64)
 	var interval time.Duration
 	var batch []outItem
+	var reads []time.Time // of the RECEIPTs in batch
 	fail := func() {
 		s.outMu.Lock()
 		s.outClosed = true
@@ -1068,7 +1082,11 @@ func (s *session) writeLoop() {
 		// redelivered.
 		var n int64
 		var closes []outItem
+		reads = reads[:0]
 		for i := range batch {
+			if !batch[i].read.IsZero() {
+				reads = append(reads, batch[i].read)
+			}
 			n += batch[i].n
 			if batch[i].closeSub != nil {
 				closes = append(closes, outItem{closeSub: batch[i].closeSub, closed: batch[i].closed}) // n released here
@@ -1082,6 +1100,9 @@ func (s *session) writeLoop() {
 			return
 		}
 		lastWrite = time.Now()
+		for _, t := range reads {
+			s.srv.m.receiptSeconds.Observe(lastWrite.Sub(t).Seconds())
+		}
 		for rs, tags := range written {
 			rs.Written(tags...)
 			delete(written, rs)

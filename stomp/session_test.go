@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"github.com/prometheus/client_golang/prometheus"
 	"io"
 	"log/slog"
 	"net"
@@ -179,4 +180,46 @@ func TestSessionOneReceiptPerFrame(t *testing.T) {
 	if n := strings.Count(out, "receipt-id:d"); n != 1 {
 		t.Fatalf("want one RECEIPT for the DISCONNECT, got %d in %q", n, out)
 	}
+}
+
+// TestReceiptSecondsMetric: brokerd_stomp_receipt_seconds counts one
+// observation per RECEIPT written (DISCONNECT's included), none for frames
+// without a receipt, each from the frame's read to the RECEIPT's write.
+func TestReceiptSecondsMetric(t *testing.T) {
+	reg := prometheus.NewRegistry()
+	_, srv := testServerCfg(t, func(c *Config) { c.Registerer = reg })
+	c, err := net.Dial("tcp", srv.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	start := time.Now()
+	io.WriteString(c, "CONNECT\naccept-version:1.2\nhost:/\n\n\x00"+
+		"SEND\ndestination:/queue/m\nreceipt:1\n\na\x00"+
+		"SEND\ndestination:/queue/m\n\nb\x00"+
+		"SEND\ndestination:/queue/m\nreceipt:2\n\nc\x00"+
+		"DISCONNECT\nreceipt:d\n\n\x00")
+	out := readAll(t, c)
+	elapsed := time.Since(start)
+	if strings.Count(out, "RECEIPT") != 3 {
+		t.Fatalf("want 3 RECEIPTs, got %q", out)
+	}
+	mfs, err := reg.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, mf := range mfs {
+		if mf.GetName() != "brokerd_stomp_receipt_seconds" {
+			continue
+		}
+		h := mf.GetMetric()[0].GetHistogram()
+		if h.GetSampleCount() != 3 {
+			t.Fatalf("%d receipt observations, want 3", h.GetSampleCount())
+		}
+		if s := h.GetSampleSum(); s <= 0 || s > 3*elapsed.Seconds() {
+			t.Fatalf("receipt seconds sum %v, want in (0, %v]", s, 3*elapsed.Seconds())
+		}
+		return
+	}
+	t.Fatal("brokerd_stomp_receipt_seconds not registered")
 }

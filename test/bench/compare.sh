@@ -20,8 +20,20 @@
 #   SERIES            1: per-second receipt p99 (-series), rows "sec p99 ..."
 #                     (default 1; 0 to leave the flag out)
 #   BROKERD_ADMIN     brokerd admin address: count the wraps of its
-#                     write-ahead log per run (default: none)
+#                     write-ahead log per run, and show brokerd's own
+#                     medians: frame read to RECEIPT written
+#                     (brokerd_stomp_receipt_seconds) and one fdatasync of
+#                     its log (brokerd_store_log_sync_seconds) (default: none)
 #   BROKERD_PID       brokerd's PID: its peak VmRSS/RssAnon per run (default: none)
+#   FSYNC_DIR         a directory on brokerd's disk (its data directory): just
+#                     before every run, time one log-sized write+fdatasync
+#                     there for FSYNC_TIME (default 2s) with `bench -mode
+#                     fsync`, and show its p50 and the receipt p50 above it
+#                     (what the broker's path adds to the disk) (default: none)
+#   ROUNDS            repeat the whole comparison this many times, brokerd and
+#                     RabbitMQ alternating, and end with the median of each
+#                     round's brokerd/RabbitMQ throughput ratio (default 1);
+#                     on a noisy machine one pair of runs is not a measurement
 #
 # The store's write-ahead log (64 MiB) wraps every ~200k messages of 256 B,
 # i.e. every 10-15 s at window 64 on a 2-core machine; with DURATION=60s and
@@ -45,6 +57,9 @@ WINDOWS=${WINDOWS:-"1 64"}
 SERIES=${SERIES:-1}
 BROKERD_ADMIN=${BROKERD_ADMIN:-}
 BROKERD_PID=${BROKERD_PID:-}
+FSYNC_DIR=${FSYNC_DIR:-}
+FSYNC_TIME=${FSYNC_TIME:-2s}
+ROUNDS=${ROUNDS:-1}
 
 root=$(cd "$(dirname "$0")/../.." && pwd)
 tmp=$(mktemp -d "${TMPDIR:-/tmp}/bench-compare.XXXXXX")
@@ -59,6 +74,10 @@ run() { # TARGET WINDOW
   local t=$1 w=$2 addr login pass
   local -a opt=()
   shift 2
+  if [ -n "$FSYNC_DIR" ]; then
+    "$tmp/bench" -mode fsync -fsync-dir "$FSYNC_DIR" -duration "$FSYNC_TIME" -json \
+      2>>"$tmp/$t-$w.err" | grep '^{' >"$tmp/$t-$w.fsync" || status=1
+  fi
   if [ "$t" = brokerd ]; then
     addr=$BROKERD_ADDR login=$BROKERD_LOGIN pass=$BROKERD_PASSCODE
     [ -n "$BROKERD_ADMIN" ] && opt+=(-admin "$BROKERD_ADMIN")
@@ -73,12 +92,7 @@ run() { # TARGET WINDOW
   grep '^{' "$tmp/$t-$w.out" | tail -n 1 >"$tmp/$t-$w.json"
 }
 
-for w in $WINDOWS; do
-  for t in "${targets[@]}"; do
-    run "$t" "$w" "$@"
-    [ "$(cat "$tmp/$t-$w.rc")" = 0 ] || status=1
-  done
-done
+table() { # prints the comparison of the runs just done
 
 field() { # FILE KEY -> raw JSON value (strings unquoted), empty if absent
   grep -o "\"$2\":[^,}]*" "$1" 2>/dev/null | head -n 1 | cut -d: -f2- | tr -d '"'
@@ -126,6 +140,20 @@ row "e2e max ms" lat_max_ms '%.3f'
 row "receipt p50 ms" receipt_p50_ms '%.3f'
 row "receipt p99 ms" receipt_p99_ms '%.3f'
 row "receipt max ms" receipt_max_ms '%.3f'
+if [ -n "$FSYNC_DIR" ]; then
+  printf '%-18s' "disk fdatasync p50"
+  for w in $WINDOWS; do for t in "${targets[@]}"; do
+    printf ' | %12s' "$(cell "$tmp/$t-$w.fsync" fsync_p50_ms '%.3f')"
+  done; done
+  echo
+  printf '%-18s' "receipt-fsync p50"
+  for w in $WINDOWS; do for t in "${targets[@]}"; do
+    r=$(field "$tmp/$t-$w.json" receipt_p50_ms) f=$(field "$tmp/$t-$w.fsync" fsync_p50_ms)
+    if [ -n "$r" ] && [ -n "$f" ]; then v=$(awk -v r="$r" -v f="$f" 'BEGIN { printf "%.3f", r - f }'); else v=-; fi
+    printf ' | %12s' "$v"
+  done; done
+  echo
+fi
 if [ "$SERIES" = 1 ]; then
   row "sec p99 median ms" sec_p99_median_ms '%.3f'
   row "sec p99 worst ms" sec_p99_worst_ms '%.3f'
@@ -134,6 +162,8 @@ fi
 if [ -n "$BROKERD_ADMIN" ]; then
   row "log wraps" wal_wraps '%d'
   row "wraps waited" wal_switch_waits '%d'
+  row "in-broker rcpt p50" broker_receipt_p50_ms '%.3f'
+  row "its fdatasync p50" broker_log_sync_p50_ms '%.3f'
 fi
 if [ -n "$BROKERD_PID" ]; then
   printf '%-18s' "peak VmRSS MiB"
@@ -172,5 +202,36 @@ for w in $WINDOWS; do
       cat "$tmp/$t-$w.err"
     fi
   done
+done
+}
+
+median() { sort -g | awk '{ v[NR] = $1 } END { if (NR == 0) print "-"; else if (NR % 2) printf "%.2f", v[(NR + 1) / 2]; else printf "%.2f", (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
+
+for round in $(seq "$ROUNDS"); do
+  [ "$ROUNDS" -gt 1 ] && echo "compare.sh: round $round of $ROUNDS" >&2
+  for w in $WINDOWS; do
+    for t in "${targets[@]}"; do
+      rm -f "$tmp/$t-$w".*
+      run "$t" "$w" "$@"
+      [ "$(cat "$tmp/$t-$w.rc")" = 0 ] || status=1
+    done
+  done
+  [ "$ROUNDS" -gt 1 ] && { echo; echo "=== round $round of $ROUNDS"; }
+  table "$@"
+  for w in $WINDOWS; do
+    b=$(field "$tmp/brokerd-$w.json" send_rate) r=$(field "$tmp/rabbitmq-$w.json" send_rate)
+    [ -n "$b" ] && [ -n "$r" ] && awk -v b="$b" -v r="$r" 'BEGIN { if (r > 0) printf "%.4f\n", b / r }' >>"$tmp/ratio-$w"
+    if [ -n "$FSYNC_DIR" ]; then
+      rc=$(field "$tmp/brokerd-$w.json" receipt_p50_ms) f=$(field "$tmp/brokerd-$w.fsync" fsync_p50_ms)
+      [ -n "$rc" ] && [ -n "$f" ] && awk -v r="$rc" -v f="$f" 'BEGIN { printf "%.4f\n", r - f }' >>"$tmp/above-$w"
+    fi
+  done
+done
+
+echo
+for w in $WINDOWS; do
+  printf 'window=%s: brokerd/rabbitmq sent msg/s, median of %d round(s): %s' "$w" "$ROUNDS" "$(cat "$tmp/ratio-$w" 2>/dev/null | median)"
+  [ -n "$FSYNC_DIR" ] && printf '; brokerd receipt p50 above fdatasync p50, median: %s ms' "$(cat "$tmp/above-$w" 2>/dev/null | median)"
+  echo
 done
 exit $status

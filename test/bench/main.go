@@ -57,7 +57,9 @@
 //	-series             per-second receipt p99/max (see below)
 //	-pid N              sample process N's memory from /proc/N/status (brokerd's PID)
 //	-admin host:port    brokerd's admin address: count its write-ahead log wraps
-//	-mode MODE          load (this) | backlog (see backlog.go and backlog.sh)
+//	-mode MODE          load (this) | backlog (see backlog.go and backlog.sh) |
+//	                    fsync (see fsync.go: one log write+fdatasync on a disk)
+//	-fsync-dir DIR      with -mode fsync: where to append the probe file
 //
 // With -series every second of the run (counted from the start of sending)
 // gets: the receipts that arrived in it, their p99 (from a log-linear
@@ -201,8 +203,10 @@ type config struct {
 	series bool   // per-second receipt p99/max series
 	pid    int    // broker process to sample memory of (0 = none)
 	admin  string // brokerd admin address, for its store counters
-	mode   string // load | backlog
-	bl     backlogConfig
+	mode   string // load | backlog | fsync
+	// fsyncDir is where -mode fsync appends and fdatasyncs its records.
+	fsyncDir string
+	bl       backlogConfig
 }
 
 func parseFlags(args []string) (config, error) {
@@ -232,7 +236,8 @@ func parseFlags(args []string) (config, error) {
 	fs.BoolVar(&c.series, "series", false, "report receipt p99/max (and receipts, deliveries) per second of the run: worst seconds in the summary, every second in the JSON")
 	fs.IntVar(&c.pid, "pid", 0, "broker process ID: sample its memory (VmRSS, RssAnon, RssFile from /proc/PID/status) during the run")
 	fs.StringVar(&c.admin, "admin", "", "brokerd admin address host:port: count the wraps of its write-ahead log (store checkpoints or segment switches) during the run, per second with -series")
-	fs.StringVar(&c.mode, "mode", "load", "load (one run against a running broker) or backlog (start brokerd with -broker, fill a queue with -count messages, kill -9, restart, drain; see the package doc)")
+	fs.StringVar(&c.mode, "mode", "load", "load (one run against a running broker), backlog (start brokerd with -broker, fill a queue with -count messages, kill -9, restart, drain; see the package doc) or fsync (time write+fdatasync of log-sized appends in -fsync-dir for -duration)")
+	fs.StringVar(&c.fsyncDir, "fsync-dir", "", "with -mode fsync: directory (on the broker's disk) to append and fdatasync a probe file in")
 	c.bl.flags(fs)
 	fs.Usage = func() {
 		fmt.Fprintf(fs.Output(), "usage: go run ./test/bench [flags]\n\nSTOMP load tool; see `go doc ./test/bench` for details.\n\n")
@@ -247,13 +252,13 @@ func parseFlags(args []string) (config, error) {
 	set := map[string]bool{}
 	fs.Visit(func(f *flag.Flag) { set[f.Name] = true })
 	switch c.mode {
-	case "load":
+	case "load", "fsync":
 	case "backlog":
 		if err := c.backlogDefaults(set); err != nil {
 			return c, err
 		}
 	default:
-		return c, fmt.Errorf("-mode must be load or backlog, not %q", c.mode)
+		return c, fmt.Errorf("-mode must be load, backlog or fsync, not %q", c.mode)
 	}
 	if c.pid < 0 {
 		return c, errors.New("-pid must be >= 0")
@@ -302,8 +307,11 @@ func main() {
 		fmt.Fprintln(os.Stderr, "bench:", err)
 		os.Exit(2)
 	}
-	if cfg.mode == "backlog" {
+	switch cfg.mode {
+	case "backlog":
 		os.Exit(backlogMain(cfg))
+	case "fsync":
+		os.Exit(fsyncMain(cfg))
 	}
 	os.Exit(newRun(cfg).main())
 }

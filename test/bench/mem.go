@@ -5,8 +5,10 @@ import (
 	"bytes"
 	"fmt"
 	"io"
+	"math"
 	"net/http"
 	"os"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -173,6 +175,94 @@ type storeCounts struct {
 	Switches    *int64 `json:"wal_switches,omitempty"`
 	SwitchWaits *int64 `json:"wal_switch_waits,omitempty"`
 	Wraps       *int64 `json:"wal_wraps,omitempty"` // checkpoints + switches
+	// Medians over the run of brokerd's own latency histograms: from
+	// reading a frame with a receipt to writing the RECEIPT, and one
+	// fdatasync of its log (interpolated within 50 µs buckets).
+	ReceiptP50 *float64 `json:"broker_receipt_p50_ms,omitempty"`
+	LogSyncP50 *float64 `json:"broker_log_sync_p50_ms,omitempty"`
+}
+
+// The histograms whose medians storeCounts reports.
+const (
+	receiptHist = "brokerd_stomp_receipt_seconds"
+	logSyncHist = "brokerd_store_log_sync_seconds"
+)
+
+// histogram is one scrape of a histogram: cumulative counts by upper bound.
+type histogram map[float64]float64
+
+// scrapeHistograms reads the unlabelled histograms of names.
+func scrapeHistograms(admin string, names ...string) (map[string]histogram, error) {
+	resp, err := metricsClient.Get("http://" + admin + "/metrics")
+	if err != nil {
+		return nil, err
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		return nil, fmt.Errorf("GET /metrics: %s", resp.Status)
+	}
+	b, err := io.ReadAll(io.LimitReader(resp.Body, 8<<20))
+	if err != nil {
+		return nil, err
+	}
+	out := map[string]histogram{}
+	for line := range strings.Lines(string(b)) {
+		for _, name := range names {
+			rest, ok := strings.CutPrefix(line, name+`_bucket{le="`)
+			if !ok {
+				continue
+			}
+			le, count, ok := strings.Cut(rest, `"} `)
+			if !ok {
+				continue
+			}
+			bound, err1 := strconv.ParseFloat(le, 64)
+			n, err2 := strconv.ParseFloat(strings.TrimSpace(count), 64)
+			if err1 != nil || err2 != nil {
+				continue
+			}
+			if out[name] == nil {
+				out[name] = histogram{}
+			}
+			out[name][bound] = n
+		}
+	}
+	return out, nil
+}
+
+// medianMs is the median, in milliseconds, of the observations between
+// scrapes a and b, interpolated linearly within its bucket; ok is false
+// without observations or when it falls in the +Inf bucket.
+func medianMs(a, b histogram) (float64, bool) {
+	bounds := make([]float64, 0, len(b))
+	for le := range b {
+		bounds = append(bounds, le)
+	}
+	slices.Sort(bounds)
+	if len(bounds) == 0 {
+		return 0, false
+	}
+	total := b[bounds[len(bounds)-1]] - a[bounds[len(bounds)-1]]
+	if total <= 0 {
+		return 0, false
+	}
+	half := total / 2
+	lo, prev := 0.0, 0.0
+	for _, le := range bounds {
+		c := b[le] - a[le]
+		if c >= half {
+			if math.IsInf(le, 1) {
+				return 0, false
+			}
+			frac := 1.0
+			if c > prev {
+				frac = (half - prev) / (c - prev)
+			}
+			return (lo + frac*(le-lo)) * 1000, true
+		}
+		lo, prev = le, c
+	}
+	return 0, false
 }
 
 func (c *storeCounts) String() string {
@@ -186,6 +276,12 @@ func (c *storeCounts) String() string {
 	add(c.Checkpoints, "checkpoint(s)")
 	add(c.Switches, "segment switch(es)")
 	add(c.SwitchWaits, "switch(es) that waited for bbolt")
+	if c.ReceiptP50 != nil {
+		parts = append(parts, fmt.Sprintf("broker receipt p50 %.3f ms", *c.ReceiptP50))
+	}
+	if c.LogSyncP50 != nil {
+		parts = append(parts, fmt.Sprintf("log fdatasync p50 %.3f ms", *c.LogSyncP50))
+	}
 	if len(parts) == 0 {
 		return "no store counter exported"
 	}
@@ -232,6 +328,7 @@ func wraps(m map[string]int64) int64 {
 type storeWatch struct {
 	admin string
 	first map[string]int64 // nil when the first scrape failed
+	hists map[string]histogram
 	quit  chan struct{}
 	done  chan struct{}
 	once  sync.Once
@@ -248,6 +345,7 @@ func newStoreWatch(admin string) *storeWatch {
 	default:
 		w.first = m
 	}
+	w.hists, _ = scrapeHistograms(admin, receiptHist, logSyncHist)
 	return w
 }
 
@@ -305,6 +403,19 @@ func (w *storeWatch) stop() *storeCounts {
 	c.Checkpoints = delta(storeCounters[0])
 	c.Switches = delta(storeCounters[1])
 	c.SwitchWaits = delta(storeCounters[2])
+	if h, err := scrapeHistograms(w.admin, receiptHist, logSyncHist); err == nil && w.hists != nil {
+		median := func(name string) *float64 {
+			if h[name] == nil {
+				return nil
+			}
+			if v, ok := medianMs(w.hists[name], h[name]); ok {
+				return &v
+			}
+			return nil
+		}
+		c.ReceiptP50 = median(receiptHist)
+		c.LogSyncP50 = median(logSyncHist)
+	}
 	if c.Checkpoints != nil || c.Switches != nil {
 		n := wraps(m) - wraps(w.first)
 		c.Wraps = &n
