@@ -22,6 +22,7 @@ type harness struct {
 	st   *store.Store
 	n    *Node
 	open bool
+	prep func(n *Node) // before Recover, on every start
 }
 
 func newHarness(t *testing.T, cfg Config) *harness {
@@ -45,6 +46,9 @@ func (h *harness) start() {
 	cfg := h.cfg
 	cfg.Logger = slog.New(slog.NewTextHandler(io.Discard, nil))
 	n := New(cfg, st)
+	if h.prep != nil {
+		h.prep(n)
+	}
 	if err := n.Recover(); err != nil {
 		h.t.Fatal(err)
 	}

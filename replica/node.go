@@ -228,6 +228,11 @@ type Node struct {
 	// its window ends, relies on it.
 	wmu sync.Mutex
 	seq uint64
+	// rmu makes a store submission and its replication one step, so that
+	// every replica receives a bucket's writes in the order the local
+	// store commits them (lock order: wmu, destination.mu, then rmu).
+	rmu sync.Mutex
+	rep Replicator // nil: a node of its own, nothing is replicated
 	// seqCeil is the sequence number recorded in the store: after a
 	// restart numbering resumes above it, so message IDs are never reused
 	// even when every message was acknowledged and deleted. Guarded by wmu.
@@ -335,6 +340,14 @@ func (n *Node) Recover() error {
 			n.log.Warn("store bucket is not a queue; left alone", "bucket", b.Name, "messages", b.Count)
 			continue
 		}
+		maxSeq = max(maxSeq, b.LastKey)
+		count += b.Count
+		queues++
+		if n.rep != nil {
+			// Replicated: a queue is served only by its owner, which
+			// adopts it (Adopt); until then this is a replica's copy.
+			continue
+		}
 		d := n.destination(b.Name, KindQueue)
 		d.mu.Lock()
 		d.onDisk = b.Count
@@ -344,9 +357,6 @@ func (n *Node) Recover() error {
 			d.loadedTo = b.FirstKey - 1
 		}
 		d.mu.Unlock()
-		maxSeq = max(maxSeq, b.LastKey)
-		count += b.Count
-		queues++
 	}
 	n.seq = maxSeq
 	n.seqCeil = maxSeq
@@ -430,11 +440,11 @@ func (n *Node) Subscribe(opts SubOptions) (*Subscription, error) {
 		// runs, in store completion order: the subscription starts there
 		// too, so it gets exactly the messages whose SENDs came after its
 		// SUBSCRIBE on the same connection.
-		n.st.Submit(nil, false, func(error) {
+		n.write(nil, false, func(error) {
 			d.mu.Lock()
 			s.active = true
 			d.mu.Unlock()
-		})
+		}, nil)
 	}
 	return s, nil
 }
@@ -454,6 +464,15 @@ func (k *newKeys) add(d *destination, m *Message) {
 // in one group commit. Once it commits, each message of nk joins its
 // queue, then after runs. done gets the outcome.
 func (n *Node) commit(ops []store.Op, nk newKeys, sync bool, after func(), done func(error)) {
+	// With replication, done waits for the write quorum as well as for
+	// the local commit: a RECEIPT means W durable copies. A local failure
+	// wins; a missing quorum leaves the local effects in place (the
+	// message is stored here and may still be delivered: the client was
+	// told its outcome is unknown).
+	var quorum func(error)
+	if n.rep != nil && done != nil {
+		done, quorum = join2(done)
+	}
 	finish := func(err error) {
 		if err == nil {
 			for i, m := range nk.msgs {
@@ -475,15 +494,15 @@ func (n *Node) commit(ops []store.Op, nk newKeys, sync bool, after func(), done 
 	if len(nk.msgs) == 0 {
 		switch {
 		case len(ops) > 0:
-			n.st.Submit(ops, sync, finish)
+			n.write(ops, sync, finish, quorum)
 		case sync:
 			// Nothing to write, but a receipt still promises that earlier
-			// unsynced writes are on disk.
-			n.st.Barrier(finish)
+			// unsynced writes are on disk (and, replicated, on W replicas).
+			n.write(nil, true, finish, quorum)
 		default:
 			// Nothing to write: through the store anyway, so that effects
 			// (a topic fan-out) keep the order of earlier frames.
-			n.st.Submit(nil, false, finish)
+			n.write(nil, false, finish, quorum)
 		}
 		return
 	}
@@ -512,8 +531,57 @@ func (n *Node) commit(ops []store.Op, nk newKeys, sync bool, after func(), done 
 		n.seqCeil = n.seq + seqReserve
 		ops = append(ops, store.Op{Kind: store.OpPutMeta, Name: metaSeq, Value: strconv.AppendUint(nil, n.seqCeil, 10)})
 	}
-	n.st.Submit(ops, sync, finish)
+	n.write(ops, sync, finish, quorum)
 	n.wmu.Unlock()
+}
+
+// write submits ops to the store and, with a Replicator, to the replicas
+// of the queues they touch, as one step (see rmu). local gets the local
+// commit's outcome; quorum, if not nil, the replicas' (nil without a
+// Replicator). With sync and no ops it is a barrier: every earlier write
+// is durable here and, replicated, on the replicas it was sent to.
+func (n *Node) write(ops []store.Op, sync bool, local, quorum func(error)) {
+	if n.rep == nil {
+		if len(ops) == 0 && sync {
+			n.st.Barrier(local)
+		} else {
+			n.st.Submit(ops, sync, local)
+		}
+		return
+	}
+	n.rmu.Lock()
+	if len(ops) == 0 && sync {
+		n.st.Barrier(local)
+	} else {
+		n.st.Submit(ops, sync, local)
+	}
+	n.rep.Replicate(ops, sync, quorum)
+	n.rmu.Unlock()
+}
+
+// join2 returns two callbacks that call done once both ran, with the
+// first one's error if any, else the second's.
+func join2(done func(error)) (first, second func(error)) {
+	var mu sync.Mutex
+	var n int
+	var errs [2]error
+	end := func(i int) func(error) {
+		return func(err error) {
+			mu.Lock()
+			errs[i] = err
+			n++
+			last := n == 2
+			mu.Unlock()
+			if last {
+				if errs[0] != nil {
+					done(errs[0])
+				} else {
+					done(errs[1])
+				}
+			}
+		}
+	}
+	return end(0), end(1)
 }
 
 // Apply validates b, then applies it: acknowledgements at once in memory,
@@ -583,13 +651,20 @@ func (n *Node) Apply(b *Batch, done func(error)) error {
 }
 
 // Barrier calls done once everything applied before is on disk.
-func (n *Node) Barrier(done func(error)) { n.st.Barrier(done) }
+func (n *Node) Barrier(done func(error)) {
+	if n.rep == nil {
+		n.st.Barrier(done)
+		return
+	}
+	local, quorum := join2(done)
+	n.write(nil, true, local, quorum)
+}
 
 // submit queues internal writes (deletes, delivery counts) without sync. A
 // failure fails the store, which stops the node; it is logged here too.
 func (n *Node) submit(ops []store.Op) {
 	if len(ops) > 0 {
-		n.st.Submit(ops, false, n.internalDone)
+		n.write(ops, false, n.internalDone, nil)
 	}
 }
 
@@ -717,7 +792,7 @@ func (n *Node) removeIdle(d *destination) {
 	}
 	n.log.Debug("idle queue removed", "dest", d.name)
 	n.m.idleRemoved.Inc()
-	n.st.Submit([]store.Op{{Kind: store.OpDeleteBucket, Bucket: d.name}}, false, n.internalDone)
+	n.write([]store.Op{{Kind: store.OpDeleteBucket, Bucket: d.name}}, false, n.internalDone, nil)
 }
 
 // TagOf finds the outstanding delivery of message id, for STOMP 1.0 and

@@ -361,7 +361,7 @@ func (d *destination) flushRewritesLocked() {
 	}
 	ops := d.rewrites
 	d.rewrites = nil
-	d.n.st.Submit(ops, false, d.n.internalDone)
+	d.n.write(ops, false, d.n.internalDone, nil)
 }
 
 func isDLQ(name, prefix string) bool {

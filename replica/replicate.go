@@ -1,0 +1,368 @@
+package replica
+
+import (
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"log/slog"
+	"strconv"
+	"sync"
+
+	"github.com/brokerd/brokerd/store"
+)
+
+// Replication copies the store writes of each queue from its owner to the
+// queue's other replicas. The owner's Node submits every write to its
+// store and hands the same ops, in the same step (Node.rmu), to its
+// Replicator, which queues them per peer: each peer receives, in order,
+// exactly the writes of the queues it is a replica of, and applies them to
+// its own store (Node.ApplyReplicated) with fdatasync before it answers.
+// A replica's bucket is therefore a copy of the owner's: same keys, same
+// records, same deletions; a replica that becomes owner reads it like a
+// restarted node reads its own (Node.Adopt).
+
+// Replicator copies a Node's queue writes to the queues' other replicas.
+type Replicator interface {
+	// Replicate sends ops, just submitted to the local store in this
+	// order, to the other replicas of the queues they touch. It must not
+	// block. quorum, if not nil, is called once: with nil when every queue
+	// touched has its write quorum of durable copies (the local one
+	// counted), or with an error (ErrNoQuorum) once one cannot. Without
+	// ops it calls quorum(nil) at once: the writes before it have quorums
+	// of their own, which their callers wait for.
+	Replicate(ops []store.Op, sync bool, quorum func(error))
+}
+
+// SetReplicator makes n replicate its queue writes through r. Call it
+// before Start and before any client is served.
+func (n *Node) SetReplicator(r Replicator) { n.rep = r }
+
+// Errors of replication.
+var (
+	// ErrNoQuorum: fewer than the write quorum of a queue's replicas
+	// confirmed a write. The write is stored here and may still be
+	// delivered; the client is told its outcome is unknown.
+	ErrNoQuorum = errors.New("fewer replicas than the write quorum confirmed the write")
+	// ErrStaleEpoch: an append from an owner acting under an older epoch
+	// than this replica has seen; nothing was applied.
+	ErrStaleEpoch = errors.New("append from an owner with an older epoch")
+	// ErrOwnedHere: an append for a queue this node serves as its owner;
+	// nothing was applied.
+	ErrOwnedHere = errors.New("append for a queue this node owns")
+	// ErrBadAppend: an append whose encoding or content is invalid;
+	// nothing was applied.
+	ErrBadAppend = errors.New("invalid append")
+)
+
+// Wire form of a batch of replicated ops: each op is its kind (one byte:
+// 1 put, 2 delete, 4 delete-bucket), the bucket (uvarint length, bytes),
+// then for put and delete the key (uvarint), and for put the value
+// (uvarint length, bytes).
+
+// AppendOps appends the wire form of ops to b. Only queue writes are
+// encoded: meta writes are a node's own and are skipped.
+func AppendOps(b []byte, ops []store.Op) []byte {
+	for i := range ops {
+		op := &ops[i]
+		switch op.Kind {
+		case store.OpPut, store.OpDelete, store.OpDeleteBucket:
+		default:
+			continue
+		}
+		b = append(b, byte(op.Kind))
+		b = binary.AppendUvarint(b, uint64(len(op.Bucket)))
+		b = append(b, op.Bucket...)
+		if op.Kind == store.OpDeleteBucket {
+			continue
+		}
+		b = binary.AppendUvarint(b, op.Key)
+		if op.Kind == store.OpPut {
+			b = binary.AppendUvarint(b, uint64(len(op.Value)))
+			b = append(b, op.Value...)
+		}
+	}
+	return b
+}
+
+// maxBucketName bounds a destination name on the wire (the STOMP edge's
+// header limit is far below it).
+const maxBucketName = 64 << 10
+
+// DecodeOps parses the wire form of a batch. Every op must be a queue
+// write: a put of a readable message record under a key > 0, a delete of
+// a key > 0, or a bucket delete, on a /queue/ destination. Values alias b.
+func DecodeOps(b []byte) ([]store.Op, error) {
+	var ops []store.Op
+	for len(b) > 0 {
+		kind := store.OpKind(b[0])
+		b = b[1:]
+		if kind != store.OpPut && kind != store.OpDelete && kind != store.OpDeleteBucket {
+			return nil, fmt.Errorf("%w: op kind %d", ErrBadAppend, int(kind))
+		}
+		l, n := binary.Uvarint(b)
+		if n <= 0 || l == 0 || l > maxBucketName || l > uint64(len(b)-n) {
+			return nil, fmt.Errorf("%w: bucket name", ErrBadAppend)
+		}
+		op := store.Op{Kind: kind, Bucket: string(b[n : n+int(l)])}
+		b = b[n+int(l):]
+		if k, err := ParseDestination(op.Bucket); err != nil || k != KindQueue {
+			return nil, fmt.Errorf("%w: %q is not a queue", ErrBadAppend, op.Bucket)
+		}
+		if kind != store.OpDeleteBucket {
+			key, n := binary.Uvarint(b)
+			if n <= 0 || key == 0 {
+				return nil, fmt.Errorf("%w: key", ErrBadAppend)
+			}
+			op.Key = key
+			b = b[n:]
+		}
+		if kind == store.OpPut {
+			l, n := binary.Uvarint(b)
+			if n <= 0 || l > uint64(len(b)-n) {
+				return nil, fmt.Errorf("%w: value length", ErrBadAppend)
+			}
+			op.Value = b[n : n+int(l) : n+int(l)]
+			b = b[n+int(l):]
+			if !validRecord(op.Value) {
+				return nil, fmt.Errorf("%w: unreadable message record under %s key %d", ErrBadAppend, op.Bucket, op.Key)
+			}
+		}
+		ops = append(ops, op)
+	}
+	return ops, nil
+}
+
+// validRecord reports whether b is a message record decodeMessage reads.
+func validRecord(b []byte) bool {
+	_, err := decodeMessage("", 0, b)
+	return err == nil
+}
+
+// ApplyReplicated applies a batch of ops an owner replicated to this node
+// under epoch: every op, fdatasynced, or none. It refuses (calling nothing)
+// a batch that does not decode, one from an owner whose epoch is older
+// than current (this node's view of the cluster's epoch), and one that
+// touches a queue this node serves as owner. done gets the commit's
+// outcome. Keys of replicated messages raise this node's sequence, so
+// that if it becomes the owner its own keys come after them.
+func (n *Node) ApplyReplicated(epoch, current uint64, body []byte, done func(error)) error {
+	if epoch < current {
+		return fmt.Errorf("%w: %d, this node is at %d", ErrStaleEpoch, epoch, current)
+	}
+	ops, err := DecodeOps(body)
+	if err != nil {
+		return err
+	}
+	n.wmu.Lock()
+	n.mu.Lock()
+	for i := range ops {
+		if d := n.dests[ops[i].Bucket]; d != nil {
+			n.mu.Unlock()
+			n.wmu.Unlock()
+			return fmt.Errorf("%w: %s", ErrOwnedHere, ops[i].Bucket)
+		}
+	}
+	n.mu.Unlock()
+	for i := range ops {
+		if ops[i].Kind == store.OpPut {
+			n.seq = max(n.seq, ops[i].Key)
+		}
+	}
+	if n.seq > n.seqCeil {
+		n.seqCeil = n.seq + seqReserve
+		ops = append(ops, store.Op{Kind: store.OpPutMeta, Name: metaSeq, Value: strconv.AppendUint(nil, n.seqCeil, 10)})
+	}
+	n.st.Submit(ops, true, done)
+	n.wmu.Unlock()
+	return nil
+}
+
+// Adopt makes this node serve queue dest as its owner from what its store
+// holds (a replica's copy): counters and key range are read as on a
+// restart, the messages stay on disk until a subscriber needs them. A
+// queue already served here is left as it is.
+func (n *Node) Adopt(dest string) error {
+	if k, err := ParseDestination(dest); err != nil || k != KindQueue {
+		return fmt.Errorf("adopt %q: not a queue", dest)
+	}
+	buckets, err := n.st.Buckets()
+	if err != nil {
+		return fmt.Errorf("adopt %s: %w", dest, err)
+	}
+	n.wmu.Lock()
+	defer n.wmu.Unlock()
+	n.mu.Lock()
+	if n.dests[dest] != nil {
+		n.mu.Unlock()
+		return nil
+	}
+	d := n.destinationLocked(dest, KindQueue)
+	d.mu.Lock()
+	n.mu.Unlock()
+	for _, b := range buckets {
+		if b.Name != dest || b.Count == 0 {
+			continue
+		}
+		d.onDisk = b.Count
+		d.onDiskBytes = b.Bytes
+		d.countedTo = b.LastKey
+		if b.FirstKey > 0 {
+			d.loadedTo = b.FirstKey - 1
+		}
+		n.seq = max(n.seq, b.LastKey)
+	}
+	d.mu.Unlock()
+	n.log.Info("adopted queue", "dest", dest, "messages", d.onDisk)
+	return nil
+}
+
+// View is what a Replicator needs from membership: this node, the active
+// members and the epoch they agree under.
+type View struct {
+	Self   string
+	Active []string
+	Epoch  uint64
+}
+
+// Peers sends replication batches to other nodes.
+type Peers interface {
+	// Append sends body (AppendOps) to peer under epoch. done runs once,
+	// with nil when the peer has applied it durably, or an error (refused,
+	// or unknown outcome). Append must not block for long.
+	Append(peer string, epoch uint64, body []byte, done func(error))
+}
+
+// PeerReplicator is the Replicator of a cluster node: it places each
+// queue (ReplicaSet of the view's active members, factor R), sends each
+// other replica the ops of its queues, and counts durable copies against
+// the write quorum W.
+type PeerReplicator struct {
+	r, w  int
+	view  func() View
+	peers Peers
+	log   *slog.Logger
+
+	// sends holds, per peer, the batches given to Peers.Append in order;
+	// sendMu keeps the calls to Append in Replicate's order.
+	sendMu sync.Mutex
+}
+
+// NewPeerReplicator returns a Replicator for factor r and write quorum w
+// (0: a majority of r).
+func NewPeerReplicator(r, w int, view func() View, peers Peers, log *slog.Logger) *PeerReplicator {
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	return &PeerReplicator{r: max(r, 1), w: w, view: view, peers: peers, log: log}
+}
+
+// tally counts, per queue, the confirmations still needed and still
+// possible, and calls done once.
+type tally struct {
+	mu       sync.Mutex
+	need     map[string]int
+	possible map[string]int
+	fired    bool
+	done     func(error)
+}
+
+func (t *tally) settle(buckets []string, ok bool) {
+	t.mu.Lock()
+	if t.fired {
+		t.mu.Unlock()
+		return
+	}
+	var err error
+	complete := true
+	for _, b := range buckets {
+		t.possible[b]--
+		if ok {
+			t.need[b]--
+		}
+	}
+	for b, need := range t.need {
+		if need > 0 {
+			complete = false
+			if t.possible[b] < need {
+				err = fmt.Errorf("%w for %s", ErrNoQuorum, b)
+			}
+		}
+	}
+	if complete || err != nil {
+		t.fired = true
+	}
+	fire := t.fired
+	t.mu.Unlock()
+	if fire && t.done != nil {
+		t.done(err)
+	}
+}
+
+// Replicate implements Replicator.
+func (p *PeerReplicator) Replicate(ops []store.Op, sync bool, quorum func(error)) {
+	v := p.view()
+	// Which ops go to which peer, and what each queue needs.
+	type share struct {
+		ops     []store.Op
+		buckets []string
+	}
+	shares := map[string]*share{}
+	var order []string
+	t := &tally{need: map[string]int{}, possible: map[string]int{}, done: quorum}
+	for i := range ops {
+		op := &ops[i]
+		if op.Kind == store.OpPutMeta {
+			continue
+		}
+		set := ReplicaSet(op.Bucket, v.Active, p.r)
+		if _, seen := t.need[op.Bucket]; !seen {
+			t.need[op.Bucket] = WriteQuorum(len(set), p.w) - 1 // the local copy counts
+			others := 0
+			for _, id := range set {
+				if id != v.Self {
+					others++
+				}
+			}
+			t.possible[op.Bucket] = others
+		}
+		for _, id := range set {
+			if id == v.Self {
+				continue
+			}
+			s := shares[id]
+			if s == nil {
+				s = &share{}
+				shares[id] = s
+				order = append(order, id)
+			}
+			s.ops = append(s.ops, *op)
+			if len(s.buckets) == 0 || s.buckets[len(s.buckets)-1] != op.Bucket {
+				s.buckets = appendUnique(s.buckets, op.Bucket)
+			}
+		}
+	}
+	// A quorum already met (W = 1, or nothing to replicate) fires now.
+	t.settle(nil, true)
+	p.sendMu.Lock()
+	for _, id := range order {
+		s := shares[id]
+		body := AppendOps(nil, s.ops)
+		buckets := s.buckets
+		p.peers.Append(id, v.Epoch, body, func(err error) {
+			if err != nil {
+				p.log.Warn("replication to peer failed", "peer", id, "queues", buckets, "err", err)
+			}
+			t.settle(buckets, err == nil)
+		})
+	}
+	p.sendMu.Unlock()
+}
+
+func appendUnique(s []string, v string) []string {
+	for _, x := range s {
+		if x == v {
+			return s
+		}
+	}
+	return append(s, v)
+}
