@@ -209,6 +209,9 @@ func (n *Node) Adopt(dest string) error {
 		if b.FirstKey > 0 {
 			d.loadedTo = b.FirstKey - 1
 		}
+		// The previous owner may have delivered any of them: each is
+		// marked redelivered (a client that deduplicates checks those).
+		d.inheritedTo = b.LastKey
 		n.seq = max(n.seq, b.LastKey)
 	}
 	d.mu.Unlock()

@@ -109,10 +109,22 @@ func TestReplicatedQueueSurvivesOwner(t *testing.T) {
 	if _, err := replica.n.Subscribe(SubOptions{Dest: q, Ack: AckAuto, Deliver: c2.deliver}); err != nil {
 		t.Fatal(err)
 	}
-	checkNumbered(t, bodies(c2.wait(t, 170)), 30)
+	inherited := c2.wait(t, 170)
+	checkNumbered(t, bodies(inherited), 30)
+	for _, d := range inherited {
+		if !d.Redelivered {
+			t.Fatalf("message %s, inherited from the dead owner, delivered without redelivered", d.Msg.Body)
+		}
+	}
 	// New messages on the new owner come after the inherited ones.
 	sendNumbered(t, replica, q, 200, 210)
-	checkNumbered(t, bodies(c2.wait(t, 180)), 30)
+	all := c2.wait(t, 180)
+	checkNumbered(t, bodies(all), 30)
+	for _, d := range all[170:] {
+		if d.Redelivered {
+			t.Fatalf("message %s, sent to the new owner, delivered as redelivered", d.Msg.Body)
+		}
+	}
 }
 
 // Without the replica, W = 2 cannot be met: the SEND fails with
