@@ -54,7 +54,7 @@ func (s *Subscription) deliverLocked(m *Message) {
 	}
 	s.unwritten++
 	s.d.n.m.delivered.Inc()
-	s.opts.Deliver(Delivery{Msg: m, Sub: s, Tag: s.nextTag, Redelivered: m.Deliveries > 0 || m.Seq <= s.d.inheritedTo, Count: m.Deliveries})
+	s.opts.Deliver(Delivery{Msg: m, Sub: s, Tag: s.nextTag, Redelivered: m.Deliveries > 0 || (m.Seq > 0 && m.Seq <= s.d.inheritedTo), Count: m.Deliveries})
 }
 
 // removeLocked takes delivery tag (entry e) out of the in-flight set.
