@@ -4,6 +4,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"math"
 	"strings"
 	"time"
 )
@@ -130,7 +131,7 @@ func decodeMessage(dest string, seq uint64, b []byte) (*Message, error) {
 		return s, true
 	}
 	d, ok := uv()
-	if !ok {
+	if !ok || d > math.MaxInt32 {
 		return nil, fmt.Errorf("%w: deliveries", errCorrupt)
 	}
 	m.Deliveries = int(d)

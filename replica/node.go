@@ -406,6 +406,18 @@ func (n *Node) destinationLocked(name string, kind Kind) *destination {
 // idle queues holding both, cannot remove d between lookup and use.
 func (n *Node) lockDestination(name string, kind Kind) *destination {
 	n.mu.Lock()
+	if n.rep != nil && kind == KindQueue {
+		if d := n.dests[name]; d == nil || !d.adopted {
+			// Replicated: the bucket may hold a replica's copy; the
+			// queue comes into memory counting it (Adopt). Not under
+			// wmu: callers of lockDestination never hold it.
+			n.mu.Unlock()
+			if err := n.Adopt(name); err != nil {
+				n.log.Error("queue not adopted", "dest", name, "err", err)
+			}
+			n.mu.Lock()
+		}
+	}
 	d := n.destinationLocked(name, kind)
 	d.mu.Lock()
 	n.mu.Unlock()
@@ -540,28 +552,59 @@ func (n *Node) commit(ops []store.Op, nk newKeys, sync bool, after func(), done 
 // commit's outcome; quorum, if not nil, the replicas' (nil without a
 // Replicator). With sync and no ops it is a barrier: every earlier write
 // is durable here and, replicated, on the replicas it was sent to.
-func (n *Node) write(ops []store.Op, sync bool, local, quorum func(error)) {
+func (n *Node) write(ops []store.Op, synced bool, local, quorum func(error)) {
 	if n.rep == nil {
-		if len(ops) == 0 && sync {
+		if len(ops) == 0 && synced {
 			n.st.Barrier(local)
 		} else {
-			n.st.Submit(ops, sync, local)
+			n.st.Submit(ops, synced, local)
 		}
 		return
 	}
-	n.rmu.Lock()
-	if len(ops) == 0 && sync {
-		n.st.Barrier(local)
-	} else {
-		n.st.Submit(ops, sync, local)
+	// A callback the store (closed) or the replicator (quorum met at
+	// once) calls before returning runs after rmu is released: callbacks
+	// take destination locks, which are taken before rmu elsewhere.
+	var dmu sync.Mutex
+	var deferred []func()
+	inside := true
+	later := func(f func(error)) func(error) {
+		if f == nil {
+			return nil
+		}
+		return func(err error) {
+			dmu.Lock()
+			if inside {
+				deferred = append(deferred, func() { f(err) })
+				dmu.Unlock()
+				return
+			}
+			dmu.Unlock()
+			f(err)
+		}
 	}
-	n.rep.Replicate(ops, sync, quorum)
+	n.rmu.Lock()
+	if len(ops) == 0 && synced {
+		n.st.Barrier(later(local))
+	} else {
+		n.st.Submit(ops, synced, later(local))
+	}
+	n.rep.Replicate(ops, synced, later(quorum))
 	n.rmu.Unlock()
+	dmu.Lock()
+	inside = false
+	run := deferred
+	dmu.Unlock()
+	for _, f := range run {
+		f()
+	}
 }
 
-// join2 returns two callbacks that call done once both ran, with the
-// first one's error if any, else the second's.
+// join2 returns two callbacks that call done (if not nil) once both ran,
+// with the first one's error if any, else the second's.
 func join2(done func(error)) (first, second func(error)) {
+	if done == nil {
+		done = func(error) {}
+	}
 	var mu sync.Mutex
 	var n int
 	var errs [2]error

@@ -36,6 +36,7 @@ type destination struct {
 	loadedTo    uint64     // every pending message with a key <= loadedTo is in memory
 	countedTo   uint64     // the highest key whose commit this queue has counted (committed ran)
 	inheritedTo uint64     // keys <= this came from a previous owner (Adopt): delivered as redelivered
+	adopted     bool       // with a Replicator: counters read from the bucket (Adopt); guarded by Node.mu
 	holes       bool       // messages were removed from the window's middle (their deletes may not be visible yet)
 	rewrites    []store.Op // delivery-count rewrites to submit before d.mu is released
 	onDisk      int64      // pending messages with a key > loadedTo

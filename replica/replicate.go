@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"slices"
 	"strconv"
 	"sync"
 
@@ -149,7 +150,9 @@ func (n *Node) ApplyReplicated(epoch, current uint64, body []byte, done func(err
 	if epoch < current {
 		return fmt.Errorf("%w: %d, this node is at %d", ErrStaleEpoch, epoch, current)
 	}
-	ops, err := DecodeOps(body)
+	// One copy of the batch: the store reads the values until the
+	// commit, and the caller may reuse its buffer once this returns.
+	ops, err := DecodeOps(slices.Clone(body))
 	if err != nil {
 		return err
 	}
@@ -180,29 +183,44 @@ func (n *Node) ApplyReplicated(epoch, current uint64, body []byte, done func(err
 // Adopt makes this node serve queue dest as its owner from what its store
 // holds (a replica's copy): counters and key range are read as on a
 // restart, the messages stay on disk until a subscriber needs them. A
-// queue already served here is left as it is.
+// queue already adopted is left as it is.
+//
+// With a Replicator, a queue a client names before it was adopted is
+// adopted then (lockQueue), so that no in-memory queue ever stands for
+// less than its bucket holds.
 func (n *Node) Adopt(dest string) error {
 	if k, err := ParseDestination(dest); err != nil || k != KindQueue {
 		return fmt.Errorf("adopt %q: not a queue", dest)
+	}
+	n.wmu.Lock()
+	defer n.wmu.Unlock()
+	n.mu.Lock()
+	if d := n.dests[dest]; d != nil && d.adopted {
+		n.mu.Unlock()
+		return nil
+	}
+	// In memory from here on: ApplyReplicated refuses the queue (it
+	// takes wmu, held until the counters are read).
+	d := n.destinationLocked(dest, KindQueue)
+	n.mu.Unlock()
+	// Every write submitted before (replicated appends included) is
+	// committed, so the bucket's stats count it.
+	ch := make(chan error, 1)
+	n.st.Barrier(func(err error) { ch <- err })
+	if err := <-ch; err != nil {
+		return fmt.Errorf("adopt %s: %w", dest, err)
 	}
 	buckets, err := n.st.Buckets()
 	if err != nil {
 		return fmt.Errorf("adopt %s: %w", dest, err)
 	}
-	n.wmu.Lock()
-	defer n.wmu.Unlock()
-	n.mu.Lock()
-	if n.dests[dest] != nil {
-		n.mu.Unlock()
-		return nil
-	}
-	d := n.destinationLocked(dest, KindQueue)
 	d.mu.Lock()
-	n.mu.Unlock()
 	for _, b := range buckets {
 		if b.Name != dest || b.Count == 0 {
 			continue
 		}
+		// With a Replicator every queue comes into memory here (see
+		// lockDestination), under wmu: nothing else touched d yet.
 		d.onDisk = b.Count
 		d.onDiskBytes = b.Bytes
 		d.countedTo = b.LastKey
@@ -214,8 +232,12 @@ func (n *Node) Adopt(dest string) error {
 		d.inheritedTo = b.LastKey
 		n.seq = max(n.seq, b.LastKey)
 	}
+	onDisk := d.onDisk
 	d.mu.Unlock()
-	n.log.Info("adopted queue", "dest", dest, "messages", d.onDisk)
+	n.mu.Lock()
+	d.adopted = true
+	n.mu.Unlock()
+	n.log.Info("adopted queue", "dest", dest, "messages", onDisk)
 	return nil
 }
 
@@ -245,9 +267,14 @@ type PeerReplicator struct {
 	peers Peers
 	log   *slog.Logger
 
-	// sends holds, per peer, the batches given to Peers.Append in order;
 	// sendMu keeps the calls to Append in Replicate's order.
 	sendMu sync.Mutex
+
+	// pending are the tallies not settled yet, by sequence, so that a
+	// barrier can wait for every write replicated before it.
+	mu      sync.Mutex
+	seq     uint64
+	pending map[uint64]*tally
 }
 
 // NewPeerReplicator returns a Replicator for factor r and write quorum w
@@ -256,7 +283,7 @@ func NewPeerReplicator(r, w int, view func() View, peers Peers, log *slog.Logger
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	return &PeerReplicator{r: max(r, 1), w: w, view: view, peers: peers, log: log}
+	return &PeerReplicator{r: max(r, 1), w: w, view: view, peers: peers, log: log, pending: map[uint64]*tally{}}
 }
 
 // tally counts, per queue, the confirmations still needed and still
@@ -266,7 +293,10 @@ type tally struct {
 	need     map[string]int
 	possible map[string]int
 	fired    bool
+	err      error
 	done     func(error)
+	after    []func(error) // barriers waiting for it
+	onFire   func()        // unregisters it from PeerReplicator.pending
 }
 
 func (t *tally) settle(buckets []string, ok bool) {
@@ -295,14 +325,81 @@ func (t *tally) settle(buckets []string, ok bool) {
 		t.fired = true
 	}
 	fire := t.fired
+	var after []func(error)
+	if fire {
+		t.err = err
+		after = t.after
+		t.after = nil
+	}
 	t.mu.Unlock()
-	if fire && t.done != nil {
+	if !fire {
+		return
+	}
+	if t.onFire != nil {
+		t.onFire()
+	}
+	if t.done != nil {
 		t.done(err)
 	}
+	for _, f := range after {
+		f(err)
+	}
+}
+
+// barrier calls done once every tally pending now has settled: nil if
+// all met their quorum, else the first error.
+func (p *PeerReplicator) barrier(done func(error)) {
+	p.mu.Lock()
+	waiting := make([]*tally, 0, len(p.pending))
+	for _, t := range p.pending {
+		waiting = append(waiting, t)
+	}
+	p.mu.Unlock()
+	if done == nil {
+		done = func(error) {}
+	}
+	var mu sync.Mutex
+	left := len(waiting) + 1
+	var first error
+	one := func(err error) {
+		mu.Lock()
+		if err != nil && first == nil {
+			first = err
+		}
+		left--
+		last := left == 0
+		mu.Unlock()
+		if last {
+			done(first)
+		}
+	}
+	for _, t := range waiting {
+		t.mu.Lock()
+		if t.fired {
+			err := t.err
+			t.mu.Unlock()
+			one(err)
+			continue
+		}
+		t.after = append(t.after, one)
+		t.mu.Unlock()
+	}
+	one(nil)
 }
 
 // Replicate implements Replicator.
 func (p *PeerReplicator) Replicate(ops []store.Op, sync bool, quorum func(error)) {
+	if len(ops) == 0 {
+		// A barrier: every write replicated before it has its quorum
+		// (or could not), so that a RECEIPT after it covers them all,
+		// internal writes included.
+		if sync {
+			p.barrier(quorum)
+		} else if quorum != nil {
+			quorum(nil)
+		}
+		return
+	}
 	v := p.view()
 	// Which ops go to which peer, and what each queue needs.
 	type share struct {
@@ -319,12 +416,24 @@ func (p *PeerReplicator) Replicate(ops []store.Op, sync bool, quorum func(error)
 		}
 		set := ReplicaSet(op.Bucket, v.Active, p.r)
 		if _, seen := t.need[op.Bucket]; !seen {
-			t.need[op.Bucket] = WriteQuorum(len(set), p.w) - 1 // the local copy counts
+			// W copies in the replica set: an explicit W holds even
+			// when fewer members are active (the SEND then fails); the
+			// default is a majority of the set. The local copy counts
+			// only if this node is in the set.
+			w := p.w
+			if w < 1 {
+				w = len(set)/2 + 1
+			}
 			others := 0
 			for _, id := range set {
 				if id != v.Self {
 					others++
 				}
+			}
+			if others == len(set) {
+				t.need[op.Bucket] = w
+			} else {
+				t.need[op.Bucket] = w - 1
 			}
 			t.possible[op.Bucket] = others
 		}
@@ -344,7 +453,19 @@ func (p *PeerReplicator) Replicate(ops []store.Op, sync bool, quorum func(error)
 			}
 		}
 	}
-	// A quorum already met (W = 1, or nothing to replicate) fires now.
+	// Registered for barriers before anything can settle it.
+	p.mu.Lock()
+	p.seq++
+	id := p.seq
+	p.pending[id] = t
+	p.mu.Unlock()
+	t.onFire = func() {
+		p.mu.Lock()
+		delete(p.pending, id)
+		p.mu.Unlock()
+	}
+	// A quorum already met (W = 1, or nothing to replicate) fires now,
+	// and one that cannot be met (an explicit W above the set) fails now.
 	t.settle(nil, true)
 	p.sendMu.Lock()
 	for _, id := range order {

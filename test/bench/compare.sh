@@ -87,7 +87,7 @@ run() { # TARGET WINDOW
   echo "compare.sh: $t @ $addr window=$w for $DURATION ..." >&2
   "$tmp/bench" -json -label "$t" -addr "$addr" -login "$login" -passcode "$pass" \
     -producers 1 -consumers 1 -size 256 -persistent=true -ack client-individual -prefetch 256 \
-    -window "$w" -duration "$DURATION" "${opt[@]}" "$@" >"$tmp/$t-$w.out" 2>"$tmp/$t-$w.err"
+    -window "$w" -duration "$DURATION" "${opt[@]}" "$@" >"$tmp/$t-$w.out" 2>>"$tmp/$t-$w.err"
   echo $? >"$tmp/$t-$w.rc"
   grep '^{' "$tmp/$t-$w.out" | tail -n 1 >"$tmp/$t-$w.json"
 }
