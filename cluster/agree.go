@@ -1,7 +1,6 @@
 package cluster
 
 import (
-	"encoding/hex"
 	"hash/fnv"
 	"sort"
 	"strings"
@@ -18,6 +17,9 @@ type Member struct {
 	// JoinedAt is when the node first started, in ms since the epoch;
 	// it is kept in the node's data directory, so it survives restarts.
 	JoinedAt int64
+	// Epoch is the epoch the node advertises (its Meta.Epoch and
+	// Meta.SetHash); zero when it advertises none.
+	Epoch EpochID
 }
 
 // ActiveSet is the agreed active members, by node ID, in rank order.
@@ -33,13 +35,18 @@ func (s ActiveSet) Contains(id string) bool {
 	return false
 }
 
-// Hash identifies the set's members, whatever their order.
-func (s ActiveSet) Hash() string {
+// Hash identifies the set's members, whatever their order: Sum64 in 16
+// hex digits.
+func (s ActiveSet) Hash() string { return setHash(s.Sum64()) }
+
+// Sum64 is the 64-bit FNV-1a hash of the set's sorted member IDs; it is
+// EpochID.Set.
+func (s ActiveSet) Sum64() uint64 {
 	ids := append([]string(nil), s...)
 	sort.Strings(ids)
 	h := fnv.New64a()
 	h.Write([]byte(strings.Join(ids, "\x00")))
-	return hex.EncodeToString(h.Sum(nil))
+	return h.Sum64()
 }
 
 // less ranks a before b: members already active first, then the longest

@@ -63,48 +63,62 @@ func TestActiveSetHashIgnoresOrder(t *testing.T) {
 	}
 }
 
+// ep is the epoch with counter c for the set of ids.
+func ep(c uint64, ids ...string) EpochID { return EpochID{Counter: c, Set: ActiveSet(ids).Sum64()} }
+
+// claiming returns ms, each advertising e.
+func claiming(e EpochID, ms ...Member) []Member {
+	out := make([]Member, len(ms))
+	for i, m := range ms {
+		m.Epoch = e
+		out[i] = m
+	}
+	return out
+}
+
 func TestDecide(t *testing.T) {
 	t0 := time.UnixMilli(1_000_000)
 	delay := 500 * time.Millisecond
+	e7 := ep(7, "a", "b", "c")
 	view := func(selfSeat Seat) []Member {
-		return []Member{act("a", 100, 1), act("c", 200, 3), {ID: "d", Active: selfSeat.Active, ActiveSince: selfSeat.ActiveSince, JoinedAt: 4}, obs("e", 5)}
+		return claiming(e7, act("a", 100, 1), act("c", 200, 3), Member{ID: "d", Active: selfSeat.Active, ActiveSince: selfSeat.ActiveSince, JoinedAt: 4}, obs("e", 5))
 	}
-	prev := ActiveSet{"a", "b", "c"}
 
 	// b died: d is in the agreed set and starts waiting.
-	d1 := Decide("d", Seat{}, view(Seat{}), nil, 3, prev, 7, 7, t0, delay)
+	d1 := Decide("d", Seat{}, view(Seat{}), nil, 3, e7, t0, delay)
 	if d1.Seat.Active || d1.Seat.PendingSince != t0 || d1.Promoted {
 		t.Fatalf("first decision: %+v, want pending since t0", d1)
 	}
-	if !reflect.DeepEqual(d1.Set, ActiveSet{"a", "c", "d"}) || d1.Epoch != 8 {
-		t.Fatalf("set %v epoch %d, want [a c d] 8", d1.Set, d1.Epoch)
+	if !reflect.DeepEqual(d1.Set, ActiveSet{"a", "c", "d"}) || d1.Epoch != ep(8, "a", "c", "d") {
+		t.Fatalf("set %v epoch %v, want [a c d] 8", d1.Set, d1.Epoch)
 	}
 	// Before the delay: still waiting, same epoch.
-	d2 := Decide("d", d1.Seat, view(d1.Seat), nil, 3, d1.Set, d1.Epoch, 8, t0.Add(delay/2), delay)
-	if d2.Seat.Active || d2.Epoch != 8 {
+	d2 := Decide("d", d1.Seat, view(d1.Seat), nil, 3, d1.Epoch, t0.Add(delay/2), delay)
+	if d2.Seat.Active || d2.Epoch != d1.Epoch {
 		t.Fatalf("before delay: %+v", d2)
 	}
 	// After the delay: takes the seat.
-	d3 := Decide("d", d2.Seat, view(d2.Seat), nil, 3, d2.Set, d2.Epoch, 8, t0.Add(delay), delay)
+	d3 := Decide("d", d2.Seat, view(d2.Seat), nil, 3, d2.Epoch, t0.Add(delay), delay)
 	if !d3.Seat.Active || !d3.Promoted || d3.Seat.ActiveSince != t0.Add(delay).UnixMilli() {
 		t.Fatalf("after delay: %+v", d3)
 	}
 	// b comes back within the delay (a flap, keeping its seat claim): d,
 	// still pending, drops out and never took a seat.
-	flap := []Member{act("a", 100, 1), act("b", 100, 2), act("c", 200, 3), {ID: "d", JoinedAt: 4}, obs("e", 5)}
-	d4 := Decide("d", d1.Seat, flap, nil, 3, d1.Set, d1.Epoch, 8, t0.Add(delay/2), delay)
+	flap := claiming(e7, act("a", 100, 1), act("b", 100, 2), act("c", 200, 3), Member{ID: "d", JoinedAt: 4}, obs("e", 5))
+	d4 := Decide("d", d1.Seat, flap, nil, 3, d1.Epoch, t0.Add(delay/2), delay)
 	if d4.Seat.Active || !d4.Seat.PendingSince.IsZero() || d4.Promoted {
 		t.Fatalf("flap: %+v, want observer, not pending", d4)
 	}
 	// An active member outside the agreed set (merge, M lowered) steps down at once.
-	d5 := Decide("c", Seat{Active: true, ActiveSince: 200}, []Member{act("a", 100, 1), act("b", 100, 2), act("c", 200, 3)}, nil, 2, ActiveSet{"a", "b", "c"}, 3, 3, t0, delay)
-	if d5.Seat.Active || d5.Epoch != 4 {
+	e3 := ep(3, "a", "b", "c")
+	d5 := Decide("c", Seat{Active: true, ActiveSince: 200}, claiming(e3, act("a", 100, 1), act("b", 100, 2), act("c", 200, 3)), nil, 2, e3, t0, delay)
+	if d5.Seat.Active || d5.Epoch != ep(4, "a", "b") {
 		t.Fatalf("step down: %+v", d5)
 	}
-	// The epoch follows the highest one advertised.
-	d6 := Decide("a", Seat{Active: true, ActiveSince: 100}, []Member{act("a", 100, 1)}, nil, 1, ActiveSet{"a"}, 2, 9, t0, delay)
-	if d6.Epoch != 9 {
-		t.Fatalf("epoch %d, want 9", d6.Epoch)
+	// The epoch follows the highest one advertised for the same set.
+	d6 := Decide("a", Seat{Active: true, ActiveSince: 100}, []Member{act("a", 100, 1), {ID: "b", JoinedAt: 2, Epoch: ep(9, "a")}}, nil, 1, ep(2, "a"), t0, delay)
+	if d6.Epoch != ep(9, "a") {
+		t.Fatalf("epoch %v, want 9", d6.Epoch)
 	}
 }
 
@@ -115,25 +129,27 @@ func TestDecideGrace(t *testing.T) {
 	t0 := time.UnixMilli(1_000_000)
 	delay := 500 * time.Millisecond
 	prev := ActiveSet{"a", "b", "c"}
+	e7 := ep(7, prev...)
 	b := act("b", 100, 2)
-	view := []Member{act("a", 100, 1), act("c", 200, 3), obs("d", 4), obs("e", 5)}
+	b.Epoch = e7
+	view := claiming(e7, act("a", 100, 1), act("c", 200, 3), obs("d", 4), obs("e", 5))
 	// b just failed: d starts waiting, the published set and epoch stay.
-	d1 := Decide("d", Seat{}, view, []Member{b}, 3, prev, 7, 7, t0, delay)
+	d1 := Decide("d", Seat{}, view, []Member{b}, 3, e7, t0, delay)
 	if d1.Seat.PendingSince != t0 || d1.Seat.Active {
 		t.Fatalf("replacement: %+v, want pending since t0", d1.Seat)
 	}
-	if d1.Set.Hash() != prev.Hash() || d1.Epoch != 7 {
-		t.Fatalf("during grace: set %v epoch %d, want %v and 7", d1.Set, d1.Epoch, prev)
+	if d1.Set.Hash() != prev.Hash() || d1.Epoch != e7 {
+		t.Fatalf("during grace: set %v epoch %v, want %v and 7", d1.Set, d1.Epoch, prev)
 	}
 	// b comes back within the delay: nothing changed at all.
 	back := append([]Member{b}, view...)
-	d2 := Decide("d", d1.Seat, back, nil, 3, d1.Set, d1.Epoch, 7, t0.Add(delay/2), delay)
-	if d2.Seat.Active || !d2.Seat.PendingSince.IsZero() || d2.Set.Hash() != prev.Hash() || d2.Epoch != 7 {
+	d2 := Decide("d", d1.Seat, back, nil, 3, d1.Epoch, t0.Add(delay/2), delay)
+	if d2.Seat.Active || !d2.Seat.PendingSince.IsZero() || d2.Set.Hash() != prev.Hash() || d2.Epoch != e7 {
 		t.Fatalf("after the flap: %+v", d2)
 	}
 	// b stays dead: when the grace ends, d takes the seat, one set change.
-	d3 := Decide("d", d1.Seat, view, nil, 3, d1.Set, d1.Epoch, 7, t0.Add(delay), delay)
-	if !d3.Promoted || !reflect.DeepEqual(d3.Set, ActiveSet{"a", "c", "d"}) || d3.Epoch != 8 {
+	d3 := Decide("d", d1.Seat, view, nil, 3, d1.Epoch, t0.Add(delay), delay)
+	if !d3.Promoted || !reflect.DeepEqual(d3.Set, ActiveSet{"a", "c", "d"}) || d3.Epoch != ep(8, "a", "c", "d") {
 		t.Fatalf("after the grace: %+v", d3)
 	}
 }

@@ -15,17 +15,19 @@ type Seat struct {
 type Decision struct {
 	Set  ActiveSet
 	Seat Seat
-	// Epoch is the epoch to advertise.
-	Epoch uint64
+	// Epoch is the epoch to advertise for Set. The node must persist it
+	// before it advertises it or acts under it.
+	Epoch EpochID
 	// Promoted is true when this decision takes a seat.
 	Promoted bool
 }
 
 // Decide computes a node's next seat and epoch from the view (which must
-// include the node itself, with its current seat), the wanted M, the set
-// and epoch it computed last time, the highest epoch advertised in the
-// view, and now. An observer in the agreed set takes its seat once it has
-// been there for delay; an active member out of it steps down at once.
+// include the node itself, with its current seat; each member carries the
+// epoch it advertises), the wanted M, the epoch the node advertised last
+// (prev, persisted: it survives restarts; zero at first start), and now.
+// An observer in the agreed set takes its seat once it has been there for
+// delay; an active member out of it steps down at once.
 //
 // graced are active members that failed less than delay ago. They keep
 // their place in the published set (so a member that flaps, declared dead
@@ -33,9 +35,43 @@ type Decision struct {
 // not in the seat decisions, so the observer that will replace a member
 // that is really gone starts its wait at once and takes the seat when the
 // grace ends.
-func Decide(self string, seat Seat, view, graced []Member, m int, prevSet ActiveSet, epoch, maxEpoch uint64, now time.Time, delay time.Duration) Decision {
+//
+// The epoch rule. Let S be the published set and the claims be prev and
+// the epochs advertised by every other member of view and graced. Then:
+//
+//   - S is prev's set (unchanged): the counter is the highest claimed for
+//     S (at least prev's); claims for other sets are ignored.
+//   - S is another set (changed, or first start): the counter is one above
+//     the highest claimed for any other set (prev's included), or the
+//     highest already claimed for S if that is more.
+//
+// So a node's epoch never goes back (neither its counter nor its place in
+// Compare's order decreases); when it moves to a new set, its counter goes
+// above every counter it has used and every one it sees claimed for
+// another set; and once the nodes of a view advertise the same set, they
+// advertise the same counter. After a partition heals, the nodes of a side
+// whose set is replaced jump above every counter claimed in the union for
+// another set (or take the surviving side's counter, if higher), and the
+// others adopt that counter, so the merged epoch is above (in Compare's
+// order and by counter) every epoch that any node of the merged view used
+// for another set on either side. (A node that is not in the view, dead
+// or still cut off, cannot be accounted for until it comes back.)
+//
+// The one epoch it may equal is the surviving side's own, when the merged
+// set is that side's set and its counter was already the highest: the
+// same set, so the same epoch, and nobody is fenced who should not be.
+// That needs the side to have changed its set and changed back while
+// split: a side that kept the set it split with is still at the split's
+// counter, below the other side's, so the merged counter is above both.
+//
+// Sides of a partition can reach equal counters with different sets; their
+// EpochIDs differ by Set. Ignoring other sets while S is unchanged keeps
+// nodes that see each other but compute different sets (views in flux)
+// from raising each other's counters without end; the one that changes
+// set next jumps above them.
+func Decide(self string, seat Seat, view, graced []Member, m int, prev EpochID, now time.Time, delay time.Duration) Decision {
 	target := Agree(view, m)
-	d := Decision{Seat: seat, Epoch: max(epoch, maxEpoch)}
+	d := Decision{Seat: seat}
 	in := target.Contains(self)
 	switch {
 	case !in:
@@ -65,8 +101,14 @@ func Decide(self string, seat Seat, view, graced []Member, m int, prevSet Active
 		}
 		d.Set = Agree(append(all, graced...), m)
 	}
-	if prevSet == nil || d.Set.Hash() != prevSet.Hash() {
-		d.Epoch++
+	claims := make([]EpochID, 0, len(view)+len(graced))
+	for _, mbs := range [][]Member{view, graced} {
+		for _, mb := range mbs {
+			if mb.ID != self {
+				claims = append(claims, mb.Epoch)
+			}
+		}
 	}
+	d.Epoch = nextEpoch(d.Set.Sum64(), prev, claims)
 	return d
 }

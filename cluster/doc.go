@@ -15,6 +15,21 @@
 //     an old member rejoining does not push out the one that replaced it.
 //   - An observer claims a seat only after it has been in the agreed set
 //     for PromotionDelay, so a member that flaps does not cause churn.
-//   - The epoch a node advertises never decreases, and grows whenever the
-//     active set it computes changes.
+//   - An epoch (EpochID) is a counter and the hash of one active set; the
+//     replication layer compares epochs with EpochID.Compare (counter,
+//     then set hash), a total order. Equal EpochIDs name the same set.
+//   - The epoch a node advertises never goes back, across restarts too: it
+//     is persisted through State before it is advertised, and a node that
+//     cannot persist it keeps advertising (and acting under) the old one.
+//   - A node that moves to another set takes a counter above every counter
+//     it has used or sees claimed for another set (or the one already
+//     claimed for the new set, if higher); while its set is unchanged it
+//     adopts the highest counter claimed for that set and ignores the
+//     others. So two sides of a partition may reach the same counter, with
+//     different EpochIDs; after they merge, the merged epoch is above
+//     every epoch either side used for another set (Decide states it
+//     exactly).
+//
+// Lock order in Node: evalMu, then mu. evalMu (not mu) is held while an
+// epoch is persisted, so memberlist's callbacks never wait for an fsync.
 package cluster

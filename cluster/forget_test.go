@@ -44,18 +44,25 @@ const rejoinEvery = 50 * time.Millisecond
 // transport wraps the host's transport and now is its clock (nil: real).
 func startNode(t *testing.T, netw *netsim.Network, name string, join []string, transport func(memberlist.NodeAwareTransport) memberlist.NodeAwareTransport, now func() time.Time) *cluster.Node {
 	t.Helper()
-	h := netw.Host(name)
-	cfg := cluster.DefaultConfig()
-	cfg.NodeID = "id-" + name
-	cfg.NodeName = name
-	cfg.BindAddr = h.Addr()
-	cfg.Transport = h.Transport()
+	cfg := testConfig(netw, name, join)
 	if transport != nil {
 		cfg.Transport = transport(cfg.Transport)
 	}
 	if now != nil {
 		cfg.Now = now
 	}
+	return startConfig(t, cfg)
+}
+
+// testConfig is the configuration of a node on host name of netw (a fresh
+// transport of that host), with fast timings and M = 3.
+func testConfig(netw *netsim.Network, name string, join []string) cluster.Config {
+	h := netw.Host(name)
+	cfg := cluster.DefaultConfig()
+	cfg.NodeID = "id-" + name
+	cfg.NodeName = name
+	cfg.BindAddr = h.Addr()
+	cfg.Transport = h.Transport()
 	cfg.Join = join
 	cfg.ActiveMembers = 3
 	cfg.PromotionDelay = 100 * time.Millisecond
@@ -71,12 +78,18 @@ func startNode(t *testing.T, netw *netsim.Network, name string, join []string, t
 		mc.TCPTimeout = 200 * time.Millisecond
 		mc.GossipToTheDeadTime = 2 * time.Second
 	}
+	return cfg
+}
+
+// startConfig creates and starts a node, closed when the test ends.
+func startConfig(t *testing.T, cfg cluster.Config) *cluster.Node {
+	t.Helper()
 	n, err := cluster.New(cfg)
 	if err != nil {
-		t.Fatalf("%s: %v", name, err)
+		t.Fatalf("%s: %v", cfg.NodeName, err)
 	}
 	if err := n.Start(); err != nil {
-		t.Fatalf("%s: start: %v", name, err)
+		t.Fatalf("%s: start: %v", cfg.NodeName, err)
 	}
 	t.Cleanup(func() { n.Close() })
 	return n

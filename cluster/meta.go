@@ -24,8 +24,10 @@ type Meta struct {
 	ActiveSince int64  `json:"as,omitempty"`
 	JoinedAt    int64  `json:"j"`
 	Proto       int    `json:"v"`
-	SetHash     string `json:"h,omitempty"`
-	Epoch       uint64 `json:"e,omitempty"`
+	// SetHash (ActiveSet.Hash) and Epoch (the counter) are the node's
+	// EpochID.
+	SetHash string `json:"h,omitempty"`
+	Epoch   uint64 `json:"e,omitempty"`
 	// MVersion and M are the cluster-wide wanted number of active members:
 	// the pair with the highest version wins (last writer wins; on a tie,
 	// the higher M).
@@ -61,7 +63,14 @@ func decodeMeta(b []byte) (Meta, error) {
 }
 
 func (m Meta) member() Member {
-	return Member{ID: m.ID, Active: m.Active, ActiveSince: m.ActiveSince, JoinedAt: m.JoinedAt}
+	return Member{ID: m.ID, Active: m.Active, ActiveSince: m.ActiveSince, JoinedAt: m.JoinedAt, Epoch: m.epoch()}
+}
+
+// epoch is the epoch m advertises. A set hash that does not parse counts
+// as a set of its own (Set 0), so the counter is still seen.
+func (m Meta) epoch() EpochID {
+	set, _ := parseSetHash(m.SetHash)
+	return EpochID{Counter: m.Epoch, Set: set}
 }
 
 // newerM reports whether setting (v, m) beats (v2, m2).

@@ -17,8 +17,11 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 )
 
-// State persists the node's cluster records (its first start time). The
-// store satisfies it.
+// State persists the node's cluster records: its first start time and the
+// epoch it advertises. SetMeta must return only once the value is durable
+// (fsynced): the node advertises a new epoch only after SetMeta returned
+// nil for it. Meta returns nil, nil for a record never set. The store
+// satisfies it. Calls come from one goroutine at a time.
 type State interface {
 	Meta(name string) ([]byte, error)
 	SetMeta(name string, value []byte) error
@@ -58,7 +61,8 @@ type Config struct {
 	Tick time.Duration
 	// STOMPAddr, AdminAddr and PeerAddr are advertised to the others.
 	STOMPAddr, AdminAddr, PeerAddr string
-	// State keeps the node's first-start time; nil keeps it in memory.
+	// State keeps the node's first-start time and its epoch; nil keeps
+	// them in memory (a restarted node then starts its epoch afresh).
 	State State
 	// Memberlist tunes memberlist's configuration after brokerd's LAN
 	// settings are applied (tests use it for faster timings).
@@ -116,10 +120,16 @@ type MemberStatus struct {
 
 // Status is the node's view of the cluster.
 type Status struct {
-	NodeID              string         `json:"node_id"`
-	NodeName            string         `json:"node_name"`
-	ClusterName         string         `json:"cluster_name"`
-	Epoch               uint64         `json:"epoch"`
+	NodeID      string `json:"node_id"`
+	NodeName    string `json:"node_name"`
+	ClusterName string `json:"cluster_name"`
+	// Epoch is EpochID.Counter, for people and metrics.
+	Epoch uint64 `json:"epoch"`
+	// EpochID is the epoch this node advertises, already persisted: the
+	// one its owners act under and its replicas compare with
+	// EpochID.Compare. It never goes back, across restarts too when the
+	// node has a State.
+	EpochID             EpochID        `json:"epoch_id"`
 	Converged           bool           `json:"converged"`
 	ActiveMembersWanted int            `json:"active_members_wanted"`
 	ActiveSet           []string       `json:"active_set"`
@@ -133,8 +143,17 @@ type Node struct {
 	ml  *memberlist.Memberlist
 	m   *metrics
 
+	// evalMu serializes evaluate, which holds it (and not mu) while it
+	// persists a new epoch: memberlist calls into the node with its own
+	// locks held, and must not wait for an fsync. Lock order: evalMu, mu.
+	evalMu sync.Mutex
+	// persistFailing is true while the last attempt to persist an epoch
+	// failed; guarded by evalMu.
+	persistFailing bool
+
 	mu       sync.Mutex
 	self     Meta
+	epoch    EpochID // the epoch advertised (self.Epoch, self.SetHash), persisted
 	seat     Seat
 	set      ActiveSet
 	known    map[string]*known // by node ID, self excluded
@@ -165,7 +184,12 @@ type known struct {
 	goneAt time.Time // when it was last declared dead or left; zero while alive or suspect
 }
 
-const metaJoinedAt = "cluster_joined_at"
+const (
+	metaJoinedAt = "cluster_joined_at"
+	// metaEpoch holds the last epoch the node advertised, in
+	// EpochID.MarshalText's form.
+	metaEpoch = "cluster_epoch"
+)
 
 // New prepares a node; it joins nothing until Start.
 func New(cfg Config) (*Node, error) {
@@ -208,6 +232,20 @@ func New(cfg Config) (*Node, error) {
 			return nil, fmt.Errorf("cluster: write first-start time: %w", err)
 		}
 	}
+	var epoch EpochID
+	if cfg.State != nil {
+		b, err := cfg.State.Meta(metaEpoch)
+		if err != nil {
+			return nil, fmt.Errorf("cluster: read epoch: %w", err)
+		}
+		// A record that does not parse is an error, not a fresh start: the
+		// node would advertise epochs it may have used before.
+		if len(b) > 0 {
+			if err := epoch.UnmarshalText(b); err != nil {
+				return nil, fmt.Errorf("cluster: read epoch: %w", err)
+			}
+		}
+	}
 	n := &Node{
 		cfg: cfg,
 		log: cfg.Logger.With("component", "cluster"),
@@ -215,10 +253,14 @@ func New(cfg Config) (*Node, error) {
 			ID: cfg.NodeID, Name: cfg.NodeName, STOMPAddr: cfg.STOMPAddr, AdminAddr: cfg.AdminAddr,
 			PeerAddr: cfg.PeerAddr, JoinedAt: joined, Proto: ProtocolVersion, M: cfg.ActiveMembers,
 		},
+		epoch:   epoch,
 		known:   make(map[string]*known),
 		wake:    make(chan struct{}, 1),
 		publish: make(chan struct{}, 1),
 		stop:    make(chan struct{}),
+	}
+	if !epoch.IsZero() {
+		n.self.Epoch, n.self.SetHash = epoch.Counter, setHash(epoch.Set)
 	}
 	n.m = newMetrics(cfg.Registerer, n)
 	b, err := n.self.encode()
@@ -432,14 +474,18 @@ func (n *Node) loop() {
 // The view comes from memberlist's events, copied while memberlist holds
 // its lock: the nodes Members returns are mutated by memberlist as they
 // are read, which is a data race.
+//
+// A decision with a new epoch is applied only once the epoch is persisted
+// (outside mu); if that fails, nothing of it is applied, the error is
+// logged, and the next evaluation tries again.
 func (n *Node) evaluate() {
+	n.evalMu.Lock()
+	defer n.evalMu.Unlock()
 	now := n.cfg.Now()
 	n.mu.Lock()
-	defer n.mu.Unlock()
 	n.forgetLocked(now)
-	view := []Member{{ID: n.self.ID, Active: n.seat.Active, ActiveSince: n.seat.ActiveSince, JoinedAt: n.self.JoinedAt}}
+	view := []Member{{ID: n.self.ID, Active: n.seat.Active, ActiveSince: n.seat.ActiveSince, JoinedAt: n.self.JoinedAt, Epoch: n.epoch}}
 	mver, mval := n.self.MVersion, n.self.M
-	maxEpoch := n.self.Epoch
 	metas := map[string]Meta{}
 	states := map[string]string{}
 	for id, k := range n.known {
@@ -453,7 +499,6 @@ func (n *Node) evaluate() {
 		if newerM(m.MVersion, m.M, mver, mval) {
 			mver, mval = m.MVersion, m.M
 		}
-		maxEpoch = max(maxEpoch, m.Epoch)
 	}
 	var graced []Member
 	for _, k := range n.known {
@@ -461,7 +506,19 @@ func (n *Node) evaluate() {
 			graced = append(graced, k.meta.member())
 		}
 	}
-	d := Decide(n.self.ID, n.seat, view, graced, mval, n.set, n.self.Epoch, maxEpoch, now, n.cfg.PromotionDelay)
+	prev := n.epoch
+	d := Decide(n.self.ID, n.seat, view, graced, mval, prev, now, n.cfg.PromotionDelay)
+	n.mu.Unlock()
+
+	if d.Epoch != prev && !n.persistEpoch(prev, d.Epoch) {
+		n.mu.Lock()
+		n.status = n.buildStatus(metas, states)
+		n.mu.Unlock()
+		return
+	}
+
+	n.mu.Lock()
+	defer n.mu.Unlock()
 	if d.Promoted {
 		n.promoted++
 		n.m.promotions.Inc()
@@ -472,11 +529,15 @@ func (n *Node) evaluate() {
 	if n.set != nil && d.Set.Hash() != n.set.Hash() {
 		n.log.Info("active set changed", "epoch", d.Epoch, "active_set", []string(d.Set), "m", mval)
 	}
-	n.seat, n.set = d.Seat, d.Set
+	n.seat, n.set, n.epoch = d.Seat, d.Set, d.Epoch
+	// n.self is read afresh: Leave and SetActiveMembers may have changed
+	// it while mu was released.
 	next := n.self
 	next.Active, next.ActiveSince = d.Seat.Active, d.Seat.ActiveSince
-	next.SetHash, next.Epoch = d.Set.Hash(), d.Epoch
-	next.MVersion, next.M = mver, mval
+	next.SetHash, next.Epoch = d.Set.Hash(), d.Epoch.Counter
+	if newerM(mver, mval, next.MVersion, next.M) {
+		next.MVersion, next.M = mver, mval
+	}
 	if next != n.self {
 		n.self = next
 		if b, err := n.self.encode(); err == nil {
@@ -487,6 +548,28 @@ func (n *Node) evaluate() {
 		}
 	}
 	n.status = n.buildStatus(metas, states)
+}
+
+// persistEpoch writes epoch to the State, if there is one, and reports
+// whether it is durable. It is called under evalMu, without mu. A failure
+// is logged when it begins, and the recovery when the next write succeeds.
+func (n *Node) persistEpoch(prev, epoch EpochID) bool {
+	if n.cfg.State == nil {
+		return true
+	}
+	b, _ := epoch.MarshalText()
+	if err := n.cfg.State.SetMeta(metaEpoch, b); err != nil {
+		if !n.persistFailing {
+			n.log.Error("epoch not persisted; advertising the previous one", "epoch", epoch, "advertised", prev, "err", err)
+		}
+		n.persistFailing = true
+		return false
+	}
+	if n.persistFailing {
+		n.log.Info("epoch persisted again", "epoch", epoch)
+		n.persistFailing = false
+	}
+	return true
 }
 
 // forgetLocked drops the members that have been dead or gone for
@@ -514,7 +597,7 @@ func (n *Node) buildStatus(metas map[string]Meta, states map[string]string) Stat
 	}
 	s := Status{
 		NodeID: n.self.ID, NodeName: n.self.Name, ClusterName: n.cfg.ClusterName,
-		Epoch: n.self.Epoch, Converged: converged, ActiveMembersWanted: n.self.M,
+		Epoch: n.epoch.Counter, EpochID: n.epoch, Converged: converged, ActiveMembersWanted: n.self.M,
 		ActiveSet: append([]string(nil), n.set...),
 	}
 	add := func(m Meta, state string) {
