@@ -23,6 +23,8 @@ type harness struct {
 	n    *Node
 	open bool
 	prep func(n *Node) // before Recover, on every start
+	// prepSt, if set, runs instead of prep with the store as well.
+	prepSt func(n *Node, st *store.Store)
 }
 
 func newHarness(t *testing.T, cfg Config) *harness {
@@ -46,7 +48,9 @@ func (h *harness) start() {
 	cfg := h.cfg
 	cfg.Logger = slog.New(slog.NewTextHandler(io.Discard, nil))
 	n := New(cfg, st)
-	if h.prep != nil {
+	if h.prepSt != nil {
+		h.prepSt(n, st)
+	} else if h.prep != nil {
 		h.prep(n)
 	}
 	if err := n.Recover(); err != nil {

@@ -50,15 +50,37 @@ var (
 	// ErrOwnedHere: an append for a queue this node serves as its owner;
 	// nothing was applied.
 	ErrOwnedHere = errors.New("append for a queue this node owns")
+	// ErrNoCatchUp: a catch-up put for a queue this replica is not
+	// catching up (it restarted, or gave the catch-up up); nothing was
+	// applied, and the owner begins again.
+	ErrNoCatchUp = errors.New("catch-up put outside a catch-up")
 	// ErrBadAppend: an append whose encoding or content is invalid;
 	// nothing was applied.
 	ErrBadAppend = errors.New("invalid append")
 )
 
 // Wire form of a batch of replicated ops: each op is its kind (one byte:
-// 1 put, 2 delete, 4 delete-bucket), the bucket (uvarint length, bytes),
-// then for put and delete the key (uvarint), and for put the value
-// (uvarint length, bytes).
+// 1 put, 2 delete, 4 delete-bucket, and for catch-up 5 begin, 6 put, 7
+// end), the bucket (uvarint length, bytes), then for puts and deletes the
+// key (uvarint), and for puts the value (uvarint length, bytes).
+const (
+	wirePut          = byte(store.OpPut)
+	wireDelete       = byte(store.OpDelete)
+	wireDeleteBucket = byte(store.OpDeleteBucket)
+	// Catch-up (see PeerReplicator.catchUp): begin drops the replica's
+	// copy and starts recording the keys deleted since; a catch-up put
+	// stores a record read from the owner's bucket unless its key was
+	// deleted since begin; end closes the catch-up.
+	wireCatchUpBegin = byte(5)
+	wireCatchUpPut   = byte(6)
+	wireCatchUpEnd   = byte(7)
+)
+
+// wireOp is one decoded op with its wire kind.
+type wireOp struct {
+	kind byte
+	op   store.Op
+}
 
 // AppendOps appends the wire form of ops to b. Only queue writes are
 // encoded: meta writes are a node's own and are skipped.
@@ -67,20 +89,23 @@ func AppendOps(b []byte, ops []store.Op) []byte {
 		op := &ops[i]
 		switch op.Kind {
 		case store.OpPut, store.OpDelete, store.OpDeleteBucket:
-		default:
-			continue
+			b = appendWire(b, byte(op.Kind), op)
 		}
-		b = append(b, byte(op.Kind))
-		b = binary.AppendUvarint(b, uint64(len(op.Bucket)))
-		b = append(b, op.Bucket...)
-		if op.Kind == store.OpDeleteBucket {
-			continue
-		}
+	}
+	return b
+}
+
+func appendWire(b []byte, kind byte, op *store.Op) []byte {
+	b = append(b, kind)
+	b = binary.AppendUvarint(b, uint64(len(op.Bucket)))
+	b = append(b, op.Bucket...)
+	switch kind {
+	case wirePut, wireCatchUpPut:
 		b = binary.AppendUvarint(b, op.Key)
-		if op.Kind == store.OpPut {
-			b = binary.AppendUvarint(b, uint64(len(op.Value)))
-			b = append(b, op.Value...)
-		}
+		b = binary.AppendUvarint(b, uint64(len(op.Value)))
+		b = append(b, op.Value...)
+	case wireDelete:
+		b = binary.AppendUvarint(b, op.Key)
 	}
 	return b
 }
@@ -89,27 +114,52 @@ func AppendOps(b []byte, ops []store.Op) []byte {
 // header limit is far below it).
 const maxBucketName = 64 << 10
 
-// DecodeOps parses the wire form of a batch. Every op must be a queue
-// write: a put of a readable message record under a key > 0, a delete of
-// a key > 0, or a bucket delete, on a /queue/ destination. Values alias b.
+// DecodeOps parses the wire form of a batch of plain writes (no catch-up
+// ops). Every op must be a queue write: a put of a readable message
+// record under a key > 0, a delete of a key > 0, or a bucket delete, on a
+// /queue/ destination. Values alias b.
 func DecodeOps(b []byte) ([]store.Op, error) {
-	var ops []store.Op
+	wops, err := decodeWire(b)
+	if err != nil {
+		return nil, err
+	}
+	ops := make([]store.Op, len(wops))
+	for i, w := range wops {
+		if w.kind != byte(w.op.Kind) {
+			return nil, fmt.Errorf("%w: catch-up op %d in a plain batch", ErrBadAppend, w.kind)
+		}
+		ops[i] = w.op
+	}
+	return ops, nil
+}
+
+// decodeWire parses the wire form of a batch, catch-up ops included.
+func decodeWire(b []byte) ([]wireOp, error) {
+	var ops []wireOp
 	for len(b) > 0 {
-		kind := store.OpKind(b[0])
+		kind := b[0]
 		b = b[1:]
-		if kind != store.OpPut && kind != store.OpDelete && kind != store.OpDeleteBucket {
+		var sk store.OpKind
+		switch kind {
+		case wirePut, wireCatchUpPut:
+			sk = store.OpPut
+		case wireDelete:
+			sk = store.OpDelete
+		case wireDeleteBucket, wireCatchUpBegin, wireCatchUpEnd:
+			sk = store.OpDeleteBucket // begin's effect; end writes nothing
+		default:
 			return nil, fmt.Errorf("%w: op kind %d", ErrBadAppend, int(kind))
 		}
 		l, n := binary.Uvarint(b)
 		if n <= 0 || l == 0 || l > maxBucketName || l > uint64(len(b)-n) {
 			return nil, fmt.Errorf("%w: bucket name", ErrBadAppend)
 		}
-		op := store.Op{Kind: kind, Bucket: string(b[n : n+int(l)])}
+		op := store.Op{Kind: sk, Bucket: string(b[n : n+int(l)])}
 		b = b[n+int(l):]
 		if k, err := ParseDestination(op.Bucket); err != nil || k != KindQueue {
 			return nil, fmt.Errorf("%w: %q is not a queue", ErrBadAppend, op.Bucket)
 		}
-		if kind != store.OpDeleteBucket {
+		if sk == store.OpPut || sk == store.OpDelete {
 			key, n := binary.Uvarint(b)
 			if n <= 0 || key == 0 {
 				return nil, fmt.Errorf("%w: key", ErrBadAppend)
@@ -117,7 +167,7 @@ func DecodeOps(b []byte) ([]store.Op, error) {
 			op.Key = key
 			b = b[n:]
 		}
-		if kind == store.OpPut {
+		if sk == store.OpPut {
 			l, n := binary.Uvarint(b)
 			if n <= 0 || l > uint64(len(b)-n) {
 				return nil, fmt.Errorf("%w: value length", ErrBadAppend)
@@ -128,7 +178,7 @@ func DecodeOps(b []byte) ([]store.Op, error) {
 				return nil, fmt.Errorf("%w: unreadable message record under %s key %d", ErrBadAppend, op.Bucket, op.Key)
 			}
 		}
-		ops = append(ops, op)
+		ops = append(ops, wireOp{kind: kind, op: op})
 	}
 	return ops, nil
 }
@@ -152,32 +202,85 @@ func (n *Node) ApplyReplicated(epoch, current uint64, body []byte, done func(err
 	}
 	// One copy of the batch: the store reads the values until the
 	// commit, and the caller may reuse its buffer once this returns.
-	ops, err := DecodeOps(slices.Clone(body))
+	wops, err := decodeWire(slices.Clone(body))
 	if err != nil {
 		return err
 	}
 	n.wmu.Lock()
+	defer n.wmu.Unlock()
 	n.mu.Lock()
-	for i := range ops {
-		if d := n.dests[ops[i].Bucket]; d != nil {
+	for i := range wops {
+		if d := n.dests[wops[i].op.Bucket]; d != nil {
 			n.mu.Unlock()
-			n.wmu.Unlock()
-			return fmt.Errorf("%w: %s", ErrOwnedHere, ops[i].Bucket)
+			return fmt.Errorf("%w: %s", ErrOwnedHere, wops[i].op.Bucket)
 		}
 	}
 	n.mu.Unlock()
-	for i := range ops {
-		if ops[i].Kind == store.OpPut {
-			n.seq = max(n.seq, ops[i].Key)
+	// Catch-up bookkeeping is checked whole before anything changes, so
+	// that a refused batch changes nothing.
+	tombs := 0
+	for _, w := range wops {
+		if w.kind == wireDelete && n.catchUp[w.op.Bucket] != nil {
+			tombs++
 		}
+	}
+	for b, c := range n.catchUp {
+		if len(c) > maxTombstones-tombs {
+			delete(n.catchUp, b)
+			return fmt.Errorf("%w: %s: more than %d deletes while it ran", ErrNoCatchUp, b, maxTombstones)
+		}
+	}
+	ops := make([]store.Op, 0, len(wops)+1)
+	for _, w := range wops {
+		b := w.op.Bucket
+		switch w.kind {
+		case wireCatchUpBegin:
+			// The copy is rebuilt from the owner's: drop what is here.
+			n.catchUp[b] = map[uint64]struct{}{}
+			ops = append(ops, store.Op{Kind: store.OpDeleteBucket, Bucket: b})
+			continue
+		case wireCatchUpEnd:
+			delete(n.catchUp, b)
+			continue
+		case wireCatchUpPut:
+			if c, ok := n.catchUp[b]; !ok {
+				return fmt.Errorf("%w: %s", ErrNoCatchUp, b)
+			} else if _, deleted := c[w.op.Key]; deleted {
+				continue // read before its delete, which came first
+			}
+		case wireDelete:
+			if c := n.catchUp[b]; c != nil {
+				c[w.op.Key] = struct{}{}
+			}
+		case wireDeleteBucket:
+			if c := n.catchUp[b]; c != nil {
+				clear(c) // keys are never reused: none of the old ones returns
+			}
+		}
+		if w.op.Kind == store.OpPut {
+			n.seq = max(n.seq, w.op.Key)
+		}
+		ops = append(ops, w.op)
 	}
 	if n.seq > n.seqCeil {
 		n.seqCeil = n.seq + seqReserve
 		ops = append(ops, store.Op{Kind: store.OpPutMeta, Name: metaSeq, Value: strconv.AppendUint(nil, n.seqCeil, 10)})
 	}
 	n.st.Submit(ops, true, done)
-	n.wmu.Unlock()
 	return nil
+}
+
+// maxTombstones bounds the deletes a replica remembers for one queue
+// while it catches up; past it the catch-up is abandoned (the owner
+// begins again).
+const maxTombstones = 1 << 20
+
+// CatchingUp reports whether this node is copying queue dest from its
+// owner (a catch-up began and has not ended): its copy is not complete.
+func (n *Node) CatchingUp(dest string) bool {
+	n.wmu.Lock()
+	defer n.wmu.Unlock()
+	return n.catchUp[dest] != nil
 }
 
 // Adopt makes this node serve queue dest as its owner from what its store
@@ -275,6 +378,137 @@ type PeerReplicator struct {
 	mu      sync.Mutex
 	seq     uint64
 	pending map[uint64]*tally
+
+	// Catch-up (EnableCatchUp): per peer and queue, whether the peer's
+	// copy is being rebuilt or complete; guarded by stateMu, which is
+	// never held while calling Peers.Append (its done may run at once).
+	stateMu    sync.Mutex
+	src        CatchUpSource
+	synced     map[string]map[string]copyInfo
+	gen        uint64 // numbers catch-ups, so a superseded one stops
+	lastActive map[string]bool
+	slots      chan struct{} // catch-ups running at once
+	wg         sync.WaitGroup
+}
+
+// copyInfo is what an owner knows of a peer's copy of a queue, and which
+// catch-up is rebuilding it.
+type copyInfo struct {
+	state copyState
+	gen   uint64
+}
+
+// copyState is what an owner knows of a peer's copy of a queue.
+type copyState uint8
+
+const (
+	copyUnknown  copyState = iota // rebuild it before relying on it
+	copyCatching                  // a catch-up runs
+	copySynced                    // complete: every write since reached it
+)
+
+// CatchUpSource is where an owner reads the queues it copies to a new
+// replica: its store.
+type CatchUpSource interface {
+	Barrier(done func(error))
+	Scan(bucket string, after uint64, limit int, maxBytes int, fn func(key uint64, value []byte) error) error
+}
+
+// EnableCatchUp makes the replicator rebuild a peer's copy of a queue
+// from src before relying on it: the first write it sends a peer for a
+// queue (since the peer became active, or since a batch to it failed)
+// begins a catch-up, and a background copy of the queue's bucket follows
+// (see ApplyReplicated for how the replica merges it with live writes).
+// Call it before the first Replicate.
+func (p *PeerReplicator) EnableCatchUp(src CatchUpSource) {
+	p.src = src
+	p.synced = map[string]map[string]copyInfo{}
+	p.lastActive = map[string]bool{}
+	p.slots = make(chan struct{}, 4)
+}
+
+// Synced reports whether peer's copy of queue dest is known complete.
+func (p *PeerReplicator) Synced(peer, dest string) bool {
+	p.stateMu.Lock()
+	defer p.stateMu.Unlock()
+	return p.src == nil || p.synced[peer][dest].state == copySynced
+}
+
+// Wait waits for the catch-ups in progress to end (tests, shutdown).
+func (p *PeerReplicator) Wait() { p.wg.Wait() }
+
+// catchUpChunk bounds one catch-up batch.
+const (
+	catchUpMessages = 512
+	catchUpBytes    = 1 << 20
+)
+
+// catchUp copies dest's bucket to peer after a begin was sent: it waits
+// for every write submitted before to commit (so the scan sees them),
+// then sends the bucket in chunks, one at a time, and an end. Any failure
+// marks the copy unknown: the next write begins again.
+func (p *PeerReplicator) catchUp(peer, dest string, gen uint64) {
+	defer p.wg.Done()
+	p.slots <- struct{}{}
+	defer func() { <-p.slots }()
+	fail := func(err error) {
+		p.log.Warn("catch-up failed", "peer", peer, "dest", dest, "err", err)
+		p.stateMu.Lock()
+		if p.synced[peer] != nil && p.synced[peer][dest] == (copyInfo{copyCatching, gen}) {
+			p.synced[peer][dest] = copyInfo{copyUnknown, 0}
+		}
+		p.stateMu.Unlock()
+	}
+	ch := make(chan error, 1)
+	p.src.Barrier(func(err error) { ch <- err })
+	if err := <-ch; err != nil {
+		fail(err)
+		return
+	}
+	send := func(body []byte) error {
+		p.stateMu.Lock()
+		current := p.synced[peer] != nil && p.synced[peer][dest] == (copyInfo{copyCatching, gen})
+		p.stateMu.Unlock()
+		if !current {
+			return errors.New("catch-up superseded")
+		}
+		ch := make(chan error, 1)
+		p.sendMu.Lock()
+		p.peers.Append(peer, p.view().Epoch, body, func(err error) { ch <- err })
+		p.sendMu.Unlock()
+		return <-ch
+	}
+	var after uint64
+	for {
+		var body []byte
+		n := 0
+		err := p.src.Scan(dest, after, catchUpMessages, catchUpBytes, func(key uint64, value []byte) error {
+			body = appendWire(body, wireCatchUpPut, &store.Op{Bucket: dest, Key: key, Value: value})
+			after = key
+			n++
+			return nil
+		})
+		if err != nil {
+			fail(err)
+			return
+		}
+		if n == 0 {
+			break
+		}
+		if err := send(body); err != nil {
+			fail(err)
+			return
+		}
+	}
+	if err := send(appendWire(nil, wireCatchUpEnd, &store.Op{Bucket: dest})); err != nil {
+		fail(err)
+		return
+	}
+	p.stateMu.Lock()
+	if p.synced[peer] != nil && p.synced[peer][dest] == (copyInfo{copyCatching, gen}) {
+		p.synced[peer][dest] = copyInfo{copySynced, gen}
+	}
+	p.stateMu.Unlock()
 }
 
 // NewPeerReplicator returns a Replicator for factor r and write quorum w
@@ -467,17 +701,65 @@ func (p *PeerReplicator) Replicate(ops []store.Op, sync bool, quorum func(error)
 	// A quorum already met (W = 1, or nothing to replicate) fires now,
 	// and one that cannot be met (an explicit W above the set) fails now.
 	t.settle(nil, true)
+	type start struct {
+		peer, dest string
+		gen        uint64
+	}
+	var starts []start
+	begins := map[string][]byte{}
+	if p.src != nil {
+		p.stateMu.Lock()
+		// A member that was not active at the last write has no copy
+		// to rely on.
+		active := make(map[string]bool, len(v.Active))
+		for _, id := range v.Active {
+			active[id] = true
+			if !p.lastActive[id] {
+				delete(p.synced, id)
+			}
+		}
+		p.lastActive = active
+		for _, id := range order {
+			if p.synced[id] == nil {
+				p.synced[id] = map[string]copyInfo{}
+			}
+			for _, b := range shares[id].buckets {
+				if p.synced[id][b].state == copyUnknown {
+					p.gen++
+					p.synced[id][b] = copyInfo{copyCatching, p.gen}
+					begins[id] = appendWire(begins[id], wireCatchUpBegin, &store.Op{Bucket: b})
+					starts = append(starts, start{id, b, p.gen})
+				}
+			}
+		}
+		p.stateMu.Unlock()
+	}
 	p.sendMu.Lock()
 	for _, id := range order {
 		s := shares[id]
-		body := AppendOps(nil, s.ops)
+		body := AppendOps(begins[id], s.ops)
 		buckets := s.buckets
 		p.peers.Append(id, v.Epoch, body, func(err error) {
 			if err != nil {
 				p.log.Warn("replication to peer failed", "peer", id, "queues", buckets, "err", err)
+				if p.src != nil {
+					// The peer may have missed this batch: its copy has
+					// a gap until a catch-up rebuilds it.
+					p.stateMu.Lock()
+					for _, b := range buckets {
+						if p.synced[id] != nil {
+							p.synced[id][b] = copyInfo{copyUnknown, 0}
+						}
+					}
+					p.stateMu.Unlock()
+				}
 			}
 			t.settle(buckets, err == nil)
 		})
+	}
+	for _, s := range starts {
+		p.wg.Add(1)
+		go p.catchUp(s.peer, s.dest, s.gen)
 	}
 	p.sendMu.Unlock()
 }

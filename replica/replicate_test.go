@@ -30,6 +30,22 @@ func (f *fakePeers) view(self string) func() View {
 	}
 }
 
+// drain waits until every batch handed to Append so far was applied (or
+// refused) by its peer's goroutine.
+func (f *fakePeers) drain() {
+	f.mu.Lock()
+	var qs []chan func()
+	for _, q := range f.queues {
+		qs = append(qs, q)
+	}
+	f.mu.Unlock()
+	for _, q := range qs {
+		done := make(chan struct{})
+		q <- func() { close(done) }
+		<-done
+	}
+}
+
 // Append hands the batch to peer's goroutine, in order, as a peer link
 // would: applying it inline would take the receiver's locks under the
 // sender's.
@@ -291,14 +307,20 @@ func FuzzDecodeOps(f *testing.F) {
 		{Kind: store.OpDelete, Bucket: "/queue/a", Key: 1},
 		{Kind: store.OpDeleteBucket, Bucket: "/queue/a"},
 	}))
+	f.Add(appendWire(appendWire(nil, wireCatchUpBegin, &store.Op{Bucket: "/queue/b"}), wireCatchUpPut,
+		&store.Op{Bucket: "/queue/b", Key: 7, Value: (&Message{ID: "y"}).encode()}))
 	f.Add([]byte{1, 0})
 	f.Fuzz(func(t *testing.T, b []byte) {
-		ops, err := DecodeOps(b)
+		ops, err := decodeWire(b)
 		if err != nil {
 			return
 		}
 		// What decodes survives a round trip unchanged.
-		again, err := DecodeOps(AppendOps(nil, ops))
+		var enc []byte
+		for i := range ops {
+			enc = appendWire(enc, ops[i].kind, &ops[i].op)
+		}
+		again, err := decodeWire(enc)
 		if err != nil {
 			t.Fatalf("re-encoded ops do not decode: %v", err)
 		}
@@ -307,9 +329,131 @@ func FuzzDecodeOps(f *testing.F) {
 		}
 		for i := range ops {
 			a, b := ops[i], again[i]
-			if a.Kind != b.Kind || a.Bucket != b.Bucket || a.Key != b.Key || string(a.Value) != string(b.Value) {
+			if a.kind != b.kind || a.op.Kind != b.op.Kind || a.op.Bucket != b.op.Bucket || a.op.Key != b.op.Key || string(a.op.Value) != string(b.op.Value) {
 				t.Fatalf("op %d: %+v after a round trip, want %+v", i, b, a)
 			}
 		}
+		// DecodeOps takes exactly the batches without catch-up ops.
+		plain := true
+		for _, o := range ops {
+			plain = plain && o.kind == byte(o.op.Kind)
+		}
+		if _, err := DecodeOps(b); (err == nil) != plain {
+			t.Fatalf("DecodeOps: %v for a batch with catch-up ops: %v", err, !plain)
+		}
 	})
+}
+
+// bucketKeys lists the keys of dest in h's store.
+func bucketKeys(t *testing.T, h *harness, dest string) []uint64 {
+	t.Helper()
+	var keys []uint64
+	if err := h.st.Scan(dest, 0, 0, 0, func(k uint64, _ []byte) error {
+		keys = append(keys, k)
+		return nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+	return keys
+}
+
+// A member that becomes active joins the queue's replica set with
+// nothing: the owner's next write to it begins a catch-up, which copies
+// the bucket in chunks while SENDs and ACKs go on; at the end the new
+// replica holds exactly the owner's messages (none acknowledged during
+// the copy comes back, none sent during it is missing), and an old copy
+// it held is replaced, not merged.
+func TestCatchUpNewReplica(t *testing.T) {
+	peers := &fakePeers{nodes: map[string]*harness{}, down: map[string]bool{}, epoch: map[string]uint64{"a": 1, "b": 1, "c": 1}, active: []string{"a", "b"}}
+	reps := map[string]*PeerReplicator{}
+	mk := func(id string) *harness {
+		cfg := smallWindow()
+		cfg.NodeID = id
+		h := &harness{t: t, dir: t.TempDir(), cfg: cfg}
+		h.prepSt = func(n *Node, st *store.Store) {
+			r := NewPeerReplicator(3, 1, peers.view(id), peers, nil)
+			r.EnableCatchUp(st)
+			reps[id] = r
+			n.SetReplicator(r)
+		}
+		h.start()
+		t.Cleanup(h.stop)
+		return h
+	}
+	a, b, c := mk("a"), mk("b"), mk("c")
+	peers.nodes["a"], peers.nodes["b"], peers.nodes["c"] = a, b, c
+	const q = "/queue/grow"
+	if err := a.n.Adopt(q); err != nil {
+		t.Fatal(err)
+	}
+	// c holds a stale copy from some earlier time: keys the owner never had.
+	stale := AppendOps(nil, []store.Op{{Kind: store.OpPut, Bucket: q, Key: 1 << 40, Value: (&Message{ID: "old"}).encode()}})
+	ch := make(chan error, 1)
+	if err := c.n.ApplyReplicated(1, 1, stale, func(err error) { ch <- err }); err != nil || <-ch != nil {
+		t.Fatal("stale copy not stored")
+	}
+	sendNumbered(t, a, q, 0, 3000)
+
+	col := newCollector()
+	sub, err := a.n.Subscribe(SubOptions{Dest: q, Ack: AckClientIndividual, Prefetch: 100, Deliver: col.deliver})
+	if err != nil {
+		t.Fatal(err)
+	}
+	peers.mu.Lock()
+	peers.active = []string{"a", "b", "c"}
+	peers.mu.Unlock()
+	// Writes and acknowledgements while c catches up.
+	acked := 0
+	for i := 0; i < 10; i++ {
+		sendNumbered(t, a, q, 3000+i*50, 3000+(i+1)*50)
+		got := col.wait(t, acked+100)
+		bt := &Batch{Sync: true}
+		for _, d := range got[acked : acked+100] {
+			bt.Acks = append(bt.Acks, AckOp{Sub: sub, Tag: d.Tag})
+		}
+		acked += 100
+		done := make(chan error, 1)
+		if err := a.n.Apply(bt, func(err error) { done <- err }); err != nil {
+			t.Fatal(err)
+		}
+		if err := <-done; err != nil {
+			t.Fatal(err)
+		}
+	}
+	reps["a"].Wait()
+	if !reps["a"].Synced("c", q) {
+		t.Fatal("catch-up of c did not complete")
+	}
+	if c.n.CatchingUp(q) {
+		t.Fatal("c still catching up after the owner's catch-up ended")
+	}
+	// W = 1: the last acknowledgements' deletes may still be on their
+	// way to the replicas. Let them arrive and commit.
+	peers.drain()
+	for _, h := range []*harness{b, c} {
+		done := make(chan error, 1)
+		h.st.Barrier(func(err error) { done <- err })
+		if err := <-done; err != nil {
+			t.Fatal(err)
+		}
+	}
+	want := bucketKeys(t, a, q)
+	if len(want) != 3500-acked {
+		t.Fatalf("owner holds %d messages, want %d", len(want), 3500-acked)
+	}
+	for _, h := range []*harness{b, c} {
+		got := bucketKeys(t, h, q)
+		if fmt.Sprint(got) != fmt.Sprint(want) {
+			t.Fatalf("%s holds %d keys, the owner %d; first difference near %v", h.cfg.NodeID, len(got), len(want), firstDiff(got, want))
+		}
+	}
+}
+
+func firstDiff(a, b []uint64) string {
+	for i := range min(len(a), len(b)) {
+		if a[i] != b[i] {
+			return fmt.Sprintf("index %d: %d vs %d", i, a[i], b[i])
+		}
+	}
+	return fmt.Sprintf("lengths %d vs %d", len(a), len(b))
 }
