@@ -9,6 +9,7 @@ import (
 	"strconv"
 	"sync"
 
+	"github.com/brokerd/brokerd/cluster"
 	"github.com/brokerd/brokerd/store"
 )
 
@@ -196,9 +197,9 @@ func validRecord(b []byte) bool {
 // touches a queue this node serves as owner. done gets the commit's
 // outcome. Keys of replicated messages raise this node's sequence, so
 // that if it becomes the owner its own keys come after them.
-func (n *Node) ApplyReplicated(epoch, current uint64, body []byte, done func(error)) error {
-	if epoch < current {
-		return fmt.Errorf("%w: %d, this node is at %d", ErrStaleEpoch, epoch, current)
+func (n *Node) ApplyReplicated(epoch, current cluster.EpochID, body []byte, done func(error)) error {
+	if epoch.Compare(current) < 0 {
+		return fmt.Errorf("%w: %s, this node is at %s", ErrStaleEpoch, epoch, current)
 	}
 	// One copy of the batch: the store reads the values until the
 	// commit, and the caller may reuse its buffer once this returns.
@@ -349,7 +350,7 @@ func (n *Node) Adopt(dest string) error {
 type View struct {
 	Self   string
 	Active []string
-	Epoch  uint64
+	Epoch  cluster.EpochID // the epoch the active set agreed under (cluster.Status.EpochID)
 }
 
 // Peers sends replication batches to other nodes.
@@ -357,7 +358,7 @@ type Peers interface {
 	// Append sends body (AppendOps) to peer under epoch. done runs once,
 	// with nil when the peer has applied it durably, or an error (refused,
 	// or unknown outcome). Append must not block for long.
-	Append(peer string, epoch uint64, body []byte, done func(error))
+	Append(peer string, epoch cluster.EpochID, body []byte, done func(error))
 }
 
 // PeerReplicator is the Replicator of a cluster node: it places each

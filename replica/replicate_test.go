@@ -8,6 +8,7 @@ import (
 	"sync"
 	"testing"
 
+	"github.com/brokerd/brokerd/cluster"
 	"github.com/brokerd/brokerd/store"
 )
 
@@ -16,9 +17,9 @@ type fakePeers struct {
 	mu     sync.Mutex
 	nodes  map[string]*harness
 	down   map[string]bool
-	epoch  map[string]uint64 // each node's own view of the epoch
-	sent   [][]byte          // every body sent, for replays
-	active []string          // the active members every node sees
+	epoch  map[string]cluster.EpochID // each node's own view of the epoch
+	sent   [][]byte                   // every body sent, for replays
+	active []string                   // the active members every node sees
 	queues map[string]chan func()
 }
 
@@ -49,7 +50,7 @@ func (f *fakePeers) drain() {
 // Append hands the batch to peer's goroutine, in order, as a peer link
 // would: applying it inline would take the receiver's locks under the
 // sender's.
-func (f *fakePeers) Append(peer string, epoch uint64, body []byte, done func(error)) {
+func (f *fakePeers) Append(peer string, epoch cluster.EpochID, body []byte, done func(error)) {
 	f.mu.Lock()
 	if f.queues == nil {
 		f.queues = map[string]chan func(){}
@@ -83,7 +84,7 @@ func (f *fakePeers) Append(peer string, epoch uint64, body []byte, done func(err
 // cluster2 is an owner and a replica of every queue (R = 2 on two active
 // members), W given.
 func cluster2(t *testing.T, w int) (owner, replica *harness, peers *fakePeers) {
-	peers = &fakePeers{nodes: map[string]*harness{}, down: map[string]bool{}, epoch: map[string]uint64{"a": 1, "b": 1}, active: []string{"a", "b"}}
+	peers = &fakePeers{nodes: map[string]*harness{}, down: map[string]bool{}, epoch: map[string]cluster.EpochID{"a": {Counter: 1}, "b": {Counter: 1}}, active: []string{"a", "b"}}
 	mk := func(id string) *harness {
 		cfg := smallWindow()
 		cfg.NodeID = id
@@ -135,7 +136,7 @@ func TestReplicatedQueueSurvivesOwner(t *testing.T) {
 	peers.mu.Lock()
 	peers.down["a"] = true
 	peers.active = []string{"b"} // membership saw it go: a new epoch
-	peers.epoch["b"] = 2
+	peers.epoch["b"] = cluster.EpochID{Counter: 2}
 	peers.mu.Unlock()
 
 	if err := replica.n.Adopt(q); err != nil {
@@ -213,7 +214,7 @@ func TestApplyReplicatedRefusals(t *testing.T) {
 	}
 	for _, body := range sent {
 		ch := make(chan error, 1)
-		if err := replica.n.ApplyReplicated(1, 1, body, func(err error) { ch <- err }); err != nil {
+		if err := replica.n.ApplyReplicated(cluster.EpochID{Counter: 1}, cluster.EpochID{Counter: 1}, body, func(err error) { ch <- err }); err != nil {
 			t.Fatal(err)
 		}
 		if err := <-ch; err != nil {
@@ -224,10 +225,10 @@ func TestApplyReplicatedRefusals(t *testing.T) {
 		t.Fatalf("after replaying every batch the replica holds %d messages, want 10", got)
 	}
 	never := func(error) { t.Error("done called for a refused append") }
-	if err := replica.n.ApplyReplicated(1, 2, sent[0], never); !errors.Is(err, ErrStaleEpoch) {
+	if err := replica.n.ApplyReplicated(cluster.EpochID{Counter: 1}, cluster.EpochID{Counter: 2}, sent[0], never); !errors.Is(err, ErrStaleEpoch) {
 		t.Fatalf("stale epoch: %v", err)
 	}
-	if err := owner.n.ApplyReplicated(1, 1, sent[0], never); !errors.Is(err, ErrOwnedHere) {
+	if err := owner.n.ApplyReplicated(cluster.EpochID{Counter: 1}, cluster.EpochID{Counter: 1}, sent[0], never); !errors.Is(err, ErrOwnedHere) {
 		t.Fatalf("append for a queue served here: %v", err)
 	}
 	bad := [][]byte{
@@ -239,7 +240,7 @@ func TestApplyReplicatedRefusals(t *testing.T) {
 		append(AppendOps(nil, []store.Op{{Kind: store.OpDelete, Bucket: q, Key: 1}}), 1),
 	}
 	for i, body := range bad {
-		if err := replica.n.ApplyReplicated(1, 1, body, never); !errors.Is(err, ErrBadAppend) {
+		if err := replica.n.ApplyReplicated(cluster.EpochID{Counter: 1}, cluster.EpochID{Counter: 1}, body, never); !errors.Is(err, ErrBadAppend) {
 			t.Fatalf("bad append %d: %v", i, err)
 		}
 	}
@@ -253,7 +254,7 @@ func TestApplyReplicatedRefusals(t *testing.T) {
 func TestReplicateOnlyToReplicaSet(t *testing.T) {
 	active := []string{"a", "b", "c"}
 	var got []string
-	peers := peersFunc(func(peer string, _ uint64, body []byte, done func(error)) {
+	peers := peersFunc(func(peer string, _ cluster.EpochID, body []byte, done func(error)) {
 		ops, err := DecodeOps(body)
 		if err != nil {
 			t.Fatal(err)
@@ -263,7 +264,7 @@ func TestReplicateOnlyToReplicaSet(t *testing.T) {
 		}
 		done(nil)
 	})
-	r := NewPeerReplicator(2, 0, func() View { return View{Self: "a", Active: active, Epoch: 3} }, peers, nil)
+	r := NewPeerReplicator(2, 0, func() View { return View{Self: "a", Active: active, Epoch: cluster.EpochID{Counter: 3}} }, peers, nil)
 	var want []string
 	var ops []store.Op
 	for i := 0; i < 30; i++ {
@@ -295,9 +296,9 @@ func TestReplicateOnlyToReplicaSet(t *testing.T) {
 	}
 }
 
-type peersFunc func(peer string, epoch uint64, body []byte, done func(error))
+type peersFunc func(peer string, epoch cluster.EpochID, body []byte, done func(error))
 
-func (f peersFunc) Append(peer string, epoch uint64, body []byte, done func(error)) {
+func (f peersFunc) Append(peer string, epoch cluster.EpochID, body []byte, done func(error)) {
 	f(peer, epoch, body, done)
 }
 
@@ -364,7 +365,7 @@ func bucketKeys(t *testing.T, h *harness, dest string) []uint64 {
 // the copy comes back, none sent during it is missing), and an old copy
 // it held is replaced, not merged.
 func TestCatchUpNewReplica(t *testing.T) {
-	peers := &fakePeers{nodes: map[string]*harness{}, down: map[string]bool{}, epoch: map[string]uint64{"a": 1, "b": 1, "c": 1}, active: []string{"a", "b"}}
+	peers := &fakePeers{nodes: map[string]*harness{}, down: map[string]bool{}, epoch: map[string]cluster.EpochID{"a": {Counter: 1}, "b": {Counter: 1}, "c": {Counter: 1}}, active: []string{"a", "b"}}
 	reps := map[string]*PeerReplicator{}
 	mk := func(id string) *harness {
 		cfg := smallWindow()
@@ -389,7 +390,7 @@ func TestCatchUpNewReplica(t *testing.T) {
 	// c holds a stale copy from some earlier time: keys the owner never had.
 	stale := AppendOps(nil, []store.Op{{Kind: store.OpPut, Bucket: q, Key: 1 << 40, Value: (&Message{ID: "old"}).encode()}})
 	ch := make(chan error, 1)
-	if err := c.n.ApplyReplicated(1, 1, stale, func(err error) { ch <- err }); err != nil || <-ch != nil {
+	if err := c.n.ApplyReplicated(cluster.EpochID{Counter: 1}, cluster.EpochID{Counter: 1}, stale, func(err error) { ch <- err }); err != nil || <-ch != nil {
 		t.Fatal("stale copy not stored")
 	}
 	sendNumbered(t, a, q, 0, 3000)

@@ -12,6 +12,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/brokerd/brokerd/cluster"
 	"github.com/brokerd/brokerd/store"
 )
 
@@ -46,7 +47,7 @@ func failOver(owner *harness, peers *fakePeers) {
 	peers.mu.Lock()
 	peers.down["a"] = true
 	peers.active = []string{"b"}
-	peers.epoch["b"] = 2
+	peers.epoch["b"] = cluster.EpochID{Counter: 2}
 	peers.mu.Unlock()
 }
 
@@ -160,7 +161,7 @@ func TestReview2AdoptRacesApplyReplicated(t *testing.T) {
 		q := fmt.Sprintf("/queue/adopt%d", i)
 		base := uint64(i*100 + 1)
 		ch := make(chan error, 1)
-		if err := replica.n.ApplyReplicated(1, 1, put(q, base, base+4), func(err error) { ch <- err }); err != nil {
+		if err := replica.n.ApplyReplicated(cluster.EpochID{Counter: 1}, cluster.EpochID{Counter: 1}, put(q, base, base+4), func(err error) { ch <- err }); err != nil {
 			t.Fatal(err)
 		}
 		if err := <-ch; err != nil {
@@ -178,7 +179,7 @@ func TestReview2AdoptRacesApplyReplicated(t *testing.T) {
 		go func() {
 			defer wg.Done()
 			time.Sleep(time.Duration(i%10) * 50 * time.Microsecond)
-			if err := replica.n.ApplyReplicated(1, 1, put(q, base+5, base+9), func(err error) { applied <- err }); err != nil {
+			if err := replica.n.ApplyReplicated(cluster.EpochID{Counter: 1}, cluster.EpochID{Counter: 1}, put(q, base+5, base+9), func(err error) { applied <- err }); err != nil {
 				applied <- err
 			}
 		}()
@@ -206,7 +207,7 @@ type confirmPeers struct {
 	sent []string
 }
 
-func (p *confirmPeers) Append(peer string, _ uint64, _ []byte, done func(error)) {
+func (p *confirmPeers) Append(peer string, _ cluster.EpochID, _ []byte, done func(error)) {
 	p.mu.Lock()
 	ok := p.ok[peer]
 	p.sent = append(p.sent, peer)
@@ -249,7 +250,7 @@ func TestReview2QuorumCountsSelfOutsideReplicaSet(t *testing.T) {
 	}
 	set := ReplicaSet(q, active, 2)
 	peers := &confirmPeers{ok: map[string]bool{set[0]: true, set[1]: false}}
-	r := NewPeerReplicator(2, 2, func() View { return View{Self: "a", Active: active, Epoch: 1} }, peers, nil)
+	r := NewPeerReplicator(2, 2, func() View { return View{Self: "a", Active: active, Epoch: cluster.EpochID{Counter: 1}} }, peers, nil)
 	if err := replicateOne(t, r, q); err == nil {
 		t.Fatalf("R=2 W=2, writer %q outside the replica set %v, only %s confirmed: quorum reported met", "a", set, set[0])
 	}
@@ -261,7 +262,7 @@ func TestReview2QuorumCountsSelfOutsideReplicaSet(t *testing.T) {
 // every write is RECEIPTed with the local copy only.
 func TestReview2QuorumLoweredWhenActiveBelowR(t *testing.T) {
 	peers := &confirmPeers{ok: map[string]bool{}}
-	r := NewPeerReplicator(2, 2, func() View { return View{Self: "a", Active: []string{"a"}, Epoch: 2} }, peers, nil)
+	r := NewPeerReplicator(2, 2, func() View { return View{Self: "a", Active: []string{"a"}, Epoch: cluster.EpochID{Counter: 2}} }, peers, nil)
 	if err := replicateOne(t, r, "/queue/q"); err == nil {
 		t.Fatal("W=2 configured, one active member: quorum reported met with a single copy")
 	}
@@ -279,7 +280,7 @@ type holdPeers struct {
 	held []func()
 }
 
-func (p *holdPeers) Append(peer string, epoch uint64, body []byte, done func(error)) {
+func (p *holdPeers) Append(peer string, epoch cluster.EpochID, body []byte, done func(error)) {
 	p.hmu.Lock()
 	if p.hold {
 		p.held = append(p.held, func() { p.fakePeers.Append(peer, epoch, body, done) })
@@ -297,7 +298,7 @@ func (p *holdPeers) Append(peer string, epoch uint64, body []byte, done func(err
 // PeerReplicator.Replicate(nil, ...) calls quorum(nil) at once, so
 // Barrier returns while the Close's writes have reached no replica.
 func TestReview2BarrierDoesNotWaitForReplication(t *testing.T) {
-	fp := &fakePeers{nodes: map[string]*harness{}, down: map[string]bool{}, epoch: map[string]uint64{"a": 1, "b": 1}, active: []string{"a", "b"}}
+	fp := &fakePeers{nodes: map[string]*harness{}, down: map[string]bool{}, epoch: map[string]cluster.EpochID{"a": {Counter: 1}, "b": {Counter: 1}}, active: []string{"a", "b"}}
 	hp := &holdPeers{fakePeers: fp}
 	mk := func(id string) *harness {
 		cfg := smallWindow()
@@ -369,7 +370,7 @@ func TestReview2DoneRunsUnderRmu(t *testing.T) {
 	h := &harness{t: t, dir: t.TempDir(), cfg: cfg}
 	view := func() View {
 		time.Sleep(20 * time.Millisecond) // a membership lookup that takes a moment
-		return View{Self: "a", Active: []string{"a"}, Epoch: 1}
+		return View{Self: "a", Active: []string{"a"}, Epoch: cluster.EpochID{Counter: 1}}
 	}
 	h.prep = func(n *Node) {
 		n.SetReplicator(NewPeerReplicator(1, 1, view, &confirmPeers{}, nil))
@@ -547,7 +548,7 @@ func TestReview2AdoptLogsOnDiskUnlocked(t *testing.T) {
 			ops = append(ops, store.Op{Kind: store.OpPut, Bucket: q, Key: uint64(i*1000) + k, Value: (&Message{ID: "x", Body: []byte("b")}).encode()})
 		}
 		ch := make(chan error, 1)
-		if err := replica.n.ApplyReplicated(1, 1, AppendOps(nil, ops), func(err error) { ch <- err }); err != nil {
+		if err := replica.n.ApplyReplicated(cluster.EpochID{Counter: 1}, cluster.EpochID{Counter: 1}, AppendOps(nil, ops), func(err error) { ch <- err }); err != nil {
 			t.Fatal(err)
 		}
 		<-ch
@@ -588,7 +589,7 @@ func TestReview2DeadLetterMoveLostAcrossReplicaSets(t *testing.T) {
 			break
 		}
 	}
-	fp := &fakePeers{nodes: map[string]*harness{}, down: map[string]bool{}, epoch: map[string]uint64{"a": 1, "b": 1, "c": 1}, active: active}
+	fp := &fakePeers{nodes: map[string]*harness{}, down: map[string]bool{}, epoch: map[string]cluster.EpochID{"a": {Counter: 1}, "b": {Counter: 1}, "c": {Counter: 1}}, active: active}
 	mk := func(id string) *harness {
 		cfg := smallWindow()
 		cfg.NodeID = id
@@ -660,7 +661,7 @@ func TestReview2ApplyReplicatedRetainsBody(t *testing.T) {
 		key := uint64(i + 1)
 		body := AppendOps(nil, []store.Op{{Kind: store.OpPut, Bucket: q, Key: key, Value: want}})
 		ch := make(chan error, 1)
-		if err := replica.n.ApplyReplicated(1, 1, body, func(err error) { ch <- err }); err != nil {
+		if err := replica.n.ApplyReplicated(cluster.EpochID{Counter: 1}, cluster.EpochID{Counter: 1}, body, func(err error) { ch <- err }); err != nil {
 			t.Fatal(err)
 		}
 		for j := range body { // the link reads its next frame into the same buffer

@@ -5,10 +5,10 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"strconv"
 	"sync"
 	"time"
 
+	"github.com/brokerd/brokerd/cluster"
 	"github.com/brokerd/brokerd/replica"
 	"github.com/brokerd/brokerd/stomp"
 	"github.com/go-stomp/stomp/v3/frame"
@@ -19,7 +19,8 @@ import (
 // batches other owners send here.
 
 // opAppend is the peer operation that carries replicated queue writes:
-// header x-epoch (the owner's epoch, decimal), body replica.AppendOps.
+// header x-epoch (the owner's epoch, cluster.EpochID's text form), body
+// the replica package's wire form.
 const (
 	opAppend     = "append"
 	headerEpoch  = "x-epoch"
@@ -55,7 +56,7 @@ type peerLinks struct {
 }
 
 type pendingAppend struct {
-	epoch uint64
+	epoch cluster.EpochID
 	body  []byte
 	done  func(error)
 }
@@ -81,7 +82,7 @@ func newPeerLinks(base stomp.PeerClientConfig, addrOf func(string) string, maxQu
 }
 
 // Append implements replica.Peers.
-func (p *peerLinks) Append(peer string, epoch uint64, body []byte, done func(error)) {
+func (p *peerLinks) Append(peer string, epoch cluster.EpochID, body []byte, done func(error)) {
 	o, err := p.get(peer)
 	if err != nil {
 		done(err)
@@ -182,7 +183,7 @@ func (p *peerLinks) run(o *peerOut) {
 				}
 				ctx, cancel = context.WithTimeout(o.ctx, left)
 			}
-			err := o.c.Request(ctx, opAppend, []string{headerEpoch, strconv.FormatUint(epoch, 10)}, body, finish)
+			err := o.c.Request(ctx, opAppend, []string{headerEpoch, epoch.String()}, body, finish)
 			cancel()
 			if err != nil {
 				finish(nil, fmt.Errorf("%w: %s: %w", errPeerDown, o.id, err))
@@ -219,18 +220,18 @@ func (p *peerLinks) Close() {
 // node. An append that does not decode is garbage: the peer is dropped
 // and nothing of it applied. A stale epoch or a queue this node serves is
 // refused, the link kept.
-func replicationHandler(n *replica.Node, epoch func() uint64) stomp.PeerHandler {
+func replicationHandler(n *replica.Node, epoch func() cluster.EpochID) stomp.PeerHandler {
 	return stomp.PeerHandlerFunc(func(peer string, f *frame.Frame, reply func(*frame.Frame)) {
 		if op := f.Header.Get(stomp.PeerHeaderOp); op != opAppend {
 			reply(stomp.PeerFail("unknown-op", fmt.Sprintf("unknown operation %q", op)))
 			return
 		}
-		e, err := strconv.ParseUint(f.Header.Get(headerEpoch), 10, 64)
-		if err != nil {
+		var e cluster.EpochID
+		if err := e.UnmarshalText([]byte(f.Header.Get(headerEpoch))); err != nil {
 			reply(stomp.PeerDrop("append without a valid " + headerEpoch + " header"))
 			return
 		}
-		err = n.ApplyReplicated(e, epoch(), f.Body, func(err error) {
+		err := n.ApplyReplicated(e, epoch(), f.Body, func(err error) {
 			if err != nil {
 				reply(stomp.PeerFail("store", err.Error()))
 				return

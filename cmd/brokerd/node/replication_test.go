@@ -10,6 +10,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/brokerd/brokerd/cluster"
 	"github.com/brokerd/brokerd/replica"
 	"github.com/brokerd/brokerd/stomp"
 	"github.com/brokerd/brokerd/store"
@@ -31,7 +32,7 @@ type repMember struct {
 type repNet struct {
 	mu     sync.Mutex
 	active []string
-	epoch  uint64
+	epoch  cluster.EpochID
 	addrs  map[string]string
 }
 
@@ -77,7 +78,7 @@ func startRepMember(t *testing.T, id string, net *repNet) *repMember {
 	n.Start()
 	pcfg := stomp.DefaultPeerServerConfig()
 	pcfg.Addr, pcfg.Secret, pcfg.NodeID, pcfg.Logger = "127.0.0.1:0", testSecret, id, log
-	srv := stomp.NewPeerServer(pcfg, replicationHandler(n, func() uint64 { return net.view(id)().Epoch }))
+	srv := stomp.NewPeerServer(pcfg, replicationHandler(n, func() cluster.EpochID { return net.view(id)().Epoch }))
 	if err := srv.Start(); err != nil {
 		t.Fatal(err)
 	}
@@ -172,7 +173,7 @@ func (d *deliveries) wait(t *testing.T, n int) []replica.Delivery {
 // message that was not acknowledged, each inherited one marked
 // redelivered; new SENDs then need only the member left (R capped at 1).
 func TestReplicationOverPeerLinks(t *testing.T) {
-	net := &repNet{active: []string{"a", "b"}, epoch: 1, addrs: map[string]string{}}
+	net := &repNet{active: []string{"a", "b"}, epoch: cluster.EpochID{Counter: 1, Set: 1}, addrs: map[string]string{}}
 	a, b := startRepMember(t, "a", net), startRepMember(t, "b", net)
 	const q = "/queue/orders"
 	if err := a.n.Adopt(q); err != nil {
@@ -213,7 +214,7 @@ func TestReplicationOverPeerLinks(t *testing.T) {
 
 	a.stop()
 	net.mu.Lock()
-	net.active, net.epoch = []string{"b"}, 2
+	net.active, net.epoch = []string{"b"}, cluster.EpochID{Counter: 2, Set: 2}
 	net.mu.Unlock()
 	if err := b.n.Adopt(q); err != nil {
 		t.Fatal(err)
@@ -239,7 +240,7 @@ func TestReplicationOverPeerLinks(t *testing.T) {
 // With the other replica unreachable, W = 2 cannot be met: the SEND fails
 // with ErrNoQuorum, never a silent success.
 func TestReplicationNoQuorum(t *testing.T) {
-	net := &repNet{active: []string{"a", "b"}, epoch: 1, addrs: map[string]string{}}
+	net := &repNet{active: []string{"a", "b"}, epoch: cluster.EpochID{Counter: 1, Set: 1}, addrs: map[string]string{}}
 	a, b := startRepMember(t, "a", net), startRepMember(t, "b", net)
 	const q = "/queue/q"
 	if err := a.n.Adopt(q); err != nil {
@@ -258,10 +259,10 @@ func TestReplicationNoQuorum(t *testing.T) {
 // A replica refuses an owner's append under an older epoch than its own,
 // and the owner's SEND fails rather than counting that copy.
 func TestReplicationStaleEpochRefused(t *testing.T) {
-	net := &repNet{active: []string{"a", "b"}, epoch: 5, addrs: map[string]string{}}
+	net := &repNet{active: []string{"a", "b"}, epoch: cluster.EpochID{Counter: 5, Set: 1}, addrs: map[string]string{}}
 	a := startRepMember(t, "a", net)
 	// b sees a newer epoch than a advertises.
-	bnet := &repNet{active: []string{"a", "b"}, epoch: 6, addrs: net.addrs}
+	bnet := &repNet{active: []string{"a", "b"}, epoch: cluster.EpochID{Counter: 6, Set: 1}, addrs: net.addrs}
 	b := startRepMember(t, "b", bnet)
 	net.mu.Lock()
 	net.addrs["b"] = b.srv.Addr().String()
