@@ -235,7 +235,7 @@ type Node struct {
 	rep Replicator // nil: a node of its own, nothing is replicated
 	// catchUp holds, per queue being copied from its owner, the keys
 	// deleted since the copy began (see ApplyReplicated). Guarded by wmu.
-	catchUp map[string]map[uint64]struct{}
+	catchUp map[string]*catchState
 	// seqCeil is the sequence number recorded in the store: after a
 	// restart numbering resumes above it, so message IDs are never reused
 	// even when every message was acknowledged and deleted. Guarded by wmu.
@@ -299,7 +299,7 @@ func New(cfg Config, st *store.Store) *Node {
 		st:            st,
 		log:           cfg.Logger.With("component", "replica"),
 		dests:         make(map[string]*destination),
-		catchUp:       make(map[string]map[uint64]struct{}),
+		catchUp:       make(map[string]*catchState),
 		loadSig:       make(chan struct{}, 1),
 		stop:          make(chan struct{}),
 	}

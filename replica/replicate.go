@@ -8,6 +8,7 @@ import (
 	"slices"
 	"strconv"
 	"sync"
+	"time"
 
 	"github.com/brokerd/brokerd/cluster"
 	"github.com/brokerd/brokerd/store"
@@ -218,17 +219,39 @@ func (n *Node) ApplyReplicated(epoch, current cluster.EpochID, body []byte, done
 	}
 	n.mu.Unlock()
 	// Catch-up bookkeeping is checked whole before anything changes, so
-	// that a refused batch changes nothing.
-	tombs := 0
-	for _, w := range wops {
-		if w.kind == wireDelete && n.catchUp[w.op.Bucket] != nil {
-			tombs++
+	// that a refused batch changes nothing: a catch-up put needs a
+	// catch-up in progress (begun earlier or in this batch), and the keys
+	// a catch-up remembers stay bounded.
+	catching := map[string]int{} // bucket -> keys it would remember after this batch, -1 not catching up
+	state := func(b string) int {
+		if v, ok := catching[b]; ok {
+			return v
 		}
+		if c := n.catchUp[b]; c != nil {
+			return len(c.touched)
+		}
+		return -1
 	}
-	for b, c := range n.catchUp {
-		if len(c) > maxTombstones-tombs {
-			delete(n.catchUp, b)
-			return fmt.Errorf("%w: %s: more than %d deletes while it ran", ErrNoCatchUp, b, maxTombstones)
+	n.expireCatchUps(time.Now())
+	for _, w := range wops {
+		b := w.op.Bucket
+		switch w.kind {
+		case wireCatchUpBegin:
+			catching[b] = 0
+		case wireCatchUpEnd:
+			catching[b] = -1
+		case wireCatchUpPut:
+			if state(b) < 0 {
+				return fmt.Errorf("%w: %s", ErrNoCatchUp, b)
+			}
+		case wirePut, wireDelete:
+			if v := state(b); v >= 0 {
+				if v+1 > maxTombstones {
+					delete(n.catchUp, b)
+					return fmt.Errorf("%w: %s: more than %d keys written while it ran", ErrNoCatchUp, b, maxTombstones)
+				}
+				catching[b] = v + 1
+			}
 		}
 	}
 	ops := make([]store.Op, 0, len(wops)+1)
@@ -236,26 +259,30 @@ func (n *Node) ApplyReplicated(epoch, current cluster.EpochID, body []byte, done
 		b := w.op.Bucket
 		switch w.kind {
 		case wireCatchUpBegin:
-			// The copy is rebuilt from the owner's: drop what is here.
-			n.catchUp[b] = map[uint64]struct{}{}
-			ops = append(ops, store.Op{Kind: store.OpDeleteBucket, Bucket: b})
+			// What is here stays: it may hold receipted messages the
+			// owner's only other copy lacks (a gap is why the owner begins
+			// again). The copy fills in; keys the owner deleted while a
+			// batch to here failed remain here until a later delete (a
+			// redelivery after a failover, never a loss).
+			n.catchUp[b] = &catchState{touched: map[uint64]struct{}{}, last: time.Now()}
 			continue
 		case wireCatchUpEnd:
 			delete(n.catchUp, b)
 			continue
 		case wireCatchUpPut:
-			if c, ok := n.catchUp[b]; !ok {
-				return fmt.Errorf("%w: %s", ErrNoCatchUp, b)
-			} else if _, deleted := c[w.op.Key]; deleted {
-				continue // read before its delete, which came first
+			// A chunk was read from the owner's bucket at some point;
+			// a live put (a newer record: a delivery count) or delete of
+			// the same key since begin wins over it.
+			c := n.catchUp[b]
+			c.last = time.Now()
+			if _, touched := c.touched[w.op.Key]; touched {
+				continue
 			}
-		case wireDelete:
+		case wirePut, wireDelete:
+			// Remembered until end, even across a bucket delete: a chunk
+			// read before it may still carry the key.
 			if c := n.catchUp[b]; c != nil {
-				c[w.op.Key] = struct{}{}
-			}
-		case wireDeleteBucket:
-			if c := n.catchUp[b]; c != nil {
-				clear(c) // keys are never reused: none of the old ones returns
+				c.touched[w.op.Key] = struct{}{}
 			}
 		}
 		if w.op.Kind == store.OpPut {
@@ -271,9 +298,33 @@ func (n *Node) ApplyReplicated(epoch, current cluster.EpochID, body []byte, done
 	return nil
 }
 
-// maxTombstones bounds the deletes a replica remembers for one queue
-// while it catches up; past it the catch-up is abandoned (the owner
-// begins again).
+// catchState is a replica's record of one catch-up in progress: the keys
+// written or deleted live since it began, and when the owner last sent
+// any of it.
+type catchState struct {
+	touched map[uint64]struct{}
+	last    time.Time
+}
+
+// catchUpIdle is how long a catch-up may go without a begin or chunk from
+// the owner before the replica forgets it (the owner gave it up, or its
+// queue was removed); a later chunk is then refused and the owner begins
+// again.
+const catchUpIdle = time.Minute
+
+// expireCatchUps forgets catch-ups idle for catchUpIdle. Under wmu.
+func (n *Node) expireCatchUps(now time.Time) {
+	for b, c := range n.catchUp {
+		if now.Sub(c.last) > catchUpIdle {
+			delete(n.catchUp, b)
+			n.log.Warn("catch-up abandoned by its owner; forgotten", "dest", b)
+		}
+	}
+}
+
+// maxTombstones bounds the keys (written or deleted live) a replica
+// remembers for one queue while it catches up; past it the catch-up is
+// abandoned and the batch refused (the owner begins again).
 const maxTombstones = 1 << 20
 
 // CatchingUp reports whether this node is copying queue dest from its
@@ -366,6 +417,10 @@ type Peers interface {
 // other replica the ops of its queues, and counts durable copies against
 // the write quorum W.
 type PeerReplicator struct {
+	// MaxAppend bounds the body of one Peers.Append (4 MiB by default):
+	// larger writes (a big transaction) go in several, in order.
+	MaxAppend int
+
 	r, w  int
 	view  func() View
 	peers Peers
@@ -388,7 +443,10 @@ type PeerReplicator struct {
 	synced     map[string]map[string]copyInfo
 	gen        uint64 // numbers catch-ups, so a superseded one stops
 	lastActive map[string]bool
-	slots      chan struct{} // catch-ups running at once
+	slots      chan struct{}      // catch-ups running at once
+	running    map[[2]string]bool // (peer, queue) with a catch-up goroutine
+	stop       chan struct{}      // closed by Close
+	closeOnce  sync.Once
 	wg         sync.WaitGroup
 }
 
@@ -426,6 +484,7 @@ func (p *PeerReplicator) EnableCatchUp(src CatchUpSource) {
 	p.synced = map[string]map[string]copyInfo{}
 	p.lastActive = map[string]bool{}
 	p.slots = make(chan struct{}, 4)
+	p.running = map[[2]string]bool{}
 }
 
 // Synced reports whether peer's copy of queue dest is known complete.
@@ -448,33 +507,100 @@ const (
 // for every write submitted before to commit (so the scan sees them),
 // then sends the bucket in chunks, one at a time, and an end. Any failure
 // marks the copy unknown: the next write begins again.
-func (p *PeerReplicator) catchUp(peer, dest string, gen uint64) {
+func (p *PeerReplicator) catchUp(peer, dest string) {
 	defer p.wg.Done()
-	p.slots <- struct{}{}
-	defer func() { <-p.slots }()
-	fail := func(err error) {
-		p.log.Warn("catch-up failed", "peer", peer, "dest", dest, "err", err)
+	key := [2]string{peer, dest}
+	backoff := catchUpRetryMin
+	for {
+		// One goroutine per (peer, queue): it runs the newest catch-up
+		// begun for it, until one ends or none is wanted.
 		p.stateMu.Lock()
-		if p.synced[peer] != nil && p.synced[peer][dest] == (copyInfo{copyCatching, gen}) {
-			p.synced[peer][dest] = copyInfo{copyUnknown, 0}
+		info := p.synced[peer][dest]
+		if info.state != copyCatching {
+			delete(p.running, key)
+			p.stateMu.Unlock()
+			return
 		}
 		p.stateMu.Unlock()
+		err := p.catchUpOnce(peer, dest, info.gen)
+		if errors.Is(err, errSuperseded) {
+			continue
+		}
+		if err == nil {
+			p.stateMu.Lock()
+			if p.synced[peer] != nil && p.synced[peer][dest] == (copyInfo{copyCatching, info.gen}) {
+				p.synced[peer][dest] = copyInfo{copySynced, info.gen}
+			}
+			delete(p.running, key)
+			p.stateMu.Unlock()
+			return
+		}
+		// The peer is down or refused: try again later with a new begin
+		// (the copy stays catching meanwhile, so writes do not start one
+		// each), unless the replicator closes or the copy is no longer
+		// wanted.
+		p.log.Warn("catch-up failed; retrying", "peer", peer, "dest", dest, "in", backoff, "err", err)
+		select {
+		case <-p.stop:
+			p.stateMu.Lock()
+			delete(p.running, key)
+			p.stateMu.Unlock()
+			return
+		case <-time.After(backoff):
+		}
+		backoff = min(2*backoff, catchUpRetryMax)
+		p.sendMu.Lock()
+		p.stateMu.Lock()
+		restart := p.synced[peer] != nil && p.synced[peer][dest] == (copyInfo{copyCatching, info.gen})
+		if restart {
+			p.gen++
+			p.synced[peer][dest] = copyInfo{copyCatching, p.gen}
+		}
+		p.stateMu.Unlock()
+		if restart {
+			p.peers.Append(peer, p.view().Epoch, appendWire(nil, wireCatchUpBegin, &store.Op{Bucket: dest}), func(error) {})
+		}
+		p.sendMu.Unlock()
 	}
+}
+
+// Retry delays of a failed catch-up.
+const (
+	catchUpRetryMin = 100 * time.Millisecond
+	catchUpRetryMax = 5 * time.Second
+)
+
+// Close stops the catch-ups waiting to retry and waits for those running.
+func (p *PeerReplicator) Close() {
+	p.closeOnce.Do(func() { close(p.stop) })
+	p.wg.Wait()
+}
+
+var errSuperseded = errors.New("catch-up superseded")
+
+// catchUpOnce runs catch-up gen of dest to peer: a store barrier (every
+// write submitted before is then visible), the bucket in chunks, one at a
+// time, and an end. It stops with errSuperseded once gen is not the
+// current catch-up: the check and the send are one step under sendMu, so
+// no chunk of an old catch-up follows the begin of a newer one.
+func (p *PeerReplicator) catchUpOnce(peer, dest string, gen uint64) error {
+	p.slots <- struct{}{}
+	defer func() { <-p.slots }()
 	ch := make(chan error, 1)
 	p.src.Barrier(func(err error) { ch <- err })
 	if err := <-ch; err != nil {
-		fail(err)
-		return
+		return err
 	}
 	send := func(body []byte) error {
+		ch := make(chan error, 1)
+		p.sendMu.Lock()
 		p.stateMu.Lock()
 		current := p.synced[peer] != nil && p.synced[peer][dest] == (copyInfo{copyCatching, gen})
 		p.stateMu.Unlock()
 		if !current {
-			return errors.New("catch-up superseded")
+			p.sendMu.Unlock()
+			return errSuperseded
 		}
-		ch := make(chan error, 1)
-		p.sendMu.Lock()
 		p.peers.Append(peer, p.view().Epoch, body, func(err error) { ch <- err })
 		p.sendMu.Unlock()
 		return <-ch
@@ -490,26 +616,16 @@ func (p *PeerReplicator) catchUp(peer, dest string, gen uint64) {
 			return nil
 		})
 		if err != nil {
-			fail(err)
-			return
+			return err
 		}
 		if n == 0 {
 			break
 		}
 		if err := send(body); err != nil {
-			fail(err)
-			return
+			return err
 		}
 	}
-	if err := send(appendWire(nil, wireCatchUpEnd, &store.Op{Bucket: dest})); err != nil {
-		fail(err)
-		return
-	}
-	p.stateMu.Lock()
-	if p.synced[peer] != nil && p.synced[peer][dest] == (copyInfo{copyCatching, gen}) {
-		p.synced[peer][dest] = copyInfo{copySynced, gen}
-	}
-	p.stateMu.Unlock()
+	return send(appendWire(nil, wireCatchUpEnd, &store.Op{Bucket: dest}))
 }
 
 // NewPeerReplicator returns a Replicator for factor r and write quorum w
@@ -518,7 +634,7 @@ func NewPeerReplicator(r, w int, view func() View, peers Peers, log *slog.Logger
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	return &PeerReplicator{r: max(r, 1), w: w, view: view, peers: peers, log: log, pending: map[uint64]*tally{}}
+	return &PeerReplicator{r: max(r, 1), w: w, view: view, peers: peers, log: log, pending: map[uint64]*tally{}, MaxAppend: 4 << 20, stop: make(chan struct{})}
 }
 
 // tally counts, per queue, the confirmations still needed and still
@@ -644,13 +760,19 @@ func (p *PeerReplicator) Replicate(ops []store.Op, sync bool, quorum func(error)
 	shares := map[string]*share{}
 	var order []string
 	t := &tally{need: map[string]int{}, possible: map[string]int{}, done: quorum}
+	sets := map[string][]string{} // replica set of each queue written
+	var deleted []string          // queues removed by this write
 	for i := range ops {
 		op := &ops[i]
 		if op.Kind == store.OpPutMeta {
 			continue
 		}
 		set := ReplicaSet(op.Bucket, v.Active, p.r)
+		if op.Kind == store.OpDeleteBucket {
+			deleted = append(deleted, op.Bucket)
+		}
 		if _, seen := t.need[op.Bucket]; !seen {
+			sets[op.Bucket] = set
 			// W copies in the replica set: an explicit W holds even
 			// when fewer members are active (the SEND then fails); the
 			// default is a majority of the set. The local copy counts
@@ -720,6 +842,15 @@ func (p *PeerReplicator) Replicate(ops []store.Op, sync bool, quorum func(error)
 			}
 		}
 		p.lastActive = active
+		// A peer that is no longer in a queue's replica set stops
+		// receiving its writes: its copy can no longer be relied on.
+		for b, set := range sets {
+			for peer, m := range p.synced {
+				if _, ok := m[b]; ok && !slices.Contains(set, peer) {
+					delete(m, b)
+				}
+			}
+		}
 		for _, id := range order {
 			if p.synced[id] == nil {
 				p.synced[id] = map[string]copyInfo{}
@@ -729,8 +860,17 @@ func (p *PeerReplicator) Replicate(ops []store.Op, sync bool, quorum func(error)
 					p.gen++
 					p.synced[id][b] = copyInfo{copyCatching, p.gen}
 					begins[id] = appendWire(begins[id], wireCatchUpBegin, &store.Op{Bucket: b})
-					starts = append(starts, start{id, b, p.gen})
+					if key := [2]string{id, b}; !p.running[key] {
+						p.running[key] = true
+						starts = append(starts, start{id, b, p.gen})
+					}
 				}
+			}
+		}
+		// A removed queue is no longer tracked (its writes end here).
+		for _, b := range deleted {
+			for _, m := range p.synced {
+				delete(m, b)
 			}
 		}
 		p.stateMu.Unlock()
@@ -738,9 +878,21 @@ func (p *PeerReplicator) Replicate(ops []store.Op, sync bool, quorum func(error)
 	p.sendMu.Lock()
 	for _, id := range order {
 		s := shares[id]
-		body := AppendOps(begins[id], s.ops)
+		// Bodies of at most MaxAppend bytes (split between ops; one op
+		// larger than that travels alone): the write counts for this
+		// peer once every part is applied.
+		var parts [][]byte
+		body := begins[id]
+		for i := range s.ops {
+			if len(body) > 0 && len(body)+opWireSize(&s.ops[i]) > p.MaxAppend {
+				parts = append(parts, body)
+				body = nil
+			}
+			body = AppendOps(body, s.ops[i:i+1])
+		}
+		parts = append(parts, body)
 		buckets := s.buckets
-		p.peers.Append(id, v.Epoch, body, func(err error) {
+		result := joinN(len(parts), func(err error) {
 			if err != nil {
 				p.log.Warn("replication to peer failed", "peer", id, "queues", buckets, "err", err)
 				if p.src != nil {
@@ -757,12 +909,39 @@ func (p *PeerReplicator) Replicate(ops []store.Op, sync bool, quorum func(error)
 			}
 			t.settle(buckets, err == nil)
 		})
+		for _, part := range parts {
+			p.peers.Append(id, v.Epoch, part, result)
+		}
 	}
 	for _, s := range starts {
 		p.wg.Add(1)
-		go p.catchUp(s.peer, s.dest, s.gen)
+		go p.catchUp(s.peer, s.dest)
 	}
 	p.sendMu.Unlock()
+}
+
+// opWireSize is about the size of op's wire form.
+func opWireSize(op *store.Op) int {
+	return 1 + 3*binary.MaxVarintLen64 + len(op.Bucket) + len(op.Value)
+}
+
+// joinN returns a callback to be called n times that calls done once,
+// with the first error, after the n-th call.
+func joinN(n int, done func(error)) func(error) {
+	var mu sync.Mutex
+	var first error
+	return func(err error) {
+		mu.Lock()
+		if err != nil && first == nil {
+			first = err
+		}
+		n--
+		last := n == 0
+		mu.Unlock()
+		if last {
+			done(first)
+		}
+	}
 }
 
 func appendUnique(s []string, v string) []string {

@@ -5,6 +5,8 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"strconv"
+	"strings"
 	"sync"
 	"time"
 
@@ -18,13 +20,24 @@ import (
 // batches to the other replicas, and replicationHandler applies the
 // batches other owners send here.
 
+// maxAppendBody is the largest body of one append request: the
+// replicator splits larger writes (see replica.PeerReplicator), keeping
+// each request well under the peer link's frame limit.
+const maxAppendBody = 4 << 20
+
 // opAppend is the peer operation that carries replicated queue writes:
 // header x-epoch (the owner's epoch, cluster.EpochID's text form), body
 // the replica package's wire form.
 const (
-	opAppend     = "append"
-	headerEpoch  = "x-epoch"
-	maxBatchBody = 4 << 20 // appends merged into one request, at most
+	opAppend    = "append"
+	headerEpoch = "x-epoch"
+	// headerSeq orders one sender's appends across reconnects:
+	// "<incarnation>/<sequence>", decimal. A replica refuses an append
+	// whose sequence is not above the last it applied from the same
+	// incarnation of that sender: a request of a broken connection that
+	// is handled after the new connection's (the sender already counted
+	// it failed) must not land after them.
+	headerSeq = "x-seq"
 )
 
 // errPeerBacklog: more replication bytes are queued for a peer than
@@ -45,6 +58,7 @@ const connectWait = 2 * time.Second
 // in bytes and drained in order by one goroutine, so that Append never
 // blocks (PeerClient.Request waits while the link is down or full).
 type peerLinks struct {
+	inc       uint64                 // this incarnation, for headerSeq
 	base      stomp.PeerClientConfig // Secret, NodeID, Logger, Registerer, timeouts
 	addrOf    func(id string) string // a peer's peer-link address, "" when unknown
 	maxQueued int                    // bytes queued per peer
@@ -62,9 +76,11 @@ type pendingAppend struct {
 }
 
 type peerOut struct {
+	closed    bool // under mu: the sender has ended, Append fails at once
 	id        string
 	c         *stomp.PeerClient
 	downSince time.Time // run's goroutine only
+	seq       uint64    // run's goroutine only: the last headerSeq sent
 	mu        sync.Mutex
 	q         []pendingAppend
 	bytes     int
@@ -78,7 +94,7 @@ func newPeerLinks(base stomp.PeerClientConfig, addrOf func(string) string, maxQu
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	return &peerLinks{base: base, addrOf: addrOf, maxQueued: max(maxQueued, maxBatchBody), log: log, out: map[string]*peerOut{}}
+	return &peerLinks{inc: uint64(time.Now().UnixNano()), base: base, addrOf: addrOf, maxQueued: max(maxQueued, maxAppendBody), log: log, out: map[string]*peerOut{}}
 }
 
 // Append implements replica.Peers.
@@ -89,6 +105,11 @@ func (p *peerLinks) Append(peer string, epoch cluster.EpochID, body []byte, done
 		return
 	}
 	o.mu.Lock()
+	if o.closed {
+		o.mu.Unlock()
+		done(stomp.ErrPeerClosed)
+		return
+	}
 	if o.bytes+len(body) > p.maxQueued {
 		o.mu.Unlock()
 		done(fmt.Errorf("%w (%s)", errPeerBacklog, peer))
@@ -145,29 +166,25 @@ func (p *peerLinks) run(o *peerOut) {
 				o.mu.Unlock()
 				break
 			}
-			epoch := o.q[0].epoch
-			n, size := 0, 0
-			for n < len(o.q) && o.q[n].epoch == epoch && (n == 0 || size+len(o.q[n].body) <= maxBatchBody) {
-				size += len(o.q[n].body)
-				n++
-			}
-			batch := append([]pendingAppend(nil), o.q[:n]...)
-			clear(o.q[:n])
-			o.q = o.q[n:]
-			o.bytes -= size
+			// One request per append: a replica refuses or applies a
+			// request whole, so appends are not merged (a refusal of one
+			// queue must not fail another's write). The peer's group
+			// commit shares its fdatasync among them.
+			a := o.q[0]
+			o.q[0] = pendingAppend{}
+			o.q = o.q[1:]
 			o.mu.Unlock()
-
-			body := batch[0].body
-			if len(batch) > 1 {
-				body = make([]byte, 0, size)
-				for _, a := range batch {
-					body = append(body, a.body...)
-				}
-			}
+			epoch, body := a.epoch, a.body
+			var once sync.Once
 			finish := func(_ *frame.Frame, err error) {
-				for _, a := range batch {
+				once.Do(func() {
+					// Bytes count until the answer: queued and in flight
+					// together stay under maxQueued.
+					o.mu.Lock()
+					o.bytes -= len(body)
+					o.mu.Unlock()
 					a.done(err)
-				}
+				})
 			}
 			ctx, cancel := o.ctx, context.CancelFunc(func() {})
 			if o.c.Connected() {
@@ -183,7 +200,9 @@ func (p *peerLinks) run(o *peerOut) {
 				}
 				ctx, cancel = context.WithTimeout(o.ctx, left)
 			}
-			err := o.c.Request(ctx, opAppend, []string{headerEpoch, epoch.String()}, body, finish)
+			o.seq++
+			seq := strconv.FormatUint(p.inc, 10) + "/" + strconv.FormatUint(o.seq, 10)
+			err := o.c.Request(ctx, opAppend, []string{headerEpoch, epoch.String(), headerSeq, seq}, body, finish)
 			cancel()
 			if err != nil {
 				finish(nil, fmt.Errorf("%w: %s: %w", errPeerDown, o.id, err))
@@ -194,8 +213,12 @@ func (p *peerLinks) run(o *peerOut) {
 
 func (o *peerOut) failQueued(err error) {
 	o.mu.Lock()
+	o.closed = true
 	q := o.q
-	o.q, o.bytes = nil, 0
+	o.q = nil
+	for _, a := range q {
+		o.bytes -= len(a.body)
+	}
 	o.mu.Unlock()
 	for _, a := range q {
 		a.done(err)
@@ -221,6 +244,9 @@ func (p *peerLinks) Close() {
 // and nothing of it applied. A stale epoch or a queue this node serves is
 // refused, the link kept.
 func replicationHandler(n *replica.Node, epoch func() cluster.EpochID) stomp.PeerHandler {
+	type last struct{ inc, seq uint64 }
+	var mu sync.Mutex
+	lasts := map[string]last{} // per sender; bounded by the cluster's nodes
 	return stomp.PeerHandlerFunc(func(peer string, f *frame.Frame, reply func(*frame.Frame)) {
 		if op := f.Header.Get(stomp.PeerHeaderOp); op != opAppend {
 			reply(stomp.PeerFail("unknown-op", fmt.Sprintf("unknown operation %q", op)))
@@ -231,6 +257,22 @@ func replicationHandler(n *replica.Node, epoch func() cluster.EpochID) stomp.Pee
 			reply(stomp.PeerDrop("append without a valid " + headerEpoch + " header"))
 			return
 		}
+		incS, seqS, ok := strings.Cut(f.Header.Get(headerSeq), "/")
+		inc, err1 := strconv.ParseUint(incS, 10, 64)
+		seq, err2 := strconv.ParseUint(seqS, 10, 64)
+		if !ok || err1 != nil || err2 != nil {
+			reply(stomp.PeerDrop("append without a valid " + headerSeq + " header"))
+			return
+		}
+		// Check, record and submit in one step: the store commits the
+		// appends of one sender in sequence order.
+		mu.Lock()
+		defer mu.Unlock()
+		if l, seen := lasts[peer]; seen && (inc < l.inc || inc == l.inc && seq <= l.seq) {
+			reply(stomp.PeerFail("reordered", fmt.Sprintf("append %d/%d after %d/%d from %s: refused", inc, seq, l.inc, l.seq, peer)))
+			return
+		}
+		lasts[peer] = last{inc, seq}
 		err := n.ApplyReplicated(e, epoch(), f.Body, func(err error) {
 			if err != nil {
 				reply(stomp.PeerFail("store", err.Error()))
