@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"math"
 	"slices"
 	"strconv"
 	"sync"
@@ -77,34 +76,12 @@ const (
 	wireCatchUpBegin = byte(5)
 	wireCatchUpPut   = byte(6)
 	wireCatchUpEnd   = byte(7)
-	// A catch-up range (bucket, low key exclusive, high key inclusive,
-	// uvarints) precedes each chunk and the end: the owner holds, in that
-	// range, exactly the chunk's keys, so the replica removes its other
-	// keys there (unless written or deleted live since begin).
-	wireCatchUpRange = byte(8)
 )
 
 // wireOp is one decoded op with its wire kind.
 type wireOp struct {
 	kind byte
 	op   store.Op
-	hi   uint64 // wireCatchUpRange: op.Key is the low end (exclusive), hi the high (inclusive)
-}
-
-// appendWireOp appends w's wire form.
-func appendWireOp(b []byte, w *wireOp) []byte {
-	if w.kind == wireCatchUpRange {
-		return appendRange(b, w.op.Bucket, w.op.Key, w.hi)
-	}
-	return appendWire(b, w.kind, &w.op)
-}
-
-func appendRange(b []byte, bucket string, lo, hi uint64) []byte {
-	b = append(b, wireCatchUpRange)
-	b = binary.AppendUvarint(b, uint64(len(bucket)))
-	b = append(b, bucket...)
-	b = binary.AppendUvarint(b, lo)
-	return binary.AppendUvarint(b, hi)
 }
 
 // AppendOps appends the wire form of ops to b. Only queue writes are
@@ -171,9 +148,7 @@ func decodeWire(b []byte) ([]wireOp, error) {
 		case wireDelete:
 			sk = store.OpDelete
 		case wireDeleteBucket, wireCatchUpBegin, wireCatchUpEnd:
-			sk = store.OpDeleteBucket // begin and end write nothing
-		case wireCatchUpRange:
-			sk = 0
+			sk = store.OpDeleteBucket // begin's effect; end writes nothing
 		default:
 			return nil, fmt.Errorf("%w: op kind %d", ErrBadAppend, int(kind))
 		}
@@ -185,20 +160,6 @@ func decodeWire(b []byte) ([]wireOp, error) {
 		b = b[n+int(l):]
 		if k, err := ParseDestination(op.Bucket); err != nil || k != KindQueue {
 			return nil, fmt.Errorf("%w: %q is not a queue", ErrBadAppend, op.Bucket)
-		}
-		var hi uint64
-		if kind == wireCatchUpRange {
-			lo, n := binary.Uvarint(b)
-			if n <= 0 {
-				return nil, fmt.Errorf("%w: range", ErrBadAppend)
-			}
-			b = b[n:]
-			h, m := binary.Uvarint(b)
-			if m <= 0 || h <= lo {
-				return nil, fmt.Errorf("%w: range", ErrBadAppend)
-			}
-			b = b[m:]
-			op.Key, hi = lo, h
 		}
 		if sk == store.OpPut || sk == store.OpDelete {
 			key, n := binary.Uvarint(b)
@@ -219,7 +180,7 @@ func decodeWire(b []byte) ([]wireOp, error) {
 				return nil, fmt.Errorf("%w: unreadable message record under %s key %d", ErrBadAppend, op.Bucket, op.Key)
 			}
 		}
-		ops = append(ops, wireOp{kind: kind, op: op, hi: hi})
+		ops = append(ops, wireOp{kind: kind, op: op})
 	}
 	return ops, nil
 }
@@ -246,25 +207,6 @@ func (n *Node) ApplyReplicated(epoch, current cluster.EpochID, body []byte, done
 	wops, err := decodeWire(slices.Clone(body))
 	if err != nil {
 		return err
-	}
-	// The keys this replica holds in each catch-up range, read before
-	// wmu (a scan may wait for the store's applier). A key written or
-	// deleted live meanwhile is remembered as touched, checked below.
-	held := map[int][]uint64{}
-	for i, w := range wops {
-		if w.kind != wireCatchUpRange {
-			continue
-		}
-		err := n.st.Scan(w.op.Bucket, w.op.Key, maxRangeScan, 0, func(k uint64, _ []byte) error {
-			if k > w.hi {
-				return errScanDone
-			}
-			held[i] = append(held[i], k)
-			return nil
-		})
-		if err != nil && !errors.Is(err, errScanDone) {
-			return fmt.Errorf("catch-up range of %s: %w", w.op.Bucket, err)
-		}
 	}
 	n.wmu.Lock()
 	defer n.wmu.Unlock()
@@ -298,7 +240,7 @@ func (n *Node) ApplyReplicated(epoch, current cluster.EpochID, body []byte, done
 			catching[b] = 0
 		case wireCatchUpEnd:
 			catching[b] = -1
-		case wireCatchUpPut, wireCatchUpRange:
+		case wireCatchUpPut:
 			if state(b) < 0 {
 				return fmt.Errorf("%w: %s", ErrNoCatchUp, b)
 			}
@@ -312,33 +254,10 @@ func (n *Node) ApplyReplicated(epoch, current cluster.EpochID, body []byte, done
 			}
 		}
 	}
-	// The owner's keys in each range: the catch-up puts of this batch.
-	chunk := map[string]map[uint64]struct{}{}
-	for _, w := range wops {
-		if w.kind == wireCatchUpPut {
-			if chunk[w.op.Bucket] == nil {
-				chunk[w.op.Bucket] = map[uint64]struct{}{}
-			}
-			chunk[w.op.Bucket][w.op.Key] = struct{}{}
-		}
-	}
 	ops := make([]store.Op, 0, len(wops)+1)
-	for i, w := range wops {
+	for _, w := range wops {
 		b := w.op.Bucket
 		switch w.kind {
-		case wireCatchUpRange:
-			// Keys here the owner does not hold in the range: deleted
-			// there while this copy missed it. Removed, unless touched
-			// live since begin (then the live write decides).
-			c := n.catchUp[b]
-			for _, k := range held[i] {
-				_, own := chunk[b][k]
-				_, touched := c.touched[k]
-				if !own && !touched {
-					ops = append(ops, store.Op{Kind: store.OpDelete, Bucket: b, Key: k})
-				}
-			}
-			continue
 		case wireCatchUpBegin:
 			// What is here stays: it may hold receipted messages the
 			// owner's only other copy lacks (a gap is why the owner begins
@@ -402,11 +321,6 @@ func (n *Node) expireCatchUps(now time.Time) {
 		}
 	}
 }
-
-// maxRangeScan bounds the keys a replica reads for one catch-up range;
-// past it, the rest of the range keeps its stale keys until the next
-// catch-up (a redelivery, never a loss).
-const maxRangeScan = 1 << 16
 
 // maxTombstones bounds the keys (written or deleted live) a replica
 // remembers for one queue while it catches up; past it the catch-up is
@@ -693,10 +607,10 @@ func (p *PeerReplicator) catchUpOnce(peer, dest string, gen uint64) error {
 	}
 	var after uint64
 	for {
-		var puts []byte
-		lo, n := after, 0
+		var body []byte
+		n := 0
 		err := p.src.Scan(dest, after, catchUpMessages, catchUpBytes, func(key uint64, value []byte) error {
-			puts = appendWire(puts, wireCatchUpPut, &store.Op{Bucket: dest, Key: key, Value: value})
+			body = appendWire(body, wireCatchUpPut, &store.Op{Bucket: dest, Key: key, Value: value})
 			after = key
 			n++
 			return nil
@@ -707,14 +621,11 @@ func (p *PeerReplicator) catchUpOnce(peer, dest string, gen uint64) error {
 		if n == 0 {
 			break
 		}
-		// The range first: the replica removes its keys in (lo, after]
-		// that are not among these.
-		if err := send(append(appendRange(nil, dest, lo, after), puts...)); err != nil {
+		if err := send(body); err != nil {
 			return err
 		}
 	}
-	end := appendRange(nil, dest, after, math.MaxUint64)
-	return send(appendWire(end, wireCatchUpEnd, &store.Op{Bucket: dest}))
+	return send(appendWire(nil, wireCatchUpEnd, &store.Op{Bucket: dest}))
 }
 
 // NewPeerReplicator returns a Replicator for factor r and write quorum w
