@@ -564,6 +564,7 @@ func TestReview3BeginDropsReceiptedCopy(t *testing.T) {
 // leaves) the owner still has it synced: no begin, and the copy it holds
 // misses every write made meanwhile.
 func TestReview3ReplicaSetRejoinKeepsStaleSynced(t *testing.T) {
+	t.Skip("known gap, not fixed yet: a catch-up fills a copy in but does not remove keys the owner deleted while the peer was out of the set (or missed a batch); after a failover those acknowledged messages are redelivered (duplicates, never a loss). Removing keys the owner lacks is safe only once the owner is known complete or acknowledgements are kept as tombstones: a new owner that itself missed a batch would otherwise delete the only surviving copy of a receipted message (tried in 337f9d6, reverted)")
 	t.Skip("known gap, not fixed yet: a catch-up fills a copy in but does not remove keys the owner deleted while the peer was out of the set (or while a batch to it failed); after a failover those acknowledged messages are redelivered (duplicates, never a loss). Fix: reconcile each chunk's key range (docs/DESIGN.md, replication, not built yet)")
 	var q string
 	for i := 0; ; i++ {
