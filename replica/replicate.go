@@ -494,8 +494,25 @@ func (p *PeerReplicator) Synced(peer, dest string) bool {
 	return p.src == nil || p.synced[peer][dest].state == copySynced
 }
 
-// Wait waits for the catch-ups in progress to end (tests, shutdown).
-func (p *PeerReplicator) Wait() { p.wg.Wait() }
+// Wait waits until no catch-up is copying: each has ended, or failed and
+// waits to retry (tests). Close stops them all.
+func (p *PeerReplicator) Wait() {
+	for {
+		p.stateMu.Lock()
+		copying := false
+		for k := range p.running {
+			if p.synced[k[0]][k[1]].state == copyCatching {
+				copying = true
+				break
+			}
+		}
+		p.stateMu.Unlock()
+		if !copying {
+			return
+		}
+		time.Sleep(2 * time.Millisecond)
+	}
+}
 
 // catchUpChunk bounds one catch-up batch.
 const (
@@ -513,54 +530,60 @@ func (p *PeerReplicator) catchUp(peer, dest string) {
 	backoff := catchUpRetryMin
 	for {
 		// One goroutine per (peer, queue): it runs the newest catch-up
-		// begun for it, until one ends or none is wanted.
+		// begun for it; after a failure (its own, or a live batch's) it
+		// begins one again after a backoff, so that a quiet queue is
+		// repaired too. It ends once the copy is complete, or no longer
+		// tracked (the peer left the queue's replica set, the queue was
+		// removed), or the replicator closes.
 		p.stateMu.Lock()
-		info := p.synced[peer][dest]
-		if info.state != copyCatching {
+		info, tracked := p.synced[peer][dest]
+		if !tracked || info.state == copySynced {
 			delete(p.running, key)
 			p.stateMu.Unlock()
 			return
 		}
 		p.stateMu.Unlock()
+		if info.state == copyUnknown {
+			select {
+			case <-p.stop:
+				p.stateMu.Lock()
+				delete(p.running, key)
+				p.stateMu.Unlock()
+				return
+			case <-time.After(backoff):
+			}
+			backoff = min(2*backoff, catchUpRetryMax)
+			p.sendMu.Lock()
+			p.stateMu.Lock()
+			info, tracked = p.synced[peer][dest]
+			begin := tracked && info.state == copyUnknown
+			if begin {
+				p.gen++
+				p.synced[peer][dest] = copyInfo{copyCatching, p.gen}
+			}
+			p.stateMu.Unlock()
+			if begin {
+				p.peers.Append(peer, p.view().Epoch, appendWire(nil, wireCatchUpBegin, &store.Op{Bucket: dest}), func(error) {})
+			}
+			p.sendMu.Unlock()
+			continue
+		}
 		err := p.catchUpOnce(peer, dest, info.gen)
 		if errors.Is(err, errSuperseded) {
 			continue
 		}
-		if err == nil {
-			p.stateMu.Lock()
-			if p.synced[peer] != nil && p.synced[peer][dest] == (copyInfo{copyCatching, info.gen}) {
-				p.synced[peer][dest] = copyInfo{copySynced, info.gen}
-			}
-			delete(p.running, key)
-			p.stateMu.Unlock()
-			return
-		}
-		// The peer is down or refused: try again later with a new begin
-		// (the copy stays catching meanwhile, so writes do not start one
-		// each), unless the replicator closes or the copy is no longer
-		// wanted.
-		p.log.Warn("catch-up failed; retrying", "peer", peer, "dest", dest, "in", backoff, "err", err)
-		select {
-		case <-p.stop:
-			p.stateMu.Lock()
-			delete(p.running, key)
-			p.stateMu.Unlock()
-			return
-		case <-time.After(backoff):
-		}
-		backoff = min(2*backoff, catchUpRetryMax)
-		p.sendMu.Lock()
 		p.stateMu.Lock()
-		restart := p.synced[peer] != nil && p.synced[peer][dest] == (copyInfo{copyCatching, info.gen})
-		if restart {
-			p.gen++
-			p.synced[peer][dest] = copyInfo{copyCatching, p.gen}
+		if p.synced[peer] != nil && p.synced[peer][dest] == (copyInfo{copyCatching, info.gen}) {
+			if err == nil {
+				p.synced[peer][dest] = copyInfo{copySynced, info.gen}
+			} else {
+				p.synced[peer][dest] = copyInfo{copyUnknown, 0}
+			}
 		}
 		p.stateMu.Unlock()
-		if restart {
-			p.peers.Append(peer, p.view().Epoch, appendWire(nil, wireCatchUpBegin, &store.Op{Bucket: dest}), func(error) {})
+		if err != nil {
+			p.log.Warn("catch-up failed; retrying", "peer", peer, "dest", dest, "in", backoff, "err", err)
 		}
-		p.sendMu.Unlock()
 	}
 }
 
@@ -900,8 +923,19 @@ func (p *PeerReplicator) Replicate(ops []store.Op, sync bool, quorum func(error)
 					// a gap until a catch-up rebuilds it.
 					p.stateMu.Lock()
 					for _, b := range buckets {
-						if p.synced[id] != nil {
-							p.synced[id][b] = copyInfo{copyUnknown, 0}
+						if p.synced[id] == nil {
+							continue
+						}
+						if _, tracked := p.synced[id][b]; !tracked {
+							continue
+						}
+						p.synced[id][b] = copyInfo{copyUnknown, 0}
+						// Repaired in the background, not only by the
+						// queue's next write.
+						if k := [2]string{id, b}; !p.running[k] {
+							p.running[k] = true
+							p.wg.Add(1)
+							go p.catchUp(id, b)
 						}
 					}
 					p.stateMu.Unlock()
