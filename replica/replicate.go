@@ -446,6 +446,7 @@ type PeerReplicator struct {
 	slots      chan struct{}      // catch-ups running at once
 	running    map[[2]string]bool // (peer, queue) with a catch-up goroutine
 	stop       chan struct{}      // closed by Close
+	closed     bool               // under stateMu: Close began; no goroutine starts
 	closeOnce  sync.Once
 	wg         sync.WaitGroup
 }
@@ -494,20 +495,15 @@ func (p *PeerReplicator) Synced(peer, dest string) bool {
 	return p.src == nil || p.synced[peer][dest].state == copySynced
 }
 
-// Wait waits until no catch-up is copying: each has ended, or failed and
-// waits to retry (tests). Close stops them all.
+// Wait waits until no catch-up or repair goroutine runs: every copy it
+// was rebuilding is complete or no longer tracked (tests). With a peer
+// that stays down it does not return; Close stops them.
 func (p *PeerReplicator) Wait() {
 	for {
 		p.stateMu.Lock()
-		copying := false
-		for k := range p.running {
-			if p.synced[k[0]][k[1]].state == copyCatching {
-				copying = true
-				break
-			}
-		}
+		n := len(p.running)
 		p.stateMu.Unlock()
-		if !copying {
+		if n == 0 {
 			return
 		}
 		time.Sleep(2 * time.Millisecond)
@@ -537,7 +533,7 @@ func (p *PeerReplicator) catchUp(peer, dest string) {
 		// removed), or the replicator closes.
 		p.stateMu.Lock()
 		info, tracked := p.synced[peer][dest]
-		if !tracked || info.state == copySynced {
+		if !tracked || info.state == copySynced || p.closed {
 			delete(p.running, key)
 			p.stateMu.Unlock()
 			return
@@ -553,10 +549,20 @@ func (p *PeerReplicator) catchUp(peer, dest string) {
 			case <-time.After(backoff):
 			}
 			backoff = min(2*backoff, catchUpRetryMax)
+			// Begin again only while the peer is still in the queue's
+			// replica set in the current view (a quiet queue sees no
+			// Replicate to untrack it) and this node too.
+			v := p.view()
+			set := ReplicaSet(dest, v.Active, p.r)
+			inSet := slices.Contains(set, peer) && slices.Contains(set, v.Self)
 			p.sendMu.Lock()
 			p.stateMu.Lock()
 			info, tracked = p.synced[peer][dest]
-			begin := tracked && info.state == copyUnknown
+			if !inSet && tracked {
+				delete(p.synced[peer], dest)
+				tracked = false
+			}
+			begin := tracked && info.state == copyUnknown && !p.closed
 			if begin {
 				p.gen++
 				p.synced[peer][dest] = copyInfo{copyCatching, p.gen}
@@ -595,7 +601,14 @@ const (
 
 // Close stops the catch-ups waiting to retry and waits for those running.
 func (p *PeerReplicator) Close() {
-	p.closeOnce.Do(func() { close(p.stop) })
+	p.closeOnce.Do(func() {
+		// Under stateMu: no goroutine is added once closed is set, so
+		// wg.Add never races the Wait below.
+		p.stateMu.Lock()
+		p.closed = true
+		p.stateMu.Unlock()
+		close(p.stop)
+	})
 	p.wg.Wait()
 }
 
@@ -618,7 +631,7 @@ func (p *PeerReplicator) catchUpOnce(peer, dest string, gen uint64) error {
 		ch := make(chan error, 1)
 		p.sendMu.Lock()
 		p.stateMu.Lock()
-		current := p.synced[peer] != nil && p.synced[peer][dest] == (copyInfo{copyCatching, gen})
+		current := !p.closed && p.synced[peer] != nil && p.synced[peer][dest] == (copyInfo{copyCatching, gen})
 		p.stateMu.Unlock()
 		if !current {
 			p.sendMu.Unlock()
@@ -883,7 +896,7 @@ func (p *PeerReplicator) Replicate(ops []store.Op, sync bool, quorum func(error)
 					p.gen++
 					p.synced[id][b] = copyInfo{copyCatching, p.gen}
 					begins[id] = appendWire(begins[id], wireCatchUpBegin, &store.Op{Bucket: b})
-					if key := [2]string{id, b}; !p.running[key] {
+					if key := [2]string{id, b}; !p.running[key] && !p.closed {
 						p.running[key] = true
 						starts = append(starts, start{id, b, p.gen})
 					}
@@ -932,7 +945,7 @@ func (p *PeerReplicator) Replicate(ops []store.Op, sync bool, quorum func(error)
 						p.synced[id][b] = copyInfo{copyUnknown, 0}
 						// Repaired in the background, not only by the
 						// queue's next write.
-						if k := [2]string{id, b}; !p.running[k] {
+						if k := [2]string{id, b}; !p.running[k] && !p.closed {
 							p.running[k] = true
 							p.wg.Add(1)
 							go p.catchUp(id, b)

@@ -653,7 +653,7 @@ func TestReview3CatchUpGoroutinesUnbounded(t *testing.T) {
 	}
 	grew := runtime.NumGoroutine() - before
 	close(src.release)
-	p.Wait()
+	p.Close()
 	t.Logf("%d writes to one queue, peer down: %d goroutines, then %d barriers and %d scans by superseded catch-ups", writes, grew, src.barriers.Load(), src.scans.Load())
 	if grew > 64 {
 		t.Fatalf("%d writes while the peer is down left %d catch-up goroutines waiting (one per write, each to barrier and scan)", writes, grew)
