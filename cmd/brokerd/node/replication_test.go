@@ -52,7 +52,7 @@ func (r *repNet) addr(id string) string {
 
 var testSecret = []byte("0123456789abcdef0123456789abcdef")
 
-func startRepMember(t *testing.T, id string, net *repNet) *repMember {
+func startRepMember(t testing.TB, id string, net *repNet) *repMember {
 	t.Helper()
 	log := slog.New(slog.DiscardHandler)
 	scfg := store.DefaultConfig(filepath.Join(t.TempDir(), "r.db"))
