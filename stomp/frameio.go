@@ -40,8 +40,10 @@ func DefaultLimits() Limits {
 }
 
 // fioNormalizeLimits replaces zero or negative fields by their defaults.
-func fioNormalizeLimits(l Limits) Limits {
-	d := DefaultLimits()
+func fioNormalizeLimits(l Limits) Limits { return withDefaultLimits(l, DefaultLimits()) }
+
+// withDefaultLimits replaces zero or negative fields of l by those of d.
+func withDefaultLimits(l, d Limits) Limits {
 	if l.MaxFrameSize <= 0 {
 		l.MaxFrameSize = d.MaxFrameSize
 	}

@@ -154,22 +154,7 @@ func DefaultPeerLimits() Limits {
 
 // peerLimits replaces zero or negative fields by their DefaultPeerLimits
 // value.
-func peerLimits(l Limits) Limits {
-	d := DefaultPeerLimits()
-	if l.MaxFrameSize <= 0 {
-		l.MaxFrameSize = d.MaxFrameSize
-	}
-	if l.MaxHeaderCount <= 0 {
-		l.MaxHeaderCount = d.MaxHeaderCount
-	}
-	if l.MaxHeaderLineLen <= 0 {
-		l.MaxHeaderLineLen = d.MaxHeaderLineLen
-	}
-	if l.MaxBodySize <= 0 {
-		l.MaxBodySize = d.MaxBodySize
-	}
-	return l
-}
+func peerLimits(l Limits) Limits { return withDefaultLimits(l, DefaultPeerLimits()) }
 
 // PeerHandler serves the requests of peer links.
 //
@@ -350,23 +335,6 @@ func (r *peerIdleReader) Read(p []byte) (int, error) {
 		_ = r.c.SetReadDeadline(time.Now().Add(r.d))
 	}
 	return r.c.Read(p)
-}
-
-// peerDeadlineWriter keeps a write deadline of d in force for every write,
-// re-arming it once an eighth of it has passed (one SetWriteDeadline per
-// burst of writes).
-type peerDeadlineWriter struct {
-	c        net.Conn
-	d        time.Duration
-	deadline time.Time
-}
-
-func (w *peerDeadlineWriter) Write(p []byte) (int, error) {
-	if now := time.Now(); w.deadline.Sub(now) < w.d-w.d/8 {
-		w.deadline = now.Add(w.d)
-		_ = w.c.SetWriteDeadline(w.deadline)
-	}
-	return w.c.Write(p)
 }
 
 // peerDrain reads and discards what the other side still sends, within
@@ -1171,7 +1139,7 @@ func (sc *peerServerConn) answer(receipt string, resp *frame.Frame) *frame.Frame
 // heart-beats when idle. It ends after an end item or a write error.
 func (sc *peerServerConn) writeLoop() {
 	defer close(sc.writerDone)
-	w := newFrameWriter(&peerDeadlineWriter{c: sc.c, d: sc.s.cfg.WriteTimeout})
+	w := newFrameWriter(&deadlineWriter{c: sc.c, d: sc.s.cfg.WriteTimeout})
 	var tick <-chan time.Time
 	if sc.sendEvery > 0 {
 		t := time.NewTicker(sc.sendEvery / 2)
@@ -1828,7 +1796,7 @@ func (c *PeerClient) handshake(conn net.Conn) (*peerLink, error) {
 	if len(cfg.Secret) > 0 {
 		f.Header.Add(peerHeaderAuth, peerMAC(cfg.Secret, peerMACClient, nonce, cfg.NodeID))
 	}
-	w := newFrameWriter(&peerDeadlineWriter{c: conn, d: cfg.WriteTimeout})
+	w := newFrameWriter(&deadlineWriter{c: conn, d: cfg.WriteTimeout})
 	if err := w.WriteFrame(f, peerVersion); err != nil {
 		return nil, err
 	}
