@@ -10,6 +10,8 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/cespare/xxhash/v2"
+
 	"github.com/brokerd/brokerd/store"
 	"github.com/prometheus/client_golang/prometheus"
 )
@@ -222,12 +224,13 @@ type Node struct {
 	st  *store.Store
 	log *slog.Logger
 	m   *metrics
-	// seq numbers stored messages. Keys are taken and submitted to the
-	// store under wmu, so within every bucket keys commit in increasing
-	// order: the loader, which reads a queue's backlog by key from where
-	// its window ends, relies on it.
-	wmu sync.Mutex
-	seq uint64
+	// seq is the last key this node assigned or saw (see nextKey). Keys
+	// are taken and submitted to the store under wmu, so within every
+	// bucket keys commit in increasing order: the loader, which reads a
+	// queue's backlog by key from where its window ends, relies on it.
+	wmu  sync.Mutex
+	seq  uint64
+	slot uint64 // this node's low key bits, from its ID
 	// rmu makes a store submission and its replication one step, so that
 	// every replica receives a bucket's writes in the order the local
 	// store commits them (lock order: wmu, destination.mu, then rmu).
@@ -294,6 +297,7 @@ func New(cfg Config, st *store.Store) *Node {
 		cfg.DLQPrefix = def.DLQPrefix
 	}
 	n := &Node{
+		slot:          nodeSlot(cfg.NodeID),
 		topicIDPrefix: cfg.NodeID + "-t" + strconv.FormatInt(cfg.Now().UnixMilli(), 36) + "-",
 		cfg:           cfg,
 		st:            st,
@@ -309,10 +313,35 @@ func New(cfg Config, st *store.Store) *Node {
 
 const (
 	metaSeq = "seq"
-	// seqReserve is how far ahead of use the recorded sequence runs, so
-	// that only one commit in seqReserve records it.
-	seqReserve = 1 << 16
+	// slotBits low bits of a key name the node that assigned it; the
+	// bits above are a time in microseconds (see nextKey).
+	slotBits = 12
+	// seqReserve is how far ahead of use the recorded key runs (one
+	// second of key time), so that about one commit a second records it.
+	seqReserve = uint64(time.Second/time.Microsecond) << slotBits
 )
+
+// nodeSlot is the low key bits of the node with ID id.
+func nodeSlot(id string) uint64 {
+	return xxhash.Sum64String(id) & (1<<slotBits - 1)
+}
+
+// nextKey returns a new store key. A key is a hybrid logical clock: the
+// microseconds since 1970 (or one more than the last key's, when the
+// clock is behind it) above slotBits bits naming this node. Keys thus
+// grow on this node and sort after every key it has seen (a replicated
+// or adopted queue's keys raise seq), and two nodes, which differ in
+// their slot, never assign the same key: a new owner that missed some of
+// its predecessor's messages cannot overwrite them on other replicas.
+// Call with wmu held.
+func (n *Node) nextKey() uint64 {
+	t := uint64(max(n.cfg.Now().UnixMicro(), 0))
+	if last := n.seq >> slotBits; t <= last {
+		t = last + 1
+	}
+	n.seq = t<<slotBits | n.slot
+	return n.seq
+}
 
 // Recover reads what the store holds: the sequence ceiling and, for every
 // queue, its message count, byte count and key range. It reads no message:
@@ -536,8 +565,7 @@ func (n *Node) commit(ops []store.Op, nk newKeys, sync bool, after func(), done 
 	}
 	n.wmu.Lock()
 	for _, m := range nk.msgs {
-		n.seq++
-		m.Seq = n.seq
+		m.Seq = n.nextKey()
 		if m.ID == "" {
 			m.ID = n.cfg.NodeID + "-" + strconv.FormatUint(m.Seq, 10)
 		}

@@ -389,7 +389,7 @@ func TestCatchUpNewReplica(t *testing.T) {
 		t.Fatal(err)
 	}
 	// c holds a stale copy from some earlier time: keys the owner never had.
-	stale := AppendOps(nil, []store.Op{{Kind: store.OpPut, Bucket: q, Key: 1 << 40, Value: (&Message{ID: "old"}).encode()}})
+	stale := AppendOps(nil, []store.Op{{Kind: store.OpPut, Bucket: q, Key: 1 << 63, Value: (&Message{ID: "old"}).encode()}})
 	ch := make(chan error, 1)
 	if err := c.n.ApplyReplicated(cluster.EpochID{Counter: 1}, cluster.EpochID{Counter: 1}, stale, func(err error) { ch <- err }); err != nil || <-ch != nil {
 		t.Fatal("stale copy not stored")
@@ -446,7 +446,7 @@ func TestCatchUpNewReplica(t *testing.T) {
 	for _, h := range []*harness{b, c} {
 		got := bucketKeys(t, h, q)
 		if h == c {
-			if len(got) == 0 || got[len(got)-1] != 1<<40 {
+			if len(got) == 0 || got[len(got)-1] != 1<<63 {
 				t.Fatalf("c's older key is gone: %v", got[max(0, len(got)-3):])
 			}
 			got = got[:len(got)-1]
