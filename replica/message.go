@@ -106,6 +106,14 @@ func (m *Message) encode() []byte {
 
 var errCorrupt = errors.New("corrupt message record")
 
+// EncodeMessage returns m's stored form (ID, headers, body, expiry and
+// delivery count), which DecodeMessage reads back; peer links carry it.
+func EncodeMessage(m *Message) []byte { return m.encode() }
+
+// DecodeMessage parses EncodeMessage's form for destination dest. It
+// copies what it keeps.
+func DecodeMessage(dest string, b []byte) (*Message, error) { return decodeMessage(dest, 0, b) }
+
 // decodeMessage parses a stored record. It copies what it keeps.
 func decodeMessage(dest string, seq uint64, b []byte) (*Message, error) {
 	if len(b) < 1 || b[0] != codecVersion {

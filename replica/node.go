@@ -160,7 +160,7 @@ func DefaultConfig() Config {
 // Delivery is one message handed to a subscription.
 type Delivery struct {
 	Msg *Message
-	Sub *Subscription
+	Sub Sub
 	// Tag identifies the delivery within its subscription for ACK and NACK.
 	Tag uint64
 	// Redelivered is true when the message may have been delivered before.
@@ -184,6 +184,24 @@ type SubOptions struct {
 	Deliver func(Delivery)
 }
 
+// Sub is what a subscriber holds of its subscription: a *Subscription of
+// this node, or one whose queue another node serves (the cluster's
+// forwarding implements it).
+type Sub interface {
+	// TagOf returns the outstanding delivery tag of message-id id.
+	TagOf(id string) (uint64, bool)
+	// Written records that deliveries are on the wire (AckAuto: acked).
+	Written(tags ...uint64)
+	// Tried records that deliveries may have reached the client.
+	Tried(tags ...uint64)
+	// Check returns ErrUnknownAck unless tag is outstanding.
+	Check(tag uint64) error
+	// Close ends the subscription; its unacknowledged messages return.
+	Close()
+}
+
+var _ Sub = (*Subscription)(nil)
+
 // Batch is a set of operations applied together: the SENDs, ACKs and NACKs
 // of one frame or of one committed transaction. Its store writes go into a
 // single commit.
@@ -199,7 +217,7 @@ type Batch struct {
 // AckOp acknowledges (or, with Nack, rejects) the delivery Tag of Sub; in
 // AckClient mode every earlier outstanding delivery of Sub as well.
 type AckOp struct {
-	Sub  *Subscription
+	Sub  Sub
 	Tag  uint64
 	Nack bool
 }
@@ -667,7 +685,11 @@ func join2(done func(error)) (first, second func(error)) {
 // (ErrLowDisk) makes Apply return an error and change nothing.
 func (n *Node) Apply(b *Batch, done func(error)) error {
 	for _, a := range b.Acks {
-		if err := a.Sub.Check(a.Tag); err != nil {
+		s, ok := a.Sub.(*Subscription)
+		if !ok {
+			return fmt.Errorf("%w: not a subscription of this node", ErrSubscriptionClosed)
+		}
+		if err := s.Check(a.Tag); err != nil {
 			return err
 		}
 	}
@@ -708,7 +730,7 @@ func (n *Node) Apply(b *Batch, done func(error)) error {
 	}
 	var ops []store.Op
 	for _, a := range b.Acks {
-		ops = a.Sub.settle(a.Tag, a.Nack, ops, &nk)
+		ops = a.Sub.(*Subscription).settle(a.Tag, a.Nack, ops, &nk)
 	}
 	var after func()
 	if len(topics) > 0 {

@@ -396,6 +396,45 @@ func (n *Node) Adopt(dest string) error {
 	return nil
 }
 
+// Release stops serving queue dest here because another node owns it
+// now: its subscriptions end without any write (their in-flight messages
+// stay stored; the new owner redelivers them) and the queue leaves
+// memory. Its bucket stays, a replica's copy, so appends for it are
+// accepted again. The caller ends its subscribers' sessions or moves
+// them (the subscriptions' Deliver is not called again).
+func (n *Node) Release(dest string) {
+	n.wmu.Lock()
+	defer n.wmu.Unlock()
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	d := n.dests[dest]
+	if d == nil || d.kind != KindQueue {
+		return
+	}
+	d.mu.Lock()
+	for _, s := range d.subs {
+		s.closed = true
+		s.inflight = nil
+		s.byID = nil
+		s.unwritten = 0
+		s.inflightBytes = 0
+	}
+	d.subs = nil
+	d.removed = true
+	d.mu.Unlock()
+	d.adopted = false
+	delete(n.dests, dest)
+	n.log.Info("released queue", "dest", dest)
+}
+
+// Adopted reports whether this node serves queue dest (Adopt).
+func (n *Node) Adopted(dest string) bool {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	d := n.dests[dest]
+	return d != nil && d.adopted
+}
+
 // View is what a Replicator needs from membership: this node, the active
 // members and the epoch they agree under.
 type View struct {

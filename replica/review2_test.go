@@ -34,7 +34,7 @@ func TestReview2TopicMessageNotRedelivered(t *testing.T) {
 	}
 	got := c.wait(t, 1)
 	if got[0].Redelivered {
-		t.Fatalf("a fresh topic message (Seq %d, inheritedTo %d) delivered with Redelivered=true", got[0].Msg.Seq, got[0].Sub.d.inheritedTo)
+		t.Fatalf("a fresh topic message (Seq %d, inheritedTo %d) delivered with Redelivered=true", got[0].Msg.Seq, got[0].Sub.(*Subscription).d.inheritedTo)
 	}
 }
 

@@ -20,7 +20,7 @@ import (
 type Broker interface {
 	// Subscribe registers a subscription whose messages arrive through
 	// opts.Deliver.
-	Subscribe(opts replica.SubOptions) (*replica.Subscription, error)
+	Subscribe(opts replica.SubOptions) (replica.Sub, error)
 	// Apply validates and applies a batch of SENDs, ACKs and NACKs; done
 	// runs once its effects are durable. A validation error is returned
 	// and nothing is applied.
@@ -29,7 +29,18 @@ type Broker interface {
 	Barrier(done func(error))
 }
 
-var _ Broker = (*replica.Node)(nil)
+// Local is the Broker of a node of its own: n serves every destination.
+func Local(n *replica.Node) Broker { return localBroker{n} }
+
+type localBroker struct{ *replica.Node }
+
+func (b localBroker) Subscribe(opts replica.SubOptions) (replica.Sub, error) {
+	s, err := b.Node.Subscribe(opts)
+	if err != nil {
+		return nil, err // not a typed nil in the interface
+	}
+	return s, nil
+}
 
 // Config configures a Server.
 type Config struct {

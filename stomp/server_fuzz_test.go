@@ -41,7 +41,7 @@ func fuzzServer(t testing.TB, dir string) string {
 		cfg.Limits = Limits{MaxFrameSize: 4096, MaxHeaderCount: 16, MaxHeaderLineLen: 256, MaxBodySize: 2048}
 		cfg.ConnectTimeout = time.Second
 		cfg.Logger = rcfg.Logger
-		srv := NewServer(cfg, rep)
+		srv := NewServer(cfg, Local(rep))
 		if err := srv.Start(); err != nil {
 			t.Fatal(err)
 		}

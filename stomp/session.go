@@ -84,7 +84,7 @@ type sub struct {
 	idx    uint64
 	dest   string
 	mode   replica.AckMode
-	rs     *replica.Subscription
+	rs     replica.Sub
 	closed atomic.Bool
 }
 
@@ -987,7 +987,7 @@ func (s *session) writeLoop() {
 	var tick <-chan time.Time
 	var ticker *time.Ticker
 	lastWrite := time.Now()
-	written := make(map[*replica.Subscription][]uint64)
+	written := make(map[replica.Sub][]uint64)
 	var interval time.Duration
 	var batch []outItem
 	var reads []time.Time // of the RECEIPTs in batch

@@ -27,17 +27,18 @@ type recBroker struct {
 	failNext bool
 	applyErr error // returned by Apply, which then applies nothing
 	quiet    bool  // pass Apply and Barrier through, recording nothing
-	subs     []*replica.Subscription
+	subs     []replica.Sub
 }
 
-func (b *recBroker) Subscribe(o replica.SubOptions) (*replica.Subscription, error) {
+func (b *recBroker) Subscribe(o replica.SubOptions) (replica.Sub, error) {
 	rs, err := b.inner.Subscribe(o)
-	if err == nil {
-		b.mu.Lock()
-		b.subs = append(b.subs, rs)
-		b.mu.Unlock()
+	if err != nil {
+		return nil, err
 	}
-	return rs, err
+	b.mu.Lock()
+	b.subs = append(b.subs, rs)
+	b.mu.Unlock()
+	return rs, nil
 }
 
 // closedSubs counts the subscriptions made through b that are closed.
@@ -122,7 +123,7 @@ func testServerCfg(t testing.TB, mutate func(*Config)) (*recBroker, *Server) {
 	rcfg.Logger = slog.New(slog.NewTextHandler(io.Discard, nil))
 	rep := replica.New(rcfg, st)
 	rep.Start()
-	rb := &recBroker{inner: rep}
+	rb := &recBroker{inner: Local(rep)}
 	cfg := DefaultConfig()
 	cfg.Addr = "127.0.0.1:0"
 	cfg.Logger = rcfg.Logger

@@ -166,7 +166,7 @@ func New(cfg config.Config, log *slog.Logger) (*Node, error) {
 		id:  id,
 		st:  st,
 		rep: rep,
-		srv: stomp.NewServer(pcfg, rep),
+		srv: stomp.NewServer(pcfg, stomp.Local(rep)),
 
 		failed:  make(chan struct{}),
 		stopped: make(chan struct{}),
