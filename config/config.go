@@ -19,6 +19,7 @@ type Config struct {
 	Limits  Limits
 	Queue   Queue
 	Cluster Cluster
+	Replica Replica
 }
 
 // Node identifies this process and where it keeps its data.
@@ -107,6 +108,24 @@ type Cluster struct {
 	AllowPlaintextGossip bool          // cluster.allow_plaintext_gossip: false; must be true to gossip beyond loopback without cluster.secret_key_file
 }
 
+// Replica is how many copies of each queued message the cluster keeps. A
+// single node (cluster.gossip_addr "") keeps one and ignores both keys beyond
+// validating them.
+type Replica struct {
+	Factor      int // replica.factor: 2 (>= 1, <= cluster.active_members with gossip), the copies R of every queued message; capped at run time by the number of active members
+	WriteQuorum int // replica.write_quorum: 0 (0..replica.factor), the copies W durable before a RECEIPT; 0 means a majority of R (R/2+1); see Config.WriteQuorum
+}
+
+// WriteQuorum returns the effective replica.write_quorum W: the key's value
+// when it is 1..replica.factor, otherwise (0) a majority of replica.factor,
+// R/2+1.
+func (c Config) WriteQuorum() int {
+	if w := c.Replica.WriteQuorum; w >= 1 && w <= c.Replica.Factor {
+		return w
+	}
+	return c.Replica.Factor/2 + 1
+}
+
 // Default returns the configuration used where nothing overrides it. Every
 // field is set; Default().Validate() is nil. Each call returns a new value, so
 // the caller may modify it.
@@ -177,6 +196,10 @@ func Default() Config {
 			SecretKeyFile:  "",
 			PromotionDelay: 500 * time.Millisecond,
 			ForgetAfter:    24 * time.Hour,
+		},
+		Replica: Replica{
+			Factor:      2,
+			WriteQuorum: 0,
 		},
 	}
 }

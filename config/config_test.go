@@ -90,14 +90,15 @@ func TestDefault(t *testing.T) {
 		d.Queue.Overflow != "reject-publish" || d.Queue.IdleDeleteAfter != time.Hour ||
 		d.Queue.ReadAheadMessages != 1000 || d.Queue.ReadAheadBytes != 4<<20 || d.Limits.MaxUnacked != 10000 ||
 		d.STOMP.HeartbeatMin != time.Second || d.Limits.MaxOutgoingBytes != 4<<20 || d.Limits.MaxTransactionBytes != 64<<20 ||
-		d.Cluster.ForgetAfter != 24*time.Hour || d.Cluster.AllowPlaintextGossip {
+		d.Cluster.ForgetAfter != 24*time.Hour || d.Cluster.AllowPlaintextGossip ||
+		d.Replica.Factor != 2 || d.Replica.WriteQuorum != 0 || d.WriteQuorum() != 2 {
 		t.Errorf("Default() = %+v", d)
 	}
 
 	// Every field is set, except those whose default is documented as empty.
 	mayBeZero := []string{"auth.users_file", "auth.allow_anonymous", "cluster.gossip_addr",
 		"cluster.peer_addr", "cluster.join", "cluster.secret_key_file", "cluster.allow_plaintext_gossip",
-		"queue.max_length", "queue.max_bytes"}
+		"queue.max_length", "queue.max_bytes", "replica.write_quorum"}
 	for _, s := range settings {
 		if reflect.ValueOf(s.field(&d)).Elem().IsZero() && !slices.Contains(mayBeZero, s.key) {
 			t.Errorf("Default() leaves %s unset", s.key)
@@ -203,6 +204,8 @@ func TestFlags(t *testing.T) {
 		"cluster-name":    {"cluster.name", "brokerd"},
 
 		"allow-plaintext-gossip": {"cluster.allow_plaintext_gossip", "false"},
+		"replication-factor":     {"replica.factor", "2"},
+		"write-quorum":           {"replica.write_quorum", "0"},
 	}
 	var got []string
 	fset.VisitAll(func(f *pflag.Flag) { got = append(got, f.Name) })
@@ -324,6 +327,7 @@ func TestEveryKeyFromEveryLayer(t *testing.T) {
 		Cluster: Cluster{GossipAddr: "0.0.0.0:7946", PeerAddr: ":7947", Join: []string{"a.example:7946", "[::1]:7946"},
 			ActiveMembers: 5, Name: "prod", SecretKeyFile: "/etc/brokerd/key", PromotionDelay: 0,
 			ForgetAfter: 23 * time.Hour, AllowPlaintextGossip: true},
+		Replica: Replica{Factor: 4, WriteQuorum: 1},
 	}
 	file := `
 node: {name: n1, data_dir: /var/lib/brokerd}
@@ -346,6 +350,7 @@ cluster:
   promotion_delay: 0
   forget_after: 23h
   allow_plaintext_gossip: true
+replica: {factor: 4, write_quorum: 1}
 `
 	env := []string{
 		"BROKERD_NODE_NAME=n1", "BROKERD_NODE_DATA_DIR=/var/lib/brokerd",
@@ -367,6 +372,7 @@ cluster:
 		"BROKERD_CLUSTER_JOIN=a.example:7946, [::1]:7946", "BROKERD_CLUSTER_ACTIVE_MEMBERS=5",
 		"BROKERD_CLUSTER_NAME=prod", "BROKERD_CLUSTER_SECRET_KEY_FILE=/etc/brokerd/key",
 		"BROKERD_CLUSTER_PROMOTION_DELAY=0s", "BROKERD_CLUSTER_FORGET_AFTER=23h", "BROKERD_CLUSTER_ALLOW_PLAINTEXT_GOSSIP=true",
+		"BROKERD_REPLICA_FACTOR=4", "BROKERD_REPLICA_WRITE_QUORUM=1",
 	}
 	if len(env) != len(settings) {
 		t.Fatalf("env sets %d keys, there are %d", len(env), len(settings))
@@ -514,6 +520,11 @@ func TestLoadErrors(t *testing.T) {
 
 		{name: "invalid value from env", env: []string{"BROKERD_STOMP_ADDR=61613"}, keys: []string{"stomp.addr"},
 			message: []string{`config: stomp.addr: "61613" is not host:port (set by BROKERD_STOMP_ADDR)`}},
+		{name: "replica.factor above M, by flag", args: []string{"--gossip-addr=127.0.0.1:7946", "--replication-factor=4"},
+			keys:    []string{"replica.factor"},
+			message: []string{"config: replica.factor: 4 is more than cluster.active_members (3) (set by --replication-factor)"}},
+		{name: "replica.write_quorum above R, from env", env: []string{"BROKERD_REPLICA_WRITE_QUORUM=3"}, keys: []string{"replica.write_quorum"},
+			message: []string{"config: replica.write_quorum: 3 is more than replica.factor (2) (set by BROKERD_REPLICA_WRITE_QUORUM)"}},
 		{name: "invalid values from every layer", file: "log: {level: loud}",
 			env: []string{"BROKERD_LIMITS_MAX_BODY_SIZE=-1"}, args: []string{"--active-members=0"},
 			keys: []string{"log.level", "limits.max_body_size", "cluster.active_members"},
@@ -667,6 +678,31 @@ func TestValidate(t *testing.T) {
 		{"cluster.promotion_delay 0", func(c *Config) { c.Cluster.PromotionDelay = 0 }, "", ""},
 		{"cluster.forget_after 0", func(c *Config) { c.Cluster.ForgetAfter = 0 }, "cluster.forget_after", "must be > 0, got 0s"},
 		{"cluster.forget_after 1ms", func(c *Config) { c.Cluster.ForgetAfter = time.Millisecond }, "", ""},
+
+		{"replica.factor 0", func(c *Config) { c.Replica.Factor = 0 }, "replica.factor", "must be >= 1, got 0"},
+		{"replica.factor negative", func(c *Config) { c.Replica.Factor = -1 }, "replica.factor", "must be >= 1, got -1"},
+		{"replica.factor 1", func(c *Config) { c.Replica.Factor = 1 }, "", ""},
+		{"replica.factor M with gossip", func(c *Config) {
+			c.Cluster.GossipAddr = "127.0.0.1:7946"
+			c.Replica.Factor = 3
+		}, "", ""},
+		{"replica.factor above M with gossip", func(c *Config) {
+			c.Cluster.GossipAddr = "127.0.0.1:7946"
+			c.Replica.Factor = 4
+		}, "replica.factor", "replica.factor: 4 is more than cluster.active_members (3)"},
+		{"replica.factor above M on a single node", func(c *Config) { c.Replica.Factor = 4 }, "", ""},
+		{"replica.factor with M 0 reports M only", func(c *Config) {
+			c.Cluster.GossipAddr = "127.0.0.1:7946"
+			c.Cluster.ActiveMembers = 0
+		}, "cluster.active_members", "must be >= 1, got 0"},
+		{"replica.write_quorum negative", func(c *Config) { c.Replica.WriteQuorum = -1 }, "replica.write_quorum", "must be >= 0 (0 for a majority of replica.factor), got -1"},
+		{"replica.write_quorum 1", func(c *Config) { c.Replica.WriteQuorum = 1 }, "", ""},
+		{"replica.write_quorum R", func(c *Config) { c.Replica.WriteQuorum = 2 }, "", ""},
+		{"replica.write_quorum above R", func(c *Config) { c.Replica.WriteQuorum = 3 }, "replica.write_quorum", "replica.write_quorum: 3 is more than replica.factor (2)"},
+		{"replica.write_quorum above R on a single node", func(c *Config) {
+			c.Replica.Factor, c.Replica.WriteQuorum = 1, 2
+		}, "replica.write_quorum", "2 is more than replica.factor (1)"},
+		{"replica.factor 0 reports R only", func(c *Config) { c.Replica.Factor, c.Replica.WriteQuorum = 0, 1 }, "replica.factor", "must be >= 1, got 0"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			c := Default()
@@ -697,6 +733,43 @@ func checkValidateError(t *testing.T, err error, key, message string) {
 	}
 	if msg := err.Error(); !strings.HasPrefix(msg, key+": ") || !strings.Contains(msg, message) || strings.Contains(msg, "\n") {
 		t.Errorf("Validate() = %q, want one line starting %q and containing %q", msg, key+": ", message)
+	}
+}
+
+// TestWriteQuorum has one row per (R, W): the W that Config.WriteQuorum
+// returns, replica.write_quorum when set and a majority of R for 0.
+func TestWriteQuorum(t *testing.T) {
+	for _, tc := range []struct {
+		factor, quorum int
+		want           int
+	}{
+		{1, 0, 1},
+		{2, 0, 2},
+		{3, 0, 2},
+		{4, 0, 3},
+		{5, 0, 3},
+		{1, 1, 1},
+		{3, 1, 1},
+		{3, 3, 3},
+		{5, 2, 2},
+	} {
+		c := Default()
+		c.Replica.Factor, c.Replica.WriteQuorum = tc.factor, tc.quorum
+		c.Cluster.ActiveMembers = 5
+		if err := c.Validate(); err != nil {
+			t.Fatalf("R=%d W=%d: Validate() = %v", tc.factor, tc.quorum, err)
+		}
+		if got := c.WriteQuorum(); got != tc.want {
+			t.Errorf("R=%d W=%d: WriteQuorum() = %d, want %d", tc.factor, tc.quorum, got, tc.want)
+		}
+	}
+
+	c, err := load(t, "", []string{"BROKERD_REPLICA_FACTOR=3"}, "--write-quorum=1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.Replica.Factor != 3 || c.Replica.WriteQuorum != 1 || c.WriteQuorum() != 1 {
+		t.Errorf("Load = %+v, WriteQuorum() = %d; want R=3 W=1", c.Replica, c.WriteQuorum())
 	}
 }
 

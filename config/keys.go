@@ -75,6 +75,9 @@ var settings = []setting{
 	{"cluster.promotion_delay", "", "", func(c *Config) any { return &c.Cluster.PromotionDelay }},
 	{"cluster.forget_after", "", "", func(c *Config) any { return &c.Cluster.ForgetAfter }},
 	{"cluster.allow_plaintext_gossip", "allow-plaintext-gossip", "allow gossip without cluster.secret_key_file beyond loopback", func(c *Config) any { return &c.Cluster.AllowPlaintextGossip }},
+
+	{"replica.factor", "replication-factor", "copies R of every queued message, at most cluster.active_members", func(c *Config) any { return &c.Replica.Factor }},
+	{"replica.write_quorum", "write-quorum", "copies durable before a RECEIPT, 1..R; 0 for a majority of R", func(c *Config) any { return &c.Replica.WriteQuorum }},
 }
 
 // sizeKeys are the keys whose value is a number of bytes: besides a plain

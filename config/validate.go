@@ -120,6 +120,18 @@ func (c Config) problems() []error {
 	check("cluster.promotion_delay", atLeastZero(c.Cluster.PromotionDelay))
 	check("cluster.forget_after", positive(c.Cluster.ForgetAfter))
 
+	// W <= R <= M. M matters only with gossip: a single node keeps one copy.
+	if c.Replica.Factor < 1 {
+		check("replica.factor", fmt.Errorf("must be >= 1, got %d", c.Replica.Factor))
+	} else if c.Cluster.GossipAddr != "" && c.Cluster.ActiveMembers >= 1 && c.Replica.Factor > c.Cluster.ActiveMembers {
+		check("replica.factor", fmt.Errorf("%d is more than cluster.active_members (%d)", c.Replica.Factor, c.Cluster.ActiveMembers))
+	}
+	if c.Replica.WriteQuorum < 0 {
+		check("replica.write_quorum", fmt.Errorf("must be >= 0 (0 for a majority of replica.factor), got %d", c.Replica.WriteQuorum))
+	} else if c.Replica.Factor >= 1 && c.Replica.WriteQuorum > c.Replica.Factor {
+		check("replica.write_quorum", fmt.Errorf("%d is more than replica.factor (%d)", c.Replica.WriteQuorum, c.Replica.Factor))
+	}
+
 	return errs
 }
 
