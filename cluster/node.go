@@ -115,6 +115,7 @@ type MemberStatus struct {
 	State       string  `json:"state"` // alive | suspect | dead | left
 	STOMPAddr   string  `json:"stomp_addr"`
 	AdminAddr   string  `json:"admin_addr"`
+	PeerAddr    string  `json:"peer_addr"`
 	ActiveSince *string `json:"active_since"`
 }
 
@@ -601,7 +602,7 @@ func (n *Node) buildStatus(metas map[string]Meta, states map[string]string) Stat
 		ActiveSet: append([]string(nil), n.set...),
 	}
 	add := func(m Meta, state string) {
-		ms := MemberStatus{ID: m.ID, Name: m.Name, Role: "observer", State: state, STOMPAddr: m.STOMPAddr, AdminAddr: m.AdminAddr}
+		ms := MemberStatus{ID: m.ID, Name: m.Name, Role: "observer", State: state, STOMPAddr: m.STOMPAddr, AdminAddr: m.AdminAddr, PeerAddr: m.PeerAddr}
 		if state == "alive" || state == "suspect" {
 			if n.set.Contains(m.ID) {
 				ms.Role = "active"

@@ -470,6 +470,23 @@ func (s *session) apply(f *frame.Frame, b *replica.Batch) error {
 	return nil
 }
 
+// asyncError is the ERROR for an effect that failed after it was
+// accepted: the outcome of the frame is unknown to the client.
+func asyncError(err error) *protocolError {
+	switch {
+	case errors.Is(err, replica.ErrNoQuorum):
+		return perr("no-quorum", "not enough replicas",
+			"the message could not be stored on enough replicas (replica.write_quorum); its outcome is unknown: it may or may not be delivered (%v)", err)
+	case errors.Is(err, replica.ErrQueueFull):
+		return perr("queue-full", "queue full", "%v", err)
+	case errors.Is(err, replica.ErrLowDisk):
+		return perr("low-disk", "broker low on disk space", "%v", err)
+	case errors.Is(err, replica.ErrUnknownAck), errors.Is(err, replica.ErrSubscriptionClosed):
+		return perr("ack", "unknown message", "%v", err)
+	}
+	return perr("internal", "internal error", "the server could not store a frame's effect: %v", err)
+}
+
 func brokerError(f *frame.Frame, err error) error {
 	switch {
 	case errors.Is(err, replica.ErrBadDestination):
@@ -482,6 +499,8 @@ func brokerError(f *frame.Frame, err error) error {
 	case errors.Is(err, replica.ErrLowDisk):
 		return perr("low-disk", "broker low on disk space",
 			"the broker refuses new messages until free disk space returns; consumers can still receive and acknowledge (%v)", err)
+	case errors.Is(err, replica.ErrNoQuorum):
+		return perr("no-quorum", "not enough replicas", "%s: %v", f.Command, err)
 	}
 	return perr("internal", "internal error", "%s: %v", f.Command, err)
 }
@@ -818,9 +837,13 @@ func (s *session) emitLocked() {
 		n++
 		if op.err != nil && !q.failed {
 			q.failed = true
-			s.srv.log.Error("store failure", "session", s.id, "err", op.err)
-			s.srv.m.errors.WithLabelValues("internal").Inc()
-			pe := perr("internal", "internal error", "the server could not store a frame's effect: %v", op.err)
+			pe := asyncError(op.err)
+			if pe.reason == "internal" {
+				s.srv.log.Error("store failure", "session", s.id, "err", op.err)
+			} else {
+				s.srv.log.Info("frame refused", "session", s.id, "err", op.err)
+			}
+			s.srv.m.errors.WithLabelValues(pe.reason).Inc()
 			if op.receipt != "" {
 				pe.header = []string{frame.ReceiptId, op.receipt}
 			}

@@ -44,6 +44,14 @@ type Node struct {
 	rep    *replica.Node
 	srv    *stomp.Server
 	cl     *cluster.Node
+
+	// Clustered (cluster.gossip_addr set): replication and forwarding.
+	secret  []byte
+	rt      *router
+	pr      *replica.PeerReplicator
+	links   *peerLinks
+	fwd     *fwdLinks
+	peerSrv *stomp.PeerServer
 	admin  *http.Server
 	adminL net.Listener
 	adminD chan struct{}
@@ -131,6 +139,25 @@ func New(cfg config.Config, log *slog.Logger) (*Node, error) {
 	rcfg.Registerer = reg
 	rcfg.Logger = log
 	rep := replica.New(rcfg, st)
+	n := &Node{
+		cfg: cfg,
+		log: log,
+		reg: reg,
+		id:  id,
+		st:  st,
+		rep: rep,
+
+		failed:  make(chan struct{}),
+		stopped: make(chan struct{}),
+	}
+	var broker stomp.Broker = stomp.Local(rep)
+	if cfg.Cluster.GossipAddr != "" {
+		if err := n.setupReplication(); err != nil {
+			st.Close()
+			return nil, err
+		}
+		broker = n.rt
+	}
 	if err := rep.Recover(); err != nil {
 		st.Close()
 		return nil, err
@@ -159,18 +186,7 @@ func New(cfg config.Config, log *slog.Logger) (*Node, error) {
 	pcfg.Logger = log
 	pcfg.Registerer = reg
 
-	n := &Node{
-		cfg: cfg,
-		log: log,
-		reg: reg,
-		id:  id,
-		st:  st,
-		rep: rep,
-		srv: stomp.NewServer(pcfg, stomp.Local(rep)),
-
-		failed:  make(chan struct{}),
-		stopped: make(chan struct{}),
-	}
+	n.srv = stomp.NewServer(pcfg, broker)
 	return n, nil
 }
 
@@ -192,21 +208,34 @@ func (n *Node) clusterConfig() (cluster.Config, error) {
 	c.State = n.st
 	c.Logger = n.log
 	c.Registerer = n.reg
-	if cfg.Cluster.SecretKeyFile != "" {
-		b, err := os.ReadFile(cfg.Cluster.SecretKeyFile)
-		if err != nil {
-			return c, fmt.Errorf("cluster.secret_key_file: %w", err)
-		}
-		key, err := base64.StdEncoding.DecodeString(strings.TrimSpace(string(b)))
-		if err != nil {
-			return c, fmt.Errorf("cluster.secret_key_file: %s: not base64: %w", cfg.Cluster.SecretKeyFile, err)
-		}
-		if l := len(key); l != 16 && l != 24 && l != 32 {
-			return c, fmt.Errorf("cluster.secret_key_file: %s: key of %d bytes, want 16, 24 or 32 (e.g. openssl rand -base64 32)", cfg.Cluster.SecretKeyFile, l)
-		}
-		c.SecretKey = key
+	if n.peerSrv != nil {
+		c.PeerAddr = n.peerSrv.Addr().String()
 	}
+	key, err := readSecretKey(cfg.Cluster.SecretKeyFile)
+	if err != nil {
+		return c, err
+	}
+	c.SecretKey = key
 	return c, nil
+}
+
+// readSecretKey reads cluster.secret_key_file; "" is no key.
+func readSecretKey(path string) ([]byte, error) {
+	if path == "" {
+		return nil, nil
+	}
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("cluster.secret_key_file: %w", err)
+	}
+	key, err := base64.StdEncoding.DecodeString(strings.TrimSpace(string(b)))
+	if err != nil {
+		return nil, fmt.Errorf("cluster.secret_key_file: %s: not base64: %w", path, err)
+	}
+	if l := len(key); l != 16 && l != 24 && l != 32 {
+		return nil, fmt.Errorf("cluster.secret_key_file: %s: key of %d bytes, want 16, 24 or 32 (e.g. openssl rand -base64 32)", path, l)
+	}
+	return key, nil
 }
 
 const metaNodeID = "node_id"
@@ -256,6 +285,13 @@ func (n *Node) Start() error {
 		}
 		n.adminL = ln
 	}
+	if n.peerSrv != nil {
+		if err := n.peerSrv.Start(); err != nil {
+			_ = n.Shutdown(context.Background())
+			return fmt.Errorf("cluster.peer_addr: %w", err)
+		}
+		n.log.Info("peer links listening", "addr", n.peerSrv.Addr().String())
+	}
 	ccfg, err := n.clusterConfig()
 	var cl *cluster.Node
 	if err == nil {
@@ -269,6 +305,9 @@ func (n *Node) Start() error {
 		return err
 	}
 	n.cl = cl
+	if n.rt != nil {
+		n.rt.start()
+	}
 	if n.adminL != nil {
 		ln := n.adminL
 		n.admin = &http.Server{Handler: n.adminHandler(), ReadHeaderTimeout: 5 * time.Second}
@@ -366,6 +405,7 @@ func (n *Node) Shutdown(ctx context.Context) error {
 		}
 	}
 	err := n.srv.Shutdown(ctx)
+	n.stopReplication()
 	if n.admin != nil {
 		sctx, cancel := context.WithTimeout(context.Background(), time.Second)
 		_ = n.admin.Shutdown(sctx)

@@ -1,0 +1,352 @@
+package node
+
+import (
+	"context"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"log/slog"
+	"strconv"
+	"sync"
+
+	"github.com/brokerd/brokerd/replica"
+	"github.com/brokerd/brokerd/stomp"
+	"github.com/go-stomp/stomp/v3/frame"
+)
+
+// Forwarding operations over peer links (see router.go). Each request is
+// answered by RECEIPT or by an ERROR with a code below.
+const (
+	opSend        = "send"        // body: messages (encodeMessages); durable at the owner before the answer
+	opTopic       = "topic"       // body: topic messages, fanned out to the receiver's subscribers
+	opSubscribe   = "subscribe"   // destination, x-sub, ack, x-prefetch
+	opUnsubscribe = "unsubscribe" // x-sub
+	opAck         = "ack"         // x-sub, x-tag, x-nack, x-sync
+	opPoll        = "poll"        // body: "sub credit" lines; answer: deliveries, x-gone
+	opPull        = "pull"        // destination, x-after; answer: replica wire ops, x-count, x-after, x-more
+
+	hdrSub      = "x-sub"
+	hdrPrefetch = "x-prefetch"
+	hdrTag      = "x-tag"
+	hdrNack     = "x-nack"
+	hdrSync     = "x-sync"
+	hdrGone     = "x-gone"
+	hdrAfter    = "x-after"
+	hdrCount    = "x-count"
+	hdrMore     = "x-more"
+
+	codeNotOwner   = "not-owner"
+	codeQueueFull  = "queue-full"
+	codeLowDisk    = "low-disk"
+	codeBadDest    = "bad-destination"
+	codeUnknownAck = "unknown-ack"
+	codeUnknownSub = "unknown-subscription"
+)
+
+// fwdLinks holds one peer link per peer for forwarding (separate from the
+// replication links, so that a long poll never waits behind appends).
+type fwdLinks struct {
+	base   stomp.PeerClientConfig
+	addrOf func(id string) string
+
+	mu     sync.Mutex
+	links  map[string]*stomp.PeerClient
+	closed bool
+}
+
+func newFwdLinks(base stomp.PeerClientConfig, addrOf func(string) string) *fwdLinks {
+	return &fwdLinks{base: base, addrOf: addrOf, links: map[string]*stomp.PeerClient{}}
+}
+
+func (f *fwdLinks) get(peer string) (*stomp.PeerClient, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if f.closed {
+		return nil, stomp.ErrPeerClosed
+	}
+	if c := f.links[peer]; c != nil {
+		return c, nil
+	}
+	cfg := f.base
+	cfg.Peer = peer + "/fwd"
+	cfg.PeerNodeID = peer
+	cfg.AddrFunc = func() string { return f.addrOf(peer) }
+	c := stomp.NewPeerClient(cfg)
+	if err := c.Start(); err != nil {
+		return nil, fmt.Errorf("peer link to %s: %w", peer, err)
+	}
+	f.links[peer] = c
+	return c, nil
+}
+
+// request sends one request to peer; done runs once with the answer.
+func (f *fwdLinks) request(ctx context.Context, peer, op string, headers []string, body []byte, done func(*frame.Frame, error)) error {
+	c, err := f.get(peer)
+	if err != nil {
+		return err
+	}
+	return c.Request(ctx, op, headers, body, done)
+}
+
+func (f *fwdLinks) close() {
+	f.mu.Lock()
+	f.closed = true
+	links := f.links
+	f.links = nil
+	f.mu.Unlock()
+	for _, c := range links {
+		_ = c.Close()
+	}
+}
+
+// encodeMessages appends msgs: per message its destination and its
+// stored form (replica.EncodeMessage), each length-prefixed.
+func encodeMessages(b []byte, msgs []*replica.Message) []byte {
+	for _, m := range msgs {
+		b = appendBytes(b, []byte(m.Dest))
+		b = appendBytes(b, replica.EncodeMessage(m))
+	}
+	return b
+}
+
+var errBadBody = errors.New("malformed forwarded body")
+
+func decodeMessages(b []byte, max int) ([]*replica.Message, error) {
+	var msgs []*replica.Message
+	for len(b) > 0 {
+		if len(msgs) >= max {
+			return nil, fmt.Errorf("%w: more than %d messages", errBadBody, max)
+		}
+		dest, rest, ok := readBytes(b)
+		if !ok {
+			return nil, errBadBody
+		}
+		rec, rest, ok := readBytes(rest)
+		if !ok {
+			return nil, errBadBody
+		}
+		b = rest
+		if _, err := replica.ParseDestination(string(dest)); err != nil {
+			return nil, fmt.Errorf("%w: %w", errBadBody, err)
+		}
+		m, err := replica.DecodeMessage(string(dest), rec)
+		if err != nil {
+			return nil, fmt.Errorf("%w: %w", errBadBody, err)
+		}
+		msgs = append(msgs, m)
+	}
+	return msgs, nil
+}
+
+func appendBytes(b, v []byte) []byte {
+	b = binary.AppendUvarint(b, uint64(len(v)))
+	return append(b, v...)
+}
+
+func readBytes(b []byte) (v, rest []byte, ok bool) {
+	n, k := binary.Uvarint(b)
+	if k <= 0 || n > uint64(len(b)-k) {
+		return nil, nil, false
+	}
+	return b[k : k+int(n)], b[k+int(n):], true
+}
+
+// delivery on the wire: sub, tag, redelivered, count, then the message.
+func appendDelivery(b []byte, sub string, tag uint64, d replica.Delivery) []byte {
+	b = appendBytes(b, []byte(sub))
+	b = binary.AppendUvarint(b, tag)
+	r := byte(0)
+	if d.Redelivered {
+		r = 1
+	}
+	b = append(b, r)
+	b = binary.AppendUvarint(b, uint64(d.Count))
+	return encodeMessages(b, []*replica.Message{d.Msg})
+}
+
+type wireDelivery struct {
+	sub         string
+	tag         uint64
+	redelivered bool
+	count       int
+	msg         *replica.Message
+}
+
+func decodeDeliveries(b []byte) ([]wireDelivery, error) {
+	var out []wireDelivery
+	for len(b) > 0 {
+		sub, rest, ok := readBytes(b)
+		if !ok {
+			return nil, errBadBody
+		}
+		tag, k := binary.Uvarint(rest)
+		if k <= 0 || len(rest) < k+1 {
+			return nil, errBadBody
+		}
+		rest = rest[k:]
+		red := rest[0] == 1
+		rest = rest[1:]
+		cnt, k := binary.Uvarint(rest)
+		if k <= 0 {
+			return nil, errBadBody
+		}
+		rest = rest[k:]
+		dest, rest2, ok := readBytes(rest)
+		if !ok {
+			return nil, errBadBody
+		}
+		rec, rest3, ok := readBytes(rest2)
+		if !ok {
+			return nil, errBadBody
+		}
+		m, err := replica.DecodeMessage(string(dest), rec)
+		if err != nil {
+			return nil, fmt.Errorf("%w: %w", errBadBody, err)
+		}
+		out = append(out, wireDelivery{sub: string(sub), tag: tag, redelivered: red, count: int(min(cnt, 1<<30)), msg: m})
+		b = rest3
+	}
+	return out, nil
+}
+
+// maxForwardMessages bounds the messages of one forwarded request.
+const maxForwardMessages = 1 << 16
+
+// forwardHandler serves the forwarding operations for other nodes.
+func forwardHandler(rt *router, log *slog.Logger) func(peer string, f *frame.Frame, reply func(*frame.Frame)) {
+	return func(peer string, f *frame.Frame, reply func(*frame.Frame)) {
+		switch f.Header.Get(stomp.PeerHeaderOp) {
+		case opSend:
+			msgs, err := decodeMessages(f.Body, maxForwardMessages)
+			if err != nil {
+				reply(stomp.PeerDrop(err.Error()))
+				return
+			}
+			v := rt.view()
+			for _, m := range msgs {
+				if m.Dest[:len(replica.QueuePrefix)] != replica.QueuePrefix {
+					reply(stomp.PeerDrop("forwarded SEND to a topic"))
+					return
+				}
+				if o := rt.ownerOf(v, m.Dest); o != v.self {
+					reply(stomp.PeerFail(codeNotOwner, fmt.Sprintf("%s is owned by %s in this node's view", m.Dest, o)))
+					return
+				}
+			}
+			go func() {
+				// ensureOwned may pull from the other nodes: not on the
+				// link's reader.
+				for _, m := range msgs {
+					if err := rt.ensureOwned(m.Dest); err != nil {
+						reply(stomp.PeerFail(failCode(err), err.Error()))
+						return
+					}
+				}
+				if err := rt.rep.Apply(&replica.Batch{Sends: msgs, Sync: true}, func(err error) {
+					if err != nil {
+						reply(stomp.PeerFail(failCode(err), err.Error()))
+						return
+					}
+					reply(stomp.PeerOK())
+				}); err != nil {
+					reply(stomp.PeerFail(failCode(err), err.Error()))
+				}
+			}()
+		case opTopic:
+			msgs, err := decodeMessages(f.Body, maxForwardMessages)
+			if err != nil {
+				reply(stomp.PeerDrop(err.Error()))
+				return
+			}
+			for _, m := range msgs {
+				if m.Dest[:len(replica.TopicPrefix)] != replica.TopicPrefix {
+					reply(stomp.PeerDrop("topic request for a queue"))
+					return
+				}
+			}
+			if err := rt.rep.Apply(&replica.Batch{Sends: msgs}, func(error) {}); err != nil {
+				reply(stomp.PeerFail(failCode(err), err.Error()))
+				return
+			}
+			reply(stomp.PeerOK())
+		case opSubscribe:
+			dest, id := f.Header.Get(frame.Destination), f.Header.Get(hdrSub)
+			mode, ok := replica.ParseAckMode(f.Header.Get(frame.Ack))
+			prefetch, err := strconv.Atoi(f.Header.Get(hdrPrefetch))
+			if !ok || err != nil || prefetch < 0 || id == "" || len(id) > 128 || !validDest(dest) {
+				reply(stomp.PeerDrop("malformed subscribe"))
+				return
+			}
+			go func() {
+				err := rt.host.subscribe(peer, id, dest, mode, prefetch)
+				if err != nil {
+					code := failCode(err)
+					if errors.Is(err, errNotOwner) {
+						code = codeNotOwner
+					}
+					reply(stomp.PeerFail(code, err.Error()))
+					return
+				}
+				reply(stomp.PeerOK())
+			}()
+		case opUnsubscribe:
+			rt.host.unsubscribe(peer, f.Header.Get(hdrSub))
+			reply(stomp.PeerOK())
+		case opAck:
+			tag, err := strconv.ParseUint(f.Header.Get(hdrTag), 10, 64)
+			if err != nil {
+				reply(stomp.PeerDrop("malformed ack"))
+				return
+			}
+			err = rt.host.ack(peer, f.Header.Get(hdrSub), tag, f.Header.Get(hdrNack) == "1", f.Header.Get(hdrSync) == "1", func(err error) {
+				if err != nil {
+					reply(stomp.PeerFail(failCode(err), err.Error()))
+					return
+				}
+				reply(stomp.PeerOK())
+			})
+			if err != nil {
+				code := failCode(err)
+				if errors.Is(err, errUnknownSub) {
+					code = codeUnknownSub
+				}
+				reply(stomp.PeerFail(code, err.Error()))
+			}
+		case opPoll:
+			items, err := parsePoll(f.Body)
+			if err != nil {
+				reply(stomp.PeerDrop(err.Error()))
+				return
+			}
+			go func() {
+				res := rt.host.poll(peer, items)
+				resp := stomp.PeerOK(hdrGone, joinIDs(res.gone))
+				resp.Body = res.body
+				reply(resp)
+			}()
+		case opPull:
+			dest := f.Header.Get(frame.Destination)
+			after, err := strconv.ParseUint(f.Header.Get(hdrAfter), 10, 64)
+			if err != nil || !validDest(dest) {
+				reply(stomp.PeerDrop("malformed pull"))
+				return
+			}
+			go func() {
+				body, n, last, more, err := rt.host.pullChunk(dest, after)
+				if err != nil {
+					reply(stomp.PeerFail("store", err.Error()))
+					return
+				}
+				m := "0"
+				if more {
+					m = "1"
+				}
+				resp := stomp.PeerOK(hdrCount, strconv.Itoa(n), hdrAfter, strconv.FormatUint(last, 10), hdrMore, m)
+				resp.Body = body
+				reply(resp)
+			}()
+		default:
+			reply(stomp.PeerFail("unknown-op", fmt.Sprintf("unknown operation %q", f.Header.Get(stomp.PeerHeaderOp))))
+		}
+	}
+}

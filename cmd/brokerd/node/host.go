@@ -1,0 +1,383 @@
+package node
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/brokerd/brokerd/replica"
+	"github.com/brokerd/brokerd/store"
+)
+
+// The host holds, on a queue's owner, the subscriptions that clients of
+// any node (this one included) have on the queue: one
+// replica.Subscription each, whose deliveries wait in a bounded buffer
+// until the subscriber's node polls for them. A poll names each
+// subscription with its credit (how many more messages the subscriber's
+// session can take); it is answered as soon as some subscription with
+// credit has deliveries, or after pollWait with none.
+//
+// Messages handed out in a poll answer count as written: in the client
+// ack modes they stay in flight until acknowledged (bounded by the
+// subscription's prefetch), and if the subscriber goes away they return
+// marked redelivered; in auto mode handing out acknowledges them, as
+// RabbitMQ's auto-ack does on sending.
+
+var (
+	errNotOwner   = errors.New("not the owner of this queue")
+	errUnknownSub = errors.New("unknown subscription")
+)
+
+const (
+	pollWait = 250 * time.Millisecond
+	// subIdle: a subscription whose node has not polled for it this long
+	// is closed (its node died or was cut off); its messages return.
+	subIdle = 10 * time.Second
+	// maxHostSubs bounds the subscriptions one node may hold here.
+	maxHostSubs = 1 << 16
+	// pollBytes bounds one poll answer's bodies.
+	pollBytes = 1 << 20
+)
+
+type host struct {
+	rt *router
+
+	mu      sync.Mutex
+	subs    map[string]*hostSub        // by requester + "\x00" + id
+	perPeer map[string]int             // subscriptions per requester
+	signal  map[string]chan struct{}   // per requester: deliveries arrived
+	polled  map[string]time.Time       // per requester: last poll
+	byDest  map[string]map[*hostSub]bool
+}
+
+type hostSub struct {
+	key, peer, id, dest string
+	rs                  *replica.Subscription
+	auto                bool
+
+	mu   sync.Mutex
+	buf  []replica.Delivery
+	gone bool
+}
+
+func newHost(rt *router) *host {
+	return &host{rt: rt, subs: map[string]*hostSub{}, perPeer: map[string]int{}, signal: map[string]chan struct{}{}, polled: map[string]time.Time{}, byDest: map[string]map[*hostSub]bool{}}
+}
+
+func subKey(peer, id string) string { return peer + "\x00" + id }
+
+func (h *host) sig(peer string) chan struct{} {
+	c := h.signal[peer]
+	if c == nil {
+		c = make(chan struct{}, 1)
+		h.signal[peer] = c
+	}
+	return c
+}
+
+// subscribe opens subscription id of peer on dest, which this node must
+// own. Subscribing again with the same id is a no-op.
+func (h *host) subscribe(peer, id, dest string, mode replica.AckMode, prefetch int) error {
+	v := h.rt.view()
+	if o := h.rt.ownerOf(v, dest); o != v.self {
+		return fmt.Errorf("%w: %s is owned by %s", errNotOwner, dest, o)
+	}
+	if err := h.rt.ensureOwned(dest); err != nil {
+		return err
+	}
+	key := subKey(peer, id)
+	h.mu.Lock()
+	if h.subs[key] != nil {
+		h.mu.Unlock()
+		return nil
+	}
+	if h.perPeer[peer] >= maxHostSubs {
+		h.mu.Unlock()
+		return fmt.Errorf("too many subscriptions from %s (%d)", peer, maxHostSubs)
+	}
+	hs := &hostSub{key: key, peer: peer, id: id, dest: dest, auto: mode == replica.AckAuto}
+	h.subs[key] = hs
+	h.perPeer[peer]++
+	if h.byDest[dest] == nil {
+		h.byDest[dest] = map[*hostSub]bool{}
+	}
+	h.byDest[dest][hs] = true
+	h.polled[peer] = time.Now()
+	c := h.sig(peer)
+	h.mu.Unlock()
+	rs, err := h.rt.rep.Subscribe(replica.SubOptions{
+		Dest: dest, Ack: mode, Prefetch: prefetch,
+		// Under the queue's lock: append and signal, never block.
+		Deliver: func(d replica.Delivery) {
+			hs.mu.Lock()
+			hs.buf = append(hs.buf, d)
+			hs.mu.Unlock()
+			select {
+			case c <- struct{}{}:
+			default:
+			}
+		},
+	})
+	if err != nil {
+		h.remove(hs)
+		return err
+	}
+	hs.mu.Lock()
+	hs.rs = rs
+	gone := hs.gone
+	hs.mu.Unlock()
+	if gone {
+		rs.Close()
+	}
+	return nil
+}
+
+// remove forgets hs; it returns false if it was already gone.
+func (h *host) remove(hs *hostSub) bool {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if h.subs[hs.key] != hs {
+		return false
+	}
+	delete(h.subs, hs.key)
+	h.perPeer[hs.peer]--
+	if h.perPeer[hs.peer] <= 0 {
+		delete(h.perPeer, hs.peer)
+	}
+	delete(h.byDest[hs.dest], hs)
+	if len(h.byDest[hs.dest]) == 0 {
+		delete(h.byDest, hs.dest)
+	}
+	return true
+}
+
+// end closes hs: its undelivered buffer and in-flight messages return to
+// the queue (marked redelivered once handed out).
+func (h *host) end(hs *hostSub) {
+	if !h.remove(hs) {
+		return
+	}
+	hs.mu.Lock()
+	hs.gone = true
+	rs := hs.rs
+	hs.buf = nil
+	hs.mu.Unlock()
+	if rs != nil {
+		rs.Close()
+	}
+}
+
+func (h *host) unsubscribe(peer, id string) {
+	h.mu.Lock()
+	hs := h.subs[subKey(peer, id)]
+	h.mu.Unlock()
+	if hs != nil {
+		h.end(hs)
+	}
+}
+
+// closeDest ends every subscription of dest (ownership moved): their
+// nodes see them gone and subscribe at the new owner. The replica's
+// Release then drops the queue without writes.
+func (h *host) closeDest(dest string) {
+	h.mu.Lock()
+	var hss []*hostSub
+	for hs := range h.byDest[dest] {
+		hss = append(hss, hs)
+	}
+	h.mu.Unlock()
+	for _, hs := range hss {
+		if h.remove(hs) {
+			hs.mu.Lock()
+			hs.gone = true
+			hs.buf = nil
+			hs.mu.Unlock()
+		}
+	}
+	h.mu.Lock()
+	for _, hs := range hss {
+		if c := h.signal[hs.peer]; c != nil {
+			select {
+			case c <- struct{}{}:
+			default:
+			}
+		}
+	}
+	h.mu.Unlock()
+}
+
+func (h *host) closeAll() {
+	h.mu.Lock()
+	var hss []*hostSub
+	for _, hs := range h.subs {
+		hss = append(hss, hs)
+	}
+	h.mu.Unlock()
+	for _, hs := range hss {
+		h.end(hs)
+	}
+}
+
+// sweep ends the subscriptions of nodes that stopped polling.
+func (h *host) sweep(stop chan struct{}, wg *sync.WaitGroup) {
+	defer wg.Done()
+	t := time.NewTicker(time.Second)
+	defer t.Stop()
+	for {
+		select {
+		case <-stop:
+			return
+		case <-t.C:
+		}
+		now := time.Now()
+		h.mu.Lock()
+		var idle []*hostSub
+		for _, hs := range h.subs {
+			if now.Sub(h.polled[hs.peer]) > subIdle {
+				idle = append(idle, hs)
+			}
+		}
+		for p, at := range h.polled {
+			if now.Sub(at) > subIdle && h.perPeer[p] == 0 {
+				delete(h.polled, p)
+				delete(h.signal, p)
+			}
+		}
+		h.mu.Unlock()
+		for _, hs := range idle {
+			h.rt.log.Info("closing a forwarded subscription: its node stopped polling", "peer", hs.peer, "dest", hs.dest)
+			h.end(hs)
+		}
+	}
+}
+
+func (h *host) lookup(peer, id string) *hostSub {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return h.subs[subKey(peer, id)]
+}
+
+// ack acknowledges (or rejects) delivery tag of subscription id of peer.
+func (h *host) ack(peer, id string, tag uint64, nack, sync bool, done func(error)) error {
+	hs := h.lookup(peer, id)
+	if hs == nil {
+		return fmt.Errorf("%w %q", errUnknownSub, id)
+	}
+	hs.mu.Lock()
+	rs := hs.rs
+	hs.mu.Unlock()
+	if rs == nil {
+		return fmt.Errorf("%w %q", errUnknownSub, id)
+	}
+	return h.rt.rep.Apply(&replica.Batch{Acks: []replica.AckOp{{Sub: rs, Tag: tag, Nack: nack}}, Sync: sync}, done)
+}
+
+type pollItem struct {
+	id     string
+	credit int
+}
+
+type pollResult struct {
+	body []byte
+	n    int
+	gone []string
+}
+
+// parsePoll reads "id credit" lines.
+func parsePoll(b []byte) ([]pollItem, error) {
+	var items []pollItem
+	for _, line := range bytes.Split(b, []byte{'\n'}) {
+		if len(line) == 0 {
+			continue
+		}
+		id, c, ok := strings.Cut(string(line), " ")
+		credit, err := strconv.Atoi(c)
+		if !ok || err != nil || credit < 0 || id == "" || len(items) >= maxHostSubs {
+			return nil, errBadBody
+		}
+		items = append(items, pollItem{id, min(credit, 1<<16)})
+	}
+	return items, nil
+}
+
+func joinIDs(ids []string) string { return strings.Join(ids, ",") }
+
+// poll hands out the deliveries waiting for peer's subscriptions, up to
+// each one's credit, waiting up to pollWait for some.
+func (h *host) poll(peer string, items []pollItem) pollResult {
+	deadline := time.NewTimer(pollWait)
+	defer deadline.Stop()
+	for {
+		h.mu.Lock()
+		h.polled[peer] = time.Now()
+		c := h.sig(peer)
+		h.mu.Unlock()
+		var res pollResult
+		for _, it := range items {
+			hs := h.lookup(peer, it.id)
+			if hs == nil {
+				res.gone = append(res.gone, it.id)
+				continue
+			}
+			if it.credit == 0 || len(res.body) >= pollBytes {
+				continue
+			}
+			hs.mu.Lock()
+			k := 0
+			var tags []uint64
+			for k < len(hs.buf) && k < it.credit && len(res.body) < pollBytes {
+				d := hs.buf[k]
+				res.body = appendDelivery(res.body, it.id, d.Tag, d)
+				tags = append(tags, d.Tag)
+				k++
+			}
+			hs.buf = hs.buf[k:]
+			if len(hs.buf) == 0 {
+				hs.buf = nil
+			}
+			rs := hs.rs
+			hs.mu.Unlock()
+			if len(tags) > 0 && rs != nil {
+				res.n += len(tags)
+				rs.Written(tags...)
+			}
+		}
+		if res.n > 0 || len(res.gone) > 0 {
+			return res
+		}
+		select {
+		case <-c:
+		case <-deadline.C:
+			return res
+		}
+	}
+}
+
+// pullChunk reads dest's stored messages after key after, for a new
+// owner taking the queue over.
+func (h *host) pullChunk(dest string, after uint64) (body []byte, n int, last uint64, more bool, err error) {
+	var ops []store.Op
+	size := 0
+	err = h.rt.st.Scan(dest, after, pullMessages+1, pullBytes, func(k uint64, v []byte) error {
+		if len(ops) == pullMessages || size >= pullBytes {
+			more = true
+			return nil
+		}
+		ops = append(ops, store.Op{Kind: store.OpPut, Bucket: dest, Key: k, Value: append([]byte(nil), v...)})
+		size += len(v)
+		last = k
+		return nil
+	})
+	if err != nil {
+		return nil, 0, 0, false, err
+	}
+	more = more || len(ops) >= pullMessages || size >= pullBytes
+	if len(ops) == 0 {
+		return nil, 0, after, false, nil
+	}
+	return replica.AppendOps(nil, ops), len(ops), last, more, nil
+}

@@ -1,0 +1,495 @@
+package node
+
+import (
+	"context"
+	"errors"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/brokerd/brokerd/replica"
+	"github.com/brokerd/brokerd/stomp"
+	"github.com/go-stomp/stomp/v3/frame"
+)
+
+// routedSub is a session's queue subscription (replica.Sub). Its queue's
+// owner holds the real subscription (host.go); a poller of this node
+// reads its deliveries. Delivery tags are this node's own, mapped to the
+// owner's, so that a subscription that moves to a new owner (failover,
+// re-placement) keeps unique tags: deliveries of a former owner that
+// were not acknowledged are redelivered by the new one, and an ACK of
+// such a delivery is accepted and has no effect there.
+type routedSub struct {
+	rt   *router
+	id   string
+	opts replica.SubOptions
+
+	mu        sync.Mutex
+	owner     string
+	gen       uint64 // increments with each bind
+	p         *poller
+	nextTag   uint64
+	inflight  map[uint64]*flight
+	byID      map[string]uint64
+	unwritten int
+	closed    bool
+	rebinding bool
+}
+
+type flight struct {
+	gen   uint64
+	otag  uint64 // the owner's tag
+	id    string
+	write bool
+}
+
+// window bounds the deliveries handed to the session and not written.
+func (rs *routedSub) window() int { return 256 }
+
+// ownerID is the subscription's ID at its owner for generation gen.
+func (rs *routedSub) ownerID(gen uint64) string { return rs.id + "." + strconv.FormatUint(gen, 10) }
+
+// bind subscribes at the queue's current owner.
+func (rs *routedSub) bind() error {
+	rt := rs.rt
+	deadline := time.Now().Add(notOwnerRetry)
+	v := rt.view()
+	for {
+		owner := rt.ownerOf(v, rs.opts.Dest)
+		if owner == "" {
+			if time.Now().After(deadline) {
+				return errNoActiveSet
+			}
+			time.Sleep(50 * time.Millisecond)
+			v = rt.refresh()
+			continue
+		}
+		rs.mu.Lock()
+		if rs.closed {
+			rs.mu.Unlock()
+			return replica.ErrSubscriptionClosed
+		}
+		gen := rs.gen + 1
+		rs.mu.Unlock()
+		err := rs.subscribeAt(owner, v, gen)
+		if err == nil {
+			rs.mu.Lock()
+			rs.owner, rs.gen = owner, gen
+			closed := rs.closed
+			rs.mu.Unlock()
+			if closed {
+				rs.unsubscribeAt(owner, gen)
+				return replica.ErrSubscriptionClosed
+			}
+			return rt.attach(owner, rs, gen)
+		}
+		if !isNotOwner(err) && !errors.Is(err, errNotOwner) || time.Now().After(deadline) {
+			return err
+		}
+		time.Sleep(50 * time.Millisecond)
+		v = rt.refresh()
+	}
+}
+
+func (rs *routedSub) subscribeAt(owner string, v viewSnap, gen uint64) error {
+	rt := rs.rt
+	prefetch := rs.opts.Prefetch
+	if owner == v.self {
+		return rt.host.subscribe(v.self, rs.ownerID(gen), rs.opts.Dest, rs.opts.Ack, prefetch)
+	}
+	errc := make(chan error, 1)
+	ctx, cancel := context.WithTimeout(context.Background(), forwardTimeout)
+	defer cancel()
+	err := rt.fwd.request(ctx, owner, opSubscribe, []string{
+		frame.Destination, rs.opts.Dest, hdrSub, rs.ownerID(gen), frame.Ack, rs.opts.Ack.String(), hdrPrefetch, strconv.Itoa(max(prefetch, 0)),
+	}, nil, func(_ *frame.Frame, err error) { errc <- err })
+	if err != nil {
+		return peerErr(err)
+	}
+	if err := <-errc; err != nil {
+		if isNotOwner(err) {
+			return err
+		}
+		return peerErr(err)
+	}
+	return nil
+}
+
+func (rs *routedSub) unsubscribeAt(owner string, gen uint64) {
+	rt := rs.rt
+	if owner == rt.view().self {
+		rt.host.unsubscribe(owner, rs.ownerID(gen))
+		return
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), forwardTimeout)
+	if err := rt.fwd.request(ctx, owner, opUnsubscribe, []string{hdrSub, rs.ownerID(gen)}, nil, func(*frame.Frame, error) { cancel() }); err != nil {
+		cancel()
+	}
+}
+
+// lost is called by the poller when the owner no longer has the
+// subscription or cannot be reached: bind again, in the background, at
+// whoever owns the queue now.
+func (rs *routedSub) lost(gen uint64) {
+	rs.mu.Lock()
+	if rs.closed || rs.gen != gen || rs.rebinding {
+		rs.mu.Unlock()
+		return
+	}
+	rs.rebinding = true
+	old, p := rs.owner, rs.p
+	rs.p = nil
+	rs.mu.Unlock()
+	if p != nil {
+		p.remove(rs)
+	}
+	rs.rt.wg.Add(1)
+	go func() {
+		defer rs.rt.wg.Done()
+		rs.unsubscribeAt(old, gen)
+		backoff := 100 * time.Millisecond
+		for {
+			err := rs.bind()
+			if err == nil || errors.Is(err, replica.ErrSubscriptionClosed) {
+				break
+			}
+			rs.rt.log.Info("a subscription lost its queue's owner; subscribing again", "dest", rs.opts.Dest, "err", err)
+			select {
+			case <-rs.rt.stop:
+				return
+			case <-time.After(backoff):
+			}
+			backoff = min(2*backoff, 2*time.Second)
+		}
+		rs.mu.Lock()
+		rs.rebinding = false
+		rs.mu.Unlock()
+	}()
+}
+
+// credit is how many more deliveries the session can take now.
+func (rs *routedSub) credit() int {
+	rs.mu.Lock()
+	defer rs.mu.Unlock()
+	if rs.closed {
+		return 0
+	}
+	return max(rs.window()-rs.unwritten, 0)
+}
+
+// deliver hands one delivery of generation gen to the session.
+func (rs *routedSub) deliver(gen uint64, w wireDelivery) {
+	rs.mu.Lock()
+	if rs.closed || rs.gen != gen {
+		rs.mu.Unlock()
+		return
+	}
+	rs.nextTag++
+	tag := rs.nextTag
+	rs.inflight[tag] = &flight{gen: gen, otag: w.tag, id: w.msg.ID}
+	if rs.byID != nil {
+		rs.byID[w.msg.ID] = tag
+	}
+	rs.unwritten++
+	rs.mu.Unlock()
+	rs.opts.Deliver(replica.Delivery{Msg: w.msg, Sub: rs, Tag: tag, Redelivered: w.redelivered, Count: w.count})
+}
+
+func (rs *routedSub) forget(tag uint64, f *flight) {
+	delete(rs.inflight, tag)
+	if rs.byID != nil && rs.byID[f.id] == tag {
+		delete(rs.byID, f.id)
+	}
+}
+
+// TagOf implements replica.Sub.
+func (rs *routedSub) TagOf(id string) (uint64, bool) {
+	rs.mu.Lock()
+	defer rs.mu.Unlock()
+	t, ok := rs.byID[id]
+	return t, ok
+}
+
+// Written implements replica.Sub.
+func (rs *routedSub) Written(tags ...uint64) { rs.wrote(tags) }
+
+// Tried implements replica.Sub: the owner already counts handed-out
+// messages as written (they come back marked redelivered).
+func (rs *routedSub) Tried(tags ...uint64) { rs.wrote(tags) }
+
+func (rs *routedSub) wrote(tags []uint64) {
+	rs.mu.Lock()
+	wake := rs.unwritten >= rs.window()
+	for _, t := range tags {
+		f := rs.inflight[t]
+		if f == nil || f.write {
+			continue
+		}
+		f.write = true
+		rs.unwritten--
+		if rs.opts.Ack == replica.AckAuto {
+			rs.forget(t, f)
+		}
+	}
+	p := rs.p
+	rs.mu.Unlock()
+	if wake && p != nil {
+		p.wake()
+	}
+}
+
+// Check implements replica.Sub.
+func (rs *routedSub) Check(tag uint64) error {
+	rs.mu.Lock()
+	defer rs.mu.Unlock()
+	if rs.closed {
+		return replica.ErrSubscriptionClosed
+	}
+	if rs.inflight[tag] == nil || rs.opts.Ack == replica.AckAuto {
+		return replica.ErrUnknownAck
+	}
+	return nil
+}
+
+// ack forwards an ACK or NACK of tag to the owner. In client mode it
+// covers every earlier delivery too.
+func (rs *routedSub) ack(tag uint64, nack bool, done func(error)) {
+	rs.mu.Lock()
+	f := rs.inflight[tag]
+	if f == nil {
+		rs.mu.Unlock()
+		done(nil) // settled by an earlier cumulative ACK
+		return
+	}
+	if rs.opts.Ack == replica.AckClient {
+		for t, g := range rs.inflight {
+			if t <= tag {
+				if !g.write {
+					rs.unwritten--
+				}
+				rs.forget(t, g)
+			}
+		}
+	} else {
+		if !f.write {
+			rs.unwritten--
+		}
+		rs.forget(tag, f)
+	}
+	current := f.gen == rs.gen && !rs.rebinding
+	owner, id := rs.owner, rs.ownerID(f.gen)
+	rs.mu.Unlock()
+	if !current {
+		// Its owner is gone or no longer holds it: the message returns
+		// there (or at the new owner) and is redelivered.
+		done(nil)
+		return
+	}
+	rt := rs.rt
+	v := rt.view()
+	if owner == v.self {
+		if err := rt.host.ack(owner, id, f.otag, nack, true, done); err != nil {
+			if errors.Is(err, errUnknownSub) {
+				err = nil
+			}
+			done(err)
+		}
+		return
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), forwardTimeout)
+	n := "0"
+	if nack {
+		n = "1"
+	}
+	err := rt.fwd.request(ctx, owner, opAck, []string{hdrSub, id, hdrTag, strconv.FormatUint(f.otag, 10), hdrNack, n, hdrSync, "1"}, nil, func(_ *frame.Frame, err error) {
+		cancel()
+		var pe *stomp.PeerError
+		if errors.As(err, &pe) && pe.Code == codeUnknownSub {
+			err = nil // the owner closed it: the message comes back
+		}
+		done(peerErr(err))
+	})
+	if err != nil {
+		cancel()
+		done(peerErr(err))
+	}
+}
+
+// Close implements replica.Sub: the owner closes its subscription, and
+// the messages in flight return to the queue.
+func (rs *routedSub) Close() {
+	rs.mu.Lock()
+	if rs.closed {
+		rs.mu.Unlock()
+		return
+	}
+	rs.closed = true
+	owner, gen, p := rs.owner, rs.gen, rs.p
+	rs.inflight = map[uint64]*flight{}
+	rs.byID = nil
+	rs.mu.Unlock()
+	if p != nil {
+		p.remove(rs)
+	}
+	if owner != "" {
+		rs.unsubscribeAt(owner, gen)
+	}
+}
+
+// poller reads the deliveries of this node's subscriptions at one owner.
+type poller struct {
+	rt    *router
+	owner string
+	ctx   context.Context
+	stopF context.CancelFunc
+	sig   chan struct{}
+
+	mu      sync.Mutex
+	subs    map[string]*routedSub // by ID at the owner
+	gens    map[string]uint64
+	stopped bool
+}
+
+func newPoller(rt *router, owner string) *poller {
+	p := &poller{rt: rt, owner: owner, sig: make(chan struct{}, 1), subs: map[string]*routedSub{}, gens: map[string]uint64{}}
+	p.ctx, p.stopF = context.WithCancel(context.Background())
+	return p
+}
+
+func (p *poller) cancel() { p.stopF() }
+
+func (p *poller) wake() {
+	select {
+	case p.sig <- struct{}{}:
+	default:
+	}
+}
+
+
+func (p *poller) remove(rs *routedSub) {
+	p.mu.Lock()
+	for id, s := range p.subs {
+		if s == rs {
+			delete(p.subs, id)
+			delete(p.gens, id)
+		}
+	}
+	p.mu.Unlock()
+	p.wake()
+}
+
+// run polls the owner while this node has subscriptions there.
+func (p *poller) run() {
+	defer p.rt.wg.Done()
+	backoff := 50 * time.Millisecond
+	for {
+		if p.rt.pollerDone(p) {
+			return
+		}
+		p.mu.Lock()
+		var b strings.Builder
+		ids := make(map[string]*routedSub, len(p.subs))
+		gens := make(map[string]uint64, len(p.subs))
+		anyCredit := false
+		for id, rs := range p.subs {
+			c := rs.credit()
+			anyCredit = anyCredit || c > 0
+			b.WriteString(id)
+			b.WriteByte(' ')
+			b.WriteString(strconv.Itoa(c))
+			b.WriteByte('\n')
+			ids[id] = rs
+			gens[id] = p.gens[id]
+		}
+		p.mu.Unlock()
+		if !anyCredit {
+			// Nothing to ask for: wait for the sessions to write, but
+			// poll at least every second so the owner keeps the
+			// subscriptions (see subIdle).
+			select {
+			case <-p.ctx.Done():
+				return
+			case <-p.sig:
+			case <-time.After(time.Second):
+			}
+		}
+		res, err := p.poll([]byte(b.String()))
+		if p.ctx.Err() != nil {
+			return
+		}
+		if err != nil {
+			// The owner is down or unreachable: every subscription binds
+			// again, at the same owner or the one that replaces it.
+			p.rt.log.Debug("poll failed", "owner", p.owner, "err", err)
+			for id, rs := range ids {
+				rs.lost(gens[id])
+			}
+			select {
+			case <-p.ctx.Done():
+				return
+			case <-time.After(backoff):
+			}
+			backoff = min(2*backoff, time.Second)
+			continue
+		}
+		backoff = 50 * time.Millisecond
+		for _, id := range res.gone {
+			if rs := ids[id]; rs != nil {
+				rs.lost(gens[id])
+			}
+		}
+		for _, d := range res.dels {
+			if rs := ids[d.sub]; rs != nil {
+				rs.deliver(gens[d.sub], d)
+			}
+		}
+	}
+}
+
+type pollAnswer struct {
+	gone []string
+	dels []wireDelivery
+}
+
+func (p *poller) poll(body []byte) (pollAnswer, error) {
+	rt := p.rt
+	v := rt.view()
+	items, err := parsePoll(body)
+	if err != nil {
+		return pollAnswer{}, err
+	}
+	if p.owner == v.self {
+		res := rt.host.poll(v.self, items)
+		dels, err := decodeDeliveries(res.body)
+		return pollAnswer{gone: res.gone, dels: dels}, err
+	}
+	type answer struct {
+		f   *frame.Frame
+		err error
+	}
+	ch := make(chan answer, 1)
+	ctx, cancel := context.WithTimeout(p.ctx, forwardTimeout)
+	defer cancel()
+	if err := rt.fwd.request(ctx, p.owner, opPoll, nil, body, func(f *frame.Frame, err error) { ch <- answer{f, err} }); err != nil {
+		return pollAnswer{}, err
+	}
+	var a answer
+	select {
+	case a = <-ch:
+	case <-p.ctx.Done():
+		return pollAnswer{}, p.ctx.Err()
+	}
+	if a.err != nil {
+		return pollAnswer{}, a.err
+	}
+	dels, err := decodeDeliveries(a.f.Body)
+	if err != nil {
+		return pollAnswer{}, err
+	}
+	var gone []string
+	if g := a.f.Header.Get(hdrGone); g != "" {
+		gone = strings.Split(g, ",")
+	}
+	return pollAnswer{gone: gone, dels: dels}, nil
+}

@@ -1,0 +1,607 @@
+package node
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/brokerd/brokerd/cluster"
+	"github.com/brokerd/brokerd/replica"
+	"github.com/brokerd/brokerd/stomp"
+	"github.com/brokerd/brokerd/store"
+	"github.com/go-stomp/stomp/v3/frame"
+)
+
+// The router makes the cluster one broker: it is the stomp.Broker of a
+// clustered node. A queue is served by its owner, the first of its
+// replica set (replica.ReplicaSet over the active members); the router
+// sends SENDs, ACKs and NACKs of a queue another node owns to that owner
+// over a peer link, and every queue subscription, local or not, is held
+// by the owner's host (host.go) and read by this node's poller. Topic
+// messages are fanned out here and sent to every other alive node.
+
+// viewSnap is one snapshot of the membership.
+type viewSnap struct {
+	self   string
+	active []string
+	epoch  cluster.EpochID
+	peers  map[string]string // alive nodes but self: peer-link address ("" unknown)
+	at     time.Time
+}
+
+// viewTTL bounds how stale the router's membership snapshot may be.
+const viewTTL = 50 * time.Millisecond
+
+// forwardTimeout bounds one forwarded request (a SEND, an ACK, a
+// subscribe) including a wait for the link to come up.
+const forwardTimeout = 5 * time.Second
+
+// notOwnerRetry is how long a forward that met another node's different
+// view of ownership is retried while the views converge.
+const notOwnerRetry = 3 * time.Second
+
+type router struct {
+	rep    *replica.Node
+	st     *store.Store
+	r      int
+	log    *slog.Logger
+	status func() cluster.Status
+	fwd    *fwdLinks
+	host   *host
+
+	vmu  sync.Mutex
+	snap viewSnap
+
+	omu   sync.Mutex
+	owned map[string]*ownState // queues this node owns: pulled, adopted
+
+	pmu     sync.Mutex
+	pollers map[string]*poller // by owner node ID
+	closed  bool
+
+	subSeq atomic.Uint64
+	prefix string // makes subscription IDs unique across restarts
+
+	stop chan struct{}
+	wg   sync.WaitGroup
+}
+
+type ownState struct {
+	done chan struct{}
+	err  error
+}
+
+func newRouter(rep *replica.Node, st *store.Store, r int, status func() cluster.Status, fwd *fwdLinks, log *slog.Logger) *router {
+	rt := &router{
+		rep: rep, st: st, r: r, log: log, status: status, fwd: fwd,
+		owned:   map[string]*ownState{},
+		pollers: map[string]*poller{},
+		prefix:  fmt.Sprintf("%x", time.Now().UnixNano()),
+		stop:    make(chan struct{}),
+	}
+	rt.host = newHost(rt)
+	return rt
+}
+
+func (rt *router) start() {
+	rt.wg.Add(2)
+	go rt.watch()
+	go rt.host.sweep(rt.stop, &rt.wg)
+}
+
+func (rt *router) close() {
+	rt.pmu.Lock()
+	rt.closed = true
+	ps := rt.pollers
+	rt.pollers = map[string]*poller{}
+	rt.pmu.Unlock()
+	close(rt.stop)
+	for _, p := range ps {
+		p.cancel()
+	}
+	rt.wg.Wait()
+	rt.host.closeAll()
+}
+
+// view returns a membership snapshot at most viewTTL old.
+func (rt *router) view() viewSnap {
+	rt.vmu.Lock()
+	defer rt.vmu.Unlock()
+	if time.Since(rt.snap.at) < viewTTL && rt.snap.self != "" {
+		return rt.snap
+	}
+	rt.snap = rt.load()
+	return rt.snap
+}
+
+func (rt *router) refresh() viewSnap {
+	rt.vmu.Lock()
+	defer rt.vmu.Unlock()
+	rt.snap = rt.load()
+	return rt.snap
+}
+
+func (rt *router) load() viewSnap {
+	st := rt.status()
+	v := viewSnap{self: st.NodeID, active: st.ActiveSet, epoch: st.EpochID, peers: map[string]string{}, at: time.Now()}
+	for _, m := range st.Members {
+		if m.ID != st.NodeID && (m.State == "alive" || m.State == "suspect") {
+			v.peers[m.ID] = m.PeerAddr
+		}
+	}
+	return v
+}
+
+// replicaView is the replicator's view (replica.View).
+func (rt *router) replicaView() replica.View {
+	v := rt.view()
+	return replica.View{Self: v.self, Active: v.active, Epoch: v.epoch}
+}
+
+// peerAddr is a peer's advertised peer-link address.
+func (rt *router) peerAddr(id string) string {
+	if a := rt.view().peers[id]; a != "" {
+		return a
+	}
+	return rt.refresh().peers[id]
+}
+
+// ownerOf is the node that serves queue dest in v: the first of its
+// replica set; "" while this node has no agreed active set.
+func (rt *router) ownerOf(v viewSnap, dest string) string {
+	set := replica.ReplicaSet(dest, v.active, rt.r)
+	if len(set) == 0 {
+		return ""
+	}
+	return set[0]
+}
+
+// errNoActiveSet: the node has not agreed on the active members yet.
+var errNoActiveSet = fmt.Errorf("%w: the cluster has not agreed on its active members yet", replica.ErrNoQuorum)
+
+// watch releases the queues this node no longer owns when the view
+// changes: their subscriptions move to the new owner (the pollers see
+// them gone and bind again).
+func (rt *router) watch() {
+	defer rt.wg.Done()
+	t := time.NewTicker(100 * time.Millisecond)
+	defer t.Stop()
+	var last cluster.EpochID
+	for {
+		select {
+		case <-rt.stop:
+			return
+		case <-t.C:
+		}
+		v := rt.refresh()
+		if v.epoch == last {
+			continue
+		}
+		last = v.epoch
+		rt.omu.Lock()
+		var gone []string
+		for dest, st := range rt.owned {
+			select {
+			case <-st.done:
+			default:
+				continue // being taken over; checked next time
+			}
+			if rt.ownerOf(v, dest) != v.self {
+				gone = append(gone, dest)
+				delete(rt.owned, dest)
+			}
+		}
+		rt.omu.Unlock()
+		for _, dest := range gone {
+			rt.host.closeDest(dest)
+			rt.rep.Release(dest)
+		}
+	}
+}
+
+// ensureOwned makes this node ready to serve queue dest, which it owns:
+// the first time, it pulls from every other alive node the messages of
+// dest it lacks (the union of the surviving copies), then adopts the
+// queue. Concurrent callers wait for the first.
+func (rt *router) ensureOwned(dest string) error {
+	rt.omu.Lock()
+	st := rt.owned[dest]
+	if st != nil {
+		rt.omu.Unlock()
+		select {
+		case <-st.done:
+			return st.err
+		case <-time.After(forwardTimeout):
+			return fmt.Errorf("%w: taking over %s is still in progress", replica.ErrNoQuorum, dest)
+		}
+	}
+	st = &ownState{done: make(chan struct{})}
+	rt.owned[dest] = st
+	rt.omu.Unlock()
+	err := rt.takeOver(dest)
+	if err != nil {
+		rt.omu.Lock()
+		delete(rt.owned, dest)
+		rt.omu.Unlock()
+	}
+	st.err = err
+	close(st.done)
+	return err
+}
+
+// pullChunk bounds one pull reply.
+const (
+	pullMessages = 512
+	pullBytes    = 1 << 20
+)
+
+func (rt *router) takeOver(dest string) error {
+	if rt.rep.Adopted(dest) {
+		return nil
+	}
+	v := rt.view()
+	var wg sync.WaitGroup
+	for peer := range v.peers {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			n, err := rt.pull(peer, dest, v)
+			if err != nil {
+				rt.log.Warn("taking over a queue: a peer's copy could not be read; messages only it holds stay there", "dest", dest, "peer", peer, "err", err)
+				return
+			}
+			if n > 0 {
+				rt.log.Info("taking over a queue: merged a peer's copy", "dest", dest, "peer", peer, "messages", n)
+			}
+		}()
+	}
+	wg.Wait()
+	return rt.rep.Adopt(dest)
+}
+
+// pull copies peer's bucket of dest into the local store.
+func (rt *router) pull(peer, dest string, v viewSnap) (int, error) {
+	var after uint64
+	total := 0
+	for {
+		var resp *frame.Frame
+		var rerr error
+		done := make(chan struct{})
+		ctx, cancel := context.WithTimeout(context.Background(), forwardTimeout)
+		err := rt.fwd.request(ctx, peer, opPull, []string{frame.Destination, dest, hdrAfter, fmt.Sprint(after)}, nil, func(f *frame.Frame, err error) {
+			resp, rerr = f, err
+			close(done)
+		})
+		if err != nil {
+			cancel()
+			return total, err
+		}
+		<-done
+		cancel()
+		if rerr != nil {
+			return total, rerr
+		}
+		if len(resp.Body) > 0 {
+			ch := make(chan error, 1)
+			if err := rt.rep.ApplyReplicated(v.epoch, v.epoch, resp.Body, func(err error) { ch <- err }); err != nil {
+				return total, err
+			}
+			if err := <-ch; err != nil {
+				return total, err
+			}
+		}
+		var n int
+		var last uint64
+		fmt.Sscan(resp.Header.Get(hdrCount), &n)
+		fmt.Sscan(resp.Header.Get(hdrAfter), &last)
+		total += n
+		if resp.Header.Get(hdrMore) != "1" || last <= after {
+			return total, nil
+		}
+		after = last
+	}
+}
+
+// Barrier implements stomp.Broker: forwarded operations are durable at
+// their owner before they complete, so the local store's barrier covers
+// the rest.
+func (rt *router) Barrier(done func(error)) { rt.rep.Barrier(done) }
+
+// Apply implements stomp.Broker. The batch is split by where each part
+// takes effect: here (topics, queues this node owns), or at another
+// owner. Each part is applied whole; a batch whose parts have different
+// owners (a transaction over queues of several owners) is not atomic
+// across them.
+func (rt *router) Apply(b *replica.Batch, done func(error)) error {
+	v := rt.view()
+	type part struct {
+		sends []*replica.Message
+		acks  []replica.AckOp
+	}
+	var local replica.Batch
+	local.Sync = b.Sync
+	remote := map[string]*part{}
+	var topics []*replica.Message
+	for _, m := range b.Sends {
+		k, err := replica.ParseDestination(m.Dest)
+		if err != nil {
+			return err
+		}
+		if k == replica.KindTopic {
+			local.Sends = append(local.Sends, m)
+			topics = append(topics, m)
+			continue
+		}
+		o := rt.ownerOf(v, m.Dest)
+		if o == "" {
+			return errNoActiveSet
+		}
+		if o != v.self {
+			p := remote[o]
+			if p == nil {
+				p = &part{}
+				remote[o] = p
+			}
+			p.sends = append(p.sends, m)
+			continue
+		}
+		if err := rt.ensureOwned(m.Dest); err != nil {
+			return err
+		}
+		local.Sends = append(local.Sends, m)
+	}
+	var routed []replica.AckOp
+	for _, a := range b.Acks {
+		rs, ok := a.Sub.(*routedSub)
+		if !ok {
+			local.Acks = append(local.Acks, a)
+			continue
+		}
+		if err := rs.Check(a.Tag); err != nil {
+			return err
+		}
+		routed = append(routed, a)
+	}
+	n := len(remote) + len(routed)
+	if len(local.Sends) > 0 || len(local.Acks) > 0 || n == 0 {
+		n++
+	}
+	all := joinAll(n, done)
+	if len(local.Sends) > 0 || len(local.Acks) > 0 || len(remote)+len(routed) == 0 {
+		if err := rt.rep.Apply(&local, all); err != nil {
+			return err
+		}
+	}
+	for owner, p := range remote {
+		rt.forwardSends(owner, p.sends, time.Now(), all)
+	}
+	for _, a := range routed {
+		a.Sub.(*routedSub).ack(a.Tag, a.Nack, all)
+	}
+	if len(topics) > 0 {
+		rt.broadcastTopics(v, topics)
+	}
+	return nil
+}
+
+// joinAll returns a function to be called n times; done gets the first
+// error, or nil, after the last call.
+func joinAll(n int, done func(error)) func(error) {
+	if n <= 1 {
+		return done
+	}
+	var mu sync.Mutex
+	var first error
+	left := n
+	return func(err error) {
+		mu.Lock()
+		if err != nil && first == nil {
+			first = err
+		}
+		left--
+		last := left == 0
+		e := first
+		mu.Unlock()
+		if last {
+			done(e)
+		}
+	}
+}
+
+// forwardSends sends msgs (queues owner serves) to owner, durable there
+// (and on its write quorum) before done. A node whose view names another
+// owner refuses; the SENDs are then routed again as the views converge.
+func (rt *router) forwardSends(owner string, msgs []*replica.Message, since time.Time, done func(error)) {
+	body := encodeMessages(nil, msgs)
+	ctx, cancel := context.WithTimeout(context.Background(), forwardTimeout)
+	err := rt.fwd.request(ctx, owner, opSend, nil, body, func(_ *frame.Frame, err error) {
+		cancel()
+		if err != nil && isNotOwner(err) && time.Since(since) < notOwnerRetry {
+			time.AfterFunc(50*time.Millisecond, func() { rt.reroute(msgs, since, done) })
+			return
+		}
+		done(peerErr(err))
+	})
+	if err != nil {
+		cancel()
+		done(peerErr(err))
+	}
+}
+
+// reroute applies msgs again with a fresh view.
+func (rt *router) reroute(msgs []*replica.Message, since time.Time, done func(error)) {
+	v := rt.refresh()
+	byOwner := map[string][]*replica.Message{}
+	for _, m := range msgs {
+		o := rt.ownerOf(v, m.Dest)
+		if o == "" {
+			done(errNoActiveSet)
+			return
+		}
+		byOwner[o] = append(byOwner[o], m)
+	}
+	all := joinAll(len(byOwner), done)
+	for o, ms := range byOwner {
+		if o != v.self {
+			rt.forwardSends(o, ms, since, all)
+			continue
+		}
+		err := error(nil)
+		for _, m := range ms {
+			if err = rt.ensureOwned(m.Dest); err != nil {
+				break
+			}
+		}
+		if err == nil {
+			err = rt.rep.Apply(&replica.Batch{Sends: ms, Sync: true}, all)
+		}
+		if err != nil {
+			all(err)
+		}
+	}
+}
+
+// broadcastTopics sends topic messages to every other alive node, which
+// fans them out to its own subscribers. Best effort, as a topic is: a
+// node that is down or slow misses them.
+func (rt *router) broadcastTopics(v viewSnap, msgs []*replica.Message) {
+	body := encodeMessages(nil, msgs)
+	for peer := range v.peers {
+		ctx, cancel := context.WithTimeout(context.Background(), forwardTimeout)
+		if err := rt.fwd.request(ctx, peer, opTopic, nil, body, func(_ *frame.Frame, err error) {
+			cancel()
+			if err != nil {
+				rt.log.Debug("topic message not delivered to a peer", "peer", peer, "err", err)
+			}
+		}); err != nil {
+			cancel()
+		}
+	}
+}
+
+// Subscribe implements stomp.Broker. Topic subscriptions are local (every
+// node receives every topic message). A queue subscription is held by the
+// queue's owner and read by this node's poller for that owner; when the
+// owner changes it moves.
+func (rt *router) Subscribe(opts replica.SubOptions) (replica.Sub, error) {
+	k, err := replica.ParseDestination(opts.Dest)
+	if err != nil {
+		return nil, err
+	}
+	if k == replica.KindTopic {
+		s, err := rt.rep.Subscribe(opts)
+		if err != nil {
+			return nil, err
+		}
+		return s, nil
+	}
+	rs := &routedSub{
+		rt: rt, id: rt.prefix + "." + fmt.Sprint(rt.subSeq.Add(1)), opts: opts,
+		inflight: map[uint64]*flight{},
+	}
+	if opts.ByMessageID {
+		rs.byID = map[string]uint64{}
+	}
+	if err := rs.bind(); err != nil {
+		return nil, err
+	}
+	return rs, nil
+}
+
+// attach adds rs (bound at owner as generation gen) to the poller
+// reading owner's subscriptions, starting one if needed.
+func (rt *router) attach(owner string, rs *routedSub, gen uint64) error {
+	rt.pmu.Lock()
+	defer rt.pmu.Unlock()
+	if rt.closed {
+		return stomp.ErrPeerClosed
+	}
+	p := rt.pollers[owner]
+	if p == nil {
+		p = newPoller(rt, owner)
+		rt.pollers[owner] = p
+		rt.wg.Add(1)
+		go p.run()
+	}
+	id := rs.ownerID(gen)
+	p.mu.Lock()
+	p.subs[id] = rs
+	p.gens[id] = gen
+	p.mu.Unlock()
+	rs.mu.Lock()
+	rs.p = p
+	rs.mu.Unlock()
+	p.wake()
+	return nil
+}
+
+// pollerDone removes p once it has no subscriptions left.
+func (rt *router) pollerDone(p *poller) bool {
+	rt.pmu.Lock()
+	defer rt.pmu.Unlock()
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if len(p.subs) > 0 && !p.stopped {
+		return false
+	}
+	if rt.pollers[p.owner] == p {
+		delete(rt.pollers, p.owner)
+	}
+	p.stopped = true
+	return true
+}
+
+// Forwarding errors: a peer's refusal codes map back to the replica
+// errors the session reports (queue full, low disk, no quorum).
+func peerErr(err error) error {
+	if err == nil {
+		return nil
+	}
+	var pe *stomp.PeerError
+	if !errors.As(err, &pe) {
+		return fmt.Errorf("%w: forwarding to the queue's owner failed (outcome unknown): %w", replica.ErrNoQuorum, err)
+	}
+	switch pe.Code {
+	case codeQueueFull:
+		return fmt.Errorf("%w (%s)", replica.ErrQueueFull, pe.Message)
+	case codeLowDisk:
+		return fmt.Errorf("%w (%s)", replica.ErrLowDisk, pe.Message)
+	case codeBadDest:
+		return fmt.Errorf("%w (%s)", replica.ErrBadDestination, pe.Message)
+	case codeUnknownAck:
+		return fmt.Errorf("%w (%s)", replica.ErrUnknownAck, pe.Message)
+	}
+	return fmt.Errorf("%w: the queue's owner refused: %s: %s", replica.ErrNoQuorum, pe.Code, pe.Message)
+}
+
+func isNotOwner(err error) bool {
+	var pe *stomp.PeerError
+	return errors.As(err, &pe) && pe.Code == codeNotOwner
+}
+
+// failCode is the peer failure code for a local error.
+func failCode(err error) string {
+	switch {
+	case errors.Is(err, replica.ErrQueueFull):
+		return codeQueueFull
+	case errors.Is(err, replica.ErrLowDisk):
+		return codeLowDisk
+	case errors.Is(err, replica.ErrBadDestination):
+		return codeBadDest
+	case errors.Is(err, replica.ErrUnknownAck), errors.Is(err, replica.ErrSubscriptionClosed):
+		return codeUnknownAck
+	case errors.Is(err, replica.ErrNoQuorum):
+		return "no-quorum"
+	}
+	return "refused"
+}
+
+func validDest(dest string) bool {
+	k, err := replica.ParseDestination(dest)
+	return err == nil && k == replica.KindQueue && !strings.ContainsAny(dest, "\x00\n")
+}

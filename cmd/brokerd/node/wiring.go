@@ -1,0 +1,90 @@
+package node
+
+import (
+	"net"
+
+	"github.com/brokerd/brokerd/cluster"
+	"github.com/brokerd/brokerd/replica"
+	"github.com/brokerd/brokerd/stomp"
+	"github.com/go-stomp/stomp/v3/frame"
+)
+
+// maxQueuedReplication bounds the replication bytes queued and unanswered
+// per peer.
+const maxQueuedReplication = 64 << 20
+
+// setupReplication makes a clustered node one broker with the others:
+// its queue writes are replicated (PeerReplicator over peerLinks), its
+// clients' operations on queues other nodes own are forwarded (router),
+// and its peer server answers both for the other nodes. The peer server
+// listens once Start runs, before the cluster advertises its address.
+func (n *Node) setupReplication() error {
+	cfg := n.cfg
+	key, err := readSecretKey(cfg.Cluster.SecretKeyFile)
+	if err != nil {
+		return err
+	}
+	n.secret = key
+	status := func() cluster.Status {
+		if n.cl == nil {
+			return cluster.Status{NodeID: n.id}
+		}
+		return n.cl.Status()
+	}
+	ccfg := stomp.DefaultPeerClientConfig()
+	ccfg.Secret = key
+	ccfg.NodeID = n.id
+	ccfg.Host = cfg.Cluster.Name
+	ccfg.Logger = n.log
+	ccfg.Registerer = n.reg
+	var rt *router
+	addrOf := func(id string) string { return rt.peerAddr(id) }
+	n.fwd = newFwdLinks(ccfg, addrOf)
+	rt = newRouter(n.rep, n.st, cfg.Replica.Factor, status, n.fwd, n.log)
+	n.rt = rt
+	n.links = newPeerLinks(ccfg, addrOf, maxQueuedReplication, n.log)
+	n.pr = replica.NewPeerReplicator(cfg.Replica.Factor, cfg.WriteQuorum(), rt.replicaView, n.links, n.log)
+	n.pr.EnableCatchUp(n.st)
+	n.rep.SetReplicator(n.pr)
+
+	addr := cfg.Cluster.PeerAddr
+	if addr == "" {
+		// Beside the gossip address, on a free port (advertised).
+		host, _, err := net.SplitHostPort(cfg.Cluster.GossipAddr)
+		if err != nil {
+			host = ""
+		}
+		addr = net.JoinHostPort(host, "0")
+	}
+	scfg := stomp.DefaultPeerServerConfig()
+	scfg.Addr = addr
+	scfg.Secret = key
+	scfg.NodeID = n.id
+	scfg.Logger = n.log
+	scfg.Registerer = n.reg
+	appendH := replicationHandler(n.rep, func() cluster.EpochID { return status().EpochID })
+	fwdH := forwardHandler(rt, n.log)
+	n.peerSrv = stomp.NewPeerServer(scfg, stomp.PeerHandlerFunc(func(peer string, f *frame.Frame, reply func(*frame.Frame)) {
+		if f.Header.Get(stomp.PeerHeaderOp) == opAppend {
+			appendH.HandlePeer(peer, f, reply)
+			return
+		}
+		fwdH(peer, f, reply)
+	}))
+	return nil
+}
+
+// stopReplication ends forwarding and replication, after the STOMP
+// sessions closed.
+func (n *Node) stopReplication() {
+	if n.rt == nil {
+		return
+	}
+	n.rt.close()
+	n.fwd.close()
+	n.pr.Close()
+	n.links.Close()
+	if n.peerSrv != nil {
+		_ = n.peerSrv.Close()
+	}
+}
