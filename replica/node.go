@@ -278,6 +278,9 @@ type Node struct {
 	wg   sync.WaitGroup
 }
 
+// NodeID is the ID this node's message-ids start with.
+func (n *Node) NodeID() string { return n.cfg.NodeID }
+
 // New returns a Node over st. Call Recover, then Start.
 func New(cfg Config, st *store.Store) *Node {
 	def := DefaultConfig()

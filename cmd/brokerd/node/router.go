@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -65,6 +66,7 @@ type router struct {
 	closed  bool
 
 	subSeq atomic.Uint64
+	msgSeq atomic.Uint64
 	prefix string // makes subscription IDs unique across restarts
 
 	stop chan struct{}
@@ -81,7 +83,7 @@ func newRouter(rep *replica.Node, st *store.Store, r int, status func() cluster.
 		rep: rep, st: st, r: r, log: log, status: status, fwd: fwd,
 		owned:   map[string]*ownState{},
 		pollers: map[string]*poller{},
-		prefix:  fmt.Sprintf("%x", time.Now().UnixNano()),
+		prefix:  fmt.Sprintf("%s-%x", rep.NodeID(), time.Now().UnixNano()),
 		stop:    make(chan struct{}),
 	}
 	rt.host = newHost(rt)
@@ -342,6 +344,11 @@ func (rt *router) Apply(b *replica.Batch, done func(error)) error {
 			return errNoActiveSet
 		}
 		if o != v.self {
+			if m.ID == "" {
+				// Assigned where the SEND arrived, so that a retried
+				// forward carries the same message-id.
+				m.ID = rt.prefix + "-" + strconv.FormatUint(rt.msgSeq.Add(1), 10)
+			}
 			p := remote[o]
 			if p == nil {
 				p = &part{}
@@ -413,22 +420,47 @@ func joinAll(n int, done func(error)) func(error) {
 	}
 }
 
+// failoverBudget is how long a forwarded SEND is retried, through
+// another owner if the view changes, before the client gets an ERROR:
+// long enough for gossip to declare a dead owner dead (about 1.5 s).
+const failoverBudget = 4 * time.Second
+
 // forwardSends sends msgs (queues owner serves) to owner, durable there
-// (and on its write quorum) before done. A node whose view names another
-// owner refuses; the SENDs are then routed again as the views converge.
+// (and on its write quorum) before done. If the owner refuses (its view
+// names another owner) or cannot be reached, the SENDs are routed again
+// with a fresh view until failoverBudget has passed. A retry after an
+// unknown outcome may store a message twice: both copies carry the same
+// message-id, assigned here.
 func (rt *router) forwardSends(owner string, msgs []*replica.Message, since time.Time, done func(error)) {
 	body := encodeMessages(nil, msgs)
-	ctx, cancel := context.WithTimeout(context.Background(), forwardTimeout)
+	retry := func(err error) bool {
+		if time.Since(since) >= failoverBudget {
+			return false
+		}
+		var pe *stomp.PeerError
+		if errors.As(err, &pe) && pe.Code != codeNotOwner && pe.Code != "no-quorum" {
+			return false // refused for good (queue full, low disk...)
+		}
+		time.AfterFunc(100*time.Millisecond, func() { rt.reroute(msgs, since, done) })
+		return true
+	}
+	wait := forwardTimeout
+	if c, err := rt.fwd.get(owner); err == nil && !c.Connected() {
+		wait = 300 * time.Millisecond // down now: look again soon
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), wait)
 	err := rt.fwd.request(ctx, owner, opSend, nil, body, func(_ *frame.Frame, err error) {
 		cancel()
-		if err != nil && isNotOwner(err) && time.Since(since) < notOwnerRetry {
-			time.AfterFunc(50*time.Millisecond, func() { rt.reroute(msgs, since, done) })
+		if err != nil && retry(err) {
 			return
 		}
 		done(peerErr(err))
 	})
 	if err != nil {
 		cancel()
+		if retry(err) {
+			return
+		}
 		done(peerErr(err))
 	}
 }

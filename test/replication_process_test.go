@@ -1,0 +1,218 @@
+package test
+
+import (
+	"os"
+	"path/filepath"
+	"strconv"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/brokerd/brokerd/replica"
+	"github.com/go-stomp/stomp/v3"
+)
+
+// replCluster starts n brokerd processes, M=n, replication factor 2, and
+// waits until they agree; it returns them by node ID.
+func replCluster(t *testing.T, n int) ([]*clusterProc, map[string]*clusterProc, []string) {
+	t.Helper()
+	ps := startClusterProcs(t, n, n)
+	waitAgreed(t, ps, n, n, 20*time.Second)
+	byID := map[string]*clusterProc{}
+	var active []string
+	for _, p := range ps {
+		s, err := p.status()
+		if err != nil {
+			t.Fatal(err)
+		}
+		byID[s.NodeID] = p
+		active = s.ActiveSet
+	}
+	return ps, byID, active
+}
+
+// TestProcessReplicationCrossNode: a producer on one node and a consumer
+// on another exchange every message of a queue a third node owns, in
+// order.
+func TestProcessReplicationCrossNode(t *testing.T) {
+	if testing.Short() {
+		t.Skip("starts processes")
+	}
+	ps, byID, active := replCluster(t, 3)
+	_ = ps
+	q := "/queue/cross"
+	owner := byID[replica.ReplicaSet(q, active, 2)[0]]
+	var others []*clusterProc
+	for _, p := range byID {
+		if p != owner {
+			others = append(others, p)
+		}
+	}
+	cons := others[1].dial()
+	sub, err := cons.Subscribe(q, stomp.AckClientIndividual)
+	if err != nil {
+		t.Fatal(err)
+	}
+	prod := others[0].dial()
+	const n = 500
+	for i := 0; i < n; i++ {
+		if err := prod.Send(q, "text/plain", []byte(strconv.Itoa(i)), stomp.SendOpt.Receipt); err != nil {
+			t.Fatalf("send %d via %s (owner %s): %v", i, others[0].name, owner.name, err)
+		}
+	}
+	for i := 0; i < n; i++ {
+		select {
+		case m := <-sub.C:
+			if m.Err != nil {
+				t.Fatal(m.Err)
+			}
+			if string(m.Body) != strconv.Itoa(i) {
+				t.Fatalf("message %d: got %q, want in order", i, m.Body)
+			}
+			if err := cons.Ack(m); err != nil {
+				t.Fatal(err)
+			}
+		case <-time.After(10 * time.Second):
+			t.Fatalf("consumer on %s got %d of %d messages sent on %s (owner %s)", others[1].name, i, n, others[0].name, owner.name)
+		}
+	}
+}
+
+// TestProcessReplicationOwnerKilled: 3 brokerd, M=3, R=2. A producer
+// sends receipted messages to one node while a consumer reads from
+// another with client-individual acks; the queue's owner is killed with
+// kill -9 halfway. Every receipted message must reach the consumer;
+// duplicates are reported.
+func TestProcessReplicationOwnerKilled(t *testing.T) {
+	if testing.Short() {
+		t.Skip("starts processes")
+	}
+	_, byID, active := replCluster(t, 3)
+	q := "/queue/failover"
+	owner := byID[replica.ReplicaSet(q, active, 2)[0]]
+	var others []*clusterProc
+	for _, p := range byID {
+		if p != owner {
+			others = append(others, p)
+		}
+	}
+	prodNode, consNode := others[0], others[1]
+	const n = 3000
+
+	var mu sync.Mutex
+	received := map[string]int{}
+	redelivered := 0
+	consErr := make(chan error, 1)
+	stop := make(chan struct{})
+	go func() {
+		for {
+			select {
+			case <-stop:
+				return
+			default:
+			}
+			c, err := consNode.tryDial()
+			if err != nil {
+				time.Sleep(100 * time.Millisecond)
+				continue
+			}
+			// go-stomp's client stops reading while a subscription's
+			// channel is full and the application blocks in Ack (its one
+			// loop both dispatches and writes): bound what is in flight.
+			sub, err := c.Subscribe(q, stomp.AckClientIndividual, stomp.SubscribeOpt.Header("prefetch-count", "8"))
+			if err != nil {
+				time.Sleep(100 * time.Millisecond)
+				continue
+			}
+			for m := range sub.C {
+				if m.Err != nil {
+					break
+				}
+				mu.Lock()
+				received[string(m.Body)]++
+				if m.Header.Get("redelivered") == "true" {
+					redelivered++
+				}
+				mu.Unlock()
+				if err := c.Ack(m); err != nil {
+					break
+				}
+			}
+			select {
+			case <-stop:
+				return
+			default:
+			}
+		}
+	}()
+	_ = consErr
+
+	receipted := map[string]bool{}
+	unknown := 0
+	var maxGap time.Duration
+	killed := false
+	prod := prodNode.dial()
+	last := time.Now()
+	for i := 0; i < n; i++ {
+		if i == n/2 && !killed {
+			owner.kill()
+			killed = true
+			t.Logf("killed the owner %s after %d receipted messages", owner.name, len(receipted))
+		}
+		body := "m" + strconv.Itoa(i)
+		err := prod.Send(q, "text/plain", []byte(body), stomp.SendOpt.Receipt)
+		if err != nil {
+			unknown++
+			prod, err = prodNode.tryDial()
+			if err != nil {
+				t.Fatalf("producer cannot reconnect to %s: %v", prodNode.name, err)
+			}
+			continue
+		}
+		now := time.Now()
+		maxGap = max(maxGap, now.Sub(last))
+		last = now
+		receipted[body] = true
+	}
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		mu.Lock()
+		missing := 0
+		for b := range receipted {
+			if received[b] == 0 {
+				missing++
+			}
+		}
+		dups := 0
+		for _, c := range received {
+			dups += c - 1
+		}
+		mu.Unlock()
+		if missing == 0 {
+			t.Logf("sent %d: receipted %d, unknown outcome %d; longest gap between receipts %v; received %d distinct, %d duplicates (%d marked redelivered)",
+				n, len(receipted), unknown, maxGap.Round(time.Millisecond), len(received), dups, redelivered)
+			break
+		}
+		if time.Now().After(deadline) {
+			for _, p := range byID {
+				if p != owner {
+					_, b := p.get("/v1/destinations")
+					t.Logf("%s: %s", p.name, b)
+					if dir := os.Getenv("BROKERD_TEST_DUMP"); dir != "" {
+						_, g := p.get("/debug/pprof/goroutine?debug=2")
+						_ = os.WriteFile(filepath.Join(dir, p.name+".goroutines"), g, 0o644)
+						_, m := p.get("/metrics")
+						_ = os.WriteFile(filepath.Join(dir, p.name+".metrics"), m, 0o644)
+					}
+				}
+			}
+			close(stop)
+			t.Fatalf("%d receipted messages never reached the consumer (receipted %d, unknown %d, received %d distinct)", missing, len(receipted), unknown, len(received))
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	close(stop)
+	if len(receipted) < n/2 {
+		t.Fatalf("only %d of %d sends receipted: the survivors did not take over", len(receipted), n)
+	}
+}
