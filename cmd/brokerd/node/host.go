@@ -47,10 +47,10 @@ type host struct {
 	rt *router
 
 	mu      sync.Mutex
-	subs    map[string]*hostSub        // by requester + "\x00" + id
-	perPeer map[string]int             // subscriptions per requester
-	signal  map[string]chan struct{}   // per requester: deliveries arrived
-	polled  map[string]time.Time       // per requester: last poll
+	subs    map[string]*hostSub      // by requester + "\x00" + id
+	perPeer map[string]int           // subscriptions per requester
+	signal  map[string]chan struct{} // per requester: deliveries arrived
+	polled  map[string]time.Time     // per requester: last poll
 	byDest  map[string]map[*hostSub]bool
 }
 

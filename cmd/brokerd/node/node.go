@@ -36,14 +36,14 @@ const Version = "0.1.0"
 
 // Node is one running brokerd.
 type Node struct {
-	cfg    config.Config
-	log    *slog.Logger
-	reg    *prometheus.Registry
-	id     string
-	st     *store.Store
-	rep    *replica.Node
-	srv    *stomp.Server
-	cl     *cluster.Node
+	cfg config.Config
+	log *slog.Logger
+	reg *prometheus.Registry
+	id  string
+	st  *store.Store
+	rep *replica.Node
+	srv *stomp.Server
+	cl  *cluster.Node
 
 	// Clustered (cluster.gossip_addr set): replication and forwarding.
 	secret  []byte
@@ -52,9 +52,9 @@ type Node struct {
 	links   *peerLinks
 	fwd     *fwdLinks
 	peerSrv *stomp.PeerServer
-	admin  *http.Server
-	adminL net.Listener
-	adminD chan struct{}
+	admin   *http.Server
+	adminL  net.Listener
+	adminD  chan struct{}
 
 	// Fail-stop: closed once the store has failed and the node has stopped
 	// serving (see watchStore).

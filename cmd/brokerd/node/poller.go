@@ -366,7 +366,6 @@ func (p *poller) wake() {
 	}
 }
 
-
 func (p *poller) remove(rs *routedSub) {
 	p.mu.Lock()
 	for id, s := range p.subs {
