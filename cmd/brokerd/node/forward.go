@@ -3,6 +3,7 @@ package node
 import (
 	"context"
 	"encoding/binary"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -24,6 +25,7 @@ const (
 	opAck         = "ack"         // x-sub, x-tag, x-nack, x-sync
 	opPoll        = "poll"        // body: "sub credit" lines; answer: deliveries, x-gone
 	opPull        = "pull"        // destination, x-after; answer: replica wire ops, x-count, x-after, x-more
+	opDests       = "destinations" // answer: JSON of the destinations the node serves (admin)
 
 	hdrSub      = "x-sub"
 	hdrPrefetch = "x-prefetch"
@@ -342,6 +344,17 @@ func forwardHandler(rt *router, log *slog.Logger) func(peer string, f *frame.Fra
 				}
 				resp := stomp.PeerOK(hdrCount, strconv.Itoa(n), hdrAfter, strconv.FormatUint(last, 10), hdrMore, m)
 				resp.Body = body
+				reply(resp)
+			}()
+		case opDests:
+			go func() {
+				b, err := json.Marshal(rt.ownedDestinations(rt.pr))
+				if err != nil {
+					reply(stomp.PeerFail("internal", err.Error()))
+					return
+				}
+				resp := stomp.PeerOK()
+				resp.Body = b
 				reply(resp)
 			}()
 		default:

@@ -458,6 +458,12 @@ func (n *Node) adminHandler() http.Handler {
 		writeJSON(w, n.cl.Status())
 	})
 	mux.HandleFunc("GET /v1/destinations", func(w http.ResponseWriter, r *http.Request) {
+		if n.rt != nil {
+			// Clustered: every node's view, each queue as its owner
+			// counts it, with its replica set.
+			writeJSON(w, n.rt.clusterDestinations())
+			return
+		}
 		writeJSON(w, n.rep.Destinations())
 	})
 	return mux

@@ -4,7 +4,9 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"encoding/json"
 	"log/slog"
+	"sort"
 	"strconv"
 	"strings"
 	"sync"
@@ -54,6 +56,7 @@ type router struct {
 	status func() cluster.Status
 	fwd    *fwdLinks
 	host   *host
+	pr     *replica.PeerReplicator // for operators: which copies are in sync
 
 	vmu  sync.Mutex
 	snap viewSnap
@@ -166,14 +169,20 @@ func (rt *router) ownerOf(v viewSnap, dest string) string {
 // errNoActiveSet: the node has not agreed on the active members yet.
 var errNoActiveSet = fmt.Errorf("%w: the cluster has not agreed on its active members yet", replica.ErrNoQuorum)
 
-// watch releases the queues this node no longer owns when the view
-// changes: their subscriptions move to the new owner (the pollers see
-// them gone and bind again).
+// watch follows the view. When it changes, the queues this node no
+// longer owns are released: their subscriptions move to the new owner
+// (the pollers see them gone and bind again). When nodes appear that were
+// not in the previous view (a partition healed, a node restarted or
+// joined), they may hold messages this node's copies lack, so every
+// queue this node owns is taken over again: released, and on its next
+// use pulled from every alive node (the union) and adopted. Subscribers
+// bind again; their unacknowledged messages come back redelivered.
 func (rt *router) watch() {
 	defer rt.wg.Done()
 	t := time.NewTicker(100 * time.Millisecond)
 	defer t.Stop()
 	var last cluster.EpochID
+	var lastPeers map[string]string
 	for {
 		select {
 		case <-rt.stop:
@@ -181,7 +190,16 @@ func (rt *router) watch() {
 		case <-t.C:
 		}
 		v := rt.refresh()
-		if v.epoch == last {
+		joined := false
+		if lastPeers != nil {
+			for p := range v.peers {
+				if _, ok := lastPeers[p]; !ok {
+					joined = true
+				}
+			}
+		}
+		lastPeers = v.peers
+		if v.epoch == last && !joined {
 			continue
 		}
 		last = v.epoch
@@ -193,7 +211,7 @@ func (rt *router) watch() {
 			default:
 				continue // being taken over; checked next time
 			}
-			if rt.ownerOf(v, dest) != v.self {
+			if joined || rt.ownerOf(v, dest) != v.self {
 				gone = append(gone, dest)
 				delete(rt.owned, dest)
 			}
@@ -202,6 +220,9 @@ func (rt *router) watch() {
 		for _, dest := range gone {
 			rt.host.closeDest(dest)
 			rt.rep.Release(dest)
+		}
+		if joined && len(gone) > 0 {
+			rt.log.Info("nodes joined the view: queues will be merged with their copies on next use", "queues", len(gone))
 		}
 	}
 }
@@ -636,4 +657,102 @@ func failCode(err error) string {
 func validDest(dest string) bool {
 	k, err := replica.ParseDestination(dest)
 	return err == nil && k == replica.KindQueue && !strings.ContainsAny(dest, "\x00\n")
+}
+
+// ReplicaInfo is one replica of a queue, for operators.
+type ReplicaInfo struct {
+	ID    string `json:"id"`
+	Name  string `json:"name"`
+	State string `json:"state"` // in-sync | catching-up | owner
+}
+
+// DestInfo is a destination as GET /v1/destinations shows it in a
+// cluster: where it is served and copied, and its counts at its owner.
+type DestInfo struct {
+	replica.DestinationInfo
+	Owner     string        `json:"owner,omitempty"`
+	OwnerName string        `json:"owner_name,omitempty"`
+	Replicas  []ReplicaInfo `json:"replicas,omitempty"`
+}
+
+// ownedDestinations describes the destinations this node serves: the
+// queues it owns (with their replica sets as its replicator knows them)
+// and the topics with subscribers here.
+func (rt *router) ownedDestinations(pr *replica.PeerReplicator) []DestInfo {
+	st := rt.status()
+	names := map[string]string{}
+	for _, m := range st.Members {
+		names[m.ID] = m.Name
+	}
+	v := rt.view()
+	var out []DestInfo
+	for _, d := range rt.rep.Destinations() {
+		di := DestInfo{DestinationInfo: d}
+		if d.Kind == replica.KindQueue.String() {
+			di.Owner, di.OwnerName = v.self, names[v.self]
+			for _, id := range replica.ReplicaSet(d.Name, v.active, rt.r) {
+				state := "owner"
+				if id != v.self {
+					state = "catching-up"
+					if pr.Synced(id, d.Name) {
+						state = "in-sync"
+					}
+				}
+				di.Replicas = append(di.Replicas, ReplicaInfo{ID: id, Name: names[id], State: state})
+			}
+		}
+		out = append(out, di)
+	}
+	return out
+}
+
+// clusterDestinations gathers every alive node's ownedDestinations: each
+// queue as its owner reports it; topics with their subscribers summed.
+func (rt *router) clusterDestinations() []DestInfo {
+	v := rt.view()
+	all := rt.ownedDestinations(rt.pr)
+	var mu sync.Mutex
+	var wg sync.WaitGroup
+	for peer := range v.peers {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			ch := make(chan []DestInfo, 1)
+			ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+			defer cancel()
+			err := rt.fwd.request(ctx, peer, opDests, nil, nil, func(f *frame.Frame, err error) {
+				var ds []DestInfo
+				if err == nil {
+					_ = json.Unmarshal(f.Body, &ds)
+				}
+				ch <- ds
+			})
+			if err != nil {
+				return
+			}
+			select {
+			case ds := <-ch:
+				mu.Lock()
+				all = append(all, ds...)
+				mu.Unlock()
+			case <-ctx.Done():
+			}
+		}()
+	}
+	wg.Wait()
+	byName := map[string]int{}
+	var out []DestInfo
+	for _, d := range all {
+		i, seen := byName[d.Name]
+		if !seen {
+			byName[d.Name] = len(out)
+			out = append(out, d)
+			continue
+		}
+		if d.Kind == replica.KindTopic.String() {
+			out[i].Consumers += d.Consumers
+		}
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].Name < out[j].Name })
+	return out
 }

@@ -45,6 +45,7 @@ func (n *Node) setupReplication() error {
 	n.links = newPeerLinks(ccfg, addrOf, maxQueuedReplication, n.log)
 	n.pr = replica.NewPeerReplicator(cfg.Replica.Factor, cfg.WriteQuorum(), rt.replicaView, n.links, n.log)
 	n.pr.EnableCatchUp(n.st)
+	rt.pr = n.pr
 	n.rep.SetReplicator(n.pr)
 
 	addr := cfg.Cluster.PeerAddr
