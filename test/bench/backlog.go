@@ -242,7 +242,7 @@ func (b *brokerProc) waitConnected(cfg config, timeout time.Duration) (time.Dura
 			b.mu.Unlock()
 			return 0, fmt.Errorf("brokerd exited before serving STOMP (%v); see -broker-log", err)
 		}
-		c, err := dial(probe, "probe")
+		c, err := dial(probe, "probe", cfg.addr)
 		if err == nil {
 			d := time.Since(b.started)
 			go c.loop(func(*frame.Frame) {})
@@ -261,7 +261,7 @@ func (b *brokerProc) waitConnected(cfg config, timeout time.Duration) (time.Dura
 func (b *brokerProc) roundTrip(cfg config, timeout time.Duration) (time.Duration, error) {
 	probe := newRun(cfg)
 	probe.cfg.timeout = timeout
-	c, err := dial(probe, "probe")
+	c, err := dial(probe, "probe", cfg.addr)
 	if err != nil {
 		return 0, err
 	}

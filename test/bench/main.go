@@ -34,7 +34,14 @@
 //
 // Flags:
 //
-//	-addr host:port     broker (127.0.0.1:61613)
+//	-addr host:port     broker (127.0.0.1:61613); a comma-separated list
+//	                    spreads the producers round-robin over it (producer
+//	                    i on address i mod n), e.g. over a cluster's nodes
+//	-consumer-addr LIST comma-separated addresses for the consumers,
+//	                    round-robin likewise (default: -addr)
+//	-header name:value  extra header on every SEND and SUBSCRIBE (repeatable),
+//	                    e.g. -header x-queue-type:quorum -header durable:true
+//	                    for a RabbitMQ quorum queue
 //	-login, -passcode   CONNECT credentials (omitted when empty)
 //	-host               CONNECT host header / virtual host ("/")
 //	-dest               destination (/queue/bench-<random>, new every run)
@@ -94,6 +101,7 @@
 //	received      6775.7 msg/s  (67782 in 10.004s)
 //	latency   end-to-end p50 6.254 ms  p99 14.905 ms  max 27.063 ms
 //	receipt   p50 8.905 ms  p99 18.861 ms  max 28.214 ms
+//	max receipt gap 29.102 ms  (between consecutive receipts of producer-0, ended at 4.211s)
 //	counts    sent=67782 receipted=67782 received=67782 lost=0 duplicated=0 redelivered=0
 //	result    OK
 //	{"label":"rabbitmq","addr":"127.0.0.1:61623",...,"ok":true}
@@ -104,13 +112,17 @@
 // send_s = start to last receipt or last send), recv_rate (distinct messages
 // received/s over recv_s = start to last first-time delivery), lat_p50_ms,
 // lat_p99_ms, lat_max_ms (end to end, x-sent to delivery), receipt_p50_ms,
-// receipt_p99_ms, receipt_max_ms (SEND to RECEIPT), sent, receipted,
+// receipt_p99_ms, receipt_max_ms (SEND to RECEIPT), max_receipt_gap_ms (the
+// longest time between two consecutive receipts of one producer: the stall
+// of a failover; with max_receipt_gap_at_s, when the receipt ending it
+// arrived, and max_receipt_gap_producer), sent, receipted,
 // unreceipted (sent, no RECEIPT), received (distinct), deliveries (MESSAGE
 // frames, duplicates included), lost (receipted, or with -window 0 sent, but
 // not received by the end of the drain), duplicated (messages received more
 // than once), redelivered (MESSAGEs with redelivered:true), foreign
 // (MESSAGEs of other runs on the same destination), broker_error, errors,
-// ok.
+// ok; consumer_addr when -consumer-addr is given. The summary's "max receipt
+// gap" line has the same gap.
 //
 // Any ERROR frame is printed (message header and body) on stderr and fails
 // the run. Exit status: 0 success; 1 when a receipted message (with -window
@@ -138,6 +150,16 @@
 //	# (/work/shared/peers/rabbitmq start serves it on 127.0.0.1:61623)
 //	go run ./test/bench -label rabbitmq -addr 127.0.0.1:61623 -login guest -passcode guest -window 1
 //	go run ./test/bench -label rabbitmq -addr 127.0.0.1:61623 -login guest -passcode guest -window 64
+//
+//	# a 3-node cluster: producers round-robin over n1..n3, consumers over
+//	# n2, n3, n1; RabbitMQ quorum queues need two headers
+//	go run ./test/bench -label brokerd -window 64 -producers 4 -consumers 4 \
+//	    -addr 127.0.0.1:7001,127.0.0.1:7002,127.0.0.1:7003 \
+//	    -consumer-addr 127.0.0.1:7002,127.0.0.1:7003,127.0.0.1:7001
+//	go run ./test/bench -label rabbit-quorum -login guest -passcode guest \
+//	    -addr 127.0.0.1:61641 -consumer-addr 127.0.0.1:61642 \
+//	    -header x-queue-type:quorum -header durable:true
+//	# (test/bench/cluster.sh runs both, with its own brokerd cluster)
 //
 //	# only the JSON line, e.g. for scripts
 //	go run ./test/bench -json -label rabbitmq -addr 127.0.0.1:61623 -login guest -passcode guest
@@ -200,6 +222,16 @@ type config struct {
 	jsonOnly                          bool
 	label                             string
 
+	// consumerAddr is -consumer-addr as given ("" = same as -addr).
+	consumerAddr string
+	// addrs and consumerAddrs are -addr and -consumer-addr split on commas:
+	// producer i connects to addrs[i%len(addrs)], consumer i to
+	// consumerAddrs[i%len(consumerAddrs)].
+	addrs, consumerAddrs []string
+	// headers are the -header name:value pairs, added to every SEND and
+	// SUBSCRIBE.
+	headers headerList
+
 	series bool   // per-second receipt p99/max series
 	pid    int    // broker process to sample memory of (0 = none)
 	admin  string // brokerd admin address, for its store counters
@@ -212,7 +244,9 @@ type config struct {
 func parseFlags(args []string) (config, error) {
 	var c config
 	fs := flag.NewFlagSet("bench", flag.ContinueOnError)
-	fs.StringVar(&c.addr, "addr", "127.0.0.1:61613", "broker STOMP address host:port")
+	fs.StringVar(&c.addr, "addr", "127.0.0.1:61613", "broker STOMP address host:port, or a comma-separated list: producers connect round-robin over it")
+	fs.StringVar(&c.consumerAddr, "consumer-addr", "", "comma-separated STOMP addresses consumers connect to, round-robin (default: -addr)")
+	fs.Var(&c.headers, "header", "extra header name:value on every SEND and SUBSCRIBE, e.g. x-queue-type:quorum (repeatable)")
 	fs.StringVar(&c.login, "login", "", "CONNECT login (omitted when empty)")
 	fs.StringVar(&c.passcode, "passcode", "", "CONNECT passcode (omitted when empty)")
 	fs.StringVar(&c.host, "host", "/", "CONNECT host header (virtual host)")
@@ -292,10 +326,72 @@ func parseFlags(args []string) (config, error) {
 			return c, errors.New("-login, -passcode and -host must not contain CR, LF or NUL")
 		}
 	}
+	var err error
+	if c.addrs, err = splitAddrs("-addr", c.addr); err != nil {
+		return c, err
+	}
+	c.consumerAddrs = c.addrs
+	if c.consumerAddr != "" {
+		if c.consumerAddrs, err = splitAddrs("-consumer-addr", c.consumerAddr); err != nil {
+			return c, err
+		}
+	}
+	if c.mode == "backlog" && (len(c.addrs) > 1 || c.consumerAddr != "") {
+		return c, errors.New("-mode backlog takes one -addr (brokerd's) and no -consumer-addr")
+	}
 	if c.dest == "" {
 		c.dest = fmt.Sprintf("/queue/bench-%08x", rand.Uint32())
 	}
 	return c, nil
+}
+
+// splitAddrs splits a comma-separated list of host:port addresses.
+func splitAddrs(flagName, list string) ([]string, error) {
+	var out []string
+	for _, a := range strings.Split(list, ",") {
+		a = strings.TrimSpace(a)
+		if a == "" {
+			return nil, fmt.Errorf("%s %q: empty address in the list", flagName, list)
+		}
+		if _, _, err := net.SplitHostPort(a); err != nil {
+			return nil, fmt.Errorf("%s %q: %w", flagName, list, err)
+		}
+		out = append(out, a)
+	}
+	return out, nil
+}
+
+// headerList is the repeatable -header name:value flag.
+type headerList [][2]string
+
+func (h *headerList) String() string {
+	if h == nil {
+		return ""
+	}
+	var parts []string
+	for _, kv := range *h {
+		parts = append(parts, kv[0]+":"+kv[1])
+	}
+	return strings.Join(parts, ",")
+}
+
+func (h *headerList) Set(s string) error {
+	k, v, ok := strings.Cut(s, ":")
+	switch {
+	case !ok || k == "":
+		return fmt.Errorf("want name:value, not %q", s)
+	case strings.ContainsAny(s, "\r\n\x00"):
+		return errors.New("a header must not contain CR, LF or NUL")
+	}
+	*h = append(*h, [2]string{k, v})
+	return nil
+}
+
+// addTo adds the headers to f.
+func (h headerList) addTo(f *frame.Frame) {
+	for _, kv := range h {
+		f.Header.Add(kv[0], kv[1])
+	}
 }
 
 func main() {
@@ -482,12 +578,15 @@ type conn struct {
 	done    chan struct{} // closed when the read loop has exited
 }
 
-// dial opens a TCP connection and performs the STOMP 1.2 handshake.
-func dial(r *run, name string) (*conn, error) {
+// dial opens a TCP connection to addr and performs the STOMP 1.2 handshake.
+func dial(r *run, name, addr string) (*conn, error) {
 	cfg := r.cfg
-	nc, err := net.DialTimeout("tcp", cfg.addr, cfg.timeout)
+	nc, err := net.DialTimeout("tcp", addr, cfg.timeout)
 	if err != nil {
 		return nil, fmt.Errorf("%s: %w", name, err)
+	}
+	if len(cfg.addrs) > 1 || cfg.consumerAddr != "" {
+		name += "@" + addr // which node, when there are several
 	}
 	c := &conn{
 		r: r, name: name, nc: nc,
@@ -694,6 +793,8 @@ type producer struct {
 	receipted   []bool           // by seq
 	nReceipted  int64
 	lastReceipt time.Time
+	maxGap      time.Duration // longest time between consecutive receipts
+	maxGapAt    time.Time     // when the receipt ending it arrived
 	allDone     chan struct{} // closed when pending drains after sending stopped
 	sendingDone bool
 
@@ -723,6 +824,11 @@ func (p *producer) handle(f *frame.Frame) {
 		}
 		p.receipted[seq] = true
 		p.nReceipted++
+		if !p.lastReceipt.IsZero() {
+			if gap := now.Sub(p.lastReceipt); gap > p.maxGap {
+				p.maxGap, p.maxGapAt = gap, now
+			}
+		}
 		p.lastReceipt = now
 		if p.sendingDone && len(p.pending) == 0 {
 			close(p.allDone)
@@ -800,6 +906,7 @@ loop:
 		if cfg.persistent {
 			f.Header.Add("persistent", "true")
 		}
+		cfg.headers.addTo(f)
 		f.Body = r.body
 		now := time.Now()
 		f.Header.Add("x-sent", strconv.FormatInt(now.UnixNano(), 10))
@@ -997,6 +1104,7 @@ func (cs *consumer) subscribe() error {
 		f.Header.Add("prefetch-count", n)
 		f.Header.Add("activemq.prefetchSize", n)
 	}
+	cfg.headers.addTo(f)
 	if !cfg.subReceipt {
 		return cs.c.write(f)
 	}
@@ -1067,7 +1175,7 @@ func (r *run) setup(trackers []*tracker) error {
 	r.trackers = trackers
 	var setupErr error
 	for i := 0; i < cfg.consumers && setupErr == nil; i++ {
-		c, err := dial(r, fmt.Sprintf("consumer-%d", i))
+		c, err := dial(r, fmt.Sprintf("consumer-%d", i), cfg.consumerAddrs[i%len(cfg.consumerAddrs)])
 		if err != nil {
 			setupErr = err
 			break
@@ -1085,7 +1193,7 @@ func (r *run) setup(trackers []*tracker) error {
 		}
 	}
 	for i := 0; i < cfg.producers && setupErr == nil; i++ {
-		c, err := dial(r, fmt.Sprintf("producer-%d", i))
+		c, err := dial(r, fmt.Sprintf("producer-%d", i), cfg.addrs[i%len(cfg.addrs)])
 		if err != nil {
 			setupErr = err
 			break
@@ -1254,6 +1362,16 @@ type result struct {
 	Errors      int     `json:"errors"`
 	OK          bool    `json:"ok"`
 
+	// ConsumerAddr is -consumer-addr, when given.
+	ConsumerAddr string `json:"consumer_addr,omitempty"`
+	// RcptGap is the longest time between two consecutive receipts of one
+	// producer (what a failover stalls); RcptGapAt is when the receipt
+	// ending it arrived, in seconds from the start, and RcptGapWho the
+	// producer's connection.
+	RcptGap    float64 `json:"max_receipt_gap_ms"`
+	RcptGapAt  float64 `json:"max_receipt_gap_at_s"`
+	RcptGapWho string  `json:"max_receipt_gap_producer,omitempty"`
+
 	// With -pid: the broker's memory, sampled every 250 ms.
 	Broker *memStats `json:"broker,omitempty"`
 	// With -admin: wraps of brokerd's write-ahead log during the run.
@@ -1268,7 +1386,7 @@ func (r *run) compute(sendEnd time.Time) result {
 	cfg := r.cfg
 	src := r.source()
 	res := result{
-		Label: cfg.label, Addr: cfg.addr, Dest: cfg.dest,
+		Label: cfg.label, Addr: cfg.addr, ConsumerAddr: cfg.consumerAddr, Dest: cfg.dest,
 		Producers: cfg.producers, Consumers: cfg.consumers, Size: cfg.size,
 		DurationS: cfg.duration.Seconds(), Count: cfg.count, Persistent: cfg.persistent,
 		Window: cfg.window, Ack: cfg.ack, AckBatch: cfg.ackBatch, Prefetch: cfg.prefetch,
@@ -1295,6 +1413,11 @@ func (r *run) compute(sendEnd time.Time) result {
 		}
 		if p.end.After(end) {
 			end = p.end
+		}
+		if p.maxGap > 0 && ms(int64(p.maxGap)) > res.RcptGap {
+			res.RcptGap = ms(int64(p.maxGap))
+			res.RcptGapAt = p.maxGapAt.Sub(src.start).Seconds()
+			res.RcptGapWho = p.c.name
 		}
 		p.mu.Unlock()
 	}
@@ -1371,6 +1494,9 @@ func (r *run) printSummary(res *result) {
 	if cfg.label != "" {
 		title = cfg.label + " @ " + cfg.addr
 	}
+	if cfg.consumerAddr != "" {
+		title += " (consumers @ " + cfg.consumerAddr + ")"
+	}
 	fmt.Fprintf(w, "== %s  %s ==\n", title, cfg.dest)
 	load := fmt.Sprintf("duration=%s", cfg.duration)
 	if cfg.count > 0 {
@@ -1395,6 +1521,11 @@ func (r *run) printSummary(res *result) {
 	fmt.Fprintf(w, "latency   end-to-end p50 %.3f ms  p99 %.3f ms  max %.3f ms\n", res.LatP50, res.LatP99, res.LatMax)
 	if cfg.window > 0 {
 		fmt.Fprintf(w, "receipt   p50 %.3f ms  p99 %.3f ms  max %.3f ms\n", res.RcptP50, res.RcptP99, res.RcptMax)
+		if res.RcptGapWho != "" {
+			fmt.Fprintf(w, "max receipt gap %.3f ms  (between consecutive receipts of %s, ended at %.3fs)\n", res.RcptGap, res.RcptGapWho, res.RcptGapAt)
+		} else {
+			fmt.Fprintf(w, "max receipt gap -  (no producer got two receipts)\n")
+		}
 	}
 	fmt.Fprintf(w, "counts    sent=%d receipted=%d received=%d lost=%d duplicated=%d redelivered=%d",
 		res.Sent, res.Receipted, res.Received, res.Lost, res.Duplicated, res.Redelivered)
