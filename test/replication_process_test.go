@@ -216,3 +216,86 @@ func TestProcessReplicationOwnerKilled(t *testing.T) {
 		t.Fatalf("only %d of %d sends receipted: the survivors did not take over", len(receipted), n)
 	}
 }
+
+// TestProcessReplicationOwnerRestarts: the owner of a queue is killed
+// with kill -9, the survivors take the queue over and accept more
+// messages, then the old owner restarts on its data directory, rejoins
+// and, owning the queue again, merges the survivors' copies: every
+// receipted message is delivered (duplicates, marked, are allowed).
+func TestProcessReplicationOwnerRestarts(t *testing.T) {
+	if testing.Short() {
+		t.Skip("starts processes")
+	}
+	ps, byID, active := replCluster(t, 3)
+	q := "/queue/rejoin"
+	ownerID := replica.ReplicaSet(q, active, 2)[0]
+	owner := byID[ownerID]
+	var other *clusterProc
+	for _, p := range ps {
+		if p != owner {
+			other = p
+			break
+		}
+	}
+	sent := map[string]bool{}
+	send := func(via *clusterProc, from, to int) {
+		t.Helper()
+		c := via.dial()
+		for i := from; i < to; i++ {
+			body := "m" + strconv.Itoa(i)
+			if err := c.Send(q, "text/plain", []byte(body), stomp.SendOpt.Receipt); err != nil {
+				t.Fatalf("send %s via %s: %v", body, via.name, err)
+			}
+			sent[body] = true
+		}
+		_ = c.Disconnect()
+	}
+	send(other, 0, 300)
+	owner.kill()
+	var survivors []*clusterProc
+	for _, p := range ps {
+		if p != owner {
+			survivors = append(survivors, p)
+		}
+	}
+	waitAgreed(t, survivors, 2, 3, 20*time.Second)
+	send(other, 300, 600)
+	restarted := &clusterProc{proc: owner.restart(procOpts{args: owner.args}), name: owner.name, gossip: owner.gossip, args: owner.args}
+	all := append(survivors, restarted)
+	waitAgreed(t, all, 3, 3, 30*time.Second)
+	send(other, 600, 900)
+
+	c := restarted.dial()
+	sub, err := c.Subscribe(q, stomp.AckClientIndividual, stomp.SubscribeOpt.Header("prefetch-count", "8"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := map[string]int{}
+	redelivered := 0
+	for missing := len(sent); missing > 0; {
+		select {
+		case m := <-sub.C:
+			if m.Err != nil {
+				t.Fatal(m.Err)
+			}
+			b := string(m.Body)
+			if got[b] == 0 && sent[b] {
+				missing--
+			}
+			got[b]++
+			if m.Header.Get("redelivered") == "true" {
+				redelivered++
+			}
+			if err := c.Ack(m); err != nil {
+				t.Fatal(err)
+			}
+		case <-time.After(15 * time.Second):
+			t.Fatalf("%d of %d receipted messages never delivered after the owner restarted", missing, len(sent))
+		}
+	}
+	dups := 0
+	for _, n := range got {
+		dups += n - 1
+	}
+	t.Logf("%d receipted, all delivered; %d duplicates, %d deliveries marked redelivered", len(sent), dups, redelivered)
+}
