@@ -49,7 +49,42 @@ func adminCall(method, addr, path string, body any, out any) error {
 	return json.Unmarshal(b, out)
 }
 
-func printStatus(w io.Writer, s cluster.Status) {
+// destCounts is, per node ID, how many queues it owns and how many it
+// holds a copy of (besides the owner's).
+type destCounts struct{ owns, copies int }
+
+// queueCounts reads GET /v1/destinations (best effort: nil on error).
+func queueCounts(addr string) map[string]destCounts {
+	var ds []struct {
+		Owner    string `json:"owner"`
+		Replicas []struct {
+			ID    string `json:"id"`
+			State string `json:"state"`
+		} `json:"replicas"`
+	}
+	if err := adminCall(http.MethodGet, addr, "/v1/destinations", nil, &ds); err != nil {
+		return nil
+	}
+	out := map[string]destCounts{}
+	for _, d := range ds {
+		if d.Owner == "" {
+			continue
+		}
+		c := out[d.Owner]
+		c.owns++
+		out[d.Owner] = c
+		for _, r := range d.Replicas {
+			if r.ID != d.Owner {
+				c := out[r.ID]
+				c.copies++
+				out[r.ID] = c
+			}
+		}
+	}
+	return out
+}
+
+func printStatus(w io.Writer, s cluster.Status, counts map[string]destCounts) {
 	conv := "yes"
 	if !s.Converged {
 		conv = "NO"
@@ -57,13 +92,22 @@ func printStatus(w io.Writer, s cluster.Status) {
 	fmt.Fprintf(w, "cluster %s  node %s (%s)  epoch %d  converged %s  active members wanted %d\n\n",
 		s.ClusterName, s.NodeName, s.NodeID, s.Epoch, conv, s.ActiveMembersWanted)
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, "NAME\tID\tROLE\tSTATE\tSTOMP\tADMIN\tACTIVE SINCE")
+	head := "NAME\tID\tROLE\tSTATE\tSTOMP\tADMIN\tACTIVE SINCE"
+	if counts != nil {
+		head += "\tOWNS\tCOPIES"
+	}
+	fmt.Fprintln(tw, head)
 	for _, m := range s.Members {
 		since := "-"
 		if m.ActiveSince != nil {
 			since = *m.ActiveSince
 		}
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\n", m.Name, m.ID, m.Role, m.State, m.STOMPAddr, m.AdminAddr, since)
+		line := fmt.Sprintf("%s\t%s\t%s\t%s\t%s\t%s\t%s", m.Name, m.ID, m.Role, m.State, m.STOMPAddr, m.AdminAddr, since)
+		if counts != nil {
+			c := counts[m.ID]
+			line += fmt.Sprintf("\t%d\t%d", c.owns, c.copies)
+		}
+		fmt.Fprintln(tw, line)
 	}
 	tw.Flush()
 }
@@ -85,7 +129,11 @@ func statusCmd(stdout io.Writer) *cobra.Command {
 				enc.SetIndent("", "  ")
 				return enc.Encode(s)
 			}
-			printStatus(stdout, s)
+			var counts map[string]destCounts
+			if len(s.ActiveSet) > 0 {
+				counts = queueCounts(addr)
+			}
+			printStatus(stdout, s, counts)
 			return nil
 		},
 	}
