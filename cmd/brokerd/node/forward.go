@@ -18,13 +18,13 @@ import (
 // Forwarding operations over peer links (see router.go). Each request is
 // answered by RECEIPT or by an ERROR with a code below.
 const (
-	opSend        = "send"        // body: messages (encodeMessages); durable at the owner before the answer
-	opTopic       = "topic"       // body: topic messages, fanned out to the receiver's subscribers
-	opSubscribe   = "subscribe"   // destination, x-sub, ack, x-prefetch
-	opUnsubscribe = "unsubscribe" // x-sub
-	opAck         = "ack"         // x-sub, x-tag, x-nack, x-sync
-	opPoll        = "poll"        // body: "sub credit" lines; answer: deliveries, x-gone
-	opPull        = "pull"        // destination, x-after; answer: replica wire ops, x-count, x-after, x-more
+	opSend        = "send"         // body: messages (encodeMessages); durable at the owner before the answer
+	opTopic       = "topic"        // body: topic messages, fanned out to the receiver's subscribers
+	opSubscribe   = "subscribe"    // destination, x-sub, ack, x-prefetch
+	opUnsubscribe = "unsubscribe"  // x-sub
+	opAck         = "ack"          // x-sub, x-tag, x-nack, x-sync
+	opPoll        = "poll"         // body: "sub credit" lines; answer: deliveries, x-gone
+	opPull        = "pull"         // destination, x-after; answer: replica wire ops, x-count, x-after, x-more
 	opDests       = "destinations" // answer: JSON of the destinations the node serves (admin)
 
 	hdrSub      = "x-sub"
