@@ -18,6 +18,7 @@ import (
 	"github.com/brokerd/brokerd/stomp"
 	"github.com/brokerd/brokerd/store"
 	"github.com/go-stomp/stomp/v3/frame"
+	"github.com/prometheus/client_golang/prometheus"
 )
 
 // The router makes the cluster one broker: it is the stomp.Broker of a
@@ -57,6 +58,7 @@ type router struct {
 	fwd    *fwdLinks
 	host   *host
 	pr     *replica.PeerReplicator // for operators: which copies are in sync
+	m      routerMetrics
 
 	vmu  sync.Mutex
 	snap viewSnap
@@ -76,18 +78,36 @@ type router struct {
 	wg   sync.WaitGroup
 }
 
+type routerMetrics struct {
+	takeovers, merged, released, retries prometheus.Counter
+}
+
+func newRouterMetrics(reg prometheus.Registerer) routerMetrics {
+	m := routerMetrics{
+		takeovers: prometheus.NewCounter(prometheus.CounterOpts{Name: "brokerd_cluster_queue_takeovers_total", Help: "Queues this node took over as their new owner (failovers and re-placements)."}),
+		merged:    prometheus.NewCounter(prometheus.CounterOpts{Name: "brokerd_cluster_takeover_messages_total", Help: "Messages read from other nodes' copies while taking queues over."}),
+		released:  prometheus.NewCounter(prometheus.CounterOpts{Name: "brokerd_cluster_queue_releases_total", Help: "Queues this node stopped serving because ownership moved or nodes joined."}),
+		retries:   prometheus.NewCounter(prometheus.CounterOpts{Name: "brokerd_cluster_forward_retries_total", Help: "Forwarded SENDs routed again after their owner refused or could not be reached."}),
+	}
+	if reg != nil {
+		reg.MustRegister(m.takeovers, m.merged, m.released, m.retries)
+	}
+	return m
+}
+
 type ownState struct {
 	done chan struct{}
 	err  error
 }
 
-func newRouter(rep *replica.Node, st *store.Store, r int, status func() cluster.Status, fwd *fwdLinks, log *slog.Logger) *router {
+func newRouter(rep *replica.Node, st *store.Store, r int, status func() cluster.Status, fwd *fwdLinks, log *slog.Logger, reg prometheus.Registerer) *router {
 	rt := &router{
 		rep: rep, st: st, r: r, log: log, status: status, fwd: fwd,
 		owned:   map[string]*ownState{},
 		pollers: map[string]*poller{},
 		prefix:  fmt.Sprintf("%s-%x", rep.NodeID(), time.Now().UnixNano()),
 		stop:    make(chan struct{}),
+		m:       newRouterMetrics(reg),
 	}
 	rt.host = newHost(rt)
 	return rt
@@ -218,6 +238,7 @@ func (rt *router) watch() {
 		}
 		rt.omu.Unlock()
 		for _, dest := range gone {
+			rt.m.released.Inc()
 			rt.host.closeDest(dest)
 			rt.rep.Release(dest)
 		}
@@ -278,12 +299,14 @@ func (rt *router) takeOver(dest string) error {
 				rt.log.Warn("taking over a queue: a peer's copy could not be read; messages only it holds stay there", "dest", dest, "peer", peer, "err", err)
 				return
 			}
+			rt.m.merged.Add(float64(n))
 			if n > 0 {
 				rt.log.Info("taking over a queue: merged a peer's copy", "dest", dest, "peer", peer, "messages", n)
 			}
 		}()
 	}
 	wg.Wait()
+	rt.m.takeovers.Inc()
 	return rt.rep.Adopt(dest)
 }
 
@@ -462,6 +485,7 @@ func (rt *router) forwardSends(owner string, msgs []*replica.Message, since time
 		if errors.As(err, &pe) && pe.Code != codeNotOwner && pe.Code != "no-quorum" {
 			return false // refused for good (queue full, low disk...)
 		}
+		rt.m.retries.Inc()
 		time.AfterFunc(100*time.Millisecond, func() { rt.reroute(msgs, since, done) })
 		return true
 	}

@@ -40,7 +40,7 @@ func (n *Node) setupReplication() error {
 	var rt *router
 	addrOf := func(id string) string { return rt.peerAddr(id) }
 	n.fwd = newFwdLinks(ccfg, addrOf)
-	rt = newRouter(n.rep, n.st, cfg.Replica.Factor, status, n.fwd, n.log)
+	rt = newRouter(n.rep, n.st, cfg.Replica.Factor, status, n.fwd, n.log, n.reg)
 	n.rt = rt
 	n.links = newPeerLinks(ccfg, addrOf, maxQueuedReplication, n.log)
 	n.pr = replica.NewPeerReplicator(cfg.Replica.Factor, cfg.WriteQuorum(), rt.replicaView, n.links, n.log)
