@@ -45,6 +45,8 @@ type Node struct {
 	srv *stomp.Server
 	cl  *cluster.Node
 
+	opts Options
+
 	// Clustered (cluster.gossip_addr set): replication and forwarding.
 	secret  []byte
 	rt      *router
@@ -66,9 +68,24 @@ type Node struct {
 	watchWG  sync.WaitGroup // watchStore
 }
 
+// Options are hooks for tests that run several nodes in one process.
+type Options struct {
+	// Cluster, if set, adjusts the membership config before it is used
+	// (an in-memory gossip transport, faster timers).
+	Cluster func(*cluster.Config)
+	// PeerDial, if set, replaces the TCP dialer of peer links (a
+	// partitionable network).
+	PeerDial func(ctx context.Context, addr string) (net.Conn, error)
+}
+
 // New opens the node's store and recovers its messages. It listens on
 // nothing until Start.
 func New(cfg config.Config, log *slog.Logger) (*Node, error) {
+	return NewWithOptions(cfg, log, Options{})
+}
+
+// NewWithOptions is New with test hooks.
+func NewWithOptions(cfg config.Config, log *slog.Logger, opts Options) (*Node, error) {
 	if err := cfg.Validate(); err != nil {
 		return nil, err
 	}
@@ -147,6 +164,7 @@ func New(cfg config.Config, log *slog.Logger) (*Node, error) {
 		st:  st,
 		rep: rep,
 
+		opts:    opts,
 		failed:  make(chan struct{}),
 		stopped: make(chan struct{}),
 	}
@@ -216,7 +234,18 @@ func (n *Node) clusterConfig() (cluster.Config, error) {
 		return c, err
 	}
 	c.SecretKey = key
+	if n.opts.Cluster != nil {
+		n.opts.Cluster(&c)
+	}
 	return c, nil
+}
+
+// PeerAddr is the bound peer-link address, or "" when not clustered.
+func (n *Node) PeerAddr() string {
+	if n.peerSrv == nil || n.peerSrv.Addr() == nil {
+		return ""
+	}
+	return n.peerSrv.Addr().String()
 }
 
 // readSecretKey reads cluster.secret_key_file; "" is no key.

@@ -144,10 +144,27 @@ func (rs *routedSub) lost(gen uint64) {
 	if p != nil {
 		p.remove(rs)
 	}
-	rs.rt.wg.Add(1)
-	go func() {
-		defer rs.rt.wg.Done()
+	rs.rt.goBackground(func() {
 		rs.unsubscribeAt(old, gen)
+		rs.rebind()
+	})
+}
+
+// rebindLater binds rs in the background: its first bind failed.
+func (rs *routedSub) rebindLater(gen uint64) {
+	rs.mu.Lock()
+	if rs.closed || rs.gen != gen || rs.rebinding {
+		rs.mu.Unlock()
+		return
+	}
+	rs.rebinding = true
+	rs.mu.Unlock()
+	rs.rt.goBackground(rs.rebind)
+}
+
+// rebind binds rs until it succeeds, rs is closed or the router stops.
+func (rs *routedSub) rebind() {
+	{
 		backoff := 100 * time.Millisecond
 		for {
 			err := rs.bind()
@@ -165,7 +182,7 @@ func (rs *routedSub) lost(gen uint64) {
 		rs.mu.Lock()
 		rs.rebinding = false
 		rs.mu.Unlock()
-	}()
+	}
 }
 
 // credit is how many more deliveries the session can take now.

@@ -585,9 +585,29 @@ func (rt *router) Subscribe(opts replica.SubOptions) (replica.Sub, error) {
 		rs.byID = map[string]uint64{}
 	}
 	if err := rs.bind(); err != nil {
-		return nil, err
+		// The owner is unreachable or the views are still converging
+		// (a node just died, a partition just healed): the subscription
+		// stands and binds in the background, as one that lost its owner
+		// does, rather than failing the client's SUBSCRIBE.
+		rt.log.Info("subscription not bound yet; retrying in the background", "dest", opts.Dest, "err", err)
+		rs.rebindLater(0)
 	}
 	return rs, nil
+}
+
+// goBackground runs f on a goroutine the router's close waits for,
+// unless the router is closing.
+func (rt *router) goBackground(f func()) {
+	rt.pmu.Lock()
+	defer rt.pmu.Unlock()
+	if rt.closed {
+		return
+	}
+	rt.wg.Add(1)
+	go func() {
+		defer rt.wg.Done()
+		f()
+	}()
 }
 
 // attach adds rs (bound at owner as generation gen) to the poller

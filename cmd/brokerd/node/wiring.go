@@ -37,6 +37,9 @@ func (n *Node) setupReplication() error {
 	ccfg.Host = cfg.Cluster.Name
 	ccfg.Logger = n.log
 	ccfg.Registerer = n.reg
+	if n.opts.PeerDial != nil {
+		ccfg.Dial = n.opts.PeerDial
+	}
 	var rt *router
 	addrOf := func(id string) string { return rt.peerAddr(id) }
 	n.fwd = newFwdLinks(ccfg, addrOf)
