@@ -214,6 +214,9 @@ func decodeDeliveries(b []byte) ([]wireDelivery, error) {
 // maxForwardMessages bounds the messages of one forwarded request.
 const maxForwardMessages = 1 << 16
 
+// maxForwardBody is the body bytes above which a forwarded batch is split.
+const maxForwardBody = 4 << 20
+
 // forwardHandler serves the forwarding operations for other nodes.
 func forwardHandler(rt *router, log *slog.Logger) func(peer string, f *frame.Frame, reply func(*frame.Frame)) {
 	return func(peer string, f *frame.Frame, reply func(*frame.Frame)) {

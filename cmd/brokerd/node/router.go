@@ -476,6 +476,22 @@ const failoverBudget = 4 * time.Second
 // unknown outcome may store a message twice: both copies carry the same
 // message-id, assigned here.
 func (rt *router) forwardSends(owner string, msgs []*replica.Message, since time.Time, done func(error)) {
+	// Large batches (a big transaction) go in chunks of maxForwardBody,
+	// in order on the one link; each chunk is applied whole.
+	size := 0
+	for i, m := range msgs {
+		size += len(m.Body)
+		if size > maxForwardBody && i > 0 {
+			all := joinAll(2, done)
+			rt.forwardChunk(owner, msgs[:i], since, all)
+			rt.forwardSends(owner, msgs[i:], since, all)
+			return
+		}
+	}
+	rt.forwardChunk(owner, msgs, since, done)
+}
+
+func (rt *router) forwardChunk(owner string, msgs []*replica.Message, since time.Time, done func(error)) {
 	body := encodeMessages(nil, msgs)
 	retry := func(err error) bool {
 		if time.Since(since) >= failoverBudget {

@@ -31,7 +31,16 @@ func (n *Node) setupReplication() error {
 		}
 		return n.cl.Status()
 	}
+	// A peer frame carries up to pollBytes of deliveries plus one whole
+	// message, or a forwarded chunk (maxForwardBody) plus one message.
+	lim := stomp.DefaultPeerLimits()
+	need := int64(cfg.Limits.MaxBodySize) + max(pollBytes, maxForwardBody) + 64<<10
+	if int64(lim.MaxBodySize) < need {
+		lim.MaxBodySize = int(need)
+		lim.MaxFrameSize = int(need) + 64<<10
+	}
 	ccfg := stomp.DefaultPeerClientConfig()
+	ccfg.Limits = lim
 	ccfg.Secret = key
 	ccfg.NodeID = n.id
 	ccfg.Host = cfg.Cluster.Name
@@ -61,6 +70,7 @@ func (n *Node) setupReplication() error {
 		addr = net.JoinHostPort(host, "0")
 	}
 	scfg := stomp.DefaultPeerServerConfig()
+	scfg.Limits = lim
 	scfg.Addr = addr
 	scfg.Secret = key
 	scfg.NodeID = n.id
