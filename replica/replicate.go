@@ -937,6 +937,7 @@ func (p *PeerReplicator) Replicate(ops []store.Op, sync bool, quorum func(error)
 					begins[id] = appendWire(begins[id], wireCatchUpBegin, &store.Op{Bucket: b})
 					if key := [2]string{id, b}; !p.running[key] && !p.closed {
 						p.running[key] = true
+						p.wg.Add(1) // under stateMu, so never after Close's Wait began
 						starts = append(starts, start{id, b, p.gen})
 					}
 				}
@@ -1000,7 +1001,6 @@ func (p *PeerReplicator) Replicate(ops []store.Op, sync bool, quorum func(error)
 		}
 	}
 	for _, s := range starts {
-		p.wg.Add(1)
 		go p.catchUp(s.peer, s.dest)
 	}
 	p.sendMu.Unlock()

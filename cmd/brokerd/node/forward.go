@@ -238,24 +238,26 @@ func forwardHandler(rt *router, log *slog.Logger) func(peer string, f *frame.Fra
 					return
 				}
 			}
-			// In line, so that a link's SENDs are applied in the order
-			// they came: the first SEND of a queue this node takes over
-			// holds this link while the other copies are pulled.
-			for _, m := range msgs {
-				if err := rt.ensureOwned(m.Dest); err != nil {
-					reply(stomp.PeerFail(failCode(err), err.Error()))
-					return
+			// Off the link's reader (taking a queue over pulls from the
+			// other nodes, which may be pulling from this one), but in
+			// the order the link delivered them: one worker per peer.
+			rt.host.sendQueue(peer).push(func() {
+				for _, m := range msgs {
+					if err := rt.ensureOwned(m.Dest); err != nil {
+						reply(stomp.PeerFail(failCode(err), err.Error()))
+						return
+					}
 				}
-			}
-			if err := rt.rep.Apply(&replica.Batch{Sends: msgs, Sync: true}, func(err error) {
-				if err != nil {
+				if err := rt.rep.Apply(&replica.Batch{Sends: msgs, Sync: true}, func(err error) {
+					if err != nil {
+						reply(stomp.PeerFail(failCode(err), err.Error()))
+						return
+					}
+					reply(stomp.PeerOK())
+				}); err != nil {
 					reply(stomp.PeerFail(failCode(err), err.Error()))
-					return
 				}
-				reply(stomp.PeerOK())
-			}); err != nil {
-				reply(stomp.PeerFail(failCode(err), err.Error()))
-			}
+			})
 		case opTopic:
 			msgs, err := decodeMessages(f.Body, maxForwardMessages)
 			if err != nil {

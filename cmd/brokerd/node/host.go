@@ -39,12 +39,18 @@ const (
 	subIdle = 10 * time.Second
 	// maxHostSubs bounds the subscriptions one node may hold here.
 	maxHostSubs = 1 << 16
+	// maxGone bounds the subscriptions one poll answer names gone: their
+	// IDs share one header line (peer limit 8 KiB; IDs are ~40 bytes).
+	maxGone = 64
 	// pollBytes bounds one poll answer's bodies.
 	pollBytes = 1 << 20
 )
 
 type host struct {
 	rt *router
+
+	qmu    sync.Mutex
+	queues map[string]*workQueue // per peer: forwarded SENDs, in order
 
 	mu      sync.Mutex
 	subs    map[string]*hostSub      // by requester + "\x00" + id
@@ -65,7 +71,7 @@ type hostSub struct {
 }
 
 func newHost(rt *router) *host {
-	return &host{rt: rt, subs: map[string]*hostSub{}, perPeer: map[string]int{}, signal: map[string]chan struct{}{}, polled: map[string]time.Time{}, byDest: map[string]map[*hostSub]bool{}}
+	return &host{rt: rt, queues: map[string]*workQueue{}, subs: map[string]*hostSub{}, perPeer: map[string]int{}, signal: map[string]chan struct{}{}, polled: map[string]time.Time{}, byDest: map[string]map[*hostSub]bool{}}
 }
 
 func subKey(peer, id string) string { return peer + "\x00" + id }
@@ -320,7 +326,11 @@ func (h *host) poll(peer string, items []pollItem) pollResult {
 		for _, it := range items {
 			hs := h.lookup(peer, it.id)
 			if hs == nil {
-				res.gone = append(res.gone, it.id)
+				// At most maxGone per answer (a header line is bounded);
+				// the rest are named by the next polls.
+				if len(res.gone) < maxGone {
+					res.gone = append(res.gone, it.id)
+				}
 				continue
 			}
 			if it.credit == 0 || len(res.body) >= pollBytes {
@@ -380,4 +390,51 @@ func (h *host) pullChunk(dest string, after uint64) (body []byte, n int, last ui
 		return nil, 0, after, false, nil
 	}
 	return replica.AppendOps(nil, ops), len(ops), last, more, nil
+}
+
+// workQueue runs functions one at a time in push order on its own
+// goroutine, which ends when the queue is empty. Its length is bounded by
+// the peer server's requests in flight per connection.
+type workQueue struct {
+	mu      sync.Mutex
+	q       []func()
+	running bool
+}
+
+func (h *host) sendQueue(peer string) *workQueue {
+	h.qmu.Lock()
+	defer h.qmu.Unlock()
+	w := h.queues[peer]
+	if w == nil {
+		w = &workQueue{}
+		h.queues[peer] = w
+	}
+	return w
+}
+
+func (w *workQueue) push(f func()) {
+	w.mu.Lock()
+	w.q = append(w.q, f)
+	if w.running {
+		w.mu.Unlock()
+		return
+	}
+	w.running = true
+	w.mu.Unlock()
+	go func() {
+		for {
+			w.mu.Lock()
+			if len(w.q) == 0 {
+				w.running = false
+				w.q = nil
+				w.mu.Unlock()
+				return
+			}
+			f := w.q[0]
+			w.q[0] = nil
+			w.q = w.q[1:]
+			w.mu.Unlock()
+			f()
+		}
+	}()
 }

@@ -116,16 +116,28 @@ func (rs *routedSub) subscribeAt(owner string, v viewSnap, gen uint64) error {
 	return nil
 }
 
+// unsubscribeAt ends the subscription's binding gen at owner, without
+// waiting: an owner that is down or slow ends it itself once this node
+// stops polling for it (subIdle).
 func (rs *routedSub) unsubscribeAt(owner string, gen uint64) {
 	rt := rs.rt
 	if owner == rt.view().self {
 		rt.host.unsubscribe(owner, rs.ownerID(gen))
 		return
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), forwardTimeout)
-	if err := rt.fwd.request(ctx, owner, opUnsubscribe, []string{hdrSub, rs.ownerID(gen)}, nil, func(*frame.Frame, error) { cancel() }); err != nil {
-		cancel()
-	}
+	rt.goBackground(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), forwardTimeout)
+		defer cancel()
+		done := make(chan struct{})
+		if err := rt.fwd.request(ctx, owner, opUnsubscribe, []string{hdrSub, rs.ownerID(gen)}, nil, func(*frame.Frame, error) { close(done) }); err != nil {
+			return
+		}
+		select {
+		case <-done:
+		case <-ctx.Done():
+		case <-rt.stop:
+		}
+	})
 }
 
 // lost is called by the poller when the owner no longer has the

@@ -177,11 +177,12 @@ func startR6(t *testing.T, id string, rn *r6Net, active, members []string, o r6O
 		return gatedConn{c, m.fgate}, nil
 	}
 	m.fwd = newFwdLinks(fcfg, addrOf)
-	rt = newRouter(rep, st, o.r, m.status, m.fwd, log)
+	rt = newRouter(rep, st, o.r, m.status, m.fwd, log, nil)
 	m.rt = rt
 	m.links = newPeerLinks(ccfg, addrOf, 64<<20, log)
 	m.pr = replica.NewPeerReplicator(o.r, o.w, rt.replicaView, m.links, log)
 	m.pr.EnableCatchUp(st)
+	rt.pr = m.pr
 	rep.SetReplicator(m.pr)
 	if err := rep.Recover(); err != nil {
 		t.Fatal(err)
@@ -225,11 +226,15 @@ func (m *r6Member) stop() {
 		done := make(chan struct{})
 		go func() {
 			defer close(done)
-			m.fwd.close() // first: fails pulls a handler may wait for
+			// Not stopReplication's order (see TestReview6ShutdownOrder):
+			// the peer server first, so that no handler writes after
+			// the replicator closed; the forwarding links before it, to
+			// fail the pulls a handler may wait for.
+			m.fwd.close()
+			_ = m.srv.Close()
 			m.rt.close()
 			m.pr.Close()
 			m.links.Close()
-			_ = m.srv.Close()
 			m.rep.Close()
 			_ = m.st.Close()
 		}()
@@ -382,6 +387,10 @@ func (r *recorder) deliver(d replica.Delivery) {
 	if hook != nil {
 		hook(d)
 	}
+	if _, local := d.Sub.(*replica.Subscription); local {
+		go d.Sub.Written(d.Tag) // called under the queue's lock
+		return
+	}
 	d.Sub.Written(d.Tag)
 }
 
@@ -466,7 +475,12 @@ func TestReview6WatchForgetsQueueTakenOverDuringEpochChange(t *testing.T) {
 	a := startR6(t, "node-a", rn, []string{"node-a"}, []string{"node-c"}, r6Opts{})
 	q := "/queue/straddle"
 	a.warm(t, "node-c")
-	sent := a.apply(t, sendBatch(q, "m"))
+	sent := make(chan error, 1)
+	go func() { // Apply takes the queue over in line
+		if err := a.rt.Apply(sendBatch(q, "m"), func(err error) { sent <- err }); err != nil {
+			sent <- err
+		}
+	}()
 	waitUntil(t, "take-over pulling", func() bool { return h.pulls.Load() >= 1 })
 	// Ownership moves to node-z (a new epoch) while the take-over runs.
 	a.setView([]string{"node-z"}, 2)
@@ -620,7 +634,7 @@ func TestReview6DeadLetterStrandedOnQueueOwner(t *testing.T) {
 // written: in auto mode, acknowledged and deleted, delivered to nobody.
 func TestReview6PollGoneHeaderTooLargeLosesDeliveries(t *testing.T) {
 	rn := &r6Net{addrs: map[string]string{}}
-	a := startR6(t, "node-a", rn, []string{"node-a"}, []string{"node-p"}, r6Opts{})
+	a := startR6(t, "node-a", rn, []string{"node-a"}, nil, r6Opts{})
 	q1, q2 := "/queue/many", "/queue/other"
 	ccfg := stomp.DefaultPeerClientConfig()
 	ccfg.Secret, ccfg.NodeID, ccfg.Logger = testSecret, "node-p", slog.New(slog.DiscardHandler)
@@ -792,5 +806,44 @@ func TestReview6CloseBlocksOnDownOwner(t *testing.T) {
 	rs.Close()
 	if took := time.Since(start); took > time.Second {
 		t.Fatalf("closing one subscription took %v while its owner is down", took.Round(time.Millisecond))
+	}
+}
+
+// ---------------------------------------------------------------------
+// 10. A topic message gets a different message-id on every node, and the
+// ID is written and read concurrently.
+//
+// Apply hands the topic messages to the local replica, whose fan-out
+// assigns m.ID on the store's completion goroutine, and then encodes the
+// same *Message for the other nodes (broadcastTopics) on the session's
+// goroutine: a data race on m.ID, and the copies usually leave with no
+// ID, so each receiving node names the message its own way.
+func TestReview6TopicMessageIDDiffersAcrossNodes(t *testing.T) {
+	rn := &r6Net{addrs: map[string]string{}}
+	active := []string{"node-a", "node-b"}
+	a := startR6(t, "node-a", rn, active, []string{"node-b"}, r6Opts{})
+	b := startR6(t, "node-b", rn, active, []string{"node-a"}, r6Opts{})
+	a.warm(t, "node-b")
+	var ra, rb recorder
+	if _, err := a.rt.Subscribe(replica.SubOptions{Dest: "/topic/ids", Ack: replica.AckAuto, Deliver: ra.deliver}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := b.rt.Subscribe(replica.SubOptions{Dest: "/topic/ids", Ack: replica.AckAuto, Deliver: rb.deliver}); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(50 * time.Millisecond) // the subscriptions start in store order
+	if err := waitErr(t, "topic SEND", a.apply(t, &replica.Batch{Sends: []*replica.Message{{Dest: "/topic/ids", Body: []byte("x")}}}), 5*time.Second); err != nil {
+		t.Fatal(err)
+	}
+	if len(ra.waitN(1, 3*time.Second)) != 1 || len(rb.waitN(1, 3*time.Second)) != 1 {
+		t.Fatalf("deliveries: node-a %v, node-b %v", ra.bodies(), rb.bodies())
+	}
+	ra.mu.Lock()
+	rb.mu.Lock()
+	ida, idb := ra.got[0].Msg.ID, rb.got[0].Msg.ID
+	rb.mu.Unlock()
+	ra.mu.Unlock()
+	if ida != idb {
+		t.Fatalf("one topic SEND: message-id %q on node-a, %q on node-b", ida, idb)
 	}
 }

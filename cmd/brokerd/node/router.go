@@ -229,7 +229,9 @@ func (rt *router) watch() {
 			select {
 			case <-st.done:
 			default:
-				continue // being taken over; checked next time
+				// Being taken over: look at it again next tick.
+				last = cluster.EpochID{}
+				continue
 			}
 			if joined || rt.ownerOf(v, dest) != v.self {
 				gone = append(gone, dest)
@@ -327,7 +329,14 @@ func (rt *router) pull(peer, dest string, v viewSnap) (int, error) {
 			cancel()
 			return total, err
 		}
-		<-done
+		select {
+		case <-done:
+		case <-time.After(forwardTimeout):
+			// The link is up but the answer does not come (the peer is
+			// stuck or slow): go on without its copy.
+			cancel()
+			return total, fmt.Errorf("pull from %s: no answer within %v", peer, forwardTimeout)
+		}
 		cancel()
 		if rerr != nil {
 			return total, rerr
@@ -379,6 +388,10 @@ func (rt *router) Apply(b *replica.Batch, done func(error)) error {
 			return err
 		}
 		if k == replica.KindTopic {
+			if m.ID == "" {
+				// One message-id on every node's subscribers.
+				m.ID = rt.prefix + "-t" + strconv.FormatUint(rt.msgSeq.Add(1), 10)
+			}
 			local.Sends = append(local.Sends, m)
 			topics = append(topics, m)
 			continue
@@ -422,6 +435,11 @@ func (rt *router) Apply(b *replica.Batch, done func(error)) error {
 	if len(local.Sends) > 0 || len(local.Acks) > 0 || n == 0 {
 		n++
 	}
+	var body []byte
+	if len(topics) > 0 && len(v.peers) > 0 {
+		// Encoded before the local fan-out, which may touch them.
+		body = encodeMessages(nil, topics)
+	}
 	all := joinAll(n, done)
 	if len(local.Sends) > 0 || len(local.Acks) > 0 || len(remote)+len(routed) == 0 {
 		if err := rt.rep.Apply(&local, all); err != nil {
@@ -434,8 +452,8 @@ func (rt *router) Apply(b *replica.Batch, done func(error)) error {
 	for _, a := range routed {
 		a.Sub.(*routedSub).ack(a.Tag, a.Nack, all)
 	}
-	if len(topics) > 0 {
-		rt.broadcastTopics(v, topics)
+	if body != nil {
+		rt.broadcastTopics(v, body)
 	}
 	return nil
 }
@@ -559,21 +577,25 @@ func (rt *router) reroute(msgs []*replica.Message, since time.Time, done func(er
 	}
 }
 
-// broadcastTopics sends topic messages to every other alive node, which
-// fans them out to its own subscribers. Best effort, as a topic is: a
-// node that is down or slow misses them.
-func (rt *router) broadcastTopics(v viewSnap, msgs []*replica.Message) {
-	body := encodeMessages(nil, msgs)
+// broadcastTopics sends topic messages (encoded) to every other alive
+// node, which fans them out to its own subscribers. Best effort, as a
+// topic is, and never blocking the session: a node whose link is down,
+// or that does not take the request within 100 ms, misses them.
+func (rt *router) broadcastTopics(v viewSnap, body []byte) {
 	for peer := range v.peers {
-		ctx, cancel := context.WithTimeout(context.Background(), forwardTimeout)
-		if err := rt.fwd.request(ctx, peer, opTopic, nil, body, func(_ *frame.Frame, err error) {
-			cancel()
+		c, err := rt.fwd.get(peer)
+		if err != nil || !c.Connected() {
+			continue
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), 100*time.Millisecond)
+		if err := c.Request(ctx, opTopic, nil, body, func(_ *frame.Frame, err error) {
 			if err != nil {
 				rt.log.Debug("topic message not delivered to a peer", "peer", peer, "err", err)
 			}
 		}); err != nil {
-			cancel()
+			rt.log.Debug("topic message not sent to a peer", "peer", peer, "err", err)
 		}
+		cancel()
 	}
 }
 

@@ -94,11 +94,13 @@ func (n *Node) stopReplication() {
 	if n.rt == nil {
 		return
 	}
+	// Requests from other nodes first: nothing new reaches the router or
+	// the replicator while they close.
+	if n.peerSrv != nil {
+		_ = n.peerSrv.Close()
+	}
 	n.rt.close()
 	n.fwd.close()
 	n.pr.Close()
 	n.links.Close()
-	if n.peerSrv != nil {
-		_ = n.peerSrv.Close()
-	}
 }
