@@ -427,6 +427,19 @@ func (n *Node) Release(dest string) {
 	n.log.Info("released queue", "dest", dest)
 }
 
+// AdoptedQueues returns the queues this node serves (Adopt).
+func (n *Node) AdoptedQueues() []string {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	var out []string
+	for name, d := range n.dests {
+		if d.kind == KindQueue && d.adopted {
+			out = append(out, name)
+		}
+	}
+	return out
+}
+
 // Adopted reports whether this node serves queue dest (Adopt).
 func (n *Node) Adopted(dest string) bool {
 	n.mu.Lock()

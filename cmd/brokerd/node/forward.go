@@ -26,6 +26,7 @@ const (
 	opPoll        = "poll"         // body: "sub credit" lines; answer: deliveries, x-gone
 	opPull        = "pull"         // destination, x-after; answer: replica wire ops, x-count, x-after, x-more
 	opDests       = "destinations" // answer: JSON of the destinations the node serves (admin)
+	opMerge       = "merge"        // destination: the sender released its copy; take the queue over again
 
 	hdrSub      = "x-sub"
 	hdrPrefetch = "x-prefetch"
@@ -351,6 +352,14 @@ func forwardHandler(rt *router, log *slog.Logger) func(peer string, f *frame.Fra
 				resp.Body = body
 				reply(resp)
 			}()
+		case opMerge:
+			dest := f.Header.Get(frame.Destination)
+			if !validDest(dest) {
+				reply(stomp.PeerDrop("malformed merge"))
+				return
+			}
+			rt.merge(dest)
+			reply(stomp.PeerOK())
 		case opDests:
 			go func() {
 				b, err := json.Marshal(rt.ownedDestinations(rt.pr))

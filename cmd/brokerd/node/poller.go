@@ -42,6 +42,7 @@ type flight struct {
 	otag  uint64 // the owner's tag
 	id    string
 	write bool
+	msg   *replica.Message // auto mode: republished if it never reaches the wire
 }
 
 // window bounds the deliveries handed to the session and not written.
@@ -212,11 +213,19 @@ func (rs *routedSub) deliver(gen uint64, w wireDelivery) {
 	rs.mu.Lock()
 	if rs.closed || rs.gen != gen {
 		rs.mu.Unlock()
+		if rs.opts.Ack == replica.AckAuto {
+			// The owner counted it acknowledged when it handed it out.
+			rs.rt.republish(w.msg)
+		}
 		return
 	}
 	rs.nextTag++
 	tag := rs.nextTag
-	rs.inflight[tag] = &flight{gen: gen, otag: w.tag, id: w.msg.ID}
+	f := &flight{gen: gen, otag: w.tag, id: w.msg.ID}
+	if rs.opts.Ack == replica.AckAuto {
+		f.msg = w.msg
+	}
+	rs.inflight[tag] = f
 	if rs.byID != nil {
 		rs.byID[w.msg.ID] = tag
 	}
@@ -241,15 +250,17 @@ func (rs *routedSub) TagOf(id string) (uint64, bool) {
 }
 
 // Written implements replica.Sub.
-func (rs *routedSub) Written(tags ...uint64) { rs.wrote(tags) }
+func (rs *routedSub) Written(tags ...uint64) { rs.wrote(tags, false) }
 
 // Tried implements replica.Sub: the owner already counts handed-out
-// messages as written (they come back marked redelivered).
-func (rs *routedSub) Tried(tags ...uint64) { rs.wrote(tags) }
+// messages as written (they come back marked redelivered); in auto mode,
+// where handing out acknowledged them, they are published again.
+func (rs *routedSub) Tried(tags ...uint64) { rs.wrote(tags, true) }
 
-func (rs *routedSub) wrote(tags []uint64) {
+func (rs *routedSub) wrote(tags []uint64, tried bool) {
 	rs.mu.Lock()
 	wake := rs.unwritten >= rs.window()
+	var again []*replica.Message
 	for _, t := range tags {
 		f := rs.inflight[t]
 		if f == nil || f.write {
@@ -258,11 +269,17 @@ func (rs *routedSub) wrote(tags []uint64) {
 		f.write = true
 		rs.unwritten--
 		if rs.opts.Ack == replica.AckAuto {
+			if tried && f.msg != nil {
+				again = append(again, f.msg)
+			}
 			rs.forget(t, f)
 		}
 	}
 	p := rs.p
 	rs.mu.Unlock()
+	for _, m := range again {
+		rs.rt.republish(m)
+	}
 	if wake && p != nil {
 		p.wake()
 	}
@@ -355,6 +372,15 @@ func (rs *routedSub) Close() {
 	}
 	rs.closed = true
 	owner, gen, p := rs.owner, rs.gen, rs.p
+	var again []*replica.Message
+	for _, f := range rs.inflight {
+		if f.msg != nil && !f.write {
+			again = append(again, f.msg) // auto mode, never on the wire
+		}
+	}
+	for _, m := range again {
+		rs.rt.republish(m)
+	}
 	rs.inflight = map[uint64]*flight{}
 	rs.byID = nil
 	rs.mu.Unlock()

@@ -219,6 +219,20 @@ func (rt *router) watch() {
 			}
 		}
 		lastPeers = v.peers
+		// Queues served here outside the router's take-over (a
+		// dead-letter move into a queue another node owns, a write
+		// racing a release) are released whatever the epoch.
+		var stray []string
+		rt.omu.Lock()
+		for _, dest := range rt.rep.AdoptedQueues() {
+			if _, ok := rt.owned[dest]; !ok && rt.ownerOf(v, dest) != v.self {
+				stray = append(stray, dest)
+			}
+		}
+		rt.omu.Unlock()
+		for _, dest := range stray {
+			rt.release(v, dest)
+		}
 		if v.epoch == last && !joined {
 			continue
 		}
@@ -240,14 +254,80 @@ func (rt *router) watch() {
 		}
 		rt.omu.Unlock()
 		for _, dest := range gone {
-			rt.m.released.Inc()
-			rt.host.closeDest(dest)
-			rt.rep.Release(dest)
+			rt.release(v, dest)
 		}
 		if joined && len(gone) > 0 {
 			rt.log.Info("nodes joined the view: queues will be merged with their copies on next use", "queues", len(gone))
 		}
 	}
+}
+
+// release stops serving dest here and tells its owner in v to merge this
+// node's copy: it may hold messages this node accepted after the owner
+// took the queue over (while this node's view still named itself).
+func (rt *router) release(v viewSnap, dest string) {
+	rt.m.released.Inc()
+	rt.host.closeDest(dest)
+	rt.rep.Release(dest)
+	owner := rt.ownerOf(v, dest)
+	if owner == "" || owner == v.self {
+		return
+	}
+	rt.goBackground(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), forwardTimeout)
+		defer cancel()
+		done := make(chan error, 1)
+		if err := rt.fwd.request(ctx, owner, opMerge, []string{frame.Destination, dest}, nil, func(_ *frame.Frame, err error) { done <- err }); err != nil {
+			rt.log.Warn("released a queue; its owner could not be told to merge this copy", "dest", dest, "owner", owner, "err", err)
+			return
+		}
+		select {
+		case err := <-done:
+			if err != nil {
+				rt.log.Warn("released a queue; its owner could not be told to merge this copy", "dest", dest, "owner", owner, "err", err)
+			}
+		case <-rt.stop:
+		}
+	})
+}
+
+// merge makes this node take dest over again (pulling every alive node's
+// copy) if it serves it: another node released a copy that may hold
+// messages this one lacks. Subscribers bind again; their unacknowledged
+// messages come back redelivered.
+func (rt *router) merge(dest string) {
+	rt.omu.Lock()
+	st := rt.owned[dest]
+	if st == nil {
+		rt.omu.Unlock()
+		return // not served here: its take-over will pull every copy
+	}
+	select {
+	case <-st.done:
+	default:
+		rt.omu.Unlock()
+		// A take-over in progress may have read the copy already or
+		// not: once it ends, take it over again.
+		rt.goBackground(func() {
+			select {
+			case <-st.done:
+			case <-rt.stop:
+				return
+			}
+			rt.merge(dest)
+		})
+		return
+	}
+	delete(rt.owned, dest)
+	rt.omu.Unlock()
+	rt.host.closeDest(dest)
+	rt.rep.Release(dest)
+	rt.log.Info("merging a released copy: the queue is taken over again", "dest", dest)
+	rt.goBackground(func() {
+		if err := rt.ensureOwned(dest); err != nil {
+			rt.log.Warn("taking a queue over again failed; retried on its next use", "dest", dest, "err", err)
+		}
+	})
 }
 
 // ensureOwned makes this node ready to serve queue dest, which it owns:
@@ -575,6 +655,25 @@ func (rt *router) reroute(msgs []*replica.Message, since time.Time, done func(er
 			all(err)
 		}
 	}
+}
+
+// republish stores m in its queue again: an auto-ack delivery that the
+// owner counted acknowledged when it handed it out, but that never
+// reached the client (its subscription closed first, or the write
+// failed). It keeps its message-id and comes back marked redelivered.
+func (rt *router) republish(m *replica.Message) {
+	c := *m
+	c.Deliveries = m.Deliveries + 1
+	c.Seq = 0
+	rt.goBackground(func() {
+		if err := rt.Apply(&replica.Batch{Sends: []*replica.Message{&c}, Sync: true}, func(err error) {
+			if err != nil {
+				rt.log.Error("an auto-ack message that reached no client could not be stored again", "dest", c.Dest, "message_id", c.ID, "err", err)
+			}
+		}); err != nil {
+			rt.log.Error("an auto-ack message that reached no client could not be stored again", "dest", c.Dest, "message_id", c.ID, "err", err)
+		}
+	})
 }
 
 // broadcastTopics sends topic messages (encoded) to every other alive
