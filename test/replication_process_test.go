@@ -49,7 +49,9 @@ func TestProcessReplicationCrossNode(t *testing.T) {
 		}
 	}
 	cons := others[1].dial()
-	sub, err := cons.Subscribe(q, stomp.AckClientIndividual)
+	// prefetch-count: go-stomp's client deadlocks when more than ~18
+	// messages are outstanding while the application blocks in Ack.
+	sub, err := cons.Subscribe(q, stomp.AckClientIndividual, stomp.SubscribeOpt.Header("prefetch-count", "8"))
 	if err != nil {
 		t.Fatal(err)
 	}

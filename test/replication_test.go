@@ -245,38 +245,47 @@ func TestReplicationPartitionHeal(t *testing.T) {
 	mb.net.Heal()
 	mb.waitConverged(20*time.Second, mb.names)
 
-	// Drain everything from one node.
-	c, err := mb.dial("c")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Disconnect()
+	// Drain everything from one node, reconnecting after an ERROR (an
+	// ACK whose quorum could not be reached while the links came back),
+	// as a client would.
 	got := map[string]int{}
 	redelivered := 0
 	for _, q := range queues {
-		sub, err := c.Subscribe(q, stomp.AckClientIndividual, stomp.SubscribeOpt.Header("prefetch-count", "8"))
-		if err != nil {
-			t.Fatal(err)
-		}
-	drain:
-		for {
-			select {
-			case m := <-sub.C:
-				if m.Err != nil {
-					t.Fatalf("drain %s: %v", q, m.Err)
-				}
-				got[string(m.Body)]++
-				if m.Header.Get("redelivered") == "true" {
-					redelivered++
-				}
-				if err := c.Ack(m); err != nil {
-					t.Fatal(err)
-				}
-			case <-time.After(2 * time.Second):
-				break drain
+		deadline := time.Now().Add(20 * time.Second)
+		for quiet := false; !quiet; {
+			if time.Now().After(deadline) {
+				t.Fatalf("drain %s: errors for 20 s", q)
 			}
+			c, err := mb.dial("c")
+			if err != nil {
+				t.Fatal(err)
+			}
+			sub, err := c.Subscribe(q, stomp.AckClientIndividual, stomp.SubscribeOpt.Header("prefetch-count", "8"))
+			if err != nil {
+				t.Fatal(err)
+			}
+		drain:
+			for {
+				select {
+				case m := <-sub.C:
+					if m.Err != nil {
+						t.Logf("drain %s: %v; reconnecting", q, m.Err)
+						break drain
+					}
+					got[string(m.Body)]++
+					if m.Header.Get("redelivered") == "true" {
+						redelivered++
+					}
+					if err := c.Ack(m); err != nil {
+						break drain
+					}
+				case <-time.After(2 * time.Second):
+					quiet = true
+					break drain
+				}
+			}
+			_ = c.Disconnect()
 		}
-		_ = sub.Unsubscribe()
 	}
 	mu.Lock()
 	defer mu.Unlock()

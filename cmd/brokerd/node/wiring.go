@@ -2,6 +2,7 @@ package node
 
 import (
 	"net"
+	"time"
 
 	"github.com/brokerd/brokerd/cluster"
 	"github.com/brokerd/brokerd/replica"
@@ -41,6 +42,9 @@ func (n *Node) setupReplication() error {
 	}
 	ccfg := stomp.DefaultPeerClientConfig()
 	ccfg.Limits = lim
+	// Redial soon after a partition heals or a node restarts: writes
+	// that need the peer fail until its link is back.
+	ccfg.BackoffMax = 500 * time.Millisecond
 	ccfg.Secret = key
 	ccfg.NodeID = n.id
 	ccfg.Host = cfg.Cluster.Name
