@@ -243,6 +243,14 @@ func forwardHandler(rt *router, log *slog.Logger) func(peer string, f *frame.Fra
 			// other nodes, which may be pulling from this one), but in
 			// the order the link delivered them: one worker per peer.
 			rt.host.sendQueue(peer).push(func() {
+				// The view may have changed while it waited.
+				v := rt.view()
+				for _, m := range msgs {
+					if o := rt.ownerOf(v, m.Dest); o != v.self {
+						reply(stomp.PeerFail(codeNotOwner, fmt.Sprintf("%s is owned by %s in this node's view", m.Dest, o)))
+						return
+					}
+				}
 				for _, m := range msgs {
 					if err := rt.ensureOwned(m.Dest); err != nil {
 						reply(stomp.PeerFail(failCode(err), err.Error()))

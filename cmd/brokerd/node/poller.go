@@ -378,12 +378,13 @@ func (rs *routedSub) Close() {
 			again = append(again, f.msg) // auto mode, never on the wire
 		}
 	}
-	for _, m := range again {
-		rs.rt.republish(m)
-	}
 	rs.inflight = map[uint64]*flight{}
 	rs.byID = nil
 	rs.mu.Unlock()
+	// After rs.mu: republish takes the router's lock (order: pmu, rs.mu).
+	for _, m := range again {
+		rs.rt.republish(m)
+	}
 	if p != nil {
 		p.remove(rs)
 	}

@@ -222,16 +222,29 @@ func (rt *router) watch() {
 		// Queues served here outside the router's take-over (a
 		// dead-letter move into a queue another node owns, a write
 		// racing a release) are released whatever the epoch.
-		var stray []string
+		var stray, mine []string
 		rt.omu.Lock()
 		for _, dest := range rt.rep.AdoptedQueues() {
-			if _, ok := rt.owned[dest]; !ok && rt.ownerOf(v, dest) != v.self {
-				stray = append(stray, dest)
+			if _, ok := rt.owned[dest]; !ok {
+				if rt.ownerOf(v, dest) != v.self {
+					stray = append(stray, dest)
+				} else {
+					mine = append(mine, dest)
+				}
 			}
 		}
 		rt.omu.Unlock()
 		for _, dest := range stray {
 			rt.release(v, dest)
+		}
+		for _, dest := range mine {
+			// Owned here but adopted without a take-over (a dead-letter
+			// move): take it over properly, merging the other copies.
+			rt.goBackground(func() {
+				if err := rt.ensureOwned(dest); err != nil {
+					rt.log.Warn("taking a queue over failed; retried on its next use", "dest", dest, "err", err)
+				}
+			})
 		}
 		if v.epoch == last && !joined {
 			continue
@@ -300,7 +313,12 @@ func (rt *router) merge(dest string) {
 	st := rt.owned[dest]
 	if st == nil {
 		rt.omu.Unlock()
-		return // not served here: its take-over will pull every copy
+		// Not taken over here: its take-over will pull every copy (and
+		// starts over if the queue was adopted outside one).
+		if rt.rep.Adopted(dest) {
+			rt.goBackground(func() { _ = rt.ensureOwned(dest) })
+		}
+		return
 	}
 	select {
 	case <-st.done:
@@ -368,7 +386,10 @@ const (
 
 func (rt *router) takeOver(dest string) error {
 	if rt.rep.Adopted(dest) {
-		return nil
+		// Adopted outside a take-over (a dead-letter move, a write that
+		// raced a release): start over, so the other copies are merged.
+		rt.host.closeDest(dest)
+		rt.rep.Release(dest)
 	}
 	v := rt.view()
 	var wg sync.WaitGroup
@@ -578,7 +599,10 @@ func (rt *router) forwardSends(owner string, msgs []*replica.Message, since time
 	// in order on the one link; each chunk is applied whole.
 	size := 0
 	for i, m := range msgs {
-		size += len(m.Body)
+		size += len(m.Dest) + len(m.ID) + len(m.Body) + 16
+		for _, h := range m.Headers {
+			size += len(h) + 8
+		}
 		if size > maxForwardBody && i > 0 {
 			all := joinAll(2, done)
 			rt.forwardChunk(owner, msgs[:i], since, all)
