@@ -153,10 +153,19 @@ func (rt *router) refresh() viewSnap {
 
 func (rt *router) load() viewSnap {
 	st := rt.status()
-	v := viewSnap{self: st.NodeID, active: st.ActiveSet, epoch: st.EpochID, peers: map[string]string{}, at: time.Now()}
+	v := viewSnap{self: st.NodeID, epoch: st.EpochID, peers: map[string]string{}, at: time.Now()}
 	for _, m := range st.Members {
 		if m.ID != st.NodeID && (m.State == "alive" || m.State == "suspect") {
 			v.peers[m.ID] = m.PeerAddr
+		}
+	}
+	// Placement runs over the active members that are not dead: an
+	// active member that gossip declared dead keeps its seat for
+	// cluster.promotion_delay (a flap costs no re-placement of the
+	// membership), but its queues fail over at once.
+	for _, id := range st.ActiveSet {
+		if _, up := v.peers[id]; up || id == st.NodeID {
+			v.active = append(v.active, id)
 		}
 	}
 	return v
@@ -202,6 +211,7 @@ func (rt *router) watch() {
 	t := time.NewTicker(100 * time.Millisecond)
 	defer t.Stop()
 	var last cluster.EpochID
+	var lastSet string
 	var lastPeers map[string]string
 	for {
 		select {
@@ -246,10 +256,11 @@ func (rt *router) watch() {
 				}
 			})
 		}
-		if v.epoch == last && !joined {
+		set := strings.Join(v.active, ",")
+		if v.epoch == last && set == lastSet && !joined {
 			continue
 		}
-		last = v.epoch
+		last, lastSet = v.epoch, set
 		rt.omu.Lock()
 		var gone []string
 		for dest, st := range rt.owned {
