@@ -488,7 +488,6 @@ func (rt *router) Apply(b *replica.Batch, done func(error)) error {
 	v := rt.view()
 	type part struct {
 		sends []*replica.Message
-		acks  []replica.AckOp
 	}
 	var local replica.Batch
 	local.Sync = b.Sync
