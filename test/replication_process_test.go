@@ -164,6 +164,9 @@ func TestProcessReplicationOwnerKilled(t *testing.T) {
 		body := "m" + strconv.Itoa(i)
 		err := prod.Send(q, "text/plain", []byte(body), stomp.SendOpt.Receipt)
 		if err != nil {
+			if unknown < 3 {
+				t.Logf("send %d: %v", i, err)
+			}
 			unknown++
 			prod, err = prodNode.tryDial()
 			if err != nil {

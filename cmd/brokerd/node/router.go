@@ -553,7 +553,11 @@ func (rt *router) Apply(b *replica.Batch, done func(error)) error {
 	}
 	all := joinAll(n, done)
 	if len(local.Sends) > 0 || len(local.Acks) > 0 || len(remote)+len(routed) == 0 {
-		if err := rt.rep.Apply(&local, all); err != nil {
+		localDone := all
+		if len(local.Sends) > 0 && len(local.Acks) == 0 && len(topics) == 0 {
+			localDone = rt.retryLocal(local.Sends, time.Now(), all)
+		}
+		if err := rt.rep.Apply(&local, localDone); err != nil {
 			return err
 		}
 	}
@@ -658,6 +662,29 @@ func (rt *router) forwardChunk(owner string, msgs []*replica.Message, since time
 	}
 }
 
+// retryLocal wraps done of queue SENDs applied here as their owner: if
+// their write quorum was not reached (the replicas moved to a new epoch
+// a moment before this node, or a replica just died), they are routed
+// again with a fresh view until failoverBudget has passed, as forwarded
+// SENDs are. The copy stored by the failed attempt stays: the message
+// may then be delivered twice, with the same message-id.
+func (rt *router) retryLocal(msgs []*replica.Message, since time.Time, done func(error)) func(error) {
+	return func(err error) {
+		if err == nil || !errors.Is(err, replica.ErrNoQuorum) || time.Since(since) >= failoverBudget {
+			done(err)
+			return
+		}
+		again := make([]*replica.Message, len(msgs))
+		for i, m := range msgs {
+			c := *m // m is in its queue now: never touch it
+			c.Seq = 0
+			again[i] = &c
+		}
+		rt.m.retries.Inc()
+		time.AfterFunc(100*time.Millisecond, func() { rt.reroute(again, since, done) })
+	}
+}
+
 // reroute applies msgs again with a fresh view.
 func (rt *router) reroute(msgs []*replica.Message, since time.Time, done func(error)) {
 	v := rt.refresh()
@@ -683,7 +710,7 @@ func (rt *router) reroute(msgs []*replica.Message, since time.Time, done func(er
 			}
 		}
 		if err == nil {
-			err = rt.rep.Apply(&replica.Batch{Sends: ms, Sync: true}, all)
+			err = rt.rep.Apply(&replica.Batch{Sends: ms, Sync: true}, rt.retryLocal(ms, since, all))
 		}
 		if err != nil {
 			all(err)
