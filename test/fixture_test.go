@@ -49,6 +49,18 @@ func startBroker(t testing.TB, mutate func(*config.Config)) *broker {
 
 func startBrokerConfig(t testing.TB, cfg config.Config) *broker {
 	t.Helper()
+	if os.Getenv("BROKERD_TEST_CLUSTER") != "" {
+		// The same tests against one node of a 3-node cluster (R=2):
+		// about two thirds of their queues are owned by the other
+		// nodes, so they run through forwarding.
+		mb := newMemBrokersConfig(t, cfg, 3, 2, "a", "b", "c")
+		if mt, ok := t.(*testing.T); ok {
+			mb.waitConverged(15*time.Second, mb.names)
+			_ = mt
+		}
+		b := &broker{t: t, cfg: cfg, node: mb.brokers["a"]}
+		return b
+	}
 	level := slog.LevelWarn
 	if os.Getenv("BROKERD_TEST_LOG") != "" {
 		level = slog.LevelDebug
@@ -76,6 +88,11 @@ func (b *broker) stop() {
 // directory (and new ports).
 func (b *broker) restart() *broker {
 	b.t.Helper()
+	if os.Getenv("BROKERD_TEST_CLUSTER") != "" {
+		// A fresh cluster would start empty: restarts of a cluster's
+		// nodes are tested by the process tests (replication_process_test.go).
+		b.t.Skip("restarts the broker: not in BROKERD_TEST_CLUSTER mode")
+	}
 	b.stop()
 	cfg := b.cfg
 	return startBrokerConfig(b.t, cfg)

@@ -32,20 +32,28 @@ type memBrokers struct {
 }
 
 func newMemBrokers(t *testing.T, m, r int, names ...string) *memBrokers {
+	return newMemBrokersConfig(t, config.Default(), m, r, names...)
+}
+
+// newMemBrokersConfig is newMemBrokers with base as every node's config
+// (limits, queue settings); addresses, data directories and cluster
+// settings are set here.
+func newMemBrokersConfig(t testing.TB, base config.Config, m, r int, names ...string) *memBrokers {
 	t.Helper()
 	netw := netsim.New()
+	tt, _ := t.(*testing.T)
 	mb := &memBrokers{
-		memCluster: &memCluster{t: t, net: netw, m: m, nodes: map[string]*cluster.Node{}},
+		memCluster: &memCluster{t: tt, net: netw, m: m, nodes: map[string]*cluster.Node{}},
 		brokers:    map[string]*node.Node{},
 		addrs:      map[string]string{},
 	}
 	for i, name := range names {
 		h := netw.Host(name)
-		cfg := config.Default()
+		cfg := base
 		cfg.Node.Name = name
 		cfg.Node.DataDir = t.TempDir()
 		cfg.STOMP.Addr = "127.0.0.1:0"
-		cfg.Admin.Addr = ""
+		cfg.Admin.Addr = "127.0.0.1:0"
 		cfg.Store.Sync = "none"
 		cfg.Cluster.GossipAddr = h.Addr()
 		cfg.Cluster.AllowPlaintextGossip = true

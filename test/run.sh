@@ -129,5 +129,9 @@ run "install python3-stomp if missing" install_stomp_py
 run "go vet" go vet ./...
 run "staticcheck" go run honnef.co/go/tools/cmd/staticcheck@v0.8.2 ./...
 run "go test -race" go test -race -count=1 -timeout 30m ./...
+# The broker and protocol suites again, against one node of an in-process
+# 3-node cluster (R=2): most of their queues are owned by the other nodes,
+# so every frame goes through forwarding.
+run "broker and protocol tests on a cluster node" env BROKERD_TEST_CLUSTER=1 go test -count=1 -timeout 20m -run 'TestBroker|TestProtocol|TestQueue|TestLimits' ./test
 fuzz_all
 [ "$failed" -eq 0 ]

@@ -48,15 +48,16 @@ type Node struct {
 	opts Options
 
 	// Clustered (cluster.gossip_addr set): replication and forwarding.
-	secret  []byte
-	rt      *router
-	pr      *replica.PeerReplicator
-	links   *peerLinks
-	fwd     *fwdLinks
-	peerSrv *stomp.PeerServer
-	admin   *http.Server
-	adminL  net.Listener
-	adminD  chan struct{}
+	secret   []byte
+	rt       *router
+	pr       *replica.PeerReplicator
+	links    *peerLinks
+	fwd      *fwdLinks
+	peerSrv  *stomp.PeerServer
+	replStop sync.Once
+	admin    *http.Server
+	adminL   net.Listener
+	adminD   chan struct{}
 
 	// Fail-stop: closed once the store has failed and the node has stopped
 	// serving (see watchStore).

@@ -121,6 +121,10 @@ func (rt *router) start() {
 
 func (rt *router) close() {
 	rt.pmu.Lock()
+	if rt.closed {
+		rt.pmu.Unlock()
+		return
+	}
 	rt.closed = true
 	ps := rt.pollers
 	rt.pollers = map[string]*poller{}

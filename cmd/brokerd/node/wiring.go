@@ -98,6 +98,10 @@ func (n *Node) stopReplication() {
 	if n.rt == nil {
 		return
 	}
+	n.replStop.Do(n.stopReplicationOnce)
+}
+
+func (n *Node) stopReplicationOnce() {
 	// Requests from other nodes first: nothing new reaches the router or
 	// the replicator while they close.
 	if n.peerSrv != nil {
