@@ -51,6 +51,9 @@ const (
 type fwdLinks struct {
 	base   stomp.PeerClientConfig
 	addrOf func(id string) string
+	// onState, if set, hears each link's state changes (see
+	// stomp.PeerClientConfig.OnState).
+	onState func(peer string, up bool, err error)
 
 	mu     sync.Mutex
 	links  map[string]*stomp.PeerClient
@@ -74,6 +77,9 @@ func (f *fwdLinks) get(peer string) (*stomp.PeerClient, error) {
 	cfg.Peer = peer + "/fwd"
 	cfg.PeerNodeID = peer
 	cfg.AddrFunc = func() string { return f.addrOf(peer) }
+	if f.onState != nil {
+		cfg.OnState = func(up bool, err error) { f.onState(peer, up, err) }
+	}
 	c := stomp.NewPeerClient(cfg)
 	if err := c.Start(); err != nil {
 		return nil, fmt.Errorf("peer link to %s: %w", peer, err)

@@ -11,6 +11,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"github.com/brokerd/brokerd/cluster"
@@ -34,7 +35,8 @@ type viewSnap struct {
 	self   string
 	active []string
 	epoch  cluster.EpochID
-	peers  map[string]string // alive nodes but self: peer-link address ("" unknown)
+	peers  map[string]string // alive nodes but self, and not refusing connections: peer-link address ("" unknown)
+	addrs  map[string]string // every alive node but self (refusing or not): peer-link address
 	at     time.Time
 }
 
@@ -62,6 +64,10 @@ type router struct {
 
 	vmu  sync.Mutex
 	snap viewSnap
+	// refused are the peers whose link was refused (ECONNREFUSED) since
+	// it was last up: the host answers and the process is gone. Their
+	// queues fail over at once, before gossip's verdict. Guarded by vmu.
+	refused map[string]bool
 
 	omu   sync.Mutex
 	owned map[string]*ownState // queues this node owns: pulled, adopted
@@ -104,6 +110,7 @@ func newRouter(rep *replica.Node, st *store.Store, r int, status func() cluster.
 	rt := &router{
 		rep: rep, st: st, r: r, log: log, status: status, fwd: fwd,
 		owned:   map[string]*ownState{},
+		refused: map[string]bool{},
 		pollers: map[string]*poller{},
 		prefix:  fmt.Sprintf("%s-%x", rep.NodeID(), time.Now().UnixNano()),
 		stop:    make(chan struct{}),
@@ -158,21 +165,47 @@ func (rt *router) refresh() viewSnap {
 func (rt *router) load() viewSnap {
 	st := rt.status()
 	v := viewSnap{self: st.NodeID, epoch: st.EpochID, peers: map[string]string{}, at: time.Now()}
+	v.addrs = map[string]string{}
 	for _, m := range st.Members {
 		if m.ID != st.NodeID && (m.State == "alive" || m.State == "suspect") {
-			v.peers[m.ID] = m.PeerAddr
+			v.addrs[m.ID] = m.PeerAddr
+			if !rt.refused[m.ID] {
+				v.peers[m.ID] = m.PeerAddr
+			}
 		}
 	}
 	// Placement runs over the active members that are not dead: an
 	// active member that gossip declared dead keeps its seat for
 	// cluster.promotion_delay (a flap costs no re-placement of the
-	// membership), but its queues fail over at once.
+	// membership), but its queues fail over at once; so do those of a
+	// member whose process refuses connections (its host is up, the
+	// process is not), before gossip notices.
 	for _, id := range st.ActiveSet {
 		if _, up := v.peers[id]; up || id == st.NodeID {
 			v.active = append(v.active, id)
 		}
 	}
 	return v
+}
+
+// linkState hears the forwarding links' state: a dial refused marks the
+// peer's process gone until its link is up again.
+func (rt *router) linkState(peer string, up bool, err error) {
+	refused := !up && errors.Is(err, syscall.ECONNREFUSED)
+	rt.vmu.Lock()
+	changed := rt.refused[peer] != refused && (up || refused)
+	if up {
+		delete(rt.refused, peer)
+	} else if refused {
+		rt.refused[peer] = true
+	}
+	if changed {
+		rt.snap.at = time.Time{} // reload at the next use
+	}
+	rt.vmu.Unlock()
+	if changed && refused {
+		rt.log.Info("peer's process refuses connections: its queues fail over now", "peer", peer)
+	}
 }
 
 // replicaView is the replicator's view (replica.View).
@@ -183,10 +216,10 @@ func (rt *router) replicaView() replica.View {
 
 // peerAddr is a peer's advertised peer-link address.
 func (rt *router) peerAddr(id string) string {
-	if a := rt.view().peers[id]; a != "" {
+	if a := rt.view().addrs[id]; a != "" {
 		return a
 	}
-	return rt.refresh().peers[id]
+	return rt.refresh().addrs[id]
 }
 
 // ownerOf is the node that serves queue dest in v: the first of its
@@ -224,6 +257,9 @@ func (rt *router) watch() {
 		case <-t.C:
 		}
 		v := rt.refresh()
+		for p := range v.peers {
+			_, _ = rt.fwd.get(p) // a link to every peer: each hears a refusal
+		}
 		joined := false
 		if lastPeers != nil {
 			for p := range v.peers {

@@ -57,6 +57,7 @@ func (n *Node) setupReplication() error {
 	addrOf := func(id string) string { return rt.peerAddr(id) }
 	n.fwd = newFwdLinks(ccfg, addrOf)
 	rt = newRouter(n.rep, n.st, cfg.Replica.Factor, status, n.fwd, n.log, n.reg)
+	n.fwd.onState = rt.linkState
 	n.rt = rt
 	n.links = newPeerLinks(ccfg, addrOf, maxQueuedReplication, n.log)
 	n.pr = replica.NewPeerReplicator(cfg.Replica.Factor, cfg.WriteQuorum(), rt.replicaView, n.links, n.log)
