@@ -981,7 +981,7 @@ func (p *PeerReplicator) Replicate(ops []store.Op, sync bool, quorum func(error)
 		}
 		parts = append(parts, body)
 		buckets := s.buckets
-		result := joinN(len(parts), func(err error) {
+		result := JoinN(len(parts), func(err error) {
 			if err != nil {
 				p.log.Warn("replication to peer failed", "peer", id, "queues", buckets, "err", err)
 				if p.src != nil {
@@ -1024,9 +1024,9 @@ func opWireSize(op *store.Op) int {
 	return 1 + 3*binary.MaxVarintLen64 + len(op.Bucket) + len(op.Value)
 }
 
-// joinN returns a callback to be called n times that calls done once,
+// JoinN returns a callback to be called n times that calls done once,
 // with the first error, after the n-th call.
-func joinN(n int, done func(error)) func(error) {
+func JoinN(n int, done func(error)) func(error) {
 	var mu sync.Mutex
 	var first error
 	return func(err error) {

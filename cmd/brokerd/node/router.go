@@ -591,7 +591,7 @@ func (rt *router) Apply(b *replica.Batch, done func(error)) error {
 		// Encoded before the local fan-out, which may touch them.
 		body = encodeMessages(nil, topics)
 	}
-	all := joinAll(n, done)
+	all := replica.JoinN(n, done)
 	if len(local.Sends) > 0 || len(local.Acks) > 0 || len(remote)+len(routed) == 0 {
 		localDone := all
 		if len(local.Sends) > 0 && len(local.Acks) == 0 && len(topics) == 0 {
@@ -611,30 +611,6 @@ func (rt *router) Apply(b *replica.Batch, done func(error)) error {
 		rt.broadcastTopics(v, body)
 	}
 	return nil
-}
-
-// joinAll returns a function to be called n times; done gets the first
-// error, or nil, after the last call.
-func joinAll(n int, done func(error)) func(error) {
-	if n <= 1 {
-		return done
-	}
-	var mu sync.Mutex
-	var first error
-	left := n
-	return func(err error) {
-		mu.Lock()
-		if err != nil && first == nil {
-			first = err
-		}
-		left--
-		last := left == 0
-		e := first
-		mu.Unlock()
-		if last {
-			done(e)
-		}
-	}
 }
 
 // failoverBudget is how long a forwarded SEND is retried, through
@@ -658,7 +634,7 @@ func (rt *router) forwardSends(owner string, msgs []*replica.Message, since time
 			size += len(h) + 8
 		}
 		if size > maxForwardBody && i > 0 {
-			all := joinAll(2, done)
+			all := replica.JoinN(2, done)
 			rt.forwardChunk(owner, msgs[:i], since, all)
 			rt.forwardSends(owner, msgs[i:], since, all)
 			return
@@ -737,7 +713,7 @@ func (rt *router) reroute(msgs []*replica.Message, since time.Time, done func(er
 		}
 		byOwner[o] = append(byOwner[o], m)
 	}
-	all := joinAll(len(byOwner), done)
+	all := replica.JoinN(len(byOwner), done)
 	for o, ms := range byOwner {
 		if o != v.self {
 			rt.forwardSends(o, ms, since, all)
