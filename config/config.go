@@ -114,6 +114,13 @@ type Cluster struct {
 type Replica struct {
 	Factor      int // replica.factor: 2 (>= 1, <= cluster.active_members with gossip), the copies R of every queued message; capped at run time by the number of active members
 	WriteQuorum int // replica.write_quorum: 0 (0..replica.factor), the copies W durable before a RECEIPT; 0 means a majority of R (R/2+1); see Config.WriteQuorum
+	// replica.tombstone_ttl: 5m (>= 1s); an acknowledged (or expired,
+	// dead-lettered, dropped) message is remembered as removed for at least
+	// this long and at most twice it, so that a copy of it that missed the
+	// removal (a replica that was down or on the other side of a partition)
+	// is not delivered again. A copy that comes back later is delivered
+	// again, marked redelivered.
+	TombstoneTTL time.Duration
 }
 
 // WriteQuorum returns the effective replica.write_quorum W: the key's value
@@ -198,8 +205,9 @@ func Default() Config {
 			ForgetAfter:    24 * time.Hour,
 		},
 		Replica: Replica{
-			Factor:      2,
-			WriteQuorum: 0,
+			Factor:       2,
+			WriteQuorum:  0,
+			TombstoneTTL: 5 * time.Minute,
 		},
 	}
 }

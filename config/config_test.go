@@ -327,7 +327,7 @@ func TestEveryKeyFromEveryLayer(t *testing.T) {
 		Cluster: Cluster{GossipAddr: "0.0.0.0:7946", PeerAddr: ":7947", Join: []string{"a.example:7946", "[::1]:7946"},
 			ActiveMembers: 5, Name: "prod", SecretKeyFile: "/etc/brokerd/key", PromotionDelay: 0,
 			ForgetAfter: 23 * time.Hour, AllowPlaintextGossip: true},
-		Replica: Replica{Factor: 4, WriteQuorum: 1},
+		Replica: Replica{Factor: 4, WriteQuorum: 1, TombstoneTTL: 90 * time.Second},
 	}
 	file := `
 node: {name: n1, data_dir: /var/lib/brokerd}
@@ -350,7 +350,7 @@ cluster:
   promotion_delay: 0
   forget_after: 23h
   allow_plaintext_gossip: true
-replica: {factor: 4, write_quorum: 1}
+replica: {factor: 4, write_quorum: 1, tombstone_ttl: 90s}
 `
 	env := []string{
 		"BROKERD_NODE_NAME=n1", "BROKERD_NODE_DATA_DIR=/var/lib/brokerd",
@@ -372,7 +372,7 @@ replica: {factor: 4, write_quorum: 1}
 		"BROKERD_CLUSTER_JOIN=a.example:7946, [::1]:7946", "BROKERD_CLUSTER_ACTIVE_MEMBERS=5",
 		"BROKERD_CLUSTER_NAME=prod", "BROKERD_CLUSTER_SECRET_KEY_FILE=/etc/brokerd/key",
 		"BROKERD_CLUSTER_PROMOTION_DELAY=0s", "BROKERD_CLUSTER_FORGET_AFTER=23h", "BROKERD_CLUSTER_ALLOW_PLAINTEXT_GOSSIP=true",
-		"BROKERD_REPLICA_FACTOR=4", "BROKERD_REPLICA_WRITE_QUORUM=1",
+		"BROKERD_REPLICA_FACTOR=4", "BROKERD_REPLICA_WRITE_QUORUM=1", "BROKERD_REPLICA_TOMBSTONE_TTL=90s",
 	}
 	if len(env) != len(settings) {
 		t.Fatalf("env sets %d keys, there are %d", len(env), len(settings))
@@ -682,6 +682,7 @@ func TestValidate(t *testing.T) {
 		{"replica.factor 0", func(c *Config) { c.Replica.Factor = 0 }, "replica.factor", "must be >= 1, got 0"},
 		{"replica.factor negative", func(c *Config) { c.Replica.Factor = -1 }, "replica.factor", "must be >= 1, got -1"},
 		{"replica.factor 1", func(c *Config) { c.Replica.Factor = 1 }, "", ""},
+		{"replica.tombstone_ttl below 1s", func(c *Config) { c.Replica.TombstoneTTL = 500 * time.Millisecond }, "replica.tombstone_ttl", "must be at least 1s, got 500ms"},
 		{"replica.factor M with gossip", func(c *Config) {
 			c.Cluster.GossipAddr = "127.0.0.1:7946"
 			c.Replica.Factor = 3

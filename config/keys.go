@@ -78,6 +78,7 @@ var settings = []setting{
 
 	{"replica.factor", "replication-factor", "copies R of every queued message, at most cluster.active_members", func(c *Config) any { return &c.Replica.Factor }},
 	{"replica.write_quorum", "write-quorum", "copies durable before a RECEIPT, 1..R; 0 for a majority of R", func(c *Config) any { return &c.Replica.WriteQuorum }},
+	{"replica.tombstone_ttl", "", "", func(c *Config) any { return &c.Replica.TombstoneTTL }},
 }
 
 // sizeKeys are the keys whose value is a number of bytes: besides a plain

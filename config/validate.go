@@ -8,6 +8,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"time"
 	"unicode"
 )
 
@@ -125,6 +126,9 @@ func (c Config) problems() []error {
 		check("replica.factor", fmt.Errorf("must be >= 1, got %d", c.Replica.Factor))
 	} else if c.Cluster.GossipAddr != "" && c.Cluster.ActiveMembers >= 1 && c.Replica.Factor > c.Cluster.ActiveMembers {
 		check("replica.factor", fmt.Errorf("%d is more than cluster.active_members (%d)", c.Replica.Factor, c.Cluster.ActiveMembers))
+	}
+	if c.Replica.TombstoneTTL < time.Second {
+		check("replica.tombstone_ttl", fmt.Errorf("must be at least 1s, got %v", c.Replica.TombstoneTTL))
 	}
 	if c.Replica.WriteQuorum < 0 {
 		check("replica.write_quorum", fmt.Errorf("must be >= 0 (0 for a majority of replica.factor), got %d", c.Replica.WriteQuorum))

@@ -129,6 +129,10 @@ type Config struct {
 	// ExpirySweep is how often pending messages in memory are checked for
 	// expiry, idle queues removed and unused read-ahead windows released.
 	ExpirySweep time.Duration
+	// TombstoneTTL is how often, with a Replicator, the store's tombstones
+	// rotate: a removed message is remembered between one and two of it
+	// (see store.OpTombstone). 0 never forgets them.
+	TombstoneTTL time.Duration
 	// Registerer receives the metrics; nil means none.
 	Registerer prometheus.Registerer
 	// Logger receives the node's logs.
@@ -152,6 +156,7 @@ func DefaultConfig() Config {
 		Overflow:          OverflowRejectPublish,
 		IdleDeleteAfter:   time.Hour,
 		ExpirySweep:       time.Second,
+		TombstoneTTL:      5 * time.Minute,
 		Logger:            slog.Default(),
 		Now:               time.Now,
 	}
@@ -825,12 +830,19 @@ func (n *Node) sweepLoop() {
 	defer n.wg.Done()
 	t := time.NewTicker(n.cfg.ExpirySweep)
 	defer t.Stop()
+	rotated := n.cfg.Now()
 	for {
 		select {
 		case <-n.stop:
 			return
 		case <-t.C:
 			n.sweep()
+			if now := n.cfg.Now(); n.rep != nil && n.cfg.TombstoneTTL > 0 && now.Sub(rotated) >= n.cfg.TombstoneTTL {
+				rotated = now
+				// A node's own housekeeping: not replicated (each node
+				// forgets its tombstones on its own clock).
+				n.st.Submit([]store.Op{{Kind: store.OpRotateTombstones}}, false, n.internalDone)
+			}
 		}
 	}
 }

@@ -52,6 +52,19 @@ type destination struct {
 	removed     bool // taken out of Node.dests by the sweeper
 }
 
+// removeOp removes the message under key for good (acknowledged,
+// expired, dead-lettered, dropped by overflow). With a Replicator it
+// leaves a tombstone, so a copy of the message that reaches this bucket
+// later (a replica that missed the removal, a peer's copy pulled at a
+// take-over) stays removed; a node of its own needs none.
+func (d *destination) removeOp(key uint64) store.Op {
+	kind := store.OpDelete
+	if d.n.rep != nil {
+		kind = store.OpTombstone
+	}
+	return store.Op{Kind: kind, Bucket: d.name, Key: key}
+}
+
 func (d *destination) memLen() int { return len(d.window) - d.head + len(d.requeued) }
 
 // readyLen is the number of pending messages, in memory and on disk.
@@ -161,7 +174,7 @@ func (d *destination) enforceLimitsLocked() []store.Op {
 			d.expiring--
 		}
 		d.n.m.droppedHead.Inc()
-		ops = append(ops, store.Op{Kind: store.OpDelete, Bucket: d.name, Key: m.Seq})
+		ops = append(ops, d.removeOp(m.Seq))
 	}
 	if d.onDisk > 0 && ((cfg.MaxLength > 0 && d.readyLen() > cfg.MaxLength) ||
 		(cfg.MaxBytes > 0 && d.readyBytes() > cfg.MaxBytes)) {
@@ -193,7 +206,7 @@ func (d *destination) pop() *Message {
 
 func (d *destination) expiredOp(m *Message) store.Op {
 	d.n.m.expired.Inc()
-	return store.Op{Kind: store.OpDelete, Bucket: d.name, Key: m.Seq}
+	return d.removeOp(m.Seq)
 }
 
 // expireLocked drops the expired messages held in memory.
@@ -335,7 +348,7 @@ func (d *destination) requeueLocked(m *Message, delivered bool, ops []store.Op, 
 		// The dead-letter queue is found, and the message reserved on it,
 		// by commit: d.mu is held here, and Node.mu comes before it.
 		nk.add(nil, dl)
-		return append(ops, store.Op{Kind: store.OpDelete, Bucket: d.name, Key: m.Seq})
+		return append(ops, d.removeOp(m.Seq))
 	}
 	heap.Push(&d.requeued, m)
 	d.reqBytes += int64(len(m.Body))

@@ -62,9 +62,10 @@ var (
 )
 
 // Wire form of a batch of replicated ops: each op is its kind (one byte:
-// 1 put, 2 delete, 4 delete-bucket, and for catch-up 5 begin, 6 put, 7
-// end), the bucket (uvarint length, bytes), then for puts and deletes the
-// key (uvarint), and for puts the value (uvarint length, bytes).
+// 1 put, 2 delete, 4 delete-bucket, 8 tombstone, and for catch-up 5
+// begin, 6 put, 7 end), the bucket (uvarint length, bytes), then for puts,
+// deletes and tombstones the key (uvarint), and for puts the value
+// (uvarint length, bytes).
 const (
 	wirePut          = byte(store.OpPut)
 	wireDelete       = byte(store.OpDelete)
@@ -76,7 +77,24 @@ const (
 	wireCatchUpBegin = byte(5)
 	wireCatchUpPut   = byte(6)
 	wireCatchUpEnd   = byte(7)
+	// A tombstone removes a message and keeps it removed (store.OpTombstone).
+	wireTombstone = byte(8)
 )
+
+// wireKind is the wire kind of a plain store op (0: not replicated).
+func wireKind(k store.OpKind) byte {
+	switch k {
+	case store.OpPut:
+		return wirePut
+	case store.OpDelete:
+		return wireDelete
+	case store.OpDeleteBucket:
+		return wireDeleteBucket
+	case store.OpTombstone:
+		return wireTombstone
+	}
+	return 0
+}
 
 // wireOp is one decoded op with its wire kind.
 type wireOp struct {
@@ -89,9 +107,8 @@ type wireOp struct {
 func AppendOps(b []byte, ops []store.Op) []byte {
 	for i := range ops {
 		op := &ops[i]
-		switch op.Kind {
-		case store.OpPut, store.OpDelete, store.OpDeleteBucket:
-			b = appendWire(b, byte(op.Kind), op)
+		if k := wireKind(op.Kind); k != 0 {
+			b = appendWire(b, k, op)
 		}
 	}
 	return b
@@ -106,7 +123,7 @@ func appendWire(b []byte, kind byte, op *store.Op) []byte {
 		b = binary.AppendUvarint(b, op.Key)
 		b = binary.AppendUvarint(b, uint64(len(op.Value)))
 		b = append(b, op.Value...)
-	case wireDelete:
+	case wireDelete, wireTombstone:
 		b = binary.AppendUvarint(b, op.Key)
 	}
 	return b
@@ -127,7 +144,7 @@ func DecodeOps(b []byte) ([]store.Op, error) {
 	}
 	ops := make([]store.Op, len(wops))
 	for i, w := range wops {
-		if w.kind != byte(w.op.Kind) {
+		if w.kind != wireKind(w.op.Kind) {
 			return nil, fmt.Errorf("%w: catch-up op %d in a plain batch", ErrBadAppend, w.kind)
 		}
 		ops[i] = w.op
@@ -147,6 +164,8 @@ func decodeWire(b []byte) ([]wireOp, error) {
 			sk = store.OpPut
 		case wireDelete:
 			sk = store.OpDelete
+		case wireTombstone:
+			sk = store.OpTombstone
 		case wireDeleteBucket, wireCatchUpBegin, wireCatchUpEnd:
 			sk = store.OpDeleteBucket // begin's effect; end writes nothing
 		default:
@@ -161,7 +180,7 @@ func decodeWire(b []byte) ([]wireOp, error) {
 		if k, err := ParseDestination(op.Bucket); err != nil || k != KindQueue {
 			return nil, fmt.Errorf("%w: %q is not a queue", ErrBadAppend, op.Bucket)
 		}
-		if sk == store.OpPut || sk == store.OpDelete {
+		if sk == store.OpPut || sk == store.OpDelete || sk == store.OpTombstone {
 			key, n := binary.Uvarint(b)
 			if n <= 0 || key == 0 {
 				return nil, fmt.Errorf("%w: key", ErrBadAppend)
@@ -526,6 +545,17 @@ type CatchUpSource interface {
 	Scan(bucket string, after uint64, limit int, maxBytes int, fn func(key uint64, value []byte) error) error
 }
 
+// TombstoneSource is a CatchUpSource that also keeps tombstones (the
+// store): a catch-up then sends the queue's tombstones too, so the
+// replica removes what it holds of messages removed while its copy
+// missed the removals.
+type TombstoneSource interface {
+	ScanTombstones(bucket string, after uint64, limit int, fn func(key uint64) error) error
+}
+
+// catchUpTombstones bounds the tombstones of one catch-up batch.
+const catchUpTombstones = 8192
+
 // EnableCatchUp makes the replicator rebuild a peer's copy of a queue
 // from src before relying on it: the first write it sends a peer for a
 // queue (since the peer became active, or since a batch to it failed)
@@ -692,6 +722,31 @@ func (p *PeerReplicator) catchUpOnce(peer, dest string, gen uint64) error {
 		p.peers.Append(peer, p.view().Epoch, body, func(err error) { ch <- err })
 		p.sendMu.Unlock()
 		return <-ch
+	}
+	// Tombstones first: they remove what the replica holds of messages
+	// the owner no longer has, and a tombstone is never recorded as a
+	// live write there (it wins over any put, whatever the order).
+	if ts, ok := p.src.(TombstoneSource); ok {
+		var after uint64
+		for {
+			var body []byte
+			n := 0
+			err := ts.ScanTombstones(dest, after, catchUpTombstones, func(key uint64) error {
+				body = appendWire(body, wireTombstone, &store.Op{Bucket: dest, Key: key})
+				after = key
+				n++
+				return nil
+			})
+			if err != nil {
+				return err
+			}
+			if n == 0 {
+				break
+			}
+			if err := send(body); err != nil {
+				return err
+			}
+		}
 	}
 	var after uint64
 	for {

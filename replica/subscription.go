@@ -83,7 +83,7 @@ func (s *Subscription) Written(tags ...uint64) {
 			s.removeLocked(tag, e)
 			d.n.m.acked.Inc()
 			if d.kind == KindQueue {
-				ops = append(ops, store.Op{Kind: store.OpDelete, Bucket: d.name, Key: e.msg.Seq})
+				ops = append(ops, d.removeOp(e.msg.Seq))
 			}
 		}
 	}
@@ -152,7 +152,7 @@ func (s *Subscription) settle(tag uint64, nack bool, ops []store.Op, nk *newKeys
 			ops = d.requeueLocked(e.msg, true, ops, nk)
 		default:
 			d.n.m.acked.Inc()
-			ops = append(ops, store.Op{Kind: store.OpDelete, Bucket: d.name, Key: e.msg.Seq})
+			ops = append(ops, d.removeOp(e.msg.Seq))
 		}
 	}
 	ops = append(ops, d.dispatchLocked()...)

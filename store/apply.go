@@ -74,7 +74,7 @@ const maxTouched = 8
 func (t *touched) add(op *Op) {
 	var k uint64
 	switch op.Kind {
-	case OpPut, OpDelete:
+	case OpPut, OpDelete, OpTombstone:
 		k = op.Key
 	case OpDeleteBucket:
 		k = ^uint64(0)

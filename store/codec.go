@@ -17,6 +17,8 @@ import (
 //	OpDelete:  [bucket] uvarint key
 //	OpDeleteBucket: [bucket]
 //	OpPutMeta: uvarint len, name, uvarint len, value
+//	OpTombstone: [bucket] uvarint key
+//	OpRotateTombstones: nothing more
 //
 // where [bucket] is uvarint len, name, absent with sameBucket.
 
@@ -26,7 +28,8 @@ const sameBucket = 0x80
 // the log can be applied (replay must never fail on a record it accepted).
 func validateOp(op *Op) error {
 	switch op.Kind {
-	case OpPut, OpDelete, OpDeleteBucket:
+	case OpRotateTombstones:
+	case OpPut, OpDelete, OpDeleteBucket, OpTombstone:
 		if len(queuePrefix)+len(op.Bucket) > bolt.MaxKeySize {
 			return fmt.Errorf("bucket name of %d bytes is too long", len(op.Bucket))
 		}
@@ -61,7 +64,9 @@ type encoder struct {
 func (e *encoder) append(op *Op) {
 	kind := byte(op.Kind)
 	switch op.Kind {
-	case OpPut, OpDelete, OpDeleteBucket:
+	case OpRotateTombstones:
+		e.buf = append(e.buf, kind)
+	case OpPut, OpDelete, OpDeleteBucket, OpTombstone:
 		if e.haveBkt && e.bucket == op.Bucket {
 			e.buf = append(e.buf, kind|sameBucket)
 		} else {
@@ -117,7 +122,9 @@ func decodeOps(p []byte, fn func(*rawOp) error) error {
 		op.kind = OpKind(kind &^ sameBucket)
 		ok := true
 		switch op.kind {
-		case OpPut, OpDelete, OpDeleteBucket:
+		case OpRotateTombstones:
+			ok = kind&sameBucket == 0
+		case OpPut, OpDelete, OpDeleteBucket, OpTombstone:
 			if kind&sameBucket != 0 {
 				ok = haveBkt
 			} else {
@@ -204,6 +211,7 @@ type txApplier struct {
 	name    []byte
 	key     [8]byte
 	touched map[string]*bucketStats // stats to write back at the end
+	tombs   tombTx
 }
 
 func weighLen(v []byte) int64 { return int64(len(v)) }
@@ -256,7 +264,20 @@ func (a *txApplier) old(key []byte) ([]byte, bool) {
 
 func (a *txApplier) apply(op *rawOp) error {
 	switch op.kind {
-	case OpPut, OpDelete:
+	case OpPut, OpDelete, OpTombstone:
+		if op.kind == OpTombstone {
+			if err := a.tombs.add(op.bucket, op.key); err != nil {
+				return err
+			}
+		} else if op.kind == OpPut {
+			dead, err := a.tombs.has(op.bucket, op.key)
+			if err != nil {
+				return err
+			}
+			if dead {
+				return nil // removed for good: a stale copy
+			}
+		}
 		if err := a.bucket(op.bucket, op.kind == OpPut); err != nil {
 			return err
 		}
@@ -296,6 +317,8 @@ func (a *txApplier) apply(op *rawOp) error {
 		if err := a.meta.Put(op.name, op.value); err != nil {
 			return fmt.Errorf("meta %q: %w", op.name, err)
 		}
+	case OpRotateTombstones:
+		return a.tombs.rotate()
 	}
 	return nil
 }
@@ -314,7 +337,9 @@ func newTxApplier(tx *bolt.Tx, weigh func([]byte) int64) *txApplier {
 	if weigh == nil {
 		weigh = weighLen
 	}
-	return &txApplier{tx: tx, meta: tx.Bucket(bucketMeta), stats: tx.Bucket(statsBucket), weigh: weigh, touched: map[string]*bucketStats{}}
+	a := &txApplier{tx: tx, meta: tx.Bucket(bucketMeta), stats: tx.Bucket(statsBucket), weigh: weigh, touched: map[string]*bucketStats{}}
+	a.tombs.tx, a.tombs.stats = tx, a.stats
+	return a
 }
 
 // applyPayloads applies payloads, in order, in one bbolt transaction. The

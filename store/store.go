@@ -179,6 +179,15 @@ const (
 	// OpDeleteBucket removes Bucket with its entries and stats; deleting
 	// a missing bucket is not an error.
 	OpDeleteBucket
+	// OpTombstone removes (Bucket, Key) as OpDelete does and remembers
+	// that it was removed: until the tombstone expires (two rotations,
+	// see OpRotateTombstones), a put of that key into Bucket is ignored.
+	// So a removal and a put of the same key give the same state in
+	// either order (see tombstone.go).
+	OpTombstone
+	// OpRotateTombstones forgets the tombstones older than the last
+	// rotation: each lives between one and two rotation periods.
+	OpRotateTombstones
 )
 
 func (k OpKind) String() string {
@@ -191,6 +200,10 @@ func (k OpKind) String() string {
 		return "put-meta"
 	case OpDeleteBucket:
 		return "delete-bucket"
+	case OpTombstone:
+		return "tombstone"
+	case OpRotateTombstones:
+		return "rotate-tombstones"
 	}
 	return fmt.Sprintf("OpKind(%d)", int(k))
 }

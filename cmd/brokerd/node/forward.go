@@ -24,7 +24,7 @@ const (
 	opUnsubscribe = "unsubscribe"  // x-sub
 	opAck         = "ack"          // x-sub, x-tag, x-nack, x-sync
 	opPoll        = "poll"         // body: "sub credit" lines; answer: deliveries, x-gone
-	opPull        = "pull"         // destination, x-after; answer: replica wire ops, x-count, x-after, x-more
+	opPull        = "pull"         // destination, x-after, x-tombstones; answer: replica wire ops, x-count, x-after, x-more
 	opDests       = "destinations" // answer: JSON of the destinations the node serves (admin)
 	opMerge       = "merge"        // destination: the sender released its copy; take the queue over again
 
@@ -37,6 +37,7 @@ const (
 	hdrAfter    = "x-after"
 	hdrCount    = "x-count"
 	hdrMore     = "x-more"
+	hdrTombs    = "x-tombstones" // on a pull: "1" reads the queue's tombstones instead of its messages
 
 	codeNotOwner   = "not-owner"
 	codeQueueFull  = "queue-full"
@@ -353,7 +354,11 @@ func forwardHandler(rt *router, log *slog.Logger) func(peer string, f *frame.Fra
 				return
 			}
 			go func() {
-				body, n, last, more, err := rt.host.pullChunk(dest, after)
+				pull := rt.host.pullChunk
+				if f.Header.Get(hdrTombs) == "1" {
+					pull = rt.host.pullTombstones
+				}
+				body, n, last, more, err := pull(dest, after)
 				if err != nil {
 					reply(stomp.PeerFail("store", err.Error()))
 					return

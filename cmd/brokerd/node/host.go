@@ -392,6 +392,27 @@ func (h *host) pullChunk(dest string, after uint64) (body []byte, n int, last ui
 	return replica.AppendOps(nil, ops), len(ops), last, more, nil
 }
 
+// pullTombstones reads dest's tombstones above key after, for a new
+// owner taking the queue over: it applies them, so that copies of
+// messages removed here (acknowledged, expired, dead-lettered) are not
+// delivered again.
+func (h *host) pullTombstones(dest string, after uint64) (body []byte, n int, last uint64, more bool, err error) {
+	var ops []store.Op
+	err = h.rt.st.ScanTombstones(dest, after, pullTombstones+1, func(k uint64) error {
+		if len(ops) == pullTombstones {
+			more = true
+			return nil
+		}
+		ops = append(ops, store.Op{Kind: store.OpTombstone, Bucket: dest, Key: k})
+		last = k
+		return nil
+	})
+	if err != nil || len(ops) == 0 {
+		return nil, 0, after, false, err
+	}
+	return replica.AppendOps(nil, ops), len(ops), last, more, nil
+}
+
 // workQueue runs functions one at a time in push order on its own
 // goroutine, which ends when the queue is empty. Its length is bounded by
 // the peer server's requests in flight per connection.

@@ -154,6 +154,7 @@ func NewWithOptions(cfg config.Config, log *slog.Logger, opts Options) (*Node, e
 	rcfg.IdleDeleteAfter = cfg.Queue.IdleDeleteAfter
 	rcfg.ReadAheadMessages = cfg.Queue.ReadAheadMessages
 	rcfg.ReadAheadBytes = cfg.Queue.ReadAheadBytes
+	rcfg.TombstoneTTL = cfg.Replica.TombstoneTTL
 	rcfg.Registerer = reg
 	rcfg.Logger = log
 	rep := replica.New(rcfg, st)

@@ -431,8 +431,9 @@ func (rt *router) ensureOwned(dest string) error {
 
 // pullChunk bounds one pull reply.
 const (
-	pullMessages = 512
-	pullBytes    = 1 << 20
+	pullMessages   = 512
+	pullBytes      = 1 << 20
+	pullTombstones = 16384
 )
 
 func (rt *router) takeOver(dest string) error {
@@ -448,7 +449,13 @@ func (rt *router) takeOver(dest string) error {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			n, err := rt.pull(peer, dest, v)
+			// Tombstones and messages in either order: a copy of a
+			// message removed at the peer is ignored by the store, and
+			// a tombstone removes a copy already here.
+			if _, err := rt.pull(peer, dest, v, true); err != nil {
+				rt.log.Warn("taking over a queue: a peer's acknowledgements could not be read; messages it removed may come back", "dest", dest, "peer", peer, "err", err)
+			}
+			n, err := rt.pull(peer, dest, v, false)
 			if err != nil {
 				rt.log.Warn("taking over a queue: a peer's copy could not be read; messages only it holds stay there", "dest", dest, "peer", peer, "err", err)
 				return
@@ -464,8 +471,10 @@ func (rt *router) takeOver(dest string) error {
 	return rt.rep.Adopt(dest)
 }
 
-// pull copies peer's bucket of dest into the local store.
-func (rt *router) pull(peer, dest string, v viewSnap) (int, error) {
+// pull copies peer's bucket of dest into the local store, or with
+// tombs its tombstones of dest.
+func (rt *router) pull(peer, dest string, v viewSnap, tombs bool) (int, error) {
+
 	var after uint64
 	total := 0
 	for {
@@ -473,7 +482,11 @@ func (rt *router) pull(peer, dest string, v viewSnap) (int, error) {
 		var rerr error
 		done := make(chan struct{})
 		ctx, cancel := context.WithTimeout(context.Background(), forwardTimeout)
-		err := rt.fwd.request(ctx, peer, opPull, []string{frame.Destination, dest, hdrAfter, fmt.Sprint(after)}, nil, func(f *frame.Frame, err error) {
+		hdrs := []string{frame.Destination, dest, hdrAfter, fmt.Sprint(after)}
+		if tombs {
+			hdrs = append(hdrs, hdrTombs, "1")
+		}
+		err := rt.fwd.request(ctx, peer, opPull, hdrs, nil, func(f *frame.Frame, err error) {
 			resp, rerr = f, err
 			close(done)
 		})
