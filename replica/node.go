@@ -830,14 +830,14 @@ func (n *Node) sweepLoop() {
 	defer n.wg.Done()
 	t := time.NewTicker(n.cfg.ExpirySweep)
 	defer t.Stop()
-	rotated := n.cfg.Now()
+	rotated := time.Now() // housekeeping on the real clock, not Config.Now
 	for {
 		select {
 		case <-n.stop:
 			return
 		case <-t.C:
 			n.sweep()
-			if now := n.cfg.Now(); n.rep != nil && n.cfg.TombstoneTTL > 0 && now.Sub(rotated) >= n.cfg.TombstoneTTL {
+			if now := time.Now(); n.rep != nil && n.cfg.TombstoneTTL > 0 && now.Sub(rotated) >= n.cfg.TombstoneTTL {
 				rotated = now
 				// A node's own housekeeping: not replicated (each node
 				// forgets its tombstones on its own clock).

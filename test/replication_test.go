@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"net"
 	"os"
+	"slices"
 	"strconv"
 	"sync"
 	"testing"
@@ -15,6 +16,7 @@ import (
 	"github.com/brokerd/brokerd/cluster"
 	"github.com/brokerd/brokerd/cmd/brokerd/node"
 	"github.com/brokerd/brokerd/config"
+	"github.com/brokerd/brokerd/replica"
 	"github.com/brokerd/brokerd/test/netsim"
 	"github.com/go-stomp/stomp/v3"
 	"github.com/hashicorp/memberlist"
@@ -321,5 +323,162 @@ func TestReplicationPartitionHeal(t *testing.T) {
 	}
 	if len(receipted) < 400 {
 		t.Fatalf("only %d sends receipted: a side did not serve during the split", len(receipted))
+	}
+}
+
+// TestReplicationAckedStaysAckedAfterHeal: 3 nodes, M=3, R=2. Messages
+// are sent to queues of which node c holds a copy; c is cut off, and the
+// other side consumes every message with client-individual acks (a
+// receipted DISCONNECT confirms them). c's copies missed those acks. After
+// the heal the acks and c's copies meet: draining every queue finds
+// nothing that was acknowledged (the acks are remembered as tombstones,
+// replica.tombstone_ttl), and nothing receipted and unacknowledged is
+// lost.
+func TestReplicationAckedStaysAckedAfterHeal(t *testing.T) {
+	if testing.Short() {
+		t.Skip("in-process cluster")
+	}
+	mb := newMemBrokers(t, 3, 2, "a", "b", "c")
+	mb.waitConverged(15*time.Second, mb.names)
+	st := mb.brokers["a"].Cluster().Status()
+	cID := mb.brokers["c"].Cluster().Status().NodeID
+	var queues []string
+	for i := 0; len(queues) < 3; i++ {
+		q := "/queue/heal" + strconv.Itoa(i)
+		if slices.Contains(replica.ReplicaSet(q, st.ActiveSet, 2), cID) {
+			queues = append(queues, q)
+		}
+	}
+	const perQueue = 60
+	sent := map[string]bool{}
+	c, err := mb.dial("a")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, q := range queues {
+		for i := range perQueue {
+			body := q + "#" + strconv.Itoa(i)
+			if err := c.Send(q, "text/plain", []byte(body), stomp.SendOpt.Receipt); err != nil {
+				t.Fatalf("send before the split: %v", err)
+			}
+			sent[body] = true
+		}
+	}
+	_ = c.Disconnect()
+
+	mb.net.Partition([]string{"a", "b"}, []string{"c"})
+	mb.waitConverged(15*time.Second, []string{"a", "b"}, []string{"c"})
+
+	// Consume everything on the majority side; keep only what a receipted
+	// DISCONNECT confirmed (an ACK refused while the sides renegotiate
+	// leaves its message, which may then come back).
+	acked := map[string]bool{}
+	for _, q := range queues {
+		deadline := time.Now().Add(20 * time.Second)
+		for done := false; !done; {
+			if time.Now().After(deadline) {
+				t.Fatalf("consume %s during the split: not done in 20 s", q)
+			}
+			c, err := mb.dial("b")
+			if err != nil {
+				t.Fatal(err)
+			}
+			sub, err := c.Subscribe(q, stomp.AckClientIndividual, stomp.SubscribeOpt.Header("prefetch-count", "8"))
+			if err != nil {
+				t.Fatal(err)
+			}
+			var batch []string
+		read:
+			for {
+				select {
+				case m := <-sub.C:
+					if m.Err != nil {
+						break read
+					}
+					if c.Ack(m) != nil {
+						break read
+					}
+					batch = append(batch, string(m.Body))
+				case <-time.After(time.Second):
+					done = true
+					break read
+				}
+			}
+			if c.Disconnect() == nil {
+				for _, b := range batch {
+					acked[b] = true
+				}
+			} else {
+				done = false
+			}
+		}
+	}
+	if len(acked) < len(sent)/2 {
+		t.Fatalf("only %d of %d messages consumed during the split", len(acked), len(sent))
+	}
+
+	mb.net.Heal()
+	mb.waitConverged(20*time.Second, mb.names)
+
+	got := map[string]int{}
+	for _, via := range []string{"c", "a"} {
+		for _, q := range queues {
+			deadline := time.Now().Add(20 * time.Second)
+			for quiet := false; !quiet; {
+				if time.Now().After(deadline) {
+					t.Fatalf("drain %s: errors for 20 s", q)
+				}
+				c, err := mb.dial(via)
+				if err != nil {
+					t.Fatal(err)
+				}
+				sub, err := c.Subscribe(q, stomp.AckClientIndividual, stomp.SubscribeOpt.Header("prefetch-count", "8"))
+				if err != nil {
+					t.Fatal(err)
+				}
+			drain:
+				for {
+					select {
+					case m := <-sub.C:
+						if m.Err != nil {
+							break drain
+						}
+						got[string(m.Body)]++
+						if acked[string(m.Body)] && len(got) <= 3 {
+							t.Logf("via %s at %s: acknowledged during the split and delivered again: %s message-id %s redelivered %s",
+								via, time.Now().Format("15:04:05.000"), m.Body, m.Header.Get("message-id"), m.Header.Get("redelivered"))
+						}
+						if c.Ack(m) != nil {
+							break drain
+						}
+					case <-time.After(1500 * time.Millisecond):
+						quiet = true
+						break drain
+					}
+				}
+				_ = c.Disconnect()
+			}
+		}
+	}
+	again, lost := 0, 0
+	var example []string
+	for b := range sent {
+		switch {
+		case acked[b] && got[b] > 0:
+			again++
+			if len(example) < 5 {
+				example = append(example, b)
+			}
+		case !acked[b] && got[b] == 0:
+			lost++
+		}
+	}
+	t.Logf("sent %d, acknowledged during the split %d, drained after the heal %d; acknowledged and delivered again %d; lost %d",
+		len(sent), len(acked), len(got), again, lost)
+	if lost > 0 {
+		t.Fatalf("%d receipted, unacknowledged messages lost", lost)
+	}
+	if again > 0 {
+		t.Fatalf("%d messages acknowledged during the split were delivered again after the heal, e.g. %v", again, example)
 	}
 }

@@ -88,7 +88,10 @@ func (h *host) sig(peer string) chan struct{} {
 // subscribe opens subscription id of peer on dest, which this node must
 // own. Subscribing again with the same id is a no-op.
 func (h *host) subscribe(peer, id, dest string, mode replica.AckMode, prefetch int) error {
-	v := h.rt.view()
+	// A fresh view (it becomes the cached one): ensureOwned takes the
+	// queue over again if nodes appeared since it was taken over, and a
+	// new subscription must not start on an unmerged queue.
+	v := h.rt.refresh()
 	if o := h.rt.ownerOf(v, dest); o != v.self {
 		return fmt.Errorf("%w: %s is owned by %s", errNotOwner, dest, o)
 	}

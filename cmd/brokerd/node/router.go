@@ -38,6 +38,11 @@ type viewSnap struct {
 	peers  map[string]string // alive nodes but self, and not refusing connections: peer-link address ("" unknown)
 	addrs  map[string]string // every alive node but self (refusing or not): peer-link address
 	at     time.Time
+	// joins counts the times a peer appeared in this node's views that
+	// was not in the view loaded before (a partition healed, a node
+	// started or came back): a queue taken over under fewer joins may
+	// lack copies and acknowledgements those peers hold.
+	joins uint64
 }
 
 // viewTTL bounds how stale the router's membership snapshot may be.
@@ -68,6 +73,9 @@ type router struct {
 	// it was last up: the host answers and the process is gone. Their
 	// queues fail over at once, before gossip's verdict. Guarded by vmu.
 	refused map[string]bool
+	// Under vmu: the peers of the last view loaded, and the joins seen.
+	lastPeers map[string]string
+	joins     uint64
 
 	omu   sync.Mutex
 	owned map[string]*ownState // queues this node owns: pulled, adopted
@@ -102,9 +110,15 @@ func newRouterMetrics(reg prometheus.Registerer) routerMetrics {
 }
 
 type ownState struct {
-	done chan struct{}
-	err  error
+	done  chan struct{}
+	err   error
+	joins uint64 // viewSnap.joins when the take-over began (set before done closes)
 }
+
+// staleIn reports whether a peer joined v since the queue was taken
+// over: it may hold copies and acknowledgements (a partition healed, a
+// node came back) that were not merged.
+func (st *ownState) staleIn(v viewSnap) bool { return v.joins > st.joins }
 
 func newRouter(rep *replica.Node, st *store.Store, r int, status func() cluster.Status, fwd *fwdLinks, log *slog.Logger, reg prometheus.Registerer) *router {
 	rt := &router{
@@ -185,6 +199,15 @@ func (rt *router) load() viewSnap {
 			v.active = append(v.active, id)
 		}
 	}
+	if rt.lastPeers != nil {
+		for p := range v.peers {
+			if _, ok := rt.lastPeers[p]; !ok {
+				rt.joins++
+			}
+		}
+	}
+	rt.lastPeers = v.peers
+	v.joins = rt.joins
 	return v
 }
 
@@ -249,7 +272,7 @@ func (rt *router) watch() {
 	defer t.Stop()
 	var last cluster.EpochID
 	var lastSet string
-	var lastPeers map[string]string
+	lastJoins := rt.refresh().joins
 	for {
 		select {
 		case <-rt.stop:
@@ -260,15 +283,8 @@ func (rt *router) watch() {
 		for p := range v.peers {
 			_, _ = rt.fwd.get(p) // a link to every peer: each hears a refusal
 		}
-		joined := false
-		if lastPeers != nil {
-			for p := range v.peers {
-				if _, ok := lastPeers[p]; !ok {
-					joined = true
-				}
-			}
-		}
-		lastPeers = v.peers
+		joined := v.joins != lastJoins
+		lastJoins = v.joins
 		// Queues served here outside the router's take-over (a
 		// dead-letter move into a queue another node owns, a write
 		// racing a release) are released whatever the epoch.
@@ -403,22 +419,43 @@ func (rt *router) merge(dest string) {
 // the first time, it pulls from every other alive node the messages of
 // dest it lacks (the union of the surviving copies), then adopts the
 // queue. Concurrent callers wait for the first.
+//
+// A queue taken over before nodes appeared in the view (a partition
+// healed, a node came back) is taken over again before it is served:
+// the watch would do it within a tick, but until then this node would
+// deliver messages acknowledged on the other side.
 func (rt *router) ensureOwned(dest string) error {
-	rt.omu.Lock()
-	st := rt.owned[dest]
-	if st != nil {
+	for {
+		rt.omu.Lock()
+		st := rt.owned[dest]
+		if st == nil {
+			break
+		}
 		rt.omu.Unlock()
 		select {
 		case <-st.done:
-			return st.err
 		case <-time.After(forwardTimeout):
 			return fmt.Errorf("%w: taking over %s is still in progress", replica.ErrNoQuorum, dest)
 		}
+		if st.err != nil || !st.staleIn(rt.view()) {
+			return st.err
+		}
+		rt.omu.Lock()
+		if rt.owned[dest] == st {
+			delete(rt.owned, dest)
+			rt.omu.Unlock()
+			rt.log.Info("nodes joined the view since this queue was taken over: taking it over again before serving it", "dest", dest)
+			rt.host.closeDest(dest)
+			rt.rep.Release(dest)
+			rt.m.released.Inc()
+			continue
+		}
+		rt.omu.Unlock()
 	}
-	st = &ownState{done: make(chan struct{})}
+	st := &ownState{done: make(chan struct{})}
 	rt.owned[dest] = st
 	rt.omu.Unlock()
-	err := rt.takeOver(dest)
+	err := rt.takeOver(dest, st)
 	if err != nil {
 		rt.omu.Lock()
 		delete(rt.owned, dest)
@@ -436,26 +473,23 @@ const (
 	pullTombstones = 16384
 )
 
-func (rt *router) takeOver(dest string) error {
+func (rt *router) takeOver(dest string, st *ownState) error {
 	if rt.rep.Adopted(dest) {
 		// Adopted outside a take-over (a dead-letter move, a write that
 		// raced a release): start over, so the other copies are merged.
 		rt.host.closeDest(dest)
 		rt.rep.Release(dest)
 	}
-	v := rt.view()
+	// A fresh view, not the cached one: a peer that appeared in the
+	// last viewTTL must be pulled from too.
+	v := rt.refresh()
+	st.joins = v.joins
 	var wg sync.WaitGroup
 	for peer := range v.peers {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			// Tombstones and messages in either order: a copy of a
-			// message removed at the peer is ignored by the store, and
-			// a tombstone removes a copy already here.
-			if _, err := rt.pull(peer, dest, v, true); err != nil {
-				rt.log.Warn("taking over a queue: a peer's acknowledgements could not be read; messages it removed may come back", "dest", dest, "peer", peer, "err", err)
-			}
-			n, err := rt.pull(peer, dest, v, false)
+			n, err := rt.pullRetry(peer, dest, v)
 			if err != nil {
 				rt.log.Warn("taking over a queue: a peer's copy could not be read; messages only it holds stay there", "dest", dest, "peer", peer, "err", err)
 				return
@@ -469,6 +503,40 @@ func (rt *router) takeOver(dest string) error {
 	wg.Wait()
 	rt.m.takeovers.Inc()
 	return rt.rep.Adopt(dest)
+}
+
+// pullRetryFor bounds how long a take-over retries reading the copy of a
+// peer that is alive in the view but does not answer yet (its link is
+// coming up after a partition healed).
+const pullRetryFor = 2 * time.Second
+
+// pullRetry copies peer's tombstones and messages of dest into the local
+// store (either order gives the same state: a copy of a message removed
+// at the peer is ignored by the store, a tombstone removes a copy already
+// here). A failure is retried while the peer stays in the view, for up
+// to pullRetryFor: taking over without an alive peer's copy would serve
+// messages it knows were acknowledged, and leave messages only it holds
+// unserved until the next merge.
+func (rt *router) pullRetry(peer, dest string, v viewSnap) (int, error) {
+	deadline := time.Now().Add(pullRetryFor)
+	for {
+		_, err := rt.pull(peer, dest, v, true)
+		n := 0
+		if err == nil {
+			n, err = rt.pull(peer, dest, v, false)
+		}
+		if err == nil {
+			return n, nil
+		}
+		if _, alive := rt.view().peers[peer]; !alive || time.Now().After(deadline) {
+			return n, err
+		}
+		select {
+		case <-rt.stop:
+			return n, err
+		case <-time.After(50 * time.Millisecond):
+		}
+	}
 }
 
 // pull copies peer's bucket of dest into the local store, or with

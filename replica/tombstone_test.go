@@ -1,0 +1,102 @@
+package replica
+
+import (
+	"fmt"
+	"testing"
+	"time"
+
+	"github.com/brokerd/brokerd/cluster"
+	"github.com/brokerd/brokerd/store"
+)
+
+// A replica that misses acknowledgements (it was unreachable while the
+// owner's consumers acked) is repaired by the catch-up that follows: the
+// owner's tombstones remove the acknowledged messages from its copy, so
+// a later take-over there does not deliver them again. A key the replica
+// holds that the owner never removed stays (it may be the only copy of a
+// receipted message).
+func TestCatchUpRemovesMissedAcks(t *testing.T) {
+	peers := &fakePeers{nodes: map[string]*harness{}, down: map[string]bool{}, epoch: map[string]cluster.EpochID{"a": {Counter: 1}, "b": {Counter: 1}}, active: []string{"a", "b"}}
+	reps := map[string]*PeerReplicator{}
+	mk := func(id string) *harness {
+		cfg := smallWindow()
+		cfg.NodeID = id
+		h := &harness{t: t, dir: t.TempDir(), cfg: cfg}
+		h.prepSt = func(n *Node, st *store.Store) {
+			r := NewPeerReplicator(2, 1, peers.view(id), peers, nil)
+			r.EnableCatchUp(st)
+			reps[id] = r
+			n.SetReplicator(r)
+		}
+		h.start()
+		t.Cleanup(h.stop)
+		return h
+	}
+	a, b := mk("a"), mk("b")
+	peers.nodes["a"], peers.nodes["b"] = a, b
+	const q = "/queue/acks"
+	if err := a.n.Adopt(q); err != nil {
+		t.Fatal(err)
+	}
+	sendNumbered(t, a, q, 0, 400)
+	peers.drain()
+	// b holds a key of its own the owner never had.
+	own := AppendOps(nil, []store.Op{{Kind: store.OpPut, Bucket: q, Key: 1 << 63, Value: (&Message{ID: "only-here"}).encode()}})
+	ch := make(chan error, 1)
+	if err := b.n.ApplyReplicated(cluster.EpochID{Counter: 1}, cluster.EpochID{Counter: 1}, own, func(err error) { ch <- err }); err != nil || <-ch != nil {
+		t.Fatal("b's own key not stored")
+	}
+	if got := len(bucketKeys(t, b, q)); got != 401 {
+		t.Fatalf("b holds %d messages before the outage, want 401", got)
+	}
+
+	peers.mu.Lock()
+	peers.down["b"] = true
+	peers.mu.Unlock()
+	col := newCollector()
+	sub, err := a.n.Subscribe(SubOptions{Dest: q, Ack: AckClientIndividual, Prefetch: 300, Deliver: col.deliver})
+	if err != nil {
+		t.Fatal(err)
+	}
+	bt := &Batch{Sync: true}
+	for _, d := range col.wait(t, 300)[:300] {
+		bt.Acks = append(bt.Acks, AckOp{Sub: sub, Tag: d.Tag})
+	}
+	done := make(chan error, 1)
+	if err := a.n.Apply(bt, func(err error) { done <- err }); err != nil {
+		t.Fatal(err)
+	}
+	if err := <-done; err != nil {
+		t.Fatal(err) // W = 1: the owner's copy is enough
+	}
+	peers.drain()
+	if got := len(bucketKeys(t, b, q)); got != 401 {
+		t.Fatalf("b holds %d messages while down, want the 401 it had", got)
+	}
+
+	// b is back; the failed batch made its copy unknown, and the
+	// background catch-up repairs it.
+	peers.mu.Lock()
+	peers.down["b"] = false
+	peers.mu.Unlock()
+	deadline := time.Now().Add(10 * time.Second)
+	for !reps["a"].Synced("b", q) {
+		if time.Now().After(deadline) {
+			t.Fatal("catch-up of b did not complete within 10 s")
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	peers.drain()
+	want := bucketKeys(t, a, q)
+	if len(want) != 100 {
+		t.Fatalf("owner holds %d messages, want 100", len(want))
+	}
+	got := bucketKeys(t, b, q)
+	if len(got) == 0 || got[len(got)-1] != 1<<63 {
+		t.Fatalf("b's own key is gone: %v", got[max(0, len(got)-3):])
+	}
+	got = got[:len(got)-1]
+	if fmt.Sprint(got) != fmt.Sprint(want) {
+		t.Fatalf("b holds %d messages besides its own, the owner %d: the acknowledged ones came through the catch-up? first difference near %v", len(got), len(want), firstDiff(got, want))
+	}
+}
