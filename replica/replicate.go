@@ -59,6 +59,9 @@ var (
 	// ErrBadAppend: an append whose encoding or content is invalid;
 	// nothing was applied.
 	ErrBadAppend = errors.New("invalid append")
+	// ErrDiverged: an anti-entropy check found the replica's copy of a
+	// queue different from the owner's summary; the owner rebuilds it.
+	ErrDiverged = errors.New("the replica's copy differs from the owner's")
 )
 
 // Wire form of a batch of replicated ops: each op is its kind (one byte:
@@ -79,7 +82,23 @@ const (
 	wireCatchUpEnd   = byte(7)
 	// A tombstone removes a message and keeps it removed (store.OpTombstone).
 	wireTombstone = byte(8)
+	// An anti-entropy check (alone in its batch): the bucket, then the
+	// owner's count (uvarint), bytes (uvarint) and key hash (8 bytes,
+	// big-endian) of the queue as of the writes sent before it. The
+	// replica compares them with its own copy once those are applied,
+	// and answers ErrDiverged when they differ.
+	wireCheck = byte(9)
 )
+
+// appendCheck appends a check of bucket against sum to b.
+func appendCheck(b []byte, bucket string, sum store.BucketStats) []byte {
+	b = append(b, wireCheck)
+	b = binary.AppendUvarint(b, uint64(len(bucket)))
+	b = append(b, bucket...)
+	b = binary.AppendUvarint(b, uint64(sum.Count))
+	b = binary.AppendUvarint(b, uint64(sum.Bytes))
+	return binary.BigEndian.AppendUint64(b, sum.KeyHash)
+}
 
 // wireKind is the wire kind of a plain store op (0: not replicated).
 func wireKind(k store.OpKind) byte {
@@ -100,6 +119,7 @@ func wireKind(k store.OpKind) byte {
 type wireOp struct {
 	kind byte
 	op   store.Op
+	sum  store.BucketStats // a check's summary
 }
 
 // AppendOps appends the wire form of ops to b. Only queue writes are
@@ -168,6 +188,8 @@ func decodeWire(b []byte) ([]wireOp, error) {
 			sk = store.OpTombstone
 		case wireDeleteBucket, wireCatchUpBegin, wireCatchUpEnd:
 			sk = store.OpDeleteBucket // begin's effect; end writes nothing
+		case wireCheck:
+			sk = 0 // writes nothing
 		default:
 			return nil, fmt.Errorf("%w: op kind %d", ErrBadAppend, int(kind))
 		}
@@ -179,6 +201,24 @@ func decodeWire(b []byte) ([]wireOp, error) {
 		b = b[n+int(l):]
 		if k, err := ParseDestination(op.Bucket); err != nil || k != KindQueue {
 			return nil, fmt.Errorf("%w: %q is not a queue", ErrBadAppend, op.Bucket)
+		}
+		if kind == wireCheck {
+			w := wireOp{kind: kind, op: op}
+			w.sum.Name = op.Bucket
+			count, n := binary.Uvarint(b)
+			if n <= 0 || count > 1<<62 {
+				return nil, fmt.Errorf("%w: check count", ErrBadAppend)
+			}
+			b = b[n:]
+			size, n := binary.Uvarint(b)
+			if n <= 0 || size > 1<<62 || len(b)-n < 8 {
+				return nil, fmt.Errorf("%w: check summary", ErrBadAppend)
+			}
+			w.sum.Count, w.sum.Bytes = int64(count), int64(size)
+			w.sum.KeyHash = binary.BigEndian.Uint64(b[n:])
+			b = b[n+8:]
+			ops = append(ops, w)
+			continue
 		}
 		if sk == store.OpPut || sk == store.OpDelete || sk == store.OpTombstone {
 			key, n := binary.Uvarint(b)
@@ -237,6 +277,14 @@ func (n *Node) ApplyReplicated(epoch, current cluster.EpochID, body []byte, done
 		}
 	}
 	n.mu.Unlock()
+	for _, w := range wops {
+		if w.kind == wireCheck {
+			if len(wops) != 1 {
+				return fmt.Errorf("%w: a check must travel alone", ErrBadAppend)
+			}
+			return n.check(w.sum, done)
+		}
+	}
 	// Catch-up bookkeeping is checked whole before anything changes, so
 	// that a refused batch changes nothing: a catch-up put needs a
 	// catch-up in progress (begun earlier or in this batch), and the keys
@@ -314,6 +362,37 @@ func (n *Node) ApplyReplicated(epoch, current cluster.EpochID, body []byte, done
 		ops = append(ops, store.Op{Kind: store.OpPutMeta, Name: metaSeq, Value: strconv.AppendUint(nil, n.seqCeil, 10)})
 	}
 	n.st.Submit(ops, true, done)
+	return nil
+}
+
+// check compares this node's copy of a queue with the owner's summary
+// sum, once every write submitted before it has committed (the owner's
+// earlier appends: a peer link is FIFO, and each is submitted before the
+// next is read). done gets nil when they match, ErrDiverged otherwise.
+// Under wmu.
+func (n *Node) check(sum store.BucketStats, done func(error)) error {
+	if n.catchUp[sum.Name] != nil {
+		return fmt.Errorf("%w: %s is catching up", ErrDiverged, sum.Name)
+	}
+	n.st.Barrier(func(err error) {
+		if err != nil {
+			done(err)
+			return
+		}
+		// Off the store's completion goroutine: reading waits for the
+		// applier.
+		go func() {
+			mine, err := n.st.Bucket(sum.Name)
+			switch {
+			case err != nil:
+				done(err)
+			case mine.Count != sum.Count || mine.Bytes != sum.Bytes || mine.KeyHash != sum.KeyHash:
+				done(fmt.Errorf("%w: %s: %d messages (%d bytes) here, %d (%d bytes) at the owner", ErrDiverged, sum.Name, mine.Count, mine.Bytes, sum.Count, sum.Bytes))
+			default:
+				done(nil)
+			}
+		}()
+	})
 	return nil
 }
 
@@ -520,6 +599,13 @@ type PeerReplicator struct {
 	closed     bool               // under stateMu: Close began; no goroutine starts
 	closeOnce  sync.Once
 	wg         sync.WaitGroup
+
+	// Anti-entropy (EnableAntiEntropy). writes counts, per queue, the
+	// writes handed to Replicate (under sendMu); diverged counts, per
+	// (peer, queue), checks that failed in a row (under stateMu).
+	ae       *antiEntropy
+	writes   map[string]uint64
+	diverged map[[2]string]int
 }
 
 // copyInfo is what an owner knows of a peer's copy of a queue, and which
@@ -975,16 +1061,7 @@ func (p *PeerReplicator) Replicate(ops []store.Op, sync bool, quorum func(error)
 	begins := map[string][]byte{}
 	if p.src != nil {
 		p.stateMu.Lock()
-		// A member that was not active at the last write has no copy
-		// to rely on.
-		active := make(map[string]bool, len(v.Active))
-		for _, id := range v.Active {
-			active[id] = true
-			if !p.lastActive[id] {
-				delete(p.synced, id)
-			}
-		}
-		p.lastActive = active
+		p.noteActiveLocked(v)
 		// A peer that is no longer in a queue's replica set stops
 		// receiving its writes: its copy can no longer be relied on.
 		for b, set := range sets {
@@ -1020,6 +1097,11 @@ func (p *PeerReplicator) Replicate(ops []store.Op, sync bool, quorum func(error)
 		p.stateMu.Unlock()
 	}
 	p.sendMu.Lock()
+	if p.writes != nil {
+		for b := range t.need {
+			p.writes[b]++
+		}
+	}
 	for _, id := range order {
 		s := shares[id]
 		// Bodies of at most MaxAppend bytes (split between ops; one op

@@ -170,32 +170,55 @@ func decodeOps(p []byte, fn func(*rawOp) error) error {
 func checkOps(p []byte) error { return decodeOps(p, func(*rawOp) error { return nil }) }
 
 // Each queue bucket "q:<dest>" has a stats record under the same name in
-// the stats bucket: count (u64) and bytes (i64), big-endian. The applier
-// keeps it exact in the transaction that changes the entries: an op changes
-// the stats only by what it changes in the bucket, so replaying a record
-// bbolt already holds leaves them exact too.
-const statsLen = 16
+// the stats bucket: count (u64), bytes (i64) and the key hash (u64, the
+// XOR of keyMix over the bucket's keys), big-endian. The applier keeps it
+// exact in the transaction that changes the entries: an op changes the
+// stats only by what it changes in the bucket, so replaying a record bbolt
+// already holds leaves them exact too. Two copies of a queue with the same
+// count, bytes and key hash hold the same keys (up to a 2^-64 chance).
+// Records of statsLenV1 bytes (no hash) are upgraded by Open.
+const (
+	statsLen   = 24
+	statsLenV1 = 16
+)
 
-func decodeStats(v []byte) (count, bytes int64) {
-	if len(v) != statsLen {
-		return 0, 0
+func decodeStats(v []byte) (count, bytes int64, hash uint64) {
+	if len(v) != statsLen && len(v) != statsLenV1 {
+		return 0, 0, 0
 	}
-	return int64(binary.BigEndian.Uint64(v)), int64(binary.BigEndian.Uint64(v[8:]))
+	count, bytes = int64(binary.BigEndian.Uint64(v)), int64(binary.BigEndian.Uint64(v[8:]))
+	if len(v) == statsLen {
+		hash = binary.BigEndian.Uint64(v[16:])
+	}
+	return count, bytes, hash
 }
 
 // encodeStats returns a new record: bbolt keeps a Put's value until its
 // transaction ends.
-func encodeStats(count, bytes int64) []byte {
+func encodeStats(count, bytes int64, hash uint64) []byte {
 	b := make([]byte, statsLen)
 	binary.BigEndian.PutUint64(b, uint64(count))
 	binary.BigEndian.PutUint64(b[8:], uint64(bytes))
+	binary.BigEndian.PutUint64(b[16:], hash)
 	return b
+}
+
+// keyMix spreads a key over 64 bits (splitmix64's finaliser), so that the
+// XOR of a set of keys is a good summary of the set.
+func keyMix(k uint64) uint64 {
+	k ^= k >> 30
+	k *= 0xbf58476d1ce4e5b9
+	k ^= k >> 27
+	k *= 0x94d049bb133111eb
+	k ^= k >> 31
+	return k
 }
 
 // bucketStats is one bucket's stats while a transaction changes it.
 type bucketStats struct {
 	name         string // top-level bucket name, queuePrefix included
 	count, bytes int64
+	hash         uint64
 }
 
 // txApplier applies decoded ops in one bbolt transaction.
@@ -243,7 +266,7 @@ func (a *txApplier) bucket(name []byte, create bool) error {
 		a.touched[st.name] = st
 	} else if st == nil {
 		st = &bucketStats{name: string(a.name)}
-		st.count, st.bytes = decodeStats(a.stats.Get(a.name))
+		st.count, st.bytes, st.hash = decodeStats(a.stats.Get(a.name))
 		a.touched[st.name] = st
 	}
 	// Keys within a queue bucket only grow (per-node sequence numbers,
@@ -292,12 +315,14 @@ func (a *txApplier) apply(op *rawOp) error {
 				a.curSt.bytes -= a.weigh(old)
 			} else {
 				a.curSt.count++
+				a.curSt.hash ^= keyMix(op.key)
 			}
 			a.curSt.bytes += a.weigh(op.value)
 			err = a.cur.Put(a.key[:], op.value)
 		} else if had {
 			a.curSt.count--
 			a.curSt.bytes -= a.weigh(old)
+			a.curSt.hash ^= keyMix(op.key)
 			err = a.cur.Delete(a.key[:])
 		}
 		if err != nil {
@@ -326,7 +351,7 @@ func (a *txApplier) apply(op *rawOp) error {
 // finish writes back the stats of the buckets the transaction touched.
 func (a *txApplier) finish() error {
 	for _, st := range a.touched {
-		if err := a.stats.Put([]byte(st.name), encodeStats(st.count, st.bytes)); err != nil {
+		if err := a.stats.Put([]byte(st.name), encodeStats(st.count, st.bytes, st.hash)); err != nil {
 			return fmt.Errorf("stats of %q: %w", st.name[len(queuePrefix):], err)
 		}
 	}
@@ -381,10 +406,11 @@ func readWALApplied(tx *bolt.Tx) walPos {
 }
 
 // initStats creates the stats bucket if it is missing, counting the
-// entries of every queue bucket (a store written before stats existed).
+// entries of every queue bucket (a store written before stats existed),
+// and adds the key hash to stats records written before it existed.
 func initStats(tx *bolt.Tx, weigh func([]byte) int64) error {
-	if tx.Bucket(statsBucket) != nil {
-		return nil
+	if st := tx.Bucket(statsBucket); st != nil {
+		return upgradeStats(tx, st)
 	}
 	if weigh == nil {
 		weigh = weighLen
@@ -398,13 +424,45 @@ func initStats(tx *bolt.Tx, weigh func([]byte) int64) error {
 			return nil
 		}
 		var count, n int64
-		if err := b.ForEach(func(_, v []byte) error {
+		var hash uint64
+		if err := b.ForEach(func(k, v []byte) error {
 			count++
 			n += weigh(v)
+			if len(k) == 8 {
+				hash ^= keyMix(binary.BigEndian.Uint64(k))
+			}
 			return nil
 		}); err != nil {
 			return err
 		}
-		return stats.Put(name, encodeStats(count, n))
+		return stats.Put(name, encodeStats(count, n, hash))
 	})
+}
+
+// upgradeStats computes the key hash of every bucket whose stats record
+// has none (a store written before it existed): one pass over the keys.
+func upgradeStats(tx *bolt.Tx, stats *bolt.Bucket) error {
+	var old [][]byte
+	c := stats.Cursor()
+	for k, v := c.First(); k != nil; k, v = c.Next() {
+		if bytes.HasPrefix(k, []byte(queuePrefix)) && len(v) == statsLenV1 {
+			old = append(old, bytes.Clone(k))
+		}
+	}
+	for _, name := range old {
+		count, n, _ := decodeStats(stats.Get(name))
+		var hash uint64
+		if b := tx.Bucket(name); b != nil {
+			bc := b.Cursor()
+			for k, _ := bc.First(); k != nil; k, _ = bc.Next() {
+				if len(k) == 8 {
+					hash ^= keyMix(binary.BigEndian.Uint64(k))
+				}
+			}
+		}
+		if err := stats.Put(name, encodeStats(count, n, hash)); err != nil {
+			return err
+		}
+	}
+	return nil
 }

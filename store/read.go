@@ -15,6 +15,9 @@ type BucketStats struct {
 	Bytes    int64  // sum of Config.Weigh(value) over entries (len(value) when Weigh is nil)
 	FirstKey uint64 // 0 when empty
 	LastKey  uint64 // 0 when empty
+	// KeyHash is the XOR of a mix of every key: equal counts, bytes and
+	// key hashes mean the same keys (copies of a queue compare them).
+	KeyHash uint64
 }
 
 // Buckets returns the stats of every bucket, sorted by name. It reads one
@@ -33,7 +36,7 @@ func (s *Store) Buckets() ([]BucketStats, error) {
 				continue
 			}
 			st := BucketStats{Name: string(k[len(queuePrefix):])}
-			st.Count, st.Bytes = decodeStats(v)
+			st.Count, st.Bytes, st.KeyHash = decodeStats(v)
 			if b := tx.Bucket(k); b != nil {
 				bc := b.Cursor()
 				if first, _ := bc.First(); len(first) == 8 {
@@ -96,4 +99,29 @@ func (s *Store) Scan(bucket string, after uint64, limit int, maxBytes int, fn fu
 		}
 		return nil
 	})
+}
+
+// Bucket returns the stats of one bucket (zero, with its name, when it
+// does not exist). It sees every commit whose callback ran before it was
+// called.
+func (s *Store) Bucket(name string) (BucketStats, error) {
+	st := BucketStats{Name: name}
+	if err := s.ap.waitCurrent(); err != nil {
+		return st, err
+	}
+	err := s.db.View(func(tx *bolt.Tx) error {
+		k := []byte(queuePrefix + name)
+		st.Count, st.Bytes, st.KeyHash = decodeStats(tx.Bucket(statsBucket).Get(k))
+		if b := tx.Bucket(k); b != nil {
+			bc := b.Cursor()
+			if first, _ := bc.First(); len(first) == 8 {
+				st.FirstKey = binary.BigEndian.Uint64(first)
+			}
+			if last, _ := bc.Last(); len(last) == 8 {
+				st.LastKey = binary.BigEndian.Uint64(last)
+			}
+		}
+		return nil
+	})
+	return st, err
 }

@@ -27,6 +27,7 @@ func (m *model) stats(weigh func([]byte) int64) []BucketStats {
 			}
 			st.Count++
 			st.Bytes += weigh([]byte(v))
+			st.KeyHash ^= keyMix(k.key)
 			if st.FirstKey == 0 && st.Count == 1 || k.key < st.FirstKey {
 				st.FirstKey = k.key
 			}
@@ -246,7 +247,7 @@ func TestScanEdges(t *testing.T) {
 		t.Fatalf("Buckets after delete: %+v %v", b, err)
 	}
 	apply(t, s, nil, put("q", 3, "abc"), Op{Kind: OpDeleteBucket, Bucket: "q"}, put("q", 4, "de"))
-	if b, err := s.Buckets(); err != nil || !reflect.DeepEqual(b, []BucketStats{{Name: "q", Count: 1, Bytes: 2, FirstKey: 4, LastKey: 4}}) {
+	if b, err := s.Buckets(); err != nil || !reflect.DeepEqual(b, []BucketStats{{Name: "q", Count: 1, Bytes: 2, FirstKey: 4, LastKey: 4, KeyHash: keyMix(4)}}) {
 		t.Fatalf("Buckets after delete and put in one commit: %+v %v", b, err)
 	}
 }

@@ -1,10 +1,13 @@
 package store
 
 import (
+	"bytes"
 	"fmt"
 	"math/rand/v2"
 	"slices"
 	"testing"
+
+	bolt "go.etcd.io/bbolt"
 )
 
 func tomb(bucket string, key uint64) Op { return Op{Kind: OpTombstone, Bucket: bucket, Key: key} }
@@ -225,5 +228,70 @@ func TestScanTombstonesLimit(t *testing.T) {
 	}
 	if want := []uint64{1, 2, 3, 4, 5, 6, 7, 8, 9, 10}; !slices.Equal(got, want) {
 		t.Fatalf("paged tombstones = %v, want %v", got, want)
+	}
+}
+
+// The key hash in a bucket's stats depends only on the keys it holds, not
+// on the history that led there, and a store written before the hash
+// existed gets it at Open.
+func TestBucketKeyHash(t *testing.T) {
+	a := start(t, testConfig(t.TempDir()))
+	b := start(t, testConfig(t.TempDir()))
+	if err := a.Apply([]Op{put("/queue/h", 1, "x"), put("/queue/h", 2, "y"), put("/queue/h", 3, "z"), del("/queue/h", 2)}); err != nil {
+		t.Fatal(err)
+	}
+	if err := b.Apply([]Op{put("/queue/h", 3, "z"), tomb("/queue/h", 7), put("/queue/h", 1, "x"), put("/queue/h", 1, "x again"), put("/queue/h", 7, "dead")}); err != nil {
+		t.Fatal(err)
+	}
+	sa, err := a.Bucket("/queue/h")
+	if err != nil {
+		t.Fatal(err)
+	}
+	sb, err := b.Bucket("/queue/h")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if sa.Count != 2 || sa.KeyHash == 0 || sa.KeyHash != sb.KeyHash || sa.Count != sb.Count {
+		t.Fatalf("same keys, different summaries: %+v vs %+v", sa, sb)
+	}
+	if err := b.Apply([]Op{put("/queue/h", 4, "w")}); err != nil {
+		t.Fatal(err)
+	}
+	if sb, _ = b.Bucket("/queue/h"); sb.KeyHash == sa.KeyHash {
+		t.Fatal("a key more, same hash")
+	}
+	if none, err := a.Bucket("/queue/none"); err != nil || none.Count != 0 || none.KeyHash != 0 {
+		t.Fatalf("missing bucket: %+v, %v", none, err)
+	}
+
+	// A stats record of the old format (no hash) is upgraded at Open.
+	cfg := testConfig(t.TempDir())
+	s := open(t, cfg)
+	s.Start()
+	if err := s.Apply([]Op{put("/queue/h", 1, "x"), put("/queue/h", 3, "z")}); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
+	db, err := bolt.Open(cfg.Path, 0o600, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := db.Update(func(tx *bolt.Tx) error {
+		k := []byte(queuePrefix + "/queue/h")
+		v := tx.Bucket(statsBucket).Get(k)
+		return tx.Bucket(statsBucket).Put(k, bytes.Clone(v[:statsLenV1]))
+	}); err != nil {
+		t.Fatal(err)
+	}
+	db.Close()
+	s = start(t, cfg)
+	up, err := s.Bucket("/queue/h")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if up.Count != 2 || up.KeyHash != sa.KeyHash {
+		t.Fatalf("upgraded stats %+v, want count 2 and hash %x", up, sa.KeyHash)
 	}
 }

@@ -183,6 +183,10 @@ func (p *peerLinks) run(o *peerOut) {
 					o.mu.Lock()
 					o.bytes -= len(body)
 					o.mu.Unlock()
+					var pe *stomp.PeerError
+					if errors.As(err, &pe) && pe.Code == "diverged" {
+						err = fmt.Errorf("%w: %s", replica.ErrDiverged, pe.Message)
+					}
 					a.done(err)
 				})
 			}
@@ -274,6 +278,10 @@ func replicationHandler(n *replica.Node, epoch func() cluster.EpochID) stomp.Pee
 		}
 		lasts[peer] = last{inc, seq}
 		err := n.ApplyReplicated(e, epoch(), f.Body, func(err error) {
+			if errors.Is(err, replica.ErrDiverged) {
+				reply(stomp.PeerFail("diverged", err.Error()))
+				return
+			}
 			if err != nil {
 				reply(stomp.PeerFail("store", err.Error()))
 				return
@@ -288,6 +296,8 @@ func replicationHandler(n *replica.Node, epoch func() cluster.EpochID) stomp.Pee
 			reply(stomp.PeerFail("stale-epoch", err.Error()))
 		case errors.Is(err, replica.ErrOwnedHere):
 			reply(stomp.PeerFail("owned-here", err.Error()))
+		case errors.Is(err, replica.ErrDiverged):
+			reply(stomp.PeerFail("diverged", err.Error()))
 		default:
 			reply(stomp.PeerFail("refused", err.Error()))
 		}

@@ -19,6 +19,10 @@ const maxQueuedReplication = 64 << 20
 // clients' operations on queues other nodes own are forwarded (router),
 // and its peer server answers both for the other nodes. The peer server
 // listens once Start runs, before the cluster advertises its address.
+// antiEntropyInterval is how often an owner checks its queues' copies on
+// the other replicas (replica.PeerReplicator.EnableAntiEntropy).
+const antiEntropyInterval = 30 * time.Second
+
 func (n *Node) setupReplication() error {
 	cfg := n.cfg
 	key, err := readSecretKey(cfg.Cluster.SecretKeyFile)
@@ -62,6 +66,7 @@ func (n *Node) setupReplication() error {
 	n.links = newPeerLinks(ccfg, addrOf, maxQueuedReplication, n.log)
 	n.pr = replica.NewPeerReplicator(cfg.Replica.Factor, cfg.WriteQuorum(), rt.replicaView, n.links, n.log)
 	n.pr.EnableCatchUp(n.st)
+	n.pr.EnableAntiEntropy(n.st, n.rep.AdoptedQueues, antiEntropyInterval, rt.merge)
 	rt.pr = n.pr
 	n.rep.SetReplicator(n.pr)
 
