@@ -191,6 +191,14 @@ func (p *PeerReplicator) checked(peer, dest string, was copyInfo, err error) {
 	if p.closed {
 		return
 	}
+	switch {
+	case err == nil:
+		p.checks[0].Add(1)
+	case errors.Is(err, ErrDiverged):
+		p.checks[1].Add(1)
+	default:
+		p.checks[2].Add(1)
+	}
 	cur, tracked := p.synced[peer][dest]
 	if tracked && cur != was {
 		return // a write or a catch-up changed what the owner knows since

@@ -14,6 +14,7 @@ type metrics struct {
 	droppedHead  prometheus.Counter
 	idleRemoved  prometheus.Counter
 	corrupt      prometheus.Counter
+	inherited    prometheus.Counter
 }
 
 func newMetrics(reg prometheus.Registerer, n *Node) *metrics {
@@ -31,10 +32,12 @@ func newMetrics(reg prometheus.Registerer, n *Node) *metrics {
 		droppedHead:  prometheus.NewCounter(prometheus.CounterOpts{Name: "brokerd_queue_dropped_head_total", Help: "Oldest pending messages removed to keep a queue within queue.max_length or queue.max_bytes (overflow drop-head)."}),
 		corrupt:      prometheus.NewCounter(prometheus.CounterOpts{Name: "brokerd_queue_corrupt_records_total", Help: "Stored messages that could not be decoded and were skipped (left in the store)."}),
 		idleRemoved:  prometheus.NewCounter(prometheus.CounterOpts{Name: "brokerd_queues_idle_removed_total", Help: "Empty queues removed after queue.idle_delete_after without subscribers."}),
+		inherited: prometheus.NewCounter(prometheus.CounterOpts{Name: "brokerd_messages_redelivered_after_failover_total",
+			Help: "First deliveries here of messages inherited from a previous owner (a failover or a re-placement), marked redelivered because that owner may have delivered them."}),
 	}
 	if reg != nil {
 		reg.MustRegister(m.published, m.delivered, m.acked, m.redelivered, m.deadLettered, m.expired, m.dropped,
-			m.rejected, m.droppedHead, m.idleRemoved, m.corrupt, &depthCollector{n: n})
+			m.rejected, m.droppedHead, m.idleRemoved, m.corrupt, m.inherited, &depthCollector{n: n})
 	}
 	return m
 }
@@ -59,5 +62,59 @@ func (c *depthCollector) Collect(ch chan<- prometheus.Metric) {
 		ch <- prometheus.MustNewConstMetric(depthDesc, prometheus.GaugeValue, float64(d.Pending), d.Name, d.Kind)
 		ch <- prometheus.MustNewConstMetric(inflightDesc, prometheus.GaugeValue, float64(d.InFlight), d.Name, d.Kind)
 		ch <- prometheus.MustNewConstMetric(consumersDesc, prometheus.GaugeValue, float64(d.Consumers), d.Name, d.Kind)
+	}
+}
+
+var (
+	lagOpsDesc = prometheus.NewDesc("brokerd_replication_lag_ops",
+		"Writes (messages, acknowledgements, delivery counts) this owner sent a replica of the destination and the replica has not yet confirmed durable.", []string{"destination", "peer"}, nil)
+	lagBytesDesc = prometheus.NewDesc("brokerd_replication_lag_bytes",
+		"Bytes of message records in brokerd_replication_lag_ops.", []string{"destination", "peer"}, nil)
+	copiesDesc = prometheus.NewDesc("brokerd_replication_copies",
+		"Other replicas' copies of the queues this node owns, by what it knows of them: synced (complete), catching_up (being rebuilt), unknown (to rebuild before relying on it).", []string{"state"}, nil)
+	catchUpBytesDesc = prometheus.NewDesc("brokerd_replication_catchup_bytes_total",
+		"Bytes sent to rebuild replicas' copies (catch-ups).", nil, nil)
+	catchUpsDesc = prometheus.NewDesc("brokerd_replication_catchups_total",
+		"Catch-ups begun: a replica's copy of a queue rebuilt from this owner's.", nil, nil)
+	checksDesc = prometheus.NewDesc("brokerd_replication_checks_total",
+		"Anti-entropy checks of replicas' copies, by result: match, diverged (rebuilt, or merged when the replica holds messages the owner lacks), failed (no answer; rebuilt).", []string{"result"}, nil)
+)
+
+// Collector returns the replicator's metrics: replication lag per
+// destination and replica, the state of the copies, catch-ups and
+// anti-entropy checks.
+func (p *PeerReplicator) Collector() prometheus.Collector { return replCollector{p} }
+
+type replCollector struct{ p *PeerReplicator }
+
+func (c replCollector) Describe(ch chan<- *prometheus.Desc) {
+	for _, d := range []*prometheus.Desc{lagOpsDesc, lagBytesDesc, copiesDesc, catchUpBytesDesc, catchUpsDesc, checksDesc} {
+		ch <- d
+	}
+}
+
+func (c replCollector) Collect(ch chan<- prometheus.Metric) {
+	p := c.p
+	p.lagMu.Lock()
+	for k, v := range p.lag {
+		ch <- prometheus.MustNewConstMetric(lagOpsDesc, prometheus.GaugeValue, float64(v.ops), k[1], k[0])
+		ch <- prometheus.MustNewConstMetric(lagBytesDesc, prometheus.GaugeValue, float64(v.bytes), k[1], k[0])
+	}
+	p.lagMu.Unlock()
+	var states [3]int
+	p.stateMu.Lock()
+	for _, m := range p.synced {
+		for _, info := range m {
+			states[info.state]++
+		}
+	}
+	p.stateMu.Unlock()
+	for i, name := range []string{"unknown", "catching_up", "synced"} {
+		ch <- prometheus.MustNewConstMetric(copiesDesc, prometheus.GaugeValue, float64(states[i]), name)
+	}
+	ch <- prometheus.MustNewConstMetric(catchUpBytesDesc, prometheus.CounterValue, float64(p.cuBytes.Load()))
+	ch <- prometheus.MustNewConstMetric(catchUpsDesc, prometheus.CounterValue, float64(p.cuBegun.Load()))
+	for i, name := range []string{"match", "diverged", "failed"} {
+		ch <- prometheus.MustNewConstMetric(checksDesc, prometheus.CounterValue, float64(p.checks[i].Load()), name)
 	}
 }

@@ -8,6 +8,7 @@ import (
 	"slices"
 	"strconv"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/brokerd/brokerd/cluster"
@@ -606,6 +607,38 @@ type PeerReplicator struct {
 	ae       *antiEntropy
 	writes   map[string]uint64
 	diverged map[[2]string]int
+
+	// Metrics (Collector): ops and bytes sent to each peer per queue and
+	// not yet confirmed, and counters.
+	lagMu   sync.Mutex
+	lag     map[[2]string]*lagVal
+	cuBytes atomic.Int64
+	cuBegun atomic.Int64
+	checks  [3]atomic.Int64 // match, diverged, failed
+}
+
+type lagVal struct{ ops, bytes int64 }
+
+// addLag adds sign times each queue's ops and bytes of ops to peer's lag.
+func (p *PeerReplicator) addLag(peer string, ops []store.Op, sign int64) {
+	p.lagMu.Lock()
+	defer p.lagMu.Unlock()
+	if p.lag == nil {
+		p.lag = map[[2]string]*lagVal{}
+	}
+	for i := range ops {
+		k := [2]string{peer, ops[i].Bucket}
+		v := p.lag[k]
+		if v == nil {
+			v = &lagVal{}
+			p.lag[k] = v
+		}
+		v.ops += sign
+		v.bytes += sign * int64(len(ops[i].Value))
+		if v.ops <= 0 {
+			delete(p.lag, k)
+		}
+	}
 }
 
 // copyInfo is what an owner knows of a peer's copy of a queue, and which
@@ -734,6 +767,7 @@ func (p *PeerReplicator) catchUp(peer, dest string) {
 			if begin {
 				p.gen++
 				p.synced[peer][dest] = copyInfo{copyCatching, p.gen}
+				p.cuBegun.Add(1)
 			}
 			p.stateMu.Unlock()
 			if begin {
@@ -807,6 +841,7 @@ func (p *PeerReplicator) catchUpOnce(peer, dest string, gen uint64) error {
 		}
 		p.peers.Append(peer, p.view().Epoch, body, func(err error) { ch <- err })
 		p.sendMu.Unlock()
+		p.cuBytes.Add(int64(len(body)))
 		return <-ch
 	}
 	// Tombstones first: they remove what the replica holds of messages
@@ -1079,6 +1114,7 @@ func (p *PeerReplicator) Replicate(ops []store.Op, sync bool, quorum func(error)
 				if p.synced[id][b].state == copyUnknown {
 					p.gen++
 					p.synced[id][b] = copyInfo{copyCatching, p.gen}
+					p.cuBegun.Add(1)
 					begins[id] = appendWire(begins[id], wireCatchUpBegin, &store.Op{Bucket: b})
 					if key := [2]string{id, b}; !p.running[key] && !p.closed {
 						p.running[key] = true
@@ -1118,7 +1154,10 @@ func (p *PeerReplicator) Replicate(ops []store.Op, sync bool, quorum func(error)
 		}
 		parts = append(parts, body)
 		buckets := s.buckets
+		sent := s.ops
+		p.addLag(id, sent, 1)
 		result := JoinN(len(parts), func(err error) {
+			p.addLag(id, sent, -1)
 			if err != nil {
 				p.log.Warn("replication to peer failed", "peer", id, "queues", buckets, "err", err)
 				if p.src != nil {

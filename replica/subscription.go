@@ -54,7 +54,11 @@ func (s *Subscription) deliverLocked(m *Message) {
 	}
 	s.unwritten++
 	s.d.n.m.delivered.Inc()
-	s.opts.Deliver(Delivery{Msg: m, Sub: s, Tag: s.nextTag, Redelivered: m.Deliveries > 0 || (m.Seq > 0 && m.Seq <= s.d.inheritedTo), Count: m.Deliveries})
+	inherited := m.Seq > 0 && m.Seq <= s.d.inheritedTo
+	if inherited && m.Deliveries == 0 {
+		s.d.n.m.inherited.Inc()
+	}
+	s.opts.Deliver(Delivery{Msg: m, Sub: s, Tag: s.nextTag, Redelivered: m.Deliveries > 0 || inherited, Count: m.Deliveries})
 }
 
 // removeLocked takes delivery tag (entry e) out of the in-flight set.

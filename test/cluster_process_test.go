@@ -32,13 +32,13 @@ func (p *clusterProc) status() (cluster.Status, error) {
 }
 
 // startClusterProcs starts n brokerd processes that join the first one.
-func startClusterProcs(t *testing.T, n, m int) []*clusterProc {
+func startClusterProcs(t *testing.T, n, m int, extra ...string) []*clusterProc {
 	t.Helper()
 	var ps []*clusterProc
 	for i := 0; i < n; i++ {
 		name := "n" + strconv.Itoa(i+1)
 		gossip := freeAddr(t)
-		args := []string{"--node-name", name, "--gossip-addr", gossip, "--active-members", strconv.Itoa(m)}
+		args := append([]string{"--node-name", name, "--gossip-addr", gossip, "--active-members", strconv.Itoa(m)}, extra...)
 		if i > 0 {
 			args = append(args, "--join", ps[0].gossip)
 		}

@@ -5,6 +5,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -303,4 +304,85 @@ func TestProcessReplicationOwnerRestarts(t *testing.T) {
 		dups += n - 1
 	}
 	t.Logf("%d receipted, all delivered; %d duplicates, %d deliveries marked redelivered", len(sent), dups, redelivered)
+}
+
+// TestProcessReplicationLagMetric: 3 brokerd, R=2, W=1. While a queue's
+// replica is stopped (SIGSTOP), receipted SENDs still complete on the
+// owner alone, and the owner's /metrics shows the replica falling behind
+// on that queue (brokerd_replication_lag_ops); once it runs again the lag
+// goes back to nothing and its copy is in sync.
+func TestProcessReplicationLagMetric(t *testing.T) {
+	if testing.Short() {
+		t.Skip("starts processes")
+	}
+	ps := startClusterProcs(t, 3, 3, "--write-quorum", "1")
+	waitAgreed(t, ps, 3, 3, 20*time.Second)
+	byID := map[string]*clusterProc{}
+	var active []string
+	for _, p := range ps {
+		s, err := p.status()
+		if err != nil {
+			t.Fatal(err)
+		}
+		byID[s.NodeID] = p
+		active = s.ActiveSet
+	}
+	q := "/queue/lag"
+	set := replica.ReplicaSet(q, active, 2)
+	owner, rep := byID[set[0]], byID[set[1]]
+	c := owner.dial()
+	defer c.Disconnect()
+	for i := range 20 {
+		if err := c.Send(q, "text/plain", []byte(strconv.Itoa(i)), stomp.SendOpt.Receipt); err != nil {
+			t.Fatal(err)
+		}
+	}
+	owner.waitMetric(valueCond{">= 1", func(v float64) bool { return v >= 1 }}, "brokerd_replication_copies", "state", "synced")
+
+	if err := rep.cmd.Process.Signal(syscall.SIGSTOP); err != nil {
+		t.Fatal(err)
+	}
+	stopped := true
+	defer func() {
+		if stopped {
+			_ = rep.cmd.Process.Signal(syscall.SIGCONT)
+		}
+	}()
+	const n = 100
+	for i := range n {
+		if err := c.Send(q, "text/plain", []byte("while stopped "+strconv.Itoa(i)), stomp.SendOpt.Receipt); err != nil {
+			t.Fatalf("send %d with W=1 while the replica is stopped: %v", i, err)
+		}
+	}
+	lag, ok := owner.metric("brokerd_replication_lag_ops", "destination", q, "peer", set[1])
+	if !ok || lag < n {
+		t.Fatalf("owner %s reports replication lag %v (present %v) on %s for stopped replica %s, want >= %d", owner.name, lag, ok, q, rep.name, n)
+	}
+	if b, _ := owner.metric("brokerd_replication_lag_bytes", "destination", q, "peer", set[1]); b <= 0 {
+		t.Fatalf("lag bytes %v with %v ops behind", b, lag)
+	}
+	t.Logf("replica %s stopped: owner %s reports %v ops behind on %s", rep.name, owner.name, lag, q)
+
+	if err := rep.cmd.Process.Signal(syscall.SIGCONT); err != nil {
+		t.Fatal(err)
+	}
+	stopped = false
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		// The queue may have moved while the replica was stopped; what
+		// matters is that no node reports it behind any more.
+		behind := false
+		for _, p := range ps {
+			if v, ok := p.metric("brokerd_replication_lag_ops", "destination", q); ok && v > 0 {
+				behind = true
+			}
+		}
+		if !behind {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("replication lag still reported 30 s after the replica resumed")
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
 }

@@ -67,6 +67,9 @@ func (n *Node) setupReplication() error {
 	n.pr = replica.NewPeerReplicator(cfg.Replica.Factor, cfg.WriteQuorum(), rt.replicaView, n.links, n.log)
 	n.pr.EnableCatchUp(n.st)
 	n.pr.EnableAntiEntropy(n.st, n.rep.AdoptedQueues, antiEntropyInterval, rt.merge)
+	if n.reg != nil {
+		n.reg.MustRegister(n.pr.Collector())
+	}
 	rt.pr = n.pr
 	n.rep.SetReplicator(n.pr)
 
