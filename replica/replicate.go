@@ -89,6 +89,14 @@ const (
 	// replica compares them with its own copy once those are applied,
 	// and answers ErrDiverged when they differ.
 	wireCheck = byte(9)
+	// First byte of a batch of removals the owner did not fsync (ACKs
+	// without a receipt): the replica commits it without an fdatasync of
+	// its own, as the owner did, and the next synced batch's fdatasync
+	// covers it (the log is written in order). Until then a power loss
+	// of the replica's host can lose it: the message comes back, a
+	// duplicate marked redelivered, never a loss. Batches with a put (a
+	// message, a delivery count) are always synced on the replicas.
+	wireNoSync = byte(10)
 )
 
 // appendCheck appends a check of bucket against sum to b.
@@ -262,6 +270,10 @@ func (n *Node) ApplyReplicated(epoch, current cluster.EpochID, body []byte, done
 	if epoch.Compare(current) < 0 {
 		return fmt.Errorf("%w: %s, this node is at %s", ErrStaleEpoch, epoch, current)
 	}
+	sync := true
+	if len(body) > 0 && body[0] == wireNoSync {
+		sync, body = false, body[1:]
+	}
 	// One copy of the batch: the store reads the values until the
 	// commit, and the caller may reuse its buffer once this returns.
 	wops, err := decodeWire(slices.Clone(body))
@@ -362,7 +374,7 @@ func (n *Node) ApplyReplicated(epoch, current cluster.EpochID, body []byte, done
 		n.seqCeil = n.seq + seqReserve
 		ops = append(ops, store.Op{Kind: store.OpPutMeta, Name: metaSeq, Value: strconv.AppendUint(nil, n.seqCeil, 10)})
 	}
-	n.st.Submit(ops, true, done)
+	n.st.Submit(ops, sync, done)
 	return nil
 }
 
@@ -1144,11 +1156,15 @@ func (p *PeerReplicator) Replicate(ops []store.Op, sync bool, quorum func(error)
 		// larger than that travels alone): the write counts for this
 		// peer once every part is applied.
 		var parts [][]byte
-		body := begins[id]
+		var prefix []byte
+		if !sync && !slices.ContainsFunc(s.ops, func(op store.Op) bool { return op.Kind == store.OpPut }) {
+			prefix = []byte{wireNoSync}
+		}
+		body := append(slices.Clip(prefix), begins[id]...)
 		for i := range s.ops {
-			if len(body) > 0 && len(body)+opWireSize(&s.ops[i]) > p.MaxAppend {
+			if len(body) > len(prefix) && len(body)+opWireSize(&s.ops[i]) > p.MaxAppend {
 				parts = append(parts, body)
-				body = nil
+				body = slices.Clip(prefix)
 			}
 			body = AppendOps(body, s.ops[i:i+1])
 		}

@@ -2,6 +2,7 @@ package replica
 
 import (
 	"fmt"
+	"slices"
 	"testing"
 	"time"
 
@@ -98,5 +99,87 @@ func TestCatchUpRemovesMissedAcks(t *testing.T) {
 	got = got[:len(got)-1]
 	if fmt.Sprint(got) != fmt.Sprint(want) {
 		t.Fatalf("b holds %d messages besides its own, the owner %d: the acknowledged ones came through the catch-up? first difference near %v", len(got), len(want), firstDiff(got, want))
+	}
+}
+
+// Removals the owner did not fsync (ACKs without a receipt) reach the
+// replicas marked so, and are committed there without an fdatasync;
+// anything with a put (a message) is always synced on the replicas. The
+// marker is valid only as a batch's first byte.
+func TestNoSyncOnlyForUnsyncedRemovals(t *testing.T) {
+	peers := &fakePeers{nodes: map[string]*harness{}, down: map[string]bool{}, epoch: map[string]cluster.EpochID{"a": {Counter: 1}, "b": {Counter: 1}}, active: []string{"a", "b"}}
+	mk := func(id string) *harness {
+		cfg := smallWindow()
+		cfg.NodeID = id
+		h := &harness{t: t, dir: t.TempDir(), cfg: cfg}
+		h.prepSt = func(n *Node, st *store.Store) {
+			r := NewPeerReplicator(2, 2, peers.view(id), peers, nil)
+			r.EnableCatchUp(st)
+			n.SetReplicator(r)
+		}
+		h.start()
+		t.Cleanup(h.stop)
+		return h
+	}
+	a, b := mk("a"), mk("b")
+	peers.nodes["a"], peers.nodes["b"] = a, b
+	const q = "/queue/ns"
+	if err := a.n.Adopt(q); err != nil {
+		t.Fatal(err)
+	}
+	sendNumbered(t, a, q, 0, 10)
+	col := newCollector()
+	sub, err := a.n.Subscribe(SubOptions{Dest: q, Ack: AckClientIndividual, Prefetch: 10, Deliver: col.deliver})
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := col.wait(t, 10)
+	peers.drain()
+	peers.mu.Lock()
+	before := len(peers.sent)
+	peers.mu.Unlock()
+	// Unsynced: an ACK without a receipt.
+	done := make(chan error, 1)
+	if err := a.n.Apply(&Batch{Acks: []AckOp{{Sub: sub, Tag: got[0].Tag}}}, func(err error) { done <- err }); err != nil {
+		t.Fatal(err)
+	}
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	// Synced: an ACK with a receipt.
+	if err := a.n.Apply(&Batch{Sync: true, Acks: []AckOp{{Sub: sub, Tag: got[1].Tag}}}, func(err error) { done <- err }); err != nil {
+		t.Fatal(err)
+	}
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	peers.drain()
+	peers.mu.Lock()
+	sent := slices.Clone(peers.sent[before:])
+	peers.mu.Unlock()
+	var marked, plain int
+	for _, body := range sent {
+		if len(body) > 0 && body[0] == wireNoSync {
+			marked++
+			if _, err := decodeWire(body[1:]); err != nil {
+				t.Fatalf("a marked batch does not decode after its marker: %v", err)
+			}
+		} else {
+			plain++
+		}
+	}
+	if marked != 1 || plain != 1 {
+		t.Fatalf("%d marked and %d plain batches for one unsynced and one synced ACK", marked, plain)
+	}
+	if got := len(bucketKeys(t, b, q)); got != 8 {
+		t.Fatalf("replica holds %d messages after 2 of 10 were acknowledged", got)
+	}
+	// The marker anywhere but first is refused.
+	bad := append(appendWire(nil, wireTombstone, &store.Op{Bucket: q, Key: 1}), wireNoSync)
+	if err := b.n.ApplyReplicated(cluster.EpochID{Counter: 1}, cluster.EpochID{Counter: 1}, bad, func(error) {}); err == nil {
+		t.Fatal("a no-sync marker after an op is accepted")
+	}
+	if _, err := DecodeOps([]byte{wireNoSync}); err == nil {
+		t.Fatal("DecodeOps accepts the no-sync marker")
 	}
 }
