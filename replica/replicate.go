@@ -1040,8 +1040,8 @@ func (p *PeerReplicator) Replicate(ops []store.Op, sync bool, quorum func(error)
 	var deleted []string          // queues removed by this write
 	for i := range ops {
 		op := &ops[i]
-		if op.Kind == store.OpPutMeta {
-			continue
+		if wireKind(op.Kind) == 0 {
+			continue // a node's own (meta, housekeeping): not replicated
 		}
 		set := ReplicaSet(op.Bucket, v.Active, p.r)
 		if op.Kind == store.OpDeleteBucket {

@@ -19,6 +19,7 @@ import (
 //	OpPutMeta: uvarint len, name, uvarint len, value
 //	OpTombstone: [bucket] uvarint key
 //	OpRotateTombstones: nothing more
+//	OpDeleteMeta: uvarint len, name
 //
 // where [bucket] is uvarint len, name, absent with sameBucket.
 
@@ -35,6 +36,10 @@ func validateOp(op *Op) error {
 		}
 		if op.Kind == OpPut && len(op.Value) > bolt.MaxValueSize {
 			return fmt.Errorf("bucket %q key %d: value of %d bytes is too long", op.Bucket, op.Key, len(op.Value))
+		}
+	case OpDeleteMeta:
+		if op.Name == "" || len(op.Name) > bolt.MaxKeySize {
+			return fmt.Errorf("meta name of %d bytes", len(op.Name))
 		}
 	case OpPutMeta:
 		if op.Name == "" || len(op.Name) > bolt.MaxKeySize {
@@ -89,6 +94,10 @@ func (e *encoder) append(op *Op) {
 		e.buf = append(e.buf, op.Name...)
 		e.buf = binary.AppendUvarint(e.buf, uint64(len(op.Value)))
 		e.buf = append(e.buf, op.Value...)
+	case OpDeleteMeta:
+		e.buf = append(e.buf, kind)
+		e.buf = binary.AppendUvarint(e.buf, uint64(len(op.Name)))
+		e.buf = append(e.buf, op.Name...)
 	}
 }
 
@@ -144,12 +153,12 @@ func decodeOps(p []byte, fn func(*rawOp) error) error {
 				op.value, ok = bytesOf()
 			}
 			ok = ok && len(queuePrefix)+len(op.bucket) <= bolt.MaxKeySize
-		case OpPutMeta:
+		case OpPutMeta, OpDeleteMeta:
 			ok = kind&sameBucket == 0
 			if ok {
 				op.name, ok = bytesOf()
 			}
-			if ok {
+			if ok && op.kind == OpPutMeta {
 				op.value, ok = bytesOf()
 			}
 			ok = ok && len(op.name) > 0 && len(op.name) <= bolt.MaxKeySize
@@ -344,6 +353,10 @@ func (a *txApplier) apply(op *rawOp) error {
 		}
 	case OpRotateTombstones:
 		return a.tombs.rotate()
+	case OpDeleteMeta:
+		if err := a.meta.Delete(op.name); err != nil {
+			return fmt.Errorf("delete meta %q: %w", op.name, err)
+		}
 	}
 	return nil
 }

@@ -188,6 +188,9 @@ const (
 	// OpRotateTombstones forgets the tombstones older than the last
 	// rotation: each lives between one and two rotation periods.
 	OpRotateTombstones
+	// OpDeleteMeta removes the meta key Name; removing a missing one is
+	// not an error.
+	OpDeleteMeta
 )
 
 func (k OpKind) String() string {
@@ -204,6 +207,8 @@ func (k OpKind) String() string {
 		return "tombstone"
 	case OpRotateTombstones:
 		return "rotate-tombstones"
+	case OpDeleteMeta:
+		return "delete-meta"
 	}
 	return fmt.Sprintf("OpKind(%d)", int(k))
 }
@@ -1018,6 +1023,36 @@ func (s *Store) Meta(name string) ([]byte, error) {
 		return nil
 	})
 	return out, err
+}
+
+// MetaPrefix calls fn with a copy of every meta value whose name starts
+// with prefix, in name order. It sees every commit whose callback ran
+// before it was called.
+func (s *Store) MetaPrefix(prefix string, fn func(name string, value []byte) error) error {
+	if err := s.ap.waitCurrent(); err != nil {
+		return err
+	}
+	type kv struct {
+		name  string
+		value []byte
+	}
+	var all []kv
+	err := s.db.View(func(tx *bolt.Tx) error {
+		c := tx.Bucket(bucketMeta).Cursor()
+		for k, v := c.Seek([]byte(prefix)); k != nil && bytes.HasPrefix(k, []byte(prefix)); k, v = c.Next() {
+			all = append(all, kv{string(k), bytes.Clone(v)})
+		}
+		return nil
+	})
+	if err != nil {
+		return err
+	}
+	for _, e := range all {
+		if err := fn(e.name, e.value); err != nil {
+			return err
+		}
+	}
+	return nil
 }
 
 // SetMeta stores a meta value and waits until it is on disk, whatever the

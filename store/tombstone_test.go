@@ -295,3 +295,34 @@ func TestBucketKeyHash(t *testing.T) {
 		t.Fatalf("upgraded stats %+v, want count 2 and hash %x", up, sa.KeyHash)
 	}
 }
+
+func TestMetaDeleteAndPrefix(t *testing.T) {
+	cfg := testConfig(t.TempDir())
+	s := open(t, cfg)
+	s.Start()
+	ops := []Op{putMeta("txn/1", "a"), putMeta("txn/2", "b"), putMeta("txo", "c"), putMeta("txn/3", "d"), {Kind: OpDeleteMeta, Name: "txn/2"}, {Kind: OpDeleteMeta, Name: "missing"}}
+	if err := s.Apply(ops); err != nil {
+		t.Fatal(err)
+	}
+	list := func() string {
+		var out []string
+		if err := s.MetaPrefix("txn/", func(name string, v []byte) error {
+			out = append(out, name+"="+string(v))
+			return nil
+		}); err != nil {
+			t.Fatal(err)
+		}
+		return fmt.Sprint(out)
+	}
+	if got := list(); got != "[txn/1=a txn/3=d]" {
+		t.Fatalf("MetaPrefix = %s", got)
+	}
+	// The delete replays from the log after a crash.
+	if err := s.crash(); err != nil {
+		t.Fatal(err)
+	}
+	s = start(t, cfg)
+	if got := list(); got != "[txn/1=a txn/3=d]" {
+		t.Fatalf("after a crash MetaPrefix = %s", got)
+	}
+}

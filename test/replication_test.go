@@ -1,6 +1,7 @@
 package test
 
 import (
+	"bufio"
 	"context"
 	"fmt"
 	"io"
@@ -9,6 +10,7 @@ import (
 	"os"
 	"slices"
 	"strconv"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -19,6 +21,7 @@ import (
 	"github.com/brokerd/brokerd/replica"
 	"github.com/brokerd/brokerd/test/netsim"
 	"github.com/go-stomp/stomp/v3"
+	"github.com/go-stomp/stomp/v3/frame"
 	"github.com/hashicorp/memberlist"
 )
 
@@ -480,5 +483,93 @@ func TestReplicationAckedStaysAckedAfterHeal(t *testing.T) {
 	}
 	if again > 0 {
 		t.Fatalf("%d messages acknowledged during the split were delivered again after the heal, e.g. %v", again, example)
+	}
+}
+
+// TestReplicationTransactionAcrossOwners: a COMMIT whose SENDs go to two
+// queues with different owners, one of which refuses its part (the queue
+// is at queue.max_length), is not left half applied: the client gets an
+// ERROR saying the transaction is recorded, and once the full queue has
+// room the coordinator applies the rest. Both queues end with the
+// transaction's message; neither part is lost.
+func TestReplicationTransactionAcrossOwners(t *testing.T) {
+	if testing.Short() {
+		t.Skip("in-process cluster")
+	}
+	base := config.Default()
+	base.Queue.MaxLength = 1
+	mb := newMemBrokersConfig(t, base, 3, 2, "a", "b", "c")
+	mb.waitConverged(15*time.Second, mb.names)
+	st := mb.brokers["a"].Cluster().Status()
+	self := st.NodeID
+	var qa, qb string
+	for i := 0; qa == "" || qb == ""; i++ {
+		q := "/queue/tx" + strconv.Itoa(i)
+		switch owner := replica.ReplicaSet(q, st.ActiveSet, 2)[0]; {
+		case owner == self && qa == "":
+			qa = q
+		case owner != self && qb == "":
+			qb = q
+		}
+	}
+	c, err := mb.dial("a")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Send(qb, "text/plain", []byte("filler"), stomp.SendOpt.Receipt); err != nil {
+		t.Fatal(err)
+	}
+	_ = c.Disconnect()
+
+	conn, err := net.Dial("tcp", mb.brokers["a"].STOMPAddr())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	br := bufio.NewReader(conn)
+	rc := &rawConn{t: t, c: conn, r: frame.NewReader(br), br: br}
+	rc.connect()
+	rc.frame("BEGIN", "", "transaction", "t1")
+	rc.frame("SEND", "to-a", "destination", qa, "transaction", "t1")
+	rc.frame("SEND", "to-b", "destination", qb, "transaction", "t1")
+	rc.frame("COMMIT", "", "transaction", "t1", "receipt", "c1")
+	f := rc.read()
+	if f.Command != frame.ERROR || !strings.Contains(string(f.Body), "transaction is recorded") {
+		t.Fatalf("COMMIT with a part refused: got %s %v %q, want an ERROR saying the transaction is recorded", f.Command, f.Header, f.Body)
+	}
+	t.Logf("COMMIT answered: %s: %s", f.Header.Get(frame.Message), f.Body)
+
+	// Make room in qb: the recorded part is applied by itself.
+	got := map[string][]string{}
+	for _, q := range []string{qb, qa, qb} {
+		c, err := mb.dial("c")
+		if err != nil {
+			t.Fatal(err)
+		}
+		sub, err := c.Subscribe(q, stomp.AckClientIndividual, stomp.SubscribeOpt.Header("prefetch-count", "1"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		for quiet := false; !quiet; {
+			select {
+			case m := <-sub.C:
+				if m.Err != nil {
+					t.Fatal(m.Err)
+				}
+				got[q] = append(got[q], string(m.Body))
+				if err := c.Ack(m); err != nil {
+					t.Fatal(err)
+				}
+			case <-time.After(3 * time.Second):
+				quiet = true
+			}
+		}
+		_ = c.Disconnect()
+	}
+	if fmt.Sprint(got[qa]) != "[to-a]" {
+		t.Fatalf("%s (coordinator's own part) holds %v, want [to-a]", qa, got[qa])
+	}
+	if fmt.Sprint(got[qb]) != "[filler to-b]" {
+		t.Fatalf("%s (the refused part) holds %v, want [filler to-b]: the transaction was left half applied", qb, got[qb])
 	}
 }

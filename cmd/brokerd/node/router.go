@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
@@ -64,6 +65,7 @@ type router struct {
 	status func() cluster.Status
 	fwd    *fwdLinks
 	host   *host
+	txn    *txnLog                 // transactions over several owners (txn.go)
 	pr     *replica.PeerReplicator // for operators: which copies are in sync
 	m      routerMetrics
 
@@ -131,13 +133,21 @@ func newRouter(rep *replica.Node, st *store.Store, r int, status func() cluster.
 		m:       newRouterMetrics(reg),
 	}
 	rt.host = newHost(rt)
+	rt.txn = newTxnLog(rt)
 	return rt
 }
 
 func (rt *router) start() {
-	rt.wg.Add(2)
+	if err := rt.txn.resume(); err != nil {
+		rt.log.Error("reading the recorded transactions failed; they are resumed at the next start", "err", err)
+	}
+	rt.wg.Add(3)
 	go rt.watch()
 	go rt.host.sweep(rt.stop, &rt.wg)
+	go func() {
+		defer rt.wg.Done()
+		rt.txn.run(rt.stop)
+	}()
 }
 
 func (rt *router) close() {
@@ -651,6 +661,33 @@ func (rt *router) Apply(b *replica.Batch, done func(error)) error {
 		}
 		local.Sends = append(local.Sends, m)
 	}
+	// SENDs to queues of several owners: recorded here first, then
+	// applied per owner (txn.go), so that they are all applied.
+	var txnSends []*replica.Message
+	owners := len(remote)
+	for _, m := range local.Sends {
+		if !slices.Contains(topics, m) {
+			owners++
+			break
+		}
+	}
+	if owners > 1 {
+		var keep []*replica.Message
+		for _, m := range local.Sends {
+			if slices.Contains(topics, m) {
+				keep = append(keep, m)
+				continue
+			}
+			if m.ID == "" {
+				m.ID = rt.prefix + "-" + strconv.FormatUint(rt.msgSeq.Add(1), 10)
+			}
+			txnSends = append(txnSends, m)
+		}
+		for _, p := range remote {
+			txnSends = append(txnSends, p.sends...)
+		}
+		local.Sends, remote = keep, nil
+	}
 	var routed []replica.AckOp
 	for _, a := range b.Acks {
 		rs, ok := a.Sub.(*routedSub)
@@ -664,6 +701,9 @@ func (rt *router) Apply(b *replica.Batch, done func(error)) error {
 		routed = append(routed, a)
 	}
 	n := len(remote) + len(routed)
+	if len(txnSends) > 0 {
+		n++
+	}
 	if len(local.Sends) > 0 || len(local.Acks) > 0 || n == 0 {
 		n++
 	}
@@ -673,7 +713,22 @@ func (rt *router) Apply(b *replica.Batch, done func(error)) error {
 		body = encodeMessages(nil, topics)
 	}
 	all := replica.JoinN(n, done)
-	if len(local.Sends) > 0 || len(local.Acks) > 0 || len(remote)+len(routed) == 0 {
+	if len(txnSends) > 0 {
+		// Refused frames change nothing: check the local ACKs (topic
+		// subscriptions; queue ones are routed and checked above)
+		// before the transaction is recorded.
+		for _, a := range local.Acks {
+			if s, ok := a.Sub.(*replica.Subscription); ok {
+				if err := s.Check(a.Tag); err != nil {
+					return err
+				}
+			}
+		}
+		if err := rt.txn.commit(txnSends, all); err != nil {
+			return err
+		}
+	}
+	if len(local.Sends) > 0 || len(local.Acks) > 0 || len(remote)+len(routed)+len(txnSends) == 0 {
 		localDone := all
 		if len(local.Sends) > 0 && len(local.Acks) == 0 && len(topics) == 0 {
 			localDone = rt.retryLocal(local.Sends, time.Now(), all)

@@ -1,0 +1,259 @@
+package node
+
+import (
+	"errors"
+	"fmt"
+	"strconv"
+	"sync"
+	"time"
+
+	"github.com/brokerd/brokerd/replica"
+	"github.com/brokerd/brokerd/store"
+)
+
+// Transactions over queues of several owners. A COMMIT whose SENDs go to
+// queues with different owners cannot be applied in one step anywhere, so
+// the node where it arrived (the coordinator) first records its queue
+// messages durably in its own store (a meta record "txn/..."), then
+// applies each owner's part. Once every part is applied the record is
+// removed. A part that fails (its owner unreachable beyond the failover
+// budget, its queue full, a disk low) does not undo the others: the client
+// gets an ERROR saying the transaction is recorded, and the coordinator
+// applies the remaining parts in the background, retrying with backoff
+// until they are applied; a restart resumes every record left on disk. So
+// a COMMIT's messages end up all applied, never some of them, as long as
+// the coordinator's disk survives. A part applied again after a restart (or
+// after an outcome that was unknown) may store a message twice, with the
+// same message-id.
+//
+// ACKs and NACKs in the transaction, and its topic messages, are applied
+// at commit as in any batch (an ACK's effect cannot be deferred: the
+// delivery it names ends with its subscription).
+
+const (
+	txnPrefix = "txn/"
+	// maxTxnPending bounds the transactions being completed in the
+	// background; past it a multi-owner COMMIT is refused, changing
+	// nothing.
+	maxTxnPending = 1024
+	txnRetryMin   = 200 * time.Millisecond
+	txnRetryMax   = 10 * time.Second
+)
+
+var errTxnBacklog = fmt.Errorf("%w: too many transactions over several queues' owners are still being completed", replica.ErrNoQuorum)
+
+type txnRec struct {
+	name    string
+	msgs    []*replica.Message // what is left to apply (never in a queue: copies)
+	next    time.Time
+	backoff time.Duration
+	running bool
+}
+
+type txnLog struct {
+	rt      *router
+	mu      sync.Mutex
+	pending map[string]*txnRec
+	seq     uint64
+	wake    chan struct{}
+}
+
+func newTxnLog(rt *router) *txnLog {
+	return &txnLog{rt: rt, pending: map[string]*txnRec{}, wake: make(chan struct{}, 1)}
+}
+
+// copies returns fresh copies of msgs, for an apply (an applied message
+// belongs to its queue and must not be touched again).
+func copies(msgs []*replica.Message) []*replica.Message {
+	out := make([]*replica.Message, len(msgs))
+	for i, m := range msgs {
+		c := *m
+		c.Seq = 0
+		out[i] = &c
+	}
+	return out
+}
+
+// commit records sends (queue messages of several owners, each with its
+// message-id assigned), applies them, and calls done: nil once every part
+// is applied, or the first part's error (the rest then completes in the
+// background). It returns an error, changing nothing, when the record
+// cannot be taken.
+func (tl *txnLog) commit(sends []*replica.Message, done func(error)) error {
+	tl.mu.Lock()
+	if len(tl.pending) >= maxTxnPending {
+		tl.mu.Unlock()
+		return errTxnBacklog
+	}
+	tl.seq++
+	name := txnPrefix + tl.rt.prefix + "-" + strconv.FormatUint(tl.seq, 10)
+	rec := &txnRec{name: name, msgs: copies(sends), running: true, backoff: txnRetryMin}
+	tl.pending[name] = rec
+	tl.mu.Unlock()
+	body := encodeMessages(nil, rec.msgs)
+	tl.rt.st.Submit([]store.Op{{Kind: store.OpPutMeta, Name: name, Value: body}}, true, func(err error) {
+		if err != nil {
+			tl.mu.Lock()
+			delete(tl.pending, name)
+			tl.mu.Unlock()
+			done(fmt.Errorf("recording the transaction: %w", err))
+			return
+		}
+		// Off the store's completion goroutine.
+		tl.rt.goBackground(func() {
+			tl.attempt(rec, time.Now(), func(err error) {
+				if err != nil {
+					err = fmt.Errorf("%w (the transaction is recorded; its remaining messages are applied as soon as their queues accept them)", err)
+				}
+				done(err)
+			})
+		})
+	})
+	return nil
+}
+
+// attempt applies what is left of rec, grouped by owner in a fresh view;
+// the messages of the parts that fail stay in rec. done gets the first
+// part's error, or nil once rec is complete (its record is then removed).
+func (tl *txnLog) attempt(rec *txnRec, since time.Time, done func(error)) {
+	rt := tl.rt
+	if len(rec.msgs) == 0 {
+		tl.mu.Lock()
+		delete(tl.pending, rec.name)
+		tl.mu.Unlock()
+		rt.st.Submit([]store.Op{{Kind: store.OpDeleteMeta, Name: rec.name}}, false, func(error) {})
+		done(nil)
+		return
+	}
+	v := rt.refresh()
+	byOwner := map[string][]*replica.Message{}
+	for _, m := range rec.msgs {
+		o := rt.ownerOf(v, m.Dest)
+		byOwner[o] = append(byOwner[o], m)
+	}
+	var mu sync.Mutex
+	var left []*replica.Message
+	var first error
+	all := replica.JoinN(len(byOwner), func(error) {
+		mu.Lock()
+		err := first
+		rest := left
+		mu.Unlock()
+		tl.mu.Lock()
+		rec.msgs = rest
+		rec.running = false
+		complete := len(rest) == 0
+		if complete {
+			delete(tl.pending, rec.name)
+		} else {
+			rec.next = time.Now().Add(rec.backoff)
+			rec.backoff = min(2*rec.backoff, txnRetryMax)
+		}
+		tl.mu.Unlock()
+		if complete {
+			rt.st.Submit([]store.Op{{Kind: store.OpDeleteMeta, Name: rec.name}}, false, func(error) {})
+		} else {
+			tl.signal()
+		}
+		done(err)
+	})
+	for o, ms := range byOwner {
+		part := func(err error) {
+			if err != nil {
+				mu.Lock()
+				left = append(left, ms...)
+				if first == nil {
+					first = err
+				}
+				mu.Unlock()
+			}
+			all(nil)
+		}
+		batch := copies(ms)
+		switch {
+		case o == "":
+			part(errNoActiveSet)
+		case o != v.self:
+			rt.forwardSends(o, batch, since, part)
+		default:
+			err := error(nil)
+			for _, m := range batch {
+				if err = rt.ensureOwned(m.Dest); err != nil {
+					break
+				}
+			}
+			if err == nil {
+				err = rt.rep.Apply(&replica.Batch{Sends: batch, Sync: true}, rt.retryLocal(batch, since, part))
+			}
+			if err != nil {
+				part(err)
+			}
+		}
+	}
+}
+
+func (tl *txnLog) signal() {
+	select {
+	case tl.wake <- struct{}{}:
+	default:
+	}
+}
+
+// resume loads the records a previous run left (its coordinator stopped
+// before every part was applied); they are applied by run.
+func (tl *txnLog) resume() error {
+	return tl.rt.st.MetaPrefix(txnPrefix, func(name string, value []byte) error {
+		msgs, err := decodeMessages(value, 1<<30)
+		if err != nil {
+			tl.rt.log.Error("a recorded transaction cannot be read; left on disk", "record", name, "err", err)
+			return nil
+		}
+		tl.mu.Lock()
+		if tl.pending[name] == nil {
+			tl.pending[name] = &txnRec{name: name, msgs: msgs, backoff: txnRetryMin}
+		}
+		tl.mu.Unlock()
+		tl.rt.log.Info("resuming a transaction over several queues' owners", "record", name, "messages", len(msgs))
+		return nil
+	})
+}
+
+// run retries the transactions left incomplete until the router stops.
+func (tl *txnLog) run(stop <-chan struct{}) {
+	t := time.NewTicker(txnRetryMin)
+	defer t.Stop()
+	for {
+		select {
+		case <-stop:
+			return
+		case <-t.C:
+		case <-tl.wake:
+		}
+		now := time.Now()
+		var due []*txnRec
+		tl.mu.Lock()
+		for _, rec := range tl.pending {
+			if !rec.running && !now.Before(rec.next) {
+				rec.running = true
+				due = append(due, rec)
+			}
+		}
+		tl.mu.Unlock()
+		for _, rec := range due {
+			tl.attempt(rec, now, func(err error) {
+				if err == nil {
+					tl.rt.log.Info("a transaction over several queues' owners is complete", "record", rec.name)
+				} else if !errors.Is(err, replica.ErrNoQuorum) {
+					tl.rt.log.Warn("a transaction over several queues' owners is still incomplete; retrying", "record", rec.name, "err", err)
+				}
+			})
+		}
+	}
+}
+
+// incomplete returns how many transactions are being completed.
+func (tl *txnLog) incomplete() int {
+	tl.mu.Lock()
+	defer tl.mu.Unlock()
+	return len(tl.pending)
+}
