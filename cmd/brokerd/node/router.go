@@ -66,6 +66,10 @@ type router struct {
 	fwd    *fwdLinks
 	host   *host
 	txn    *txnLog                 // transactions over several owners (txn.go)
+
+	// SENDs being retried, per queue (waitRetries).
+	gmu      sync.Mutex
+	retrying map[string]*retryWait
 	pr     *replica.PeerReplicator // for operators: which copies are in sync
 	m      routerMetrics
 
@@ -134,7 +138,78 @@ func newRouter(rep *replica.Node, st *store.Store, r int, status func() cluster.
 	}
 	rt.host = newHost(rt)
 	rt.txn = newTxnLog(rt)
+	rt.retrying = map[string]*retryWait{}
 	return rt
+}
+
+// retryWait counts the SENDs of one queue being retried; ch closes when
+// none is left.
+type retryWait struct {
+	n  int
+	ch chan struct{}
+}
+
+// trackRetry records that msgs are being retried; the returned func
+// (called once, when their retry ends) undoes it.
+func (rt *router) trackRetry(msgs []*replica.Message) func() {
+	var dests []string
+	for _, m := range msgs {
+		if !slices.Contains(dests, m.Dest) {
+			dests = append(dests, m.Dest)
+		}
+	}
+	rt.gmu.Lock()
+	for _, d := range dests {
+		w := rt.retrying[d]
+		if w == nil {
+			w = &retryWait{ch: make(chan struct{})}
+			rt.retrying[d] = w
+		}
+		w.n++
+	}
+	rt.gmu.Unlock()
+	var once sync.Once
+	return func() {
+		once.Do(func() {
+			rt.gmu.Lock()
+			for _, d := range dests {
+				if w := rt.retrying[d]; w != nil {
+					if w.n--; w.n == 0 {
+						close(w.ch)
+						delete(rt.retrying, d)
+					}
+				}
+			}
+			rt.gmu.Unlock()
+		})
+	}
+}
+
+// waitRetries holds a SEND back while an earlier SEND to one of its
+// queues is being retried (its owner refused it or could not be reached),
+// so that one connection's SENDs to a queue keep their order across a
+// failover: the session's reader waits, at most failoverBudget.
+func (rt *router) waitRetries(sends []*replica.Message) {
+	deadline := time.Now().Add(failoverBudget + time.Second)
+	for _, m := range sends {
+		rt.gmu.Lock()
+		w := rt.retrying[m.Dest]
+		rt.gmu.Unlock()
+		if w == nil {
+			continue
+		}
+		left := time.Until(deadline)
+		if left <= 0 {
+			return
+		}
+		t := time.NewTimer(left)
+		select {
+		case <-w.ch:
+		case <-t.C:
+		case <-rt.stop:
+		}
+		t.Stop()
+	}
 }
 
 func (rt *router) start() {
@@ -616,6 +691,9 @@ func (rt *router) Barrier(done func(error)) { rt.rep.Barrier(done) }
 // owners (a transaction over queues of several owners) is not atomic
 // across them.
 func (rt *router) Apply(b *replica.Batch, done func(error)) error {
+	if len(b.Sends) > 0 {
+		rt.waitRetries(b.Sends)
+	}
 	v := rt.view()
 	type part struct {
 		sends []*replica.Message
@@ -790,7 +868,13 @@ func (rt *router) forwardChunk(owner string, msgs []*replica.Message, since time
 			return false // refused for good (queue full, low disk...)
 		}
 		rt.m.retries.Inc()
-		time.AfterFunc(100*time.Millisecond, func() { rt.reroute(msgs, since, done) })
+		untrack := rt.trackRetry(msgs)
+		time.AfterFunc(100*time.Millisecond, func() {
+			rt.reroute(msgs, since, func(err error) {
+				untrack()
+				done(err)
+			})
+		})
 		return true
 	}
 	wait := forwardTimeout
@@ -833,7 +917,13 @@ func (rt *router) retryLocal(msgs []*replica.Message, since time.Time, done func
 			again[i] = &c
 		}
 		rt.m.retries.Inc()
-		time.AfterFunc(100*time.Millisecond, func() { rt.reroute(again, since, done) })
+		untrack := rt.trackRetry(again)
+		time.AfterFunc(100*time.Millisecond, func() {
+			rt.reroute(again, since, func(err error) {
+				untrack()
+				done(err)
+			})
+		})
 	}
 }
 
