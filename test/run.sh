@@ -132,6 +132,6 @@ run "go test -race" go test -race -count=1 -timeout 30m ./...
 # The broker and protocol suites again, against one node of an in-process
 # 3-node cluster (R=2): most of their queues are owned by the other nodes,
 # so every frame goes through forwarding.
-run "broker and protocol tests on a cluster node" env BROKERD_TEST_CLUSTER=1 go test -count=1 -timeout 20m -run 'TestBroker|TestProtocol|TestQueue|TestLimits' ./test
+run "broker and protocol tests on a cluster node" env BROKERD_TEST_CLUSTER=1 go test -count=1 -timeout 20m -run 'TestBroker|TestProtocol|TestQueue|TestLimits|TestPython' ./test
 fuzz_all
 [ "$failed" -eq 0 ]
