@@ -160,7 +160,7 @@ func appendWire(b []byte, kind byte, op *store.Op) []byte {
 
 // maxBucketName bounds a destination name on the wire (the STOMP edge's
 // header limit is far below it).
-const maxBucketName = 64 << 10
+const maxBucketName = store.MaxBucketName
 
 // DecodeOps parses the wire form of a batch of plain writes (no catch-up
 // ops). Every op must be a queue write: a put of a readable message

@@ -31,8 +31,8 @@ func validateOp(op *Op) error {
 	switch op.Kind {
 	case OpRotateTombstones:
 	case OpPut, OpDelete, OpDeleteBucket, OpTombstone:
-		if len(queuePrefix)+len(op.Bucket) > bolt.MaxKeySize {
-			return fmt.Errorf("bucket name of %d bytes is too long", len(op.Bucket))
+		if len(op.Bucket) > MaxBucketName {
+			return fmt.Errorf("bucket name of %d bytes is too long (at most %d)", len(op.Bucket), MaxBucketName)
 		}
 		if op.Kind == OpPut && len(op.Value) > bolt.MaxValueSize {
 			return fmt.Errorf("bucket %q key %d: value of %d bytes is too long", op.Bucket, op.Key, len(op.Value))
@@ -53,6 +53,12 @@ func validateOp(op *Op) error {
 	}
 	return nil
 }
+
+// MaxBucketName bounds a bucket's name: its bbolt key ("q:" + name) and
+// its tombstones' keys (uvarint length + name + 8 bytes) must fit
+// bbolt's key limit. (Replay accepts the older, looser bound, so a log
+// written before it still replays.)
+const MaxBucketName = bolt.MaxKeySize - binary.MaxVarintLen64 - 8
 
 // opSize is an upper bound on the encoded size of op.
 func opSize(op *Op) int {
