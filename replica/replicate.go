@@ -861,10 +861,12 @@ func (p *PeerReplicator) catchUpOnce(peer, dest string, gen uint64) error {
 	// live write there (it wins over any put, whatever the order).
 	if ts, ok := p.src.(TombstoneSource); ok {
 		var after uint64
+		// Bounded by bytes too: each op carries the queue's name.
+		limit := max(1, min(catchUpTombstones, catchUpBytes/(len(dest)+1+2*binary.MaxVarintLen64)))
 		for {
 			var body []byte
 			n := 0
-			err := ts.ScanTombstones(dest, after, catchUpTombstones, func(key uint64) error {
+			err := ts.ScanTombstones(dest, after, limit, func(key uint64) error {
 				body = appendWire(body, wireTombstone, &store.Op{Bucket: dest, Key: key})
 				after = key
 				n++

@@ -2,6 +2,7 @@ package node
 
 import (
 	"bytes"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"strconv"
@@ -401,8 +402,10 @@ func (h *host) pullChunk(dest string, after uint64) (body []byte, n int, last ui
 // delivered again.
 func (h *host) pullTombstones(dest string, after uint64) (body []byte, n int, last uint64, more bool, err error) {
 	var ops []store.Op
-	err = h.rt.st.ScanTombstones(dest, after, pullTombstones+1, func(k uint64) error {
-		if len(ops) == pullTombstones {
+	// Bounded by bytes too: each op carries the queue's name.
+	limit := max(1, min(pullTombstones, pullBytes/(len(dest)+1+2*binary.MaxVarintLen64)))
+	err = h.rt.st.ScanTombstones(dest, after, limit+1, func(k uint64) error {
+		if len(ops) == limit {
 			more = true
 			return nil
 		}

@@ -65,13 +65,13 @@ type router struct {
 	status func() cluster.Status
 	fwd    *fwdLinks
 	host   *host
-	txn    *txnLog                 // transactions over several owners (txn.go)
+	txn    *txnLog // transactions over several owners (txn.go)
 
 	// SENDs being retried, per queue (waitRetries).
 	gmu      sync.Mutex
 	retrying map[string]*retryWait
-	pr     *replica.PeerReplicator // for operators: which copies are in sync
-	m      routerMetrics
+	pr       *replica.PeerReplicator // for operators: which copies are in sync
+	m        routerMetrics
 
 	vmu  sync.Mutex
 	snap viewSnap
@@ -605,10 +605,12 @@ const pullRetryFor = 2 * time.Second
 func (rt *router) pullRetry(peer, dest string, v viewSnap) (int, error) {
 	deadline := time.Now().Add(pullRetryFor)
 	for {
-		_, err := rt.pull(peer, dest, v, true)
-		n := 0
+		// Messages even when the tombstones could not be read: a
+		// message only that peer holds matters more than a duplicate.
+		_, terr := rt.pull(peer, dest, v, true)
+		n, err := rt.pull(peer, dest, v, false)
 		if err == nil {
-			n, err = rt.pull(peer, dest, v, false)
+			err = terr
 		}
 		if err == nil {
 			return n, nil
