@@ -53,12 +53,13 @@ type antiEntropy struct {
 // differs after a rebuild. Call it after EnableCatchUp and before the
 // first write; Close stops it.
 func (p *PeerReplicator) EnableAntiEntropy(src AntiEntropySource, owned func() []string, interval time.Duration, onExtra func(dest string)) {
-	p.sendMu.Lock()
+	p.cntMu.Lock()
 	p.writes = map[string]uint64{}
-	p.sendMu.Unlock()
+	p.started = map[string]uint64{}
+	p.cntMu.Unlock()
 	p.stateMu.Lock()
 	p.ae = &antiEntropy{src: src, owned: owned, interval: interval, onExtra: onExtra}
-	p.diverged = map[[2]string]int{}
+	p.diverged = map[[2]string]divergence{}
 	if p.closed || p.src == nil {
 		p.stateMu.Unlock()
 		return
@@ -66,6 +67,34 @@ func (p *PeerReplicator) EnableAntiEntropy(src AntiEntropySource, owned func() [
 	p.wg.Add(1)
 	p.stateMu.Unlock()
 	go p.antiEntropyLoop()
+}
+
+// divergence is a copy found different: the catch-up counter when it
+// was, so that a second difference counts only after a rebuild.
+type divergence struct{ gen uint64 }
+
+// WriteStarting implements the Node's writeCounter: called under the
+// node's rmu before the write's local commit.
+func (p *PeerReplicator) WriteStarting(ops []store.Op) {
+	p.cntMu.Lock()
+	defer p.cntMu.Unlock()
+	if p.started == nil {
+		return
+	}
+	last := ""
+	for i := range ops {
+		if b := ops[i].Bucket; wireKind(ops[i].Kind) != 0 && b != last {
+			p.started[b]++
+			last = b
+		}
+	}
+}
+
+// quiet reports whether every write the node began on dest is handed to
+// Replicate, and returns their count. Under cntMu.
+func (p *PeerReplicator) quietLocked(dest string) (uint64, bool) {
+	s := p.started[dest]
+	return s, s == p.writes[dest]
 }
 
 func (p *PeerReplicator) antiEntropyLoop() {
@@ -78,6 +107,25 @@ func (p *PeerReplicator) antiEntropyLoop() {
 		case <-time.After(d):
 		}
 		p.AntiEntropyRound()
+	}
+}
+
+// Forget stops tracking the other replicas' copies of dest, which this
+// node no longer serves: running catch-ups of it end, and it is not
+// checked. (Its next owner tracks them.)
+func (p *PeerReplicator) Forget(dest string) {
+	p.stateMu.Lock()
+	defer p.stateMu.Unlock()
+	if p.synced == nil {
+		return
+	}
+	for _, m := range p.synced {
+		delete(m, dest)
+	}
+	for k := range p.diverged {
+		if k[1] == dest {
+			delete(p.diverged, k)
+		}
 	}
 }
 
@@ -117,6 +165,7 @@ func (p *PeerReplicator) AntiEntropyRound() {
 	p.stateMu.Lock()
 	p.noteActiveLocked(v)
 	p.stateMu.Unlock()
+	p.cntMu.Lock()
 	for _, dest := range owned {
 		keep[dest] = true
 		// Served here: its writes go to the rest of its replica set.
@@ -127,8 +176,9 @@ func (p *PeerReplicator) AntiEntropyRound() {
 				others = append(others, id)
 			}
 		}
-		if len(others) > 0 && len(others) < len(set) {
-			items = append(items, item{dest, others, p.writes[dest]})
+		seq, quiet := p.quietLocked(dest)
+		if quiet && len(others) > 0 && len(others) < len(set) {
+			items = append(items, item{dest, others, seq})
 		}
 	}
 	for d := range p.writes {
@@ -136,6 +186,12 @@ func (p *PeerReplicator) AntiEntropyRound() {
 			delete(p.writes, d)
 		}
 	}
+	for d := range p.started {
+		if !keep[d] {
+			delete(p.started, d)
+		}
+	}
+	p.cntMu.Unlock()
 	p.stateMu.Lock()
 	for k := range p.diverged {
 		if !keep[k[1]] {
@@ -160,7 +216,10 @@ func (p *PeerReplicator) AntiEntropyRound() {
 		for _, peer := range it.peers {
 			key := [2]string{peer, it.dest}
 			p.sendMu.Lock()
-			if p.writes[it.dest] != it.seq {
+			p.cntMu.Lock()
+			seq, quiet := p.quietLocked(it.dest)
+			p.cntMu.Unlock()
+			if !quiet || seq != it.seq {
 				p.sendMu.Unlock()
 				break // written since the summary: next round
 			}
@@ -214,9 +273,14 @@ func (p *PeerReplicator) checked(peer, dest string, was copyInfo, err error) {
 		p.synced[peer][dest] = copyInfo{copySynced, cur.gen}
 		return
 	}
+	if errors.Is(err, ErrOwnedHere) {
+		// The peer serves the queue itself (views differ while an
+		// ownership moves): nothing to rebuild from here.
+		delete(p.diverged, key)
+		return
+	}
 	if errors.Is(err, ErrDiverged) {
-		p.diverged[key]++
-		if p.diverged[key] >= 2 {
+		if d, seen := p.diverged[key]; seen && tracked && cur.state == copySynced && cur.gen > d.gen {
 			// Rebuilt since the last check, and still different: the
 			// replica holds messages the owner lacks.
 			delete(p.diverged, key)
@@ -226,6 +290,7 @@ func (p *PeerReplicator) checked(peer, dest string, was copyInfo, err error) {
 			}
 			return
 		}
+		p.diverged[key] = divergence{gen: p.gen}
 		p.log.Warn("anti-entropy: a replica's copy differs; rebuilding it", "peer", peer, "dest", dest, "err", err)
 	} else {
 		delete(p.diverged, key)

@@ -262,6 +262,10 @@ type Node struct {
 	// catchUp holds, per queue being copied from its owner, the keys
 	// deleted since the copy began (see ApplyReplicated). Guarded by wmu.
 	catchUp map[string]*catchState
+	// checking holds, per queue with an anti-entropy check being
+	// answered, a channel closed once its copy has been read: later
+	// appends of that queue wait for it (see Node.check). Guarded by wmu.
+	checking map[string]chan struct{}
 	// seqCeil is the sequence number recorded in the store: after a
 	// restart numbering resumes above it, so message IDs are never reused
 	// even when every message was acknowledged and deleted. Guarded by wmu.
@@ -330,6 +334,7 @@ func New(cfg Config, st *store.Store) *Node {
 		log:           cfg.Logger.With("component", "replica"),
 		dests:         make(map[string]*destination),
 		catchUp:       make(map[string]*catchState),
+		checking:      make(map[string]chan struct{}),
 		loadSig:       make(chan struct{}, 1),
 		stop:          make(chan struct{}),
 	}
@@ -641,6 +646,9 @@ func (n *Node) write(ops []store.Op, synced bool, local, quorum func(error)) {
 		}
 	}
 	n.rmu.Lock()
+	if wc, ok := n.rep.(writeCounter); ok && len(ops) > 0 {
+		wc.WriteStarting(ops)
+	}
 	if len(ops) == 0 && synced {
 		n.st.Barrier(later(local))
 	} else {

@@ -37,6 +37,12 @@ type Replicator interface {
 	Replicate(ops []store.Op, sync bool, quorum func(error))
 }
 
+// writeCounter is a Replicator that wants to know of a write before it is
+// submitted to the local store (anti-entropy: PeerReplicator).
+type writeCounter interface {
+	WriteStarting(ops []store.Op)
+}
+
 // SetReplicator makes n replicate its queue writes through r. Call it
 // before Start and before any client is served.
 func (n *Node) SetReplicator(r Replicator) { n.rep = r }
@@ -280,7 +286,23 @@ func (n *Node) ApplyReplicated(epoch, current cluster.EpochID, body []byte, done
 	if err != nil {
 		return err
 	}
-	n.wmu.Lock()
+	// A batch of a queue being checked waits until the check has read
+	// the copy: the check compares it as of the writes before it.
+	for {
+		n.wmu.Lock()
+		var wait chan struct{}
+		for i := range wops {
+			if ch := n.checking[wops[i].op.Bucket]; ch != nil {
+				wait = ch
+				break
+			}
+		}
+		if wait == nil {
+			break
+		}
+		n.wmu.Unlock()
+		<-wait
+	}
 	defer n.wmu.Unlock()
 	n.mu.Lock()
 	for i := range wops {
@@ -387,15 +409,34 @@ func (n *Node) check(sum store.BucketStats, done func(error)) error {
 	if n.catchUp[sum.Name] != nil {
 		return fmt.Errorf("%w: %s is catching up", ErrDiverged, sum.Name)
 	}
+	// Until the copy is read, later appends of the queue wait (in
+	// ApplyReplicated): read after them, it would not be the copy the
+	// owner's summary describes.
+	read := make(chan struct{})
+	n.checking[sum.Name] = read
+	release := func() {
+		n.wmu.Lock()
+		if n.checking[sum.Name] == read {
+			delete(n.checking, sum.Name)
+		}
+		n.wmu.Unlock()
+		close(read)
+	}
 	n.st.Barrier(func(err error) {
 		if err != nil {
-			done(err)
+			// Maybe called before Barrier returns (a closed store),
+			// with wmu held by our caller.
+			go func() {
+				release()
+				done(err)
+			}()
 			return
 		}
 		// Off the store's completion goroutine: reading waits for the
 		// applier.
 		go func() {
 			mine, err := n.st.Bucket(sum.Name)
+			release()
 			switch {
 			case err != nil:
 				done(err)
@@ -514,6 +555,9 @@ func (n *Node) Adopt(dest string) error {
 // accepted again. The caller ends its subscribers' sessions or moves
 // them (the subscriptions' Deliver is not called again).
 func (n *Node) Release(dest string) {
+	if f, ok := n.rep.(interface{ Forget(dest string) }); ok {
+		defer f.Forget(dest) // after the locks below are released
+	}
 	n.wmu.Lock()
 	defer n.wmu.Unlock()
 	n.mu.Lock()
@@ -616,9 +660,15 @@ type PeerReplicator struct {
 	// Anti-entropy (EnableAntiEntropy). writes counts, per queue, the
 	// writes handed to Replicate (under sendMu); diverged counts, per
 	// (peer, queue), checks that failed in a row (under stateMu).
-	ae       *antiEntropy
+	ae *antiEntropy
+	// started and writes count, per queue, the writes the node began
+	// (WriteStarting, before its local commit) and those handed to
+	// Replicate (under sendMu); guarded by cntMu. Equal counts mean every
+	// write in the local store is on its way to the replicas.
+	cntMu    sync.Mutex
+	started  map[string]uint64
 	writes   map[string]uint64
-	diverged map[[2]string]int
+	diverged map[[2]string]divergence
 
 	// Metrics (Collector): ops and bytes sent to each peer per queue and
 	// not yet confirmed, and counters.
@@ -1147,11 +1197,13 @@ func (p *PeerReplicator) Replicate(ops []store.Op, sync bool, quorum func(error)
 		p.stateMu.Unlock()
 	}
 	p.sendMu.Lock()
+	p.cntMu.Lock()
 	if p.writes != nil {
 		for b := range t.need {
 			p.writes[b]++
 		}
 	}
+	p.cntMu.Unlock()
 	for _, id := range order {
 		s := shares[id]
 		// Bodies of at most MaxAppend bytes (split between ops; one op

@@ -184,8 +184,13 @@ func (p *peerLinks) run(o *peerOut) {
 					o.bytes -= len(body)
 					o.mu.Unlock()
 					var pe *stomp.PeerError
-					if errors.As(err, &pe) && pe.Code == "diverged" {
-						err = fmt.Errorf("%w: %s", replica.ErrDiverged, pe.Message)
+					if errors.As(err, &pe) {
+						switch pe.Code {
+						case "diverged":
+							err = fmt.Errorf("%w: %s", replica.ErrDiverged, pe.Message)
+						case "owned-here":
+							err = fmt.Errorf("%w: %s", replica.ErrOwnedHere, pe.Message)
+						}
 					}
 					a.done(err)
 				})
