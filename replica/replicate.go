@@ -280,11 +280,15 @@ func (n *Node) ApplyReplicated(epoch, current cluster.EpochID, body []byte, done
 	if len(body) > 0 && body[0] == wireNoSync {
 		sync, body = false, body[1:]
 	}
+
 	// One copy of the batch: the store reads the values until the
 	// commit, and the caller may reuse its buffer once this returns.
 	wops, err := decodeWire(slices.Clone(body))
 	if err != nil {
 		return err
+	}
+	if !sync && slices.ContainsFunc(wops, func(w wireOp) bool { return w.op.Kind == store.OpPut }) {
+		return fmt.Errorf("%w: an unsynced batch with a put", ErrBadAppend)
 	}
 	// A batch of a queue being checked waits until the check has read
 	// the copy: the check compares it as of the writes before it.
@@ -635,6 +639,9 @@ type PeerReplicator struct {
 
 	// sendMu keeps the calls to Append in Replicate's order.
 	sendMu sync.Mutex
+	// dirty: peers sent an unsynced batch since their last synced one
+	// (under sendMu); a barrier syncs them.
+	dirty map[string]bool
 
 	// pending are the tallies not settled yet, by sequence, so that a
 	// barrier can wait for every write replicated before it.
@@ -962,7 +969,7 @@ func NewPeerReplicator(r, w int, view func() View, peers Peers, log *slog.Logger
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	return &PeerReplicator{r: max(r, 1), w: w, view: view, peers: peers, log: log, pending: map[uint64]*tally{}, MaxAppend: 4 << 20, stop: make(chan struct{})}
+	return &PeerReplicator{r: max(r, 1), w: w, view: view, peers: peers, log: log, pending: map[uint64]*tally{}, MaxAppend: 4 << 20, stop: make(chan struct{}), dirty: map[string]bool{}}
 }
 
 // tally counts, per queue, the confirmations still needed and still
@@ -1037,8 +1044,19 @@ func (p *PeerReplicator) barrier(done func(error)) {
 	if done == nil {
 		done = func(error) {}
 	}
+	// Peers sent unsynced removals since their last synced batch get an
+	// empty synced one, so that the RECEIPT after this barrier finds
+	// those removals on their disks too. Its failure fails nothing (the
+	// removals' own tallies count the copies).
+	p.sendMu.Lock()
+	var markers []string
+	for peer := range p.dirty {
+		markers = append(markers, peer)
+	}
+	clear(p.dirty)
+	p.sendMu.Unlock()
 	var mu sync.Mutex
-	left := len(waiting) + 1
+	left := len(waiting) + len(markers) + 1
 	var first error
 	one := func(err error) {
 		mu.Lock()
@@ -1062,6 +1080,14 @@ func (p *PeerReplicator) barrier(done func(error)) {
 		}
 		t.after = append(t.after, one)
 		t.mu.Unlock()
+	}
+	if len(markers) > 0 {
+		// Without sendMu (done may run inside Append): each marker
+		// follows that peer's earlier batches on its FIFO link anyway.
+		epoch := p.view().Epoch
+		for _, peer := range markers {
+			p.peers.Append(peer, epoch, nil, func(error) { one(nil) })
+		}
 	}
 	one(nil)
 }
@@ -1213,6 +1239,9 @@ func (p *PeerReplicator) Replicate(ops []store.Op, sync bool, quorum func(error)
 		var prefix []byte
 		if !sync && !slices.ContainsFunc(s.ops, func(op store.Op) bool { return op.Kind == store.OpPut }) {
 			prefix = []byte{wireNoSync}
+			p.dirty[id] = true
+		} else {
+			delete(p.dirty, id) // this batch's fdatasync covers the earlier ones
 		}
 		body := append(slices.Clip(prefix), begins[id]...)
 		for i := range s.ops {

@@ -150,6 +150,27 @@ func TestNoSyncOnlyForUnsyncedRemovals(t *testing.T) {
 	if err := <-done; err != nil {
 		t.Fatal(err)
 	}
+	// A barrier (a RECEIPT after the unsynced ACK) sends b an empty synced
+	// batch, so that the ACK is on b's disk before the RECEIPT.
+	peers.drain()
+	peers.mu.Lock()
+	mark := len(peers.sent)
+	peers.mu.Unlock()
+	a.n.Barrier(func(err error) { done <- err })
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	peers.mu.Lock()
+	empties := 0
+	for _, body := range peers.sent[mark:] {
+		if len(body) == 0 {
+			empties++
+		}
+	}
+	peers.mu.Unlock()
+	if empties != 1 {
+		t.Fatalf("a barrier after an unsynced ACK sent %d empty synced batches to the replica, want 1", empties)
+	}
 	// Synced: an ACK with a receipt.
 	if err := a.n.Apply(&Batch{Sync: true, Acks: []AckOp{{Sub: sub, Tag: got[1].Tag}}}, func(err error) { done <- err }); err != nil {
 		t.Fatal(err)
@@ -198,5 +219,9 @@ func TestNoSyncOnlyForUnsyncedRemovals(t *testing.T) {
 	}
 	if _, err := DecodeOps([]byte{wireNoSync}); err == nil {
 		t.Fatal("DecodeOps accepts the no-sync marker")
+	}
+	withPut := append([]byte{wireNoSync}, AppendOps(nil, []store.Op{{Kind: store.OpPut, Bucket: q, Key: 1 << 63, Value: (&Message{ID: "x"}).encode()}})...)
+	if err := b.n.ApplyReplicated(cluster.EpochID{Counter: 1}, cluster.EpochID{Counter: 1}, withPut, func(error) {}); err == nil {
+		t.Fatal("an unsynced batch with a put is accepted")
 	}
 }
