@@ -32,10 +32,12 @@ import (
 
 const (
 	txnPrefix = "txn/"
-	// maxTxnPending bounds the transactions being completed in the
-	// background; past it a multi-owner COMMIT is refused, changing
-	// nothing.
-	maxTxnPending = 1024
+	// maxTxnPending and maxTxnPendingBytes (message bodies) bound the
+	// transactions being applied or completed in the background; past
+	// them a multi-owner COMMIT is refused, changing nothing (one is
+	// always let through when none is pending).
+	maxTxnPending      = 1024
+	maxTxnPendingBytes = 256 << 20
 	txnRetryMin   = 200 * time.Millisecond
 	txnRetryMax   = 10 * time.Second
 )
@@ -44,6 +46,7 @@ var errTxnBacklog = fmt.Errorf("%w: too many transactions over several queues' o
 
 type txnRec struct {
 	name    string
+	bytes   int64
 	msgs    []*replica.Message // what is left to apply (never in a queue: copies)
 	next    time.Time
 	backoff time.Duration
@@ -54,6 +57,7 @@ type txnLog struct {
 	rt      *router
 	mu      sync.Mutex
 	pending map[string]*txnRec
+	bytes   int64 // bodies of pending
 	seq     uint64
 	wake    chan struct{}
 }
@@ -80,28 +84,39 @@ func copies(msgs []*replica.Message) []*replica.Message {
 // background). It returns an error, changing nothing, when the record
 // cannot be taken.
 func (tl *txnLog) commit(sends []*replica.Message, done func(error)) error {
+	if tl.rt.st.LowDisk() {
+		return fmt.Errorf("%w: free space on the data directory's filesystem is below the configured minimum; new messages are refused until it returns", replica.ErrLowDisk)
+	}
+	var size int64
+	for _, m := range sends {
+		size += int64(len(m.Body))
+	}
 	tl.mu.Lock()
-	if len(tl.pending) >= maxTxnPending {
+	if len(tl.pending) > 0 && (len(tl.pending) >= maxTxnPending || tl.bytes+size > maxTxnPendingBytes) {
 		tl.mu.Unlock()
 		return errTxnBacklog
 	}
 	tl.seq++
 	name := txnPrefix + tl.rt.prefix + "-" + strconv.FormatUint(tl.seq, 10)
-	rec := &txnRec{name: name, msgs: copies(sends), running: true, backoff: txnRetryMin}
+	rec := &txnRec{name: name, bytes: size, msgs: copies(sends), running: true, backoff: txnRetryMin}
 	tl.pending[name] = rec
+	tl.bytes += size
 	tl.mu.Unlock()
+	// Later SENDs to these queues wait for this first attempt (as for a
+	// retried SEND), so that one connection's SENDs keep their order.
+	untrack := tl.rt.trackRetry(rec.msgs)
 	body := encodeMessages(nil, rec.msgs)
 	tl.rt.st.Submit([]store.Op{{Kind: store.OpPutMeta, Name: name, Value: body}}, true, func(err error) {
 		if err != nil {
-			tl.mu.Lock()
-			delete(tl.pending, name)
-			tl.mu.Unlock()
+			tl.drop(rec)
+			untrack()
 			done(fmt.Errorf("recording the transaction: %w", err))
 			return
 		}
 		// Off the store's completion goroutine.
 		tl.rt.goBackground(func() {
 			tl.attempt(rec, time.Now(), func(err error) {
+				untrack()
 				if err != nil {
 					err = fmt.Errorf("%w (the transaction is recorded; its remaining messages are applied as soon as their queues accept them)", err)
 				}
@@ -112,15 +127,23 @@ func (tl *txnLog) commit(sends []*replica.Message, done func(error)) error {
 	return nil
 }
 
+// drop forgets rec (complete, or never recorded).
+func (tl *txnLog) drop(rec *txnRec) {
+	tl.mu.Lock()
+	if tl.pending[rec.name] == rec {
+		delete(tl.pending, rec.name)
+		tl.bytes -= rec.bytes
+	}
+	tl.mu.Unlock()
+}
+
 // attempt applies what is left of rec, grouped by owner in a fresh view;
 // the messages of the parts that fail stay in rec. done gets the first
 // part's error, or nil once rec is complete (its record is then removed).
 func (tl *txnLog) attempt(rec *txnRec, since time.Time, done func(error)) {
 	rt := tl.rt
 	if len(rec.msgs) == 0 {
-		tl.mu.Lock()
-		delete(tl.pending, rec.name)
-		tl.mu.Unlock()
+		tl.drop(rec)
 		rt.st.Submit([]store.Op{{Kind: store.OpDeleteMeta, Name: rec.name}}, false, func(error) {})
 		done(nil)
 		return
@@ -144,7 +167,10 @@ func (tl *txnLog) attempt(rec *txnRec, since time.Time, done func(error)) {
 		rec.running = false
 		complete := len(rest) == 0
 		if complete {
-			delete(tl.pending, rec.name)
+			if tl.pending[rec.name] == rec {
+				delete(tl.pending, rec.name)
+				tl.bytes -= rec.bytes
+			}
 		} else {
 			rec.next = time.Now().Add(rec.backoff)
 			rec.backoff = min(2*rec.backoff, txnRetryMax)
@@ -208,9 +234,14 @@ func (tl *txnLog) resume() error {
 			tl.rt.log.Error("a recorded transaction cannot be read; left on disk", "record", name, "err", err)
 			return nil
 		}
+		var size int64
+		for _, m := range msgs {
+			size += int64(len(m.Body))
+		}
 		tl.mu.Lock()
 		if tl.pending[name] == nil {
-			tl.pending[name] = &txnRec{name: name, msgs: msgs, backoff: txnRetryMin}
+			tl.pending[name] = &txnRec{name: name, bytes: size, msgs: msgs, backoff: txnRetryMin}
+			tl.bytes += size
 		}
 		tl.mu.Unlock()
 		tl.rt.log.Info("resuming a transaction over several queues' owners", "record", name, "messages", len(msgs))
