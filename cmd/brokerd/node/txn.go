@@ -38,8 +38,8 @@ const (
 	// always let through when none is pending).
 	maxTxnPending      = 1024
 	maxTxnPendingBytes = 256 << 20
-	txnRetryMin   = 200 * time.Millisecond
-	txnRetryMax   = 10 * time.Second
+	txnRetryMin        = 200 * time.Millisecond
+	txnRetryMax        = 10 * time.Second
 )
 
 var errTxnBacklog = fmt.Errorf("%w: too many transactions over several queues' owners are still being completed", replica.ErrNoQuorum)
