@@ -38,6 +38,7 @@ const (
 	hdrCount    = "x-count"
 	hdrMore     = "x-more"
 	hdrTombs    = "x-tombstones" // on a pull: "1" reads the queue's tombstones instead of its messages
+	hdrRetry    = "x-retry"      // on a send: "1" when the sender retries it after a failure or refusal
 
 	codeNotOwner   = "not-owner"
 	codeQueueFull  = "queue-full"
@@ -235,13 +236,17 @@ func forwardHandler(rt *router, log *slog.Logger) func(peer string, f *frame.Fra
 				reply(stomp.PeerDrop(err.Error()))
 				return
 			}
+			retry := f.Header.Get(hdrRetry) == "1"
 			v := rt.view()
 			for _, m := range msgs {
 				if m.Dest[:len(replica.QueuePrefix)] != replica.QueuePrefix {
 					reply(stomp.PeerDrop("forwarded SEND to a topic"))
 					return
 				}
+			}
+			for _, m := range msgs {
 				if o := rt.ownerOf(v, m.Dest); o != v.self {
+					rt.markNotOwned(peer, msgs)
 					reply(stomp.PeerFail(codeNotOwner, fmt.Sprintf("%s is owned by %s in this node's view", m.Dest, o)))
 					return
 				}
@@ -254,9 +259,17 @@ func forwardHandler(rt *router, log *slog.Logger) func(peer string, f *frame.Fra
 				v := rt.view()
 				for _, m := range msgs {
 					if o := rt.ownerOf(v, m.Dest); o != v.self {
+						rt.markNotOwned(peer, msgs)
 						reply(stomp.PeerFail(codeNotOwner, fmt.Sprintf("%s is owned by %s in this node's view", m.Dest, o)))
 						return
 					}
+				}
+				// In the order the link delivered them: a SEND that
+				// follows one refused above waits for that one's retry.
+				if rt.refusedSince(peer, msgs, retry) {
+					rt.markNotOwned(peer, msgs)
+					reply(stomp.PeerFail(codeNotOwner, "an earlier SEND of this queue from the same node was refused; it is retried first"))
+					return
 				}
 				for _, m := range msgs {
 					if err := rt.ensureOwned(m.Dest); err != nil {

@@ -570,6 +570,47 @@ func TestReview6RetriedForwardReordersSends(t *testing.T) {
 	}
 }
 
+// The same with the second SEND on its way before the refusal of the
+// first reaches its node: the owner refuses it too (an earlier SEND of
+// the queue from that node was refused), and the retries, in order, keep
+// the order.
+func TestReview6RetriedForwardOrderInFlight(t *testing.T) {
+	rn := &r6Net{addrs: map[string]string{}}
+	notOwner := make(chan struct{}, 16)
+	wrap := func(inner stomp.PeerHandler) stomp.PeerHandler {
+		return stomp.PeerHandlerFunc(func(peer string, f *frame.Frame, reply func(*frame.Frame)) {
+			inner.HandlePeer(peer, f, func(r *frame.Frame) {
+				if r != nil && r.Header.Get(stomp.PeerHeaderCode) == codeNotOwner {
+					notOwner <- struct{}{}
+				}
+				reply(r)
+			})
+		})
+	}
+	// A sees B as the owner; B does not know yet (its view names node-z).
+	a := startR6(t, "node-a", rn, []string{"node-b"}, []string{"node-b"}, r6Opts{})
+	b := startR6(t, "node-b", rn, []string{"node-z"}, []string{"node-a"}, r6Opts{wrap: wrap})
+	q := "/queue/order"
+	a.warm(t, "node-b")
+	first := a.apply(t, sendBatch(q, "1"))
+	select {
+	case <-notOwner:
+	case <-time.After(5 * time.Second):
+		t.Fatal("B did not refuse the first SEND")
+	}
+	b.setView([]string{"node-b"}, 2) // B's view catches up
+	second := a.apply(t, sendBatch(q, "2"))
+	if err := waitErr(t, "SEND 1", first, 10*time.Second); err != nil {
+		t.Fatal(err)
+	}
+	if err := waitErr(t, "SEND 2", second, 10*time.Second); err != nil {
+		t.Fatal(err)
+	}
+	if got := b.bodies(t, q); strings.Join(got, ",") != "1,2" {
+		t.Fatalf("one connection sent 1 then 2 to %s, both receipted; the owner stored %v", q, got)
+	}
+}
+
 // ---------------------------------------------------------------------
 // 5. Dead letters stay on the queue's owner, where nobody reads them.
 //

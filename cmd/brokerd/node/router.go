@@ -70,6 +70,16 @@ type router struct {
 	// SENDs being retried, per queue (waitRetries).
 	gmu      sync.Mutex
 	retrying map[string]*retryWait
+
+	// Retries, run in the order they were scheduled (later).
+	rqMu   sync.Mutex
+	rq     []retryItem
+	rqWake chan struct{}
+
+	// As an owner: per (peer, queue), when a forwarded SEND was last
+	// refused as not owned here (refusedSince).
+	nmu      sync.Mutex
+	notOwned map[[2]string]time.Time
 	pr       *replica.PeerReplicator // for operators: which copies are in sync
 	m        routerMetrics
 
@@ -139,7 +149,133 @@ func newRouter(rep *replica.Node, st *store.Store, r int, status func() cluster.
 	rt.host = newHost(rt)
 	rt.txn = newTxnLog(rt)
 	rt.retrying = map[string]*retryWait{}
+	rt.rqWake = make(chan struct{}, 1)
+	rt.notOwned = map[[2]string]time.Time{}
 	return rt
+}
+
+// retryDelay is how long a refused or failed SEND waits before its retry.
+const retryDelay = 100 * time.Millisecond
+
+type retryItem struct {
+	due time.Time
+	fn  func()
+}
+
+// later runs fn after retryDelay on the retry goroutine, after every fn
+// scheduled before it: retries of one connection's SENDs go out in the
+// order they failed (which is the order they were sent: answers and
+// failures of one link come in request order).
+func (rt *router) later(fn func()) {
+	select {
+	case <-rt.stop:
+		time.AfterFunc(retryDelay, fn) // the retry goroutine has ended
+		return
+	default:
+	}
+	rt.rqMu.Lock()
+	rt.rq = append(rt.rq, retryItem{time.Now().Add(retryDelay), fn})
+	rt.rqMu.Unlock()
+	select {
+	case rt.rqWake <- struct{}{}:
+	default:
+	}
+}
+
+func (rt *router) retryLoop() {
+	defer rt.wg.Done()
+	for {
+		rt.rqMu.Lock()
+		var next *retryItem
+		if len(rt.rq) > 0 {
+			next = &rt.rq[0]
+		}
+		wait := time.Hour
+		if next != nil {
+			wait = time.Until(next.due)
+		}
+		if next != nil && wait <= 0 {
+			fn := next.fn
+			rt.rq[0] = retryItem{}
+			rt.rq = rt.rq[1:]
+			rt.rqMu.Unlock()
+			fn()
+			continue
+		}
+		rt.rqMu.Unlock()
+		t := time.NewTimer(wait)
+		select {
+		case <-rt.stop:
+			t.Stop()
+			// Whatever is left fails at once (its done reports the
+			// last error it had: the node is stopping).
+			rt.rqMu.Lock()
+			left := rt.rq
+			rt.rq = nil
+			rt.rqMu.Unlock()
+			for _, it := range left {
+				it.fn()
+			}
+			return
+		case <-rt.rqWake:
+		case <-t.C:
+		}
+		t.Stop()
+	}
+}
+
+// notOwnedFor bounds how long a refusal holds later SENDs of the same
+// peer and queue back (refusedSince): the sender retries within its
+// failover budget, or gives up.
+const notOwnedFor = failoverBudget + time.Second
+
+// markNotOwned records that SENDs of msgs from peer were refused as not
+// owned here.
+func (rt *router) markNotOwned(peer string, msgs []*replica.Message) {
+	now := time.Now()
+	rt.nmu.Lock()
+	defer rt.nmu.Unlock()
+	if len(rt.notOwned) >= maxNotOwnedMarks {
+		for k, at := range rt.notOwned {
+			if now.Sub(at) > notOwnedFor {
+				delete(rt.notOwned, k)
+			}
+		}
+		if len(rt.notOwned) >= maxNotOwnedMarks {
+			return // past the bound: order across this retry is not kept
+		}
+	}
+	for _, m := range msgs {
+		rt.notOwned[[2]string{peer, m.Dest}] = now
+	}
+}
+
+// maxNotOwnedMarks bounds the refusals remembered (refusedSince).
+const maxNotOwnedMarks = 1 << 16
+
+// refusedSince reports whether a SEND of msgs from peer must be refused
+// because an earlier SEND of one of its queues from that peer was (and
+// its retry has not come yet): accepting it would store it before the
+// earlier one. A retry (retry true) clears the marks.
+func (rt *router) refusedSince(peer string, msgs []*replica.Message, retry bool) bool {
+	rt.nmu.Lock()
+	defer rt.nmu.Unlock()
+	if len(rt.notOwned) == 0 {
+		return false
+	}
+	refused := false
+	for _, m := range msgs {
+		k := [2]string{peer, m.Dest}
+		at, ok := rt.notOwned[k]
+		switch {
+		case !ok:
+		case retry || time.Since(at) > notOwnedFor:
+			delete(rt.notOwned, k)
+		default:
+			refused = true
+		}
+	}
+	return refused
 }
 
 // retryWait counts the SENDs of one queue being retried; ch closes when
@@ -216,8 +352,9 @@ func (rt *router) start() {
 	if err := rt.txn.resume(); err != nil {
 		rt.log.Error("reading the recorded transactions failed; they are resumed at the next start", "err", err)
 	}
-	rt.wg.Add(3)
+	rt.wg.Add(4)
 	go rt.watch()
+	go rt.retryLoop()
 	go rt.host.sweep(rt.stop, &rt.wg)
 	go func() {
 		defer rt.wg.Done()
@@ -818,7 +955,7 @@ func (rt *router) Apply(b *replica.Batch, done func(error)) error {
 		}
 	}
 	for owner, p := range remote {
-		rt.forwardSends(owner, p.sends, time.Now(), all)
+		rt.forwardSends(owner, p.sends, time.Now(), false, all)
 	}
 	for _, a := range routed {
 		a.Sub.(*routedSub).ack(a.Tag, a.Nack, all)
@@ -840,7 +977,12 @@ const failoverBudget = 4 * time.Second
 // with a fresh view until failoverBudget has passed. A retry after an
 // unknown outcome may store a message twice: both copies carry the same
 // message-id, assigned here.
-func (rt *router) forwardSends(owner string, msgs []*replica.Message, since time.Time, done func(error)) {
+//
+// retry marks the SENDs as retried (x-retry): an owner that refused an
+// earlier SEND of one of their queues from this node refuses the ones
+// that follow it until the retries come (see refusedSince), so that the
+// retries, sent in order, keep the connection's order.
+func (rt *router) forwardSends(owner string, msgs []*replica.Message, since time.Time, retry bool, done func(error)) {
 	// Large batches (a big transaction) go in chunks of maxForwardBody,
 	// in order on the one link; each chunk is applied whole.
 	size := 0
@@ -851,15 +993,15 @@ func (rt *router) forwardSends(owner string, msgs []*replica.Message, since time
 		}
 		if size > maxForwardBody && i > 0 {
 			all := replica.JoinN(2, done)
-			rt.forwardChunk(owner, msgs[:i], since, all)
-			rt.forwardSends(owner, msgs[i:], since, all)
+			rt.forwardChunk(owner, msgs[:i], since, retry, all)
+			rt.forwardSends(owner, msgs[i:], since, retry, all)
 			return
 		}
 	}
-	rt.forwardChunk(owner, msgs, since, done)
+	rt.forwardChunk(owner, msgs, since, retry, done)
 }
 
-func (rt *router) forwardChunk(owner string, msgs []*replica.Message, since time.Time, done func(error)) {
+func (rt *router) forwardChunk(owner string, msgs []*replica.Message, since time.Time, retried bool, done func(error)) {
 	body := encodeMessages(nil, msgs)
 	retry := func(err error) bool {
 		if time.Since(since) >= failoverBudget {
@@ -871,7 +1013,7 @@ func (rt *router) forwardChunk(owner string, msgs []*replica.Message, since time
 		}
 		rt.m.retries.Inc()
 		untrack := rt.trackRetry(msgs)
-		time.AfterFunc(100*time.Millisecond, func() {
+		rt.later(func() {
 			rt.reroute(msgs, since, func(err error) {
 				untrack()
 				done(err)
@@ -884,7 +1026,11 @@ func (rt *router) forwardChunk(owner string, msgs []*replica.Message, since time
 		wait = 300 * time.Millisecond // down now: look again soon
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), wait)
-	err := rt.fwd.request(ctx, owner, opSend, nil, body, func(_ *frame.Frame, err error) {
+	var hdrs []string
+	if retried {
+		hdrs = []string{hdrRetry, "1"}
+	}
+	err := rt.fwd.request(ctx, owner, opSend, hdrs, body, func(_ *frame.Frame, err error) {
 		cancel()
 		if err != nil && retry(err) {
 			return
@@ -920,7 +1066,7 @@ func (rt *router) retryLocal(msgs []*replica.Message, since time.Time, done func
 		}
 		rt.m.retries.Inc()
 		untrack := rt.trackRetry(again)
-		time.AfterFunc(100*time.Millisecond, func() {
+		rt.later(func() {
 			rt.reroute(again, since, func(err error) {
 				untrack()
 				done(err)
@@ -944,7 +1090,7 @@ func (rt *router) reroute(msgs []*replica.Message, since time.Time, done func(er
 	all := replica.JoinN(len(byOwner), done)
 	for o, ms := range byOwner {
 		if o != v.self {
-			rt.forwardSends(o, ms, since, all)
+			rt.forwardSends(o, ms, since, true, all)
 			continue
 		}
 		err := error(nil)

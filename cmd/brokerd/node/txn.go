@@ -49,8 +49,9 @@ type txnRec struct {
 	bytes   int64
 	msgs    []*replica.Message // what is left to apply (never in a queue: copies)
 	next    time.Time
-	backoff time.Duration
-	running bool
+	backoff  time.Duration
+	running  bool
+	attempts int
 }
 
 type txnLog struct {
@@ -148,6 +149,7 @@ func (tl *txnLog) attempt(rec *txnRec, since time.Time, done func(error)) {
 		done(nil)
 		return
 	}
+	rec.attempts++
 	v := rt.refresh()
 	byOwner := map[string][]*replica.Message{}
 	for _, m := range rec.msgs {
@@ -200,7 +202,7 @@ func (tl *txnLog) attempt(rec *txnRec, since time.Time, done func(error)) {
 		case o == "":
 			part(errNoActiveSet)
 		case o != v.self:
-			rt.forwardSends(o, batch, since, part)
+			rt.forwardSends(o, batch, since, rec.attempts > 1, part)
 		default:
 			err := error(nil)
 			for _, m := range batch {
