@@ -45,10 +45,10 @@ const (
 var errTxnBacklog = fmt.Errorf("%w: too many transactions over several queues' owners are still being completed", replica.ErrNoQuorum)
 
 type txnRec struct {
-	name    string
-	bytes   int64
-	msgs    []*replica.Message // what is left to apply (never in a queue: copies)
-	next    time.Time
+	name     string
+	bytes    int64
+	msgs     []*replica.Message // what is left to apply (never in a queue: copies)
+	next     time.Time
 	backoff  time.Duration
 	running  bool
 	attempts int
