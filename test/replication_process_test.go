@@ -1,6 +1,7 @@
 package test
 
 import (
+	"fmt"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -382,6 +383,136 @@ func TestProcessReplicationLagMetric(t *testing.T) {
 		}
 		if time.Now().After(deadline) {
 			t.Fatal("replication lag still reported 30 s after the replica resumed")
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+}
+
+// TestProcessReplicationFailoverKeepsOrder: 3 brokerd, R=2. A producer
+// pipelines receipted SENDs (32 outstanding) to a node that does not own
+// the queue while the owner is killed with kill -9; a consumer on the
+// third node reads with client-individual acks. SENDs in flight when the
+// owner dies are retried by the producer's node; they must not land
+// after the ones sent behind them: the messages delivered for the first
+// time (not marked redelivered) arrive in the order they were sent, and
+// nothing receipted is missing.
+func TestProcessReplicationFailoverKeepsOrder(t *testing.T) {
+	if testing.Short() {
+		t.Skip("starts processes")
+	}
+	_, byID, active := replCluster(t, 3)
+	q := "/queue/failover-order"
+	owner := byID[replica.ReplicaSet(q, active, 2)[0]]
+	var others []*clusterProc
+	for _, p := range byID {
+		if p != owner {
+			others = append(others, p)
+		}
+	}
+	prodNode, consNode := others[0], others[1]
+	const n, window = 4000, 32
+
+	var mu sync.Mutex
+	received := map[int]bool{}
+	outOfOrder, firstSeen := 0, -1
+	var example string
+	stop := make(chan struct{})
+	consDone := make(chan struct{})
+	go func() {
+		defer close(consDone)
+		for {
+			select {
+			case <-stop:
+				return
+			default:
+			}
+			c, err := consNode.tryDial()
+			if err != nil {
+				time.Sleep(100 * time.Millisecond)
+				continue
+			}
+			sub, err := c.Subscribe(q, stomp.AckClientIndividual, stomp.SubscribeOpt.Header("prefetch-count", "8"))
+			if err != nil {
+				time.Sleep(100 * time.Millisecond)
+				continue
+			}
+			for m := range sub.C {
+				if m.Err != nil {
+					break
+				}
+				seq, _ := strconv.Atoi(string(m.Body))
+				mu.Lock()
+				if m.Header.Get("redelivered") != "true" && !received[seq] {
+					if seq < firstSeen {
+						outOfOrder++
+						if example == "" {
+							example = fmt.Sprintf("%d after %d", seq, firstSeen)
+						}
+					}
+					firstSeen = max(firstSeen, seq)
+				}
+				received[seq] = true
+				mu.Unlock()
+				if err := c.Ack(m); err != nil {
+					break
+				}
+			}
+		}
+	}()
+
+	// The producer: raw frames, window receipts outstanding.
+	rc := prodNode.raw()
+	rc.connect()
+	receipted := map[int]bool{}
+	sent, killed := 0, false
+	outstanding := 0
+	for sent < n || outstanding > 0 {
+		for outstanding < window && sent < n {
+			if sent == n/2 && !killed {
+				owner.kill()
+				killed = true
+			}
+			rc.frame("SEND", strconv.Itoa(sent), "destination", q, "receipt", strconv.Itoa(sent))
+			sent++
+			outstanding++
+		}
+		_ = rc.c.SetReadDeadline(time.Now().Add(30 * time.Second))
+		f, err := rc.r.Read()
+		if err != nil {
+			t.Fatalf("producer on %s: %v after %d receipts", prodNode.name, err, len(receipted))
+		}
+		if f == nil {
+			continue
+		}
+		if f.Command != "RECEIPT" {
+			t.Fatalf("producer on %s: %s %v %q after %d receipts", prodNode.name, f.Command, f.Header, f.Body, len(receipted))
+		}
+		id, _ := strconv.Atoi(f.Header.Get("receipt-id"))
+		receipted[id] = true
+		outstanding--
+	}
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		mu.Lock()
+		missing := 0
+		for id := range receipted {
+			if !received[id] {
+				missing++
+			}
+		}
+		ooo, ex := outOfOrder, example
+		mu.Unlock()
+		if missing == 0 {
+			close(stop)
+			t.Logf("owner %s killed after %d SENDs; %d receipted, all received; %d first deliveries out of order", owner.name, n/2, len(receipted), ooo)
+			if ooo > 0 {
+				t.Fatalf("%d messages delivered for the first time after a later one of the same producer, e.g. %s", ooo, ex)
+			}
+			return
+		}
+		if time.Now().After(deadline) {
+			close(stop)
+			t.Fatalf("%d receipted messages never reached the consumer", missing)
 		}
 		time.Sleep(100 * time.Millisecond)
 	}
