@@ -3,6 +3,7 @@ package replica
 import (
 	"errors"
 	"math/rand/v2"
+	"slices"
 	"sync"
 	"time"
 
@@ -81,11 +82,12 @@ func (p *PeerReplicator) WriteStarting(ops []store.Op) {
 	if p.started == nil {
 		return
 	}
-	last := ""
+	// Once per queue the write touches, as Replicate counts it.
+	var seen []string
 	for i := range ops {
-		if b := ops[i].Bucket; wireKind(ops[i].Kind) != 0 && b != last {
+		if b := ops[i].Bucket; wireKind(ops[i].Kind) != 0 && !slices.Contains(seen, b) {
 			p.started[b]++
-			last = b
+			seen = append(seen, b)
 		}
 	}
 }
@@ -181,14 +183,18 @@ func (p *PeerReplicator) AntiEntropyRound() {
 			items = append(items, item{dest, others, seq})
 		}
 	}
-	for d := range p.writes {
-		if !keep[d] {
+	// Counters of queues not served here go, both together and only
+	// when no write is between its two counts (one may be served by
+	// now: adopted after owned() was read).
+	for d := range p.started {
+		if !keep[d] && p.started[d] == p.writes[d] {
+			delete(p.started, d)
 			delete(p.writes, d)
 		}
 	}
-	for d := range p.started {
-		if !keep[d] {
-			delete(p.started, d)
+	for d := range p.writes {
+		if _, ok := p.started[d]; !ok && !keep[d] {
+			delete(p.writes, d)
 		}
 	}
 	p.cntMu.Unlock()
