@@ -237,20 +237,16 @@ func forwardHandler(rt *router, log *slog.Logger) func(peer string, f *frame.Fra
 				return
 			}
 			retry := f.Header.Get(hdrRetry) == "1"
-			v := rt.view()
 			for _, m := range msgs {
 				if m.Dest[:len(replica.QueuePrefix)] != replica.QueuePrefix {
 					reply(stomp.PeerDrop("forwarded SEND to a topic"))
 					return
 				}
 			}
-			for _, m := range msgs {
-				if o := rt.ownerOf(v, m.Dest); o != v.self {
-					rt.markNotOwned(peer, msgs)
-					reply(stomp.PeerFail(codeNotOwner, fmt.Sprintf("%s is owned by %s in this node's view", m.Dest, o)))
-					return
-				}
-			}
+			// Ownership is checked in the worker only, in the order the
+			// link delivered them: refused here at once, a SEND would be
+			// answered (and retried by its sender) before earlier ones
+			// still waiting in the worker.
 			// Off the link's reader (taking a queue over pulls from the
 			// other nodes, which may be pulling from this one), but in
 			// the order the link delivered them: one worker per peer.
@@ -273,6 +269,7 @@ func forwardHandler(rt *router, log *slog.Logger) func(peer string, f *frame.Fra
 				}
 				for _, m := range msgs {
 					if err := rt.ensureOwned(m.Dest); err != nil {
+						rt.markNotOwned(peer, msgs) // retried: the ones behind wait for it
 						reply(stomp.PeerFail(failCode(err), err.Error()))
 						return
 					}
@@ -285,6 +282,13 @@ func forwardHandler(rt *router, log *slog.Logger) func(peer string, f *frame.Fra
 					reply(stomp.PeerOK())
 				}); err != nil {
 					reply(stomp.PeerFail(failCode(err), err.Error()))
+					return
+				}
+				if retry {
+					// Stored (or its outcome unknown, stored anyway)
+					// before anything behind it on the link: the SENDs
+					// that follow may be accepted again.
+					rt.clearNotOwned(peer, msgs)
 				}
 			})
 		case opTopic:

@@ -253,9 +253,13 @@ func (p *peerLinks) Close() {
 // and nothing of it applied. A stale epoch or a queue this node serves is
 // refused, the link kept.
 func replicationHandler(n *replica.Node, epoch func() cluster.EpochID) stomp.PeerHandler {
-	type last struct{ inc, seq uint64 }
+	type sender struct {
+		mu       sync.Mutex // one append of this sender at a time
+		inc, seq uint64
+		seen     bool
+	}
 	var mu sync.Mutex
-	lasts := map[string]last{} // per sender; bounded by the cluster's nodes
+	senders := map[string]*sender{} // bounded by the cluster's nodes
 	return stomp.PeerHandlerFunc(func(peer string, f *frame.Frame, reply func(*frame.Frame)) {
 		if op := f.Header.Get(stomp.PeerHeaderOp); op != opAppend {
 			reply(stomp.PeerFail("unknown-op", fmt.Sprintf("unknown operation %q", op)))
@@ -274,14 +278,23 @@ func replicationHandler(n *replica.Node, epoch func() cluster.EpochID) stomp.Pee
 			return
 		}
 		// Check, record and submit in one step: the store commits the
-		// appends of one sender in sequence order.
+		// appends of one sender in sequence order. Per sender: an append
+		// that waits (behind an anti-entropy check of its queue) holds
+		// up only its own sender.
 		mu.Lock()
-		defer mu.Unlock()
-		if l, seen := lasts[peer]; seen && (inc < l.inc || inc == l.inc && seq <= l.seq) {
-			reply(stomp.PeerFail("reordered", fmt.Sprintf("append %d/%d after %d/%d from %s: refused", inc, seq, l.inc, l.seq, peer)))
+		sd := senders[peer]
+		if sd == nil {
+			sd = &sender{}
+			senders[peer] = sd
+		}
+		mu.Unlock()
+		sd.mu.Lock()
+		defer sd.mu.Unlock()
+		if sd.seen && (inc < sd.inc || inc == sd.inc && seq <= sd.seq) {
+			reply(stomp.PeerFail("reordered", fmt.Sprintf("append %d/%d after %d/%d from %s: refused", inc, seq, sd.inc, sd.seq, peer)))
 			return
 		}
-		lasts[peer] = last{inc, seq}
+		sd.inc, sd.seq, sd.seen = inc, seq, true
 		err := n.ApplyReplicated(e, epoch(), f.Body, func(err error) {
 			if errors.Is(err, replica.ErrDiverged) {
 				reply(stomp.PeerFail("diverged", err.Error()))

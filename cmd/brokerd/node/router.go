@@ -71,10 +71,13 @@ type router struct {
 	gmu      sync.Mutex
 	retrying map[string]*retryWait
 
-	// Retries, run in the order they were scheduled (later).
+	// Per queue, the SENDs on their way to an owner (waitFlights).
+	fmu     sync.Mutex
+	flights map[string]*sendFlight
+
+	// Retry chains, per queue (later).
 	rqMu   sync.Mutex
-	rq     []retryItem
-	rqWake chan struct{}
+	chains map[string]*retryChain
 
 	// As an owner: per (peer, queue), when a forwarded SEND was last
 	// refused as not owned here (refusedSince).
@@ -149,7 +152,8 @@ func newRouter(rep *replica.Node, st *store.Store, r int, status func() cluster.
 	rt.host = newHost(rt)
 	rt.txn = newTxnLog(rt)
 	rt.retrying = map[string]*retryWait{}
-	rt.rqWake = make(chan struct{}, 1)
+	rt.chains = map[string]*retryChain{}
+	rt.flights = map[string]*sendFlight{}
 	rt.notOwned = map[[2]string]time.Time{}
 	return rt
 }
@@ -157,71 +161,117 @@ func newRouter(rep *replica.Node, st *store.Store, r int, status func() cluster.
 // retryDelay is how long a refused or failed SEND waits before its retry.
 const retryDelay = 100 * time.Millisecond
 
-type retryItem struct {
-	due time.Time
-	fn  func()
+// A retryJob is SENDs whose forward (or local write) failed in a way a
+// retry may fix: they are applied again, with a fresh view, on their
+// queue's retry chain.
+type retryJob struct {
+	msgs  []*replica.Message
+	since time.Time
+	done  func(error)
 }
 
-// later runs fn after retryDelay on the retry goroutine, after every fn
-// scheduled before it: retries of one connection's SENDs go out in the
-// order they failed (which is the order they were sent: answers and
-// failures of one link come in request order).
-func (rt *router) later(fn func()) {
-	select {
-	case <-rt.stop:
-		time.AfterFunc(retryDelay, fn) // the retry goroutine has ended
-		return
-	default:
-	}
+// retryChain runs the retries of one queue one at a time, in the order
+// they failed (which is the order they were sent: a link answers and
+// fails requests in order), each until it succeeds, fails for good or
+// its budget is spent, before the next: so a retry never overtakes an
+// earlier one of its queue, and a slow one holds up only its queue.
+type retryChain struct {
+	jobs []retryJob
+}
+
+// later schedules msgs (failed with a retryable error) for a retry on the
+// chain of their first queue; done gets the final outcome. Later SENDs to
+// their queues wait meanwhile (waitRetries).
+func (rt *router) later(msgs []*replica.Message, since time.Time, done func(error)) {
+	rt.m.retries.Inc()
+	untrack := rt.trackRetry(msgs)
+	job := retryJob{msgs: msgs, since: since, done: func(err error) {
+		untrack()
+		done(err)
+	}}
+	key := msgs[0].Dest
 	rt.rqMu.Lock()
-	rt.rq = append(rt.rq, retryItem{time.Now().Add(retryDelay), fn})
+	c := rt.chains[key]
+	start := c == nil
+	if start {
+		c = &retryChain{}
+		rt.chains[key] = c
+	}
+	c.jobs = append(c.jobs, job)
 	rt.rqMu.Unlock()
-	select {
-	case rt.rqWake <- struct{}{}:
-	default:
+	if start {
+		// Not through goBackground: it must run even after close (its
+		// done then reports the failure at once).
+		go rt.runChain(key, c)
 	}
 }
 
-func (rt *router) retryLoop() {
-	defer rt.wg.Done()
+// runChain runs chain c of queue key until it is empty.
+func (rt *router) runChain(key string, c *retryChain) {
 	for {
 		rt.rqMu.Lock()
-		var next *retryItem
-		if len(rt.rq) > 0 {
-			next = &rt.rq[0]
-		}
-		wait := time.Hour
-		if next != nil {
-			wait = time.Until(next.due)
-		}
-		if next != nil && wait <= 0 {
-			fn := next.fn
-			rt.rq[0] = retryItem{}
-			rt.rq = rt.rq[1:]
+		if len(c.jobs) == 0 {
+			delete(rt.chains, key)
 			rt.rqMu.Unlock()
-			fn()
-			continue
-		}
-		rt.rqMu.Unlock()
-		t := time.NewTimer(wait)
-		select {
-		case <-rt.stop:
-			t.Stop()
-			// Whatever is left fails at once (its done reports the
-			// last error it had: the node is stopping).
-			rt.rqMu.Lock()
-			left := rt.rq
-			rt.rq = nil
-			rt.rqMu.Unlock()
-			for _, it := range left {
-				it.fn()
-			}
 			return
-		case <-rt.rqWake:
-		case <-t.C:
 		}
-		t.Stop()
+		job := c.jobs[0]
+		c.jobs[0] = retryJob{}
+		c.jobs = c.jobs[1:]
+		rt.rqMu.Unlock()
+		var err error
+		for {
+			select {
+			case <-rt.stop:
+			case <-time.After(retryDelay):
+			}
+			ch := make(chan error, 1)
+			rt.applyOnce(job.msgs, job.since, func(err error) { ch <- err })
+			err = <-ch
+			if err == nil || !retryable(err) || time.Since(job.since) >= failoverBudget || rt.stopped() {
+				break
+			}
+		}
+		job.done(finalErr(err))
 	}
+}
+
+func (rt *router) stopped() bool {
+	select {
+	case <-rt.stop:
+		return true
+	default:
+		return false
+	}
+}
+
+// retryable reports whether a failed SEND may succeed if tried again: its
+// owner refused it as not its own or for want of replicas, or could not
+// be reached (outcome unknown), or there was no owner yet.
+func retryable(err error) bool {
+	var pe *stomp.PeerError
+	if errors.As(err, &pe) {
+		return pe.Code == codeNotOwner || pe.Code == "no-quorum"
+	}
+	switch {
+	case errors.Is(err, replica.ErrQueueFull), errors.Is(err, replica.ErrLowDisk),
+		errors.Is(err, replica.ErrBadDestination), errors.Is(err, replica.ErrUnknownAck):
+		return false
+	}
+	return true // no quorum here, a link down, an answer that never came
+}
+
+// finalErr is the error a client gets for a SEND that failed for good.
+func finalErr(err error) error {
+	if err == nil {
+		return nil
+	}
+	var pe *stomp.PeerError
+	if !errors.As(err, &pe) && (errors.Is(err, replica.ErrNoQuorum) || errors.Is(err, replica.ErrQueueFull) ||
+		errors.Is(err, replica.ErrLowDisk) || errors.Is(err, replica.ErrBadDestination)) {
+		return err // a local write's own error
+	}
+	return peerErr(err)
 }
 
 // notOwnedFor bounds how long a refusal holds later SENDs of the same
@@ -255,9 +305,13 @@ const maxNotOwnedMarks = 1 << 16
 
 // refusedSince reports whether a SEND of msgs from peer must be refused
 // because an earlier SEND of one of its queues from that peer was (and
-// its retry has not come yet): accepting it would store it before the
-// earlier one. A retry (retry true) clears the marks.
+// no retry has been stored since): accepting it would store it before
+// the earlier one. A retry is never refused for this; once it is
+// stored, clearNotOwned lifts the marks.
 func (rt *router) refusedSince(peer string, msgs []*replica.Message, retry bool) bool {
+	if retry {
+		return false
+	}
 	rt.nmu.Lock()
 	defer rt.nmu.Unlock()
 	if len(rt.notOwned) == 0 {
@@ -269,13 +323,111 @@ func (rt *router) refusedSince(peer string, msgs []*replica.Message, retry bool)
 		at, ok := rt.notOwned[k]
 		switch {
 		case !ok:
-		case retry || time.Since(at) > notOwnedFor:
+		case time.Since(at) > notOwnedFor:
 			delete(rt.notOwned, k)
 		default:
 			refused = true
 		}
 	}
 	return refused
+}
+
+// expireNotOwned drops the marks older than notOwnedFor.
+func (rt *router) expireNotOwned() {
+	now := time.Now()
+	rt.nmu.Lock()
+	defer rt.nmu.Unlock()
+	for k, at := range rt.notOwned {
+		if now.Sub(at) > notOwnedFor {
+			delete(rt.notOwned, k)
+		}
+	}
+}
+
+// clearNotOwned lifts peer's marks of msgs' queues: a retry of theirs was
+// stored, after every SEND of theirs before it.
+func (rt *router) clearNotOwned(peer string, msgs []*replica.Message) {
+	rt.nmu.Lock()
+	defer rt.nmu.Unlock()
+	for _, m := range msgs {
+		delete(rt.notOwned, [2]string{peer, m.Dest})
+	}
+}
+
+// sendFlight counts the SENDs of one queue on their way to owner
+// (forwarded, or written here) and not finished; ch closes when none is
+// left.
+type sendFlight struct {
+	owner string
+	n     int
+	ch    chan struct{}
+}
+
+// flightStart records that msgs go to owner; the returned func (called
+// once, when they are finished) undoes it.
+func (rt *router) flightStart(owner string, msgs []*replica.Message) func() {
+	var dests []string
+	for _, m := range msgs {
+		if !slices.Contains(dests, m.Dest) {
+			dests = append(dests, m.Dest)
+		}
+	}
+	rt.fmu.Lock()
+	for _, d := range dests {
+		f := rt.flights[d]
+		if f == nil || f.owner != owner && f.n == 0 {
+			f = &sendFlight{owner: owner, ch: make(chan struct{})}
+			rt.flights[d] = f
+		}
+		f.n++
+	}
+	rt.fmu.Unlock()
+	var once sync.Once
+	return func() {
+		once.Do(func() {
+			rt.fmu.Lock()
+			for _, d := range dests {
+				if f := rt.flights[d]; f != nil {
+					if f.n--; f.n == 0 {
+						close(f.ch)
+						delete(rt.flights, d)
+					}
+				}
+			}
+			rt.fmu.Unlock()
+		})
+	}
+}
+
+// waitFlights holds a SEND to a queue back while earlier SENDs of that
+// queue are on their way to another owner than the one it would go to
+// (the view changed under them): sent now, it would be stored before
+// them if they are retried. At most failoverBudget in all.
+func (rt *router) waitFlights(sends []*replica.Message) {
+	deadline := time.Now().Add(failoverBudget + time.Second)
+	for {
+		v := rt.view()
+		var wait chan struct{}
+		rt.fmu.Lock()
+		for _, m := range sends {
+			if f := rt.flights[m.Dest]; f != nil && f.n > 0 && f.owner != rt.ownerOf(v, m.Dest) {
+				wait = f.ch
+				break
+			}
+		}
+		rt.fmu.Unlock()
+		left := time.Until(deadline)
+		if wait == nil || left <= 0 {
+			return
+		}
+		t := time.NewTimer(left)
+		select {
+		case <-wait:
+		case <-t.C:
+		case <-rt.stop:
+		}
+		t.Stop()
+	}
 }
 
 // retryWait counts the SENDs of one queue being retried; ch closes when
@@ -352,9 +504,8 @@ func (rt *router) start() {
 	if err := rt.txn.resume(); err != nil {
 		rt.log.Error("reading the recorded transactions failed; they are resumed at the next start", "err", err)
 	}
-	rt.wg.Add(4)
+	rt.wg.Add(3)
 	go rt.watch()
-	go rt.retryLoop()
 	go rt.host.sweep(rt.stop, &rt.wg)
 	go func() {
 		defer rt.wg.Done()
@@ -495,11 +646,14 @@ func (rt *router) watch() {
 	var last cluster.EpochID
 	var lastSet string
 	lastJoins := rt.refresh().joins
-	for {
+	for tick := 0; ; tick++ {
 		select {
 		case <-rt.stop:
 			return
 		case <-t.C:
+		}
+		if tick%10 == 0 {
+			rt.expireNotOwned()
 		}
 		v := rt.refresh()
 		for p := range v.peers {
@@ -832,6 +986,7 @@ func (rt *router) Barrier(done func(error)) { rt.rep.Barrier(done) }
 func (rt *router) Apply(b *replica.Batch, done func(error)) error {
 	if len(b.Sends) > 0 {
 		rt.waitRetries(b.Sends)
+		rt.waitFlights(b.Sends)
 	}
 	v := rt.view()
 	type part struct {
@@ -950,12 +1105,33 @@ func (rt *router) Apply(b *replica.Batch, done func(error)) error {
 		if len(local.Sends) > 0 && len(local.Acks) == 0 && len(topics) == 0 {
 			localDone = rt.retryLocal(local.Sends, time.Now(), all)
 		}
-		if err := rt.rep.Apply(&local, localDone); err != nil {
+		var queued []*replica.Message
+		for _, m := range local.Sends {
+			if !slices.Contains(topics, m) {
+				queued = append(queued, m)
+			}
+		}
+		if len(queued) > 0 {
+			landed := rt.flightStart(v.self, queued)
+			inner := localDone
+			localDone = func(err error) {
+				landed()
+				inner(err)
+			}
+			if err := rt.rep.Apply(&local, localDone); err != nil {
+				landed()
+				return err
+			}
+		} else if err := rt.rep.Apply(&local, localDone); err != nil {
 			return err
 		}
 	}
 	for owner, p := range remote {
-		rt.forwardSends(owner, p.sends, time.Now(), false, all)
+		landed := rt.flightStart(owner, p.sends)
+		rt.forwardSends(owner, p.sends, time.Now(), false, func(err error) {
+			landed()
+			all(err)
+		})
 	}
 	for _, a := range routed {
 		a.Sub.(*routedSub).ack(a.Tag, a.Nack, all)
@@ -983,6 +1159,12 @@ const failoverBudget = 4 * time.Second
 // that follow it until the retries come (see refusedSince), so that the
 // retries, sent in order, keep the connection's order.
 func (rt *router) forwardSends(owner string, msgs []*replica.Message, since time.Time, retry bool, done func(error)) {
+	rt.forwardSendsMode(owner, msgs, since, retry, false, done)
+}
+
+// forwardSendsMode is forwardSends; with once, a failure is not retried
+// here but handed to done as it came (the retry chain decides).
+func (rt *router) forwardSendsMode(owner string, msgs []*replica.Message, since time.Time, retry, once bool, done func(error)) {
 	// Large batches (a big transaction) go in chunks of maxForwardBody,
 	// in order on the one link; each chunk is applied whole.
 	size := 0
@@ -993,33 +1175,27 @@ func (rt *router) forwardSends(owner string, msgs []*replica.Message, since time
 		}
 		if size > maxForwardBody && i > 0 {
 			all := replica.JoinN(2, done)
-			rt.forwardChunk(owner, msgs[:i], since, retry, all)
-			rt.forwardSends(owner, msgs[i:], since, retry, all)
+			rt.forwardChunk(owner, msgs[:i], since, retry, once, all)
+			rt.forwardSendsMode(owner, msgs[i:], since, retry, once, all)
 			return
 		}
 	}
-	rt.forwardChunk(owner, msgs, since, retry, done)
+	rt.forwardChunk(owner, msgs, since, retry, once, done)
 }
 
-func (rt *router) forwardChunk(owner string, msgs []*replica.Message, since time.Time, retried bool, done func(error)) {
+func (rt *router) forwardChunk(owner string, msgs []*replica.Message, since time.Time, retried, once bool, done func(error)) {
 	body := encodeMessages(nil, msgs)
-	retry := func(err error) bool {
-		if time.Since(since) >= failoverBudget {
-			return false
+	finish := func(err error) {
+		switch {
+		case err == nil:
+			done(nil)
+		case once:
+			done(err)
+		case retryable(err) && time.Since(since) < failoverBudget:
+			rt.later(msgs, since, done)
+		default:
+			done(peerErr(err))
 		}
-		var pe *stomp.PeerError
-		if errors.As(err, &pe) && pe.Code != codeNotOwner && pe.Code != "no-quorum" {
-			return false // refused for good (queue full, low disk...)
-		}
-		rt.m.retries.Inc()
-		untrack := rt.trackRetry(msgs)
-		rt.later(func() {
-			rt.reroute(msgs, since, func(err error) {
-				untrack()
-				done(err)
-			})
-		})
-		return true
 	}
 	wait := forwardTimeout
 	if c, err := rt.fwd.get(owner); err == nil && !c.Connected() {
@@ -1032,17 +1208,11 @@ func (rt *router) forwardChunk(owner string, msgs []*replica.Message, since time
 	}
 	err := rt.fwd.request(ctx, owner, opSend, hdrs, body, func(_ *frame.Frame, err error) {
 		cancel()
-		if err != nil && retry(err) {
-			return
-		}
-		done(peerErr(err))
+		finish(err)
 	})
 	if err != nil {
 		cancel()
-		if retry(err) {
-			return
-		}
-		done(peerErr(err))
+		finish(err)
 	}
 }
 
@@ -1064,19 +1234,14 @@ func (rt *router) retryLocal(msgs []*replica.Message, since time.Time, done func
 			c.Seq = 0
 			again[i] = &c
 		}
-		rt.m.retries.Inc()
-		untrack := rt.trackRetry(again)
-		rt.later(func() {
-			rt.reroute(again, since, func(err error) {
-				untrack()
-				done(err)
-			})
-		})
+		rt.later(again, since, done)
 	}
 }
 
-// reroute applies msgs again with a fresh view.
-func (rt *router) reroute(msgs []*replica.Message, since time.Time, done func(error)) {
+// applyOnce applies msgs (a retry) with a fresh view, once: forwarded
+// to their owners marked as retries, or written here; done gets the
+// first error as it came.
+func (rt *router) applyOnce(msgs []*replica.Message, since time.Time, done func(error)) {
 	v := rt.refresh()
 	byOwner := map[string][]*replica.Message{}
 	for _, m := range msgs {
@@ -1090,7 +1255,7 @@ func (rt *router) reroute(msgs []*replica.Message, since time.Time, done func(er
 	all := replica.JoinN(len(byOwner), done)
 	for o, ms := range byOwner {
 		if o != v.self {
-			rt.forwardSends(o, ms, since, true, all)
+			rt.forwardSendsMode(o, ms, since, true, true, all)
 			continue
 		}
 		err := error(nil)
@@ -1100,7 +1265,9 @@ func (rt *router) reroute(msgs []*replica.Message, since time.Time, done func(er
 			}
 		}
 		if err == nil {
-			err = rt.rep.Apply(&replica.Batch{Sends: ms, Sync: true}, rt.retryLocal(ms, since, all))
+			// A copy: an applied message belongs to its queue, and a
+			// failed attempt may be retried.
+			err = rt.rep.Apply(&replica.Batch{Sends: copies(ms), Sync: true}, all)
 		}
 		if err != nil {
 			all(err)

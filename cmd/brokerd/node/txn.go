@@ -114,15 +114,15 @@ func (tl *txnLog) commit(sends []*replica.Message, done func(error)) error {
 			done(fmt.Errorf("recording the transaction: %w", err))
 			return
 		}
-		// Off the store's completion goroutine.
-		tl.rt.goBackground(func() {
-			tl.attempt(rec, time.Now(), func(err error) {
-				untrack()
-				if err != nil {
-					err = fmt.Errorf("%w (the transaction is recorded; its remaining messages are applied as soon as their queues accept them)", err)
-				}
-				done(err)
-			})
+		// Off the store's completion goroutine (not goBackground: after
+		// the router closed it would never run, and done must be called;
+		// the record stays and the next start applies it).
+		go tl.attempt(rec, time.Now(), func(err error) {
+			untrack()
+			if err != nil {
+				err = fmt.Errorf("%w (the transaction is recorded; its remaining messages are applied as soon as their queues accept them)", err)
+			}
+			done(err)
 		})
 	})
 	return nil
