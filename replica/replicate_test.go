@@ -311,6 +311,7 @@ func FuzzDecodeOps(f *testing.F) {
 	f.Add(appendWire(appendWire(nil, wireCatchUpBegin, &store.Op{Bucket: "/queue/b"}), wireCatchUpPut,
 		&store.Op{Bucket: "/queue/b", Key: 7, Value: (&Message{ID: "y"}).encode()}))
 	f.Add([]byte{1, 0})
+	f.Add(appendCheck(appendWire(nil, wireTombstone, &store.Op{Bucket: "/queue/c", Key: 3}), "/queue/c", store.BucketStats{Count: 2, Bytes: 10, KeyHash: 99}))
 	f.Fuzz(func(t *testing.T, b []byte) {
 		ops, err := decodeWire(b)
 		if err != nil {
@@ -319,6 +320,10 @@ func FuzzDecodeOps(f *testing.F) {
 		// What decodes survives a round trip unchanged.
 		var enc []byte
 		for i := range ops {
+			if ops[i].kind == wireCheck {
+				enc = appendCheck(enc, ops[i].op.Bucket, ops[i].sum)
+				continue
+			}
 			enc = appendWire(enc, ops[i].kind, &ops[i].op)
 		}
 		again, err := decodeWire(enc)
@@ -330,14 +335,14 @@ func FuzzDecodeOps(f *testing.F) {
 		}
 		for i := range ops {
 			a, b := ops[i], again[i]
-			if a.kind != b.kind || a.op.Kind != b.op.Kind || a.op.Bucket != b.op.Bucket || a.op.Key != b.op.Key || string(a.op.Value) != string(b.op.Value) {
+			if a.kind != b.kind || a.op.Kind != b.op.Kind || a.op.Bucket != b.op.Bucket || a.op.Key != b.op.Key || string(a.op.Value) != string(b.op.Value) || a.sum != b.sum {
 				t.Fatalf("op %d: %+v after a round trip, want %+v", i, b, a)
 			}
 		}
 		// DecodeOps takes exactly the batches without catch-up ops.
 		plain := true
 		for _, o := range ops {
-			plain = plain && o.kind == byte(o.op.Kind)
+			plain = plain && o.kind == wireKind(o.op.Kind)
 		}
 		if _, err := DecodeOps(b); (err == nil) != plain {
 			t.Fatalf("DecodeOps: %v for a batch with catch-up ops: %v", err, !plain)
