@@ -1199,7 +1199,7 @@ func (rt *router) forwardChunk(owner string, msgs []*replica.Message, since time
 	}
 	wait := forwardTimeout
 	if c, err := rt.fwd.get(owner); err == nil && !c.Connected() {
-		wait = 300 * time.Millisecond // down now: look again soon
+		wait = 100 * time.Millisecond // down now: look again soon (a refused redial takes it out of the view)
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), wait)
 	var hdrs []string
