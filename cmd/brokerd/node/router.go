@@ -165,75 +165,117 @@ const retryDelay = 100 * time.Millisecond
 // retry may fix: they are applied again, with a fresh view, on their
 // queue's retry chain.
 type retryJob struct {
-	msgs  []*replica.Message
-	since time.Time
-	done  func(error)
+	msgs   []*replica.Message // what is left to apply (never in a queue)
+	since  time.Time
+	failed time.Time // when it failed first: the first retry waits retryDelay from there
+	done   func(error)
+	dests  []string
+	// Under rqMu: the chains it has reached the head of; finished
+	// closes once it has ended (the chains then move on).
+	arrived  int
+	finished chan struct{}
 }
 
-// retryChain runs the retries of one queue one at a time, in the order
-// they failed (which is the order they were sent: a link answers and
-// fails requests in order), each until it succeeds, fails for good or
-// its budget is spent, before the next: so a retry never overtakes an
-// earlier one of its queue, and a slow one holds up only its queue.
+// retryChain holds the retries of one queue in the order they failed
+// (the order they were sent: a link answers and fails requests in
+// order). A job runs when it is at the head of the chain of every queue
+// it touches (a transaction's batch may touch several), until it
+// succeeds, fails for good or its budget is spent; only then do those
+// chains move on. Jobs join all their chains in one step, so the chains
+// order them alike and never wait on each other in a cycle. A retry
+// never overtakes an earlier one of its queues, and a slow one holds up
+// only its queues.
 type retryChain struct {
-	jobs []retryJob
+	jobs []*retryJob
 }
 
 // later schedules msgs (failed with a retryable error) for a retry on the
-// chain of their first queue; done gets the final outcome. Later SENDs to
+// chains of their queues; done gets the final outcome. Later SENDs to
 // their queues wait meanwhile (waitRetries).
 func (rt *router) later(msgs []*replica.Message, since time.Time, done func(error)) {
 	rt.m.retries.Inc()
 	untrack := rt.trackRetry(msgs)
-	job := retryJob{msgs: msgs, since: since, done: func(err error) {
+	job := &retryJob{msgs: msgs, since: since, failed: time.Now(), finished: make(chan struct{}), done: func(err error) {
 		untrack()
 		done(err)
 	}}
-	key := msgs[0].Dest
-	rt.rqMu.Lock()
-	c := rt.chains[key]
-	start := c == nil
-	if start {
-		c = &retryChain{}
-		rt.chains[key] = c
+	for _, m := range msgs {
+		if !slices.Contains(job.dests, m.Dest) {
+			job.dests = append(job.dests, m.Dest)
+		}
 	}
-	c.jobs = append(c.jobs, job)
+	var starts []string
+	rt.rqMu.Lock()
+	for _, d := range job.dests {
+		c := rt.chains[d]
+		if c == nil {
+			c = &retryChain{}
+			rt.chains[d] = c
+			starts = append(starts, d)
+		}
+		c.jobs = append(c.jobs, job)
+	}
 	rt.rqMu.Unlock()
-	if start {
+	for _, d := range starts {
 		// Not through goBackground: it must run even after close (its
-		// done then reports the failure at once).
-		go rt.runChain(key, c)
+		// jobs' done then report the failure at once).
+		go rt.runChain(d)
 	}
 }
 
-// runChain runs chain c of queue key until it is empty.
-func (rt *router) runChain(key string, c *retryChain) {
+// runChain runs the chain of queue key until it is empty.
+func (rt *router) runChain(key string) {
 	for {
 		rt.rqMu.Lock()
+		c := rt.chains[key]
 		if len(c.jobs) == 0 {
 			delete(rt.chains, key)
 			rt.rqMu.Unlock()
 			return
 		}
 		job := c.jobs[0]
-		c.jobs[0] = retryJob{}
+		job.arrived++
+		last := job.arrived == len(job.dests)
+		rt.rqMu.Unlock()
+		if last {
+			rt.runJob(job)
+			close(job.finished)
+		} else {
+			<-job.finished // run by the chain it reached last
+		}
+		rt.rqMu.Lock()
+		c.jobs[0] = nil
 		c.jobs = c.jobs[1:]
 		rt.rqMu.Unlock()
-		var err error
-		for {
+	}
+}
+
+// runJob applies job's messages again until they are all applied, one
+// fails for good, or the budget is spent; then calls its done.
+func (rt *router) runJob(job *retryJob) {
+	wait := time.Until(job.failed.Add(retryDelay))
+	var err error
+	for {
+		if wait > 0 {
+			t := time.NewTimer(wait)
 			select {
 			case <-rt.stop:
-			case <-time.After(retryDelay):
+			case <-t.C:
 			}
-			ch := make(chan error, 1)
-			rt.applyOnce(job.msgs, job.since, func(err error) { ch <- err })
-			err = <-ch
-			if err == nil || !retryable(err) || time.Since(job.since) >= failoverBudget || rt.stopped() {
-				break
-			}
+			t.Stop()
 		}
-		job.done(finalErr(err))
+		ch := make(chan error, 1)
+		rt.applyOnce(job.msgs, job.since, func(left []*replica.Message, err error) {
+			job.msgs = left // the parts applied are not applied again
+			ch <- err
+		})
+		err = <-ch
+		if err == nil || !retryable(err) || time.Since(job.since) >= failoverBudget || rt.stopped() {
+			break
+		}
+		wait = retryDelay
 	}
+	job.done(finalErr(err))
 }
 
 func (rt *router) stopped() bool {
@@ -403,8 +445,7 @@ func (rt *router) flightStart(owner string, msgs []*replica.Message) func() {
 // queue are on their way to another owner than the one it would go to
 // (the view changed under them): sent now, it would be stored before
 // them if they are retried. At most failoverBudget in all.
-func (rt *router) waitFlights(sends []*replica.Message) {
-	deadline := time.Now().Add(failoverBudget + time.Second)
+func (rt *router) waitFlights(sends []*replica.Message, deadline time.Time) {
 	for {
 		v := rt.view()
 		var wait chan struct{}
@@ -477,8 +518,7 @@ func (rt *router) trackRetry(msgs []*replica.Message) func() {
 // queues is being retried (its owner refused it or could not be reached),
 // so that one connection's SENDs to a queue keep their order across a
 // failover: the session's reader waits, at most failoverBudget.
-func (rt *router) waitRetries(sends []*replica.Message) {
-	deadline := time.Now().Add(failoverBudget + time.Second)
+func (rt *router) waitRetries(sends []*replica.Message, deadline time.Time) {
 	for _, m := range sends {
 		rt.gmu.Lock()
 		w := rt.retrying[m.Dest]
@@ -985,8 +1025,10 @@ func (rt *router) Barrier(done func(error)) { rt.rep.Barrier(done) }
 // across them.
 func (rt *router) Apply(b *replica.Batch, done func(error)) error {
 	if len(b.Sends) > 0 {
-		rt.waitRetries(b.Sends)
-		rt.waitFlights(b.Sends)
+		// Both waits together at most the failover budget.
+		deadline := time.Now().Add(failoverBudget + time.Second)
+		rt.waitRetries(b.Sends, deadline)
+		rt.waitFlights(b.Sends, deadline)
 	}
 	v := rt.view()
 	type part struct {
@@ -1223,39 +1265,55 @@ func (rt *router) forwardChunk(owner string, msgs []*replica.Message, since time
 // SENDs are. The copy stored by the failed attempt stays: the message
 // may then be delivered twice, with the same message-id.
 func (rt *router) retryLocal(msgs []*replica.Message, since time.Time, done func(error)) func(error) {
+	// Copied now, before the write: once applied, a message belongs to
+	// its queue and must not be read here (its delivery count changes).
+	again := copies(msgs)
 	return func(err error) {
 		if err == nil || !errors.Is(err, replica.ErrNoQuorum) || time.Since(since) >= failoverBudget {
 			done(err)
 			return
-		}
-		again := make([]*replica.Message, len(msgs))
-		for i, m := range msgs {
-			c := *m // m is in its queue now: never touch it
-			c.Seq = 0
-			again[i] = &c
 		}
 		rt.later(again, since, done)
 	}
 }
 
 // applyOnce applies msgs (a retry) with a fresh view, once: forwarded
-// to their owners marked as retries, or written here; done gets the
-// first error as it came.
-func (rt *router) applyOnce(msgs []*replica.Message, since time.Time, done func(error)) {
+// to their owners marked as retries, or written here. done gets the
+// messages of the parts that failed and the first error as it came.
+func (rt *router) applyOnce(msgs []*replica.Message, since time.Time, done func(left []*replica.Message, err error)) {
 	v := rt.refresh()
 	byOwner := map[string][]*replica.Message{}
 	for _, m := range msgs {
 		o := rt.ownerOf(v, m.Dest)
 		if o == "" {
-			done(errNoActiveSet)
+			done(msgs, errNoActiveSet)
 			return
 		}
 		byOwner[o] = append(byOwner[o], m)
 	}
-	all := replica.JoinN(len(byOwner), done)
+	var mu sync.Mutex
+	var left []*replica.Message
+	var first error
+	all := replica.JoinN(len(byOwner), func(error) {
+		mu.Lock()
+		l, err := left, first
+		mu.Unlock()
+		done(l, err)
+	})
 	for o, ms := range byOwner {
+		part := func(err error) {
+			if err != nil {
+				mu.Lock()
+				left = append(left, ms...)
+				if first == nil {
+					first = err
+				}
+				mu.Unlock()
+			}
+			all(nil)
+		}
 		if o != v.self {
-			rt.forwardSendsMode(o, ms, since, true, true, all)
+			rt.forwardSendsMode(o, ms, since, true, true, part)
 			continue
 		}
 		err := error(nil)
@@ -1267,10 +1325,10 @@ func (rt *router) applyOnce(msgs []*replica.Message, since time.Time, done func(
 		if err == nil {
 			// A copy: an applied message belongs to its queue, and a
 			// failed attempt may be retried.
-			err = rt.rep.Apply(&replica.Batch{Sends: copies(ms), Sync: true}, all)
+			err = rt.rep.Apply(&replica.Batch{Sends: copies(ms), Sync: true}, part)
 		}
 		if err != nil {
-			all(err)
+			part(err)
 		}
 	}
 }
