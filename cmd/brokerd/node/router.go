@@ -168,6 +168,8 @@ type retryJob struct {
 	msgs   []*replica.Message // what is left to apply (never in a queue)
 	since  time.Time
 	failed time.Time // when it failed first: the first retry waits retryDelay from there
+	err    error     // how it failed
+	sig    string    // the view when it failed (viewSig)
 	done   func(error)
 	dests  []string
 	// Under rqMu: the chains it has reached the head of; finished
@@ -192,10 +194,10 @@ type retryChain struct {
 // later schedules msgs (failed with a retryable error) for a retry on the
 // chains of their queues; done gets the final outcome. Later SENDs to
 // their queues wait meanwhile (waitRetries).
-func (rt *router) later(msgs []*replica.Message, since time.Time, done func(error)) {
+func (rt *router) later(msgs []*replica.Message, since time.Time, failure error, done func(error)) {
 	rt.m.retries.Inc()
 	untrack := rt.trackRetry(msgs)
-	job := &retryJob{msgs: msgs, since: since, failed: time.Now(), finished: make(chan struct{}), done: func(err error) {
+	job := &retryJob{msgs: msgs, since: since, failed: time.Now(), err: failure, sig: viewSig(rt.view()), finished: make(chan struct{}), done: func(err error) {
 		untrack()
 		done(err)
 	}}
@@ -252,9 +254,15 @@ func (rt *router) runChain(key string) {
 
 // runJob applies job's messages again until they are all applied, one
 // fails for good, or the budget is spent; then calls its done.
+//
+// A failure for want of replicas left a copy at the owner (its outcome is
+// unknown, and it may be delivered): trying again while the view is the
+// same would mostly store another copy, so such a job is tried again
+// when the view changes (the dead replica is out, a new one in) or once
+// a second has passed, not every 100 ms.
 func (rt *router) runJob(job *retryJob) {
 	wait := time.Until(job.failed.Add(retryDelay))
-	var err error
+	err, sig, lastTry := job.err, job.sig, job.failed
 	for {
 		if wait > 0 {
 			t := time.NewTimer(wait)
@@ -264,18 +272,45 @@ func (rt *router) runJob(job *retryJob) {
 			}
 			t.Stop()
 		}
+		if rt.stopped() || time.Since(job.since) >= failoverBudget {
+			break
+		}
+		if leftCopy(err) && viewSig(rt.refresh()) == sig && time.Since(lastTry) < storedRetryEvery {
+			wait = retryDelay
+			continue
+		}
+		sig, lastTry = viewSig(rt.view()), time.Now()
 		ch := make(chan error, 1)
 		rt.applyOnce(job.msgs, job.since, func(left []*replica.Message, err error) {
 			job.msgs = left // the parts applied are not applied again
 			ch <- err
 		})
 		err = <-ch
-		if err == nil || !retryable(err) || time.Since(job.since) >= failoverBudget || rt.stopped() {
+		if err == nil || !retryable(err) {
 			break
 		}
 		wait = retryDelay
 	}
 	job.done(finalErr(err))
+}
+
+// storedRetryEvery is how often a SEND whose failure left a copy is tried
+// again while the view stays the same (runJob).
+const storedRetryEvery = time.Second
+
+// leftCopy reports whether a failed SEND was stored by its owner anyway
+// (its write quorum was not reached), as opposed to refused or lost.
+func leftCopy(err error) bool {
+	var pe *stomp.PeerError
+	if errors.As(err, &pe) {
+		return pe.Code == "no-quorum"
+	}
+	return errors.Is(err, replica.ErrNoQuorum) && !errors.Is(err, errNoActiveSet)
+}
+
+// viewSig names a view's placement: its epoch and active members.
+func viewSig(v viewSnap) string {
+	return v.epoch.String() + "/" + strings.Join(v.active, ",")
 }
 
 func (rt *router) stopped() bool {
@@ -1234,7 +1269,7 @@ func (rt *router) forwardChunk(owner string, msgs []*replica.Message, since time
 		case once:
 			done(err)
 		case retryable(err) && time.Since(since) < failoverBudget:
-			rt.later(msgs, since, done)
+			rt.later(msgs, since, err, done)
 		default:
 			done(peerErr(err))
 		}
@@ -1273,7 +1308,7 @@ func (rt *router) retryLocal(msgs []*replica.Message, since time.Time, done func
 			done(err)
 			return
 		}
-		rt.later(again, since, done)
+		rt.later(again, since, err, done)
 	}
 }
 
