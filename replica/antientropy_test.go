@@ -21,6 +21,12 @@ type aeCluster struct {
 }
 
 func newAECluster(t *testing.T, active []string, ids ...string) *aeCluster {
+	return newRepCluster(t, 1, active, ids...)
+}
+
+// newRepCluster is nodes ids over fakePeers, R = len(ids), write quorum
+// w, with catch-up and anti-entropy (rounds run by the test).
+func newRepCluster(t *testing.T, w int, active []string, ids ...string) *aeCluster {
 	c := &aeCluster{
 		peers: &fakePeers{nodes: map[string]*harness{}, down: map[string]bool{}, epoch: map[string]cluster.EpochID{}, active: active},
 		h:     map[string]*harness{}, reps: map[string]*PeerReplicator{},
@@ -31,7 +37,7 @@ func newAECluster(t *testing.T, active []string, ids ...string) *aeCluster {
 		cfg.NodeID = id
 		h := &harness{t: t, dir: t.TempDir(), cfg: cfg}
 		h.prepSt = func(n *Node, st *store.Store) {
-			r := NewPeerReplicator(len(ids), 1, c.peers.view(id), c.peers, nil)
+			r := NewPeerReplicator(len(ids), w, c.peers.view(id), c.peers, nil)
 			r.EnableCatchUp(st)
 			r.EnableAntiEntropy(st, n.AdoptedQueues, time.Hour, func(dest string) {
 				c.mu.Lock()

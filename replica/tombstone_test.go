@@ -17,24 +17,8 @@ import (
 // holds that the owner never removed stays (it may be the only copy of a
 // receipted message).
 func TestCatchUpRemovesMissedAcks(t *testing.T) {
-	peers := &fakePeers{nodes: map[string]*harness{}, down: map[string]bool{}, epoch: map[string]cluster.EpochID{"a": {Counter: 1}, "b": {Counter: 1}}, active: []string{"a", "b"}}
-	reps := map[string]*PeerReplicator{}
-	mk := func(id string) *harness {
-		cfg := smallWindow()
-		cfg.NodeID = id
-		h := &harness{t: t, dir: t.TempDir(), cfg: cfg}
-		h.prepSt = func(n *Node, st *store.Store) {
-			r := NewPeerReplicator(2, 1, peers.view(id), peers, nil)
-			r.EnableCatchUp(st)
-			reps[id] = r
-			n.SetReplicator(r)
-		}
-		h.start()
-		t.Cleanup(h.stop)
-		return h
-	}
-	a, b := mk("a"), mk("b")
-	peers.nodes["a"], peers.nodes["b"] = a, b
+	c := newRepCluster(t, 1, []string{"a", "b"}, "a", "b")
+	peers, reps, a, b := c.peers, c.reps, c.h["a"], c.h["b"]
 	const q = "/queue/acks"
 	if err := a.n.Adopt(q); err != nil {
 		t.Fatal(err)
@@ -107,24 +91,8 @@ func TestCatchUpRemovesMissedAcks(t *testing.T) {
 // anything with a put (a message) is always synced on the replicas. The
 // marker is valid only as a batch's first byte.
 func TestNoSyncOnlyForUnsyncedRemovals(t *testing.T) {
-	peers := &fakePeers{nodes: map[string]*harness{}, down: map[string]bool{}, epoch: map[string]cluster.EpochID{"a": {Counter: 1}, "b": {Counter: 1}}, active: []string{"a", "b"}}
-	reps := map[string]*PeerReplicator{}
-	mk := func(id string) *harness {
-		cfg := smallWindow()
-		cfg.NodeID = id
-		h := &harness{t: t, dir: t.TempDir(), cfg: cfg}
-		h.prepSt = func(n *Node, st *store.Store) {
-			r := NewPeerReplicator(2, 2, peers.view(id), peers, nil)
-			r.EnableCatchUp(st)
-			reps[id] = r
-			n.SetReplicator(r)
-		}
-		h.start()
-		t.Cleanup(h.stop)
-		return h
-	}
-	a, b := mk("a"), mk("b")
-	peers.nodes["a"], peers.nodes["b"] = a, b
+	c := newRepCluster(t, 2, []string{"a", "b"}, "a", "b")
+	peers, reps, a, b := c.peers, c.reps, c.h["a"], c.h["b"]
 	const q = "/queue/ns"
 	if err := a.n.Adopt(q); err != nil {
 		t.Fatal(err)
