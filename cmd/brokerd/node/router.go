@@ -1115,7 +1115,7 @@ func (rt *router) Apply(b *replica.Batch, done func(error)) error {
 	var txnSends []*replica.Message
 	owners := len(remote)
 	for _, m := range local.Sends {
-		if !slices.Contains(topics, m) {
+		if !isTopic(m) {
 			owners++
 			break
 		}
@@ -1123,7 +1123,7 @@ func (rt *router) Apply(b *replica.Batch, done func(error)) error {
 	if owners > 1 {
 		var keep []*replica.Message
 		for _, m := range local.Sends {
-			if slices.Contains(topics, m) {
+			if isTopic(m) {
 				keep = append(keep, m)
 				continue
 			}
@@ -1184,7 +1184,7 @@ func (rt *router) Apply(b *replica.Batch, done func(error)) error {
 		}
 		var queued []*replica.Message
 		for _, m := range local.Sends {
-			if !slices.Contains(topics, m) {
+			if !isTopic(m) {
 				queued = append(queued, m)
 			}
 		}
@@ -1648,3 +1648,7 @@ func (rt *router) clusterDestinations() []DestInfo {
 	sort.Slice(out, func(i, j int) bool { return out[i].Name < out[j].Name })
 	return out
 }
+
+// isTopic reports whether m goes to a topic (Apply has parsed its
+// destination already).
+func isTopic(m *replica.Message) bool { return strings.HasPrefix(m.Dest, replica.TopicPrefix) }
