@@ -1,0 +1,378 @@
+//go:build linux
+
+package chaos
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"net"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/go-stomp/stomp/v3/frame"
+)
+
+// What the clients did, as a history the checker reads.
+type evKind uint8
+
+const (
+	evSend     evKind = iota + 1 // a SEND was written (its outcome follows)
+	evReceipt                    // its RECEIPT came back: the broker promised it
+	evError                      // an ERROR came back for it (outcome as the ERROR says)
+	evUnknown                    // no answer: connection lost or timed out
+	evReceived                   // a MESSAGE carrying the id arrived
+	evAcked                      // its ACK was written
+)
+
+func (k evKind) String() string {
+	return [...]string{"?", "send", "receipt", "error", "unknown", "received", "acked"}[k]
+}
+
+type event struct {
+	t           time.Time
+	kind        evKind
+	id          string // message id (x-chaos-id)
+	node        int    // node the client was connected to
+	client      string
+	redelivered bool
+	info        string
+}
+
+type history struct {
+	mu  sync.Mutex
+	evs []event
+}
+
+func (h *history) add(e event) {
+	e.t = time.Now()
+	h.mu.Lock()
+	h.evs = append(h.evs, e)
+	h.mu.Unlock()
+}
+
+func (h *history) snapshot() []event {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return append([]event(nil), h.evs...)
+}
+
+// stompConn is a minimal STOMP 1.2 client over the frame codec, with
+// deadlines on every read and write (the go-stomp client's Send with a
+// receipt waits without a bound, which a paused broker turns into a hang).
+type stompConn struct {
+	c    net.Conn
+	r    *frame.Reader
+	w    *frame.Writer
+	bw   *bufio.Writer
+	node int
+	// lastRecv is when the last frame or heart-beat arrived.
+	lastRecv time.Time
+}
+
+const (
+	ioTimeout  = 5 * time.Second // a read with heart-beats every second, or a write
+	hbInterval = "1000"          // the client asks the server for a beat every second
+)
+
+func dialSTOMP(node int, addr string) (*stompConn, error) {
+	c, err := net.DialTimeout("tcp", addr, 2*time.Second)
+	if err != nil {
+		return nil, err
+	}
+	bw := bufio.NewWriter(c)
+	sc := &stompConn{c: c, r: frame.NewReader(c), w: frame.NewWriter(bw), bw: bw, node: node}
+	if err := sc.write(frame.New(frame.CONNECT, frame.AcceptVersion, "1.2", frame.Host, "/", frame.HeartBeat, "0,"+hbInterval)); err != nil {
+		c.Close()
+		return nil, err
+	}
+	f, err := sc.read(time.Now().Add(ioTimeout))
+	if err != nil {
+		c.Close()
+		return nil, err
+	}
+	if f.Command != frame.CONNECTED {
+		c.Close()
+		return nil, fmt.Errorf("CONNECT to %s: %s %s", addr, f.Command, f.Header.Get(frame.Message))
+	}
+	return sc, nil
+}
+
+func (sc *stompConn) write(f *frame.Frame) error {
+	_ = sc.c.SetWriteDeadline(time.Now().Add(ioTimeout))
+	if err := sc.w.Write(f); err != nil {
+		return err
+	}
+	return sc.bw.Flush()
+}
+
+// read returns the next frame, skipping heart-beats. It fails when nothing
+// (not even a heart-beat: the server beats every second) arrives for
+// ioTimeout, or when no frame has arrived by deadline (errDeadline).
+func (sc *stompConn) read(deadline time.Time) (*frame.Frame, error) {
+	for {
+		d := time.Now().Add(ioTimeout)
+		if deadline.Before(d) {
+			d = deadline
+		}
+		_ = sc.c.SetReadDeadline(d)
+		f, err := sc.r.Read()
+		if err == nil {
+			sc.lastRecv = time.Now()
+		}
+		if err != nil {
+			if ne, ok := err.(net.Error); ok && ne.Timeout() && !time.Now().Before(deadline) {
+				return nil, errDeadline
+			}
+			return nil, err
+		}
+		if f != nil {
+			return f, nil
+		}
+		if !time.Now().Before(deadline) {
+			return nil, errDeadline
+		}
+	}
+}
+
+var errDeadline = errors.New("no frame by the deadline")
+
+func (sc *stompConn) close() { sc.c.Close() }
+
+// clients runs producers and consumers against random nodes.
+type clients struct {
+	h      *history
+	addrs  []string // STOMP address of node i+1
+	queues []string
+	// receiptWait bounds the wait for one RECEIPT: longer than a failover
+	// (the broker retries a SEND whose owner died for about 5 s).
+	receiptWait time.Duration
+
+	gapMu  sync.Mutex
+	gaps   map[string]*gapTracker
+	mark   time.Time // start of the window maxGap reports on
+	marked bool
+}
+
+// gapTracker follows one producer's receipts: the longest time without
+// one since mark.
+type gapTracker struct {
+	last time.Time
+	max  time.Duration
+	at   time.Time
+}
+
+func (cl *clients) receipted(client string, now time.Time) {
+	cl.gapMu.Lock()
+	defer cl.gapMu.Unlock()
+	g := cl.gaps[client]
+	if g == nil {
+		g = &gapTracker{last: now}
+		cl.gaps[client] = g
+	}
+	if cl.marked && g.last.Before(cl.mark) {
+		g.last = cl.mark
+	}
+	if d := now.Sub(g.last); d > g.max {
+		g.max, g.at = d, now
+	}
+	g.last = now
+}
+
+// resetGaps starts a new window for maxGap.
+func (cl *clients) resetGaps() {
+	cl.gapMu.Lock()
+	defer cl.gapMu.Unlock()
+	cl.mark, cl.marked = time.Now(), true
+	for _, g := range cl.gaps {
+		g.max = 0
+		g.last = cl.mark
+	}
+}
+
+// maxGap is the longest any producer went without a RECEIPT since the last
+// resetGaps, counting the time since its last receipt up to now.
+func (cl *clients) maxGap() (time.Duration, string) {
+	cl.gapMu.Lock()
+	defer cl.gapMu.Unlock()
+	var best time.Duration
+	var who string
+	now := time.Now()
+	for name, g := range cl.gaps {
+		m := g.max
+		if d := now.Sub(g.last); d > m {
+			m = d
+		}
+		if m > best {
+			best, who = m, name
+		}
+	}
+	return best, who
+}
+
+func (cl *clients) pick(rng *rand.Rand, not int) (int, string) {
+	for {
+		i := rng.IntN(len(cl.addrs))
+		if i+1 != not || len(cl.addrs) == 1 {
+			return i + 1, cl.addrs[i]
+		}
+	}
+}
+
+// produce sends receipted messages, one at a time, until ctx ends; on any
+// failure it reconnects to another node, as a client library would.
+func (cl *clients) produce(ctx context.Context, name string, rng *rand.Rand) {
+	seq := 0
+	last := 0
+	for ctx.Err() == nil {
+		node, addr := cl.pick(rng, last)
+		last = node
+		sc, err := dialSTOMP(node, addr)
+		if err != nil {
+			sleepCtx(ctx, 100*time.Millisecond)
+			continue
+		}
+		// Move on to another node now and then, as clients behind a load
+		// balancer do, so every node sees producers.
+		until := time.Now().Add(time.Duration(5+rng.IntN(10)) * time.Second)
+		for ctx.Err() == nil && time.Now().Before(until) {
+			seq++
+			id := name + "-" + strconv.Itoa(seq)
+			q := cl.queues[rng.IntN(len(cl.queues))]
+			f := frame.New(frame.SEND, frame.Destination, q, frame.Receipt, id, "persistent", "true", "x-chaos-id", id)
+			f.Body = []byte(id)
+			cl.h.add(event{kind: evSend, id: id, node: node, client: name})
+			if err := sc.write(f); err != nil {
+				cl.h.add(event{kind: evUnknown, id: id, node: node, client: name, info: err.Error()})
+				break
+			}
+			kind, info := cl.awaitReceipt(sc, id)
+			cl.h.add(event{kind: kind, id: id, node: node, client: name, info: info})
+			if kind != evReceipt {
+				break
+			}
+			cl.receipted(name, time.Now())
+		}
+		sc.close()
+	}
+}
+
+func (cl *clients) awaitReceipt(sc *stompConn, id string) (evKind, string) {
+	deadline := time.Now().Add(cl.receiptWait)
+	for {
+		f, err := sc.read(deadline)
+		if err == errDeadline {
+			return evUnknown, "no receipt within " + cl.receiptWait.String()
+		}
+		if err != nil {
+			return evUnknown, err.Error()
+		}
+		switch f.Command {
+		case frame.RECEIPT:
+			if f.Header.Get(frame.ReceiptId) == id {
+				return evReceipt, ""
+			}
+		case frame.ERROR:
+			return evError, f.Header.Get(frame.Message)
+		}
+	}
+}
+
+// consume reads every queue from a random node with client-individual
+// acknowledgements until ctx ends, moving to another node now and then and
+// on any failure.
+func (cl *clients) consume(ctx context.Context, name string, rng *rand.Rand) {
+	last := 0
+	for ctx.Err() == nil {
+		node, addr := cl.pick(rng, last)
+		last = node
+		until := time.Now().Add(time.Duration(5+rng.IntN(15)) * time.Second)
+		_, _ = cl.consumeFrom(ctx, name, node, addr, until, 0)
+		sleepCtx(ctx, 50*time.Millisecond)
+	}
+}
+
+var errQuiet = errors.New("quiet")
+
+// consumeFrom subscribes to every queue on one node and reads until ctx
+// ends, until passes, or (quiet > 0) nothing arrived for quiet. It returns
+// how many messages it got.
+func (cl *clients) consumeFrom(ctx context.Context, name string, node int, addr string, until time.Time, quiet time.Duration) (int, error) {
+	sc, err := dialSTOMP(node, addr)
+	if err != nil {
+		return 0, err
+	}
+	defer sc.close()
+	for i, q := range cl.queues {
+		if err := sc.write(frame.New(frame.SUBSCRIBE, frame.Id, strconv.Itoa(i), frame.Destination, q,
+			frame.Ack, "client-individual", "prefetch-count", "32")); err != nil {
+			return 0, err
+		}
+	}
+	n := 0
+	lastMsg := time.Now()
+	for ctx.Err() == nil && time.Now().Before(until) {
+		deadline := until
+		if quiet > 0 && lastMsg.Add(quiet).Before(deadline) {
+			deadline = lastMsg.Add(quiet)
+		}
+		if ctx.Err() == nil {
+			// Wake up at least every second to notice ctx.
+			if d := time.Now().Add(time.Second); d.Before(deadline) {
+				deadline = d
+			}
+		}
+		f, err := sc.read(deadline)
+		if err == errDeadline {
+			if quiet > 0 && time.Since(lastMsg) >= quiet {
+				return n, errQuiet
+			}
+			if time.Since(sc.lastRecv) > ioTimeout {
+				return n, fmt.Errorf("%s silent for %s", addr, ioTimeout)
+			}
+			continue
+		}
+		if err != nil {
+			return n, err
+		}
+		switch f.Command {
+		case frame.MESSAGE:
+			id := f.Header.Get("x-chaos-id")
+			if id == "" {
+				id = "body:" + string(f.Body)
+			}
+			n++
+			lastMsg = time.Now()
+			cl.h.add(event{kind: evReceived, id: id, node: node, client: name, redelivered: f.Header.Get("redelivered") == "true"})
+			if err := sc.write(frame.New(frame.ACK, frame.Id, f.Header.Get(frame.Ack))); err != nil {
+				return n, err
+			}
+			cl.h.add(event{kind: evAcked, id: id, node: node, client: name})
+		case frame.ERROR:
+			return n, fmt.Errorf("ERROR from %s: %s", addr, f.Header.Get(frame.Message))
+		}
+	}
+	return n, ctx.Err()
+}
+
+func sleepCtx(ctx context.Context, d time.Duration) {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-ctx.Done():
+	case <-t.C:
+	}
+}
+
+// errorOutcome classifies an ERROR's message: whether the broker said the
+// SEND's outcome is unknown (it may have been stored) rather than refused.
+func errorOutcome(msg string) string {
+	if strings.Contains(strings.ToLower(msg), "unknown") {
+		return "unknown"
+	}
+	return "refused"
+}

@@ -1,0 +1,58 @@
+// Package chaos is brokerd's chaos suite: real brokerd binaries, each in
+// its own Linux network namespace, joined by veth pairs to a bridge in a
+// namespace of its own (addresses 198.18.0.1-N; the test process reaches
+// them as 198.18.0.254), under a randomised schedule of faults while
+// producers and consumers record a history.
+//
+//	BROKERD_CHAOS=1 go test -v -run TestChaos ./test/chaos                  # short profile (~3 min)
+//	BROKERD_CHAOS=1 go test -v -run TestChaos ./test/chaos -chaos.duration=30m -timeout 60m
+//	BROKERD_CHAOS=1 go test -v -run TestChaos ./test/chaos -chaos.seed=N    # replay a schedule
+//
+// It needs root and the commands ip (iproute2) and iptables; test/run.sh
+// installs iptables and runs the short profile.
+//
+// The cluster: 5 nodes, M=3 active members, R=2 copies, W=2. Clients:
+// producers send receipted messages with unique ids (header x-chaos-id) to
+// three queues, one at a time, each to a random node, moving to another
+// node every few seconds and at any failure; consumers read all three
+// queues from a random node with client-individual acknowledgements and
+// move likewise. A SEND without an answer within 15 s counts as unknown.
+//
+// Faults (nemeses), one at a time, each held 4-11 s and then healed, the
+// cluster then given up to 60 s to agree again (every node's /v1/cluster
+// converged, on the same epoch and active set, every node alive in every
+// view; the time is reported):
+//
+//   - kill: kill -9 of a node, restarted at heal;
+//   - pause: SIGSTOP, SIGCONT at heal;
+//   - isolate: one node cut from every other node;
+//   - split: a minority and a majority;
+//   - bridge: two sides that both reach one node in the middle;
+//   - loss: 10-30% of one node's packets dropped, both ways;
+//   - lose: a node lost for good: killed, its data directory deleted, a
+//     fresh node started in its place. Applied only once every owner
+//     trusts every replica's copy again (brokerd_replication_copies), as
+//     losing a second disk before the first is rebuilt may lose data with
+//     R=2.
+//
+// Partitions are iptables rules in the nodes' namespaces, so they cut
+// gossip, peer links and everything else between the separated nodes
+// alike; the clients, on the test's own host, keep reaching every node (so
+// both sides of a partition get traffic).
+//
+// After the schedule, a rolling restart under load (each node SIGTERM and
+// restarted in turn) reports the clients' longest pause. Then the
+// producers stop, the cluster must agree, and every queue is drained from
+// every node. The checker fails the run on any receipted message never
+// received (lost), any message received that was never sent (unexpected),
+// a brokerd that exited by itself, or a cluster that did not agree within
+// the bound; it reports duplicates (and how many were marked redelivered)
+// and SENDs whose outcome was unknown and how many of them arrived. The
+// summary ends with a JSON line (also printed as a "CHAOS {...}" line).
+//
+// Everything the run creates is named bkc-*: at start, namespaces and links
+// an earlier killed run left are removed, with the processes inside them;
+// at the end (pass, fail, or SIGINT/SIGTERM) everything is removed again.
+// The run directory (node logs, data, history.jsonl) is kept when the run
+// fails or with -chaos.keep.
+package chaos
