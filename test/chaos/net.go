@@ -313,7 +313,7 @@ type clusterView struct {
 	Converged bool     `json:"converged"`
 	ActiveSet []string `json:"active_set"`
 	EpochID   string   `json:"epoch_id"`
-	Members []struct {
+	Members   []struct {
 		ID    string `json:"id"`
 		Name  string `json:"name"`
 		Role  string `json:"role"`
