@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# brokerd's test command: go vet, staticcheck, every test with the race detector, and a
-# short run of every fuzz target. Installs Debian's python3-stomp first if
-# /usr/bin/python3 cannot import stomp (TestPythonStompPy needs it).
+# brokerd's test command: go vet, staticcheck, every test with the race detector,
+# the chaos suite's short profile, and a short run of every fuzz target.
+# Installs Debian's python3-stomp first if /usr/bin/python3 cannot import
+# stomp (TestPythonStompPy needs it), and iproute2 and iptables if missing
+# (the chaos suite needs them, and root).
 #
 #   test/run.sh
 #
@@ -89,6 +91,21 @@ install_stomp_py() {
 # ends while a worker is busy (golang/go#75804, fixed in Go 1.27); such a
 # run found nothing (no "Failing input written"), so it is retried once.
 # Any other failure fails.
+install_chaos_tools() {
+	# The chaos suite (test/chaos) needs ip (iproute2) and iptables.
+	if command -v ip >/dev/null 2>&1 && command -v iptables >/dev/null 2>&1; then
+		return 0
+	fi
+	if ! command -v apt-get >/dev/null 2>&1; then
+		echo "no apt-get: install iproute2 and iptables by hand" >&2
+		return 1
+	fi
+	if ! as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends iproute2 iptables; then
+		as_root env DEBIAN_FRONTEND=noninteractive apt-get update
+		as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends iproute2 iptables
+	fi
+}
+
 fuzz_one() {
 	local pkg=$1 name=$2 out attempt
 	for attempt in 1 2; do
@@ -126,6 +143,7 @@ fuzz_all() {
 }
 
 run "install python3-stomp if missing" install_stomp_py
+run "install iproute2 and iptables if missing" install_chaos_tools
 run "go vet" go vet ./...
 run "staticcheck" go run honnef.co/go/tools/cmd/staticcheck@v0.8.2 ./...
 run "go test -race" go test -race -count=1 -timeout 30m ./...
@@ -133,5 +151,9 @@ run "go test -race" go test -race -count=1 -timeout 30m ./...
 # 3-node cluster (R=2): most of their queues are owned by the other nodes,
 # so every frame goes through forwarding.
 run "broker and protocol tests on a cluster node" env BROKERD_TEST_CLUSTER=1 go test -count=1 -timeout 20m -run 'TestBroker|TestProtocol|TestQueue|TestLimits|TestPython' ./test
+# The chaos suite's short profile: 5 real brokerd processes in network
+# namespaces under crashes, pauses, partitions and packet loss, then a
+# rolling restart; fails on any receipted message lost (needs root).
+run "chaos suite (short profile)" as_root env BROKERD_CHAOS=1 PATH="$PATH" go test -count=1 -timeout 15m -v -run TestChaos ./test/chaos
 fuzz_all
 [ "$failed" -eq 0 ]

@@ -8,6 +8,7 @@ import (
 	"flag"
 	"fmt"
 	"math/rand/v2"
+	"net"
 	"os"
 	"os/exec"
 	"os/signal"
@@ -31,6 +32,7 @@ var (
 	flagRolling  = flag.Bool("chaos.rolling", true, "end the schedule with a rolling restart (SIGTERM, restart) of every node under load")
 	flagProd     = flag.Int("chaos.producers", 4, "producer connections")
 	flagCons     = flag.Int("chaos.consumers", 3, "consumer connections")
+	flagNemeses  = flag.String("chaos.nemeses", "kill,pause,isolate,split,bridge,loss,delay,lose", "the faults to choose from, comma-separated")
 )
 
 // convergeBound is how long the cluster may take to agree after a heal.
@@ -314,7 +316,7 @@ func (r *run) others(i int) []int {
 // nemesis applies one fault, chosen at random, for a random time, heals it
 // and waits for the cluster to agree again.
 func (r *run) nemesis() {
-	kinds := []string{"kill", "pause", "isolate", "split", "bridge", "loss", "lose"}
+	kinds := strings.Split(*flagNemeses, ",")
 	kind := kinds[r.rng.IntN(len(kinds))]
 	hold := time.Duration(4+r.rng.IntN(8)) * time.Second
 	perm := r.rng.Perm(len(r.nodes))
@@ -364,6 +366,21 @@ func (r *run) nemesis() {
 		rec.Target = fmt.Sprintf("%s %.0f%%", victim.name(), p*100)
 		err = r.nw.lossy(victim.i, p)
 		heal = func() { r.must(r.nw.heal()) }
+	case "delay":
+		d := time.Duration(50+r.rng.IntN(250)) * time.Millisecond
+		rec.Target = fmt.Sprintf("%s %s", victim.name(), d)
+		var stop func()
+		stop, err = r.nw.delay(victim.i, d)
+		if err == nil {
+			// Show that it acts: a TCP connect waits for the node's
+			// SYN-ACK, which is delayed.
+			t0 := time.Now()
+			if c, derr := net.DialTimeout("tcp", victim.adminAddr(), 5*time.Second); derr == nil {
+				c.Close()
+				rec.Target += fmt.Sprintf(" (connect %s)", time.Since(t0).Round(time.Millisecond))
+			}
+		}
+		heal = func() { stop(); r.must(r.nw.heal()) }
 	case "lose":
 		// A node lost for good: only once every copy is trusted again,
 		// else two losses in a row could take both copies of a message.
@@ -376,6 +393,8 @@ func (r *run) nemesis() {
 			err = os.RemoveAll(victim.dataDir)
 		}
 		heal = func() { r.must(r.startNode(victim)) }
+	default:
+		r.t.Fatalf("unknown nemesis %q (-chaos.nemeses)", kind)
 	}
 	if err != nil {
 		r.t.Fatalf("%s %s: %v", kind, rec.Target, err)

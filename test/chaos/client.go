@@ -277,7 +277,9 @@ func (cl *clients) awaitReceipt(sc *stompConn, id string) (evKind, string) {
 				return evReceipt, ""
 			}
 		case frame.ERROR:
-			return evError, f.Header.Get(frame.Message)
+			// The message header is short ("not enough replicas"); the
+			// body says whether the outcome is unknown.
+			return evError, f.Header.Get(frame.Message) + ": " + string(f.Body)
 		}
 	}
 }

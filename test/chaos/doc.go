@@ -29,6 +29,8 @@
 //   - split: a minority and a majority;
 //   - bridge: two sides that both reach one node in the middle;
 //   - loss: 10-30% of one node's packets dropped, both ways;
+//   - delay: every packet one node sends held 50-300 ms (in user space,
+//     through an NFQUEUE: the kernel has no sch_netem);
 //   - lose: a node lost for good: killed, its data directory deleted, a
 //     fresh node started in its place. Applied only once every owner
 //     trusts every replica's copy again (brokerd_replication_copies), as
