@@ -429,13 +429,20 @@ func (n *Node) AdminAddr() string {
 func (n *Node) Shutdown(ctx context.Context) error {
 	n.stopOnce.Do(func() { close(n.stopped) })
 	n.watchWG.Wait() // a fail-stop in progress finishes first (bounded)
+	// Clients first, while this node is still a member: the listener
+	// closes, each connection's earlier frames take effect (its SENDs
+	// replicated under the current epoch) and their receipts go out.
+	// Leaving first made the others move on to an epoch without this
+	// node, refuse its appends, and fail those SENDs with "not enough
+	// replicas" after the retry budget (seen as 4 s pauses in the chaos
+	// suite's rolling restart).
+	err := n.srv.Shutdown(ctx)
 	if n.cl != nil {
-		// Leave first: the others promote a replacement at once.
+		// Then leave: the others promote a replacement at once.
 		if err := n.cl.Leave(time.Second); err != nil {
 			n.log.Debug("gossip leave incomplete", "err", err)
 		}
 	}
-	err := n.srv.Shutdown(ctx)
 	n.stopReplication()
 	if n.admin != nil {
 		sctx, cancel := context.WithTimeout(context.Background(), time.Second)
