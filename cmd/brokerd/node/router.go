@@ -196,6 +196,16 @@ type retryChain struct {
 // their queues wait meanwhile (waitRetries).
 func (rt *router) later(msgs []*replica.Message, since time.Time, failure error, done func(error)) {
 	rt.m.retries.Inc()
+	if mayHaveStored(failure) {
+		// The failed attempt may have stored a copy, which may have been
+		// delivered already (the other side of a partition, an owner
+		// that died after storing it): the retry's copy is a possible
+		// redelivery and goes out marked redelivered, as STOMP says.
+		msgs = copies(msgs)
+		for _, m := range msgs {
+			m.Deliveries = max(m.Deliveries, 1)
+		}
+	}
 	untrack := rt.trackRetry(msgs)
 	job := &retryJob{msgs: msgs, since: since, failed: time.Now(), err: failure, sig: viewSig(rt.view()), finished: make(chan struct{}), done: func(err error) {
 		untrack()
@@ -336,6 +346,15 @@ func retryable(err error) bool {
 		return false
 	}
 	return true // no quorum here, a link down, an answer that never came
+}
+
+// mayHaveStored reports whether a failed attempt to store SENDs may have
+// stored them anyway: everything but an owner's refusal (not the owner:
+// nothing stored). No quorum leaves a copy at the owner; a link that
+// broke or an answer that never came leaves the outcome unknown.
+func mayHaveStored(err error) bool {
+	var pe *stomp.PeerError
+	return !(errors.As(err, &pe) && pe.Code == codeNotOwner)
 }
 
 // finalErr is the error a client gets for a SEND that failed for good.
