@@ -264,15 +264,6 @@ func (nd *node) start() error {
 	return nil
 }
 
-func (nd *node) pid() int {
-	nd.mu.Lock()
-	defer nd.mu.Unlock()
-	if nd.cmd == nil {
-		return 0
-	}
-	return nd.cmd.Process.Pid
-}
-
 func (nd *node) signal(sig syscall.Signal) error {
 	nd.mu.Lock()
 	defer nd.mu.Unlock()
