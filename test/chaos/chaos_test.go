@@ -44,6 +44,8 @@ type nemesisRecord struct {
 	Start    float64 `json:"start_s"`
 	Held     float64 `json:"held_s"`
 	Converge float64 `json:"converge_s"`
+	// ConsumersOff: the consumers were off during the step.
+	ConsumersOff bool `json:"consumers_off,omitempty"`
 }
 
 type run struct {
@@ -51,14 +53,19 @@ type run struct {
 	dir   string
 	nw    *network
 	nodes []*node
-	rng   *rand.Rand
+	h     *history
 	t0    time.Time
 
 	mu       sync.Mutex
 	applied  []nemesisRecord
 	expected map[int]*atomic.Bool // set before the suite stops a node's current process
 	crashed  []string
+	errs     []string // what went wrong and ended the schedule early
+	// crashReported: checkCrashes has turned crashed into an error.
+	crashReported bool
 }
+
+func (r *run) logfLocked(format string, args ...any) { r.logf(format, args...) }
 
 func (r *run) logf(format string, args ...any) {
 	r.t.Logf("[%7.2fs] %s", time.Since(r.t0).Seconds(), fmt.Sprintf(format, args...))
@@ -93,25 +100,32 @@ func TestChaos(t *testing.T) {
 		seed = uint64(time.Now().UnixNano())
 	}
 	t.Logf("chaos seed %d (replay with -chaos.seed=%d)", seed, seed)
+	// Every phase is budgeted against the test's deadline, so that the run
+	// ends by itself with its summary instead of being killed by -timeout.
+	deadline, ok := t.Deadline()
+	if !ok {
+		deadline = time.Now().Add(24 * time.Hour)
+	}
 
+	cleanupLeftovers(t.Logf, "")
 	dir, err := os.MkdirTemp("", "brokerd-chaos-")
 	if err != nil {
 		t.Fatal(err)
 	}
-	r := &run{t: t, dir: dir, rng: rand.New(rand.NewPCG(seed, seed^0x9e3779b97f4a7c15)), t0: time.Now(), expected: map[int]*atomic.Bool{}}
+	r := &run{t: t, dir: dir, t0: time.Now(), expected: map[int]*atomic.Bool{}, h: &history{}}
 
-	cleanupLeftovers(t.Logf)
 	var once sync.Once
 	cleanup := func() {
 		once.Do(func() {
 			for _, nd := range r.nodes {
 				_, _ = r.stopNode(nd, syscall.SIGKILL)
 			}
-			cleanupLeftovers(t.Logf)
+			cleanupLeftovers(t.Logf, dir)
 		})
 	}
-	// An interrupted run cleans up too (a killed one is cleaned up by the
-	// next run's cleanupLeftovers).
+	// An interrupted run cleans up too; brokerd processes die with the
+	// test binary however it ends (Pdeathsig), and what a killed run left
+	// (namespaces, links, its directory) the next run removes.
 	sigs := make(chan os.Signal, 1)
 	signal.Notify(sigs, os.Interrupt, syscall.SIGTERM)
 	stopSigs := make(chan struct{})
@@ -124,7 +138,16 @@ func TestChaos(t *testing.T) {
 		case <-stopSigs:
 		}
 	}()
+	// A watchdog, should a phase overrun its budget: clean up and keep the
+	// history before -timeout kills the binary.
+	watchdog := time.AfterFunc(time.Until(deadline)-20*time.Second, func() {
+		fmt.Fprintf(os.Stderr, "chaos: out of time (the test deadline is near): cleaning up; run directory kept: %s\n", dir)
+		_ = writeHistory(filepath.Join(dir, "history.jsonl"), r.h.snapshot())
+		cleanup()
+		os.Exit(1)
+	})
 	t.Cleanup(func() {
+		watchdog.Stop()
 		close(stopSigs)
 		signal.Stop(sigs)
 		cleanup()
@@ -161,12 +184,24 @@ func TestChaos(t *testing.T) {
 	}
 	r.logf("cluster of %d formed in %s", *flagNodes, took.Round(time.Millisecond))
 
-	h := &history{}
-	cl := &clients{h: h, receiptWait: 15 * time.Second, gaps: map[string]*gapTracker{}}
+	kinds := strings.Split(*flagNemeses, ",")
+	for _, k := range kinds {
+		if !slices.Contains(allNemeses, k) {
+			t.Fatalf("unknown nemesis %q in -chaos.nemeses (known: %s)", k, strings.Join(allNemeses, ","))
+		}
+	}
+	steps := makeSchedule(rand.New(rand.NewPCG(seed, seed^0x9e3779b97f4a7c15)), kinds, *flagNodes, *flagDuration)
+	var plan []string
+	for k, st := range steps {
+		plan = append(plan, fmt.Sprintf("%d:%s", k+1, st))
+	}
+	t.Logf("schedule (steps run while time lasts): %s", strings.Join(plan, "; "))
+
+	cl := &clients{h: r.h, receiptWait: 15 * time.Second, gaps: map[string]*gapTracker{}, cgaps: map[string]*gapTracker{}}
 	for _, nd := range r.nodes {
 		cl.addrs = append(cl.addrs, nd.stompAddr())
 	}
-	for k := 0; k < 3; k++ {
+	for k := 0; k < chaosQueues; k++ {
 		cl.queues = append(cl.queues, fmt.Sprintf("/queue/chaos-%d-%d", seed%100000, k))
 	}
 	prodCtx, stopProd := context.WithCancel(context.Background())
@@ -186,46 +221,89 @@ func TestChaos(t *testing.T) {
 		go func() { defer cwg.Done(); cl.consume(consCtx, fmt.Sprintf("c%d", c), rng) }()
 	}
 
-	// The schedule.
+	// The schedule, within its time and the test's deadline (the rest
+	// needs about 5 minutes at most: rolling restart, heal, drain).
 	end := time.Now().Add(*flagDuration)
+	if last := deadline.Add(-6 * time.Minute); last.Before(end) {
+		end = last
+		r.logf("the schedule is cut short to end by %s, 6 minutes before the test deadline", end.Format(time.TimeOnly))
+	}
 	sleepCtx(context.Background(), 3*time.Second) // load before the first fault
-	for time.Now().Before(end) {
-		r.nemesis()
+	for k, st := range steps {
+		if !time.Now().Before(end) || r.aborted() {
+			break
+		}
+		cl.consumersOff.Store(st.ConsumersOff)
+		if err := r.apply(k+1, st); err != nil {
+			r.abort(err)
+		}
 		r.checkCrashes()
 	}
+	cl.consumersOff.Store(false)
 	var rolling rollingResult
-	if *flagRolling {
-		rolling = r.rollingRestart(cl)
+	if *flagRolling && !r.aborted() {
+		if time.Until(deadline) < 5*time.Minute {
+			r.logf("rolling restart skipped: less than 5 minutes to the test deadline")
+		} else if rolling, err = r.rollingRestart(cl); err != nil {
+			r.abort(err)
+		}
 	}
 
-	// Stop the producers (each finishes its current SEND), let the
-	// cluster settle, then drain every queue from every node.
+	// The end, whatever happened above: with the consumers off for a few
+	// seconds, so that the drain has a backlog to find; then the producers
+	// stop (each finishes its current SEND), every fault is healed, the
+	// cluster must agree, and every queue is drained from every node.
+	cl.consumersOff.Store(true)
+	sleepCtx(context.Background(), 5*time.Second)
 	stopProd()
 	wg.Wait()
 	if err := nw.heal(); err != nil {
-		t.Error(err)
+		r.abort(err)
+	}
+	for _, nd := range r.nodes {
+		nd.mu.Lock()
+		down := nd.cmd == nil
+		nd.mu.Unlock()
+		if down { // an aborted step may have left a node stopped
+			if err := r.startNode(nd); err != nil {
+				r.abort(err)
+			}
+		} else {
+			_ = nd.signal(syscall.SIGCONT)
+		}
 	}
 	took, err = waitAgreement(r.nodes, convergeBound)
 	if err != nil {
-		t.Errorf("after the last heal: %v", err)
+		r.abort(fmt.Errorf("after the last heal: %v", err))
 	}
 	r.logf("final agreement after %s", took.Round(time.Millisecond))
-	sleepCtx(context.Background(), 3*time.Second)
 	stopCons()
 	cwg.Wait()
+	drainEnd := time.Now().Add(3 * time.Minute)
+	if d := deadline.Add(-time.Minute); d.Before(drainEnd) {
+		drainEnd = d
+	}
 	drained := map[string]int{}
-	for pass := 0; pass < 2; pass++ {
+	total := 0
+	for pass := 0; pass < 2 && time.Now().Before(drainEnd); pass++ {
 		for _, nd := range r.nodes {
-			n, err := cl.consumeFrom(context.Background(), "drain", nd.i, nd.stompAddr(), time.Now().Add(2*time.Minute), 3*time.Second)
+			if !time.Now().Before(drainEnd) {
+				break
+			}
+			n, err := cl.consumeFrom(context.Background(), "drain", nd.i, nd.stompAddr(), drainEnd, 3*time.Second)
 			if err != nil && err != errQuiet {
-				t.Errorf("drain from %s: %v", nd.name(), err)
+				r.abort(fmt.Errorf("drain from %s: %v", nd.name(), err))
 			}
 			drained[fmt.Sprintf("pass%d/%s", pass+1, nd.name())] = n
+			total += n
 		}
+	}
+	if left := queueDepths(r.nodes, cl.queues); len(left) > 0 {
+		r.abort(fmt.Errorf("after the drain, queues not empty: %s", strings.Join(left, "; ")))
 	}
 	r.checkCrashes()
 
-	evs := h.snapshot()
+	evs := r.h.snapshot()
 	if err := writeHistory(filepath.Join(dir, "history.jsonl"), evs); err != nil {
 		t.Error(err)
 	}
@@ -233,34 +311,142 @@ func TestChaos(t *testing.T) {
 	conv := r.convergeStats()
 	t.Logf("seed %d; nemeses applied (%d):", seed, len(r.applied))
 	for _, a := range r.applied {
-		t.Logf("  %7.1fs  %-9s %-22s held %5.1fs  converged %.2fs after heal", a.Start, a.Name, a.Target, a.Held, a.Converge)
+		t.Logf("  %7.1fs  %-7s %-30s held %5.1fs  converged %.2fs after heal%s", a.Start, a.Name, a.Target, a.Held, a.Converge,
+			map[bool]string{true: "  (consumers off)"}[a.ConsumersOff])
 	}
 	t.Logf("convergence after heals: median %.2fs, max %.2fs (%d heals)", conv.Median, conv.Max, conv.N)
 	if *flagRolling {
-		t.Logf("rolling restart: %d nodes, %.1fs, clients' longest pause %.2fs (%s), each node's SIGTERM exit: %s",
-			len(rolling.Nodes), rolling.Seconds, rolling.MaxPause, rolling.MaxPauseClient, strings.Join(rolling.Exits, "; "))
+		t.Logf("rolling restart: %d nodes, %.1fs, producers' longest pause %.2fs (%s), consumers' longest pause %.2fs (%s), each node's SIGTERM exit: %s",
+			len(rolling.Nodes), rolling.Seconds, rolling.MaxPause, rolling.MaxPauseClient, rolling.MaxConsumerPause, rolling.MaxConsumerPauseClient, strings.Join(rolling.Exits, "; "))
 	}
-	t.Logf("drained after the run: %v", drained)
+	t.Logf("drained after the run: %d messages %v", total, drained)
 	t.Logf("history:\n%s", res)
 	line, _ := json.Marshal(map[string]any{
 		"seed": seed, "nodes": *flagNodes, "duration_s": flagDuration.Seconds(),
-		"nemeses": r.applied, "convergence": conv, "rolling": rolling, "result": res, "crashed": r.crashed,
+		"nemeses": r.applied, "convergence": conv, "rolling": rolling, "drained": total, "result": res,
+		"crashed": r.crashed, "errors": r.errs,
 	})
 	t.Logf("%s", line)
 	fmt.Println("CHAOS " + string(line))
 
-	if res.Lost > 0 {
-		t.Errorf("%d receipted messages lost", res.Lost)
+	for _, f := range res.failures() {
+		t.Error(f)
 	}
-	if res.Unexpected > 0 {
-		t.Errorf("%d messages received that were never sent", res.Unexpected)
+	for _, e := range r.errs {
+		t.Error(e)
 	}
-	if res.Receipted == 0 {
-		t.Errorf("no SEND was receipted: the run tested nothing")
+}
+
+// chaosQueues is how many queues the clients use: enough that every
+// active member owns some.
+const chaosQueues = 16
+
+var allNemeses = []string{"kill", "pause", "isolate", "split", "bridge", "loss", "delay", "lose"}
+
+// step is one fault of the schedule, every random choice drawn up front
+// from the seed, so that a seed replays the same schedule.
+type step struct {
+	Kind string
+	Hold time.Duration
+	// Perm orders the nodes (0-based): the victim is Perm[0], or, with
+	// Member, the active member at index Perm[0] mod M of the sorted
+	// active set at the time (a member owns queues and holds copies).
+	Perm         []int
+	Member       bool
+	Param        float64 // loss: probability; delay: milliseconds
+	After        time.Duration
+	ConsumersOff bool // the consumers are off for this step: a backlog builds up
+}
+
+func (s step) String() string {
+	v := fmt.Sprintf("n%d", s.Perm[0]+1)
+	if s.Member {
+		v = fmt.Sprintf("member#%d", s.Perm[0])
 	}
-	if len(r.crashed) > 0 {
-		t.Errorf("brokerd exited by itself: %s", strings.Join(r.crashed, "; "))
+	var b strings.Builder
+	fmt.Fprintf(&b, "%s ", s.Kind)
+	switch s.Kind {
+	case "split", "bridge":
+		fmt.Fprintf(&b, "perm%v", s.Perm)
+	case "loss":
+		fmt.Fprintf(&b, "%s %.0f%%", v, s.Param*100)
+	case "delay":
+		fmt.Fprintf(&b, "%s %.0fms", v, s.Param)
+	default:
+		b.WriteString(v)
 	}
+	fmt.Fprintf(&b, " %s", s.Hold)
+	if s.ConsumersOff {
+		b.WriteString(" consumers-off")
+	}
+	return b.String()
+}
+
+// makeSchedule draws more steps than the duration can hold (a step takes
+// at least 5 s), each with the same number of draws.
+func makeSchedule(rng *rand.Rand, kinds []string, nodes int, d time.Duration) []step {
+	n := int(d/(5*time.Second)) + 1
+	steps := make([]step, 0, n)
+	for k := 0; k < n; k++ {
+		st := step{
+			Kind:         kinds[rng.IntN(len(kinds))],
+			Hold:         time.Duration(4+rng.IntN(8)) * time.Second,
+			Perm:         rng.Perm(nodes),
+			Member:       rng.IntN(4) != 0,
+			After:        time.Duration(1+rng.IntN(3)) * time.Second,
+			ConsumersOff: rng.IntN(3) == 0,
+		}
+		p := rng.Float64()
+		switch st.Kind {
+		case "loss":
+			st.Param = 0.1 + 0.2*p
+		case "delay":
+			st.Param = float64(50 + int(250*p))
+		}
+		steps = append(steps, st)
+	}
+	return steps
+}
+
+// queueDepths lists, as every node reports them, the chaos queues (and
+// their dead-letter queues) that still hold pending or in-flight messages.
+func queueDepths(nodes []*node, queues []string) []string {
+	want := map[string]bool{}
+	for _, q := range queues {
+		want[q], want[dlqOf(q)] = true, true
+	}
+	var left []string
+	for _, nd := range nodes {
+		var ds []struct {
+			Name      string `json:"name"`
+			Pending   int    `json:"pending"`
+			InFlight  int    `json:"in_flight"`
+			OwnerName string `json:"owner_name"`
+		}
+		if err := getJSON(nd.adminAddr(), "/v1/destinations", &ds); err != nil {
+			left = append(left, fmt.Sprintf("%s: %v", nd.name(), err))
+			continue
+		}
+		for _, d := range ds {
+			if want[d.Name] && (d.Pending > 0 || d.InFlight > 0) {
+				left = append(left, fmt.Sprintf("%s says %s (owner %s) holds %d pending, %d in flight", nd.name(), d.Name, d.OwnerName, d.Pending, d.InFlight))
+			}
+		}
+	}
+	return left
+}
+
+func (r *run) abort(err error) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.logfLocked("ABORT: %v", err)
+	r.errs = append(r.errs, err.Error())
+}
+
+func (r *run) aborted() bool {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return len(r.errs) > 0
 }
 
 func (r *run) startNode(nd *node) error {
@@ -295,11 +481,16 @@ func (r *run) stopNode(nd *node, sig syscall.Signal) (string, error) {
 	return nd.stop(sig, 30*time.Second)
 }
 
+// checkCrashes ends the schedule if a brokerd exited by itself (the run
+// then fails).
 func (r *run) checkCrashes() {
 	r.mu.Lock()
-	defer r.mu.Unlock()
-	if len(r.crashed) > 0 {
-		r.t.Fatalf("brokerd exited by itself: %s", strings.Join(r.crashed, "; "))
+	crashed := len(r.crashed) > 0 && !r.crashReported
+	r.crashReported = r.crashReported || crashed
+	msg := strings.Join(r.crashed, "; ")
+	r.mu.Unlock()
+	if crashed {
+		r.abort(fmt.Errorf("brokerd exited by itself: %s", msg))
 	}
 }
 
@@ -313,34 +504,78 @@ func (r *run) others(i int) []int {
 	return o
 }
 
-// nemesis applies one fault, chosen at random, for a random time, heals it
-// and waits for the cluster to agree again.
-func (r *run) nemesis() {
-	kinds := strings.Split(*flagNemeses, ",")
-	kind := kinds[r.rng.IntN(len(kinds))]
-	hold := time.Duration(4+r.rng.IntN(8)) * time.Second
-	perm := r.rng.Perm(len(r.nodes))
-	ids := make([]int, len(perm))
-	for k, p := range perm {
-		ids[k] = r.nodes[p].i
+// activeMembers is the sorted active set, by node name, as the first node
+// that answers reports it.
+func (r *run) activeMembers() ([]string, error) {
+	var last error
+	for _, nd := range r.nodes {
+		var v clusterView
+		if err := getJSON(nd.adminAddr(), "/v1/cluster", &v); err != nil {
+			last = err
+			continue
+		}
+		names := map[string]string{}
+		for _, m := range v.Members {
+			names[m.ID] = m.Name
+		}
+		var out []string
+		for _, id := range v.ActiveSet {
+			if n, ok := names[id]; ok {
+				out = append(out, n)
+			} else {
+				out = append(out, id)
+			}
+		}
+		sort.Strings(out)
+		if len(out) > 0 {
+			return out, nil
+		}
 	}
-	victim := r.nodes[perm[0]]
-	rec := nemesisRecord{Name: kind, Start: time.Since(r.t0).Seconds()}
-	var heal func()
+	return nil, fmt.Errorf("no node reports an active set: %v", last)
+}
+
+func (r *run) byName(name string) *node {
+	for _, nd := range r.nodes {
+		if nd.name() == name {
+			return nd
+		}
+	}
+	return nil
+}
+
+// apply applies step k of the schedule: a fault held for st.Hold, healed,
+// then the cluster given convergeBound to agree again.
+func (r *run) apply(k int, st step) error {
+	ids := make([]int, len(st.Perm))
+	for j, p := range st.Perm {
+		ids[j] = r.nodes[p].i
+	}
+	victim := r.nodes[st.Perm[0]]
+	if st.Member {
+		active, err := r.activeMembers()
+		if err != nil {
+			return err
+		}
+		if nd := r.byName(active[st.Perm[0]%len(active)]); nd != nil {
+			victim = nd
+		}
+	}
+	rec := nemesisRecord{Name: st.Kind, Start: time.Since(r.t0).Seconds(), ConsumersOff: st.ConsumersOff}
+	var heal func() error
 	var err error
-	switch kind {
+	switch st.Kind {
 	case "kill":
 		rec.Target = victim.name()
 		_, err = r.stopNode(victim, syscall.SIGKILL)
-		heal = func() { r.must(r.startNode(victim)) }
+		heal = func() error { return r.startNode(victim) }
 	case "pause":
 		rec.Target = victim.name()
 		err = victim.signal(syscall.SIGSTOP)
-		heal = func() { r.must(victim.signal(syscall.SIGCONT)) }
+		heal = func() error { return victim.signal(syscall.SIGCONT) }
 	case "isolate":
 		rec.Target = victim.name()
 		err = r.nw.cut(victim.i, r.others(victim.i))
-		heal = func() { r.must(r.nw.heal()) }
+		heal = r.nw.heal
 	case "split":
 		minority := len(ids) / 2
 		a, b := slices.Clone(ids[:minority]), slices.Clone(ids[minority:])
@@ -348,7 +583,7 @@ func (r *run) nemesis() {
 		sort.Ints(b)
 		rec.Target = fmt.Sprintf("%v|%v", a, b)
 		err = r.nw.partition(a, b)
-		heal = func() { r.must(r.nw.heal()) }
+		heal = r.nw.heal
 	case "bridge":
 		// Two sides that share one node: each side reaches the middle,
 		// neither reaches the other.
@@ -360,66 +595,72 @@ func (r *run) nemesis() {
 		sort.Ints(b)
 		rec.Target = fmt.Sprintf("%v|%d|%v", a, mid, b)
 		err = r.nw.partition(a, b)
-		heal = func() { r.must(r.nw.heal()) }
+		heal = r.nw.heal
 	case "loss":
-		p := 0.1 + 0.2*r.rng.Float64()
-		rec.Target = fmt.Sprintf("%s %.0f%%", victim.name(), p*100)
-		err = r.nw.lossy(victim.i, p)
-		heal = func() { r.must(r.nw.heal()) }
+		rec.Target = fmt.Sprintf("%s %.0f%%", victim.name(), st.Param*100)
+		err = r.nw.lossy(victim.i, st.Param)
+		heal = r.nw.heal
 	case "delay":
-		d := time.Duration(50+r.rng.IntN(250)) * time.Millisecond
+		d := time.Duration(st.Param) * time.Millisecond
 		rec.Target = fmt.Sprintf("%s %s", victim.name(), d)
-		var stop func()
+		var stop func() string
 		stop, err = r.nw.delay(victim.i, d)
 		if err == nil {
 			// Show that it acts: a TCP connect waits for the node's
 			// SYN-ACK, which is delayed.
 			t0 := time.Now()
-			if c, derr := net.DialTimeout("tcp", victim.adminAddr(), 5*time.Second); derr == nil {
+			c, derr := net.DialTimeout("tcp", victim.adminAddr(), 5*time.Second)
+			took := time.Since(t0)
+			if derr == nil {
 				c.Close()
-				rec.Target += fmt.Sprintf(" (connect %s)", time.Since(t0).Round(time.Millisecond))
+			}
+			rec.Target += fmt.Sprintf(" (connect %s)", took.Round(time.Millisecond))
+			if derr != nil || took < d/2 {
+				err = fmt.Errorf("delay %s on %s not in effect: a connect took %s (%v)", d, victim.name(), took, derr)
+				stop()
+				_ = r.nw.heal()
 			}
 		}
-		heal = func() { stop(); r.must(r.nw.heal()) }
+		heal = func() error {
+			rec.Target += " " + stop()
+			return r.nw.heal()
+		}
 	case "lose":
 		// A node lost for good: only once every copy is trusted again,
 		// else two losses in a row could take both copies of a message.
 		rec.Target = victim.name()
 		if !r.copiesSynced(40 * time.Second) {
-			r.logf("lose %s: skipped, copies still catching up after 40s", victim.name())
-			return
+			r.logf("step %d: lose %s: skipped, copies still catching up after 40s", k, victim.name())
+			return nil
 		}
 		if _, err = r.stopNode(victim, syscall.SIGKILL); err == nil {
 			err = os.RemoveAll(victim.dataDir)
 		}
-		heal = func() { r.must(r.startNode(victim)) }
+		heal = func() error { return r.startNode(victim) }
 	default:
-		r.t.Fatalf("unknown nemesis %q (-chaos.nemeses)", kind)
+		return fmt.Errorf("unknown nemesis %q", st.Kind)
 	}
 	if err != nil {
-		r.t.Fatalf("%s %s: %v", kind, rec.Target, err)
+		return fmt.Errorf("step %d: %s %s: %v", k, st.Kind, rec.Target, err)
 	}
-	r.logf("%s %s for %s", kind, rec.Target, hold)
+	r.logf("step %d: %s %s for %s%s", k, st.Kind, rec.Target, st.Hold, map[bool]string{true: ", consumers off"}[st.ConsumersOff])
 	start := time.Now()
-	sleepCtx(context.Background(), hold)
-	heal()
+	sleepCtx(context.Background(), st.Hold)
+	if err := heal(); err != nil {
+		return fmt.Errorf("step %d: healing %s %s: %v", k, st.Kind, rec.Target, err)
+	}
 	rec.Held = time.Since(start).Seconds()
 	took, err := waitAgreement(r.nodes, convergeBound)
 	if err != nil {
-		r.t.Fatalf("after healing %s %s: %v", kind, rec.Target, err)
+		return fmt.Errorf("step %d: after healing %s %s: %v", k, st.Kind, rec.Target, err)
 	}
 	rec.Converge = took.Seconds()
-	r.logf("healed %s %s; agreement after %s", kind, rec.Target, took.Round(time.Millisecond))
+	r.logf("step %d: healed %s %s; agreement after %s", k, st.Kind, rec.Target, took.Round(time.Millisecond))
 	r.mu.Lock()
 	r.applied = append(r.applied, rec)
 	r.mu.Unlock()
-	sleepCtx(context.Background(), time.Duration(1+r.rng.IntN(3))*time.Second)
-}
-
-func (r *run) must(err error) {
-	if err != nil {
-		r.t.Fatal(err)
-	}
+	sleepCtx(context.Background(), st.After)
+	return nil
 }
 
 // copiesSynced waits until every owner trusts every replica's copy.
@@ -453,46 +694,59 @@ func (r *run) convergeStats() convergeStats {
 }
 
 type rollingResult struct {
-	Nodes          []string `json:"nodes"`
-	Seconds        float64  `json:"seconds"`
-	MaxPause       float64  `json:"max_pause_s"`
-	MaxPauseClient string   `json:"max_pause_client"`
-	Exits          []string `json:"exits"`
+	Nodes                  []string `json:"nodes"`
+	Seconds                float64  `json:"seconds"`
+	MaxPause               float64  `json:"max_pause_s"` // producers: longest time without a RECEIPT
+	MaxPauseClient         string   `json:"max_pause_client"`
+	MaxConsumerPause       float64  `json:"max_consumer_pause_s"` // consumers: longest time without a MESSAGE
+	MaxConsumerPauseClient string   `json:"max_consumer_pause_client"`
+	Exits                  []string `json:"exits"`
 }
 
-// rollingRestart stops every node in turn with SIGTERM and starts it
-// again, waiting for the cluster to agree before the next, while the
-// clients keep going; it reports the longest time a producer went without
-// a RECEIPT.
-func (r *run) rollingRestart(cl *clients) rollingResult {
+// rollingRestart stops every node in turn with SIGTERM (each must exit
+// with status 0) and starts it again, waiting for the cluster to agree
+// before the next, while the clients keep going; it reports the longest
+// time a producer went without a RECEIPT and a consumer without a MESSAGE.
+func (r *run) rollingRestart(cl *clients) (rollingResult, error) {
 	var res rollingResult
 	if err := r.nw.heal(); err != nil {
-		r.t.Fatal(err)
+		return res, err
 	}
 	if _, err := waitAgreement(r.nodes, convergeBound); err != nil {
-		r.t.Fatalf("before the rolling restart: %v", err)
+		return res, fmt.Errorf("before the rolling restart: %v", err)
 	}
 	start := time.Now()
 	cl.resetGaps()
+	defer func() {
+		res.Seconds = time.Since(start).Seconds()
+		p, pw, c, cw := cl.maxGap()
+		res.MaxPause, res.MaxPauseClient = p.Seconds(), pw
+		res.MaxConsumerPause, res.MaxConsumerPauseClient = c.Seconds(), cw
+	}()
 	for _, nd := range r.nodes {
 		state, err := r.stopNode(nd, syscall.SIGTERM)
-		if err != nil {
-			r.t.Errorf("rolling restart: %v", err)
-		}
 		res.Nodes = append(res.Nodes, nd.name())
 		res.Exits = append(res.Exits, nd.name()+": "+state)
-		r.must(r.startNode(nd))
+		if err != nil {
+			return res, fmt.Errorf("rolling restart: %v", err)
+		}
+		if state != "exit status 0" {
+			return res, fmt.Errorf("rolling restart: %s ended with %q after SIGTERM, want exit status 0 (see %s)", nd.name(), state, nd.logPath)
+		}
+		if err := r.startNode(nd); err != nil {
+			return res, err
+		}
 		took, err := waitAgreement(r.nodes, convergeBound)
 		if err != nil {
-			r.t.Fatalf("rolling restart of %s: %v", nd.name(), err)
+			return res, fmt.Errorf("rolling restart of %s: %v", nd.name(), err)
 		}
 		r.logf("rolling restart: %s back (%s), agreement after %s", nd.name(), state, took.Round(time.Millisecond))
 		r.checkCrashes()
+		if r.aborted() {
+			return res, nil
+		}
 	}
-	res.Seconds = time.Since(start).Seconds()
-	gap, who := cl.maxGap()
-	res.MaxPause, res.MaxPauseClient = gap.Seconds(), who
-	return res
+	return res, nil
 }
 
 func writeHistory(path string, evs []event) error {
@@ -502,7 +756,7 @@ func writeHistory(path string, evs []event) error {
 	}
 	enc := json.NewEncoder(f)
 	for _, e := range evs {
-		_ = enc.Encode(map[string]any{"t": e.t.Format(time.RFC3339Nano), "kind": e.kind.String(), "id": e.id,
+		_ = enc.Encode(map[string]any{"t": e.t.Format(time.RFC3339Nano), "kind": e.kind.String(), "id": e.id, "dest": e.dest,
 			"node": e.node, "client": e.client, "redelivered": e.redelivered, "info": e.info})
 	}
 	return f.Close()

@@ -11,69 +11,169 @@ import (
 // result is what the checker finds in a history.
 type result struct {
 	Attempted   int `json:"attempted"`    // SENDs written
-	Receipted   int `json:"receipted"`    // RECEIPT came back: must arrive
-	Refused     int `json:"refused"`      // ERROR that refused the SEND
-	Unknown     int `json:"unknown"`      // no answer, or an ERROR that says the outcome is unknown
+	Receipted   int `json:"receipted"`    // RECEIPT came back: must be consumed
+	Refused     int `json:"refused"`      // ERROR that refused the SEND before storing it
+	Unknown     int `json:"unknown"`      // no answer, or an ERROR that leaves the outcome unknown
 	UnknownSeen int `json:"unknown_seen"` // of those, how many arrived
-	RefusedSeen int `json:"refused_seen"` // refused SENDs that arrived anyway
+	RefusedSeen int `json:"refused_seen"` // refused SENDs that arrived anyway: must be 0
 	Received    int `json:"received"`     // distinct ids received
 	Deliveries  int `json:"deliveries"`   // MESSAGE frames
-	Lost        int `json:"lost"`         // receipted, never received: must be 0
-	Duplicated  int `json:"duplicated"`   // ids received more than once
-	DupMarked   int `json:"dup_marked"`   // extra deliveries that carried redelivered:true
-	Unexpected  int `json:"unexpected"`   // received, never sent: must be 0
+	Consumed    int `json:"consumed"`     // distinct ids whose ACK was receipted
+	// AckUnknown is receipted ids never seen acknowledged, only with an
+	// ACK whose answer was lost: they may have been consumed, so they do
+	// not count as lost.
+	AckUnknown int `json:"ack_unknown"`
+	// Lost is receipted ids never consumed: never delivered (LostUnseen of
+	// them), or delivered and never acknowledged, nor delivered again.
+	Lost       int `json:"lost"`
+	LostUnseen int `json:"lost_unseen"`
+	Duplicated int `json:"duplicated"` // ids delivered more than once
+	DupMarked  int `json:"dup_marked"` // extra deliveries that carried redelivered:true
+	// DupUnmarked is extra deliveries without redelivered:true: a copy
+	// the broker handed out twice as new. Must be 0 (brokerd marks every
+	// message it may have delivered before).
+	DupUnmarked int `json:"dup_unmarked"`
+	Unexpected  int `json:"unexpected"` // received, never sent: must be 0
+	// Misdelivered is deliveries on a destination other than the one the
+	// id was sent to (or its dead-letter queue), or whose body is not the
+	// one sent: must be 0.
+	Misdelivered int `json:"misdelivered"`
 
 	LostIDs       []string `json:"lost_ids,omitempty"`
 	UnexpectedIDs []string `json:"unexpected_ids,omitempty"`
+	UnmarkedIDs   []string `json:"unmarked_ids,omitempty"`
+	MisIDs        []string `json:"misdelivered_ids,omitempty"`
 }
 
-// check reads a history. A SEND's outcome is its last answer; a SEND that
-// was both receipted and later reported otherwise cannot happen (one
-// outcome is recorded per SEND).
+// failures lists what makes a run fail.
+func (r result) failures() []string {
+	var f []string
+	if r.Lost > 0 {
+		f = append(f, fmt.Sprintf("%d receipted messages lost (%d never delivered, %d delivered but never acknowledged nor delivered again)", r.Lost, r.LostUnseen, r.Lost-r.LostUnseen))
+	}
+	if r.Unexpected > 0 {
+		f = append(f, fmt.Sprintf("%d messages received that were never sent", r.Unexpected))
+	}
+	if r.RefusedSeen > 0 {
+		f = append(f, fmt.Sprintf("%d SENDs refused with an ERROR were delivered anyway", r.RefusedSeen))
+	}
+	if r.DupUnmarked > 0 {
+		f = append(f, fmt.Sprintf("%d extra deliveries did not carry redelivered:true", r.DupUnmarked))
+	}
+	if r.Misdelivered > 0 {
+		f = append(f, fmt.Sprintf("%d deliveries on the wrong destination or with the wrong body", r.Misdelivered))
+	}
+	if r.Receipted == 0 {
+		f = append(f, "no SEND was receipted: the run tested nothing")
+	}
+	return f
+}
+
+type idState struct {
+	outcome    evKind // last answer to its SEND (evSend: none yet)
+	sent       bool
+	dest       string
+	deliveries int
+	marked     int // deliveries with redelivered:true
+	acked      bool
+	ackUnknown bool
+}
+
+// check reads a history. A SEND's outcome is its last answer (one is
+// recorded per SEND). The result does not depend on the order in which
+// concurrent clients' events were appended.
 func check(evs []event) result {
 	var r result
-	outcome := map[string]evKind{}
-	errInfo := map[string]string{}
-	recv := map[string]int{}
-	redeliveredExtra := 0
+	ids := map[string]*idState{}
+	get := func(id string) *idState {
+		s := ids[id]
+		if s == nil {
+			s = &idState{}
+			ids[id] = s
+		}
+		return s
+	}
+	mis := map[string]bool{}
 	for _, e := range evs {
+		s := get(e.id)
 		switch e.kind {
 		case evSend:
 			r.Attempted++
-			outcome[e.id] = evSend
-		case evReceipt, evUnknown:
-			outcome[e.id] = e.kind
-		case evError:
-			outcome[e.id] = e.kind
-			errInfo[e.id] = e.info
+			s.sent, s.dest, s.outcome = true, e.dest, evSend
+		case evReceipt, evUnknown, evError:
+			s.outcome = e.kind
 		case evReceived:
-			recv[e.id]++
+			s.deliveries++
 			r.Deliveries++
-			if recv[e.id] > 1 && e.redelivered {
-				redeliveredExtra++
+			if e.redelivered {
+				s.marked++
 			}
+			if !e.bodyOK {
+				mis[e.id] = true
+			}
+		case evAcked:
+			s.acked = true
+		case evAckUnknown:
+			s.ackUnknown = true
 		}
 	}
-	for id, k := range outcome {
-		_, seen := recv[id]
-		switch k {
+	// Destinations are checked once every SEND is known (a delivery can
+	// be appended before its SEND's event by a racing client).
+	for _, e := range evs {
+		if e.kind != evReceived {
+			continue
+		}
+		if s := ids[e.id]; s.sent && e.dest != s.dest && e.dest != dlqOf(s.dest) {
+			mis[e.id] = true
+		}
+	}
+	for id, s := range ids {
+		seen := s.deliveries > 0
+		if seen {
+			r.Received++
+		}
+		if s.acked {
+			r.Consumed++
+		}
+		if s.deliveries > 1 {
+			r.Duplicated++
+			unmarked := s.deliveries - s.marked
+			extraUnmarked := max(0, unmarked-1)
+			r.DupUnmarked += extraUnmarked
+			r.DupMarked += s.deliveries - 1 - extraUnmarked
+			if extraUnmarked > 0 {
+				r.UnmarkedIDs = append(r.UnmarkedIDs, id)
+			}
+		}
+		if mis[id] {
+			r.Misdelivered++
+			r.MisIDs = append(r.MisIDs, id)
+		}
+		if !s.sent {
+			if seen {
+				r.Unexpected++
+				r.UnexpectedIDs = append(r.UnexpectedIDs, id)
+			}
+			continue
+		}
+		switch s.outcome {
 		case evReceipt:
 			r.Receipted++
-			if !seen {
+			switch {
+			case s.acked:
+			case s.ackUnknown:
+				r.AckUnknown++
+			default:
 				r.Lost++
+				if !seen {
+					r.LostUnseen++
+				}
 				r.LostIDs = append(r.LostIDs, id)
 			}
 		case evError:
-			if errorOutcome(errInfo[id]) == "unknown" {
-				r.Unknown++
-				if seen {
-					r.UnknownSeen++
-				}
-			} else {
-				r.Refused++
-				if seen {
-					r.RefusedSeen++
-				}
+			r.Refused++
+			if seen {
+				r.RefusedSeen++
 			}
 		default: // evUnknown, or a SEND still waiting when the run ended
 			r.Unknown++
@@ -82,24 +182,11 @@ func check(evs []event) result {
 			}
 		}
 	}
-	for id, n := range recv {
-		r.Received++
-		if n > 1 {
-			r.Duplicated++
+	for _, l := range []*[]string{&r.LostIDs, &r.UnexpectedIDs, &r.UnmarkedIDs, &r.MisIDs} {
+		sort.Strings(*l)
+		if len(*l) > 50 {
+			*l = (*l)[:50]
 		}
-		if _, ok := outcome[id]; !ok {
-			r.Unexpected++
-			r.UnexpectedIDs = append(r.UnexpectedIDs, id)
-		}
-	}
-	r.DupMarked = redeliveredExtra
-	sort.Strings(r.LostIDs)
-	sort.Strings(r.UnexpectedIDs)
-	if len(r.LostIDs) > 50 {
-		r.LostIDs = r.LostIDs[:50]
-	}
-	if len(r.UnexpectedIDs) > 50 {
-		r.UnexpectedIDs = r.UnexpectedIDs[:50]
 	}
 	return r
 }
@@ -108,14 +195,18 @@ func (r result) String() string {
 	var b strings.Builder
 	fmt.Fprintf(&b, "sends: %d attempted, %d receipted, %d refused (%d of them arrived anyway), %d unknown (%d of them arrived)\n",
 		r.Attempted, r.Receipted, r.Refused, r.RefusedSeen, r.Unknown, r.UnknownSeen)
-	fmt.Fprintf(&b, "received: %d distinct in %d deliveries; duplicated %d (extra deliveries marked redelivered: %d)\n",
-		r.Received, r.Deliveries, r.Duplicated, r.DupMarked)
-	fmt.Fprintf(&b, "LOST (receipted, never received): %d   UNEXPECTED (received, never sent): %d", r.Lost, r.Unexpected)
-	if len(r.LostIDs) > 0 {
-		fmt.Fprintf(&b, "\nlost ids: %s", strings.Join(r.LostIDs, " "))
-	}
-	if len(r.UnexpectedIDs) > 0 {
-		fmt.Fprintf(&b, "\nunexpected ids: %s", strings.Join(r.UnexpectedIDs, " "))
+	fmt.Fprintf(&b, "received: %d distinct in %d deliveries, %d acknowledged with a receipt, %d receipted ids only with an ACK whose answer was lost\n",
+		r.Received, r.Deliveries, r.Consumed, r.AckUnknown)
+	fmt.Fprintf(&b, "duplicated: %d ids; extra deliveries marked redelivered %d, UNMARKED %d\n", r.Duplicated, r.DupMarked, r.DupUnmarked)
+	fmt.Fprintf(&b, "LOST (receipted, never consumed): %d (%d never delivered)   UNEXPECTED (received, never sent): %d   MISDELIVERED: %d",
+		r.Lost, r.LostUnseen, r.Unexpected, r.Misdelivered)
+	for _, l := range []struct {
+		name string
+		ids  []string
+	}{{"lost", r.LostIDs}, {"unexpected", r.UnexpectedIDs}, {"unmarked duplicate", r.UnmarkedIDs}, {"misdelivered", r.MisIDs}} {
+		if len(l.ids) > 0 {
+			fmt.Fprintf(&b, "\n%s ids: %s", l.name, strings.Join(l.ids, " "))
+		}
 	}
 	return b.String()
 }

@@ -12,6 +12,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/go-stomp/stomp/v3/frame"
@@ -26,20 +27,24 @@ const (
 	evError                      // an ERROR came back for it (outcome as the ERROR says)
 	evUnknown                    // no answer: connection lost or timed out
 	evReceived                   // a MESSAGE carrying the id arrived
-	evAcked                      // its ACK was written
+	evAcked                      // the RECEIPT of its ACK came back: consumed
+	evAckUnknown                 // its ACK was written, but no answer came: maybe consumed
+	evAckFailed                  // an ERROR answered its ACK: not consumed, it must come back
 )
 
 func (k evKind) String() string {
-	return [...]string{"?", "send", "receipt", "error", "unknown", "received", "acked"}[k]
+	return [...]string{"?", "send", "receipt", "error", "unknown", "received", "acked", "ack-unknown", "ack-failed"}[k]
 }
 
 type event struct {
 	t           time.Time
 	kind        evKind
 	id          string // message id (x-chaos-id)
+	dest        string // evSend: where it was sent; evReceived: the MESSAGE's destination
 	node        int    // node the client was connected to
 	client      string
 	redelivered bool
+	bodyOK      bool // evReceived: the body is the id, as sent
 	info        string
 }
 
@@ -152,9 +157,14 @@ type clients struct {
 	// (the broker retries a SEND whose owner died for about 5 s).
 	receiptWait time.Duration
 
+	// consumersOff switches the consumers off (they disconnect and wait),
+	// so that a backlog builds up and goes through the next faults.
+	consumersOff atomic.Bool
+
 	gapMu  sync.Mutex
-	gaps   map[string]*gapTracker
-	mark   time.Time // start of the window maxGap reports on
+	gaps   map[string]*gapTracker // producers: time between RECEIPTs
+	cgaps  map[string]*gapTracker // consumers: time between MESSAGEs
+	mark   time.Time              // start of the window maxGap reports on
 	marked bool
 }
 
@@ -166,13 +176,16 @@ type gapTracker struct {
 	at   time.Time
 }
 
-func (cl *clients) receipted(client string, now time.Time) {
+func (cl *clients) receipted(client string, now time.Time) { cl.track(cl.gaps, client, now) }
+func (cl *clients) delivered(client string, now time.Time) { cl.track(cl.cgaps, client, now) }
+
+func (cl *clients) track(gaps map[string]*gapTracker, client string, now time.Time) {
 	cl.gapMu.Lock()
 	defer cl.gapMu.Unlock()
-	g := cl.gaps[client]
+	g := gaps[client]
 	if g == nil {
 		g = &gapTracker{last: now}
-		cl.gaps[client] = g
+		gaps[client] = g
 	}
 	if cl.marked && g.last.Before(cl.mark) {
 		g.last = cl.mark
@@ -188,21 +201,30 @@ func (cl *clients) resetGaps() {
 	cl.gapMu.Lock()
 	defer cl.gapMu.Unlock()
 	cl.mark, cl.marked = time.Now(), true
-	for _, g := range cl.gaps {
-		g.max = 0
-		g.last = cl.mark
+	for _, gaps := range []map[string]*gapTracker{cl.gaps, cl.cgaps} {
+		for _, g := range gaps {
+			g.max = 0
+			g.last = cl.mark
+		}
 	}
 }
 
 // maxGap is the longest any producer went without a RECEIPT since the last
-// resetGaps, counting the time since its last receipt up to now.
-func (cl *clients) maxGap() (time.Duration, string) {
+// resetGaps (counting the time since its last receipt up to now), and the
+// longest any consumer went without a MESSAGE.
+func (cl *clients) maxGap() (prod time.Duration, prodWho string, cons time.Duration, consWho string) {
 	cl.gapMu.Lock()
 	defer cl.gapMu.Unlock()
+	prod, prodWho = longest(cl.gaps)
+	cons, consWho = longest(cl.cgaps)
+	return
+}
+
+func longest(gaps map[string]*gapTracker) (time.Duration, string) {
 	var best time.Duration
 	var who string
 	now := time.Now()
-	for name, g := range cl.gaps {
+	for name, g := range gaps {
 		m := g.max
 		if d := now.Sub(g.last); d > m {
 			m = d
@@ -245,7 +267,7 @@ func (cl *clients) produce(ctx context.Context, name string, rng *rand.Rand) {
 			q := cl.queues[rng.IntN(len(cl.queues))]
 			f := frame.New(frame.SEND, frame.Destination, q, frame.Receipt, id, "persistent", "true", "x-chaos-id", id)
 			f.Body = []byte(id)
-			cl.h.add(event{kind: evSend, id: id, node: node, client: name})
+			cl.h.add(event{kind: evSend, id: id, dest: q, node: node, client: name})
 			if err := sc.write(f); err != nil {
 				cl.h.add(event{kind: evUnknown, id: id, node: node, client: name, info: err.Error()})
 				break
@@ -277,9 +299,12 @@ func (cl *clients) awaitReceipt(sc *stompConn, id string) (evKind, string) {
 				return evReceipt, ""
 			}
 		case frame.ERROR:
-			// The message header is short ("not enough replicas"); the
-			// body says whether the outcome is unknown.
-			return evError, f.Header.Get(frame.Message) + ": " + string(f.Body)
+			msg := f.Header.Get(frame.Message)
+			info := msg + ": " + string(f.Body)
+			if errorOutcome(msg, f.Header.Get(frame.ReceiptId) == id) == "refused" {
+				return evError, info
+			}
+			return evUnknown, info
 		}
 	}
 }
@@ -290,6 +315,10 @@ func (cl *clients) awaitReceipt(sc *stompConn, id string) (evKind, string) {
 func (cl *clients) consume(ctx context.Context, name string, rng *rand.Rand) {
 	last := 0
 	for ctx.Err() == nil {
+		if cl.consumersOff.Load() {
+			sleepCtx(ctx, 100*time.Millisecond)
+			continue
+		}
 		node, addr := cl.pick(rng, last)
 		last = node
 		until := time.Now().Add(time.Duration(5+rng.IntN(15)) * time.Second)
@@ -300,37 +329,52 @@ func (cl *clients) consume(ctx context.Context, name string, rng *rand.Rand) {
 
 var errQuiet = errors.New("quiet")
 
-// consumeFrom subscribes to every queue on one node and reads until ctx
-// ends, until passes, or (quiet > 0) nothing arrived for quiet. It returns
-// how many messages it got.
-func (cl *clients) consumeFrom(ctx context.Context, name string, node int, addr string, until time.Time, quiet time.Duration) (int, error) {
+// consumeFrom subscribes to every queue (and its dead-letter queue) on one
+// node and reads until ctx ends, until passes, the consumers are switched
+// off, or (quiet > 0) nothing arrived for quiet. Every MESSAGE is
+// acknowledged (client-individual) with a receipt, and the ACK counts
+// only when its RECEIPT comes back; on the way out it waits a little for
+// the receipts of ACKs still outstanding, and records the rest as
+// unknown. It returns how many messages it got.
+func (cl *clients) consumeFrom(ctx context.Context, name string, node int, addr string, until time.Time, quiet time.Duration) (n int, err error) {
 	sc, err := dialSTOMP(node, addr)
 	if err != nil {
 		return 0, err
 	}
 	defer sc.close()
-	for i, q := range cl.queues {
-		if err := sc.write(frame.New(frame.SUBSCRIBE, frame.Id, strconv.Itoa(i), frame.Destination, q,
-			frame.Ack, "client-individual", "prefetch-count", "32")); err != nil {
-			return 0, err
+	acks := map[string]string{} // ACK receipt id -> message id
+	ackSeq := 0
+	defer func() {
+		if len(acks) > 0 && (err == nil || err == errQuiet || (ctx.Err() != nil && err == ctx.Err())) {
+			cl.settleAcks(sc, name, node, acks)
+		}
+		for _, id := range acks {
+			cl.h.add(event{kind: evAckUnknown, id: id, node: node, client: name, info: "connection ended before the ACK's receipt"})
+		}
+	}()
+	subs := 0
+	for _, q := range cl.queues {
+		for _, d := range []string{q, dlqOf(q)} {
+			subs++
+			if err := sc.write(frame.New(frame.SUBSCRIBE, frame.Id, strconv.Itoa(subs), frame.Destination, d,
+				frame.Ack, "client-individual", "prefetch-count", "32")); err != nil {
+				return 0, err
+			}
 		}
 	}
-	n := 0
 	lastMsg := time.Now()
-	for ctx.Err() == nil && time.Now().Before(until) {
+	for ctx.Err() == nil && time.Now().Before(until) && (quiet > 0 || !cl.consumersOff.Load()) {
 		deadline := until
 		if quiet > 0 && lastMsg.Add(quiet).Before(deadline) {
 			deadline = lastMsg.Add(quiet)
 		}
-		if ctx.Err() == nil {
-			// Wake up at least every second to notice ctx.
-			if d := time.Now().Add(time.Second); d.Before(deadline) {
-				deadline = d
-			}
+		// Wake up at least every second to notice ctx and the switch.
+		if d := time.Now().Add(time.Second); d.Before(deadline) {
+			deadline = d
 		}
 		f, err := sc.read(deadline)
 		if err == errDeadline {
-			if quiet > 0 && time.Since(lastMsg) >= quiet {
+			if quiet > 0 && time.Since(lastMsg) >= quiet && len(acks) == 0 {
 				return n, errQuiet
 			}
 			if time.Since(sc.lastRecv) > ioTimeout {
@@ -348,18 +392,70 @@ func (cl *clients) consumeFrom(ctx context.Context, name string, node int, addr 
 				id = "body:" + string(f.Body)
 			}
 			n++
-			lastMsg = time.Now()
-			cl.h.add(event{kind: evReceived, id: id, node: node, client: name, redelivered: f.Header.Get("redelivered") == "true"})
-			if err := sc.write(frame.New(frame.ACK, frame.Id, f.Header.Get(frame.Ack))); err != nil {
+			now := time.Now()
+			lastMsg = now
+			cl.delivered(name, now)
+			cl.h.add(event{kind: evReceived, id: id, dest: f.Header.Get(frame.Destination), node: node, client: name,
+				redelivered: f.Header.Get("redelivered") == "true", bodyOK: string(f.Body) == id})
+			ackSeq++
+			rid := fmt.Sprintf("ack-%s-%d", name, ackSeq)
+			acks[rid] = id
+			if err := sc.write(frame.New(frame.ACK, frame.Id, f.Header.Get(frame.Ack), frame.Receipt, rid)); err != nil {
 				return n, err
 			}
-			cl.h.add(event{kind: evAcked, id: id, node: node, client: name})
+		case frame.RECEIPT:
+			rid := f.Header.Get(frame.ReceiptId)
+			if id, ok := acks[rid]; ok {
+				delete(acks, rid)
+				cl.h.add(event{kind: evAcked, id: id, node: node, client: name})
+			}
 		case frame.ERROR:
-			return n, fmt.Errorf("ERROR from %s: %s", addr, f.Header.Get(frame.Message))
+			msg := f.Header.Get(frame.Message)
+			if id, ok := acks[f.Header.Get(frame.ReceiptId)]; ok && msg == "unknown message" {
+				// The broker refused the ACK: the delivery it named is
+				// gone (its subscription was re-bound), so the message
+				// must come back.
+				delete(acks, f.Header.Get(frame.ReceiptId))
+				cl.h.add(event{kind: evAckFailed, id: id, node: node, client: name, info: msg + ": " + string(f.Body)})
+			}
+			return n, fmt.Errorf("ERROR from %s: %s: %s", addr, msg, f.Body)
 		}
 	}
-	return n, ctx.Err()
+	if ctx.Err() != nil {
+		return n, ctx.Err()
+	}
+	return n, nil
 }
+
+// settleAcks reads for a few seconds for the receipts of outstanding ACKs;
+// MESSAGEs that arrive meanwhile are recorded and left unacknowledged (they
+// come back when the connection closes).
+func (cl *clients) settleAcks(sc *stompConn, name string, node int, acks map[string]string) {
+	deadline := time.Now().Add(5 * time.Second)
+	for len(acks) > 0 {
+		f, err := sc.read(deadline)
+		if err != nil {
+			return
+		}
+		switch f.Command {
+		case frame.MESSAGE:
+			id := f.Header.Get("x-chaos-id")
+			cl.h.add(event{kind: evReceived, id: id, dest: f.Header.Get(frame.Destination), node: node, client: name,
+				redelivered: f.Header.Get("redelivered") == "true", bodyOK: string(f.Body) == id})
+		case frame.RECEIPT:
+			rid := f.Header.Get(frame.ReceiptId)
+			if id, ok := acks[rid]; ok {
+				delete(acks, rid)
+				cl.h.add(event{kind: evAcked, id: id, node: node, client: name})
+			}
+		case frame.ERROR:
+			return
+		}
+	}
+}
+
+// dlqOf is the dead-letter queue of q (queue.dlq_prefix's default).
+func dlqOf(q string) string { return "/queue/DLQ." + strings.TrimPrefix(q, "/queue/") }
 
 func sleepCtx(ctx context.Context, d time.Duration) {
 	t := time.NewTimer(d)
@@ -370,11 +466,15 @@ func sleepCtx(ctx context.Context, d time.Duration) {
 	}
 }
 
-// errorOutcome classifies an ERROR's message: whether the broker said the
-// SEND's outcome is unknown (it may have been stored) rather than refused.
-func errorOutcome(msg string) string {
-	if strings.Contains(strings.ToLower(msg), "unknown") {
-		return "unknown"
+// errorOutcome classifies an ERROR that answered a SEND: "refused" (the
+// broker promises nothing was stored) only when the ERROR names the SEND's
+// receipt and is one of the refusals brokerd makes before storing anything
+// (a queue at its limit, the low-disk alarm); anything else, such as "not
+// enough replicas", "internal error" or "server shutting down", leaves the
+// outcome unknown. The checker fails a run where a refused SEND arrives.
+func errorOutcome(message string, receiptMatches bool) string {
+	if receiptMatches && (message == "queue full" || message == "broker low on disk space") {
+		return "refused"
 	}
-	return "refused"
+	return "unknown"
 }

@@ -7,7 +7,9 @@ import (
 	"fmt"
 	"os"
 	"strconv"
+	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	nfqueue "github.com/florianl/go-nfqueue/v2"
@@ -23,13 +25,14 @@ import (
 const delayQueue = 7 // the NFQUEUE number the suite uses
 
 // maxDelayed bounds the packets held in user space; beyond it the kernel
-// drops (the queue's own length limit).
+// lets packets through undelayed (fail-open).
 const maxDelayed = 4096
 
 type delayer struct {
 	nf     *nfqueue.Nfqueue
 	cancel context.CancelFunc
 	d      time.Duration
+	held   atomic.Int64 // packets delayed so far
 
 	mu      sync.Mutex
 	pending []delayed
@@ -44,8 +47,10 @@ type delayed struct {
 }
 
 // delay delays every packet node i sends by d until the returned stop is
-// called (after the rule is removed by heal, or before: stop removes it).
-func (nw *network) delay(i int, d time.Duration) (stop func(), err error) {
+// called (after the rule is removed by heal, or before: stop removes it);
+// stop says how many packets the queue held and how many the kernel could
+// not queue (nfnetlink_queue's counters).
+func (nw *network) delay(i int, d time.Duration) (stop func() string, err error) {
 	nsf, err := os.Open("/var/run/netns/" + nodeNS(i))
 	if err != nil {
 		return nil, err
@@ -58,6 +63,9 @@ func (nw *network) delay(i int, d time.Duration) (stop func(), err error) {
 		Copymode:     nfqueue.NfQnlCopyMeta,
 		AfFamily:     unix.AF_INET,
 		WriteTimeout: time.Second,
+		// Should the queue overflow, packets pass instead of being
+		// dropped: the nemesis is delay, not loss.
+		Flags: nfqueue.NfQaCfgFlagFailOpen,
 	})
 	if err != nil {
 		return nil, fmt.Errorf("nfqueue in %s: %w", nodeNS(i), err)
@@ -68,6 +76,7 @@ func (nw *network) delay(i int, d time.Duration) (stop func(), err error) {
 		if a.PacketID == nil {
 			return 0
 		}
+		dl.held.Add(1)
 		dl.mu.Lock()
 		dl.pending = append(dl.pending, delayed{id: *a.PacketID, due: time.Now().Add(d)})
 		dl.mu.Unlock()
@@ -97,12 +106,35 @@ func (nw *network) delay(i int, d time.Duration) (stop func(), err error) {
 		return nil, err
 	}
 	var once sync.Once
-	return func() {
+	var report string
+	return func() string {
 		once.Do(func() {
+			report = queueStats(i)
 			_, _ = inNS(nodeNS(i), "iptables", "-w", "-D", "OUTPUT", "-o", nodeLink(i), "-j", "NFQUEUE", "--queue-num", q, "--queue-bypass")
 			dl.close()
+			report = fmt.Sprintf("(%d packets delayed, %s)", dl.held.Load(), report)
 		})
+		return report
 	}, nil
+}
+
+// queueStats reads the delay queue's line of
+// /proc/net/netfilter/nfnetlink_queue in node i's namespace: packets the
+// kernel dropped because the queue was full (queue_dropped) or could not
+// send to the suite (user_dropped); with fail-open, overflowing packets
+// pass rather than drop.
+func queueStats(i int) string {
+	out, err := inNS(nodeNS(i), "cat", "/proc/net/netfilter/nfnetlink_queue")
+	if err != nil {
+		return "nfqueue counters unavailable"
+	}
+	for _, line := range strings.Split(out, "\n") {
+		f := strings.Fields(line)
+		if len(f) >= 7 && f[0] == strconv.Itoa(delayQueue) {
+			return fmt.Sprintf("nfqueue dropped %s (queue full) %s (user)", f[5], f[6])
+		}
+	}
+	return "nfqueue counters not found"
 }
 
 // release accepts every held packet once its delay has passed, in order;

@@ -12,6 +12,7 @@ import (
 	"net/http"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"sort"
 	"strconv"
 	"strings"
@@ -54,9 +55,23 @@ func inNS(ns string, args ...string) (string, error) {
 }
 
 // cleanupLeftovers removes every namespace and link with the suite's
-// prefix, after killing the processes inside the namespaces. It is what a
-// run does first (an earlier run may have been killed) and last.
-func cleanupLeftovers(logf func(string, ...any)) {
+// prefix, after killing the processes inside the namespaces, and the run
+// directories of earlier runs that were killed (those without a
+// history.jsonl; a run that failed keeps its directory, with its history,
+// for inspection), except current. It is what a run does first (an
+// earlier run may have been killed) and last.
+func cleanupLeftovers(logf func(string, ...any), current string) {
+	dirs, _ := filepath.Glob(filepath.Join(os.TempDir(), "brokerd-chaos-*"))
+	for _, d := range dirs {
+		if d == current {
+			continue
+		}
+		if _, err := os.Stat(filepath.Join(d, "history.jsonl")); os.IsNotExist(err) {
+			if err := os.RemoveAll(d); err != nil {
+				logf("cleanup: %v", err)
+			}
+		}
+	}
 	out, _ := sh("ip", "netns", "list")
 	for _, line := range strings.Split(out, "\n") {
 		f := strings.Fields(line)
@@ -243,6 +258,10 @@ func (nd *node) start() error {
 	fmt.Fprintf(lf, "=== start %d of %s at %s\n", nd.gen, nd.name(), time.Now().Format(time.RFC3339Nano))
 	cmd := exec.Command("ip", nd.args()...)
 	cmd.Stdout, cmd.Stderr = lf, lf
+	// brokerd dies with the test binary, however that ends (ip netns exec
+	// execs brokerd, which keeps the parent-death signal), and is not in
+	// the terminal's process group (the suite stops it itself).
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
 	// brokerd takes BROKERD_* variables as config and refuses unknown
 	// ones, such as the suite's own BROKERD_CHAOS.
 	for _, kv := range os.Environ() {
@@ -340,10 +359,14 @@ func getText(addr, path string) (string, error) {
 	return string(b), err
 }
 
+// wantActive is the active members the cluster keeps (--active-members 3).
+func wantActive(nodes int) int { return min(3, nodes) }
+
 // agreement reports whether every node answers, says it converged, and
-// all agree on the epoch and the active set, with every node alive in
-// every view. why says what is missing.
+// all agree on the epoch and the active set (of M members), with every
+// node alive in every view. why says what is missing.
 func agreement(nodes []*node) (ok bool, why string) {
+	want := wantActive(len(nodes))
 	var first *clusterView
 	for _, nd := range nodes {
 		var v clusterView
@@ -363,6 +386,9 @@ func agreement(nodes []*node) (ok bool, why string) {
 			if !alive[other.name()] {
 				return false, fmt.Sprintf("%s does not see %s alive", nd.name(), other.name())
 			}
+		}
+		if len(v.ActiveSet) != want {
+			return false, fmt.Sprintf("%s has %d active members, want %d", nd.name(), len(v.ActiveSet), want)
 		}
 		sort.Strings(v.ActiveSet)
 		if first == nil {
