@@ -350,7 +350,8 @@ type step struct {
 	Hold time.Duration
 	// Perm orders the nodes (0-based): the victim is Perm[0], or, with
 	// Member, the active member at index Perm[0] mod M of the sorted
-	// active set at the time (a member owns queues and holds copies).
+	// active set at the time (a member owns queues and holds copies;
+	// printed as member#index).
 	Perm         []int
 	Member       bool
 	Param        float64 // loss: probability; delay: milliseconds
@@ -361,7 +362,7 @@ type step struct {
 func (s step) String() string {
 	v := fmt.Sprintf("n%d", s.Perm[0]+1)
 	if s.Member {
-		v = fmt.Sprintf("member#%d", s.Perm[0])
+		v = fmt.Sprintf("member#%d", s.Perm[0]%wantActive(len(s.Perm)))
 	}
 	var b strings.Builder
 	fmt.Fprintf(&b, "%s ", s.Kind)
@@ -707,8 +708,7 @@ type rollingResult struct {
 // with status 0) and starts it again, waiting for the cluster to agree
 // before the next, while the clients keep going; it reports the longest
 // time a producer went without a RECEIPT and a consumer without a MESSAGE.
-func (r *run) rollingRestart(cl *clients) (rollingResult, error) {
-	var res rollingResult
+func (r *run) rollingRestart(cl *clients) (res rollingResult, err error) {
 	if err := r.nw.heal(); err != nil {
 		return res, err
 	}
@@ -757,7 +757,7 @@ func writeHistory(path string, evs []event) error {
 	enc := json.NewEncoder(f)
 	for _, e := range evs {
 		_ = enc.Encode(map[string]any{"t": e.t.Format(time.RFC3339Nano), "kind": e.kind.String(), "id": e.id, "dest": e.dest,
-			"node": e.node, "client": e.client, "redelivered": e.redelivered, "info": e.info})
+			"node": e.node, "client": e.client, "redelivered": e.redelivered, "body_ok": e.bodyOK, "info": e.info})
 	}
 	return f.Close()
 }

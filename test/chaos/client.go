@@ -22,14 +22,14 @@ import (
 type evKind uint8
 
 const (
-	evSend     evKind = iota + 1 // a SEND was written (its outcome follows)
-	evReceipt                    // its RECEIPT came back: the broker promised it
-	evError                      // an ERROR came back for it (outcome as the ERROR says)
-	evUnknown                    // no answer: connection lost or timed out
-	evReceived                   // a MESSAGE carrying the id arrived
-	evAcked                      // the RECEIPT of its ACK came back: consumed
-	evAckUnknown                 // its ACK was written, but no answer came: maybe consumed
-	evAckFailed                  // an ERROR answered its ACK: not consumed, it must come back
+	evSend       evKind = iota + 1 // a SEND was written (its outcome follows)
+	evReceipt                      // its RECEIPT came back: the broker promised it
+	evError                        // an ERROR came back for it (outcome as the ERROR says)
+	evUnknown                      // no answer: connection lost or timed out
+	evReceived                     // a MESSAGE carrying the id arrived
+	evAcked                        // the RECEIPT of its ACK came back: consumed
+	evAckUnknown                   // its ACK was written, but no answer came: maybe consumed
+	evAckFailed                    // an ERROR answered its ACK: not consumed, it must come back
 )
 
 func (k evKind) String() string {

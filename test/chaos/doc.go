@@ -12,16 +12,23 @@
 // installs iptables and runs the short profile.
 //
 // The cluster: 5 nodes, M=3 active members, R=2 copies, W=2. Clients:
-// producers send receipted messages with unique ids (header x-chaos-id) to
-// three queues, one at a time, each to a random node, moving to another
-// node every few seconds and at any failure; consumers read all three
-// queues from a random node with client-individual acknowledgements and
-// move likewise. A SEND without an answer within 15 s counts as unknown.
+// producers send receipted messages with unique ids (header x-chaos-id,
+// body the id) to 16 queues, one at a time, each to a random node, moving
+// to another node every few seconds and at any failure; consumers read all
+// 16 queues and their dead-letter queues from a random node with
+// client-individual acknowledgements, each ACK with a receipt, and move
+// likewise. A SEND without an answer within 15 s counts as unknown, as does
+// one answered by an ERROR other than a refusal made before storing (a
+// queue at its limit, the low-disk alarm) naming its receipt.
 //
-// Faults (nemeses), one at a time, each held 4-11 s and then healed, the
-// cluster then given up to 60 s to agree again (every node's /v1/cluster
-// converged, on the same epoch and active set, every node alive in every
-// view; the time is reported):
+// The schedule is drawn up front from the seed (and printed): each step
+// is a fault, held 4-11 s and then healed, after which the cluster is given
+// up to 60 s to agree again (every node's /v1/cluster converged, on the
+// same epoch and an active set of 3, every node alive in every view; the
+// time is reported). Three steps in four pick the victim among the active
+// members at the time (they own the queues and hold the copies); in one
+// step in three the consumers are off, so a backlog builds and goes
+// through the next faults. The faults:
 //
 //   - kill: kill -9 of a node, restarted at heal;
 //   - pause: SIGSTOP, SIGCONT at heal;
@@ -30,7 +37,8 @@
 //   - bridge: two sides that both reach one node in the middle;
 //   - loss: 10-30% of one node's packets dropped, both ways;
 //   - delay: every packet one node sends held 50-300 ms (in user space,
-//     through an NFQUEUE: the kernel has no sch_netem);
+//     through an NFQUEUE: the kernel has no sch_netem); the step fails if
+//     a TCP connect to the node is not slowed by at least half of it;
 //   - lose: a node lost for good: killed, its data directory deleted, a
 //     fresh node started in its place. Applied only once every owner
 //     trusts every replica's copy again (brokerd_replication_copies), as
@@ -42,19 +50,30 @@
 // alike; the clients, on the test's own host, keep reaching every node (so
 // both sides of a partition get traffic).
 //
-// After the schedule, a rolling restart under load (each node SIGTERM and
-// restarted in turn) reports the clients' longest pause. Then the
-// producers stop, the cluster must agree, and every queue is drained from
-// every node. The checker fails the run on any receipted message never
-// received (lost), any message received that was never sent (unexpected),
-// a brokerd that exited by itself, or a cluster that did not agree within
-// the bound; it reports duplicates (and how many were marked redelivered)
-// and SENDs whose outcome was unknown and how many of them arrived. The
-// summary ends with a JSON line (also printed as a "CHAOS {...}" line).
+// After the schedule, a rolling restart under load (each node SIGTERM,
+// which must exit 0, and restarted in turn) reports the producers' and the
+// consumers' longest pause. Then the consumers stop for 5 s (leaving a
+// backlog), the producers stop, every fault is healed, the cluster must
+// agree, every queue is drained from every node, and every node must
+// report every queue empty. The checker (check.go) fails the run on a
+// receipted message never consumed (lost: never delivered, or delivered and
+// neither acknowledged with a receipt nor delivered again), a message
+// received that was never sent (unexpected), a refused SEND that arrived,
+// a second delivery without redelivered:true, a delivery on the wrong
+// destination or with the wrong body, a brokerd that exited by itself, or
+// a cluster that did not agree within the bound; it reports duplicates,
+// SENDs whose outcome was unknown and how many of them arrived, and ACKs
+// whose answer was lost. A failure ends the schedule early; the run still
+// heals, drains, checks and prints its summary, which ends with a JSON
+// line (also printed as a "CHAOS {...}" line).
 //
 // Everything the run creates is named bkc-*: at start, namespaces and links
-// an earlier killed run left are removed, with the processes inside them;
-// at the end (pass, fail, or SIGINT/SIGTERM) everything is removed again.
+// an earlier killed run left are removed, with the processes inside them,
+// and its /tmp/brokerd-chaos-* directory; at the end (pass, fail, or
+// SIGINT/SIGTERM) everything is removed again. brokerd processes get a
+// parent-death signal, so they die with the test binary however it ends;
+// every phase is budgeted against the test's -timeout, and a watchdog
+// cleans up and keeps the history just before it.
 // The run directory (node logs, data, history.jsonl) is kept when the run
 // fails or with -chaos.keep.
 package chaos
