@@ -72,8 +72,14 @@ type Config struct {
 	Logger    *slog.Logger
 	// Registerer receives the metrics; nil means none.
 	Registerer prometheus.Registerer
-	// Now is the clock; nil means time.Now.
+	// Now is the clock of the membership's timers (promotion delay,
+	// forgetting); nil means time.Now.
 	Now func() time.Time
+	// Wall is the wall clock behind the times the node advertises, its
+	// first start (JoinedAt) and when it took its seat (ActiveSince); nil
+	// means time.Now. The chaos suite's build shifts it to jump one node's
+	// clock.
+	Wall func() time.Time
 }
 
 // DefaultConfig returns a Config with every field but the identities set.
@@ -88,6 +94,7 @@ func DefaultConfig() Config {
 		Tick:           50 * time.Millisecond,
 		Logger:         slog.Default(),
 		Now:            time.Now,
+		Wall:           time.Now,
 	}
 }
 
@@ -221,7 +228,10 @@ func New(cfg Config) (*Node, error) {
 			return nil, fmt.Errorf("cluster.gossip_addr: %w", err)
 		}
 	}
-	joined := cfg.Now().UnixMilli()
+	if cfg.Wall == nil {
+		cfg.Wall = time.Now
+	}
+	joined := cfg.Wall().UnixMilli()
 	if cfg.State != nil {
 		b, err := cfg.State.Meta(metaJoinedAt)
 		if err != nil {
@@ -509,6 +519,9 @@ func (n *Node) evaluate() {
 	}
 	prev := n.epoch
 	d := Decide(n.self.ID, n.seat, view, graced, mval, prev, now, n.cfg.PromotionDelay)
+	if d.Promoted {
+		d.Seat.ActiveSince = n.cfg.Wall().UnixMilli()
+	}
 	n.mu.Unlock()
 
 	if d.Epoch != prev && !n.persistEpoch(prev, d.Epoch) {

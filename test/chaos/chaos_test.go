@@ -32,7 +32,7 @@ var (
 	flagRolling  = flag.Bool("chaos.rolling", true, "end the schedule with a rolling restart (SIGTERM, restart) of every node under load")
 	flagProd     = flag.Int("chaos.producers", 4, "producer connections")
 	flagCons     = flag.Int("chaos.consumers", 3, "consumer connections")
-	flagNemeses  = flag.String("chaos.nemeses", "kill,pause,isolate,split,bridge,loss,delay,lose", "the faults to choose from, comma-separated")
+	flagNemeses  = flag.String("chaos.nemeses", "kill,pause,isolate,split,bridge,loss,delay,lose,clock", "the faults to choose from, comma-separated")
 )
 
 // convergeBound is how long the cluster may take to agree after a heal.
@@ -159,7 +159,9 @@ func TestChaos(t *testing.T) {
 	})
 
 	bin := filepath.Join(dir, "brokerd")
-	if out, err := exec.Command("go", "build", "-o", bin, "../../cmd/brokerd").CombinedOutput(); err != nil {
+	// -tags chaos: the build whose wall clock the clock nemesis can shift
+	// (cmd/brokerd/node/clock_chaos.go); nothing else differs.
+	if out, err := exec.Command("go", "build", "-tags", "chaos", "-o", bin, "../../cmd/brokerd").CombinedOutput(); err != nil {
 		t.Fatalf("build brokerd: %v\n%s", err, out)
 	}
 	nw, err := setupNetwork(*flagNodes)
@@ -341,7 +343,7 @@ func TestChaos(t *testing.T) {
 // active member owns some.
 const chaosQueues = 16
 
-var allNemeses = []string{"kill", "pause", "isolate", "split", "bridge", "loss", "delay", "lose"}
+var allNemeses = []string{"kill", "pause", "isolate", "split", "bridge", "loss", "delay", "lose", "clock"}
 
 // step is one fault of the schedule, every random choice drawn up front
 // from the seed, so that a seed replays the same schedule.
@@ -354,7 +356,7 @@ type step struct {
 	// printed as member#index).
 	Perm         []int
 	Member       bool
-	Param        float64 // loss: probability; delay: milliseconds
+	Param        float64 // loss: probability; delay: milliseconds; clock: minutes (signed)
 	After        time.Duration
 	ConsumersOff bool // the consumers are off for this step: a backlog builds up
 }
@@ -373,6 +375,8 @@ func (s step) String() string {
 		fmt.Fprintf(&b, "%s %.0f%%", v, s.Param*100)
 	case "delay":
 		fmt.Fprintf(&b, "%s %.0fms", v, s.Param)
+	case "clock":
+		fmt.Fprintf(&b, "%s %+.0fm", v, s.Param)
 	default:
 		b.WriteString(v)
 	}
@@ -397,12 +401,17 @@ func makeSchedule(rng *rand.Rand, kinds []string, nodes int, d time.Duration) []
 			After:        time.Duration(1+rng.IntN(3)) * time.Second,
 			ConsumersOff: rng.IntN(3) == 0,
 		}
-		p := rng.Float64()
+		p, neg := rng.Float64(), rng.IntN(2) == 0
 		switch st.Kind {
 		case "loss":
 			st.Param = 0.1 + 0.2*p
 		case "delay":
 			st.Param = float64(50 + int(250*p))
+		case "clock":
+			st.Param = float64(1 + int(59*p))
+			if neg {
+				st.Param = -st.Param
+			}
 		}
 		steps = append(steps, st)
 	}
@@ -626,6 +635,15 @@ func (r *run) apply(k int, st step) error {
 			rec.Target += " " + stop()
 			return r.nw.heal()
 		}
+	case "clock":
+		// The node's wall clock (message keys, expiry, the times it
+		// advertises) jumps by Param minutes, and back at heal: a step
+		// back as large. Timers keep the monotonic clock, as with a
+		// real clock step.
+		off := time.Duration(st.Param) * time.Minute
+		rec.Target = fmt.Sprintf("%s %+v", victim.name(), off)
+		err = victim.jumpClock(off)
+		heal = func() error { return victim.jumpClock(0) }
 	case "lose":
 		// A node lost for good: only once every copy is trusted again,
 		// else two losses in a row could take both copies of a message.

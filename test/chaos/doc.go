@@ -43,7 +43,13 @@
 //     fresh node started in its place. Applied only once every owner
 //     trusts every replica's copy again (brokerd_replication_copies), as
 //     losing a second disk before the first is rebuilt may lose data with
-//     R=2.
+//     R=2;
+//   - clock: one node's wall clock steps 1-59 minutes forward or back, and
+//     back at heal. The suite builds brokerd with -tags chaos, whose wall
+//     clock (message keys, expiry, the seat times it advertises) adds the
+//     offset written to chaos-clock-offset in its data directory
+//     (cmd/brokerd/node/clock_chaos.go); the step fails unless the node
+//     logs that it took the offset.
 //
 // Partitions are iptables rules in the nodes' namespaces, so they cut
 // gossip, peer links and everything else between the separated nodes

@@ -292,6 +292,29 @@ func (nd *node) signal(sig syscall.Signal) error {
 	return nd.cmd.Process.Signal(sig)
 }
 
+// jumpClock sets the offset of the node's wall clock (the chaos build of
+// brokerd reads it from chaos-clock-offset in its data directory every
+// 100 ms) and waits until the node's log says it took effect.
+func (nd *node) jumpClock(off time.Duration) error {
+	st, err := os.Stat(nd.logPath)
+	if err != nil {
+		return err
+	}
+	from := st.Size()
+	if err := os.WriteFile(filepath.Join(nd.dataDir, "chaos-clock-offset"), []byte(off.String()), 0o644); err != nil {
+		return err
+	}
+	want := "chaos: wall clock offset " + off.String() + "\n"
+	deadline := time.Now().Add(3 * time.Second)
+	for time.Now().Before(deadline) {
+		if b, err := os.ReadFile(nd.logPath); err == nil && int64(len(b)) >= from && strings.Contains(string(b[from:]), want) {
+			return nil
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	return fmt.Errorf("%s: clock offset %s not taken within 3s (is brokerd built with -tags chaos?)", nd.name(), off)
+}
+
 // stop sends sig and waits up to d for the process to exit, then kills it.
 // It returns how the process ended.
 func (nd *node) stop(sig syscall.Signal, d time.Duration) (string, error) {

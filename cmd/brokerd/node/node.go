@@ -143,6 +143,7 @@ func NewWithOptions(cfg config.Config, log *slog.Logger, opts Options) (*Node, e
 
 	rcfg := replica.DefaultConfig()
 	rcfg.NodeID = id
+	rcfg.Now = wallClock(cfg.Node.DataDir)
 	rcfg.MaxRedeliveries = cfg.Queue.MaxRedeliveries
 	rcfg.DLQPrefix = cfg.Queue.DLQPrefix
 	rcfg.TopicBuffer = cfg.Limits.TopicBuffer
@@ -216,6 +217,7 @@ func (n *Node) clusterConfig() (cluster.Config, error) {
 	c := cluster.DefaultConfig()
 	c.NodeID = n.id
 	c.NodeName = cfg.Node.Name
+	c.Wall = wallClock(cfg.Node.DataDir)
 	c.ClusterName = cfg.Cluster.Name
 	c.BindAddr = cfg.Cluster.GossipAddr
 	c.Join = cfg.Cluster.Join
