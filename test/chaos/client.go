@@ -329,29 +329,49 @@ func (cl *clients) consume(ctx context.Context, name string, rng *rand.Rand) {
 
 var errQuiet = errors.New("quiet")
 
+// maxPendingAcks bounds the ACKs a consumer has written and not yet seen
+// receipted; further deliveries wait for their ACK. An ACK whose answer is
+// lost (the connection ended) leaves its message maybe consumed, which the
+// checker cannot hold against the broker, so the bound keeps that set
+// small; a delivery whose ACK was never written must come back.
+const maxPendingAcks = 4
+
 // consumeFrom subscribes to every queue (and its dead-letter queue) on one
 // node and reads until ctx ends, until passes, the consumers are switched
 // off, or (quiet > 0) nothing arrived for quiet. Every MESSAGE is
-// acknowledged (client-individual) with a receipt, and the ACK counts
-// only when its RECEIPT comes back; on the way out it waits a little for
-// the receipts of ACKs still outstanding, and records the rest as
-// unknown. It returns how many messages it got.
+// acknowledged (client-individual) with a receipt, at most maxPendingAcks
+// at a time, and the ACK counts only when its RECEIPT comes back. On the
+// way out it waits up to 5 s for the ACKs still due (new deliveries are
+// left unacknowledged: they come back), and records the ACKs still
+// unanswered as unknown. It returns how many messages it got.
 func (cl *clients) consumeFrom(ctx context.Context, name string, node int, addr string, until time.Time, quiet time.Duration) (n int, err error) {
 	sc, err := dialSTOMP(node, addr)
 	if err != nil {
 		return 0, err
 	}
 	defer sc.close()
-	acks := map[string]string{} // ACK receipt id -> message id
+	type ackReq struct{ ack, id string }
+	acks := map[string]string{} // receipt of a written ACK -> message id
+	var due []ackReq            // deliveries whose ACK waits for a free slot
 	ackSeq := 0
 	defer func() {
-		if len(acks) > 0 && (err == nil || err == errQuiet || (ctx.Err() != nil && err == ctx.Err())) {
-			cl.settleAcks(sc, name, node, acks)
-		}
 		for _, id := range acks {
 			cl.h.add(event{kind: evAckUnknown, id: id, node: node, client: name, info: "connection ended before the ACK's receipt"})
 		}
 	}()
+	sendAcks := func() error {
+		for len(acks) < maxPendingAcks && len(due) > 0 {
+			a := due[0]
+			due = due[1:]
+			ackSeq++
+			rid := fmt.Sprintf("ack-%s-%d", name, ackSeq)
+			acks[rid] = a.id
+			if err := sc.write(frame.New(frame.ACK, frame.Id, a.ack, frame.Receipt, rid)); err != nil {
+				return err
+			}
+		}
+		return nil
+	}
 	subs := 0
 	for _, q := range cl.queues {
 		for _, d := range []string{q, dlqOf(q)} {
@@ -363,18 +383,27 @@ func (cl *clients) consumeFrom(ctx context.Context, name string, node int, addr 
 		}
 	}
 	lastMsg := time.Now()
-	for ctx.Err() == nil && time.Now().Before(until) && (quiet > 0 || !cl.consumersOff.Load()) {
-		deadline := until
-		if quiet > 0 && lastMsg.Add(quiet).Before(deadline) {
-			deadline = lastMsg.Add(quiet)
+	var closing time.Time // set when the connection winds down: no new ACKs
+	for {
+		if closing.IsZero() && (ctx.Err() != nil || !time.Now().Before(until) || (quiet == 0 && cl.consumersOff.Load())) {
+			closing = time.Now().Add(5 * time.Second)
 		}
-		// Wake up at least every second to notice ctx and the switch.
-		if d := time.Now().Add(time.Second); d.Before(deadline) {
-			deadline = d
+		if !closing.IsZero() && (len(acks)+len(due) == 0 || !time.Now().Before(closing)) {
+			if ctx.Err() != nil {
+				return n, ctx.Err()
+			}
+			return n, nil
+		}
+		deadline := time.Now().Add(time.Second) // notice ctx and the switch
+		if !closing.IsZero() && closing.Before(deadline) {
+			deadline = closing
+		}
+		if quiet > 0 && closing.IsZero() && lastMsg.Add(quiet).Before(deadline) {
+			deadline = lastMsg.Add(quiet)
 		}
 		f, err := sc.read(deadline)
 		if err == errDeadline {
-			if quiet > 0 && time.Since(lastMsg) >= quiet && len(acks) == 0 {
+			if quiet > 0 && time.Since(lastMsg) >= quiet && len(acks)+len(due) == 0 {
 				return n, errQuiet
 			}
 			if time.Since(sc.lastRecv) > ioTimeout {
@@ -397,11 +426,8 @@ func (cl *clients) consumeFrom(ctx context.Context, name string, node int, addr 
 			cl.delivered(name, now)
 			cl.h.add(event{kind: evReceived, id: id, dest: f.Header.Get(frame.Destination), node: node, client: name,
 				redelivered: f.Header.Get("redelivered") == "true", bodyOK: string(f.Body) == id})
-			ackSeq++
-			rid := fmt.Sprintf("ack-%s-%d", name, ackSeq)
-			acks[rid] = id
-			if err := sc.write(frame.New(frame.ACK, frame.Id, f.Header.Get(frame.Ack), frame.Receipt, rid)); err != nil {
-				return n, err
+			if closing.IsZero() {
+				due = append(due, ackReq{ack: f.Header.Get(frame.Ack), id: id})
 			}
 		case frame.RECEIPT:
 			rid := f.Header.Get(frame.ReceiptId)
@@ -420,36 +446,8 @@ func (cl *clients) consumeFrom(ctx context.Context, name string, node int, addr 
 			}
 			return n, fmt.Errorf("ERROR from %s: %s: %s", addr, msg, f.Body)
 		}
-	}
-	if ctx.Err() != nil {
-		return n, ctx.Err()
-	}
-	return n, nil
-}
-
-// settleAcks reads for a few seconds for the receipts of outstanding ACKs;
-// MESSAGEs that arrive meanwhile are recorded and left unacknowledged (they
-// come back when the connection closes).
-func (cl *clients) settleAcks(sc *stompConn, name string, node int, acks map[string]string) {
-	deadline := time.Now().Add(5 * time.Second)
-	for len(acks) > 0 {
-		f, err := sc.read(deadline)
-		if err != nil {
-			return
-		}
-		switch f.Command {
-		case frame.MESSAGE:
-			id := f.Header.Get("x-chaos-id")
-			cl.h.add(event{kind: evReceived, id: id, dest: f.Header.Get(frame.Destination), node: node, client: name,
-				redelivered: f.Header.Get("redelivered") == "true", bodyOK: string(f.Body) == id})
-		case frame.RECEIPT:
-			rid := f.Header.Get(frame.ReceiptId)
-			if id, ok := acks[rid]; ok {
-				delete(acks, rid)
-				cl.h.add(event{kind: evAcked, id: id, node: node, client: name})
-			}
-		case frame.ERROR:
-			return
+		if err := sendAcks(); err != nil {
+			return n, err
 		}
 	}
 }
