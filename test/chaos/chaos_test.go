@@ -25,7 +25,7 @@ import (
 )
 
 var (
-	flagDuration = flag.Duration("chaos.duration", 100*time.Second, "how long nemeses are applied (the short profile; e.g. 30m for a release check)")
+	flagDuration = flag.Duration("chaos.duration", 130*time.Second, "how long nemeses are applied (the short profile, long enough for every fault once; e.g. 30m for a release check)")
 	flagSeed     = flag.Uint64("chaos.seed", 0, "seed of the nemesis schedule and the clients' choices; 0 picks one (printed)")
 	flagNodes    = flag.Int("chaos.nodes", 5, "brokerd nodes (M=3, R=2, W=2)")
 	flagKeep     = flag.Bool("chaos.keep", false, "keep the run's directory (logs, data, history) even when it passes")
@@ -388,13 +388,22 @@ func (s step) String() string {
 }
 
 // makeSchedule draws more steps than the duration can hold (a step takes
-// at least 5 s), each with the same number of draws.
+// at least 5 s). The first steps are every kind once, in a random order, so
+// that a run long enough for them (the short profile is) applies every
+// fault; the rest are drawn at random.
 func makeSchedule(rng *rand.Rand, kinds []string, nodes int, d time.Duration) []step {
-	n := int(d/(5*time.Second)) + 1
+	n := max(int(d/(5*time.Second))+1, len(kinds))
 	steps := make([]step, 0, n)
+	order := rng.Perm(len(kinds))
 	for k := 0; k < n; k++ {
+		kind := ""
+		if k < len(kinds) {
+			kind = kinds[order[k]]
+		} else {
+			kind = kinds[rng.IntN(len(kinds))]
+		}
 		st := step{
-			Kind:         kinds[rng.IntN(len(kinds))],
+			Kind:         kind,
 			Hold:         time.Duration(4+rng.IntN(8)) * time.Second,
 			Perm:         rng.Perm(nodes),
 			Member:       rng.IntN(4) != 0,

@@ -33,15 +33,21 @@ type result struct {
 	// the broker handed out twice as new. Must be 0 (brokerd marks every
 	// message it may have delivered before).
 	DupUnmarked int `json:"dup_unmarked"`
+	// Resurrected is ids delivered in the final drain after a consumer's
+	// ACK of them was receipted: an acknowledged message came back. Must
+	// be 0 (faults here are far shorter than replica.tombstone_ttl).
+	Resurrected int `json:"resurrected"`
 	Unexpected  int `json:"unexpected"` // received, never sent: must be 0
-	// Misdelivered is deliveries on a destination other than the one the
-	// id was sent to (or its dead-letter queue), or whose body is not the
-	// one sent: must be 0.
+	// Misdelivered is deliveries on a subscription to a destination other
+	// than the one the id was sent to (or its dead-letter queue), or whose
+	// destination header is not the subscription's, or whose body is not
+	// the one sent: must be 0.
 	Misdelivered int `json:"misdelivered"`
 
 	LostIDs       []string `json:"lost_ids,omitempty"`
 	UnexpectedIDs []string `json:"unexpected_ids,omitempty"`
 	UnmarkedIDs   []string `json:"unmarked_ids,omitempty"`
+	ResurrectedID []string `json:"resurrected_ids,omitempty"`
 	MisIDs        []string `json:"misdelivered_ids,omitempty"`
 }
 
@@ -60,6 +66,9 @@ func (r result) failures() []string {
 	if r.DupUnmarked > 0 {
 		f = append(f, fmt.Sprintf("%d extra deliveries did not carry redelivered:true", r.DupUnmarked))
 	}
+	if r.Resurrected > 0 {
+		f = append(f, fmt.Sprintf("%d messages acknowledged with a receipt were delivered again in the final drain", r.Resurrected))
+	}
 	if r.Misdelivered > 0 {
 		f = append(f, fmt.Sprintf("%d deliveries on the wrong destination or with the wrong body", r.Misdelivered))
 	}
@@ -75,13 +84,30 @@ type idState struct {
 	dest       string
 	deliveries int
 	marked     int // deliveries with redelivered:true
-	acked      bool
-	ackUnknown bool
+	// outOfOrder counts unmarked deliveries to a client that had already
+	// been handed the id: in one client's program order, certain.
+	outOfOrder int
+	byClient   map[string]bool // clients it was delivered to
+	acked      bool            // an ACK of it was receipted
+	ackedFirst bool            // ... by a consumer, before the drain
+	// lastTo is the client of the latest delivery (history order);
+	// maybeAcked says an ACK of that delivery was written and its answer
+	// lost: it may have consumed the message. A later delivery voids it
+	// (the message came back, so that ACK did not consume it).
+	lastTo      string
+	maybeAcked  bool
+	resurrected bool
 }
 
+// drainClient is the client name of the final drain, which starts after
+// every consumer has stopped.
+const drainClient = "drain"
+
 // check reads a history. A SEND's outcome is its last answer (one is
-// recorded per SEND). The result does not depend on the order in which
-// concurrent clients' events were appended.
+// recorded per SEND). The counts do not depend on how concurrent clients'
+// events interleave in the history, except where one client's own order
+// decides (a second delivery to the same client) or the drain's (which
+// runs after every other consumer has stopped).
 func check(evs []event) result {
 	var r result
 	ids := map[string]*idState{}
@@ -107,14 +133,29 @@ func check(evs []event) result {
 			r.Deliveries++
 			if e.redelivered {
 				s.marked++
+			} else if s.byClient[e.client] {
+				s.outOfOrder++
+			}
+			if s.byClient == nil {
+				s.byClient = map[string]bool{}
+			}
+			s.byClient[e.client] = true
+			s.lastTo, s.maybeAcked = e.client, false
+			if e.client == drainClient && s.ackedFirst {
+				s.resurrected = true
 			}
 			if !e.bodyOK {
 				mis[e.id] = true
 			}
 		case evAcked:
 			s.acked = true
+			if e.client != drainClient {
+				s.ackedFirst = true
+			}
 		case evAckUnknown:
-			s.ackUnknown = true
+			if e.client == s.lastTo {
+				s.maybeAcked = true
+			}
 		}
 	}
 	// Destinations are checked once every SEND is known (a delivery can
@@ -137,13 +178,16 @@ func check(evs []event) result {
 		}
 		if s.deliveries > 1 {
 			r.Duplicated++
-			unmarked := s.deliveries - s.marked
-			extraUnmarked := max(0, unmarked-1)
-			r.DupUnmarked += extraUnmarked
-			r.DupMarked += s.deliveries - 1 - extraUnmarked
-			if extraUnmarked > 0 {
+			bad := max(s.deliveries-s.marked-1, s.outOfOrder, 0)
+			r.DupUnmarked += bad
+			r.DupMarked += max(s.deliveries-1-bad, 0)
+			if bad > 0 {
 				r.UnmarkedIDs = append(r.UnmarkedIDs, id)
 			}
+		}
+		if s.resurrected {
+			r.Resurrected++
+			r.ResurrectedID = append(r.ResurrectedID, id)
 		}
 		if mis[id] {
 			r.Misdelivered++
@@ -161,7 +205,7 @@ func check(evs []event) result {
 			r.Receipted++
 			switch {
 			case s.acked:
-			case s.ackUnknown:
+			case s.maybeAcked:
 				r.AckUnknown++
 			default:
 				r.Lost++
@@ -182,7 +226,7 @@ func check(evs []event) result {
 			}
 		}
 	}
-	for _, l := range []*[]string{&r.LostIDs, &r.UnexpectedIDs, &r.UnmarkedIDs, &r.MisIDs} {
+	for _, l := range []*[]string{&r.LostIDs, &r.UnexpectedIDs, &r.UnmarkedIDs, &r.MisIDs, &r.ResurrectedID} {
 		sort.Strings(*l)
 		if len(*l) > 50 {
 			*l = (*l)[:50]
@@ -198,12 +242,12 @@ func (r result) String() string {
 	fmt.Fprintf(&b, "received: %d distinct in %d deliveries, %d acknowledged with a receipt, %d receipted ids only with an ACK whose answer was lost\n",
 		r.Received, r.Deliveries, r.Consumed, r.AckUnknown)
 	fmt.Fprintf(&b, "duplicated: %d ids; extra deliveries marked redelivered %d, UNMARKED %d\n", r.Duplicated, r.DupMarked, r.DupUnmarked)
-	fmt.Fprintf(&b, "LOST (receipted, never consumed): %d (%d never delivered)   UNEXPECTED (received, never sent): %d   MISDELIVERED: %d",
-		r.Lost, r.LostUnseen, r.Unexpected, r.Misdelivered)
+	fmt.Fprintf(&b, "LOST (receipted, never consumed): %d (%d never delivered)   UNEXPECTED (received, never sent): %d   MISDELIVERED: %d   RESURRECTED: %d",
+		r.Lost, r.LostUnseen, r.Unexpected, r.Misdelivered, r.Resurrected)
 	for _, l := range []struct {
 		name string
 		ids  []string
-	}{{"lost", r.LostIDs}, {"unexpected", r.UnexpectedIDs}, {"unmarked duplicate", r.UnmarkedIDs}, {"misdelivered", r.MisIDs}} {
+	}{{"lost", r.LostIDs}, {"unexpected", r.UnexpectedIDs}, {"unmarked duplicate", r.UnmarkedIDs}, {"misdelivered", r.MisIDs}, {"resurrected", r.ResurrectedID}} {
 		if len(l.ids) > 0 {
 			fmt.Fprintf(&b, "\n%s ids: %s", l.name, strings.Join(l.ids, " "))
 		}

@@ -57,11 +57,13 @@ func TestCheckUnackedDeliveryIsNotConsumed(t *testing.T) {
 	}
 }
 
-// Duplicates: the same deliveries in any order give the same counts, and a
-// second delivery without redelivered:true fails the run.
+// Duplicates: the same deliveries to two clients, in either order in the
+// history, give the same counts, and a second delivery without
+// redelivered:true fails the run.
 func TestCheckDuplicatesOrderIndependent(t *testing.T) {
-	a := check(hist(sent("x", "/queue/q"), got("x", "/queue/q", false), got("x", "/queue/q", true), event{kind: evAcked, id: "x"}))
-	b := check(hist(sent("x", "/queue/q"), got("x", "/queue/q", true), got("x", "/queue/q", false), event{kind: evAcked, id: "x"}))
+	to := func(e event, client string) event { e.client = client; return e }
+	a := check(hist(sent("x", "/queue/q"), to(got("x", "/queue/q", false), "c0"), to(got("x", "/queue/q", true), "c1"), event{kind: evAcked, id: "x"}))
+	b := check(hist(sent("x", "/queue/q"), to(got("x", "/queue/q", true), "c1"), to(got("x", "/queue/q", false), "c0"), event{kind: evAcked, id: "x"}))
 	if a.DupMarked != 1 || b.DupMarked != 1 || a.DupUnmarked != 0 || b.DupUnmarked != 0 {
 		t.Errorf("one unmarked and one marked delivery, in either order: %+v / %+v", a, b)
 	}

@@ -372,11 +372,12 @@ func (cl *clients) consumeFrom(ctx context.Context, name string, node int, addr 
 		}
 		return nil
 	}
-	subs := 0
+	subs := map[string]string{} // subscription id -> destination
 	for _, q := range cl.queues {
 		for _, d := range []string{q, dlqOf(q)} {
-			subs++
-			if err := sc.write(frame.New(frame.SUBSCRIBE, frame.Id, strconv.Itoa(subs), frame.Destination, d,
+			sid := strconv.Itoa(len(subs) + 1)
+			subs[sid] = d
+			if err := sc.write(frame.New(frame.SUBSCRIBE, frame.Id, sid, frame.Destination, d,
 				frame.Ack, "client-individual", "prefetch-count", "32")); err != nil {
 				return 0, err
 			}
@@ -424,8 +425,13 @@ func (cl *clients) consumeFrom(ctx context.Context, name string, node int, addr 
 			now := time.Now()
 			lastMsg = now
 			cl.delivered(name, now)
-			cl.h.add(event{kind: evReceived, id: id, dest: f.Header.Get(frame.Destination), node: node, client: name,
-				redelivered: f.Header.Get("redelivered") == "true", bodyOK: string(f.Body) == id})
+			// The destination is the subscription's, as the client
+			// asked for it, not what the broker's header claims; the
+			// header must agree with it.
+			dest := subs[f.Header.Get(frame.Subscription)]
+			cl.h.add(event{kind: evReceived, id: id, dest: dest, node: node, client: name,
+				redelivered: f.Header.Get("redelivered") == "true",
+				bodyOK:      string(f.Body) == id && f.Header.Get(frame.Destination) == dest})
 			if closing.IsZero() {
 				due = append(due, ackReq{ack: f.Header.Get(frame.Ack), id: id})
 			}

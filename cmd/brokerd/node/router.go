@@ -197,14 +197,7 @@ type retryChain struct {
 func (rt *router) later(msgs []*replica.Message, since time.Time, failure error, done func(error)) {
 	rt.m.retries.Inc()
 	if mayHaveStored(failure) {
-		// The failed attempt may have stored a copy, which may have been
-		// delivered already (the other side of a partition, an owner
-		// that died after storing it): the retry's copy is a possible
-		// redelivery and goes out marked redelivered, as STOMP says.
-		msgs = copies(msgs)
-		for _, m := range msgs {
-			m.Deliveries = max(m.Deliveries, 1)
-		}
+		msgs = maybeDelivered(msgs)
 	}
 	untrack := rt.trackRetry(msgs)
 	job := &retryJob{msgs: msgs, since: since, failed: time.Now(), err: failure, sig: viewSig(rt.view()), finished: make(chan struct{}), done: func(err error) {
@@ -299,9 +292,30 @@ func (rt *router) runJob(job *retryJob) {
 		if err == nil || !retryable(err) {
 			break
 		}
+		if mayHaveStored(err) {
+			// Any attempt, not only the first, may leave a copy: from
+			// then on every attempt stores its copy marked.
+			job.msgs = maybeDelivered(job.msgs)
+		}
 		wait = retryDelay
 	}
 	job.done(finalErr(err))
+}
+
+// maybeDelivered returns copies of msgs marked as possibly delivered (a
+// delivery count of at least 1), for the retry of an attempt that may
+// have stored them: that attempt's copy may have been delivered already
+// (on the other side of a partition, by an owner that died after storing
+// it), so the retry's copy goes out redelivered:true, as STOMP says of a
+// message that may have been delivered before. Its x-delivery-count then
+// reads at least 1, and queue.max_redeliveries counts that possible
+// delivery.
+func maybeDelivered(msgs []*replica.Message) []*replica.Message {
+	out := copies(msgs)
+	for _, m := range out {
+		m.Deliveries = max(m.Deliveries, 1)
+	}
+	return out
 }
 
 // storedRetryEvery is how often a SEND whose failure left a copy is tried

@@ -188,6 +188,11 @@ func (tl *txnLog) attempt(rec *txnRec, since time.Time, done func(error)) {
 	for o, ms := range byOwner {
 		part := func(err error) {
 			if err != nil {
+				if mayHaveStored(err) {
+					// The next attempt stores this part marked
+					// (maybeDelivered).
+					ms = maybeDelivered(ms)
+				}
 				mu.Lock()
 				left = append(left, ms...)
 				if first == nil {
@@ -240,6 +245,9 @@ func (tl *txnLog) resume() error {
 		for _, m := range msgs {
 			size += int64(len(m.Body))
 		}
+		// The previous run may have applied any part of it before it
+		// stopped: what is applied again goes out marked.
+		msgs = maybeDelivered(msgs)
 		tl.mu.Lock()
 		if tl.pending[name] == nil {
 			tl.pending[name] = &txnRec{name: name, bytes: size, msgs: msgs, backoff: txnRetryMin}
