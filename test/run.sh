@@ -154,6 +154,6 @@ run "broker and protocol tests on a cluster node" env BROKERD_TEST_CLUSTER=1 go 
 # The chaos suite's short profile: 5 real brokerd processes in network
 # namespaces under crashes, pauses, partitions and packet loss, then a
 # rolling restart; fails on any receipted message lost (needs root).
-run "chaos suite (short profile)" as_root env BROKERD_CHAOS=1 PATH="$PATH" go test -count=1 -timeout 15m -v -run TestChaos ./test/chaos
+run "chaos suite (short profile)" as_root env BROKERD_CHAOS=1 PATH="$PATH" go test -race -count=1 -timeout 15m -v -run TestChaos ./test/chaos
 fuzz_all
 [ "$failed" -eq 0 ]

@@ -5,6 +5,7 @@ package chaos
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"flag"
 	"fmt"
 	"math/rand/v2"
@@ -52,15 +53,18 @@ type run struct {
 	t     *testing.T
 	dir   string
 	nw    *network
-	nodes []*node
+	nodes []*node // fixed before anything starts
 	h     *history
 	t0    time.Time
+	// deadline is the test's: phases that would overrun it are cut short.
+	deadline time.Time
 
 	mu       sync.Mutex
 	applied  []nemesisRecord
 	expected map[int]*atomic.Bool // set before the suite stops a node's current process
 	crashed  []string
 	errs     []string // what went wrong and ended the schedule early
+	skipped  []string // steps not applied, and why
 	// crashReported: checkCrashes has turned crashed into an error.
 	crashReported bool
 }
@@ -99,20 +103,42 @@ func TestChaos(t *testing.T) {
 	if seed == 0 {
 		seed = uint64(time.Now().UnixNano())
 	}
-	t.Logf("chaos seed %d (replay with -chaos.seed=%d)", seed, seed)
-	// Every phase is budgeted against the test's deadline, so that the run
-	// ends by itself with its summary instead of being killed by -timeout.
+	t.Logf("chaos seed %d (replay with -chaos.seed=%d -chaos.nodes=%d -chaos.nemeses=%s -chaos.duration=%s; victims named member#k are resolved at run time, so a replay may pick other nodes)",
+		seed, seed, *flagNodes, *flagNemeses, *flagDuration)
+	// The phases are budgeted against the test's deadline, so that the run
+	// ends by itself with its summary instead of being killed by -timeout;
+	// a watchdog covers a phase that overruns.
 	deadline, ok := t.Deadline()
 	if !ok {
 		deadline = time.Now().Add(24 * time.Hour)
 	}
+
+	// One run at a time: a second run would kill the first one's nodes
+	// and remove its namespaces.
+	lock, err := os.OpenFile(filepath.Join(os.TempDir(), "brokerd-chaos.lock"), os.O_CREATE|os.O_RDWR, 0o644)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := syscall.Flock(int(lock.Fd()), syscall.LOCK_EX|syscall.LOCK_NB); err != nil {
+		lock.Close()
+		t.Fatalf("another chaos run is in progress on this machine (%s is locked): %v", lock.Name(), err)
+	}
+	t.Cleanup(func() { lock.Close() }) // registered first: runs last
 
 	cleanupLeftovers(t.Logf, "")
 	dir, err := os.MkdirTemp("", "brokerd-chaos-")
 	if err != nil {
 		t.Fatal(err)
 	}
-	r := &run{t: t, dir: dir, t0: time.Now(), expected: map[int]*atomic.Bool{}, h: &history{}}
+	r := &run{t: t, dir: dir, t0: time.Now(), deadline: deadline, expected: map[int]*atomic.Bool{}, h: &history{}}
+	bin := filepath.Join(dir, "brokerd")
+	var join []string
+	for i := 1; i <= *flagNodes; i++ {
+		join = append(join, fmt.Sprintf("%s:%d", nodeIP(i), gossipPort))
+	}
+	for i := 1; i <= *flagNodes; i++ {
+		r.nodes = append(r.nodes, &node{i: i, bin: bin, dataDir: filepath.Join(dir, fmt.Sprintf("n%d", i)), logPath: filepath.Join(dir, fmt.Sprintf("n%d.log", i)), join: join})
+	}
 
 	var once sync.Once
 	cleanup := func() {
@@ -123,42 +149,44 @@ func TestChaos(t *testing.T) {
 			cleanupLeftovers(t.Logf, dir)
 		})
 	}
-	// An interrupted run cleans up too; brokerd processes die with the
-	// test binary however it ends (Pdeathsig), and what a killed run left
-	// (namespaces, links, its directory) the next run removes.
+	// An interrupted or overrunning run checks what history it has, writes
+	// it to the run directory (kept), prints the summary and cleans up;
+	// brokerd processes die with the test binary however it ends
+	// (Pdeathsig), and what a killed run left (namespaces, links, its
+	// directory) the next run removes.
+	var emergencyOnce sync.Once
+	emergency := func(why string) {
+		emergencyOnce.Do(func() {
+			evs := r.h.snapshot()
+			_ = writeHistory(filepath.Join(dir, "history.jsonl"), evs)
+			fmt.Fprintf(os.Stderr, "chaos: %s: cleaning up; run directory kept: %s\nhistory so far (the run did not drain, so lost counts are not final):\n%s\n", why, dir, check(evs))
+			cleanup()
+			os.Exit(1)
+		})
+	}
 	sigs := make(chan os.Signal, 1)
 	signal.Notify(sigs, os.Interrupt, syscall.SIGTERM)
 	stopSigs := make(chan struct{})
 	go func() {
 		select {
 		case s := <-sigs:
-			fmt.Fprintf(os.Stderr, "chaos: %v: cleaning up\n", s)
-			cleanup()
-			os.Exit(1)
+			emergency(s.String())
 		case <-stopSigs:
 		}
 	}()
-	// A watchdog, should a phase overrun its budget: clean up and keep the
-	// history before -timeout kills the binary.
-	watchdog := time.AfterFunc(time.Until(deadline)-20*time.Second, func() {
-		fmt.Fprintf(os.Stderr, "chaos: out of time (the test deadline is near): cleaning up; run directory kept: %s\n", dir)
-		_ = writeHistory(filepath.Join(dir, "history.jsonl"), r.h.snapshot())
-		cleanup()
-		os.Exit(1)
-	})
+	watchdog := time.AfterFunc(time.Until(deadline)-20*time.Second, func() { emergency("out of time (the test deadline is near)") })
 	t.Cleanup(func() {
 		watchdog.Stop()
 		close(stopSigs)
 		signal.Stop(sigs)
 		cleanup()
 		if t.Failed() || *flagKeep {
-			t.Logf("run directory kept: %s (node logs n*.log, data, history.jsonl)", dir)
+			t.Logf("run directory kept: %s (node logs n*.log, data, history.jsonl, schedule.txt)", dir)
 		} else {
 			os.RemoveAll(dir)
 		}
 	})
 
-	bin := filepath.Join(dir, "brokerd")
 	// -tags chaos: the build whose wall clock the clock nemesis can shift
 	// (cmd/brokerd/node/clock_chaos.go); nothing else differs.
 	if out, err := exec.Command("go", "build", "-tags", "chaos", "-o", bin, "../../cmd/brokerd").CombinedOutput(); err != nil {
@@ -169,13 +197,7 @@ func TestChaos(t *testing.T) {
 		t.Fatalf("network: %v", err)
 	}
 	r.nw = nw
-	var join []string
-	for i := 1; i <= *flagNodes; i++ {
-		join = append(join, fmt.Sprintf("%s:%d", nodeIP(i), gossipPort))
-	}
-	for i := 1; i <= *flagNodes; i++ {
-		nd := &node{i: i, bin: bin, dataDir: filepath.Join(dir, fmt.Sprintf("n%d", i)), logPath: filepath.Join(dir, fmt.Sprintf("n%d.log", i)), join: join}
-		r.nodes = append(r.nodes, nd)
+	for _, nd := range r.nodes {
 		if err := r.startNode(nd); err != nil {
 			t.Fatal(err)
 		}
@@ -196,6 +218,10 @@ func TestChaos(t *testing.T) {
 	var plan []string
 	for k, st := range steps {
 		plan = append(plan, fmt.Sprintf("%d:%s", k+1, st))
+	}
+	_ = os.WriteFile(filepath.Join(dir, "schedule.txt"), []byte(strings.Join(plan, "\n")+"\n"), 0o644)
+	if len(plan) > 40 {
+		plan = append(plan[:40], fmt.Sprintf("... %d more in schedule.txt", len(plan)-40))
 	}
 	t.Logf("schedule (steps run while time lasts): %s", strings.Join(plan, "; "))
 
@@ -231,10 +257,12 @@ func TestChaos(t *testing.T) {
 		r.logf("the schedule is cut short to end by %s, 6 minutes before the test deadline", end.Format(time.TimeOnly))
 	}
 	sleepCtx(context.Background(), 3*time.Second) // load before the first fault
+	started := 0
 	for k, st := range steps {
 		if !time.Now().Before(end) || r.aborted() {
 			break
 		}
+		started++
 		cl.consumersOff.Store(st.ConsumersOff)
 		if err := r.apply(k+1, st); err != nil {
 			r.abort(err)
@@ -242,11 +270,17 @@ func TestChaos(t *testing.T) {
 		r.checkCrashes()
 	}
 	cl.consumersOff.Store(false)
+	if !r.aborted() && started >= len(kinds) {
+		// The first steps were every kind once: each must have acted.
+		for _, k := range kinds {
+			if !slices.ContainsFunc(r.applied, func(a nemesisRecord) bool { return a.Name == k }) {
+				r.abort(fmt.Errorf("fault %q was never applied (skipped: %v)", k, r.skipped))
+			}
+		}
+	}
 	var rolling rollingResult
 	if *flagRolling && !r.aborted() {
-		if time.Until(deadline) < 5*time.Minute {
-			r.logf("rolling restart skipped: less than 5 minutes to the test deadline")
-		} else if rolling, err = r.rollingRestart(cl); err != nil {
+		if rolling, err = r.rollingRestart(cl); err != nil {
 			r.abort(err)
 		}
 	}
@@ -272,6 +306,12 @@ func TestChaos(t *testing.T) {
 			}
 		} else {
 			_ = nd.signal(syscall.SIGCONT)
+		}
+		// ... or its clock stepped.
+		if b, err := os.ReadFile(filepath.Join(nd.dataDir, clockOffsetFile)); err == nil && strings.TrimSpace(string(b)) != "0s" {
+			if err := nd.jumpClock(0); err != nil {
+				r.abort(err)
+			}
 		}
 	}
 	took, err = waitAgreement(r.nodes, convergeBound)
@@ -323,18 +363,21 @@ func TestChaos(t *testing.T) {
 	}
 	t.Logf("drained after the run: %d messages %v", total, drained)
 	t.Logf("history:\n%s", res)
+	r.mu.Lock()
 	line, _ := json.Marshal(map[string]any{
-		"seed": seed, "nodes": *flagNodes, "duration_s": flagDuration.Seconds(),
-		"nemeses": r.applied, "convergence": conv, "rolling": rolling, "drained": total, "result": res,
+		"seed": seed, "nodes": *flagNodes, "duration_s": flagDuration.Seconds(), "nemeses_allowed": *flagNemeses,
+		"nemeses": r.applied, "skipped": r.skipped, "convergence": conv, "rolling": rolling, "drained": total, "result": res,
 		"crashed": r.crashed, "errors": r.errs,
 	})
+	errs := slices.Clone(r.errs)
+	r.mu.Unlock()
 	t.Logf("%s", line)
 	fmt.Println("CHAOS " + string(line))
 
 	for _, f := range res.failures() {
 		t.Error(f)
 	}
-	for _, e := range r.errs {
+	for _, e := range errs {
 		t.Error(e)
 	}
 }
@@ -659,6 +702,9 @@ func (r *run) apply(k int, st step) error {
 		rec.Target = victim.name()
 		if !r.copiesSynced(40 * time.Second) {
 			r.logf("step %d: lose %s: skipped, copies still catching up after 40s", k, victim.name())
+			r.mu.Lock()
+			r.skipped = append(r.skipped, fmt.Sprintf("step %d lose %s: copies still catching up after 40s", k, victim.name()))
+			r.mu.Unlock()
 			return nil
 		}
 		if _, err = r.stopNode(victim, syscall.SIGKILL); err == nil {
@@ -674,6 +720,20 @@ func (r *run) apply(k int, st step) error {
 	r.logf("step %d: %s %s for %s%s", k, st.Kind, rec.Target, st.Hold, map[bool]string{true: ", consumers off"}[st.ConsumersOff])
 	start := time.Now()
 	sleepCtx(context.Background(), st.Hold)
+	switch st.Kind {
+	case "isolate", "split", "bridge", "loss":
+		// The rules must have acted: a rule that installs and never
+		// matches would make the fault a no-op.
+		n, err := r.nw.dropped()
+		if err == nil && n == 0 {
+			err = errors.New("its DROP rules matched no packet")
+		}
+		if err != nil {
+			_ = heal()
+			return fmt.Errorf("step %d: %s %s: %v", k, st.Kind, rec.Target, err)
+		}
+		rec.Target += fmt.Sprintf(" (%d packets dropped)", n)
+	}
 	if err := heal(); err != nil {
 		return fmt.Errorf("step %d: healing %s %s: %v", k, st.Kind, rec.Target, err)
 	}
@@ -751,6 +811,11 @@ func (r *run) rollingRestart(cl *clients) (res rollingResult, err error) {
 		res.MaxConsumerPause, res.MaxConsumerPauseClient = c.Seconds(), cw
 	}()
 	for _, nd := range r.nodes {
+		// A node takes at most 30 s to stop and 60 s to agree again.
+		if time.Until(r.deadline) < 4*time.Minute {
+			r.logf("rolling restart cut short before %s: less than 4 minutes to the test deadline", nd.name())
+			return res, nil
+		}
 		state, err := r.stopNode(nd, syscall.SIGTERM)
 		res.Nodes = append(res.Nodes, nd.name())
 		res.Exits = append(res.Exits, nd.name()+": "+state)

@@ -262,6 +262,14 @@ func (cl *clients) produce(ctx context.Context, name string, rng *rand.Rand) {
 		// balancer do, so every node sees producers.
 		until := time.Now().Add(time.Duration(5+rng.IntN(10)) * time.Second)
 		for ctx.Err() == nil && time.Now().Before(until) {
+			// Now and then, SENDs covered by one receipt: a transaction's
+			// COMMIT, or a DISCONNECT (which ends the connection).
+			if b := rng.IntN(16); b < 2 {
+				if !cl.burst(sc, name, node, &seq, rng, b == 0) {
+					break
+				}
+				continue
+			}
 			seq++
 			id := name + "-" + strconv.Itoa(seq)
 			q := cl.queues[rng.IntN(len(cl.queues))]
@@ -281,6 +289,65 @@ func (cl *clients) produce(ctx context.Context, name string, rng *rand.Rand) {
 		}
 		sc.close()
 	}
+}
+
+// burst sends 2-10 SENDs to random queues covered by one receipt: in a
+// transaction (BEGIN, the SENDs, COMMIT with a receipt: all or nothing), or
+// without receipts and then a DISCONNECT with one, whose RECEIPT promises
+// every earlier frame of the connection. It reports whether the connection
+// is still usable (a committed transaction).
+func (cl *clients) burst(sc *stompConn, name string, node int, seq *int, rng *rand.Rand, txn bool) bool {
+	n := 2 + rng.IntN(9)
+	var ids []string
+	tx := ""
+	outcome := func(kind evKind, info string) {
+		for _, id := range ids {
+			cl.h.add(event{kind: kind, id: id, node: node, client: name, info: info})
+		}
+	}
+	if txn {
+		*seq++
+		tx = fmt.Sprintf("tx-%s-%d", name, *seq)
+		if err := sc.write(frame.New(frame.BEGIN, frame.Transaction, tx)); err != nil {
+			return false
+		}
+	}
+	for i := 0; i < n; i++ {
+		*seq++
+		id := name + "-" + strconv.Itoa(*seq)
+		q := cl.queues[rng.IntN(len(cl.queues))]
+		f := frame.New(frame.SEND, frame.Destination, q, "persistent", "true", "x-chaos-id", id)
+		if txn {
+			f.Header.Add(frame.Transaction, tx)
+		}
+		f.Body = []byte(id)
+		cl.h.add(event{kind: evSend, id: id, dest: q, node: node, client: name})
+		ids = append(ids, id)
+		if err := sc.write(f); err != nil {
+			outcome(evUnknown, err.Error())
+			return false
+		}
+	}
+	rid := "burst-" + ids[len(ids)-1]
+	end := frame.New(frame.DISCONNECT, frame.Receipt, rid)
+	if txn {
+		end = frame.New(frame.COMMIT, frame.Transaction, tx, frame.Receipt, rid)
+	}
+	if err := sc.write(end); err != nil {
+		outcome(evUnknown, err.Error())
+		return false
+	}
+	kind, info := cl.awaitReceipt(sc, rid)
+	if kind == evError && !txn {
+		// A refusal naming the DISCONNECT's receipt says nothing of the
+		// SENDs before it.
+		kind = evUnknown
+	}
+	outcome(kind, info)
+	if kind == evReceipt {
+		cl.receipted(name, time.Now())
+	}
+	return txn && kind == evReceipt
 }
 
 func (cl *clients) awaitReceipt(sc *stompConn, id string) (evKind, string) {

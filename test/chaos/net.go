@@ -191,6 +191,26 @@ func (nw *network) lossy(i int, p float64) error {
 	return nil
 }
 
+// dropped sums the packets the DROP rules of every node have matched.
+func (nw *network) dropped() (int64, error) {
+	var sum int64
+	for i := 1; i <= nw.n; i++ {
+		out, err := inNS(nodeNS(i), "iptables", "-w", "-L", "-v", "-x", "-n")
+		if err != nil {
+			return 0, err
+		}
+		for _, line := range strings.Split(out, "\n") {
+			f := strings.Fields(line)
+			if len(f) >= 3 && f[2] == "DROP" {
+				if v, err := strconv.ParseInt(f[0], 10, 64); err == nil {
+					sum += v
+				}
+			}
+		}
+	}
+	return sum, nil
+}
+
 // heal removes every rule from every node.
 func (nw *network) heal() error {
 	var first error
@@ -292,6 +312,10 @@ func (nd *node) signal(sig syscall.Signal) error {
 	return nd.cmd.Process.Signal(sig)
 }
 
+// clockOffsetFile is where the chaos build of brokerd reads its wall
+// clock's offset (cmd/brokerd/node/clock_chaos.go).
+const clockOffsetFile = "chaos-clock-offset"
+
 // jumpClock sets the offset of the node's wall clock (the chaos build of
 // brokerd reads it from chaos-clock-offset in its data directory every
 // 100 ms) and waits until the node's log says it took effect.
@@ -301,7 +325,7 @@ func (nd *node) jumpClock(off time.Duration) error {
 		return err
 	}
 	from := st.Size()
-	if err := os.WriteFile(filepath.Join(nd.dataDir, "chaos-clock-offset"), []byte(off.String()), 0o644); err != nil {
+	if err := os.WriteFile(filepath.Join(nd.dataDir, clockOffsetFile), []byte(off.String()), 0o644); err != nil {
 		return err
 	}
 	want := "chaos: wall clock offset " + off.String() + "\n"
