@@ -1,6 +1,7 @@
 package replica
 
 import (
+	"errors"
 	"fmt"
 	"log/slog"
 	"sort"
@@ -536,6 +537,27 @@ func (k *newKeys) add(d *destination, m *Message) {
 	k.dst = append(k.dst, d)
 }
 
+// quorumJoin tells which of a commit's two outcomes, the local commit and
+// the quorum's failure, came second.
+type quorumJoin struct {
+	mu             sync.Mutex
+	stored, failed bool
+	fired          bool
+}
+
+// set records an outcome and reports whether both are now known (once).
+func (j *quorumJoin) set(stored, failed bool) bool {
+	j.mu.Lock()
+	defer j.mu.Unlock()
+	j.stored = j.stored || stored
+	j.failed = j.failed || failed
+	if j.stored && j.failed && !j.fired {
+		j.fired = true
+		return true
+	}
+	return false
+}
+
 // commit submits ops plus a put of every message of nk under a new key,
 // in one group commit. Once it commits, each message of nk joins its
 // queue, then after runs. done gets the outcome.
@@ -592,6 +614,33 @@ func (n *Node) commit(ops []store.Op, nk newKeys, sync bool, after func(), done 
 			d.idleSince = time.Time{}
 			d.mu.Unlock()
 			nk.dst[i] = d
+		}
+	}
+	if quorum != nil {
+		// A message stored here without its write quorum may be stored
+		// again by the client's (or the router's) retry, and that copy
+		// may be delivered first: once both the local commit and the
+		// quorum's failure are known, what is still pending here is
+		// marked possibly delivered (unconfirmed).
+		j := &quorumJoin{}
+		msgs, dsts := nk.msgs, nk.dst
+		mark := func() {
+			for i, m := range msgs {
+				dsts[i].unconfirmed(m)
+			}
+		}
+		localDone, q := finish, quorum
+		finish = func(err error) {
+			localDone(err)
+			if j.set(err == nil, false) {
+				mark()
+			}
+		}
+		quorum = func(err error) {
+			if errors.Is(err, ErrNoQuorum) && j.set(false, true) {
+				mark()
+			}
+			q(err)
 		}
 	}
 	n.wmu.Lock()

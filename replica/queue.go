@@ -366,6 +366,34 @@ func (d *destination) requeueLocked(m *Message, delivered bool, ops []store.Op, 
 	return ops
 }
 
+// unconfirmed marks m, committed here without its write quorum, as
+// possibly delivered (a delivery count of 1) if it is still pending in the
+// read-ahead window: the producer was told its outcome is unknown and may
+// store it again, and the other copy may be delivered before this one. The
+// window gets a marked copy (m itself belongs to the caller too), and the
+// mark is rewritten to the store like a delivery count. A message already
+// handed out needs none (any redelivery is marked), one acknowledged must
+// not be written again, and one still on disk only (behind a full
+// read-ahead window) keeps its record: that case stays unmarked.
+func (d *destination) unconfirmed(m *Message) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	for i := d.head; i < len(d.window); i++ {
+		if d.window[i] != m {
+			continue
+		}
+		if m.Deliveries > 0 {
+			return
+		}
+		c := *m
+		c.Deliveries = 1
+		d.window[i] = &c
+		d.rewrites = append(d.rewrites, store.Op{Kind: store.OpPut, Bucket: d.name, Key: c.Seq, Value: c.encode()})
+		d.flushRewritesLocked()
+		return
+	}
+}
+
 // flushRewritesLocked submits the delivery-count rewrites decided under
 // d.mu, before anything else can write the same keys. Submit never waits
 // for a destination lock (the store's callbacks run on their own

@@ -470,3 +470,33 @@ func firstDiff(a, b []uint64) string {
 	}
 	return fmt.Sprintf("lengths %d vs %d", len(a), len(b))
 }
+
+// A message stored by its owner without its write quorum (the client is
+// told its outcome is unknown, and may send it again) goes out marked
+// redelivered when it was still pending: the client's second copy may be
+// delivered before it. A message stored with its quorum goes out unmarked,
+// and after the missing replica is back, so do new ones.
+func TestNoQuorumCopyMarkedPossiblyDelivered(t *testing.T) {
+	owner, _, peers := cluster2(t, 2)
+	const q = "/queue/unconfirmed"
+	if err := owner.send(q, "confirmed"); err != nil {
+		t.Fatal(err)
+	}
+	peers.mu.Lock()
+	peers.down["b"] = true
+	peers.mu.Unlock()
+	if err := owner.send(q, "unconfirmed"); !errors.Is(err, ErrNoQuorum) {
+		t.Fatalf("SEND with the replica down: %v, want ErrNoQuorum", err)
+	}
+	c := newCollector()
+	if _, err := owner.n.Subscribe(SubOptions{Dest: q, Ack: AckAuto, Deliver: c.deliver}); err != nil {
+		t.Fatal(err)
+	}
+	got := c.wait(t, 2)
+	for _, d := range got {
+		want := string(d.Msg.Body) == "unconfirmed"
+		if d.Redelivered != want {
+			t.Errorf("%s delivered with redelivered=%v, want %v", d.Msg.Body, d.Redelivered, want)
+		}
+	}
+}
