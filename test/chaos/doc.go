@@ -4,9 +4,9 @@
 // them as 198.18.0.254), under a randomised schedule of faults while
 // producers and consumers record a history.
 //
-//	BROKERD_CHAOS=1 go test -v -run TestChaos ./test/chaos                  # short profile (~3 min)
+//	BROKERD_CHAOS=1 go test -race -v -run TestChaos ./test/chaos            # short profile (~3.5 min)
 //	BROKERD_CHAOS=1 go test -v -run TestChaos ./test/chaos -chaos.duration=30m -timeout 60m
-//	BROKERD_CHAOS=1 go test -v -run TestChaos ./test/chaos -chaos.seed=N    # replay a schedule
+//	BROKERD_CHAOS=1 go test -v -run TestChaos ./test/chaos -chaos.seed=N    # replay a schedule (same flags)
 //
 // It needs root and the commands ip (iproute2) and iptables; test/run.sh
 // installs iptables and runs the short profile.
@@ -14,14 +14,19 @@
 // The cluster: 5 nodes, M=3 active members, R=2 copies, W=2. Clients:
 // producers send receipted messages with unique ids (header x-chaos-id,
 // body the id) to 16 queues, one at a time, each to a random node, moving
-// to another node every few seconds and at any failure; consumers read all
-// 16 queues and their dead-letter queues from a random node with
-// client-individual acknowledgements, each ACK with a receipt, and move
-// likewise. A SEND without an answer within 15 s counts as unknown, as does
+// to another node every few seconds and at any failure; one time in eight
+// they send 2-10 SENDs covered by one receipt instead (a transaction and
+// its receipted COMMIT, or unreceipted SENDs and a receipted DISCONNECT).
+// Consumers read all 16 queues and their dead-letter queues from a random
+// node with client-individual acknowledgements, each ACK with a receipt
+// (at most 4 awaiting one; the rest wait), and move likewise. A SEND without an answer within 15 s counts as unknown, as does
 // one answered by an ERROR other than a refusal made before storing (a
 // queue at its limit, the low-disk alarm) naming its receipt.
 //
-// The schedule is drawn up front from the seed (and printed): each step
+// The schedule is drawn up front from the seed (printed, and written to
+// schedule.txt); its first steps are every fault once, in a random order,
+// and each must act (a skipped "lose" fails the run), the rest are drawn
+// at random. Each step
 // is a fault, held 4-11 s and then healed, after which the cluster is given
 // up to 60 s to agree again (every node's /v1/cluster converged, on the
 // same epoch and an active set of 3, every node alive in every view; the
@@ -53,7 +58,7 @@
 //
 // Partitions are iptables rules in the nodes' namespaces, so they cut
 // gossip, peer links and everything else between the separated nodes
-// alike; the clients, on the test's own host, keep reaching every node (so
+// alike (a step whose DROP rules matched no packet fails); the clients, on the test's own host, keep reaching every node (so
 // both sides of a partition get traffic).
 //
 // After the schedule, a rolling restart under load (each node SIGTERM,
@@ -63,13 +68,17 @@
 // agree, every queue is drained from every node, and every node must
 // report every queue empty. The checker (check.go) fails the run on a
 // receipted message never consumed (lost: never delivered, or delivered and
-// neither acknowledged with a receipt nor delivered again), a message
-// received that was never sent (unexpected), a refused SEND that arrived,
-// a second delivery without redelivered:true, a delivery on the wrong
-// destination or with the wrong body, a brokerd that exited by itself, or
-// a cluster that did not agree within the bound; it reports duplicates,
-// SENDs whose outcome was unknown and how many of them arrived, and ACKs
-// whose answer was lost. A failure ends the schedule early; the run still
+// neither acknowledged with a receipt nor delivered again; an ACK whose
+// answer was lost excuses it unless it was delivered again after), a
+// message received that was never sent (unexpected), a refused SEND that
+// arrived, a second delivery without redelivered:true (two unmarked ones,
+// or an unmarked one to a client that already had it), a message
+// acknowledged with a receipt that the final drain got again
+// (resurrected), a delivery on a subscription to the wrong destination or
+// with the wrong destination header or body, a brokerd that exited by
+// itself, or a cluster that did not agree within the bound; it reports
+// duplicates, SENDs whose outcome was unknown and how many of them
+// arrived, and ACKs whose answer was lost. A failure ends the schedule early; the run still
 // heals, drains, checks and prints its summary, which ends with a JSON
 // line (also printed as a "CHAOS {...}" line).
 //
@@ -78,8 +87,10 @@
 // and its /tmp/brokerd-chaos-* directory; at the end (pass, fail, or
 // SIGINT/SIGTERM) everything is removed again. brokerd processes get a
 // parent-death signal, so they die with the test binary however it ends;
-// every phase is budgeted against the test's -timeout, and a watchdog
-// cleans up and keeps the history just before it.
+// the schedule, the rolling restart (per node) and the drain are budgeted
+// against the test's -timeout, and a watchdog just before it, like
+// SIGINT, checks and keeps the history so far and cleans up. One run at a
+// time: a second one refuses to start while a lock file in /tmp is held.
 // The run directory (node logs, data, history.jsonl) is kept when the run
 // fails or with -chaos.keep.
 package chaos
