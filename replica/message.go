@@ -60,6 +60,9 @@ type Message struct {
 	Body    []byte
 	// Expires is the expiry in milliseconds since the epoch, 0 for never.
 	Expires int64
+	// unconfirmed: stored without its write quorum while handed out
+	// (destination.unconfirmed); not stored.
+	unconfirmed bool
 	// Deliveries counts earlier deliveries that ended without an ACK, and
 	// possible ones: a SEND stored again by a retry after an attempt that
 	// may have stored it (and so may have been delivered) starts at 1.

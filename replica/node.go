@@ -530,32 +530,37 @@ func (n *Node) Subscribe(opts SubOptions) (*Subscription, error) {
 type newKeys struct {
 	msgs []*Message
 	dst  []*destination // the queue each message goes to
+	move []bool         // a dead-letter move (added without its queue)
 }
 
 func (k *newKeys) add(d *destination, m *Message) {
 	k.msgs = append(k.msgs, m)
 	k.dst = append(k.dst, d)
+	k.move = append(k.move, d == nil)
 }
 
-// quorumJoin tells which of a commit's two outcomes, the local commit and
-// the quorum's failure, came second.
+// quorumJoin waits for a commit's two outcomes, the local commit's and
+// the write quorum's.
 type quorumJoin struct {
-	mu             sync.Mutex
-	stored, failed bool
-	fired          bool
+	mu                    sync.Mutex
+	localDone, quorumDone bool
+	stored, quorumFailed  bool
 }
 
-// set records an outcome and reports whether both are now known (once).
-func (j *quorumJoin) set(stored, failed bool) bool {
+// local and quorum record an outcome; the second reports both=true, with
+// mark=true when the message was stored here and its quorum failed.
+func (j *quorumJoin) local(stored bool) (both, mark bool) {
 	j.mu.Lock()
 	defer j.mu.Unlock()
-	j.stored = j.stored || stored
-	j.failed = j.failed || failed
-	if j.stored && j.failed && !j.fired {
-		j.fired = true
-		return true
-	}
-	return false
+	j.localDone, j.stored = true, stored
+	return j.quorumDone, j.stored && j.quorumFailed
+}
+
+func (j *quorumJoin) quorum(failed bool) (both, mark bool) {
+	j.mu.Lock()
+	defer j.mu.Unlock()
+	j.quorumDone, j.quorumFailed = true, failed
+	return j.localDone, j.stored && j.quorumFailed
 }
 
 // commit submits ops plus a put of every message of nk under a new key,
@@ -620,25 +625,42 @@ func (n *Node) commit(ops []store.Op, nk newKeys, sync bool, after func(), done 
 		// A message stored here without its write quorum may be stored
 		// again by the client's (or the router's) retry, and that copy
 		// may be delivered first: once both the local commit and the
-		// quorum's failure are known, what is still pending here is
-		// marked possibly delivered (unconfirmed).
+		// quorum's failure are known, it is marked possibly delivered
+		// (destination.unconfirmed). Until the quorum is known its
+		// queue keeps its read-ahead window. Dead-letter moves are not
+		// SENDs: nothing retries them, they are not marked.
 		j := &quorumJoin{}
-		msgs, dsts := nk.msgs, nk.dst
-		mark := func() {
+		var msgs []*Message
+		var dsts []*destination
+		for i, m := range nk.msgs {
+			if !nk.move[i] {
+				msgs, dsts = append(msgs, m), append(dsts, nk.dst[i])
+			}
+		}
+		for _, d := range dsts {
+			d.mu.Lock()
+			d.awaitingQuorum++
+			d.mu.Unlock()
+		}
+		settle := func(mark bool) {
 			for i, m := range msgs {
-				dsts[i].unconfirmed(m)
+				if mark {
+					dsts[i].unconfirmed(m)
+				} else {
+					dsts[i].quorumKnown()
+				}
 			}
 		}
 		localDone, q := finish, quorum
 		finish = func(err error) {
 			localDone(err)
-			if j.set(err == nil, false) {
-				mark()
+			if both, mark := j.local(err == nil); both {
+				settle(mark)
 			}
 		}
 		quorum = func(err error) {
-			if errors.Is(err, ErrNoQuorum) && j.set(false, true) {
-				mark()
+			if both, mark := j.quorum(errors.Is(err, ErrNoQuorum)); both {
+				settle(mark)
 			}
 			q(err)
 		}

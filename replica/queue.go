@@ -50,7 +50,20 @@ type destination struct {
 	rr          int
 	idleSince   time.Time
 	removed     bool // taken out of Node.dests by the sweeper
+	// awaitingQuorum counts messages committed here whose write quorum is
+	// not known yet: the window is kept meanwhile (releaseLocked), so
+	// that unconfirmed finds them in memory.
+	awaitingQuorum int
+	// unconfirmedOnDisk holds keys of messages stored without their
+	// quorum that were on disk only when it failed (a full read-ahead
+	// window): the loader marks them (bounded by maxUnconfirmedOnDisk).
+	unconfirmedOnDisk map[uint64]struct{}
 }
+
+// maxUnconfirmedOnDisk bounds destination.unconfirmedOnDisk; beyond it,
+// such messages keep their record's delivery count (their rewrite is
+// still submitted).
+const maxUnconfirmedOnDisk = 65536
 
 // removeOp removes the message under key for good (acknowledged,
 // expired, dead-lettered, dropped by overflow). With a Replicator it
@@ -256,7 +269,7 @@ func (d *destination) expireLocked(now time.Time) []store.Op {
 // subscriber comes. Requeued messages stay (they are few: they were in
 // flight).
 func (d *destination) releaseLocked() {
-	if len(d.subs) > 0 || d.loading || len(d.window) == d.head || d.holes {
+	if len(d.subs) > 0 || d.loading || len(d.window) == d.head || d.holes || d.awaitingQuorum > 0 {
 		// With holes, the loader could read again a message whose
 		// delete is not visible yet: keep the window.
 		return
@@ -355,6 +368,13 @@ func (d *destination) requeueLocked(m *Message, delivered bool, ops []store.Op, 
 	if m.Expires > 0 {
 		d.expiring++
 	}
+	if !delivered && m.unconfirmed && m.Deliveries == 0 {
+		// Handed out unwritten and stored without its quorum: it goes
+		// out marked (unconfirmed).
+		m.Deliveries = 1
+		d.rewrites = append(d.rewrites, store.Op{Kind: store.OpPut, Bucket: d.name, Key: m.Seq, Value: m.encode()})
+		return ops
+	}
 	if !delivered {
 		return ops
 	}
@@ -367,31 +387,69 @@ func (d *destination) requeueLocked(m *Message, delivered bool, ops []store.Op, 
 }
 
 // unconfirmed marks m, committed here without its write quorum, as
-// possibly delivered (a delivery count of 1) if it is still pending in the
-// read-ahead window: the producer was told its outcome is unknown and may
-// store it again, and the other copy may be delivered before this one. The
-// window gets a marked copy (m itself belongs to the caller too), and the
-// mark is rewritten to the store like a delivery count. A message already
-// handed out needs none (any redelivery is marked), one acknowledged must
-// not be written again, and one still on disk only (behind a full
-// read-ahead window) keeps its record: that case stays unmarked.
+// possibly delivered (a delivery count of 1): the producer was told its
+// outcome is unknown and may store it again, and the other copy may be
+// delivered before this one. Where m is decides how:
+//   - pending in the read-ahead window: the window gets a marked copy;
+//   - returned (requeued) and not yet marked: it is marked in place;
+//   - on disk only (the window was full at its commit): its record is
+//     rewritten, and the loader marks it when it reads it (the rewrite
+//     may commit after that read);
+//   - handed out: flagged, so that a return of a delivery that never
+//     reached the client marks it (any real redelivery is marked anyway);
+//   - acknowledged or otherwise removed, or the queue released to another
+//     owner: nothing (a rewrite would bring back a removed record, or
+//     write into a copy this node no longer owns).
+//
+// Every mark is rewritten to the store like a delivery count. m belongs
+// to its queue (the router applies copies); its fields are guarded by
+// d.mu.
 func (d *destination) unconfirmed(m *Message) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
-	for i := d.head; i < len(d.window); i++ {
-		if d.window[i] != m {
-			continue
-		}
-		if m.Deliveries > 0 {
-			return
-		}
-		c := *m
-		c.Deliveries = 1
-		d.window[i] = &c
-		d.rewrites = append(d.rewrites, store.Op{Kind: store.OpPut, Bucket: d.name, Key: c.Seq, Value: c.encode()})
-		d.flushRewritesLocked()
+	d.awaitingQuorum = max(d.awaitingQuorum-1, 0)
+	if d.removed || m.Deliveries > 0 {
 		return
 	}
+	mark := func(c *Message) {
+		c.Deliveries = 1
+		d.rewrites = append(d.rewrites, store.Op{Kind: store.OpPut, Bucket: d.name, Key: c.Seq, Value: c.encode()})
+		d.flushRewritesLocked()
+	}
+	for i := d.head; i < len(d.window); i++ {
+		if d.window[i] == m {
+			c := *m
+			d.window[i] = &c
+			mark(&c)
+			return
+		}
+	}
+	for _, r := range d.requeued {
+		if r == m {
+			mark(m)
+			return
+		}
+	}
+	if m.Seq > d.loadedTo {
+		if d.unconfirmedOnDisk == nil {
+			d.unconfirmedOnDisk = map[uint64]struct{}{}
+		}
+		if len(d.unconfirmedOnDisk) < maxUnconfirmedOnDisk {
+			d.unconfirmedOnDisk[m.Seq] = struct{}{}
+		}
+		c := *m
+		mark(&c)
+		return
+	}
+	m.unconfirmed = true
+}
+
+// quorumKnown ends the wait for m's write quorum when it was met (or the
+// local commit failed): the window may be released again.
+func (d *destination) quorumKnown() {
+	d.mu.Lock()
+	d.awaitingQuorum = max(d.awaitingQuorum-1, 0)
+	d.mu.Unlock()
 }
 
 // flushRewritesLocked submits the delivery-count rewrites decided under
@@ -526,6 +584,10 @@ func (n *Node) load(d *destination) {
 			bi++
 		}
 		took(m.Seq, len(m.Body))
+		if _, ok := d.unconfirmedOnDisk[m.Seq]; ok {
+			delete(d.unconfirmedOnDisk, m.Seq)
+			m.Deliveries = max(m.Deliveries, 1)
+		}
 		if m.Expired(now) {
 			ops = append(ops, d.expiredOp(m))
 			continue

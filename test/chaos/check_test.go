@@ -61,7 +61,8 @@ func TestCheckUnackedDeliveryIsNotConsumed(t *testing.T) {
 // history, give the same counts, and a second delivery without
 // redelivered:true fails the run.
 func TestCheckDuplicatesOrderIndependent(t *testing.T) {
-	to := func(e event, client string) event { e.client = client; return e }
+	conns := map[string]int64{"c0": 1, "c1": 2}
+	to := func(e event, client string) event { e.client, e.conn = client, conns[client]; return e }
 	a := check(hist(sent("x", "/queue/q"), to(got("x", "/queue/q", false), "c0"), to(got("x", "/queue/q", true), "c1"), event{kind: evAcked, id: "x"}))
 	b := check(hist(sent("x", "/queue/q"), to(got("x", "/queue/q", true), "c1"), to(got("x", "/queue/q", false), "c0"), event{kind: evAcked, id: "x"}))
 	if a.DupMarked != 1 || b.DupMarked != 1 || a.DupUnmarked != 0 || b.DupUnmarked != 0 {

@@ -44,7 +44,8 @@ type event struct {
 	node        int    // node the client was connected to
 	client      string
 	redelivered bool
-	bodyOK      bool // evReceived: the body is the id, as sent
+	bodyOK      bool  // evReceived: the body is the id, as sent
+	conn        int64 // evReceived: the consumer connection (unique in the run)
 	info        string
 }
 
@@ -417,6 +418,7 @@ func (cl *clients) consumeFrom(ctx context.Context, name string, node int, addr 
 		return 0, err
 	}
 	defer sc.close()
+	conn := connSeq.Add(1)
 	type ackReq struct{ ack, id string }
 	acks := map[string]string{} // receipt of a written ACK -> message id
 	var due []ackReq            // deliveries whose ACK waits for a free slot
@@ -497,8 +499,8 @@ func (cl *clients) consumeFrom(ctx context.Context, name string, node int, addr 
 			// header must agree with it.
 			dest := subs[f.Header.Get(frame.Subscription)]
 			cl.h.add(event{kind: evReceived, id: id, dest: dest, node: node, client: name,
-				redelivered: f.Header.Get("redelivered") == "true",
-				bodyOK:      string(f.Body) == id && f.Header.Get(frame.Destination) == dest})
+				redelivered: f.Header.Get("redelivered") == "true", conn: conn,
+				bodyOK: string(f.Body) == id && f.Header.Get(frame.Destination) == dest})
 			if closing.IsZero() {
 				due = append(due, ackReq{ack: f.Header.Get(frame.Ack), id: id})
 			}
@@ -524,6 +526,9 @@ func (cl *clients) consumeFrom(ctx context.Context, name string, node int, addr 
 		}
 	}
 }
+
+// connSeq numbers consumer connections.
+var connSeq atomic.Int64
 
 // dlqOf is the dead-letter queue of q (queue.dlq_prefix's default).
 func dlqOf(q string) string { return "/queue/DLQ." + strings.TrimPrefix(q, "/queue/") }

@@ -70,6 +70,15 @@ func (nw *network) delay(i int, d time.Duration) (stop func() string, err error)
 	if err != nil {
 		return nil, fmt.Errorf("nfqueue in %s: %w", nodeNS(i), err)
 	}
+	// A receive buffer large enough for a burst of the node's packets
+	// while the suite is slow to read (under -race): a packet the kernel
+	// cannot hand over passes undelayed (fail-open). SO_RCVBUFFORCE, as
+	// root, is not capped by net.core.rmem_max.
+	if rc, err := nf.Con.SyscallConn(); err == nil {
+		_ = rc.Control(func(fd uintptr) {
+			_ = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_RCVBUFFORCE, 16<<20)
+		})
+	}
 	ctx, cancel := context.WithCancel(context.Background())
 	dl := &delayer{nf: nf, cancel: cancel, d: d, wake: make(chan struct{}, 1), quit: make(chan struct{}), done: make(chan struct{})}
 	hook := func(a nfqueue.Attribute) int {

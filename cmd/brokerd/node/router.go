@@ -1371,9 +1371,17 @@ func (rt *router) applyOnce(msgs []*replica.Message, since time.Time, done func(
 	for o, ms := range byOwner {
 		part := func(err error) {
 			if err != nil {
+				if mayHaveStored(err) {
+					// This part may have left a copy: the next attempt
+					// stores it marked, whatever the other parts did.
+					ms = maybeDelivered(ms)
+				}
 				mu.Lock()
 				left = append(left, ms...)
-				if first == nil {
+				// The job's error is a part's that left a copy, if any:
+				// runJob then tries again only when the view changes or
+				// once a second, and the client's outcome is unknown.
+				if first == nil || (leftCopy(err) && !leftCopy(first)) {
 					first = err
 				}
 				mu.Unlock()
