@@ -69,16 +69,17 @@
 // report every queue empty. The checker (check.go) fails the run on a
 // receipted message never consumed (lost: never delivered, or delivered and
 // neither acknowledged with a receipt nor delivered again; an ACK whose
-// answer was lost excuses it unless it was delivered again after), a
-// message received that was never sent (unexpected), a refused SEND that
-// arrived, a second delivery without redelivered:true (two unmarked ones,
-// or an unmarked one to a client that already had it), a message
-// acknowledged with a receipt that the final drain got again
-// (resurrected), a delivery on a subscription to the wrong destination or
-// with the wrong destination header or body, a brokerd that exited by
-// itself, or a cluster that did not agree within the bound; it reports
-// duplicates, SENDs whose outcome was unknown and how many of them
-// arrived, and ACKs whose answer was lost. A failure ends the schedule early; the run still
+// answer was lost excuses it, even if it was delivered again after, as
+// the other side of a partition may do), a message received that was
+// never sent (unexpected), a refused SEND that arrived, a second delivery
+// without redelivered:true (two unmarked ones, or an unmarked one on a
+// connection that already had it), a delivery on a subscription to the
+// wrong destination or with the wrong destination header or body, a
+// brokerd that exited by itself, or a cluster that did not agree within
+// the bound; it reports duplicates, SENDs whose outcome was unknown and
+// how many of them arrived, ACKs whose answer was lost, and messages
+// acknowledged with a receipt that the final drain got again (a second
+// copy of a SEND stored twice, or an acknowledged copy that came back). A failure ends the schedule early; the run still
 // heals, drains, checks and prints its summary, which ends with a JSON
 // line (also printed as a "CHAOS {...}" line).
 //
