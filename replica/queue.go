@@ -416,12 +416,17 @@ func (d *destination) unconfirmed(m *Message) {
 		d.rewrites = append(d.rewrites, store.Op{Kind: store.OpPut, Bucket: d.name, Key: c.Seq, Value: c.encode()})
 		d.flushRewritesLocked()
 	}
-	for i := d.head; i < len(d.window); i++ {
+	// From the tail: a message whose quorum just failed was committed
+	// lately, so it is near the end of the window.
+	for i := len(d.window) - 1; i >= d.head; i-- {
 		if d.window[i] == m {
 			c := *m
 			d.window[i] = &c
 			mark(&c)
 			return
+		}
+		if d.window[i] != nil && d.window[i].Seq < m.Seq {
+			break // keys grow along the window: m is not in it
 		}
 	}
 	for _, r := range d.requeued {
