@@ -70,6 +70,13 @@ type Decision struct {
 // from raising each other's counters without end; the one that changes
 // set next jumps above them.
 func Decide(self string, seat Seat, view, graced []Member, m int, prev EpochID, now time.Time, delay time.Duration) Decision {
+	return DecideAt(self, seat, view, graced, m, prev, now, now, delay)
+}
+
+// DecideAt is Decide with the wall clock apart from the timers' clock:
+// now times the promotion delay, wall is the ActiveSince a promoted node
+// takes (and ranks itself by, in the set it publishes).
+func DecideAt(self string, seat Seat, view, graced []Member, m int, prev EpochID, now, wall time.Time, delay time.Duration) Decision {
 	target := Agree(view, m)
 	d := Decision{Seat: seat}
 	in := target.Contains(self)
@@ -81,11 +88,11 @@ func Decide(self string, seat Seat, view, graced []Member, m int, prev EpochID, 
 	case seat.PendingSince.IsZero():
 		d.Seat.PendingSince = now
 		if delay <= 0 {
-			d.Seat = Seat{Active: true, ActiveSince: now.UnixMilli()}
+			d.Seat = Seat{Active: true, ActiveSince: wall.UnixMilli()}
 			d.Promoted = true
 		}
 	case now.Sub(seat.PendingSince) >= delay:
-		d.Seat = Seat{Active: true, ActiveSince: now.UnixMilli()}
+		d.Seat = Seat{Active: true, ActiveSince: wall.UnixMilli()}
 		d.Promoted = true
 	}
 	d.Set = target

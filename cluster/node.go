@@ -518,10 +518,7 @@ func (n *Node) evaluate() {
 		}
 	}
 	prev := n.epoch
-	d := Decide(n.self.ID, n.seat, view, graced, mval, prev, now, n.cfg.PromotionDelay)
-	if d.Promoted {
-		d.Seat.ActiveSince = n.cfg.Wall().UnixMilli()
-	}
+	d := DecideAt(n.self.ID, n.seat, view, graced, mval, prev, now, n.cfg.Wall(), n.cfg.PromotionDelay)
 	n.mu.Unlock()
 
 	if d.Epoch != prev && !n.persistEpoch(prev, d.Epoch) {
