@@ -3,6 +3,7 @@ package node
 import (
 	"context"
 	"errors"
+	"fmt"
 	"strconv"
 	"strings"
 	"sync"
@@ -25,16 +26,20 @@ type routedSub struct {
 	id   string
 	opts replica.SubOptions
 
-	mu        sync.Mutex
-	owner     string
-	gen       uint64 // increments with each bind
-	p         *poller
-	nextTag   uint64
-	inflight  map[uint64]*flight
-	byID      map[string]uint64
-	unwritten int
-	closed    bool
-	rebinding bool
+	mu       sync.Mutex
+	owner    string
+	gen      uint64 // increments with each bind
+	p        *poller
+	nextTag  uint64
+	inflight map[uint64]*flight
+	byID     map[string]uint64
+	// redirected holds tags of current deliveries already acknowledged
+	// through an ACK of a former binding's delivery of the same message:
+	// the client's own ACK of them is then a no-op, not an error.
+	redirected map[uint64]struct{}
+	unwritten  int
+	closed     bool
+	rebinding  bool
 }
 
 type flight struct {
@@ -292,6 +297,9 @@ func (rs *routedSub) Check(tag uint64) error {
 	if rs.closed {
 		return replica.ErrSubscriptionClosed
 	}
+	if _, ok := rs.redirected[tag]; ok {
+		return nil
+	}
 	if rs.inflight[tag] == nil || rs.opts.Ack == replica.AckAuto {
 		return replica.ErrUnknownAck
 	}
@@ -304,8 +312,9 @@ func (rs *routedSub) ack(tag uint64, nack bool, done func(error)) {
 	rs.mu.Lock()
 	f := rs.inflight[tag]
 	if f == nil {
+		delete(rs.redirected, tag)
 		rs.mu.Unlock()
-		done(nil) // settled by an earlier cumulative ACK
+		done(nil) // settled by an earlier cumulative ACK, or redirected
 		return
 	}
 	if rs.opts.Ack == replica.AckClient {
@@ -324,12 +333,39 @@ func (rs *routedSub) ack(tag uint64, nack bool, done func(error)) {
 		rs.forget(tag, f)
 	}
 	current := f.gen == rs.gen && !rs.rebinding
+	if !current && !nack && !rs.rebinding {
+		// A delivery of a former binding: its owner gave the message
+		// back, and the current binding may have it again, under
+		// another tag. Acknowledge that delivery instead: the client
+		// meant this message.
+		if t, ok := rs.byID[f.id]; ok && t != tag {
+			if g := rs.inflight[t]; g != nil && g.gen == rs.gen {
+				if !g.write {
+					rs.unwritten--
+				}
+				rs.forget(t, g)
+				if rs.redirected == nil {
+					rs.redirected = map[uint64]struct{}{}
+				}
+				if len(rs.redirected) < 4*rs.window() {
+					rs.redirected[t] = struct{}{}
+				}
+				f, current = g, true
+			}
+		}
+	}
 	owner, id := rs.owner, rs.ownerID(f.gen)
 	rs.mu.Unlock()
 	if !current {
-		// Its owner is gone or no longer holds it: the message returns
-		// there (or at the new owner) and is redelivered.
-		done(nil)
+		if nack {
+			// Its owner is gone or no longer holds it: the message
+			// returns there (or at the new owner), as a NACK asks.
+			done(nil)
+			return
+		}
+		// The ACK cannot take effect: the message returns and is
+		// delivered again. A RECEIPT would promise what did not happen.
+		done(fmt.Errorf("%w: the delivery was handed out by the queue's previous owner; the message will be delivered again", replica.ErrUnknownAck))
 		return
 	}
 	rt := rs.rt
@@ -337,7 +373,12 @@ func (rs *routedSub) ack(tag uint64, nack bool, done func(error)) {
 	if owner == v.self {
 		if err := rt.host.ack(owner, id, f.otag, nack, true, done); err != nil {
 			if errors.Is(err, errUnknownSub) {
+				// The owner closed the subscription: the message comes
+				// back (for a NACK, what it asked).
 				err = nil
+				if !nack {
+					err = fmt.Errorf("%w: the queue's owner closed the subscription; the message will be delivered again", replica.ErrUnknownAck)
+				}
 			}
 			done(err)
 		}
@@ -352,7 +393,14 @@ func (rs *routedSub) ack(tag uint64, nack bool, done func(error)) {
 		cancel()
 		var pe *stomp.PeerError
 		if errors.As(err, &pe) && pe.Code == codeUnknownSub {
-			err = nil // the owner closed it: the message comes back
+			// The owner closed it: the message comes back (for a NACK,
+			// what it asked; an ACK did not take effect).
+			if nack {
+				done(nil)
+			} else {
+				done(fmt.Errorf("%w: the queue's owner closed the subscription; the message will be delivered again", replica.ErrUnknownAck))
+			}
+			return
 		}
 		done(peerErr(err))
 	})

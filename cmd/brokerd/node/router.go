@@ -1468,10 +1468,10 @@ func (rt *router) Subscribe(opts replica.SubOptions) (replica.Sub, error) {
 	}
 	rs := &routedSub{
 		rt: rt, id: rt.prefix + "." + fmt.Sprint(rt.subSeq.Add(1)), opts: opts,
-		inflight: map[uint64]*flight{},
-	}
-	if opts.ByMessageID {
-		rs.byID = map[string]uint64{}
+		// byID (bounded like inflight) finds a message's delivery by its
+		// message-id: for STOMP 1.0/1.1 ACKs, and for an ACK of a former
+		// binding's delivery redirected to the current one (ack).
+		inflight: map[uint64]*flight{}, byID: map[string]uint64{},
 	}
 	if err := rs.bind(); err != nil {
 		// The owner is unreachable or the views are still converging
