@@ -3,7 +3,6 @@ package node
 import (
 	"context"
 	"errors"
-	"fmt"
 	"strconv"
 	"strings"
 	"sync"
@@ -37,9 +36,12 @@ type routedSub struct {
 	// through an ACK of a former binding's delivery of the same message:
 	// the client's own ACK of them is then a no-op, not an error.
 	redirected map[uint64]struct{}
-	unwritten  int
-	closed     bool
-	rebinding  bool
+	// dupIDs: two deliveries with one message-id have been in flight at
+	// once (the copies of a retried SEND), so forget looks for another.
+	dupIDs    bool
+	unwritten int
+	closed    bool
+	rebinding bool
 }
 
 type flight struct {
@@ -232,6 +234,9 @@ func (rs *routedSub) deliver(gen uint64, w wireDelivery) {
 	}
 	rs.inflight[tag] = f
 	if rs.byID != nil {
+		if old, ok := rs.byID[w.msg.ID]; ok && rs.inflight[old] != nil {
+			rs.dupIDs = true // two copies of one SEND (a retry) in flight
+		}
 		rs.byID[w.msg.ID] = tag
 	}
 	rs.unwritten++
@@ -243,6 +248,16 @@ func (rs *routedSub) forget(tag uint64, f *flight) {
 	delete(rs.inflight, tag)
 	if rs.byID != nil && rs.byID[f.id] == tag {
 		delete(rs.byID, f.id)
+		if rs.dupIDs {
+			// Another copy with the same message-id may still be in
+			// flight: it is the one to find now.
+			for t, g := range rs.inflight {
+				if g.id == f.id {
+					rs.byID[f.id] = t
+					break
+				}
+			}
+		}
 	}
 }
 
@@ -333,11 +348,13 @@ func (rs *routedSub) ack(tag uint64, nack bool, done func(error)) {
 		rs.forget(tag, f)
 	}
 	current := f.gen == rs.gen && !rs.rebinding
-	if !current && !nack && !rs.rebinding {
+	if !current && !nack && !rs.rebinding && rs.opts.Ack == replica.AckClientIndividual && len(rs.redirected) < 4*rs.window() {
 		// A delivery of a former binding: its owner gave the message
 		// back, and the current binding may have it again, under
 		// another tag. Acknowledge that delivery instead: the client
-		// meant this message.
+		// meant this message. (Not in client mode, where the owner's
+		// ACK is cumulative and would cover deliveries the client has
+		// not acknowledged.)
 		if t, ok := rs.byID[f.id]; ok && t != tag {
 			if g := rs.inflight[t]; g != nil && g.gen == rs.gen {
 				if !g.write {
@@ -347,9 +364,7 @@ func (rs *routedSub) ack(tag uint64, nack bool, done func(error)) {
 				if rs.redirected == nil {
 					rs.redirected = map[uint64]struct{}{}
 				}
-				if len(rs.redirected) < 4*rs.window() {
-					rs.redirected[t] = struct{}{}
-				}
+				rs.redirected[t] = struct{}{}
 				f, current = g, true
 			}
 		}
@@ -357,15 +372,13 @@ func (rs *routedSub) ack(tag uint64, nack bool, done func(error)) {
 	owner, id := rs.owner, rs.ownerID(f.gen)
 	rs.mu.Unlock()
 	if !current {
-		if nack {
-			// Its owner is gone or no longer holds it: the message
-			// returns there (or at the new owner), as a NACK asks.
-			done(nil)
-			return
-		}
-		// The ACK cannot take effect: the message returns and is
-		// delivered again. A RECEIPT would promise what did not happen.
-		done(fmt.Errorf("%w: the delivery was handed out by the queue's previous owner; the message will be delivered again", replica.ErrUnknownAck))
+		// Its owner is gone or no longer holds it, and the current
+		// binding has not delivered the message again (yet): it returns
+		// and is delivered again, marked redelivered. The ACK takes no
+		// effect. (An ERROR here would close the connection of nearly
+		// every consumer acknowledging during a failover, and arrive
+		// after a transaction's SENDs were stored.)
+		done(nil)
 		return
 	}
 	rt := rs.rt
@@ -373,12 +386,7 @@ func (rs *routedSub) ack(tag uint64, nack bool, done func(error)) {
 	if owner == v.self {
 		if err := rt.host.ack(owner, id, f.otag, nack, true, done); err != nil {
 			if errors.Is(err, errUnknownSub) {
-				// The owner closed the subscription: the message comes
-				// back (for a NACK, what it asked).
-				err = nil
-				if !nack {
-					err = fmt.Errorf("%w: the queue's owner closed the subscription; the message will be delivered again", replica.ErrUnknownAck)
-				}
+				err = nil // the owner closed it: the message comes back
 			}
 			done(err)
 		}
@@ -393,14 +401,7 @@ func (rs *routedSub) ack(tag uint64, nack bool, done func(error)) {
 		cancel()
 		var pe *stomp.PeerError
 		if errors.As(err, &pe) && pe.Code == codeUnknownSub {
-			// The owner closed it: the message comes back (for a NACK,
-			// what it asked; an ACK did not take effect).
-			if nack {
-				done(nil)
-			} else {
-				done(fmt.Errorf("%w: the queue's owner closed the subscription; the message will be delivered again", replica.ErrUnknownAck))
-			}
-			return
+			err = nil // the owner closed it: the message comes back
 		}
 		done(peerErr(err))
 	})
