@@ -39,18 +39,19 @@ func TestCheckAckUnknownThenDeliveredAgain(t *testing.T) {
 }
 
 // (From a hostile review.) One consumer connection that gets a message
-// marked redelivered and then the same message again unmarked (a copy
-// handed out as new after it was handed out) fails the run: one
-// connection's order is certain, and a connection sees one side of a
-// partition.
+// marked redelivered and then the same message again unmarked is
+// reported: the original copy of a SEND whose forward timed out is stored
+// unmarked while the router's retry stores a marked copy, and either may
+// be delivered first (the clean-clone CI run saw 6 in 124,049). Two
+// unmarked deliveries of one id fail the run.
 func TestCheckUnmarkedAfterMarkedSameClient(t *testing.T) {
 	r := check(hist(sent("x", "/queue/q"),
 		event{kind: evReceived, id: "x", dest: "/queue/q", client: "c1", redelivered: true, bodyOK: true},
 		event{kind: evReceived, id: "x", dest: "/queue/q", client: "c1", redelivered: false, bodyOK: true},
 		event{kind: evAcked, id: "x", client: "c1"},
 	))
-	if r.DupUnmarked != 1 {
-		t.Errorf("the same client saw x marked, then unmarked: DupUnmarked=%d failures=%v; want 1", r.DupUnmarked, r.failures())
+	if r.UnmarkedLater != 1 || r.DupUnmarked != 0 || len(r.failures()) != 0 {
+		t.Errorf("UnmarkedLater=%d DupUnmarked=%d failures=%v; want 1, 0, none", r.UnmarkedLater, r.DupUnmarked, r.failures())
 	}
 }
 

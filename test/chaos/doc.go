@@ -71,9 +71,9 @@
 // neither acknowledged with a receipt nor delivered again; an ACK whose
 // answer was lost excuses it, even if it was delivered again after, as
 // the other side of a partition may do), a message received that was
-// never sent (unexpected), a refused SEND that arrived, a second delivery
-// without redelivered:true (two unmarked ones, or an unmarked one on a
-// connection that already had it), a delivery on a subscription to the
+// never sent (unexpected), a refused SEND that arrived, two deliveries of
+// one message without redelivered:true (an unmarked one after a marked one
+// on one connection is reported), a delivery on a subscription to the
 // wrong destination or with the wrong destination header or body, a
 // brokerd that exited by itself, or a cluster that did not agree within
 // the bound; it reports duplicates, SENDs whose outcome was unknown and
