@@ -50,7 +50,7 @@ type result struct {
 	// message-id), or an acknowledged copy that came back. Reported: the
 	// client cannot tell the two apart.
 	AckedAgain int `json:"acked_again"`
-	Unexpected  int `json:"unexpected"` // received, never sent: must be 0
+	Unexpected int `json:"unexpected"` // received, never sent: must be 0
 	// Misdelivered is deliveries on a subscription to a destination other
 	// than the one the id was sent to (or its dead-letter queue), or whose
 	// destination header is not the subscription's, or whose body is not
