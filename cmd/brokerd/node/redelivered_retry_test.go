@@ -35,21 +35,7 @@ func TestRetriedSendCopyMarkedRedelivered(t *testing.T) {
 	if err := waitErr(t, "SEND", errc, 15*time.Second); err != nil {
 		t.Fatalf("the retried SEND failed: %v", err)
 	}
-	var fresh, marked int
-	if err := a.st.Scan(q, 0, 0, 0, func(k uint64, v []byte) error {
-		m, err := replica.DecodeMessage(q, v)
-		if err != nil {
-			return err
-		}
-		if m.Deliveries > 0 {
-			marked++
-		} else {
-			fresh++
-		}
-		return nil
-	}); err != nil {
-		t.Fatal(err)
-	}
+	fresh, marked := storedCopies(t, a, q)
 	t.Logf("copies at the owner: %d unmarked, %d marked as possibly delivered", fresh, marked)
 	if fresh+marked < 2 {
 		t.Skipf("the retry did not store a second copy (%d): nothing to check", fresh+marked)
@@ -60,4 +46,25 @@ func TestRetriedSendCopyMarkedRedelivered(t *testing.T) {
 	if fresh != 0 {
 		t.Fatalf("%d copies would be delivered as first deliveries; want none (both copies of a SEND whose first attempt failed its quorum are marked)", fresh)
 	}
+}
+
+// storedCopies counts the copies of q's messages in m's store: unmarked
+// (they go out as first deliveries) and marked possibly delivered.
+func storedCopies(t *testing.T, m *r6Member, q string) (fresh, marked int) {
+	t.Helper()
+	if err := m.st.Scan(q, 0, 0, 0, func(k uint64, v []byte) error {
+		msg, err := replica.DecodeMessage(q, v)
+		if err != nil {
+			return err
+		}
+		if msg.Deliveries > 0 {
+			marked++
+		} else {
+			fresh++
+		}
+		return nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+	return fresh, marked
 }

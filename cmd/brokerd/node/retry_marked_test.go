@@ -6,8 +6,6 @@ package node
 import (
 	"testing"
 	"time"
-
-	"github.com/brokerd/brokerd/replica"
 )
 
 // A SEND whose first attempt is refused (not-owner: the views differ while
@@ -49,21 +47,7 @@ func TestRetryAfterNotOwnerThenNoQuorumMarked(t *testing.T) {
 	if err := waitErr(t, "SEND", errc, 15*time.Second); err != nil {
 		t.Fatalf("the retried SEND failed: %v", err)
 	}
-	var fresh, marked int
-	if err := a.st.Scan(q, 0, 0, 0, func(k uint64, v []byte) error {
-		m, err := replica.DecodeMessage(q, v)
-		if err != nil {
-			return err
-		}
-		if m.Deliveries > 0 {
-			marked++
-		} else {
-			fresh++
-		}
-		return nil
-	}); err != nil {
-		t.Fatal(err)
-	}
+	fresh, marked := storedCopies(t, a, q)
 	t.Logf("copies at the owner: %d unmarked, %d marked", fresh, marked)
 	if fresh+marked < 2 {
 		t.Skipf("only %d copy stored: nothing to check", fresh+marked)

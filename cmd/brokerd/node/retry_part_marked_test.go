@@ -65,21 +65,7 @@ func TestRetryMarksEachPartByItsOwnError(t *testing.T) {
 	ch := make(chan error, 1)
 	b.st.Barrier(func(err error) { ch <- err })
 	<-ch
-	var fresh, marked int
-	if err := b.st.Scan(q2, 0, 0, 0, func(k uint64, v []byte) error {
-		m, err := replica.DecodeMessage(q2, v)
-		if err != nil {
-			return err
-		}
-		if m.Deliveries > 0 {
-			marked++
-		} else {
-			fresh++
-		}
-		return nil
-	}); err != nil {
-		t.Fatal(err)
-	}
+	fresh, marked := storedCopies(t, b, q2)
 	t.Logf("q2 at node-b: %d unmarked, %d marked copies", fresh, marked)
 	if fresh > 1 {
 		t.Fatalf("one SEND to %s stored %d times unmarked at its owner: the attempts after the first no-quorum copy were not marked because another part's not-owner refusal came first", q2, fresh)
