@@ -36,11 +36,33 @@ type STOMP struct {
 	ConnectTimeout   time.Duration // stomp.connect_timeout: 10s (> 0), from accept to CONNECT
 	WriteTimeout     time.Duration // stomp.write_timeout: 60s (> 0), for one write to a client
 	HeartbeatMin     time.Duration // stomp.heartbeat_min: 1s (> 0), the shortest heart-beat period the server agrees to, either way
+	TLS              STOMPTLS
+}
+
+// STOMPTLS is the STOMP-over-TLS listener (RabbitMQ's 61614). TLS 1.2 and
+// 1.3 only, Go's default cipher suites.
+type STOMPTLS struct {
+	Addr         string // stomp.tls.addr: ""; "" serves no TLS listener
+	CertFile     string // stomp.tls.cert_file: "", PEM certificate chain; required with stomp.tls.addr
+	KeyFile      string // stomp.tls.key_file: "", PEM private key; required with stomp.tls.addr
+	ClientCAFile string // stomp.tls.client_ca_file: "", PEM CAs that sign client certificates
+	ClientAuth   string // stomp.tls.client_auth: none, request or require; "none"
 }
 
 // Admin is the HTTP server for health and metrics.
 type Admin struct {
-	Addr string // admin.addr: "127.0.0.1:8613"; "" disables the admin server
+	Addr          string   // admin.addr: "127.0.0.1:8613"; "" disables the admin server
+	TLS           AdminTLS // admin.tls.*: serve HTTPS
+	TokenFile     string   // admin.token_file: ""; a file holding the bearer token every request but /healthz must carry
+	MetricsPublic bool     // admin.metrics_public: false; true serves /metrics without authentication
+}
+
+// AdminTLS makes the admin server HTTPS; with ClientCAFile, a client
+// certificate it signed authenticates a request as the token does.
+type AdminTLS struct {
+	CertFile     string // admin.tls.cert_file: ""
+	KeyFile      string // admin.tls.key_file: ""
+	ClientCAFile string // admin.tls.client_ca_file: ""; a client certificate signed by these CAs authenticates a request
 }
 
 // Log selects the slog handler.
@@ -64,6 +86,8 @@ type Store struct {
 type Auth struct {
 	UsersFile      string // auth.users_file: ""; "" means no login is required
 	AllowAnonymous bool   // auth.allow_anonymous: false; must be true to listen beyond loopback without a users file
+	X509Login      bool   // auth.x509_login: false; a client with a verified certificate logs in as its subject CN, without a passcode
+	ACLFile        string // auth.acl_file: ""; rules of read, write and configure per user or group and destination pattern; "" lets every authenticated user do everything
 }
 
 // Limits bound what one client can make the broker hold. All are > 0.
@@ -81,6 +105,7 @@ type Limits struct {
 	MaxUnackedBytes      int   // limits.max_unacked_bytes: 64 MiB of message bodies delivered and unacknowledged (or unwritten) per subscription
 	MaxOutgoingBytes     int   // limits.max_outgoing_bytes: 4 MiB of frames queued to one connection
 	MaxTransactionBytes  int64 // limits.max_transaction_bytes: 64 MiB of frames held by open transactions, per connection
+	MaxConnectionsPerIP  int   // limits.max_connections_per_ip: 1000 client connections from one remote address
 }
 
 // Queue is queue delivery.
@@ -106,6 +131,15 @@ type Cluster struct {
 	PromotionDelay       time.Duration // cluster.promotion_delay: 500ms (>= 0), before an observer fills a dead member's place
 	ForgetAfter          time.Duration // cluster.forget_after: 24h (> 0); a member dead this long is forgotten and no longer re-dialled
 	AllowPlaintextGossip bool          // cluster.allow_plaintext_gossip: false; must be true to gossip beyond loopback without cluster.secret_key_file
+	TLS                  ClusterTLS    // cluster.tls.*: mutual TLS on peer links
+}
+
+// ClusterTLS is mutual TLS on peer links: each node presents CertFile and
+// accepts only peers whose certificate CAFile signed. All three or none.
+type ClusterTLS struct {
+	CertFile string // cluster.tls.cert_file: ""
+	KeyFile  string // cluster.tls.key_file: ""
+	CAFile   string // cluster.tls.ca_file: ""
 }
 
 // Replica is how many copies of each queued message the cluster keeps. A
@@ -149,6 +183,7 @@ func Default() Config {
 			ConnectTimeout:   10 * time.Second,
 			WriteTimeout:     60 * time.Second,
 			HeartbeatMin:     time.Second,
+			TLS:              STOMPTLS{ClientAuth: "none"},
 		},
 		Admin: Admin{
 			Addr: "127.0.0.1:8613",
@@ -183,6 +218,7 @@ func Default() Config {
 			MaxUnackedBytes:      64 << 20,
 			MaxOutgoingBytes:     4 << 20,
 			MaxTransactionBytes:  64 << 20,
+			MaxConnectionsPerIP:  1000,
 		},
 		Queue: Queue{
 			MaxRedeliveries:   5,

@@ -89,7 +89,7 @@ func TestDefault(t *testing.T) {
 		d.Store.MinFreeBytes != 268435456 || d.Store.WALSize != 64<<20 || d.Store.Recover != "refuse" ||
 		d.Queue.Overflow != "reject-publish" || d.Queue.IdleDeleteAfter != time.Hour ||
 		d.Queue.ReadAheadMessages != 1000 || d.Queue.ReadAheadBytes != 4<<20 || d.Limits.MaxUnacked != 10000 ||
-		d.STOMP.HeartbeatMin != time.Second || d.Limits.MaxOutgoingBytes != 4<<20 || d.Limits.MaxTransactionBytes != 64<<20 ||
+		d.STOMP.HeartbeatMin != time.Second || d.Limits.MaxOutgoingBytes != 4<<20 || d.Limits.MaxTransactionBytes != 64<<20 || d.Limits.MaxConnectionsPerIP != 1000 || d.STOMP.TLS.ClientAuth != "none" ||
 		d.Cluster.ForgetAfter != 24*time.Hour || d.Cluster.AllowPlaintextGossip ||
 		d.Replica.Factor != 2 || d.Replica.WriteQuorum != 0 || d.WriteQuorum() != 2 {
 		t.Errorf("Default() = %+v", d)
@@ -98,7 +98,10 @@ func TestDefault(t *testing.T) {
 	// Every field is set, except those whose default is documented as empty.
 	mayBeZero := []string{"auth.users_file", "auth.allow_anonymous", "cluster.gossip_addr",
 		"cluster.peer_addr", "cluster.join", "cluster.secret_key_file", "cluster.allow_plaintext_gossip",
-		"queue.max_length", "queue.max_bytes", "replica.write_quorum"}
+		"queue.max_length", "queue.max_bytes", "replica.write_quorum",
+		"stomp.tls.addr", "stomp.tls.cert_file", "stomp.tls.key_file", "stomp.tls.client_ca_file",
+		"admin.tls.cert_file", "admin.tls.key_file", "admin.tls.client_ca_file", "admin.token_file", "admin.metrics_public",
+		"auth.x509_login", "auth.acl_file", "cluster.tls.cert_file", "cluster.tls.key_file", "cluster.tls.ca_file"}
 	for _, s := range settings {
 		if reflect.ValueOf(s.field(&d)).Elem().IsZero() && !slices.Contains(mayBeZero, s.key) {
 			t.Errorf("Default() leaves %s unset", s.key)
@@ -137,13 +140,18 @@ func TestDefault(t *testing.T) {
 func TestSettingsCoverConfig(t *testing.T) {
 	var c Config
 	fields := map[uintptr]string{} // address of each leaf field -> Section.Field
-	root := reflect.ValueOf(&c).Elem()
-	for i := range root.NumField() {
-		section := root.Field(i)
-		for j := range section.NumField() {
-			fields[section.Field(j).Addr().Pointer()] = root.Type().Field(i).Name + "." + section.Type().Field(j).Name
+	var walk func(v reflect.Value, path string)
+	walk = func(v reflect.Value, path string) {
+		for i := range v.NumField() {
+			f, name := v.Field(i), path+v.Type().Field(i).Name
+			if f.Kind() == reflect.Struct {
+				walk(f, name+".") // a subsection such as STOMP.TLS
+				continue
+			}
+			fields[f.Addr().Pointer()] = name
 		}
 	}
+	walk(reflect.ValueOf(&c).Elem(), "")
 
 	keys, envs, flags := map[string]bool{}, map[string]bool{}, map[string]bool{}
 	for _, s := range settings {
@@ -206,6 +214,9 @@ func TestFlags(t *testing.T) {
 		"allow-plaintext-gossip": {"cluster.allow_plaintext_gossip", "false"},
 		"replication-factor":     {"replica.factor", "2"},
 		"write-quorum":           {"replica.write_quorum", "0"},
+		"stomp-tls-addr":         {"stomp.tls.addr", ""},
+		"admin-token-file":       {"admin.token_file", ""},
+		"acl-file":               {"auth.acl_file", ""},
 	}
 	var got []string
 	fset.VisitAll(func(f *pflag.Flag) { got = append(got, f.Name) })
@@ -314,30 +325,34 @@ func TestEveryKeyFromEveryLayer(t *testing.T) {
 	want := Config{
 		Node: Node{Name: "n1", DataDir: "/var/lib/brokerd"},
 		STOMP: STOMP{Addr: "127.0.0.1:0", HeartbeatSend: time.Second, HeartbeatReceive: 2 * time.Second,
-			ConnectTimeout: 3 * time.Second, WriteTimeout: 4 * time.Second, HeartbeatMin: 5 * time.Millisecond},
-		Admin: Admin{Addr: ""},
-		Log:   Log{Level: "debug", Format: "json"},
+			ConnectTimeout: 3 * time.Second, WriteTimeout: 4 * time.Second, HeartbeatMin: 5 * time.Millisecond,
+			TLS: STOMPTLS{Addr: "127.0.0.1:1", CertFile: "/etc/brokerd/stomp.crt", KeyFile: "/etc/brokerd/stomp.key", ClientCAFile: "/etc/brokerd/clients.crt", ClientAuth: "require"}},
+		Admin: Admin{Addr: "", TLS: AdminTLS{CertFile: "/etc/brokerd/admin.crt", KeyFile: "/etc/brokerd/admin.key", ClientCAFile: "/etc/brokerd/ops.crt"},
+			TokenFile: "/etc/brokerd/token", MetricsPublic: true},
+		Log: Log{Level: "debug", Format: "json"},
 		Store: Store{Sync: "batch", SyncInterval: 5 * time.Millisecond, MaxBatch: 6,
 			ApplyInterval: 7 * time.Millisecond, WALSize: 1 << 20, MinFreeBytes: 0, Recover: "truncate"},
-		Auth: Auth{UsersFile: "/etc/brokerd/users", AllowAnonymous: true},
+		Auth: Auth{UsersFile: "/etc/brokerd/users", AllowAnonymous: true, X509Login: true, ACLFile: "/etc/brokerd/acl"},
 		Limits: Limits{MaxFrameSize: 7, MaxHeaderCount: 8, MaxHeaderLength: 9, MaxBodySize: 10, MaxConnections: 11, MaxSubscriptions: 12, MaxTransactionFrames: 13, TopicBuffer: 14,
-			MaxUnacked: 15, MaxUnackedBytes: 2 << 20, MaxOutgoingBytes: 16 << 10, MaxTransactionBytes: 17e6},
+			MaxUnacked: 15, MaxUnackedBytes: 2 << 20, MaxOutgoingBytes: 16 << 10, MaxTransactionBytes: 17e6, MaxConnectionsPerIP: 24},
 		Queue: Queue{MaxRedeliveries: 0, DLQPrefix: "/queue/dead.", MaxLength: 18, MaxBytes: 19 << 30, Overflow: "drop-head",
 			IdleDeleteAfter: 20 * time.Minute, ReadAheadMessages: 21, ReadAheadBytes: 22},
 		Cluster: Cluster{GossipAddr: "0.0.0.0:7946", PeerAddr: ":7947", Join: []string{"a.example:7946", "[::1]:7946"},
 			ActiveMembers: 5, Name: "prod", SecretKeyFile: "/etc/brokerd/key", PromotionDelay: 0,
-			ForgetAfter: 23 * time.Hour, AllowPlaintextGossip: true},
+			ForgetAfter: 23 * time.Hour, AllowPlaintextGossip: true,
+			TLS: ClusterTLS{CertFile: "/etc/brokerd/node.crt", KeyFile: "/etc/brokerd/node.key", CAFile: "/etc/brokerd/ca.crt"}},
 		Replica: Replica{Factor: 4, WriteQuorum: 1, TombstoneTTL: 90 * time.Second},
 	}
 	file := `
 node: {name: n1, data_dir: /var/lib/brokerd}
-stomp: {addr: "127.0.0.1:0", heartbeat_send: 1s, heartbeat_receive: 2s, connect_timeout: 3s, write_timeout: 4s, heartbeat_min: 5ms}
-admin: {addr: }
+stomp: {addr: "127.0.0.1:0", heartbeat_send: 1s, heartbeat_receive: 2s, connect_timeout: 3s, write_timeout: 4s, heartbeat_min: 5ms,
+  tls: {addr: "127.0.0.1:1", cert_file: /etc/brokerd/stomp.crt, key_file: /etc/brokerd/stomp.key, client_ca_file: /etc/brokerd/clients.crt, client_auth: require}}
+admin: {addr: , tls: {cert_file: /etc/brokerd/admin.crt, key_file: /etc/brokerd/admin.key, client_ca_file: /etc/brokerd/ops.crt}, token_file: /etc/brokerd/token, metrics_public: true}
 log: {level: debug, format: json}
 store: {sync: batch, sync_interval: 5ms, max_batch: 6, apply_interval: 7ms, wal_size: 1MiB, min_free_bytes: 0, recover: truncate}
-auth: {users_file: /etc/brokerd/users, allow_anonymous: true}
+auth: {users_file: /etc/brokerd/users, allow_anonymous: true, x509_login: true, acl_file: /etc/brokerd/acl}
 limits: {max_frame_size: 7, max_header_count: 8, max_header_length: 9, max_body_size: 10, max_connections: 11, max_subscriptions: 12, max_transaction_frames: 13, topic_buffer: 14,
-  max_unacked: 15, max_unacked_bytes: 2MiB, max_outgoing_bytes: 16KiB, max_transaction_bytes: 17MB}
+  max_unacked: 15, max_unacked_bytes: 2MiB, max_outgoing_bytes: 16KiB, max_transaction_bytes: 17MB, max_connections_per_ip: 24}
 queue: {max_redeliveries: 0, dlq_prefix: /queue/dead., max_length: 18, max_bytes: 19 GiB, overflow: drop-head,
   idle_delete_after: 20m, read_ahead_messages: 21, read_ahead_bytes: 22}
 cluster:
@@ -350,21 +365,25 @@ cluster:
   promotion_delay: 0
   forget_after: 23h
   allow_plaintext_gossip: true
+  tls: {cert_file: /etc/brokerd/node.crt, key_file: /etc/brokerd/node.key, ca_file: /etc/brokerd/ca.crt}
 replica: {factor: 4, write_quorum: 1, tombstone_ttl: 90s}
 `
 	env := []string{
 		"BROKERD_NODE_NAME=n1", "BROKERD_NODE_DATA_DIR=/var/lib/brokerd",
 		"BROKERD_STOMP_ADDR=127.0.0.1:0", "BROKERD_STOMP_HEARTBEAT_SEND=1s", "BROKERD_STOMP_HEARTBEAT_RECEIVE=2s",
 		"BROKERD_STOMP_CONNECT_TIMEOUT=3s", "BROKERD_STOMP_WRITE_TIMEOUT=4s", "BROKERD_STOMP_HEARTBEAT_MIN=5ms",
-		"BROKERD_ADMIN_ADDR=",
+		"BROKERD_STOMP_TLS_ADDR=127.0.0.1:1", "BROKERD_STOMP_TLS_CERT_FILE=/etc/brokerd/stomp.crt", "BROKERD_STOMP_TLS_KEY_FILE=/etc/brokerd/stomp.key",
+		"BROKERD_STOMP_TLS_CLIENT_CA_FILE=/etc/brokerd/clients.crt", "BROKERD_STOMP_TLS_CLIENT_AUTH=require",
+		"BROKERD_ADMIN_ADDR=", "BROKERD_ADMIN_TLS_CERT_FILE=/etc/brokerd/admin.crt", "BROKERD_ADMIN_TLS_KEY_FILE=/etc/brokerd/admin.key",
+		"BROKERD_ADMIN_TLS_CLIENT_CA_FILE=/etc/brokerd/ops.crt", "BROKERD_ADMIN_TOKEN_FILE=/etc/brokerd/token", "BROKERD_ADMIN_METRICS_PUBLIC=true",
 		"BROKERD_LOG_LEVEL=debug", "BROKERD_LOG_FORMAT=json",
 		"BROKERD_STORE_SYNC=batch", "BROKERD_STORE_SYNC_INTERVAL=5ms", "BROKERD_STORE_MAX_BATCH=6",
 		"BROKERD_STORE_APPLY_INTERVAL=7ms", "BROKERD_STORE_WAL_SIZE=1048576", "BROKERD_STORE_MIN_FREE_BYTES=0", "BROKERD_STORE_RECOVER=truncate",
-		"BROKERD_AUTH_USERS_FILE=/etc/brokerd/users", "BROKERD_AUTH_ALLOW_ANONYMOUS=true",
+		"BROKERD_AUTH_USERS_FILE=/etc/brokerd/users", "BROKERD_AUTH_ALLOW_ANONYMOUS=true", "BROKERD_AUTH_X509_LOGIN=true", "BROKERD_AUTH_ACL_FILE=/etc/brokerd/acl",
 		"BROKERD_LIMITS_MAX_FRAME_SIZE=7", "BROKERD_LIMITS_MAX_HEADER_COUNT=8", "BROKERD_LIMITS_MAX_HEADER_LENGTH=9",
 		"BROKERD_LIMITS_MAX_BODY_SIZE=10", "BROKERD_LIMITS_MAX_CONNECTIONS=11", "BROKERD_LIMITS_MAX_SUBSCRIPTIONS=12",
 		"BROKERD_LIMITS_MAX_TRANSACTION_FRAMES=13", "BROKERD_LIMITS_TOPIC_BUFFER=14",
-		"BROKERD_LIMITS_MAX_UNACKED=15", "BROKERD_LIMITS_MAX_UNACKED_BYTES=2MiB", "BROKERD_LIMITS_MAX_OUTGOING_BYTES=16KiB", "BROKERD_LIMITS_MAX_TRANSACTION_BYTES=17000000",
+		"BROKERD_LIMITS_MAX_UNACKED=15", "BROKERD_LIMITS_MAX_UNACKED_BYTES=2MiB", "BROKERD_LIMITS_MAX_OUTGOING_BYTES=16KiB", "BROKERD_LIMITS_MAX_TRANSACTION_BYTES=17000000", "BROKERD_LIMITS_MAX_CONNECTIONS_PER_IP=24",
 		"BROKERD_QUEUE_MAX_REDELIVERIES=0", "BROKERD_QUEUE_DLQ_PREFIX=/queue/dead.",
 		"BROKERD_QUEUE_MAX_LENGTH=18", "BROKERD_QUEUE_MAX_BYTES=19GiB", "BROKERD_QUEUE_OVERFLOW=drop-head",
 		"BROKERD_QUEUE_IDLE_DELETE_AFTER=20m", "BROKERD_QUEUE_READ_AHEAD_MESSAGES=21", "BROKERD_QUEUE_READ_AHEAD_BYTES=22B",
@@ -372,6 +391,7 @@ replica: {factor: 4, write_quorum: 1, tombstone_ttl: 90s}
 		"BROKERD_CLUSTER_JOIN=a.example:7946, [::1]:7946", "BROKERD_CLUSTER_ACTIVE_MEMBERS=5",
 		"BROKERD_CLUSTER_NAME=prod", "BROKERD_CLUSTER_SECRET_KEY_FILE=/etc/brokerd/key",
 		"BROKERD_CLUSTER_PROMOTION_DELAY=0s", "BROKERD_CLUSTER_FORGET_AFTER=23h", "BROKERD_CLUSTER_ALLOW_PLAINTEXT_GOSSIP=true",
+		"BROKERD_CLUSTER_TLS_CERT_FILE=/etc/brokerd/node.crt", "BROKERD_CLUSTER_TLS_KEY_FILE=/etc/brokerd/node.key", "BROKERD_CLUSTER_TLS_CA_FILE=/etc/brokerd/ca.crt",
 		"BROKERD_REPLICA_FACTOR=4", "BROKERD_REPLICA_WRITE_QUORUM=1", "BROKERD_REPLICA_TOMBSTONE_TTL=90s",
 	}
 	if len(env) != len(settings) {
@@ -646,6 +666,54 @@ func TestValidate(t *testing.T) {
 		{"queue.idle_delete_after 0 never deletes", func(c *Config) { c.Queue.IdleDeleteAfter = 0 }, "", ""},
 		{"queue.read_ahead_messages 0", func(c *Config) { c.Queue.ReadAheadMessages = 0 }, "queue.read_ahead_messages", "> 0"},
 		{"queue.read_ahead_bytes 0", func(c *Config) { c.Queue.ReadAheadBytes = 0 }, "queue.read_ahead_bytes", "> 0"},
+
+		{"stomp.tls.addr without cert", func(c *Config) {
+			c.STOMP.TLS.Addr, c.STOMP.TLS.KeyFile = "127.0.0.1:61614", "k.pem"
+		}, "stomp.tls.cert_file", "required with stomp.tls.addr"},
+		{"stomp.tls.addr without key", func(c *Config) {
+			c.STOMP.TLS.Addr, c.STOMP.TLS.CertFile = "127.0.0.1:61614", "c.pem"
+		}, "stomp.tls.key_file", "required with stomp.tls.addr"},
+		{"stomp.tls complete", func(c *Config) {
+			c.STOMP.TLS.Addr, c.STOMP.TLS.CertFile, c.STOMP.TLS.KeyFile = "127.0.0.1:61614", "c.pem", "k.pem"
+		}, "", ""},
+		{"stomp.tls.cert_file without addr", func(c *Config) { c.STOMP.TLS.CertFile = "c.pem" }, "stomp.tls.cert_file", "no effect without stomp.tls.addr"},
+		{"stomp.tls.client_auth unknown", func(c *Config) { c.STOMP.TLS.ClientAuth = "optional" }, "stomp.tls.client_auth", `"optional" is not one of none, request, require`},
+		{"stomp.tls.client_auth require without CA", func(c *Config) {
+			c.STOMP.TLS.Addr, c.STOMP.TLS.CertFile, c.STOMP.TLS.KeyFile = "127.0.0.1:61614", "c.pem", "k.pem"
+			c.STOMP.TLS.ClientAuth = "require"
+		}, "stomp.tls.client_ca_file", "required with stomp.tls.client_auth: require"},
+		{"stomp.tls.client_ca_file with client_auth none", func(c *Config) {
+			c.STOMP.TLS.Addr, c.STOMP.TLS.CertFile, c.STOMP.TLS.KeyFile = "127.0.0.1:61614", "c.pem", "k.pem"
+			c.STOMP.TLS.ClientCAFile = "ca.pem"
+		}, "stomp.tls.client_auth", "has no effect"},
+		{"stomp.tls beyond loopback without users", func(c *Config) {
+			c.STOMP.TLS.Addr, c.STOMP.TLS.CertFile, c.STOMP.TLS.KeyFile = ":61614", "c.pem", "k.pem"
+		}, "auth.users_file", "required when stomp.tls.addr listens beyond loopback"},
+		{"stomp.tls beyond loopback with required x509 login", func(c *Config) {
+			c.STOMP.TLS.Addr, c.STOMP.TLS.CertFile, c.STOMP.TLS.KeyFile = ":61614", "c.pem", "k.pem"
+			c.STOMP.TLS.ClientAuth, c.STOMP.TLS.ClientCAFile, c.Auth.X509Login = "require", "ca.pem", true
+		}, "", ""},
+		{"auth.x509_login without client certificates", func(c *Config) { c.Auth.X509Login = true }, "auth.x509_login", "needs stomp.tls.addr"},
+		{"admin.tls cert without key", func(c *Config) { c.Admin.TLS.CertFile = "c.pem" }, "admin.tls.key_file", "go together"},
+		{"admin.tls.client_ca_file without cert", func(c *Config) { c.Admin.TLS.ClientCAFile = "ca.pem" }, "admin.tls.client_ca_file", "needs admin.tls.cert_file"},
+		{"admin.addr beyond loopback without a token", func(c *Config) { c.Admin.Addr = "0.0.0.0:8613" }, "admin.token_file", "required when admin.addr listens beyond loopback"},
+		{"admin.addr beyond loopback with a token", func(c *Config) { c.Admin.Addr, c.Admin.TokenFile = "0.0.0.0:8613", "t" }, "", ""},
+		{"admin.addr beyond loopback with client certificates", func(c *Config) {
+			c.Admin.Addr = "0.0.0.0:8613"
+			c.Admin.TLS = AdminTLS{CertFile: "c.pem", KeyFile: "k.pem", ClientCAFile: "ca.pem"}
+		}, "", ""},
+		{"limits.max_connections_per_ip 0", func(c *Config) { c.Limits.MaxConnectionsPerIP = 0 }, "limits.max_connections_per_ip", "> 0"},
+		{"cluster.tls partial", func(c *Config) {
+			c.Cluster.GossipAddr = "127.0.0.1:7946"
+			c.Cluster.TLS = ClusterTLS{CertFile: "c.pem", KeyFile: "k.pem"}
+		}, "cluster.tls.ca_file", "go together"},
+		{"cluster.tls on a single node", func(c *Config) {
+			c.Cluster.TLS = ClusterTLS{CertFile: "c.pem", KeyFile: "k.pem", CAFile: "ca.pem"}
+		}, "cluster.tls.cert_file", "without cluster.gossip_addr"},
+		{"cluster.tls complete", func(c *Config) {
+			c.Cluster.GossipAddr = "127.0.0.1:7946"
+			c.Cluster.TLS = ClusterTLS{CertFile: "c.pem", KeyFile: "k.pem", CAFile: "ca.pem"}
+		}, "", ""},
 
 		{"cluster.gossip_addr bad", func(c *Config) { c.Cluster.GossipAddr = "7946" }, "cluster.gossip_addr", "not host:port"},
 		{"cluster.gossip_addr all interfaces without a key", func(c *Config) { c.Cluster.GossipAddr = ":7946" }, "cluster.secret_key_file", "required when cluster.gossip_addr listens beyond loopback"},

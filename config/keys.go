@@ -27,8 +27,18 @@ var settings = []setting{
 	{"stomp.connect_timeout", "", "", func(c *Config) any { return &c.STOMP.ConnectTimeout }},
 	{"stomp.write_timeout", "", "", func(c *Config) any { return &c.STOMP.WriteTimeout }},
 	{"stomp.heartbeat_min", "", "", func(c *Config) any { return &c.STOMP.HeartbeatMin }},
+	{"stomp.tls.addr", "stomp-tls-addr", `STOMP over TLS listen address, "" for none`, func(c *Config) any { return &c.STOMP.TLS.Addr }},
+	{"stomp.tls.cert_file", "", "", func(c *Config) any { return &c.STOMP.TLS.CertFile }},
+	{"stomp.tls.key_file", "", "", func(c *Config) any { return &c.STOMP.TLS.KeyFile }},
+	{"stomp.tls.client_ca_file", "", "", func(c *Config) any { return &c.STOMP.TLS.ClientCAFile }},
+	{"stomp.tls.client_auth", "", "", func(c *Config) any { return &c.STOMP.TLS.ClientAuth }},
 
 	{"admin.addr", "admin-addr", `admin HTTP listen address, "" to disable`, func(c *Config) any { return &c.Admin.Addr }},
+	{"admin.tls.cert_file", "", "", func(c *Config) any { return &c.Admin.TLS.CertFile }},
+	{"admin.tls.key_file", "", "", func(c *Config) any { return &c.Admin.TLS.KeyFile }},
+	{"admin.tls.client_ca_file", "", "", func(c *Config) any { return &c.Admin.TLS.ClientCAFile }},
+	{"admin.token_file", "admin-token-file", "file holding the admin API's bearer token", func(c *Config) any { return &c.Admin.TokenFile }},
+	{"admin.metrics_public", "", "", func(c *Config) any { return &c.Admin.MetricsPublic }},
 
 	{"log.level", "log-level", "log level: debug, info, warn or error", func(c *Config) any { return &c.Log.Level }},
 	{"log.format", "log-format", "log format: text or json", func(c *Config) any { return &c.Log.Format }},
@@ -43,6 +53,8 @@ var settings = []setting{
 
 	{"auth.users_file", "users-file", `file of users and passwords, "" for no login`, func(c *Config) any { return &c.Auth.UsersFile }},
 	{"auth.allow_anonymous", "allow-anonymous", "allow clients without a login beyond loopback", func(c *Config) any { return &c.Auth.AllowAnonymous }},
+	{"auth.x509_login", "", "", func(c *Config) any { return &c.Auth.X509Login }},
+	{"auth.acl_file", "acl-file", `file of access rules per destination, "" to allow every user everything`, func(c *Config) any { return &c.Auth.ACLFile }},
 
 	{"limits.max_frame_size", "", "", func(c *Config) any { return &c.Limits.MaxFrameSize }},
 	{"limits.max_header_count", "", "", func(c *Config) any { return &c.Limits.MaxHeaderCount }},
@@ -56,6 +68,7 @@ var settings = []setting{
 	{"limits.max_unacked_bytes", "", "", func(c *Config) any { return &c.Limits.MaxUnackedBytes }},
 	{"limits.max_outgoing_bytes", "", "", func(c *Config) any { return &c.Limits.MaxOutgoingBytes }},
 	{"limits.max_transaction_bytes", "", "", func(c *Config) any { return &c.Limits.MaxTransactionBytes }},
+	{"limits.max_connections_per_ip", "", "", func(c *Config) any { return &c.Limits.MaxConnectionsPerIP }},
 
 	{"queue.max_redeliveries", "", "", func(c *Config) any { return &c.Queue.MaxRedeliveries }},
 	{"queue.dlq_prefix", "", "", func(c *Config) any { return &c.Queue.DLQPrefix }},
@@ -75,6 +88,9 @@ var settings = []setting{
 	{"cluster.promotion_delay", "", "", func(c *Config) any { return &c.Cluster.PromotionDelay }},
 	{"cluster.forget_after", "", "", func(c *Config) any { return &c.Cluster.ForgetAfter }},
 	{"cluster.allow_plaintext_gossip", "allow-plaintext-gossip", "allow gossip without cluster.secret_key_file beyond loopback", func(c *Config) any { return &c.Cluster.AllowPlaintextGossip }},
+	{"cluster.tls.cert_file", "", "", func(c *Config) any { return &c.Cluster.TLS.CertFile }},
+	{"cluster.tls.key_file", "", "", func(c *Config) any { return &c.Cluster.TLS.KeyFile }},
+	{"cluster.tls.ca_file", "", "", func(c *Config) any { return &c.Cluster.TLS.CAFile }},
 
 	{"replica.factor", "replication-factor", "copies R of every queued message, at most cluster.active_members", func(c *Config) any { return &c.Replica.Factor }},
 	{"replica.write_quorum", "write-quorum", "copies durable before a RECEIPT, 1..R; 0 for a majority of R", func(c *Config) any { return &c.Replica.WriteQuorum }},
@@ -112,10 +128,11 @@ func lookupKey(key string) (setting, bool) {
 	return setting{}, false
 }
 
-// isSection reports whether name is the first part of some key ("stomp").
+// isSection reports whether name is a leading part of some key ("stomp",
+// "stomp.tls").
 func isSection(name string) bool {
 	for _, s := range settings {
-		if section, _, _ := strings.Cut(s.key, "."); section == name {
+		if strings.HasPrefix(s.key, name+".") {
 			return true
 		}
 	}

@@ -18,6 +18,7 @@ var (
 	logFormats   = []string{"text", "json"}
 	syncModes    = []string{"always", "batch", "none"}
 	recoverModes = []string{"refuse", "truncate"}
+	clientAuths  = []string{"none", "request", "require"}
 	overflows    = []string{"reject-publish", "drop-head"}
 )
 
@@ -57,8 +58,36 @@ func (c Config) problems() []error {
 	check("stomp.connect_timeout", positive(c.STOMP.ConnectTimeout))
 	check("stomp.write_timeout", positive(c.STOMP.WriteTimeout))
 	check("stomp.heartbeat_min", positive(c.STOMP.HeartbeatMin))
+	check("stomp.tls.addr", optional(c.STOMP.TLS.Addr, listenAddr))
+	check("stomp.tls.client_auth", oneOf(c.STOMP.TLS.ClientAuth, clientAuths))
+	if c.STOMP.TLS.Addr != "" {
+		check("stomp.tls.cert_file", requiredWith(c.STOMP.TLS.CertFile, "stomp.tls.addr"))
+		check("stomp.tls.key_file", requiredWith(c.STOMP.TLS.KeyFile, "stomp.tls.addr"))
+	} else {
+		for key, v := range map[string]string{"stomp.tls.cert_file": c.STOMP.TLS.CertFile, "stomp.tls.key_file": c.STOMP.TLS.KeyFile, "stomp.tls.client_ca_file": c.STOMP.TLS.ClientCAFile} {
+			if v != "" {
+				check(key, errors.New("has no effect without stomp.tls.addr"))
+			}
+		}
+	}
+	if c.STOMP.TLS.ClientAuth != "none" && c.STOMP.TLS.ClientAuth != "" && slices.Contains(clientAuths, c.STOMP.TLS.ClientAuth) {
+		check("stomp.tls.client_ca_file", requiredWith(c.STOMP.TLS.ClientCAFile, "stomp.tls.client_auth: "+c.STOMP.TLS.ClientAuth))
+	} else if c.STOMP.TLS.ClientCAFile != "" && c.STOMP.TLS.Addr != "" {
+		check("stomp.tls.client_auth", errors.New(`is "none", so stomp.tls.client_ca_file has no effect (set request or require)`))
+	}
 
 	check("admin.addr", optional(c.Admin.Addr, listenAddr))
+	if (c.Admin.TLS.CertFile == "") != (c.Admin.TLS.KeyFile == "") {
+		check("admin.tls.key_file", errors.New("admin.tls.cert_file and admin.tls.key_file go together"))
+	}
+	if c.Admin.TLS.ClientCAFile != "" && c.Admin.TLS.CertFile == "" {
+		check("admin.tls.client_ca_file", errors.New("needs admin.tls.cert_file and admin.tls.key_file (client certificates need HTTPS)"))
+	}
+	// Whoever reaches the admin address can change M and read the cluster:
+	// beyond loopback it must ask who is calling.
+	if c.Admin.Addr != "" && listenAddr(c.Admin.Addr) == nil && !listensOnLoopback(c.Admin.Addr) && c.Admin.TokenFile == "" && c.Admin.TLS.ClientCAFile == "" {
+		check("admin.token_file", errors.New("required when admin.addr listens beyond loopback (or admin.tls.client_ca_file for client-certificate authentication)"))
+	}
 
 	check("log.level", oneOf(c.Log.Level, logLevels))
 	check("log.format", oneOf(c.Log.Format, logFormats))
@@ -76,6 +105,15 @@ func (c Config) problems() []error {
 	if c.Auth.UsersFile == "" && !c.Auth.AllowAnonymous && listenAddr(c.STOMP.Addr) == nil && !listensOnLoopback(c.STOMP.Addr) {
 		check("auth.users_file", errors.New("required when stomp.addr listens beyond loopback (set auth.allow_anonymous: true to allow anonymous clients)"))
 	}
+	// A TLS listener beyond loopback is anonymous too unless it requires a
+	// client certificate that logs in.
+	x509Required := c.Auth.X509Login && c.STOMP.TLS.ClientAuth == "require"
+	if c.Auth.UsersFile == "" && !c.Auth.AllowAnonymous && !x509Required && c.STOMP.TLS.Addr != "" && listenAddr(c.STOMP.TLS.Addr) == nil && !listensOnLoopback(c.STOMP.TLS.Addr) {
+		check("auth.users_file", errors.New("required when stomp.tls.addr listens beyond loopback (or auth.x509_login with stomp.tls.client_auth: require, or auth.allow_anonymous: true)"))
+	}
+	if c.Auth.X509Login && (c.STOMP.TLS.Addr == "" || (c.STOMP.TLS.ClientAuth != "request" && c.STOMP.TLS.ClientAuth != "require")) {
+		check("auth.x509_login", errors.New("needs stomp.tls.addr with stomp.tls.client_auth request or require"))
+	}
 
 	check("limits.max_frame_size", positive(c.Limits.MaxFrameSize))
 	check("limits.max_header_count", positive(c.Limits.MaxHeaderCount))
@@ -89,6 +127,7 @@ func (c Config) problems() []error {
 	check("limits.max_unacked_bytes", positive(c.Limits.MaxUnackedBytes))
 	check("limits.max_outgoing_bytes", positive(c.Limits.MaxOutgoingBytes))
 	check("limits.max_transaction_bytes", positive(c.Limits.MaxTransactionBytes))
+	check("limits.max_connections_per_ip", positive(c.Limits.MaxConnectionsPerIP))
 
 	check("queue.max_redeliveries", atLeastZero(c.Queue.MaxRedeliveries))
 	check("queue.dlq_prefix", dlqPrefix(c.Queue.DLQPrefix))
@@ -118,6 +157,16 @@ func (c Config) problems() []error {
 	if c.Cluster.SecretKeyFile == "" && !c.Cluster.AllowPlaintextGossip && c.Cluster.GossipAddr != "" && listenAddr(c.Cluster.GossipAddr) == nil && !listensOnLoopback(c.Cluster.GossipAddr) {
 		check("cluster.secret_key_file", errors.New("required when cluster.gossip_addr listens beyond loopback (set cluster.allow_plaintext_gossip: true to allow unauthenticated gossip)"))
 	}
+	if t := c.Cluster.TLS; t.CertFile != "" || t.KeyFile != "" || t.CAFile != "" {
+		for key, v := range map[string]string{"cluster.tls.cert_file": t.CertFile, "cluster.tls.key_file": t.KeyFile, "cluster.tls.ca_file": t.CAFile} {
+			if v == "" {
+				check(key, errors.New("cluster.tls.cert_file, key_file and ca_file go together (mutual TLS on peer links)"))
+			}
+		}
+		if c.Cluster.GossipAddr == "" {
+			check("cluster.tls.cert_file", errors.New("has no effect without cluster.gossip_addr (a single node has no peer links)"))
+		}
+	}
 	check("cluster.promotion_delay", atLeastZero(c.Cluster.PromotionDelay))
 	check("cluster.forget_after", positive(c.Cluster.ForgetAfter))
 
@@ -137,6 +186,13 @@ func (c Config) problems() []error {
 	}
 
 	return errs
+}
+
+func requiredWith(s, other string) error {
+	if s == "" {
+		return fmt.Errorf("required with %s", other)
+	}
+	return nil
 }
 
 func nonEmpty(s string) error {

@@ -104,12 +104,23 @@ func serve(cfg config.Config, stderr io.Writer) int {
 	}
 	log.Info("brokerd started", "node_id", n.ID(), "stomp", n.STOMPAddr(), "admin", n.AdminAddr(), "data_dir", cfg.Node.DataDir)
 	code := exitOK
-	select {
-	case <-ctx.Done():
-		log.Info("shutting down")
-	case <-n.Failed():
-		log.Error("exiting: the store failed", "err", n.Err(), "exit_code", exitStoreFailed)
-		code = exitStoreFailed
+	hup := make(chan os.Signal, 1)
+	signal.Notify(hup, syscall.SIGHUP)
+	defer signal.Stop(hup)
+wait:
+	for {
+		select {
+		case <-hup:
+			log.Info("SIGHUP: reloading users, ACL, certificates and keys")
+			_ = n.Reload() // logged; a part that fails keeps its old rules
+		case <-ctx.Done():
+			log.Info("shutting down")
+			break wait
+		case <-n.Failed():
+			log.Error("exiting: the store failed", "err", n.Err(), "exit_code", exitStoreFailed)
+			code = exitStoreFailed
+			break wait
+		}
 	}
 	stop() // a second signal kills the process the default way
 	sctx, cancel := context.WithTimeout(context.Background(), shutdownTimeout)

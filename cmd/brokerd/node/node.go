@@ -47,6 +47,9 @@ type Node struct {
 
 	opts Options
 
+	// reload holds what SIGHUP and POST /v1/reload reread (see Reload).
+	reload reloads
+
 	// Clustered (cluster.gossip_addr set): replication and forwarding.
 	secret   []byte
 	rt       *router
@@ -496,6 +499,13 @@ func (n *Node) adminHandler() http.Handler {
 			return
 		}
 		writeJSON(w, n.cl.Status())
+	})
+	mux.HandleFunc("POST /v1/reload", func(w http.ResponseWriter, r *http.Request) {
+		if err := n.Reload(); err != nil {
+			http.Error(w, "reload failed, the old rules stay in force: "+err.Error(), http.StatusUnprocessableEntity)
+			return
+		}
+		writeJSON(w, map[string]string{"status": "reloaded"})
 	})
 	mux.HandleFunc("GET /v1/destinations", func(w http.ResponseWriter, r *http.Request) {
 		if n.rt != nil {
