@@ -40,6 +40,10 @@ type session struct {
 	id      string
 	r       *frameReader
 	version string // negotiated; "1.0" until CONNECT
+	// user is who the session logged in as: the CONNECT's login, or the
+	// client certificate's subject CN with auth.x509_login; "" for an
+	// anonymous session. Set by connect, read by the reader goroutine.
+	user string
 	// frameRead is when the reader read the frame it handles, if that
 	// frame asks for a receipt (reader goroutine only).
 	frameRead time.Time
@@ -383,6 +387,7 @@ func (s *session) connect(f *frame.Frame) error {
 			return perr("auth", "access refused", "login or passcode is wrong")
 		}
 	}
+	s.user = f.Header.Get(frame.Login)
 	var sx, sy time.Duration // what we send / expect, 0 = none
 	if v != "1.0" {
 		if hb, ok := f.Header.Contains(frame.HeartBeat); ok {
