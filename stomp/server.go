@@ -2,10 +2,13 @@ package stomp
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"log/slog"
 	"net"
+	"net/netip"
+	"runtime"
 	"strconv"
 	"sync"
 	"sync/atomic"
@@ -89,6 +92,23 @@ type Config struct {
 	WriteTimeout time.Duration
 	// Auth checks logins; nil allows anyone.
 	Auth Authenticator
+	// TLSAddr, when set, is a second listener that speaks STOMP over TLS
+	// with TLS (required then); port 0 picks a free port (see TLSAddr).
+	TLSAddr string
+	TLS     *tls.Config
+	// X509Login lets a client whose certificate TLS verified log in as the
+	// certificate's subject CN without a passcode, when its CONNECT has no
+	// login or that same login, and no passcode (RabbitMQ's
+	// ssl_cert_login). Other CONNECTs are checked by Auth as usual.
+	X509Login bool
+	// MaxConnectionsPerIP caps the concurrent connections from one remote
+	// address, on both listeners together. Zero or negative: no cap.
+	MaxConnectionsPerIP int
+	// MaxLoginChecks bounds the password checks (bcrypt) running at once,
+	// so that a flood of CONNECTs cannot take every core; a CONNECT waits
+	// for a slot until its ConnectTimeout. Zero or negative: half the
+	// CPUs, at least one.
+	MaxLoginChecks int
 	// ServerName is sent in CONNECTED's server header.
 	ServerName string
 	// Logger receives the server's logs.
@@ -125,9 +145,14 @@ type Server struct {
 	m      *metrics
 
 	ln       net.Listener
+	tlsLn    net.Listener // nil without TLSAddr
 	closing  atomic.Bool
 	mu       sync.Mutex
 	sessions map[*session]struct{}
+	perIP    map[netip.Addr]int // open connections per remote address, under mu
+	logins   *loginGuard
+	// authSlots bounds concurrent password checks (MaxLoginChecks).
+	authSlots chan struct{}
 	nextID   atomic.Uint64
 	wg       sync.WaitGroup // accept loop and sessions
 }
@@ -163,24 +188,44 @@ func NewServer(cfg Config, broker Broker) *Server {
 	if cfg.ServerName == "" {
 		cfg.ServerName = def.ServerName
 	}
+	if cfg.MaxLoginChecks <= 0 {
+		cfg.MaxLoginChecks = max(1, runtime.GOMAXPROCS(0)/2)
+	}
 	return &Server{
-		cfg:      cfg,
-		broker:   broker,
-		log:      cfg.Logger.With("component", "stomp"),
-		m:        newMetrics(cfg.Registerer),
-		sessions: make(map[*session]struct{}),
+		cfg:       cfg,
+		broker:    broker,
+		log:       cfg.Logger.With("component", "stomp"),
+		m:         newMetrics(cfg.Registerer),
+		sessions:  make(map[*session]struct{}),
+		perIP:     make(map[netip.Addr]int),
+		logins:    newLoginGuard(),
+		authSlots: make(chan struct{}, cfg.MaxLoginChecks),
 	}
 }
 
-// Start binds the listener and starts accepting.
+// Start binds the listeners and starts accepting.
 func (s *Server) Start() error {
+	if s.cfg.TLSAddr != "" && s.cfg.TLS == nil {
+		return errors.New("stomp: TLSAddr without a TLS config")
+	}
 	ln, err := net.Listen("tcp", s.cfg.Addr)
 	if err != nil {
 		return fmt.Errorf("stomp listen: %w", err)
 	}
+	if s.cfg.TLSAddr != "" {
+		tln, err := net.Listen("tcp", s.cfg.TLSAddr)
+		if err != nil {
+			ln.Close()
+			return fmt.Errorf("stomp tls listen: %w", err)
+		}
+		s.tlsLn = tln
+		s.wg.Add(1)
+		go s.acceptLoop(tln, true)
+		s.log.Info("stomp listening (TLS)", "addr", tln.Addr().String())
+	}
 	s.ln = ln
 	s.wg.Add(1)
-	go s.acceptLoop()
+	go s.acceptLoop(ln, false)
 	s.log.Info("stomp listening", "addr", ln.Addr().String())
 	return nil
 }
@@ -188,11 +233,28 @@ func (s *Server) Start() error {
 // Addr is the bound address.
 func (s *Server) Addr() net.Addr { return s.ln.Addr() }
 
-func (s *Server) acceptLoop() {
+// TLSAddr is the bound address of the TLS listener, or nil without one.
+func (s *Server) TLSAddr() net.Addr {
+	if s.tlsLn == nil {
+		return nil
+	}
+	return s.tlsLn.Addr()
+}
+
+// remoteIP is the address a connection comes from, for the per-address
+// limits; the zero Addr for a connection without one (net.Pipe).
+func remoteIP(c net.Conn) netip.Addr {
+	if ap, err := netip.ParseAddrPort(c.RemoteAddr().String()); err == nil {
+		return ap.Addr().Unmap()
+	}
+	return netip.Addr{}
+}
+
+func (s *Server) acceptLoop(ln net.Listener, isTLS bool) {
 	defer s.wg.Done()
 	var delay time.Duration
 	for {
-		c, err := s.ln.Accept()
+		c, err := ln.Accept()
 		if err != nil {
 			if s.closing.Load() || errors.Is(err, net.ErrClosed) {
 				return
@@ -208,6 +270,7 @@ func (s *Server) acceptLoop() {
 			continue
 		}
 		delay = 0
+		ip := remoteIP(c)
 		s.mu.Lock()
 		if s.closing.Load() {
 			s.mu.Unlock()
@@ -216,12 +279,31 @@ func (s *Server) acceptLoop() {
 		}
 		if s.cfg.MaxConnections > 0 && len(s.sessions) >= s.cfg.MaxConnections {
 			s.mu.Unlock()
-			s.m.refused.Inc()
+			s.m.refused.WithLabelValues("max_connections").Inc()
 			s.log.Warn("connection refused", "reason", "too many connections", "remote", c.RemoteAddr().String())
 			go refuse(c, "too many connections", "this server accepts at most "+strconv.Itoa(s.cfg.MaxConnections)+" connections")
 			continue
 		}
+		if s.cfg.MaxConnectionsPerIP > 0 && ip.IsValid() && s.perIP[ip] >= s.cfg.MaxConnectionsPerIP {
+			s.mu.Unlock()
+			s.m.refused.WithLabelValues("max_connections_per_ip").Inc()
+			s.log.Warn("connection refused", "reason", "too many connections from one address", "remote", c.RemoteAddr().String())
+			// Over TLS the ERROR would need a handshake first: just close.
+			if isTLS {
+				c.Close()
+			} else {
+				go refuse(c, "too many connections", "this server accepts at most "+strconv.Itoa(s.cfg.MaxConnectionsPerIP)+" connections from one address")
+			}
+			continue
+		}
+		if ip.IsValid() {
+			s.perIP[ip]++
+		}
+		if isTLS {
+			c = tls.Server(c, s.cfg.TLS)
+		}
 		sess := newSession(s, c, "session-"+strconv.FormatUint(s.nextID.Add(1), 10))
+		sess.ip = ip
 		s.sessions[sess] = struct{}{}
 		s.wg.Add(1)
 		s.mu.Unlock()
@@ -229,13 +311,43 @@ func (s *Server) acceptLoop() {
 		s.m.connectionsTotal.Inc()
 		go func() {
 			defer s.wg.Done()
-			sess.run()
+			if tc, ok := c.(*tls.Conn); !ok || s.handshake(tc) {
+				sess.run()
+			}
 			s.mu.Lock()
 			delete(s.sessions, sess)
+			if ip.IsValid() {
+				if s.perIP[ip]--; s.perIP[ip] <= 0 {
+					delete(s.perIP, ip)
+				}
+			}
 			s.mu.Unlock()
 			s.m.connections.Dec()
 		}()
 	}
+}
+
+// handshake runs a TLS connection's handshake under the connect timeout.
+// A client that speaks plain STOMP to the TLS port gets a plain-text ERROR
+// saying so; every failure is logged with the remote address and closes
+// the connection.
+func (s *Server) handshake(tc *tls.Conn) bool {
+	ctx, cancel := context.WithTimeout(context.Background(), s.cfg.ConnectTimeout)
+	defer cancel()
+	err := tc.HandshakeContext(ctx)
+	if err == nil {
+		return true
+	}
+	s.m.refused.WithLabelValues("tls").Inc()
+	s.log.Warn("TLS handshake failed", "remote", tc.RemoteAddr().String(), "err", err)
+	var rhe tls.RecordHeaderError
+	if errors.As(err, &rhe) && rhe.Conn != nil {
+		// Not TLS at all (a plain STOMP client on the TLS port).
+		refuse(rhe.Conn, "TLS required", "this port speaks STOMP over TLS; connect with TLS or to the plain STOMP port")
+		return false
+	}
+	tc.Close()
+	return false
 }
 
 // refuse writes an ERROR frame to a connection that is not served and closes it.
@@ -265,6 +377,9 @@ func (s *Server) Shutdown(ctx context.Context) error {
 	if s.ln != nil {
 		s.ln.Close()
 	}
+	if s.tlsLn != nil {
+		s.tlsLn.Close()
+	}
 	s.mu.Lock()
 	for sess := range s.sessions {
 		sess.shutdown()
@@ -289,7 +404,8 @@ func (s *Server) Shutdown(ctx context.Context) error {
 type metrics struct {
 	connections      prometheus.Gauge
 	connectionsTotal prometheus.Counter
-	refused          prometheus.Counter
+	refused          *prometheus.CounterVec
+	loginsRefused    prometheus.Counter
 	framesIn         *prometheus.CounterVec
 	framesOut        *prometheus.CounterVec
 	errors           *prometheus.CounterVec
@@ -308,7 +424,8 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 	m := &metrics{
 		connections:      prometheus.NewGauge(prometheus.GaugeOpts{Name: "brokerd_stomp_connections", Help: "Open STOMP connections."}),
 		connectionsTotal: prometheus.NewCounter(prometheus.CounterOpts{Name: "brokerd_stomp_connections_total", Help: "STOMP connections accepted."}),
-		refused:          prometheus.NewCounter(prometheus.CounterOpts{Name: "brokerd_stomp_connections_refused_total", Help: "STOMP connections refused over the connection limit."}),
+		refused:          prometheus.NewCounterVec(prometheus.CounterOpts{Name: "brokerd_stomp_connections_refused_total", Help: "STOMP connections refused before CONNECT, by reason: max_connections, max_connections_per_ip, tls (a failed handshake)."}, []string{"reason"}),
+		loginsRefused:    prometheus.NewCounter(prometheus.CounterOpts{Name: "brokerd_stomp_logins_refused_total", Help: "CONNECTs refused for a wrong login, passcode or certificate."}),
 		framesIn:         prometheus.NewCounterVec(prometheus.CounterOpts{Name: "brokerd_stomp_frames_in_total", Help: "Frames received, by command."}, []string{"command"}),
 		framesOut:        prometheus.NewCounterVec(prometheus.CounterOpts{Name: "brokerd_stomp_frames_out_total", Help: "Frames sent, by command."}, []string{"command"}),
 		errors:           prometheus.NewCounterVec(prometheus.CounterOpts{Name: "brokerd_stomp_errors_total", Help: "ERROR frames sent, by reason."}, []string{"reason"}),
@@ -319,7 +436,7 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 		}),
 	}
 	if reg != nil {
-		reg.MustRegister(m.connections, m.connectionsTotal, m.refused, m.framesIn, m.framesOut, m.errors, m.receiptSeconds)
+		reg.MustRegister(m.connections, m.connectionsTotal, m.refused, m.loginsRefused, m.framesIn, m.framesOut, m.errors, m.receiptSeconds)
 	}
 	return m
 }
