@@ -1,10 +1,12 @@
 package stomp
 
 import (
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"io"
 	"net"
+	"net/netip"
 	"strconv"
 	"strings"
 	"sync"
@@ -44,6 +46,7 @@ type session struct {
 	// client certificate's subject CN with auth.x509_login; "" for an
 	// anonymous session. Set by connect, read by the reader goroutine.
 	user string
+	ip   netip.Addr // the remote address (zero for a pipe)
 	// frameRead is when the reader read the frame it handles, if that
 	// frame asks for a receipt (reader goroutine only).
 	frameRead time.Time
@@ -381,13 +384,18 @@ func (s *session) connect(f *frame.Frame) error {
 	// host names a virtual host. There is one: any value, and none (which
 	// stomp.py sends by default despite 1.1 and 1.2 requiring it), selects
 	// it, as the specification allows a server to.
-	if cfg.Auth != nil {
-		if err := cfg.Auth.Authenticate(f.Header.Get(frame.Login), f.Header.Get(frame.Passcode)); err != nil {
-			s.srv.log.Warn("login refused", "session", s.id, "login", f.Header.Get(frame.Login), "remote", s.conn.RemoteAddr().String())
-			return perr("auth", "access refused", "login or passcode is wrong")
+	login, passcode := f.Header.Get(frame.Login), f.Header.Get(frame.Passcode)
+	if cn := s.certCN(); cfg.X509Login && cn != "" && (login == "" || login == cn) && passcode == "" {
+		// The certificate is the credential (auth.x509_login).
+		s.user = cn
+	} else if cfg.Auth != nil {
+		if err := s.authenticate(login, passcode); err != nil {
+			return err
 		}
+		s.user = login
+	} else {
+		s.user = login
 	}
-	s.user = f.Header.Get(frame.Login)
 	var sx, sy time.Duration // what we send / expect, 0 = none
 	if v != "1.0" {
 		if hb, ok := f.Header.Contains(frame.HeartBeat); ok {
@@ -417,6 +425,49 @@ func (s *session) connect(f *frame.Frame) error {
 	}
 	s.enqueueFrame(c, false)
 	return nil
+}
+
+// certCN is the subject CN of the client certificate TLS verified, or "".
+func (s *session) certCN() string {
+	tc, ok := s.conn.(*tls.Conn)
+	if !ok {
+		return ""
+	}
+	st := tc.ConnectionState()
+	if len(st.VerifiedChains) == 0 || len(st.VerifiedChains[0]) == 0 {
+		return ""
+	}
+	return st.VerifiedChains[0][0].Subject.CommonName
+}
+
+// authenticate checks a login and passcode with the server's
+// Authenticator, one of at most MaxLoginChecks at a time (bcrypt takes a
+// core for tens of milliseconds). A refused login waits longer the more
+// logins that address got wrong recently before its ERROR, and is logged
+// with the remote address (never the passcode).
+func (s *session) authenticate(login, passcode string) error {
+	cfg := &s.srv.cfg
+	wait := time.NewTimer(cfg.ConnectTimeout)
+	defer wait.Stop()
+	select {
+	case s.srv.authSlots <- struct{}{}:
+	case <-wait.C:
+		s.srv.log.Warn("login refused", "session", s.id, "login", login, "remote", s.conn.RemoteAddr().String(), "reason", "server busy checking other logins")
+		return perr("busy", "server busy", "too many logins are being checked; retry later")
+	}
+	err := cfg.Auth.Authenticate(login, passcode)
+	<-s.srv.authSlots
+	if err == nil {
+		return nil
+	}
+	s.srv.m.loginsRefused.Inc()
+	d := s.srv.logins.failed(s.ip)
+	s.srv.log.Warn("login refused", "session", s.id, "login", login, "remote", s.conn.RemoteAddr().String(), "delay", d)
+	// Sleep in steps, so that a shutdown is not held up.
+	for end := time.Now().Add(d); !s.stopping.Load() && time.Now().Before(end); {
+		time.Sleep(min(100*time.Millisecond, time.Until(end)))
+	}
+	return perr("auth", "access refused", "login or passcode is wrong")
 }
 
 // handle applies one frame. It returns done after DISCONNECT.

@@ -64,6 +64,19 @@ func (t *tlsFiles) reload() error {
 	return nil
 }
 
+// clientAuthType maps stomp.tls.client_auth to Go's setting: request
+// verifies a certificate when the client offers one, require refuses a
+// client without one.
+func clientAuthType(s string) tls.ClientAuthType {
+	switch s {
+	case "request":
+		return tls.VerifyClientCertIfGiven
+	case "require":
+		return tls.RequireAndVerifyClientCert
+	}
+	return tls.NoClientCert
+}
+
 // serverConfig returns a server tls.Config presenting the current
 // certificate and, with a CA file, verifying client certificates as auth
 // says (tls.NoClientCert, VerifyClientCertIfGiven or
