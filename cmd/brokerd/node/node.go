@@ -113,6 +113,18 @@ func NewWithOptions(cfg config.Config, log *slog.Logger, opts Options) (*Node, e
 	if err != nil {
 		return nil, fmt.Errorf("queue.overflow: %w", err)
 	}
+	// STOMP over TLS: the files are read now, so that a bad one stops the
+	// start with the key's name, and again at every reload.
+	var stompTLS *tlsFiles
+	if t := cfg.STOMP.TLS; t.Addr != "" {
+		ca := t.ClientCAFile
+		if t.ClientAuth == "none" {
+			ca = ""
+		}
+		if stompTLS, err = newTLSFiles("stomp.tls", t.CertFile, t.KeyFile, ca, "client_ca_file"); err != nil {
+			return nil, err
+		}
+	}
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 
@@ -207,6 +219,13 @@ func NewWithOptions(cfg config.Config, log *slog.Logger, opts Options) (*Node, e
 	pcfg.WriteTimeout = cfg.STOMP.WriteTimeout
 	pcfg.Auth = auth
 	pcfg.ServerName = "brokerd/" + Version
+	pcfg.X509Login = cfg.Auth.X509Login
+	pcfg.MaxConnectionsPerIP = cfg.Limits.MaxConnectionsPerIP
+	if stompTLS != nil {
+		pcfg.TLSAddr = cfg.STOMP.TLS.Addr
+		pcfg.TLS = stompTLS.serverConfig(clientAuthType(cfg.STOMP.TLS.ClientAuth))
+		n.reload.add("stomp.tls", stompTLS.reload)
+	}
 	pcfg.Logger = log
 	pcfg.Registerer = reg
 
@@ -419,6 +438,14 @@ func (n *Node) Cluster() *cluster.Node { return n.cl }
 
 // STOMPAddr is the bound STOMP address.
 func (n *Node) STOMPAddr() string { return n.srv.Addr().String() }
+
+// STOMPTLSAddr is the bound STOMP-over-TLS address, or "" without one.
+func (n *Node) STOMPTLSAddr() string {
+	if a := n.srv.TLSAddr(); a != nil {
+		return a.String()
+	}
+	return ""
+}
 
 // AdminAddr is the bound admin address, or "" when disabled.
 func (n *Node) AdminAddr() string {
