@@ -2,8 +2,9 @@
 # brokerd's test command: go vet, staticcheck, every test with the race detector,
 # the chaos suite's short profile, and a short run of every fuzz target.
 # Installs Debian's python3-stomp first if /usr/bin/python3 cannot import
-# stomp (TestPythonStompPy needs it), and iproute2 and iptables if missing
-# (the chaos suite needs them, and root).
+# stomp (TestPythonStompPy needs it), iproute2 and iptables if missing
+# (the chaos suite needs them, and root), and openssl if missing (the TLS
+# tests run `openssl s_client`).
 #
 #   test/run.sh
 #
@@ -106,6 +107,21 @@ install_chaos_tools() {
 	fi
 }
 
+install_openssl() {
+	# The TLS tests drive the broker with `openssl s_client`.
+	if command -v openssl >/dev/null 2>&1; then
+		return 0
+	fi
+	if ! command -v apt-get >/dev/null 2>&1; then
+		echo "no apt-get: install openssl by hand" >&2
+		return 1
+	fi
+	if ! as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends openssl; then
+		as_root env DEBIAN_FRONTEND=noninteractive apt-get update
+		as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends openssl
+	fi
+}
+
 fuzz_one() {
 	local pkg=$1 name=$2 out attempt
 	for attempt in 1 2; do
@@ -144,6 +160,7 @@ fuzz_all() {
 
 run "install python3-stomp if missing" install_stomp_py
 run "install iproute2 and iptables if missing" install_chaos_tools
+run "install openssl if missing" install_openssl
 run "go vet" go vet ./...
 run "staticcheck" go run honnef.co/go/tools/cmd/staticcheck@v0.8.2 ./...
 run "go test -race" go test -race -count=1 -timeout 30m ./...
