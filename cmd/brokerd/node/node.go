@@ -329,7 +329,20 @@ func (n *Node) Start() error {
 		n.st.Close()
 		return err
 	}
+	var guard *adminAuth
 	if n.cfg.Admin.Addr != "" {
+		// The token file and certificates first: a bad one stops the
+		// start naming its key.
+		var err error
+		guard, err = newAdminAuth(n.cfg.Admin, n.log)
+		var tf *tlsFiles
+		if err == nil {
+			tf, err = newAdminTLS(n.cfg.Admin.TLS)
+		}
+		if err != nil {
+			_ = n.Shutdown(context.Background())
+			return err
+		}
 		// Bound now, for the address the cluster advertises; served once
 		// the cluster runs, so /healthz and /v1/cluster never answer for a
 		// node that is half started.
@@ -337,6 +350,13 @@ func (n *Node) Start() error {
 		if err != nil {
 			_ = n.Shutdown(context.Background())
 			return fmt.Errorf("admin listen: %w", err)
+		}
+		if tf != nil {
+			ln = adminListener(ln, tf, n.cfg.Admin.TLS.ClientCAFile != "")
+			n.reload.add("admin.tls", tf.reload)
+		}
+		if n.cfg.Admin.TokenFile != "" {
+			n.reload.add("admin.token_file", guard.reload)
 		}
 		n.adminL = ln
 	}
@@ -365,7 +385,13 @@ func (n *Node) Start() error {
 	}
 	if n.adminL != nil {
 		ln := n.adminL
-		n.admin = &http.Server{Handler: n.adminHandler(), ReadHeaderTimeout: 5 * time.Second}
+		n.admin = &http.Server{
+			Handler:           guard.wrap(n.adminHandler()),
+			ReadHeaderTimeout: 5 * time.Second,
+			// TLS handshake errors (a client certificate the CA did not
+			// sign) and the like, with the client's address.
+			ErrorLog: slog.NewLogLogger(n.log.With("component", "admin").Handler(), slog.LevelWarn),
+		}
 		n.adminD = make(chan struct{})
 		go func() {
 			defer close(n.adminD)
@@ -373,7 +399,8 @@ func (n *Node) Start() error {
 				n.log.Error("admin server stopped", "err", err)
 			}
 		}()
-		n.log.Info("admin listening", "addr", ln.Addr().String())
+		n.log.Info("admin listening", "addr", ln.Addr().String(), "https", n.cfg.Admin.TLS.CertFile != "",
+			"token", n.cfg.Admin.TokenFile != "", "client_certificates", n.cfg.Admin.TLS.ClientCAFile != "")
 	}
 	n.watchWG.Add(1)
 	go n.watchStore()
@@ -495,8 +522,9 @@ func (n *Node) adminHandler() http.Handler {
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /healthz", n.healthz)
 	mux.Handle("GET /metrics", promhttp.HandlerFor(n.reg, promhttp.HandlerOpts{}))
-	// Profiles for operators chasing a slow node; the admin address is
-	// loopback by default.
+	// Profiles for operators chasing a slow node; like everything but
+	// /healthz (and /metrics with admin.metrics_public), behind the admin
+	// token or client certificate when one is configured (see adminAuth).
 	mux.HandleFunc("/debug/pprof/", pprof.Index)
 	mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
 	mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
