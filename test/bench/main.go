@@ -183,6 +183,8 @@ package main
 
 import (
 	"bufio"
+	"crypto/tls"
+	"crypto/x509"
 	"encoding/json"
 	"errors"
 	"flag"
@@ -221,6 +223,10 @@ type config struct {
 	subReceipt                        bool
 	jsonOnly                          bool
 	label                             string
+	// tlsCA, when set, makes every connection STOMP over TLS, trusting
+	// the CA certificates in this PEM file.
+	tlsCA  string
+	tlsCfg *tls.Config
 
 	// consumerAddr is -consumer-addr as given ("" = same as -addr).
 	consumerAddr string
@@ -271,6 +277,7 @@ func parseFlags(args []string) (config, error) {
 	fs.IntVar(&c.pid, "pid", 0, "broker process ID: sample its memory (VmRSS, RssAnon, RssFile from /proc/PID/status) during the run")
 	fs.StringVar(&c.admin, "admin", "", "brokerd admin address host:port: count the wraps of its write-ahead log (store checkpoints or segment switches) during the run, per second with -series")
 	fs.StringVar(&c.mode, "mode", "load", "load (one run against a running broker), backlog (start brokerd with -broker, fill a queue with -count messages, kill -9, restart, drain; see the package doc) or fsync (time write+fdatasync of log-sized appends in -fsync-dir for -duration)")
+	fs.StringVar(&c.tlsCA, "tls-ca", "", "connect with TLS, trusting the CA certificates in this PEM file (the broker's stomp.tls listener)")
 	fs.StringVar(&c.fsyncDir, "fsync-dir", "", "with -mode fsync: directory (on the broker's disk) to append and fdatasync a probe file in")
 	c.bl.flags(fs)
 	fs.Usage = func() {
@@ -296,6 +303,17 @@ func parseFlags(args []string) (config, error) {
 	}
 	if c.pid < 0 {
 		return c, errors.New("-pid must be >= 0")
+	}
+	if c.tlsCA != "" {
+		b, err := os.ReadFile(c.tlsCA)
+		if err != nil {
+			return c, fmt.Errorf("-tls-ca: %w", err)
+		}
+		pool := x509.NewCertPool()
+		if !pool.AppendCertsFromPEM(b) {
+			return c, fmt.Errorf("-tls-ca: %s holds no PEM certificate", c.tlsCA)
+		}
+		c.tlsCfg = &tls.Config{RootCAs: pool, MinVersion: tls.VersionTLS12}
 	}
 	switch {
 	case c.producers < 1:
@@ -581,7 +599,15 @@ type conn struct {
 // dial opens a TCP connection to addr and performs the STOMP 1.2 handshake.
 func dial(r *run, name, addr string) (*conn, error) {
 	cfg := r.cfg
-	nc, err := net.DialTimeout("tcp", addr, cfg.timeout)
+	var nc net.Conn
+	var err error
+	if cfg.tlsCfg != nil {
+		tc := cfg.tlsCfg.Clone()
+		tc.ServerName, _, _ = net.SplitHostPort(addr)
+		nc, err = tls.DialWithDialer(&net.Dialer{Timeout: cfg.timeout}, "tcp", addr, tc)
+	} else {
+		nc, err = net.DialTimeout("tcp", addr, cfg.timeout)
+	}
 	if err != nil {
 		return nil, fmt.Errorf("%s: %w", name, err)
 	}
