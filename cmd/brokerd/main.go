@@ -3,6 +3,11 @@
 //	brokerd                       # single node, embedded defaults
 //	brokerd --config brokerd.yaml # see brokerd.example.yaml
 //	brokerd passwd alice          # print a users-file line
+//	brokerd status                # a node's view of the cluster (admin API)
+//	brokerd reload                # reread users, ACL, certificates, admin token (as SIGHUP)
+//
+// The commands that call the admin API take --admin-addr, --token-file,
+// --ca-file, --cert-file and --key-file.
 package main
 
 import (
@@ -68,7 +73,11 @@ func run(args, environ []string, stdin io.Reader, stdout, stderr io.Writer) int 
 	root.SetOut(stdout)
 	root.SetErr(stderr)
 	config.RegisterFlags(root.Flags())
-	root.AddCommand(passwdCmd(stdin, stdout), versionCmd(stdout), statusCmd(stdout), activeMembersCmd(stdout))
+	root.AddCommand(passwdCmd(stdin, stdout), versionCmd(stdout))
+	// Commands that call a node's admin API (their flags: addAdminFlags).
+	root.AddCommand(statusCmd(stdout))
+	root.AddCommand(activeMembersCmd(stdout))
+	root.AddCommand(reloadCmd(stdout))
 	if err := root.Execute(); err != nil {
 		fmt.Fprintf(stderr, "brokerd: %v\n", err)
 		if code == exitOK {
@@ -111,7 +120,7 @@ wait:
 	for {
 		select {
 		case <-hup:
-			log.Info("SIGHUP: reloading users, ACL, certificates and keys")
+			log.Info("SIGHUP: reloading users, ACL, certificates, keys and the admin token")
 			_ = n.Reload() // logged; a part that fails keeps its old rules
 		case <-ctx.Done():
 			log.Info("shutting down")

@@ -137,7 +137,7 @@ func (a *adminAuth) wrap(h http.Handler) http.Handler {
 		}
 		a.log.Warn("admin request refused", "remote", r.RemoteAddr, "method", r.Method, "path", r.URL.Path, "reason", why)
 		w.Header().Set("WWW-Authenticate", `Bearer realm="brokerd"`)
-		http.Error(w, "unauthorized: "+why, http.StatusUnauthorized)
+		http.Error(w, why, http.StatusUnauthorized)
 	})
 }
 
