@@ -10,6 +10,7 @@ import (
 	"crypto/hmac"
 	"crypto/rand"
 	"crypto/sha256"
+	"crypto/tls"
 	"encoding/hex"
 	"errors"
 	"fmt"
@@ -22,6 +23,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"github.com/go-stomp/stomp/v3/frame"
@@ -45,6 +47,11 @@ var (
 	// the server refused the client's proof, or the server did not prove
 	// that it holds the client's secret.
 	ErrPeerAuth = errors.New("peer authentication failed")
+
+	// ErrPeerTLS means the TLS handshake of a link configured for TLS
+	// failed: this side refused the other's certificate, the other side
+	// refused ours (a TLS alert), or the other side does not speak TLS.
+	ErrPeerTLS = errors.New("peer TLS handshake failed")
 
 	// ErrPeerHandshake means a handshake failed for another reason: an
 	// ERROR from the server (version, node ID, heart-beats, too many
@@ -107,6 +114,9 @@ const (
 	peerCodeDropped   = "dropped"
 	peerCodeTimeout   = "timeout"
 	peerCodeWrite     = "write"
+	// peerCodeTLS: the TLS handshake failed (a certificate refused by
+	// either side, or a client that does not speak TLS to a TLS port).
+	peerCodeTLS = "tls"
 	// Operation failures the server substitutes for a bad reply.
 	peerCodeTooLarge = "reply-too-large"
 	peerCodeInternal = "internal"
@@ -255,6 +265,49 @@ func peerMACEqual(got, want string) bool {
 	return hmac.Equal(g, w)
 }
 
+// peerMatchKey returns the key of keys with which got is the MAC of
+// prefix and parts, or nil if none.
+func peerMatchKey(keys [][]byte, got, prefix string, parts ...string) []byte {
+	for _, k := range keys {
+		if len(k) > 0 && peerMACEqual(got, peerMAC(k, prefix, parts...)) {
+			return k
+		}
+	}
+	return nil
+}
+
+// peerKeys returns the keys of a keyring function, or secret alone; no
+// keys means no authentication.
+func peerKeys(fn func() [][]byte, secret []byte) [][]byte {
+	if fn != nil {
+		var keys [][]byte
+		for _, k := range fn() {
+			if len(k) > 0 {
+				keys = append(keys, k)
+			}
+		}
+		return keys
+	}
+	if len(secret) > 0 {
+		return [][]byte{secret}
+	}
+	return nil
+}
+
+// peerIsTLSAlert reports whether err is a TLS alert received from the
+// other side (it refused our certificate, or the handshake).
+func peerIsTLSAlert(err error) bool {
+	var oe *net.OpError
+	return errors.As(err, &oe) && oe.Op == "remote error"
+}
+
+// peerIsConnEnd reports whether err says the other side just went away
+// (EOF, reset, closed) rather than refused something.
+func peerIsConnEnd(err error) bool {
+	return errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) || errors.Is(err, net.ErrClosed) ||
+		errors.Is(err, syscall.ECONNRESET) || errors.Is(err, syscall.EPIPE)
+}
+
 // peerEscapedLen is the length of s with STOMP 1.2 header escapes.
 func peerEscapedLen(s string) int {
 	n := len(s)
@@ -344,6 +397,18 @@ func peerDrain(c net.Conn) {
 	_, _ = io.Copy(io.Discard, io.LimitReader(c, peerDrainBytes))
 }
 
+// peerHardClose closes c at once. A TLS connection's Close first writes
+// a close_notify alert, for up to 5 s when the other side reads nothing
+// (a partition): the underlying connection is closed instead. A graceful
+// end sends close_notify through peerCloseWrite first.
+func peerHardClose(c net.Conn) {
+	if tc, ok := c.(*tls.Conn); ok {
+		_ = tc.NetConn().Close()
+		return
+	}
+	_ = c.Close()
+}
+
 // peerCloseWrite half-closes a TCP connection, so the peer reads EOF
 // after what was written while the drain reads on.
 func peerCloseWrite(c net.Conn) {
@@ -398,7 +463,24 @@ type PeerServerConfig struct {
 	// Secret is the cluster's shared key. When set, a client must prove it
 	// holds the same key in its handshake, and the server proves it back;
 	// the key never crosses the wire. Empty means no authentication.
+	// SecretKeys, when set, replaces it.
 	Secret []byte
+	// SecretKeys, when set, returns the cluster's keys (a keyring, the
+	// primary first) and replaces Secret: a client's proof made with any
+	// of them is accepted, and the server proves back with the key the
+	// client used, so keys can be rotated across a running cluster. It
+	// is called at each handshake, from connection goroutines at once;
+	// no keys means no authentication. The server does not modify the
+	// returned slices.
+	SecretKeys func() [][]byte
+	// TLS, when set, makes every accepted connection TLS: the handshake
+	// runs on the connection's goroutine under HandshakeTimeout, before
+	// the STOMP handshake (which still authenticates with the secret). For
+	// mutual TLS it must require and verify client certificates. A failed
+	// TLS handshake is logged with the remote address and the reason, and
+	// counted under reason "tls"; a client speaking plain text gets a
+	// plain-text ERROR saying TLS is required.
+	TLS *tls.Config
 	// NodeID is this node's ID, sent in CONNECTED.
 	NodeID string
 	// Limits bound each frame read from a peer, and each reply written
@@ -450,7 +532,13 @@ func DefaultPeerServerConfig() PeerServerConfig {
 // # Protocol
 //
 // A peer link is one TCP connection carrying STOMP 1.2 frames, read and
-// written with the same bounded codec as the client edge.
+// written with the same bounded codec as the client edge; with
+// PeerServerConfig.TLS, the frames travel inside TLS (mutual TLS when the
+// config requires client certificates), and the TLS handshake comes
+// first. A TLS handshake that fails (a certificate the server refuses or
+// that refuses the server's, a client speaking plain text, garbage) ends
+// the connection before any frame is read; a plain-text client gets a
+// plain-text ERROR with x-code "tls".
 //
 // Handshake. The client sends CONNECT with accept-version:1.2, host (the
 // cluster's name, not checked), x-node-id (its node ID: 1 to 256 bytes,
@@ -466,14 +554,20 @@ func DefaultPeerServerConfig() PeerServerConfig {
 //
 // so each side proves it holds the key without sending it, and the
 // client knows it talks to a member of its cluster before it trusts any
-// answer. MACs are compared in constant time. Any failure gets an ERROR
+// answer. With a keyring (SecretKeys), the client proves with its primary
+// key, the server accepts a proof made with any key of its ring and
+// proves back with that key, and the client accepts a server proof made
+// with any key of its own ring: while a new key is installed, made
+// primary and the old one removed, node by node, links keep forming.
+// MACs are compared in constant time. Any failure gets an ERROR
 // whose x-code says why ("auth" for a missing or wrong proof;
 // "handshake", "heart-beat", "malformed", or "busy" over MaxConnections)
 // and the connection closes. The proof is not a channel: frames after the
 // handshake are not authenticated, and a recorded handshake can be
 // replayed by whoever can watch the network, so the secret keeps out
 // nodes without the key (another cluster, a stray process, a scanner),
-// not an attacker on the path: run links over a private network or TLS.
+// not an attacker on the path: run links over a private network or TLS
+// (with TLS, the secret's proof is kept inside it as a second check).
 //
 // Heart-beats: each side sends a heart-beat (an EOL) when it has written
 // nothing for half its period, and closes the link after three periods
@@ -652,7 +746,7 @@ func (s *PeerServer) Close() error {
 	s.mu.Unlock()
 	for _, sc := range conns {
 		sc.stop(nil)
-		sc.c.Close()
+		peerHardClose(sc.c)
 	}
 	s.wg.Wait()
 	return nil
@@ -680,6 +774,7 @@ func (s *PeerServer) acceptLoop(ln net.Listener) {
 			continue
 		}
 		delay = 0
+		c = s.wrapTLS(c)
 		sc, reason := s.admit(c)
 		if sc == nil {
 			if reason != "" {
@@ -694,13 +789,22 @@ func (s *PeerServer) acceptLoop(ln net.Listener) {
 	}
 }
 
+// wrapTLS returns c as a TLS server connection when the server has a TLS
+// config; the handshake runs later, on the connection's goroutine.
+func (s *PeerServer) wrapTLS(c net.Conn) net.Conn {
+	if s.cfg.TLS == nil {
+		return c
+	}
+	return tls.Server(c, s.cfg.TLS)
+}
+
 // admit registers a connection (and counts it in wg) or refuses it: with
 // a reason to send, or none when the server is closed.
 func (s *PeerServer) admit(c net.Conn) (*peerServerConn, string) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.closed {
-		c.Close()
+		peerHardClose(c)
 		return nil, ""
 	}
 	if len(s.conns) >= s.cfg.MaxConnections {
@@ -721,16 +825,17 @@ func (s *PeerServer) refuse(c net.Conn, detail string) {
 	select {
 	case s.refusing <- struct{}{}:
 	default:
-		c.Close()
+		peerHardClose(c)
 		return
 	}
 	s.wg.Add(1)
 	go func() {
 		defer s.wg.Done()
 		defer func() { <-s.refusing }()
-		defer c.Close()
+		defer peerHardClose(c)
 		pe := &peerProtoErr{code: peerCodeBusy, msg: "too many connections", detail: detail}
-		_ = c.SetWriteDeadline(time.Now().Add(s.cfg.WriteTimeout))
+		// Reads too: over TLS, the write runs the handshake first.
+		_ = c.SetDeadline(time.Now().Add(s.cfg.WriteTimeout))
 		w := newFrameWriter(c)
 		if w.WriteFrame(pe.frame(), peerVersion) == nil && w.Flush() == nil {
 			peerCloseWrite(c)
@@ -742,10 +847,10 @@ func (s *PeerServer) refuse(c net.Conn, detail string) {
 // serveConn serves c on the calling goroutine until the connection ends;
 // for tests that bring their own connection (net.Pipe).
 func (s *PeerServer) serveConn(c net.Conn) {
-	sc, reason := s.admit(c)
+	sc, reason := s.admit(s.wrapTLS(c))
 	if sc == nil {
 		if reason != "" {
-			c.Close()
+			peerHardClose(c)
 		}
 		return
 	}
@@ -877,8 +982,13 @@ func (sc *peerServerConn) stop(pe *peerProtoErr) bool {
 
 // run is the connection's reader: handshake, requests, and the close.
 func (sc *peerServerConn) run() {
-	defer sc.c.Close()
-	if err := sc.handshake(); err != nil {
+	defer peerHardClose(sc.c)
+	// One bound from accept to a complete CONNECT, TLS included.
+	deadline := time.Now().Add(sc.s.cfg.HandshakeTimeout)
+	if tc, ok := sc.c.(*tls.Conn); ok && !sc.tlsHandshake(tc, deadline) {
+		return
+	}
+	if err := sc.handshake(deadline); err != nil {
 		var pe *peerProtoErr
 		switch {
 		case errors.As(err, &pe):
@@ -915,6 +1025,48 @@ func (sc *peerServerConn) run() {
 	}
 }
 
+// tlsHandshake runs the server side of the TLS handshake under deadline.
+// A failure is logged (with the remote address and the reason) and
+// counted, and a client that spoke plain text gets a plain-text ERROR; it
+// reports whether the handshake succeeded.
+func (sc *peerServerConn) tlsHandshake(tc *tls.Conn, deadline time.Time) bool {
+	_ = tc.SetDeadline(deadline)
+	err := tc.Handshake()
+	if err == nil {
+		_ = tc.SetWriteDeadline(time.Time{}) // the writers keep their own
+		if cs := tc.ConnectionState(); len(cs.PeerCertificates) > 0 {
+			sc.log = sc.log.With("peer_cert", cs.PeerCertificates[0].Subject.CommonName)
+		}
+		return true
+	}
+	switch {
+	case sc.isStopped():
+		sc.log.Debug("peer connection ended during the TLS handshake", "err", err)
+	case peerIsTimeout(err):
+		sc.s.m.dropped.WithLabelValues(peerCodeTimeout).Inc()
+		sc.log.Warn("peer TLS handshake timed out", "timeout", sc.s.cfg.HandshakeTimeout)
+	case peerIsConnEnd(err):
+		sc.log.Debug("peer connection ended during the TLS handshake", "err", err)
+	default:
+		sc.s.m.dropped.WithLabelValues(peerCodeTLS).Inc()
+		sc.log.Warn("peer TLS handshake failed", "reason", peerCodeTLS, "err", err)
+		var rhe tls.RecordHeaderError
+		if errors.As(err, &rhe) && rhe.Conn != nil {
+			// Not TLS at all (an old node, a misconfigured one): say so in
+			// its own language, as net/http answers HTTP on an HTTPS port.
+			pe := peerPerr(peerCodeTLS, "TLS required", "this node's peer links require TLS (cluster.tls.*)")
+			_ = rhe.Conn.SetWriteDeadline(time.Now().Add(sc.s.cfg.WriteTimeout))
+			w := newFrameWriter(rhe.Conn)
+			if w.WriteFrame(pe.frame(), peerVersion) == nil && w.Flush() == nil {
+				sc.s.m.framesOut.WithLabelValues(frame.ERROR).Inc()
+				peerCloseWrite(rhe.Conn)
+				peerDrain(rhe.Conn)
+			}
+		}
+	}
+	return false
+}
+
 func (sc *peerServerConn) isStopped() bool {
 	sc.mu.Lock()
 	defer sc.mu.Unlock()
@@ -948,9 +1100,9 @@ func (sc *peerServerConn) classify(err error) *peerProtoErr {
 
 // handshake reads CONNECT, checks it, and writes CONNECTED. A refusal is
 // returned as *peerProtoErr, not written.
-func (sc *peerServerConn) handshake() error {
+func (sc *peerServerConn) handshake(deadline time.Time) error {
 	cfg := &sc.s.cfg
-	_ = sc.c.SetReadDeadline(time.Now().Add(cfg.HandshakeTimeout))
+	_ = sc.c.SetReadDeadline(deadline)
 	var f *frame.Frame
 	for f == nil {
 		var err error
@@ -973,10 +1125,15 @@ func (sc *peerServerConn) handshake() error {
 		return peerPerr(peerCodeHandshake, "invalid node ID", "x-node-id must be 1 to %d bytes without control characters", peerMaxNodeID)
 	}
 	nonce := f.Header.Get(peerHeaderNonce)
-	if len(cfg.Secret) > 0 {
+	// proofKey is the key the client proved: the server proves back
+	// with it.
+	var proofKey []byte
+	if keys := peerKeys(cfg.SecretKeys, cfg.Secret); len(keys) > 0 {
 		b, err := hex.DecodeString(nonce)
-		if err != nil || len(b) < peerNonceBytes || len(b) > 4*peerNonceBytes ||
-			!peerMACEqual(f.Header.Get(peerHeaderAuth), peerMAC(cfg.Secret, peerMACClient, nonce, id)) {
+		if err == nil && len(b) >= peerNonceBytes && len(b) <= 4*peerNonceBytes {
+			proofKey = peerMatchKey(keys, f.Header.Get(peerHeaderAuth), peerMACClient, nonce, id)
+		}
+		if proofKey == nil {
 			return peerPerr(peerCodeAuth, "access refused", "the handshake's proof of the cluster secret is missing or wrong")
 		}
 	}
@@ -1002,8 +1159,8 @@ func (sc *peerServerConn) handshake() error {
 	sc.peer = id
 	sc.sendEvery = sx
 	c := frame.New(frame.CONNECTED, frame.Version, peerVersion, peerHeaderNodeID, cfg.NodeID, frame.HeartBeat, peerHeartbeatHeader(sx, sy))
-	if len(cfg.Secret) > 0 {
-		c.Header.Add(peerHeaderAuth, peerMAC(cfg.Secret, peerMACServer, nonce, id, cfg.NodeID))
+	if proofKey != nil {
+		c.Header.Add(peerHeaderAuth, peerMAC(proofKey, peerMACServer, nonce, id, cfg.NodeID))
 	}
 	_ = sc.c.SetWriteDeadline(time.Now().Add(cfg.WriteTimeout))
 	w := newFrameWriter(sc.c)
@@ -1149,7 +1306,7 @@ func (sc *peerServerConn) writeLoop() {
 	lastWrite := time.Now()
 	fail := func(err error) {
 		sc.stop(&peerProtoErr{code: peerCodeWrite, msg: "write failed", detail: err.Error()})
-		sc.c.Close()
+		peerHardClose(sc.c)
 	}
 	var batch []peerOut
 	for {
@@ -1229,8 +1386,19 @@ type PeerClientConfig struct {
 	// an address taken over by another node is not mistaken for the peer.
 	PeerNodeID string
 	// Secret is the cluster's shared key (see PeerServer). When set the
-	// server must prove it holds it too.
+	// server must prove it holds it too. SecretKeys, when set, replaces it.
 	Secret []byte
+	// SecretKeys, when set, returns the cluster's keys, the primary first
+	// (see PeerServerConfig.SecretKeys), and replaces Secret: the client
+	// proves with the primary and accepts a server's proof made with any
+	// of them. It is called at each handshake; no keys means no
+	// authentication.
+	SecretKeys func() [][]byte
+	// TLS, when set, runs a TLS handshake over each dialled connection
+	// (Dial's too) before the STOMP handshake, both under
+	// HandshakeTimeout. Without ServerName or InsecureSkipVerify, the
+	// dialled address's host is the server name to verify.
+	TLS *tls.Config
 	// NodeID is this node's ID, sent in CONNECT.
 	NodeID string
 	// Host is sent as CONNECT's host header (the cluster's name).
@@ -1614,7 +1782,7 @@ func (l *peerLink) closeWith(cause error) {
 		l.cause = cause
 	}
 	l.mu.Unlock()
-	l.c.Close()
+	peerHardClose(l.c)
 }
 
 // take removes and returns the pending call answered by receipt id.
@@ -1664,7 +1832,7 @@ func (c *PeerClient) run() {
 			if c.ctx.Err() != nil {
 				return
 			}
-			if errors.Is(err, ErrPeerAuth) || errors.Is(err, ErrPeerHandshake) {
+			if errors.Is(err, ErrPeerAuth) || errors.Is(err, ErrPeerHandshake) || errors.Is(err, ErrPeerTLS) {
 				c.log.Warn("peer handshake failed", "err", err)
 			} else {
 				c.log.Debug("peer dial failed", "err", err)
@@ -1676,7 +1844,7 @@ func (c *PeerClient) run() {
 		c.mu.Lock()
 		if c.closed {
 			c.mu.Unlock()
-			l.c.Close()
+			peerHardClose(l.c)
 			return
 		}
 		c.link = l
@@ -1743,7 +1911,7 @@ func (l *peerLink) fail(cause error) {
 	l.mu.Unlock()
 	c.mu.Unlock()
 	close(l.stop)
-	l.c.Close()
+	peerHardClose(l.c)
 	<-l.writerDone
 	slices.SortFunc(calls, func(a, b *peerCall) int { return cmp.Compare(a.seq, b.seq) })
 	err := fmt.Errorf("%w: %w", ErrPeerUnknownOutcome, cause)
@@ -1769,21 +1937,58 @@ func (c *PeerClient) connect() (*peerLink, error) {
 		return nil, fmt.Errorf("peer dial %s: %w", addr, err)
 	}
 	// Close interrupts the handshake.
-	stop := context.AfterFunc(c.ctx, func() { _ = conn.SetDeadline(time.Now()) })
-	l, err := c.handshake(conn)
+	raw := conn
+	stop := context.AfterFunc(c.ctx, func() { _ = raw.SetDeadline(time.Now()) })
+	// One bound for the TLS and the STOMP handshakes together.
+	_ = conn.SetDeadline(time.Now().Add(c.cfg.HandshakeTimeout))
+	var l *peerLink
+	if c.cfg.TLS != nil {
+		tc := tls.Client(conn, c.tlsConfig(addr))
+		if err = tc.Handshake(); err != nil {
+			if !peerIsTimeout(err) && !peerIsConnEnd(err) {
+				err = fmt.Errorf("%w: %w", ErrPeerTLS, err)
+			}
+		} else {
+			conn = tc
+		}
+	}
+	if err == nil {
+		l, err = c.handshake(conn)
+		// With TLS 1.3 the client's handshake is over before the server
+		// has checked its certificate: a refusal arrives as an alert on
+		// the first read.
+		if err != nil && c.cfg.TLS != nil && peerIsTLSAlert(err) {
+			err = fmt.Errorf("%w: %w", ErrPeerTLS, err)
+		}
+	}
 	if !stop() && err == nil {
 		err = ErrPeerClosed
 	}
 	if err != nil {
-		conn.Close()
+		peerHardClose(conn)
 		return nil, fmt.Errorf("peer %s: %w", addr, err)
 	}
 	return l, nil
 }
 
+// tlsConfig is the client's TLS config for a dial to addr: the configured
+// one, with addr's host as the name to verify when it names none.
+func (c *PeerClient) tlsConfig(addr string) *tls.Config {
+	cfg := c.cfg.TLS
+	if cfg.ServerName != "" || cfg.InsecureSkipVerify {
+		return cfg
+	}
+	host, _, err := net.SplitHostPort(addr)
+	if err != nil {
+		host = addr
+	}
+	cfg = cfg.Clone()
+	cfg.ServerName = host
+	return cfg
+}
+
 func (c *PeerClient) handshake(conn net.Conn) (*peerLink, error) {
 	cfg := &c.cfg
-	_ = conn.SetDeadline(time.Now().Add(cfg.HandshakeTimeout))
 	var nb [peerNonceBytes]byte
 	_, _ = rand.Read(nb[:])
 	nonce := hex.EncodeToString(nb[:])
@@ -1793,8 +1998,9 @@ func (c *PeerClient) handshake(conn net.Conn) (*peerLink, error) {
 		peerHeaderNodeID, cfg.NodeID,
 		frame.HeartBeat, peerHeartbeatHeader(cfg.Heartbeat, cfg.Heartbeat),
 		peerHeaderNonce, nonce)
-	if len(cfg.Secret) > 0 {
-		f.Header.Add(peerHeaderAuth, peerMAC(cfg.Secret, peerMACClient, nonce, cfg.NodeID))
+	keys := peerKeys(cfg.SecretKeys, cfg.Secret)
+	if len(keys) > 0 {
+		f.Header.Add(peerHeaderAuth, peerMAC(keys[0], peerMACClient, nonce, cfg.NodeID))
 	}
 	w := newFrameWriter(&deadlineWriter{c: conn, d: cfg.WriteTimeout})
 	if err := w.WriteFrame(f, peerVersion); err != nil {
@@ -1819,8 +2025,11 @@ func (c *PeerClient) handshake(conn net.Conn) (*peerLink, error) {
 	case frame.CONNECTED:
 	case frame.ERROR:
 		kind := ErrPeerHandshake
-		if resp.Header.Get(PeerHeaderCode) == peerCodeAuth {
+		switch resp.Header.Get(PeerHeaderCode) {
+		case peerCodeAuth:
 			kind = ErrPeerAuth
+		case peerCodeTLS:
+			kind = ErrPeerTLS
 		}
 		return nil, fmt.Errorf("%w: server refused: %s: %s", kind, fioTrunc(resp.Header.Get(frame.Message)), fioTrunc(string(resp.Body)))
 	default:
@@ -1833,7 +2042,7 @@ func (c *PeerClient) handshake(conn net.Conn) (*peerLink, error) {
 	if !peerValidNodeID(id) {
 		return nil, fmt.Errorf("%w: invalid node ID %q", ErrPeerHandshake, fioTrunc(id))
 	}
-	if len(cfg.Secret) > 0 && !peerMACEqual(resp.Header.Get(peerHeaderAuth), peerMAC(cfg.Secret, peerMACServer, nonce, cfg.NodeID, id)) {
+	if len(keys) > 0 && peerMatchKey(keys, resp.Header.Get(peerHeaderAuth), peerMACServer, nonce, cfg.NodeID, id) == nil {
 		return nil, fmt.Errorf("%w: the server did not prove it holds the cluster secret", ErrPeerAuth)
 	}
 	if cfg.PeerNodeID != "" && id != cfg.PeerNodeID {

@@ -260,3 +260,108 @@ func FuzzPeerServer(f *testing.F) {
 		}
 	})
 }
+
+// FuzzPeerHandshake feeds arbitrary bytes, handshake included, to one
+// server connection with TLS off and a keyring of two keys. The server
+// must not panic or hang; it answers CONNECTED only to a CONNECT whose
+// proof was made with a key of its ring, and proves back with that key;
+// the handler sees nothing from a connection without CONNECTED.
+func FuzzPeerHandshake(f *testing.F) {
+	k1, k2 := []byte("fuzz-key-one-0123456789a"), []byte("fuzz-key-two-0123456789a")
+	const nonce = "00112233445566778899aabbccddeeff"
+	connect := func(key []byte, id, extra string) string {
+		return "CONNECT\naccept-version:1.2\nhost:fuzz\nx-node-id:" + id + "\nheart-beat:10000,0\nx-nonce:" + nonce +
+			"\nx-auth:" + peerMAC(key, peerMACClient, nonce, id) + "\n" + extra + "\n\x00"
+	}
+	for _, s := range []string{
+		connect(k1, "fuzz-client", "") + "SEND\nreceipt:1\nx-op:put\n\nhello\x00",
+		connect(k2, "fuzz-client", "") + "SEND\nreceipt:1\nx-op:async\n\n\x00",
+		connect([]byte("not-in-the-ring-01234567"), "fuzz-client", "") + "SEND\nreceipt:1\nx-op:put\n\n\x00",
+		connect(k1, "other-id", ""),
+		connect(k1, "fuzz-client", "accept-version:1.0\n"),
+		"CONNECT\naccept-version:1.2\nx-node-id:a\nheart-beat:1000,0\n\n\x00",
+		"STOMP\naccept-version:1.2\nx-node-id:a\nheart-beat:1000,0\nx-nonce:zz\nx-auth:00\n\n\x00",
+		"\n\n\nCONNECT\n\n\x00",
+		"\x16\x03\x01\x00\x05hello",
+		"",
+	} {
+		f.Add([]byte(s))
+	}
+	lim := Limits{MaxFrameSize: 4096, MaxHeaderCount: 16, MaxHeaderLineLen: 512, MaxBodySize: 2048}
+	var mu sync.Mutex
+	var handled int
+	cfg := DefaultPeerServerConfig()
+	cfg.NodeID = "fuzz-server"
+	cfg.SecretKeys = func() [][]byte { return [][]byte{k1, k2} }
+	cfg.Limits = lim
+	cfg.Logger = peerDiscardLogger()
+	srv := NewPeerServer(cfg, PeerHandlerFunc(func(peer string, fr *frame.Frame, reply func(*frame.Frame)) {
+		mu.Lock()
+		handled++
+		mu.Unlock()
+		reply(PeerOK())
+	}))
+
+	f.Fuzz(func(t *testing.T, in []byte) {
+		mu.Lock()
+		handled = 0
+		mu.Unlock()
+		c := &peerFuzzConn{in: bytes.NewReader(in)}
+		done := make(chan struct{})
+		go func() {
+			defer close(done)
+			srv.serveConn(c)
+		}()
+		select {
+		case <-done:
+		case <-time.After(10 * time.Second):
+			t.Fatal("the server did not finish a connection whose input ended")
+		}
+		mu.Lock()
+		n := handled
+		mu.Unlock()
+
+		// The first frame of the input, as the server reads a CONNECT.
+		var connectF *frame.Frame
+		r := newFrameReader(bytes.NewReader(in), lim)
+		for {
+			fr, err := r.ReadFrame("1.0")
+			if err != nil {
+				break
+			}
+			if fr != nil {
+				connectF = fr
+				break
+			}
+		}
+		out := newFrameReader(bytes.NewReader(c.out.Bytes()), DefaultPeerLimits())
+		var first *frame.Frame
+		for {
+			fr, err := out.ReadFrame(peerVersion)
+			if err != nil {
+				break
+			}
+			if fr != nil {
+				first = fr
+				break
+			}
+		}
+		if first == nil || first.Command != frame.CONNECTED {
+			if n > 0 {
+				t.Fatalf("handler called %d times without CONNECTED", n)
+			}
+			return
+		}
+		if connectF == nil {
+			t.Fatal("CONNECTED without a CONNECT")
+		}
+		id, nc := connectF.Header.Get(peerHeaderNodeID), connectF.Header.Get(peerHeaderNonce)
+		key := peerMatchKey([][]byte{k1, k2}, connectF.Header.Get(peerHeaderAuth), peerMACClient, nc, id)
+		if key == nil {
+			t.Fatalf("CONNECTED to a CONNECT without a valid proof: %v", connectF.Header)
+		}
+		if !peerMACEqual(first.Header.Get(peerHeaderAuth), peerMAC(key, peerMACServer, nc, id, "fuzz-server")) {
+			t.Fatalf("the server's proof is not made with the client's key: %v", first.Header)
+		}
+	})
+}
