@@ -44,8 +44,14 @@ type Config struct {
 	// ActiveMembers is M at first start; the cluster-wide value gossiped
 	// with a higher version wins.
 	ActiveMembers int
-	// SecretKey, if set (16, 24 or 32 bytes), encrypts gossip.
+	// SecretKey, if set (16, 24 or 32 bytes), encrypts gossip. Keyring,
+	// when set, replaces it.
 	SecretKey []byte
+	// Keyring, if set, holds the gossip keys (see Keyring): memberlist
+	// encrypts with its primary key and accepts any of its keys, and the
+	// node's key methods (InstallGossipKey...) change it. Without it a
+	// SecretKey gets a keyring kept in memory.
+	Keyring *Keyring
 	// PromotionDelay is how long an observer must be in the agreed set
 	// before it takes a seat.
 	PromotionDelay time.Duration
@@ -150,6 +156,8 @@ type Node struct {
 	log *slog.Logger
 	ml  *memberlist.Memberlist
 	m   *metrics
+	// gossipAddr is the advertised gossip address, set by Start.
+	gossipAddr string
 
 	// evalMu serializes evaluate, which holds it (and not mu) while it
 	// persists a new epoch: memberlist calls into the node with its own
@@ -231,6 +239,13 @@ func New(cfg Config) (*Node, error) {
 	if cfg.Wall == nil {
 		cfg.Wall = time.Now
 	}
+	if cfg.Keyring == nil && len(cfg.SecretKey) > 0 {
+		kr, err := NewKeyring(cfg.SecretKey)
+		if err != nil {
+			return nil, fmt.Errorf("cluster.secret_key_file: %w", err)
+		}
+		cfg.Keyring = kr
+	}
 	joined := cfg.Wall().UnixMilli()
 	if cfg.State != nil {
 		b, err := cfg.State.Meta(metaJoinedAt)
@@ -311,12 +326,8 @@ func (n *Node) Start() error {
 	c.Delegate = &delegate{n}
 	c.Events = &events{n}
 	c.Logger = log.New(&logBridge{log: n.log}, "", 0)
-	if len(n.cfg.SecretKey) > 0 {
-		kr, err := memberlist.NewKeyring(nil, n.cfg.SecretKey)
-		if err != nil {
-			return fmt.Errorf("cluster.secret_key_file: %w", err)
-		}
-		c.Keyring = kr
+	if n.cfg.Keyring != nil {
+		c.Keyring = n.cfg.Keyring.ml
 	}
 	if n.cfg.Transport != nil {
 		c.Transport = n.cfg.Transport
@@ -344,6 +355,10 @@ func (n *Node) Start() error {
 		return fmt.Errorf("cluster: start gossip on %s: %w", n.cfg.BindAddr, err)
 	}
 	n.ml = ml
+	// Read once, before anyone knows this node: memberlist rewrites its
+	// local node (under its own lock) at every metadata update.
+	ln := ml.LocalNode()
+	n.gossipAddr = net.JoinHostPort(ln.Addr.String(), strconv.Itoa(int(ln.Port)))
 	n.evaluate() // publish our own meta and status at once
 	if len(n.cfg.Join) > 0 {
 		if _, err := ml.Join(n.cfg.Join); err != nil {
@@ -368,14 +383,9 @@ func (n *Node) Join(addrs []string) (int, error) {
 	return k, err
 }
 
-// GossipAddr is the address others reach this node's gossip at.
-func (n *Node) GossipAddr() string {
-	if n.ml == nil {
-		return ""
-	}
-	ln := n.ml.LocalNode()
-	return net.JoinHostPort(ln.Addr.String(), strconv.Itoa(int(ln.Port)))
-}
+// GossipAddr is the address others reach this node's gossip at, "" before
+// Start or without gossip.
+func (n *Node) GossipAddr() string { return n.gossipAddr }
 
 // Leave tells the others this node is going away, so its replacement is
 // promoted at once, then stops gossip. After the first call (or Close) it

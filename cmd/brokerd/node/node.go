@@ -571,6 +571,7 @@ func (n *Node) adminHandler() http.Handler {
 		}
 		writeJSON(w, n.rep.Destinations())
 	})
+	n.gossipKeysRoutes(mux)
 	return mux
 }
 

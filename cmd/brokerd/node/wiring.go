@@ -1,7 +1,10 @@
 package node
 
 import (
+	"errors"
 	"net"
+	"path/filepath"
+	"syscall"
 	"time"
 
 	"github.com/brokerd/brokerd/cluster"
@@ -30,6 +33,39 @@ func (n *Node) setupReplication() error {
 		return err
 	}
 	n.secret = key
+	// The gossip keys: the keyring file in the data directory once a
+	// rotation has written it, else the configured key. The same ring
+	// encrypts gossip and authenticates peer links, so both follow a
+	// rotation (gossipkeys.go).
+	kr, fromFile, err := cluster.OpenKeyring(filepath.Join(cfg.Node.DataDir, gossipKeyringFile), key)
+	if err != nil {
+		return err
+	}
+	var keys func() [][]byte // nil: no secret, no peer authentication
+	if kr != nil {
+		keys = kr.Keys
+		// The membership is configured in Start (clusterConfig), after
+		// any test hook this node was given; the keyring goes in first.
+		hook := n.opts.Cluster
+		n.opts.Cluster = func(c *cluster.Config) {
+			c.Keyring = kr
+			if hook != nil {
+				hook(c)
+			}
+		}
+	}
+	if fromFile {
+		n.log.Info("gossip keys read from the keyring file, which wins over cluster.secret_key_file",
+			"file", kr.Path(), "keys", len(kr.Keys()), "primary_id", cluster.KeyID(kr.Primary()))
+	}
+	// Mutual TLS on peer links, certificates reread on reload.
+	var tf *tlsFiles
+	if t := cfg.Cluster.TLS; t.CertFile != "" {
+		if tf, err = newTLSFiles("cluster.tls", t.CertFile, t.KeyFile, t.CAFile, "ca_file"); err != nil {
+			return err
+		}
+		n.reload.add("cluster.tls", tf.reload)
+	}
 	status := func() cluster.Status {
 		if n.cl == nil {
 			return cluster.Status{NodeID: n.id}
@@ -49,7 +85,10 @@ func (n *Node) setupReplication() error {
 	// Redial soon after a partition heals or a node restarts: writes
 	// that need the peer fail until its link is back.
 	ccfg.BackoffMax = 500 * time.Millisecond
-	ccfg.Secret = key
+	ccfg.SecretKeys = keys
+	if tf != nil {
+		ccfg.TLS = tf.mutualClientConfig()
+	}
 	ccfg.NodeID = n.id
 	ccfg.Host = cfg.Cluster.Name
 	ccfg.Logger = n.log
@@ -61,7 +100,17 @@ func (n *Node) setupReplication() error {
 	addrOf := func(id string) string { return rt.peerAddr(id) }
 	n.fwd = newFwdLinks(ccfg, addrOf)
 	rt = newRouter(n.rep, n.st, cfg.Replica.Factor, status, n.fwd, n.log, n.reg)
-	n.fwd.onState = rt.linkState
+	// A peer this node refuses over TLS or the cluster secret (or that
+	// refuses this node) can neither serve nor copy queues: it counts as
+	// a peer whose process refuses connections (out of placement and of
+	// the peers a take-over pulls from) until a link to it comes up, so
+	// a node with a foreign certificate cannot hold up take-overs.
+	n.fwd.onState = func(peer string, up bool, err error) {
+		if !up && (errors.Is(err, stomp.ErrPeerTLS) || errors.Is(err, stomp.ErrPeerAuth)) {
+			err = errors.Join(err, syscall.ECONNREFUSED)
+		}
+		rt.linkState(peer, up, err)
+	}
 	n.rt = rt
 	n.links = newPeerLinks(ccfg, addrOf, maxQueuedReplication, n.log)
 	n.pr = replica.NewPeerReplicator(cfg.Replica.Factor, cfg.WriteQuorum(), rt.replicaView, n.links, n.log)
@@ -85,18 +134,25 @@ func (n *Node) setupReplication() error {
 	scfg := stomp.DefaultPeerServerConfig()
 	scfg.Limits = lim
 	scfg.Addr = addr
-	scfg.Secret = key
+	scfg.SecretKeys = keys
+	if tf != nil {
+		scfg.TLS = tf.mutualServerConfig()
+	}
 	scfg.NodeID = n.id
 	scfg.Logger = n.log
 	scfg.Registerer = n.reg
 	appendH := replicationHandler(n.rep, func() cluster.EpochID { return status().EpochID })
 	fwdH := forwardHandler(rt, n.log)
+	keysH := gossipKeysPeerHandler(kr, n.log)
 	n.peerSrv = stomp.NewPeerServer(scfg, stomp.PeerHandlerFunc(func(peer string, f *frame.Frame, reply func(*frame.Frame)) {
-		if f.Header.Get(stomp.PeerHeaderOp) == opAppend {
+		switch f.Header.Get(stomp.PeerHeaderOp) {
+		case opAppend:
 			appendH.HandlePeer(peer, f, reply)
-			return
+		case opGossipKeys:
+			keysH(peer, f, reply)
+		default:
+			fwdH(peer, f, reply)
 		}
-		fwdH(peer, f, reply)
 	}))
 	return nil
 }

@@ -1,0 +1,173 @@
+package node
+
+import (
+	"bytes"
+	"encoding/json"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/brokerd/brokerd/config"
+	"github.com/brokerd/brokerd/test/tlstest"
+	gostomp "github.com/go-stomp/stomp/v3"
+)
+
+// withPeerTLS sets cluster.tls.* to pair and the CA file ca.
+func withPeerTLS(cfg config.Config, ca *tlstest.CA, pair tlstest.Pair) config.Config {
+	cfg.Cluster.TLS = config.ClusterTLS{CertFile: pair.CertFile, KeyFile: pair.KeyFile, CAFile: ca.CertFile}
+	return cfg
+}
+
+// logRecords returns the JSON log records whose msg is msg.
+func logRecords(b *lockedBuffer, msg string) []map[string]any {
+	var out []map[string]any
+	for _, line := range strings.Split(b.String(), "\n") {
+		var m map[string]any
+		if json.Unmarshal([]byte(line), &m) == nil && m["msg"] == msg {
+			out = append(out, m)
+		}
+	}
+	return out
+}
+
+// TestClusterPeerTLSForeignCertificate: three nodes with certificates the
+// cluster's CA signed replicate and forward over mutual TLS (receipted
+// SENDs through one node are consumed through another). A fourth node
+// gossips with the right key and trusts the cluster's CA, but presents a
+// certificate another CA signed: it is a member, but none of its peer
+// links comes up, a SEND through it fails instead of being stored, the
+// others log the refused handshakes naming its certificate (as servers
+// and as clients), it logs the refusals it meets, and the cluster goes on
+// serving without it (its copies are not waited for).
+func TestClusterPeerTLSForeignCertificate(t *testing.T) {
+	if testing.Short() {
+		t.Skip("four nodes")
+	}
+	dir := t.TempDir()
+	ca := tlstest.NewCA(t, dir, "cluster")
+	foreign := tlstest.NewCA(t, dir, "foreign")
+	keyFile := writeKeyFile(t, bytes.Repeat([]byte{7}, 32))
+	var cfgs []config.Config
+	for _, name := range []string{"a", "b", "c"} {
+		cfgs = append(cfgs, withPeerTLS(clusterTestConfig(t, name, keyFile), ca, ca.Issue(t, "node-"+name, nil)))
+	}
+	nodes := startCluster(t, cfgs...)
+	waitAgreement(t, 20*time.Second, nodes)
+
+	// Over mutual TLS: receipted SENDs through a, consumed through c.
+	var queues []string
+	for _, q := range []string{"tls-0", "tls-1", "tls-2", "tls-3"} {
+		queues = append(queues, "/queue/"+q)
+	}
+	load := startRotationLoad(t, nodes[0].n, nodes[2].n, queues)
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		if s, r, _ := load.counts(); s >= 50 && r >= 50 {
+			break
+		}
+		if time.Now().After(deadline) {
+			s, r, _ := load.counts()
+			t.Fatalf("over mutual TLS: %d sent, %d received in 10 s; %v", s, r, load.errs)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	load.halt()
+	drainAll(t, nodes[1].n, load)
+	if lost := load.lost(); len(lost) > 0 {
+		t.Fatalf("over mutual TLS, %d receipted messages lost: %v", len(lost), lost[:min(len(lost), 20)])
+	}
+	for _, c := range nodes {
+		if down := peerLinksDown(t, c.n); len(down) > 0 {
+			t.Fatalf("%s's peer links down: %v", c.cfg.Node.Name, down)
+		}
+	}
+
+	// The intruder: the gossip key and the cluster's CA certificate
+	// (public), but a certificate another CA signed.
+	xcfg := withPeerTLS(clusterTestConfig(t, "x", keyFile), ca, foreign.Issue(t, "intruder", nil))
+	xcfg.Cluster.Join = []string{nodes[0].n.Cluster().GossipAddr()}
+	x := &clusterNode{t: t, cfg: xcfg}
+	x.start()
+	t.Cleanup(x.stop)
+	all := append(append([]*clusterNode(nil), nodes...), x)
+	waitAgreement(t, 20*time.Second, all)
+
+	conn, err := dialSTOMP(x.n.STOMPAddr())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Disconnect()
+	sent := make(chan error, 1)
+	go func() {
+		sent <- conn.Send(queues[0], "text/plain", []byte("through the intruder"), gostomp.SendOpt.Receipt)
+	}()
+	select {
+	case err := <-sent:
+		if err == nil {
+			t.Fatal("a SEND through the node with a foreign certificate got a RECEIPT")
+		}
+		t.Logf("SEND through the intruder: %v", err)
+	case <-time.After(30 * time.Second):
+		t.Fatal("a SEND through the node with a foreign certificate got no answer in 30 s")
+	}
+	if down := peerLinksDown(t, x.n); len(down) == 0 {
+		t.Fatal("the intruder reports no peer link down")
+	}
+	mfs, err := x.n.reg.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, mf := range mfs {
+		if mf.GetName() == "brokerd_peer_link_up" {
+			for _, m := range mf.GetMetric() {
+				if m.GetGauge().GetValue() != 0 {
+					t.Fatalf("the intruder has a peer link up: %v", m.GetLabel())
+				}
+			}
+		}
+	}
+
+	// Every good node refused it, as a server and as a client, and said
+	// why; it heard the refusals.
+	for _, c := range nodes {
+		names := func(r map[string]any) bool {
+			msg, _ := r["err"].(string)
+			return strings.Contains(msg, `"intruder"`) && strings.Contains(msg, "not signed by cluster.tls.ca_file")
+		}
+		server := func() bool {
+			return slices.ContainsFunc(logRecords(c.logs, "peer TLS handshake failed"), func(r map[string]any) bool { return names(r) && r["remote"] != nil })
+		}
+		client := func() bool { return slices.ContainsFunc(logRecords(c.logs, "peer handshake failed"), names) }
+		deadline := time.Now().Add(10 * time.Second)
+		for !server() || !client() {
+			if time.Now().After(deadline) {
+				t.Fatalf("%s did not log the refusal of the intruder's certificate within 10 s: as server %v, as client %v", c.cfg.Node.Name, server(), client())
+			}
+			time.Sleep(20 * time.Millisecond)
+		}
+	}
+	found := false
+	for _, r := range logRecords(x.logs, "peer handshake failed") {
+		if msg, _ := r["err"].(string); strings.Contains(msg, "TLS") {
+			found = true
+		}
+	}
+	if !found {
+		t.Error("the intruder did not log the refusal of the others' certificates")
+	}
+
+	// The cluster itself still works.
+	load2 := startRotationLoad(t, nodes[1].n, nodes[0].n, queues)
+	deadline = time.Now().Add(10 * time.Second)
+	for {
+		if s, r, _ := load2.counts(); s >= 20 && r >= 20 {
+			break
+		}
+		if time.Now().After(deadline) {
+			s, r, _ := load2.counts()
+			t.Fatalf("with the intruder around: %d sent, %d received in 10 s; %v", s, r, load2.errs)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
