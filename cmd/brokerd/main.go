@@ -78,6 +78,7 @@ func run(args, environ []string, stdin io.Reader, stdout, stderr io.Writer) int 
 	root.AddCommand(statusCmd(stdout))
 	root.AddCommand(activeMembersCmd(stdout))
 	root.AddCommand(reloadCmd(stdout))
+	root.AddCommand(gossipKeysCmd(stdin, stdout))
 	if err := root.Execute(); err != nil {
 		fmt.Fprintf(stderr, "brokerd: %v\n", err)
 		if code == exitOK {
