@@ -33,6 +33,7 @@ var (
 	flagRolling  = flag.Bool("chaos.rolling", true, "end the schedule with a rolling restart (SIGTERM, restart) of every node under load")
 	flagProd     = flag.Int("chaos.producers", 4, "producer connections")
 	flagCons     = flag.Int("chaos.consumers", 3, "consumer connections")
+	flagTLS      = flag.Bool("chaos.tls", true, "mutual TLS on peer links (a CA and a certificate per node, made for the run) and encrypted gossip; false runs them in the clear (the admin token is always on)")
 	flagNemeses  = flag.String("chaos.nemeses", "kill,pause,isolate,split,bridge,loss,delay,lose,clock", "the faults to choose from, comma-separated")
 )
 
@@ -103,8 +104,8 @@ func TestChaos(t *testing.T) {
 	if seed == 0 {
 		seed = uint64(time.Now().UnixNano())
 	}
-	t.Logf("chaos seed %d (replay with -chaos.seed=%d -chaos.nodes=%d -chaos.nemeses=%s -chaos.duration=%s; victims named member#k are resolved at run time, so a replay may pick other nodes)",
-		seed, seed, *flagNodes, *flagNemeses, *flagDuration)
+	t.Logf("chaos seed %d (replay with -chaos.seed=%d -chaos.nodes=%d -chaos.nemeses=%s -chaos.duration=%s -chaos.tls=%v; victims named member#k are resolved at run time, so a replay may pick other nodes)",
+		seed, seed, *flagNodes, *flagNemeses, *flagDuration, *flagTLS)
 	// The phases are budgeted against the test's deadline, so that the run
 	// ends by itself with its summary instead of being killed by -timeout;
 	// a watchdog covers a phase that overruns.
@@ -136,8 +137,13 @@ func TestChaos(t *testing.T) {
 	for i := 1; i <= *flagNodes; i++ {
 		join = append(join, fmt.Sprintf("%s:%d", nodeIP(i), gossipPort))
 	}
+	sec, err := newSecurity(t, dir, *flagNodes, *flagTLS)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("security: %s", sec)
 	for i := 1; i <= *flagNodes; i++ {
-		r.nodes = append(r.nodes, &node{i: i, bin: bin, dataDir: filepath.Join(dir, fmt.Sprintf("n%d", i)), logPath: filepath.Join(dir, fmt.Sprintf("n%d.log", i)), join: join})
+		r.nodes = append(r.nodes, &node{i: i, bin: bin, dataDir: filepath.Join(dir, fmt.Sprintf("n%d", i)), logPath: filepath.Join(dir, fmt.Sprintf("n%d.log", i)), join: join, sec: sec})
 	}
 
 	var once sync.Once
@@ -207,6 +213,14 @@ func TestChaos(t *testing.T) {
 		t.Fatalf("cluster did not form: %v", err)
 	}
 	r.logf("cluster of %d formed in %s", *flagNodes, took.Round(time.Millisecond))
+	if sec.tls {
+		for _, nd := range r.nodes {
+			if err := checkPeerTLS(nd); err != nil {
+				t.Fatalf("peer links without TLS: %v", err)
+			}
+		}
+		r.logf("every node's peer port refuses plain text (mutual TLS on peer links)")
+	}
 
 	kinds := strings.Split(*flagNemeses, ",")
 	for _, k := range kinds {
@@ -365,7 +379,7 @@ func TestChaos(t *testing.T) {
 	t.Logf("history:\n%s", res)
 	r.mu.Lock()
 	line, _ := json.Marshal(map[string]any{
-		"seed": seed, "nodes": *flagNodes, "duration_s": flagDuration.Seconds(), "nemeses_allowed": *flagNemeses,
+		"seed": seed, "nodes": *flagNodes, "duration_s": flagDuration.Seconds(), "nemeses_allowed": *flagNemeses, "tls": *flagTLS,
 		"nemeses": r.applied, "skipped": r.skipped, "convergence": conv, "rolling": rolling, "drained": total, "result": res,
 		"crashed": r.crashed, "errors": r.errs,
 	})
@@ -485,7 +499,7 @@ func queueDepths(nodes []*node, queues []string) []string {
 			InFlight  int    `json:"in_flight"`
 			OwnerName string `json:"owner_name"`
 		}
-		if err := getJSON(nd.adminAddr(), "/v1/destinations", &ds); err != nil {
+		if err := getJSON(nd, "/v1/destinations", &ds); err != nil {
 			left = append(left, fmt.Sprintf("%s: %v", nd.name(), err))
 			continue
 		}
@@ -572,7 +586,7 @@ func (r *run) activeMembers() ([]string, error) {
 	var last error
 	for _, nd := range r.nodes {
 		var v clusterView
-		if err := getJSON(nd.adminAddr(), "/v1/cluster", &v); err != nil {
+		if err := getJSON(nd, "/v1/cluster", &v); err != nil {
 			last = err
 			continue
 		}

@@ -7,11 +7,20 @@
 //	BROKERD_CHAOS=1 go test -race -v -run TestChaos ./test/chaos            # short profile (~3.5 min)
 //	BROKERD_CHAOS=1 go test -v -run TestChaos ./test/chaos -chaos.duration=30m -timeout 60m
 //	BROKERD_CHAOS=1 go test -v -run TestChaos ./test/chaos -chaos.seed=N    # replay a schedule (same flags)
+//	BROKERD_CHAOS=1 go test -v -run TestChaos ./test/chaos -chaos.tls=false # peer links and gossip in the clear
 //
 // It needs root and the commands ip (iproute2) and iptables; test/run.sh
 // installs iptables and runs the short profile.
 //
-// The cluster: 5 nodes, M=3 active members, R=2 copies, W=2. Clients:
+// The cluster: 5 nodes, M=3 active members, R=2 copies, W=2, secured as
+// a production cluster would be (security.go): at the start the run makes
+// a CA and a certificate per node for mutual TLS on peer links
+// (cluster.tls.*, as BROKERD_ variables), a gossip key
+// (cluster.secret_key_file), and an admin token (admin.token_file, which
+// brokerd requires as the admin address is not loopback) that every admin
+// call of the suite sends; once the cluster forms, each node's peer port
+// must refuse a plain-text CONNECT. -chaos.tls=false runs peer links and
+// gossip in the clear (the token stays). Clients:
 // producers send receipted messages with unique ids (header x-chaos-id,
 // body the id) to 16 queues, one at a time, each to a random node, moving
 // to another node every few seconds and at any failure; one time in eight

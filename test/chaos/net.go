@@ -229,6 +229,7 @@ type node struct {
 	dataDir string
 	logPath string
 	join    []string
+	sec     *security
 
 	mu   sync.Mutex
 	cmd  *exec.Cmd
@@ -242,7 +243,7 @@ func (nd *node) adminAddr() string { return net.JoinHostPort(nodeIP(nd.i), strco
 
 func (nd *node) args() []string {
 	ip := nodeIP(nd.i)
-	return []string{
+	return append([]string{
 		"netns", "exec", nodeNS(nd.i), nd.bin,
 		"--node-name", nd.name(),
 		"--data-dir", nd.dataDir,
@@ -254,10 +255,9 @@ func (nd *node) args() []string {
 		"--active-members", "3",
 		"--replication-factor", "2",
 		"--write-quorum", "2",
-		"--allow-plaintext-gossip",
 		"--allow-anonymous",
 		"--log-format", "json",
-	}
+	}, nd.sec.args()...)
 }
 
 // start starts brokerd; `ip netns exec` execs it, so the PID is brokerd's.
@@ -289,6 +289,7 @@ func (nd *node) start() error {
 			cmd.Env = append(cmd.Env, kv)
 		}
 	}
+	cmd.Env = append(cmd.Env, nd.sec.env(nd.i)...)
 	if err := cmd.Start(); err != nil {
 		lf.Close()
 		return err
@@ -380,8 +381,18 @@ type clusterView struct {
 
 var httpClient = &http.Client{Timeout: 2 * time.Second}
 
-func getJSON(addr, path string, v any) error {
-	resp, err := httpClient.Get("http://" + addr + path)
+// adminGet sends GET path to nd's admin API with the run's admin token.
+func adminGet(nd *node, path string) (*http.Response, error) {
+	req, err := http.NewRequest(http.MethodGet, "http://"+nd.adminAddr()+path, nil)
+	if err != nil {
+		return nil, err
+	}
+	req.Header.Set("Authorization", "Bearer "+nd.sec.token)
+	return httpClient.Do(req)
+}
+
+func getJSON(nd *node, path string, v any) error {
+	resp, err := adminGet(nd, path)
 	if err != nil {
 		return err
 	}
@@ -391,18 +402,21 @@ func getJSON(addr, path string, v any) error {
 		return err
 	}
 	if resp.StatusCode != http.StatusOK {
-		return fmt.Errorf("GET %s%s: %s", addr, path, resp.Status)
+		return fmt.Errorf("GET %s%s: %s: %s", nd.adminAddr(), path, resp.Status, bytes.TrimSpace(b))
 	}
 	return json.Unmarshal(b, v)
 }
 
-func getText(addr, path string) (string, error) {
-	resp, err := httpClient.Get("http://" + addr + path)
+func getText(nd *node, path string) (string, error) {
+	resp, err := adminGet(nd, path)
 	if err != nil {
 		return "", err
 	}
 	defer resp.Body.Close()
 	b, err := io.ReadAll(io.LimitReader(resp.Body, 16<<20))
+	if err == nil && resp.StatusCode != http.StatusOK {
+		err = fmt.Errorf("GET %s%s: %s: %s", nd.adminAddr(), path, resp.Status, bytes.TrimSpace(b))
+	}
 	return string(b), err
 }
 
@@ -417,7 +431,7 @@ func agreement(nodes []*node) (ok bool, why string) {
 	var first *clusterView
 	for _, nd := range nodes {
 		var v clusterView
-		if err := getJSON(nd.adminAddr(), "/v1/cluster", &v); err != nil {
+		if err := getJSON(nd, "/v1/cluster", &v); err != nil {
 			return false, fmt.Sprintf("%s: %v", nd.name(), err)
 		}
 		if !v.Converged {
@@ -471,7 +485,7 @@ func waitAgreement(nodes []*node, d time.Duration) (time.Duration, error) {
 func catchingUp(nodes []*node) (float64, error) {
 	var sum float64
 	for _, nd := range nodes {
-		text, err := getText(nd.adminAddr(), "/metrics")
+		text, err := getText(nd, "/metrics")
 		if err != nil {
 			return 0, err
 		}
