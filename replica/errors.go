@@ -20,4 +20,17 @@ var (
 	// ErrLowDisk is a SEND refused while free space on the data directory's
 	// filesystem is below store.min_free_bytes. Nothing was stored.
 	ErrLowDisk = errors.New("broker low on disk space")
+	// ErrNoSuchQueue is a SEND or SUBSCRIBE that may not create its queue
+	// (Message.NoCreate, SubOptions.NoCreate) naming a queue that does not
+	// exist (see Node.QueueExists). Nothing was changed. It comes as a
+	// *NoSuchQueueError, which names the queue.
+	ErrNoSuchQueue = errors.New("queue does not exist")
 )
+
+// NoSuchQueueError is ErrNoSuchQueue for the queue Dest.
+type NoSuchQueueError struct{ Dest string }
+
+func (e *NoSuchQueueError) Error() string { return ErrNoSuchQueue.Error() + ": " + e.Dest }
+
+// Is makes errors.Is(err, ErrNoSuchQueue) true.
+func (e *NoSuchQueueError) Is(target error) bool { return target == ErrNoSuchQueue }

@@ -67,6 +67,10 @@ type Message struct {
 	// possible ones: a SEND stored again by a retry after an attempt that
 	// may have stored it (and so may have been delivered) starts at 1.
 	Deliveries int
+	// NoCreate refuses the SEND with ErrNoSuchQueue, storing nothing, if
+	// its queue does not exist (its sender may not create queues there).
+	// Not stored, and ignored for topics.
+	NoCreate bool
 }
 
 // Expired reports whether the message has expired at now.

@@ -188,6 +188,10 @@ type SubOptions struct {
 	// The subscriber calls Subscription.Written once the message is on the
 	// wire.
 	Deliver func(Delivery)
+	// NoCreate refuses the subscription with ErrNoSuchQueue if its queue
+	// does not exist (the subscriber may not create queues there).
+	// Ignored for topics.
+	NoCreate bool
 }
 
 // Sub is what a subscriber holds of its subscription: a *Subscription of
@@ -399,6 +403,14 @@ func (n *Node) Recover() error {
 	queues := 0
 	for _, b := range buckets {
 		if b.Count == 0 {
+			if k, err := ParseDestination(b.Name); err == nil && k == KindQueue && n.rep == nil {
+				// An empty queue still exists (QueueExists): in memory
+				// until the sweeper removes it, and its bucket, as idle.
+				d := n.destination(b.Name, KindQueue)
+				d.mu.Lock()
+				d.created = true
+				d.mu.Unlock()
+			}
 			continue
 		}
 		if k, err := ParseDestination(b.Name); err != nil || k != KindQueue {
@@ -415,6 +427,7 @@ func (n *Node) Recover() error {
 		}
 		d := n.destination(b.Name, KindQueue)
 		d.mu.Lock()
+		d.created = true
 		d.onDisk = b.Count
 		d.onDiskBytes = b.Bytes
 		d.countedTo = b.LastKey
@@ -503,6 +516,14 @@ func (n *Node) Subscribe(opts SubOptions) (*Subscription, error) {
 		opts.Prefetch = n.cfg.MaxUnacked
 	}
 	d := n.lockDestination(opts.Dest, kind)
+	if kind == KindQueue {
+		if opts.NoCreate && !d.existsLocked() {
+			d.mu.Unlock()
+			n.dropUncreated(d)
+			return nil, &NoSuchQueueError{Dest: opts.Dest}
+		}
+		d.created = true
+	}
 	s := &Subscription{d: d, opts: opts, inflight: make(map[uint64]*inflight), active: kind == KindQueue}
 	if opts.ByMessageID {
 		s.byID = make(map[string]uint64)
@@ -805,8 +826,15 @@ func (n *Node) Apply(b *Batch, done func(error)) error {
 			continue
 		}
 		d := n.lockDestination(m.Dest, KindQueue)
-		err := d.reserveLocked(m)
-		d.mu.Unlock()
+		var err error
+		if m.NoCreate && !d.existsLocked() {
+			d.mu.Unlock()
+			n.dropUncreated(d)
+			err = &NoSuchQueueError{Dest: m.Dest}
+		} else {
+			err = d.reserveLocked(m)
+			d.mu.Unlock()
+		}
 		if err != nil {
 			for i, r := range nk.msgs {
 				nk.dst[i].unreserve(r)
@@ -984,6 +1012,44 @@ func (n *Node) removeIdle(d *destination) {
 	n.log.Debug("idle queue removed", "dest", d.name)
 	n.m.idleRemoved.Inc()
 	n.write([]store.Op{{Kind: store.OpDeleteBucket, Bucket: d.name}}, false, n.internalDone, nil)
+}
+
+// QueueExists reports whether queue name exists here. A queue exists
+// once a message has been stored in it or it has had a subscriber, until
+// the sweeper removes it as idle (queue.idle_delete_after), and while its
+// store bucket is there: across a restart, and, with a Replicator, on the
+// replica that takes it over (Adopt) if that replica holds a copy of it.
+// A queue only ever subscribed to and never written to has no bucket: it
+// does not outlive its node's memory. Topics always exist. With a
+// Replicator, name is adopted first (as any use of the queue does).
+func (n *Node) QueueExists(name string) bool {
+	if k, err := ParseDestination(name); err != nil || k != KindQueue {
+		return err == nil
+	}
+	d := n.lockDestination(name, KindQueue)
+	ok := d.existsLocked()
+	d.mu.Unlock()
+	if !ok {
+		n.dropUncreated(d)
+	}
+	return ok
+}
+
+// dropUncreated forgets queue d if it still does not exist: it came
+// into the map only to be refused (NoCreate). No store bucket to delete.
+// wmu is held throughout, as by removeIdle: an Adopt of the same name in
+// progress finishes first, so what it read is not lost with d.
+func (n *Node) dropUncreated(d *destination) {
+	n.wmu.Lock()
+	defer n.wmu.Unlock()
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if n.dests[d.name] == d && !d.existsLocked() {
+		delete(n.dests, d.name)
+		d.removed = true
+	}
 }
 
 // TagOf finds the outstanding delivery of message id, for STOMP 1.0 and

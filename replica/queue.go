@@ -50,6 +50,10 @@ type destination struct {
 	rr          int
 	idleSince   time.Time
 	removed     bool // taken out of Node.dests by the sweeper
+	// created: the queue exists (see existsLocked) even while idle; set
+	// once a message committed to it or it had a subscriber, or it was
+	// found in the store (Recover, Adopt).
+	created bool
 	// awaitingQuorum counts messages committed here whose write quorum is
 	// not known yet: the window is kept meanwhile (releaseLocked), so
 	// that unconfirmed finds them in memory.
@@ -85,6 +89,10 @@ func (d *destination) readyLen() int64 { return int64(d.memLen()) + d.onDisk }
 
 // readyBytes is the body bytes of the pending messages.
 func (d *destination) readyBytes() int64 { return int64(d.windowBytes) + d.reqBytes + d.onDiskBytes }
+
+// existsLocked reports whether queue d exists: it holds messages, has
+// subscribers or writes in progress, or was created before (created).
+func (d *destination) existsLocked() bool { return d.created || !d.idleLocked() }
 
 func (d *destination) idleLocked() bool {
 	if len(d.subs) > 0 || d.readyLen() > 0 || d.reserved > 0 || d.loading {
@@ -127,6 +135,7 @@ func (d *destination) committed(m *Message) {
 	d.reserved--
 	d.resBytes -= int64(len(m.Body))
 	d.countedTo = max(d.countedTo, m.Seq)
+	d.created = true
 	if m.Seq <= d.loadedTo {
 		// Cannot happen: keys commit in order and the loader reads only
 		// keys already counted here. Keep the message rather than lose it.

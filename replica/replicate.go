@@ -527,6 +527,11 @@ func (n *Node) Adopt(dest string) error {
 	}
 	d.mu.Lock()
 	for _, b := range buckets {
+		if b.Name == dest {
+			// The queue was created before (QueueExists), here or at
+			// the owner whose copy this is.
+			d.created = true
+		}
 		if b.Name != dest || b.Count == 0 {
 			continue
 		}

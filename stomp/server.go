@@ -92,6 +92,9 @@ type Config struct {
 	WriteTimeout time.Duration
 	// Auth checks logins; nil allows anyone.
 	Auth Authenticator
+	// Authorizer decides which destinations a logged-in user may read,
+	// write and create (see Authorizer); nil allows every user everything.
+	Authorizer Authorizer
 	// TLSAddr, when set, is a second listener that speaks STOMP over TLS
 	// with TLS (required then); port 0 picks a free port (see TLSAddr).
 	TLSAddr string

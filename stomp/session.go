@@ -519,7 +519,7 @@ func (s *session) apply(f *frame.Frame, b *replica.Batch) error {
 	op := &pendingOp{waits: true, receipt: f.Header.Get(frame.Receipt)}
 	b.Sync = op.receipt != ""
 	if err := s.srv.broker.Apply(b, func(err error) { s.finish(op, err) }); err != nil {
-		return brokerError(f, err)
+		return s.refused(f, err)
 	}
 	s.dirty = !b.Sync
 	s.push(op)
@@ -580,7 +580,12 @@ func (s *session) send(f *frame.Frame) error {
 	if err != nil {
 		return err
 	}
-	m := &replica.Message{Dest: dest, Body: f.Body}
+	// Checked now, in a transaction too: the refused SEND gets the ERROR.
+	noCreate, err := s.authorize(f, PermWrite, dest)
+	if err != nil {
+		return err
+	}
+	m := &replica.Message{Dest: dest, Body: f.Body, NoCreate: noCreate}
 	n := f.Header.Len()
 	m.Headers = make([]string, 0, 2*n)
 	for i := 0; i < n; i++ {
@@ -623,6 +628,10 @@ func (s *session) subscribe(f *frame.Frame) error {
 	if err != nil {
 		return err
 	}
+	noCreate, err := s.authorize(f, PermRead, dest)
+	if err != nil {
+		return err
+	}
 	id := f.Header.Get(frame.Id)
 	if id == "" {
 		if s.version != "1.0" {
@@ -657,9 +666,10 @@ func (s *session) subscribe(f *frame.Frame) error {
 		Dest: dest, Ack: mode, Prefetch: prefetch,
 		ByMessageID: s.version != "1.2", // 1.0 and 1.1 acknowledge by message-id
 		Deliver:     func(d replica.Delivery) { s.enqueue(outItem{sub: sb, d: d}) },
+		NoCreate:    noCreate,
 	})
 	if err != nil {
-		return brokerError(f, err)
+		return s.refused(f, err)
 	}
 	sb.rs = rs
 	s.subs[id] = sb
@@ -893,7 +903,7 @@ func (s *session) emitLocked() {
 		n++
 		if op.err != nil && !q.failed {
 			q.failed = true
-			pe := asyncError(op.err)
+			pe := s.asyncRefused(op.err)
 			if pe.reason == "internal" {
 				s.srv.log.Error("store failure", "session", s.id, "err", op.err)
 			} else {
