@@ -2,7 +2,12 @@ package node
 
 import (
 	"bytes"
+	"crypto/tls"
 	"encoding/json"
+	"errors"
+	"net"
+	"os"
+	"path/filepath"
 	"slices"
 	"strings"
 	"testing"
@@ -169,5 +174,99 @@ func TestClusterPeerTLSForeignCertificate(t *testing.T) {
 			t.Fatalf("with the intruder around: %d sent, %d received in 10 s; %v", s, r, load2.errs)
 		}
 		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// peerCertCN dials addr over TLS with client (whose roots are the CA it
+// trusts, no host name checked) and returns the common name of the
+// certificate the server presented, or the handshake's error.
+func peerCertCN(addr string, client tlstest.Pair, ca *tlstest.CA) (string, error) {
+	cert, err := tls.X509KeyPair(client.CertPEM, client.KeyPEM)
+	if err != nil {
+		return "", err
+	}
+	c, err := tls.DialWithDialer(&net.Dialer{Timeout: 5 * time.Second}, "tcp", addr, &tls.Config{
+		Certificates: []tls.Certificate{cert},
+		RootCAs:      ca.Pool(),
+		ServerName:   "localhost",
+	})
+	if err != nil {
+		return "", err
+	}
+	defer c.Close()
+	// TLS 1.3: the server checks the client's certificate after the
+	// client's handshake; a refusal shows on the first read.
+	_ = c.SetReadDeadline(time.Now().Add(200 * time.Millisecond))
+	if _, err := c.Read(make([]byte, 1)); err != nil && !peerTimeout(err) {
+		return "", err
+	}
+	return c.ConnectionState().PeerCertificates[0].Subject.CommonName, nil
+}
+
+func peerTimeout(err error) bool {
+	var ne net.Error
+	return errors.As(err, &ne) && ne.Timeout()
+}
+
+// TestPeerTLSReload: a reload (SIGHUP, POST /v1/reload) rereads
+// cluster.tls.*: the peer server presents the new certificate to new
+// links, and a new CA file decides whom it accepts; a reload whose files
+// do not load keeps the material in force.
+func TestPeerTLSReload(t *testing.T) {
+	dir := t.TempDir()
+	ca := tlstest.NewCA(t, dir, "cluster")
+	first := ca.Issue(t, "node-a", nil)
+	cfg := clusterTestConfig(t, "a", writeKeyFile(t, bytes.Repeat([]byte{9}, 32)))
+	cfg.Cluster.ActiveMembers, cfg.Replica.Factor = 1, 1
+	// The node's files, rewritten in place as an operator would.
+	certFile, keyFile, caFile := filepath.Join(dir, "peer.crt"), filepath.Join(dir, "peer.key"), filepath.Join(dir, "peer-ca.crt")
+	install := func(p tlstest.Pair, caPEM []byte) {
+		t.Helper()
+		for f, b := range map[string][]byte{certFile: p.CertPEM, keyFile: p.KeyPEM, caFile: caPEM} {
+			if err := os.WriteFile(f, b, 0o600); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	install(first, ca.CertPEM)
+	cfg.Cluster.TLS = config.ClusterTLS{CertFile: certFile, KeyFile: keyFile, CAFile: caFile}
+	a := startCluster(t, cfg)[0]
+	addr := a.n.PeerAddr()
+	operator := ca.Issue(t, "operator", nil)
+	if cn, err := peerCertCN(addr, operator, ca); err != nil || cn != "node-a" {
+		t.Fatalf("before the reload: %q, %v; want node-a", cn, err)
+	}
+
+	install(ca.Issue(t, "node-a-renewed", nil), ca.CertPEM)
+	if err := a.n.Reload(); err != nil {
+		t.Fatal(err)
+	}
+	if cn, err := peerCertCN(addr, operator, ca); err != nil || cn != "node-a-renewed" {
+		t.Fatalf("after the reload: %q, %v; want node-a-renewed", cn, err)
+	}
+
+	// A new CA: its certificates are accepted, the old CA's no longer.
+	ca2 := tlstest.NewCA(t, dir, "cluster-2")
+	install(ca2.Issue(t, "node-a-ca2", nil), ca2.CertPEM)
+	if err := a.n.Reload(); err != nil {
+		t.Fatal(err)
+	}
+	if cn, err := peerCertCN(addr, ca2.Issue(t, "operator-2", nil), ca2); err != nil || cn != "node-a-ca2" {
+		t.Fatalf("after the CA changed: %q, %v; want node-a-ca2", cn, err)
+	}
+	if _, err := peerCertCN(addr, operator, ca2); err == nil {
+		t.Fatal("a certificate of the old CA was accepted after the CA file changed")
+	}
+
+	// A damaged file: the reload fails and names the key; the material in
+	// force stays.
+	if err := os.WriteFile(certFile, []byte("not a certificate"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := a.n.Reload(); err == nil || !strings.Contains(err.Error(), "cluster.tls.cert_file") {
+		t.Fatalf("reload with a damaged certificate: %v", err)
+	}
+	if cn, err := peerCertCN(addr, ca2.Issue(t, "operator-3", nil), ca2); err != nil || cn != "node-a-ca2" {
+		t.Fatalf("after a failed reload: %q, %v; want node-a-ca2 still", cn, err)
 	}
 }
