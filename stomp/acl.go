@@ -108,14 +108,19 @@ type aclRule struct {
 	pattern pattern
 }
 
-// LoadACL reads an ACL file. Rules naming groups match nobody until
-// WithGroups gives the ACL the users file's groups.
+// LoadACL reads an ACL file; its errors name the file. Rules naming
+// groups match nobody until WithGroups gives the ACL the users file's
+// groups.
 func LoadACL(path string) (*ACL, error) {
 	b, err := os.ReadFile(path)
 	if err != nil {
 		return nil, err
 	}
-	return ParseACL(b)
+	a, err := ParseACL(b)
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", path, err)
+	}
+	return a, nil
 }
 
 // ParseACL parses the content of an ACL file. Errors name the line.

@@ -47,13 +47,17 @@ type Users struct {
 // naming a group.
 const groupPrefix = "group:"
 
-// LoadUsers reads a users file.
+// LoadUsers reads a users file. Its errors name the file.
 func LoadUsers(path string) (*Users, error) {
 	b, err := os.ReadFile(path)
 	if err != nil {
 		return nil, err
 	}
-	return ParseUsers(b)
+	u, err := ParseUsers(b)
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", path, err)
+	}
+	return u, nil
 }
 
 // ParseUsers parses the content of a users file. Errors name the line.
@@ -144,6 +148,15 @@ func checkGroupName(name string) error {
 func (u *Users) Groups(user string) []string {
 	return slices.Clone(u.members[user])
 }
+
+// HasGroup reports whether the users file defines group.
+func (u *Users) HasGroup(group string) bool {
+	_, ok := u.groups[group]
+	return ok
+}
+
+// Len returns the number of users with a passcode and of groups.
+func (u *Users) Len() (users, groups int) { return len(u.hashes), len(u.groups) }
 
 // InGroup reports whether user is a member of group.
 func (u *Users) InGroup(user, group string) bool {

@@ -97,13 +97,15 @@ func NewWithOptions(cfg config.Config, log *slog.Logger, opts Options) (*Node, e
 		log = slog.Default()
 	}
 	log = log.With("node", cfg.Node.Name)
-	var auth stomp.Authenticator
-	if cfg.Auth.UsersFile != "" {
-		u, err := stomp.LoadUsers(cfg.Auth.UsersFile)
+	// The users and ACL files: read now, so that a bad one stops the
+	// start with the key's name, and again at every reload.
+	var auth *authFiles
+	if cfg.Auth.UsersFile != "" || cfg.Auth.ACLFile != "" {
+		a, err := newAuthFiles(cfg.Auth, log)
 		if err != nil {
-			return nil, fmt.Errorf("auth.users_file: %w", err)
+			return nil, err
 		}
-		auth = u
+		auth = a
 	}
 	sync, err := store.ParseSyncMode(cfg.Store.Sync)
 	if err != nil {
@@ -217,7 +219,13 @@ func NewWithOptions(cfg config.Config, log *slog.Logger, opts Options) (*Node, e
 	pcfg.HeartbeatMin = cfg.STOMP.HeartbeatMin
 	pcfg.ConnectTimeout = cfg.STOMP.ConnectTimeout
 	pcfg.WriteTimeout = cfg.STOMP.WriteTimeout
-	pcfg.Auth = auth
+	if auth != nil {
+		pcfg.Auth = auth
+		if cfg.Auth.ACLFile != "" {
+			pcfg.Authorizer = auth
+		}
+		n.reload.add("auth", auth.reload)
+	}
 	pcfg.ServerName = "brokerd/" + Version
 	pcfg.X509Login = cfg.Auth.X509Login
 	pcfg.MaxConnectionsPerIP = cfg.Limits.MaxConnectionsPerIP
