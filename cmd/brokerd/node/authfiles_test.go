@@ -102,10 +102,20 @@ func mustDial(t *testing.T, n *Node, user string) *gostomp.Conn {
 }
 
 // errorMessage is the message header of the ERROR err carries, or "".
+// go-stomp returns a SEND's as a gostomp.Error, and hands a
+// subscription's to it as a *gostomp.Error.
 func errorMessage(err error) string {
+	var f *frame.Frame
 	var se gostomp.Error
-	if errors.As(err, &se) && se.Frame != nil && se.Frame.Command == frame.ERROR {
-		return se.Frame.Header.Get(frame.Message)
+	var pse *gostomp.Error
+	switch {
+	case errors.As(err, &se):
+		f = se.Frame
+	case errors.As(err, &pse):
+		f = pse.Frame
+	}
+	if f != nil && f.Command == frame.ERROR {
+		return f.Header.Get(frame.Message)
 	}
 	return ""
 }

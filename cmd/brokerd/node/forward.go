@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"log/slog"
 	"strconv"
+	"strings"
 	"sync"
 
 	"github.com/brokerd/brokerd/replica"
@@ -27,6 +28,7 @@ const (
 	opPull        = "pull"         // destination, x-after, x-tombstones; answer: replica wire ops, x-count, x-after, x-more
 	opDests       = "destinations" // answer: JSON of the destinations the node serves (admin)
 	opMerge       = "merge"        // destination: the sender released its copy; take the queue over again
+	opExists      = "exists"       // destination; answer: x-exists "1" if the queue exists at its owner (replica.Node.QueueExists)
 
 	hdrSub      = "x-sub"
 	hdrPrefetch = "x-prefetch"
@@ -39,6 +41,11 @@ const (
 	hdrMore     = "x-more"
 	hdrTombs    = "x-tombstones" // on a pull: "1" reads the queue's tombstones instead of its messages
 	hdrRetry    = "x-retry"      // on a send: "1" when the sender retries it after a failure or refusal
+	// hdrNoCreate: on a send, the indices (comma list) of its messages
+	// that may not create their queue (replica.Message.NoCreate); on a
+	// subscribe, "1" (replica.SubOptions.NoCreate).
+	hdrNoCreate = "x-no-create"
+	hdrExists   = "x-exists"
 
 	codeNotOwner   = "not-owner"
 	codeQueueFull  = "queue-full"
@@ -46,6 +53,7 @@ const (
 	codeBadDest    = "bad-destination"
 	codeUnknownAck = "unknown-ack"
 	codeUnknownSub = "unknown-subscription"
+	codeNoQueue    = "no-such-queue" // message: the queue's name
 )
 
 // fwdLinks holds one peer link per peer for forwarding (separate from the
@@ -220,6 +228,47 @@ func decodeDeliveries(b []byte) ([]wireDelivery, error) {
 	return out, nil
 }
 
+// failFrame is the refusal of a request whose local part failed with
+// err. A queue that does not exist is named alone, so that the sender
+// can name it (peerErr).
+func failFrame(err error) *frame.Frame {
+	var nq *replica.NoSuchQueueError
+	if errors.As(err, &nq) {
+		return stomp.PeerFail(codeNoQueue, nq.Dest)
+	}
+	return stomp.PeerFail(failCode(err), err.Error())
+}
+
+// noCreateHeader is hdrNoCreate for msgs: the indices of those that may
+// not create their queue, "" for none.
+func noCreateHeader(msgs []*replica.Message) string {
+	var b []byte
+	for i, m := range msgs {
+		if m.NoCreate {
+			if len(b) > 0 {
+				b = append(b, ',')
+			}
+			b = strconv.AppendInt(b, int64(i), 10)
+		}
+	}
+	return string(b)
+}
+
+// setNoCreate sets NoCreate on the messages hdrNoCreate h names.
+func setNoCreate(msgs []*replica.Message, h string) error {
+	if h == "" {
+		return nil
+	}
+	for _, s := range strings.Split(h, ",") {
+		i, err := strconv.Atoi(s)
+		if err != nil || i < 0 || i >= len(msgs) {
+			return fmt.Errorf("%w: %s %q", errBadBody, hdrNoCreate, h)
+		}
+		msgs[i].NoCreate = true
+	}
+	return nil
+}
+
 // maxForwardMessages bounds the messages of one forwarded request.
 const maxForwardMessages = 1 << 16
 
@@ -242,6 +291,10 @@ func forwardHandler(rt *router, log *slog.Logger) func(peer string, f *frame.Fra
 					reply(stomp.PeerDrop("forwarded SEND to a topic"))
 					return
 				}
+			}
+			if err := setNoCreate(msgs, f.Header.Get(hdrNoCreate)); err != nil {
+				reply(stomp.PeerDrop(err.Error()))
+				return
 			}
 			// Ownership is checked in the worker only, in the order the
 			// link delivered them: refused here at once, a SEND would be
@@ -276,12 +329,12 @@ func forwardHandler(rt *router, log *slog.Logger) func(peer string, f *frame.Fra
 				}
 				if err := rt.rep.Apply(&replica.Batch{Sends: msgs, Sync: true}, func(err error) {
 					if err != nil {
-						reply(stomp.PeerFail(failCode(err), err.Error()))
+						reply(failFrame(err))
 						return
 					}
 					reply(stomp.PeerOK())
 				}); err != nil {
-					reply(stomp.PeerFail(failCode(err), err.Error()))
+					reply(failFrame(err))
 					return
 				}
 				if retry {
@@ -316,14 +369,15 @@ func forwardHandler(rt *router, log *slog.Logger) func(peer string, f *frame.Fra
 				reply(stomp.PeerDrop("malformed subscribe"))
 				return
 			}
+			noCreate := f.Header.Get(hdrNoCreate) == "1"
 			go func() {
-				err := rt.host.subscribe(peer, id, dest, mode, prefetch)
+				err := rt.host.subscribe(peer, id, dest, mode, prefetch, noCreate)
 				if err != nil {
-					code := failCode(err)
 					if errors.Is(err, errNotOwner) {
-						code = codeNotOwner
+						reply(stomp.PeerFail(codeNotOwner, err.Error()))
+						return
 					}
-					reply(stomp.PeerFail(code, err.Error()))
+					reply(failFrame(err))
 					return
 				}
 				reply(stomp.PeerOK())
@@ -396,6 +450,28 @@ func forwardHandler(rt *router, log *slog.Logger) func(peer string, f *frame.Fra
 			}
 			rt.merge(dest)
 			reply(stomp.PeerOK())
+		case opExists:
+			dest := f.Header.Get(frame.Destination)
+			if !validDest(dest) {
+				reply(stomp.PeerDrop("malformed exists"))
+				return
+			}
+			go func() {
+				v := rt.refresh()
+				if o := rt.ownerOf(v, dest); o != v.self {
+					reply(stomp.PeerFail(codeNotOwner, fmt.Sprintf("%s is owned by %s in this node's view", dest, o)))
+					return
+				}
+				if err := rt.ensureOwned(dest); err != nil {
+					reply(stomp.PeerFail(failCode(err), err.Error()))
+					return
+				}
+				ok := "0"
+				if rt.rep.QueueExists(dest) {
+					ok = "1"
+				}
+				reply(stomp.PeerOK(hdrExists, ok))
+			}()
 		case opDests:
 			go func() {
 				b, err := json.Marshal(rt.ownedDestinations(rt.pr))

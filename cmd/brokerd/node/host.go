@@ -88,7 +88,7 @@ func (h *host) sig(peer string) chan struct{} {
 
 // subscribe opens subscription id of peer on dest, which this node must
 // own. Subscribing again with the same id is a no-op.
-func (h *host) subscribe(peer, id, dest string, mode replica.AckMode, prefetch int) error {
+func (h *host) subscribe(peer, id, dest string, mode replica.AckMode, prefetch int, noCreate bool) error {
 	// A fresh view (it becomes the cached one): ensureOwned takes the
 	// queue over again if nodes appeared since it was taken over, and a
 	// new subscription must not start on an unmerged queue.
@@ -120,7 +120,7 @@ func (h *host) subscribe(peer, id, dest string, mode replica.AckMode, prefetch i
 	c := h.sig(peer)
 	h.mu.Unlock()
 	rs, err := h.rt.rep.Subscribe(replica.SubOptions{
-		Dest: dest, Ack: mode, Prefetch: prefetch,
+		Dest: dest, Ack: mode, Prefetch: prefetch, NoCreate: noCreate,
 		// Under the queue's lock: append and signal, never block.
 		Deliver: func(d replica.Delivery) {
 			hs.mu.Lock()

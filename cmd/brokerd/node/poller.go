@@ -42,6 +42,11 @@ type routedSub struct {
 	unwritten int
 	closed    bool
 	rebinding bool
+	// bound: a bind has succeeded. Until then every bind carries
+	// opts.NoCreate; after, the queue has existed, and a rebind at a new
+	// owner (which may not know it, as a queue only ever subscribed to
+	// has no bucket to take over) carries none.
+	bound bool
 }
 
 type flight struct {
@@ -83,7 +88,7 @@ func (rs *routedSub) bind() error {
 		err := rs.subscribeAt(owner, v, gen)
 		if err == nil {
 			rs.mu.Lock()
-			rs.owner, rs.gen = owner, gen
+			rs.owner, rs.gen, rs.bound = owner, gen, true
 			closed := rs.closed
 			rs.mu.Unlock()
 			if closed {
@@ -103,15 +108,22 @@ func (rs *routedSub) bind() error {
 func (rs *routedSub) subscribeAt(owner string, v viewSnap, gen uint64) error {
 	rt := rs.rt
 	prefetch := rs.opts.Prefetch
+	rs.mu.Lock()
+	noCreate := rs.opts.NoCreate && !rs.bound
+	rs.mu.Unlock()
 	if owner == v.self {
-		return rt.host.subscribe(v.self, rs.ownerID(gen), rs.opts.Dest, rs.opts.Ack, prefetch)
+		return rt.host.subscribe(v.self, rs.ownerID(gen), rs.opts.Dest, rs.opts.Ack, prefetch, noCreate)
 	}
 	errc := make(chan error, 1)
 	ctx, cancel := context.WithTimeout(context.Background(), forwardTimeout)
 	defer cancel()
-	err := rt.fwd.request(ctx, owner, opSubscribe, []string{
+	hdrs := []string{
 		frame.Destination, rs.opts.Dest, hdrSub, rs.ownerID(gen), frame.Ack, rs.opts.Ack.String(), hdrPrefetch, strconv.Itoa(max(prefetch, 0)),
-	}, nil, func(_ *frame.Frame, err error) { errc <- err })
+	}
+	if noCreate {
+		hdrs = append(hdrs, hdrNoCreate, "1")
+	}
+	err := rt.fwd.request(ctx, owner, opSubscribe, hdrs, nil, func(_ *frame.Frame, err error) { errc <- err })
 	if err != nil {
 		return peerErr(err)
 	}
@@ -191,7 +203,13 @@ func (rs *routedSub) rebind() {
 			if err == nil || errors.Is(err, replica.ErrSubscriptionClosed) {
 				break
 			}
-			rs.rt.log.Info("a subscription lost its queue's owner; subscribing again", "dest", rs.opts.Dest, "err", err)
+			if errors.Is(err, replica.ErrNoSuchQueue) {
+				// Its first bind failed (the owner was unreachable), and
+				// the queue does not exist: it waits until it does.
+				rs.rt.log.Info("a subscription whose user may not create its queue waits for the queue to exist", "dest", rs.opts.Dest)
+			} else {
+				rs.rt.log.Info("a subscription lost its queue's owner; subscribing again", "dest", rs.opts.Dest, "err", err)
+			}
 			select {
 			case <-rs.rt.stop:
 				return

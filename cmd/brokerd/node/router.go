@@ -356,7 +356,8 @@ func retryable(err error) bool {
 	}
 	switch {
 	case errors.Is(err, replica.ErrQueueFull), errors.Is(err, replica.ErrLowDisk),
-		errors.Is(err, replica.ErrBadDestination), errors.Is(err, replica.ErrUnknownAck):
+		errors.Is(err, replica.ErrBadDestination), errors.Is(err, replica.ErrUnknownAck),
+		errors.Is(err, replica.ErrNoSuchQueue):
 		return false
 	}
 	return true // no quorum here, a link down, an answer that never came
@@ -378,7 +379,7 @@ func finalErr(err error) error {
 	}
 	var pe *stomp.PeerError
 	if !errors.As(err, &pe) && (errors.Is(err, replica.ErrNoQuorum) || errors.Is(err, replica.ErrQueueFull) ||
-		errors.Is(err, replica.ErrLowDisk) || errors.Is(err, replica.ErrBadDestination)) {
+		errors.Is(err, replica.ErrLowDisk) || errors.Is(err, replica.ErrBadDestination) || errors.Is(err, replica.ErrNoSuchQueue)) {
 		return err // a local write's own error
 	}
 	return peerErr(err)
@@ -1169,6 +1170,11 @@ func (rt *router) Apply(b *replica.Batch, done func(error)) error {
 			txnSends = append(txnSends, p.sends...)
 		}
 		local.Sends, remote = keep, nil
+		// Its parts are applied one by one: a queue one of them may
+		// not create is looked for first, so that nothing is applied.
+		if err := rt.checkExist(txnSends); err != nil {
+			return err
+		}
 	}
 	var routed []replica.AckOp
 	for _, a := range b.Acks {
@@ -1252,6 +1258,83 @@ func (rt *router) Apply(b *replica.Batch, done func(error)) error {
 	return nil
 }
 
+// checkExist returns a *replica.NoSuchQueueError for the first of msgs
+// that may not create its queue (NoCreate) if that queue does not exist
+// at its owner. The owner still checks when the message arrives: a queue
+// removed as idle meanwhile refuses it then.
+func (rt *router) checkExist(msgs []*replica.Message) error {
+	seen := map[string]bool{}
+	for _, m := range msgs {
+		if !m.NoCreate || seen[m.Dest] {
+			continue
+		}
+		seen[m.Dest] = true
+		ok, err := rt.queueExists(m.Dest)
+		if err != nil {
+			return fmt.Errorf("%w: could not learn from its owner whether %s exists: %w", replica.ErrNoQuorum, m.Dest, err)
+		}
+		if !ok {
+			return &replica.NoSuchQueueError{Dest: m.Dest}
+		}
+	}
+	return nil
+}
+
+// queueExists asks the owner of queue dest whether it exists
+// (replica.Node.QueueExists), following a change of owner for up to
+// notOwnerRetry.
+func (rt *router) queueExists(dest string) (bool, error) {
+	deadline := time.Now().Add(notOwnerRetry)
+	v := rt.view()
+	for {
+		var ok bool
+		var err error
+		switch o := rt.ownerOf(v, dest); o {
+		case "":
+			err = errNoActiveSet
+		case v.self:
+			if err = rt.ensureOwned(dest); err == nil {
+				ok = rt.rep.QueueExists(dest)
+			}
+		default:
+			ok, err = rt.askExists(o, dest)
+		}
+		if err == nil {
+			return ok, nil
+		}
+		if !isNotOwner(err) && !errors.Is(err, errNoActiveSet) || time.Now().After(deadline) {
+			return false, err
+		}
+		time.Sleep(50 * time.Millisecond)
+		v = rt.refresh()
+	}
+}
+
+// askExists sends opExists to owner.
+func (rt *router) askExists(owner, dest string) (bool, error) {
+	type answer struct {
+		f   *frame.Frame
+		err error
+	}
+	ch := make(chan answer, 1)
+	ctx, cancel := context.WithTimeout(context.Background(), forwardTimeout)
+	defer cancel()
+	if err := rt.fwd.request(ctx, owner, opExists, []string{frame.Destination, dest}, nil, func(f *frame.Frame, err error) {
+		ch <- answer{f, err}
+	}); err != nil {
+		return false, err
+	}
+	select {
+	case a := <-ch:
+		if a.err != nil {
+			return false, a.err
+		}
+		return a.f.Header.Get(hdrExists) == "1", nil
+	case <-time.After(forwardTimeout):
+		return false, fmt.Errorf("%s: no answer within %v", owner, forwardTimeout)
+	}
+}
+
 // failoverBudget is how long a forwarded SEND is retried, through
 // another owner if the view changes, before the client gets an ERROR:
 // long enough for gossip to declare a dead owner dead (about 1.5 s).
@@ -1315,6 +1398,9 @@ func (rt *router) forwardChunk(owner string, msgs []*replica.Message, since time
 	var hdrs []string
 	if retried {
 		hdrs = []string{hdrRetry, "1"}
+	}
+	if nc := noCreateHeader(msgs); nc != "" {
+		hdrs = append(hdrs, hdrNoCreate, nc)
 	}
 	err := rt.fwd.request(ctx, owner, opSend, hdrs, body, func(_ *frame.Frame, err error) {
 		cancel()
@@ -1417,6 +1503,7 @@ func (rt *router) republish(m *replica.Message) {
 	c := *m
 	c.Deliveries = m.Deliveries + 1
 	c.Seq = 0
+	c.NoCreate = false // the broker's own SEND
 	rt.goBackground(func() {
 		if err := rt.Apply(&replica.Batch{Sends: []*replica.Message{&c}, Sync: true}, func(err error) {
 			if err != nil {
@@ -1473,7 +1560,9 @@ func (rt *router) Subscribe(opts replica.SubOptions) (replica.Sub, error) {
 		// binding's delivery redirected to the current one (ack).
 		inflight: map[uint64]*flight{}, byID: map[string]uint64{},
 	}
-	if err := rs.bind(); err != nil {
+	if err := rs.bind(); errors.Is(err, replica.ErrNoSuchQueue) {
+		return nil, err // its user may not create the queue
+	} else if err != nil {
 		// The owner is unreachable or the views are still converging
 		// (a node just died, a partition just healed): the subscription
 		// stands and binds in the background, as one that lost its owner
@@ -1561,6 +1650,8 @@ func peerErr(err error) error {
 		return fmt.Errorf("%w (%s)", replica.ErrBadDestination, pe.Message)
 	case codeUnknownAck:
 		return fmt.Errorf("%w (%s)", replica.ErrUnknownAck, pe.Message)
+	case codeNoQueue:
+		return &replica.NoSuchQueueError{Dest: pe.Message}
 	}
 	return fmt.Errorf("%w: the queue's owner refused: %s: %s", replica.ErrNoQuorum, pe.Code, pe.Message)
 }
@@ -1581,6 +1672,8 @@ func failCode(err error) string {
 		return codeBadDest
 	case errors.Is(err, replica.ErrUnknownAck), errors.Is(err, replica.ErrSubscriptionClosed):
 		return codeUnknownAck
+	case errors.Is(err, replica.ErrNoSuchQueue):
+		return codeNoQueue
 	case errors.Is(err, replica.ErrNoQuorum):
 		return "no-quorum"
 	}

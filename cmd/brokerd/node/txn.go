@@ -187,6 +187,19 @@ func (tl *txnLog) attempt(rec *txnRec, since time.Time, done func(error)) {
 	})
 	for o, ms := range byOwner {
 		part := func(err error) {
+			if errors.Is(err, replica.ErrNoSuchQueue) {
+				// Refused for good, storing nothing: the queue was
+				// there at COMMIT (checkExist) and has been removed
+				// as idle since. Not retried.
+				rt.log.Warn("a transaction's SENDs to a queue their user may not create were dropped: the queue was removed since COMMIT", "record", rec.name, "messages", len(ms))
+				mu.Lock()
+				if first == nil {
+					first = err
+				}
+				mu.Unlock()
+				all(nil)
+				return
+			}
 			if err != nil {
 				if mayHaveStored(err) {
 					// The next attempt stores this part marked
