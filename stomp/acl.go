@@ -391,7 +391,20 @@ func (s *session) authorize(f *frame.Frame, perm Permission, dest string) (noCre
 		s.logDenied(f.Command, perm, dest, err)
 		return false, accessError(f.Command, perm, dest, s.user)
 	}
-	return kind == replica.KindQueue && az.Authorize(s.user, PermConfigure, dest) != nil, nil
+	if kind != replica.KindQueue {
+		return false, nil
+	}
+	if pc, ok := az.(permChecker); ok {
+		return !pc.Allowed(s.user, PermConfigure, dest), nil
+	}
+	return az.Authorize(s.user, PermConfigure, dest) != nil, nil
+}
+
+// permChecker is an Authorizer that can answer without building an
+// error, as ACL can: a SEND or SUBSCRIBE to a queue by a user without
+// configure (most producers and consumers) then costs no allocation.
+type permChecker interface {
+	Allowed(user string, perm Permission, dest string) bool
 }
 
 // refused is brokerError for a frame the broker refused. A queue the
