@@ -156,8 +156,8 @@ type Server struct {
 	logins   *loginGuard
 	// authSlots bounds concurrent password checks (MaxLoginChecks).
 	authSlots chan struct{}
-	nextID   atomic.Uint64
-	wg       sync.WaitGroup // accept loop and sessions
+	nextID    atomic.Uint64
+	wg        sync.WaitGroup // accept loop and sessions
 }
 
 // NewServer returns a Server for broker. Call Start to listen.
