@@ -30,7 +30,7 @@ type Node struct {
 
 // STOMP is the client-facing listener.
 type STOMP struct {
-	Addr             string        // stomp.addr: "127.0.0.1:61613"; port 0 picks a free port
+	Addr             string        // stomp.addr: "127.0.0.1:61613"; port 0 picks a free port; "" serves no plain listener (needs stomp.tls.addr)
 	HeartbeatSend    time.Duration // stomp.heartbeat_send: 10s (>= 0); 0 never sends heart-beats, otherwise the server sends them as often as the client asks, down to heartbeat_min
 	HeartbeatReceive time.Duration // stomp.heartbeat_receive: 10s (>= 0); 0 never checks the client's, otherwise they are expected as often as the client offers, down to heartbeat_min
 	ConnectTimeout   time.Duration // stomp.connect_timeout: 10s (> 0), from accept to CONNECT

@@ -607,7 +607,7 @@ func TestValidate(t *testing.T) {
 		{"stomp.addr port not numeric", func(c *Config) { c.STOMP.Addr = "127.0.0.1:stomp" }, "stomp.addr", `port "stomp"`},
 		{"stomp.addr port too large", func(c *Config) { c.STOMP.Addr = "127.0.0.1:65536" }, "stomp.addr", "0..65535"},
 		{"stomp.addr empty port", func(c *Config) { c.STOMP.Addr = "127.0.0.1:" }, "stomp.addr", "port"},
-		{"stomp.addr empty", func(c *Config) { c.STOMP.Addr = "" }, "stomp.addr", "host:port"},
+		{"stomp.addr empty", func(c *Config) { c.STOMP.Addr = "" }, "stomp.addr", "must not be empty"},
 		{"stomp.addr port 0", func(c *Config) { c.STOMP.Addr = "127.0.0.1:0" }, "", ""},
 		{"stomp.addr IPv6 loopback", func(c *Config) { c.STOMP.Addr = "[::1]:61613" }, "", ""},
 		{"stomp.heartbeat_send negative", func(c *Config) { c.STOMP.HeartbeatSend = -time.Second }, "stomp.heartbeat_send", "must be >= 0, got -1s"},
@@ -667,6 +667,10 @@ func TestValidate(t *testing.T) {
 		{"queue.read_ahead_messages 0", func(c *Config) { c.Queue.ReadAheadMessages = 0 }, "queue.read_ahead_messages", "> 0"},
 		{"queue.read_ahead_bytes 0", func(c *Config) { c.Queue.ReadAheadBytes = 0 }, "queue.read_ahead_bytes", "> 0"},
 
+		{"stomp.addr empty, TLS only", func(c *Config) {
+			c.STOMP.Addr = ""
+			c.STOMP.TLS.Addr, c.STOMP.TLS.CertFile, c.STOMP.TLS.KeyFile = "127.0.0.1:61614", "c.pem", "k.pem"
+		}, "", ""},
 		{"stomp.tls.addr without cert", func(c *Config) {
 			c.STOMP.TLS.Addr, c.STOMP.TLS.KeyFile = "127.0.0.1:61614", "k.pem"
 		}, "stomp.tls.cert_file", "required with stomp.tls.addr"},

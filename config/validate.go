@@ -52,7 +52,11 @@ func (c Config) problems() []error {
 	check("node.name", nodeName(c.Node.Name))
 	check("node.data_dir", nonEmpty(c.Node.DataDir))
 
-	check("stomp.addr", listenAddr(c.STOMP.Addr))
+	if c.STOMP.Addr == "" && c.STOMP.TLS.Addr == "" {
+		check("stomp.addr", errors.New(`must not be empty unless stomp.tls.addr is set ("" serves STOMP over TLS only)`))
+	} else {
+		check("stomp.addr", optional(c.STOMP.Addr, listenAddr))
+	}
 	check("stomp.heartbeat_send", atLeastZero(c.STOMP.HeartbeatSend))
 	check("stomp.heartbeat_receive", atLeastZero(c.STOMP.HeartbeatReceive))
 	check("stomp.connect_timeout", positive(c.STOMP.ConnectTimeout))
@@ -102,7 +106,7 @@ func (c Config) problems() []error {
 	check("store.min_free_bytes", atLeastZero(c.Store.MinFreeBytes))
 	check("store.recover", oneOf(c.Store.Recover, recoverModes))
 
-	if c.Auth.UsersFile == "" && !c.Auth.AllowAnonymous && listenAddr(c.STOMP.Addr) == nil && !listensOnLoopback(c.STOMP.Addr) {
+	if c.Auth.UsersFile == "" && !c.Auth.AllowAnonymous && c.STOMP.Addr != "" && listenAddr(c.STOMP.Addr) == nil && !listensOnLoopback(c.STOMP.Addr) {
 		check("auth.users_file", errors.New("required when stomp.addr listens beyond loopback (set auth.allow_anonymous: true to allow anonymous clients)"))
 	}
 	// A TLS listener beyond loopback is anonymous too unless it requires a

@@ -206,19 +206,28 @@ func NewServer(cfg Config, broker Broker) *Server {
 	}
 }
 
-// Start binds the listeners and starts accepting.
+// Start binds the listeners and starts accepting. An empty Addr serves
+// no plain listener (TLS only); one of Addr and TLSAddr is needed.
 func (s *Server) Start() error {
 	if s.cfg.TLSAddr != "" && s.cfg.TLS == nil {
 		return errors.New("stomp: TLSAddr without a TLS config")
 	}
-	ln, err := net.Listen("tcp", s.cfg.Addr)
-	if err != nil {
-		return fmt.Errorf("stomp listen: %w", err)
+	if s.cfg.Addr == "" && s.cfg.TLSAddr == "" {
+		return errors.New("stomp: no listen address")
+	}
+	var ln net.Listener
+	if s.cfg.Addr != "" {
+		var err error
+		if ln, err = net.Listen("tcp", s.cfg.Addr); err != nil {
+			return fmt.Errorf("stomp listen: %w", err)
+		}
 	}
 	if s.cfg.TLSAddr != "" {
 		tln, err := net.Listen("tcp", s.cfg.TLSAddr)
 		if err != nil {
-			ln.Close()
+			if ln != nil {
+				ln.Close()
+			}
 			return fmt.Errorf("stomp tls listen: %w", err)
 		}
 		s.tlsLn = tln
@@ -226,15 +235,22 @@ func (s *Server) Start() error {
 		go s.acceptLoop(tln, true)
 		s.log.Info("stomp listening (TLS)", "addr", tln.Addr().String())
 	}
-	s.ln = ln
-	s.wg.Add(1)
-	go s.acceptLoop(ln, false)
-	s.log.Info("stomp listening", "addr", ln.Addr().String())
+	if ln != nil {
+		s.ln = ln
+		s.wg.Add(1)
+		go s.acceptLoop(ln, false)
+		s.log.Info("stomp listening", "addr", ln.Addr().String())
+	}
 	return nil
 }
 
-// Addr is the bound address.
-func (s *Server) Addr() net.Addr { return s.ln.Addr() }
+// Addr is the bound address of the plain listener, or nil without one.
+func (s *Server) Addr() net.Addr {
+	if s.ln == nil {
+		return nil
+	}
+	return s.ln.Addr()
+}
 
 // TLSAddr is the bound address of the TLS listener, or nil without one.
 func (s *Server) TLSAddr() net.Addr {

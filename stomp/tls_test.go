@@ -353,3 +353,25 @@ func TestLoginGuardBounded(t *testing.T) {
 func netipFrom(i int) netip.Addr {
 	return netip.AddrFrom4([4]byte{10, byte(i >> 16), byte(i >> 8), byte(i)})
 }
+
+// TestTLSOnly: with no plain address the server serves TLS alone.
+func TestTLSOnly(t *testing.T) {
+	ca := tlstest.NewCA(t, t.TempDir(), "ca")
+	srv := tlsServer(t, ca, tls.NoClientCert, func(c *Config) { c.Addr = "" })
+	if srv.Addr() != nil {
+		t.Fatalf("plain listener at %v", srv.Addr())
+	}
+	conn, err := tls.Dial("tcp", srv.TLSAddr().String(), tlsClientConfig(ca, nil))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	cl, err := gostomp.Connect(conn, gostomp.ConnOpt.HeartBeat(0, 0))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cl.Send("/queue/tls-only", "text/plain", []byte("x"), gostomp.SendOpt.Receipt); err != nil {
+		t.Fatal(err)
+	}
+	_ = cl.Disconnect()
+}

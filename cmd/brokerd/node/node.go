@@ -472,7 +472,13 @@ func (n *Node) Err() error {
 func (n *Node) Cluster() *cluster.Node { return n.cl }
 
 // STOMPAddr is the bound STOMP address.
-func (n *Node) STOMPAddr() string { return n.srv.Addr().String() }
+// It is "" when stomp.addr is "" (STOMP over TLS only).
+func (n *Node) STOMPAddr() string {
+	if a := n.srv.Addr(); a != nil {
+		return a.String()
+	}
+	return ""
+}
 
 // STOMPTLSAddr is the bound STOMP-over-TLS address, or "" without one.
 func (n *Node) STOMPTLSAddr() string {
