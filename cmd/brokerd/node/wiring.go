@@ -1,10 +1,8 @@
 package node
 
 import (
-	"errors"
 	"net"
 	"path/filepath"
-	"syscall"
 	"time"
 
 	"github.com/brokerd/brokerd/cluster"
@@ -100,17 +98,7 @@ func (n *Node) setupReplication() error {
 	addrOf := func(id string) string { return rt.peerAddr(id) }
 	n.fwd = newFwdLinks(ccfg, addrOf)
 	rt = newRouter(n.rep, n.st, cfg.Replica.Factor, status, n.fwd, n.log, n.reg)
-	// A peer this node refuses over TLS or the cluster secret (or that
-	// refuses this node) can neither serve nor copy queues: it counts as
-	// a peer whose process refuses connections (out of placement and of
-	// the peers a take-over pulls from) until a link to it comes up, so
-	// a node with a foreign certificate cannot hold up take-overs.
-	n.fwd.onState = func(peer string, up bool, err error) {
-		if !up && (errors.Is(err, stomp.ErrPeerTLS) || errors.Is(err, stomp.ErrPeerAuth)) {
-			err = errors.Join(err, syscall.ECONNREFUSED)
-		}
-		rt.linkState(peer, up, err)
-	}
+	n.fwd.onState = rt.linkState // a peer refused over TLS counts as down (linkState)
 	n.rt = rt
 	n.links = newPeerLinks(ccfg, addrOf, maxQueuedReplication, n.log)
 	n.pr = replica.NewPeerReplicator(cfg.Replica.Factor, cfg.WriteQuorum(), rt.replicaView, n.links, n.log)
