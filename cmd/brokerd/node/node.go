@@ -52,6 +52,7 @@ type Node struct {
 
 	// Clustered (cluster.gossip_addr set): replication and forwarding.
 	secret   []byte
+	keyring  *cluster.Keyring // the gossip keys, shared by gossip and peer links; nil without a key
 	rt       *router
 	pr       *replica.PeerReplicator
 	links    *peerLinks
@@ -268,6 +269,7 @@ func (n *Node) clusterConfig() (cluster.Config, error) {
 		return c, err
 	}
 	c.SecretKey = key
+	c.Keyring = n.keyring // nil on a single node: SecretKey alone
 	if n.opts.Cluster != nil {
 		n.opts.Cluster(&c)
 	}

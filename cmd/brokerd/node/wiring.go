@@ -42,15 +42,7 @@ func (n *Node) setupReplication() error {
 	var keys func() [][]byte // nil: no secret, no peer authentication
 	if kr != nil {
 		keys = kr.Keys
-		// The membership is configured in Start (clusterConfig), after
-		// any test hook this node was given; the keyring goes in first.
-		hook := n.opts.Cluster
-		n.opts.Cluster = func(c *cluster.Config) {
-			c.Keyring = kr
-			if hook != nil {
-				hook(c)
-			}
-		}
+		n.keyring = kr // the membership's too (clusterConfig)
 	}
 	if fromFile {
 		n.log.Info("gossip keys read from the keyring file, which wins over cluster.secret_key_file",
