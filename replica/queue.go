@@ -62,6 +62,13 @@ type destination struct {
 	// quorum that were on disk only when it failed (a full read-ahead
 	// window): the loader marks them (bounded by maxUnconfirmedOnDisk).
 	unconfirmedOnDisk map[uint64]struct{}
+	// skipLoad holds keys of messages on disk that RemoveKeys took out
+	// of the queue (and its counts): a load whose read came before their
+	// removal committed skips them. An entry goes when a load meets its
+	// key, or once its removal is committed and no load that may have
+	// read before that is in progress (true: committed during the load
+	// in progress, which removes it when it ends).
+	skipLoad map[uint64]bool
 }
 
 // maxUnconfirmedOnDisk bounds destination.unconfirmedOnDisk; beyond it,
@@ -597,6 +604,12 @@ func (n *Node) load(d *destination) {
 			took(bad[bi], 0)
 			bi++
 		}
+		if _, ok := d.skipLoad[m.Seq]; ok {
+			// Removed (RemoveKeys), and no longer counted.
+			delete(d.skipLoad, m.Seq)
+			d.loadedTo = m.Seq
+			continue
+		}
 		took(m.Seq, len(m.Body))
 		if _, ok := d.unconfirmedOnDisk[m.Seq]; ok {
 			delete(d.unconfirmedOnDisk, m.Seq)
@@ -614,6 +627,11 @@ func (n *Node) load(d *destination) {
 	}
 	for ; bi < len(bad); bi++ {
 		took(bad[bi], 0)
+	}
+	for k, committed := range d.skipLoad {
+		if committed || k <= d.loadedTo {
+			delete(d.skipLoad, k)
+		}
 	}
 	if len(msgs) == 0 && len(bad) == 0 && d.diskGen == gen && d.onDisk != 0 && d.countedTo == upTo {
 		n.log.Error("queue count disagrees with the store; corrected", "dest", d.name, "counted", d.onDisk)

@@ -9,6 +9,10 @@ import (
 type inflight struct {
 	msg     *Message
 	written bool
+	// acked: removed from the queue while in flight here (RemoveKeys):
+	// its ACK writes nothing more, and it is dropped, not returned, when
+	// the delivery ends otherwise.
+	acked bool
 }
 
 // Subscription is one subscriber of one destination.
@@ -85,6 +89,9 @@ func (s *Subscription) Written(tags ...uint64) {
 		s.unwritten--
 		if s.opts.Ack == AckAuto {
 			s.removeLocked(tag, e)
+			if e.acked {
+				continue
+			}
 			d.n.m.acked.Inc()
 			if d.kind == KindQueue {
 				ops = append(ops, d.removeOp(e.msg.Seq))
@@ -152,6 +159,8 @@ func (s *Subscription) settle(tag uint64, nack bool, ops []store.Op, nk *newKeys
 			if !nack {
 				d.n.m.acked.Inc()
 			}
+		case e.acked:
+			// Removed already (RemoveKeys): nothing to return or write.
 		case nack:
 			ops = d.requeueLocked(e.msg, true, ops, nk)
 		default:
@@ -188,6 +197,9 @@ func (s *Subscription) Close() {
 		sort.Slice(tags, func(i, j int) bool { return tags[i] < tags[j] })
 		for _, t := range tags {
 			e := s.inflight[t]
+			if e.acked {
+				continue // removed already (RemoveKeys)
+			}
 			ops = d.requeueLocked(e.msg, e.written, ops, &nk)
 		}
 	}

@@ -24,11 +24,12 @@ const (
 	opSubscribe   = "subscribe"    // destination, x-sub, ack, x-prefetch
 	opUnsubscribe = "unsubscribe"  // x-sub
 	opAck         = "ack"          // x-sub, x-tag, x-nack, x-sync
-	opPoll        = "poll"         // body: "sub credit" lines; answer: deliveries, x-gone
+	opPoll        = "poll"         // body: "sub credit" lines; x-keys; answer: deliveries, x-gone, x-keys
 	opPull        = "pull"         // destination, x-after, x-tombstones; answer: replica wire ops, x-count, x-after, x-more
 	opDests       = "destinations" // answer: JSON of the destinations the node serves (admin)
 	opMerge       = "merge"        // destination: the sender released its copy; take the queue over again
 	opExists      = "exists"       // destination; answer: x-exists "1" if the queue exists at its owner (replica.Node.QueueExists)
+	opAckKeys     = "ack-keys"     // destination; body: uvarint keys to remove (replica.Node.RemoveKeys); durable at the owner before the answer
 
 	hdrSub      = "x-sub"
 	hdrPrefetch = "x-prefetch"
@@ -46,6 +47,9 @@ const (
 	// subscribe, "1" (replica.SubOptions.NoCreate).
 	hdrNoCreate = "x-no-create"
 	hdrExists   = "x-exists"
+	// hdrKeys: on a poll, "1" asks for each delivery's key in its queue;
+	// on its answer, "1" says they are there (appendKeyedDelivery).
+	hdrKeys = "x-keys"
 
 	codeNotOwner   = "not-owner"
 	codeQueueFull  = "queue-full"
@@ -183,17 +187,44 @@ func appendDelivery(b []byte, sub string, tag uint64, d replica.Delivery) []byte
 	return encodeMessages(b, []*replica.Message{d.Msg})
 }
 
+// appendKeyedDelivery appends the message's key in its queue, then the
+// delivery as appendDelivery does. A poll answer is keyed when the poll
+// asked (hdrKeys): a node of an earlier version neither asks nor answers
+// so, and its deliveries have no key (an ACK after their binding ended
+// then takes no effect, as it did).
+func appendKeyedDelivery(b []byte, sub string, tag uint64, d replica.Delivery) []byte {
+	b = binary.AppendUvarint(b, d.Msg.Seq)
+	return appendDelivery(b, sub, tag, d)
+}
+
 type wireDelivery struct {
 	sub         string
 	tag         uint64
 	redelivered bool
 	count       int
-	msg         *replica.Message
+	// key is the message's key in its queue (replica.Message.Seq), which
+	// a take-over keeps: an ACK of this delivery after its binding ended
+	// removes the message by it (ackKeys). 0 when not known.
+	key uint64
+	msg *replica.Message
 }
 
-func decodeDeliveries(b []byte) ([]wireDelivery, error) {
+func decodeDeliveries(b []byte) ([]wireDelivery, error) { return decodeKeyedDeliveries(b, false) }
+
+// decodeKeyedDeliveries decodes deliveries appended by
+// appendKeyedDelivery (keyed) or appendDelivery.
+func decodeKeyedDeliveries(b []byte, keyed bool) ([]wireDelivery, error) {
 	var out []wireDelivery
 	for len(b) > 0 {
+		var key uint64
+		if keyed {
+			var k int
+			key, k = binary.Uvarint(b)
+			if k <= 0 {
+				return nil, errBadBody
+			}
+			b = b[k:]
+		}
 		sub, rest, ok := readBytes(b)
 		if !ok {
 			return nil, errBadBody
@@ -222,7 +253,7 @@ func decodeDeliveries(b []byte) ([]wireDelivery, error) {
 		if err != nil {
 			return nil, fmt.Errorf("%w: %w", errBadBody, err)
 		}
-		out = append(out, wireDelivery{sub: string(sub), tag: tag, redelivered: red, count: int(min(cnt, 1<<30)), msg: m})
+		out = append(out, wireDelivery{sub: string(sub), tag: tag, redelivered: red, count: int(min(cnt, 1<<30)), key: key, msg: m})
 		b = rest3
 	}
 	return out, nil
@@ -412,8 +443,12 @@ func forwardHandler(rt *router, log *slog.Logger) func(peer string, f *frame.Fra
 				return
 			}
 			go func() {
-				res := rt.host.poll(peer, items)
+				keyed := f.Header.Get(hdrKeys) == "1"
+				res := rt.host.poll(peer, items, keyed)
 				resp := stomp.PeerOK(hdrGone, joinIDs(res.gone))
+				if keyed {
+					resp.Header.Add(hdrKeys, "1")
+				}
 				resp.Body = res.body
 				reply(resp)
 			}()
@@ -471,6 +506,34 @@ func forwardHandler(rt *router, log *slog.Logger) func(peer string, f *frame.Fra
 					ok = "1"
 				}
 				reply(stomp.PeerOK(hdrExists, ok))
+			}()
+		case opAckKeys:
+			dest := f.Header.Get(frame.Destination)
+			var keys []uint64
+			ok := validDest(dest)
+			for b := f.Body; ok && len(b) > 0; {
+				k, n := binary.Uvarint(b)
+				if n <= 0 || len(keys) >= maxForwardMessages {
+					ok = false
+					break
+				}
+				keys = append(keys, k)
+				b = b[n:]
+			}
+			if !ok {
+				reply(stomp.PeerDrop("malformed ack-keys"))
+				return
+			}
+			go func() {
+				if err := rt.removeKeysHere(dest, keys); err != nil {
+					if errors.Is(err, errNotOwner) {
+						reply(stomp.PeerFail(codeNotOwner, err.Error()))
+						return
+					}
+					reply(failFrame(err))
+					return
+				}
+				reply(stomp.PeerOK())
 			}()
 		case opDests:
 			go func() {

@@ -15,6 +15,7 @@ func FuzzForwardDecode(f *testing.F) {
 	m := &replica.Message{Dest: "/queue/a", ID: "n-1", Headers: []string{"k", "v"}, Body: []byte("body"), Expires: 5}
 	f.Add(encodeMessages(nil, []*replica.Message{m, {Dest: "/topic/t", Body: []byte("x")}}))
 	f.Add(appendDelivery(nil, "sub.1", 7, replica.Delivery{Msg: m, Redelivered: true, Count: 2}))
+	f.Add(appendKeyedDelivery(nil, "sub.1", 7, replica.Delivery{Msg: &replica.Message{Dest: "/queue/a", Seq: 1 << 40, Body: []byte("b")}}))
 	f.Add([]byte("sub.1 5\nsub.2 0\n"))
 	f.Add([]byte{})
 	f.Fuzz(func(t *testing.T, b []byte) {
@@ -33,6 +34,13 @@ func FuzzForwardDecode(f *testing.F) {
 			for _, d := range ds {
 				if d.msg == nil || d.count < 0 {
 					t.Fatalf("decoded delivery %+v", d)
+				}
+			}
+		}
+		if ds, err := decodeKeyedDeliveries(b, true); err == nil {
+			for _, d := range ds {
+				if d.msg == nil || d.count < 0 {
+					t.Fatalf("decoded keyed delivery %+v", d)
 				}
 			}
 		}

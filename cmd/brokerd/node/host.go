@@ -317,8 +317,9 @@ func parsePoll(b []byte) ([]pollItem, error) {
 func joinIDs(ids []string) string { return strings.Join(ids, ",") }
 
 // poll hands out the deliveries waiting for peer's subscriptions, up to
-// each one's credit, waiting up to pollWait for some.
-func (h *host) poll(peer string, items []pollItem) pollResult {
+// each one's credit, waiting up to pollWait for some; keyed, with each
+// message's key (appendKeyedDelivery).
+func (h *host) poll(peer string, items []pollItem, keyed bool) pollResult {
 	deadline := time.NewTimer(pollWait)
 	defer deadline.Stop()
 	for {
@@ -345,7 +346,11 @@ func (h *host) poll(peer string, items []pollItem) pollResult {
 			var tags []uint64
 			for k < len(hs.buf) && k < it.credit && len(res.body) < pollBytes {
 				d := hs.buf[k]
-				res.body = appendDelivery(res.body, it.id, d.Tag, d)
+				if keyed {
+					res.body = appendKeyedDelivery(res.body, it.id, d.Tag, d)
+				} else {
+					res.body = appendDelivery(res.body, it.id, d.Tag, d)
+				}
 				tags = append(tags, d.Tag)
 				k++
 			}

@@ -2,7 +2,10 @@ package node
 
 import (
 	"context"
+	"encoding/binary"
 	"errors"
+	"fmt"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -55,6 +58,7 @@ type flight struct {
 	id    string
 	write bool
 	msg   *replica.Message // auto mode: republished if it never reaches the wire
+	key   uint64           // the message's key in its queue (see ackKeys)
 }
 
 // window bounds the deliveries handed to the session and not written.
@@ -246,7 +250,7 @@ func (rs *routedSub) deliver(gen uint64, w wireDelivery) {
 	}
 	rs.nextTag++
 	tag := rs.nextTag
-	f := &flight{gen: gen, otag: w.tag, id: w.msg.ID}
+	f := &flight{gen: gen, otag: w.tag, id: w.msg.ID, key: w.key}
 	if rs.opts.Ack == replica.AckAuto {
 		f.msg = w.msg
 	}
@@ -341,6 +345,16 @@ func (rs *routedSub) Check(tag uint64) error {
 
 // ack forwards an ACK or NACK of tag to the owner. In client mode it
 // covers every earlier delivery too.
+//
+// A delivery of a binding that has ended (the owner released the queue,
+// or could not be reached, and the subscription is bound again or being
+// bound) has no subscription at its owner any more: its message is back
+// in the queue. In client-individual mode its ACK is redirected to the
+// current binding's delivery of the same message-id when there is one;
+// otherwise the message is removed from the queue by its key at the
+// queue's current owner (ackKeys), and the ACK's outcome is that
+// removal's: a RECEIPT means it took effect. A NACK of such a delivery
+// does nothing (the message is back already).
 func (rs *routedSub) ack(tag uint64, nack bool, done func(error)) {
 	rs.mu.Lock()
 	f := rs.inflight[tag]
@@ -350,6 +364,9 @@ func (rs *routedSub) ack(tag uint64, nack bool, done func(error)) {
 		done(nil) // settled by an earlier cumulative ACK, or redirected
 		return
 	}
+	// cur: keys of the current binding's deliveries this ACK settles;
+	// former: those of ended bindings.
+	var cur, former []uint64
 	if rs.opts.Ack == replica.AckClient {
 		for t, g := range rs.inflight {
 			if t <= tag {
@@ -357,6 +374,11 @@ func (rs *routedSub) ack(tag uint64, nack bool, done func(error)) {
 					rs.unwritten--
 				}
 				rs.forget(t, g)
+				if g.gen == rs.gen && !rs.rebinding {
+					cur = append(cur, g.key)
+				} else {
+					former = append(former, g.key)
+				}
 			}
 		}
 	} else {
@@ -387,24 +409,55 @@ func (rs *routedSub) ack(tag uint64, nack bool, done func(error)) {
 			}
 		}
 	}
-	owner, id := rs.owner, rs.ownerID(f.gen)
+	if rs.opts.Ack != replica.AckClient {
+		if current {
+			cur = []uint64{f.key}
+		} else {
+			former = []uint64{f.key}
+		}
+	}
+	owner, id, dest := rs.owner, rs.ownerID(f.gen), rs.opts.Dest
 	rs.mu.Unlock()
+	rt := rs.rt
+	if nack {
+		// The former bindings' deliveries are back in the queue.
+		former = nil
+	}
+	// A delivery whose owner did not send its key (a node of an earlier
+	// version) cannot be removed by key: its ACK takes no effect, as
+	// before.
+	former = slices.DeleteFunc(former, func(k uint64) bool { return k == 0 })
+	cur = slices.DeleteFunc(cur, func(k uint64) bool { return k == 0 })
 	if !current {
-		// Its owner is gone or no longer holds it, and the current
-		// binding has not delivered the message again (yet): it returns
-		// and is delivered again, marked redelivered. The ACK takes no
-		// effect. (An ERROR here would close the connection of nearly
-		// every consumer acknowledging during a failover, and arrive
-		// after a transaction's SENDs were stored.)
-		done(nil)
+		if len(former) == 0 {
+			done(nil)
+			return
+		}
+		rt.ackKeys(dest, former, done)
 		return
 	}
-	rt := rs.rt
+	if len(former) > 0 {
+		// Client mode: earlier deliveries of ended bindings as well.
+		all := replica.JoinN(2, done)
+		rt.ackKeys(dest, former, all)
+		done = all
+	}
+	// The owner ended the subscription (it released the queue) before
+	// this node heard: the message is back in the queue, and is removed
+	// by key as above.
+	gone := func() {
+		if nack || len(cur) == 0 {
+			done(nil)
+			return
+		}
+		rt.ackKeys(dest, cur, done)
+	}
 	v := rt.view()
 	if owner == v.self {
 		if err := rt.host.ack(owner, id, f.otag, nack, true, done); err != nil {
 			if errors.Is(err, errUnknownSub) {
-				err = nil // the owner closed it: the message comes back
+				gone()
+				return
 			}
 			done(err)
 		}
@@ -419,7 +472,8 @@ func (rs *routedSub) ack(tag uint64, nack bool, done func(error)) {
 		cancel()
 		var pe *stomp.PeerError
 		if errors.As(err, &pe) && pe.Code == codeUnknownSub {
-			err = nil // the owner closed it: the message comes back
+			gone()
+			return
 		}
 		done(peerErr(err))
 	})
@@ -427,6 +481,104 @@ func (rs *routedSub) ack(tag uint64, nack bool, done func(error)) {
 		cancel()
 		done(peerErr(err))
 	}
+}
+
+// ackKeys removes the messages stored under keys from queue dest at the
+// queue's current owner (replica.Node.RemoveKeys): the ACK of a delivery
+// whose binding has ended. Keys are unique in the cluster and a
+// take-over keeps them, so the owner finds the message wherever it is
+// now (pending, on disk, or handed out again), and a copy not merged yet
+// stays removed when it arrives. A removal is idempotent, so a failure
+// (an owner that refuses as not its own while views differ, a link that
+// is down, no write quorum yet) is tried again with a fresh view for up
+// to notOwnerRetry, as ownership settles. done gets the outcome, in the
+// background.
+func (rt *router) ackKeys(dest string, keys []uint64, done func(error)) {
+	rt.pmu.Lock()
+	closed := rt.closed
+	if !closed {
+		rt.wg.Add(1)
+	}
+	rt.pmu.Unlock()
+	if closed {
+		done(fmt.Errorf("%w: the node is stopping", replica.ErrNoQuorum))
+		return
+	}
+	go func() {
+		defer rt.wg.Done()
+		deadline := time.Now().Add(notOwnerRetry)
+		v := rt.view()
+		for {
+			remote, err := rt.ackKeysAt(v, dest, keys)
+			if remote {
+				if isNotOwner(err) {
+					err = fmt.Errorf("%w: %w", errNotOwner, err)
+				} else {
+					err = peerErr(err)
+				}
+			}
+			if err == nil || errors.Is(err, replica.ErrBadDestination) || time.Now().After(deadline) {
+				if errors.Is(err, errNotOwner) {
+					err = fmt.Errorf("%w: %w", replica.ErrNoQuorum, err)
+				}
+				done(err)
+				return
+			}
+			select {
+			case <-rt.stop:
+				done(fmt.Errorf("%w: the node is stopping", replica.ErrNoQuorum))
+				return
+			case <-time.After(50 * time.Millisecond):
+			}
+			v = rt.refresh()
+		}
+	}()
+}
+
+// ackKeysAt asks the owner of dest in view v to remove keys; remote says
+// whether the error came from the peer link.
+func (rt *router) ackKeysAt(v viewSnap, dest string, keys []uint64) (remote bool, err error) {
+	switch owner := rt.ownerOf(v, dest); owner {
+	case "":
+		return false, errNoActiveSet
+	case v.self:
+		return false, rt.removeKeysHere(dest, keys)
+	default:
+		body := make([]byte, 0, len(keys)*binary.MaxVarintLen64)
+		for _, k := range keys {
+			body = binary.AppendUvarint(body, k)
+		}
+		errc := make(chan error, 1)
+		ctx, cancel := context.WithTimeout(context.Background(), forwardTimeout)
+		defer cancel()
+		if err := rt.fwd.request(ctx, owner, opAckKeys, []string{frame.Destination, dest}, body, func(_ *frame.Frame, err error) { errc <- err }); err != nil {
+			return true, err
+		}
+		select {
+		case err := <-errc:
+			return true, err
+		case <-time.After(forwardTimeout):
+			return true, fmt.Errorf("%s: no answer within %v", owner, forwardTimeout)
+		case <-rt.stop:
+			return true, stomp.ErrPeerClosed
+		}
+	}
+}
+
+// removeKeysHere removes keys from dest, which this node must own.
+func (rt *router) removeKeysHere(dest string, keys []uint64) error {
+	v := rt.refresh()
+	if o := rt.ownerOf(v, dest); o != v.self {
+		return fmt.Errorf("%w: %s is owned by %s", errNotOwner, dest, o)
+	}
+	if err := rt.ensureOwned(dest); err != nil {
+		return err
+	}
+	ch := make(chan error, 1)
+	if err := rt.rep.RemoveKeys(dest, keys, func(err error) { ch <- err }); err != nil {
+		return err
+	}
+	return <-ch
 }
 
 // Close implements replica.Sub: the owner closes its subscription, and
@@ -582,8 +734,8 @@ func (p *poller) poll(body []byte) (pollAnswer, error) {
 		return pollAnswer{}, err
 	}
 	if p.owner == v.self {
-		res := rt.host.poll(v.self, items)
-		dels, err := decodeDeliveries(res.body)
+		res := rt.host.poll(v.self, items, true)
+		dels, err := decodeKeyedDeliveries(res.body, true)
 		return pollAnswer{gone: res.gone, dels: dels}, err
 	}
 	type answer struct {
@@ -593,7 +745,7 @@ func (p *poller) poll(body []byte) (pollAnswer, error) {
 	ch := make(chan answer, 1)
 	ctx, cancel := context.WithTimeout(p.ctx, forwardTimeout)
 	defer cancel()
-	if err := rt.fwd.request(ctx, p.owner, opPoll, nil, body, func(f *frame.Frame, err error) { ch <- answer{f, err} }); err != nil {
+	if err := rt.fwd.request(ctx, p.owner, opPoll, []string{hdrKeys, "1"}, body, func(f *frame.Frame, err error) { ch <- answer{f, err} }); err != nil {
 		return pollAnswer{}, err
 	}
 	var a answer
@@ -605,7 +757,7 @@ func (p *poller) poll(body []byte) (pollAnswer, error) {
 	if a.err != nil {
 		return pollAnswer{}, a.err
 	}
-	dels, err := decodeDeliveries(a.f.Body)
+	dels, err := decodeKeyedDeliveries(a.f.Body, a.f.Header.Get(hdrKeys) == "1")
 	if err != nil {
 		return pollAnswer{}, err
 	}
