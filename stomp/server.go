@@ -154,6 +154,7 @@ type Server struct {
 	sessions map[*session]struct{}
 	perIP    map[netip.Addr]int // open connections per remote address, under mu
 	logins   *loginGuard
+	refusing chan struct{} // one token per refuseAsync goroutine
 	// authSlots bounds concurrent password checks (MaxLoginChecks).
 	authSlots chan struct{}
 	nextID    atomic.Uint64
@@ -202,6 +203,7 @@ func NewServer(cfg Config, broker Broker) *Server {
 		sessions:  make(map[*session]struct{}),
 		perIP:     make(map[netip.Addr]int),
 		logins:    newLoginGuard(),
+		refusing:  make(chan struct{}, maxRefusing),
 		authSlots: make(chan struct{}, cfg.MaxLoginChecks),
 	}
 }
@@ -300,7 +302,7 @@ func (s *Server) acceptLoop(ln net.Listener, isTLS bool) {
 			s.mu.Unlock()
 			s.m.refused.WithLabelValues("max_connections").Inc()
 			s.log.Warn("connection refused", "reason", "too many connections", "remote", c.RemoteAddr().String())
-			go refuse(c, "too many connections", "this server accepts at most "+strconv.Itoa(s.cfg.MaxConnections)+" connections")
+			s.refuseAsync(c, "this server accepts at most "+strconv.Itoa(s.cfg.MaxConnections)+" connections")
 			continue
 		}
 		if s.cfg.MaxConnectionsPerIP > 0 && ip.IsValid() && s.perIP[ip] >= s.cfg.MaxConnectionsPerIP {
@@ -311,7 +313,7 @@ func (s *Server) acceptLoop(ln net.Listener, isTLS bool) {
 			if isTLS {
 				c.Close()
 			} else {
-				go refuse(c, "too many connections", "this server accepts at most "+strconv.Itoa(s.cfg.MaxConnectionsPerIP)+" connections from one address")
+				s.refuseAsync(c, "this server accepts at most "+strconv.Itoa(s.cfg.MaxConnectionsPerIP)+" connections from one address")
 			}
 			continue
 		}
@@ -367,6 +369,25 @@ func (s *Server) handshake(tc *tls.Conn) bool {
 	}
 	tc.Close()
 	return false
+}
+
+// maxRefusing bounds the goroutines writing "too many connections"
+// ERRORs; beyond it a refused connection is closed at once.
+const maxRefusing = 64
+
+// refuseAsync refuses c on a goroutine of its own while fewer than
+// maxRefusing are doing so, else closes it at once.
+func (s *Server) refuseAsync(c net.Conn, detail string) {
+	select {
+	case s.refusing <- struct{}{}:
+	default:
+		c.Close()
+		return
+	}
+	go func() {
+		defer func() { <-s.refusing }()
+		refuse(c, "too many connections", detail)
+	}()
 }
 
 // refuse writes an ERROR frame to a connection that is not served and closes it.

@@ -307,7 +307,9 @@ func (n *Node) gossipKeysRoutes(mux *http.ServeMux) {
 		mu.Lock()
 		defer mu.Unlock()
 		nodes, missed := n.keyFanout(keyOpList, nil)
-		res := GossipKeys{Op: keyOpList, Members: len(nodes), Nodes: nodes, NotReached: missed, OK: true}
+		// A member away (dead, left) missed it: not OK, so that the
+		// operator repeats it once the member is back.
+		res := GossipKeys{Op: keyOpList, Members: len(nodes), Nodes: nodes, NotReached: missed, OK: len(missed) == 0}
 		byKey := map[string]*KeyUse{}
 		for _, nk := range nodes {
 			res.OK = res.OK && nk.OK
@@ -373,7 +375,7 @@ func (n *Node) gossipKeysRoutes(mux *http.ServeMux) {
 			}
 		}
 		nodes, missed := n.keyFanout(op, key)
-		res := GossipKeys{Op: op, KeyID: cluster.KeyID(key), Members: len(nodes), Nodes: nodes, NotReached: missed, OK: true}
+		res := GossipKeys{Op: op, KeyID: cluster.KeyID(key), Members: len(nodes), Nodes: nodes, NotReached: missed, OK: len(missed) == 0}
 		for _, nk := range nodes {
 			res.OK = res.OK && nk.OK
 		}
@@ -385,7 +387,18 @@ func (n *Node) gossipKeysRoutes(mux *http.ServeMux) {
 // must not run, or "": use needs the key on every node, remove needs it
 // primary on none, and both need an answer from every node.
 func (n *Node) keyPrecheck(op string, key []byte) string {
-	nodes, _ := n.keyFanout(keyOpList, nil)
+	nodes, missed := n.keyFanout(keyOpList, nil)
+	if len(missed) > 0 {
+		// A member away would come back with keys the others no longer
+		// use (use) or without the key they use (remove): it could not
+		// rejoin. Install first while it is away, then use and remove
+		// once it is back (or once it is forgotten, cluster.forget_after).
+		var away []string
+		for _, m := range missed {
+			away = append(away, m.NodeName+" ("+m.NodeID+", "+m.State+")")
+		}
+		return fmt.Sprintf("%s key %s: members away could not follow: %s", op, cluster.KeyID(key), strings.Join(away, ", "))
+	}
 	enc := base64.StdEncoding.EncodeToString(key)
 	var silent, lacking, primary []string
 	for _, nk := range nodes {

@@ -696,13 +696,12 @@ func (rt *router) load() viewSnap {
 // linkState hears the forwarding links' state: a dial refused marks the
 // peer's process gone until its link is up again.
 //
-// A peer refused over TLS or the cluster secret (or that refuses this
-// node) counts the same way: it can neither serve nor copy queues until a
-// link to it comes up, so a node with a foreign certificate cannot hold up
-// take-overs.
 func (rt *router) linkState(peer string, up bool, err error) {
+	// A refusal over TLS or the cluster key is one-sided (the node the
+	// others refuse would see every other member refused, own every
+	// queue and serve stale copies): it is logged, not acted on.
 	distrusted := !up && (errors.Is(err, stomp.ErrPeerTLS) || errors.Is(err, stomp.ErrPeerAuth))
-	refused := !up && (errors.Is(err, syscall.ECONNREFUSED) || distrusted)
+	refused := !up && errors.Is(err, syscall.ECONNREFUSED)
 	rt.vmu.Lock()
 	changed := rt.refused[peer] != refused && (up || refused)
 	if up {
@@ -715,8 +714,8 @@ func (rt *router) linkState(peer string, up bool, err error) {
 	}
 	rt.vmu.Unlock()
 	switch {
-	case changed && distrusted:
-		rt.log.Warn("peer link refused by TLS or the cluster key: the peer's queues fail over now", "peer", peer, "err", err)
+	case distrusted:
+		rt.log.Warn("peer link refused by TLS or the cluster key", "peer", peer, "err", err)
 	case changed && refused:
 		rt.log.Info("peer's process refuses connections: its queues fail over now", "peer", peer)
 	}

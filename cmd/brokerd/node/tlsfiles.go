@@ -143,6 +143,10 @@ func (t *tlsFiles) mutualServerConfig() *tls.Config {
 				Certificates: []tls.Certificate{*m.cert},
 				// Chain checked by peerVerify against the current CA.
 				ClientAuth: tls.RequireAnyClientCert,
+				// Go does not call VerifyPeerCertificate on a resumed
+				// session: without tickets every link is verified
+				// against the current CA (a reload may have dropped one).
+				SessionTicketsDisabled: true,
 				VerifyPeerCertificate: func(raw [][]byte, _ [][]*x509.Certificate) error {
 					return t.peerVerify(raw)
 				},
