@@ -695,7 +695,6 @@ func (rt *router) load() viewSnap {
 
 // linkState hears the forwarding links' state: a dial refused marks the
 // peer's process gone until its link is up again.
-//
 func (rt *router) linkState(peer string, up bool, err error) {
 	// A refusal over TLS or the cluster key is one-sided (the node the
 	// others refuse would see every other member refused, own every
