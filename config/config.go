@@ -37,6 +37,25 @@ type STOMP struct {
 	WriteTimeout     time.Duration // stomp.write_timeout: 60s (> 0), for one write to a client
 	HeartbeatMin     time.Duration // stomp.heartbeat_min: 1s (> 0), the shortest heart-beat period the server agrees to, either way
 	TLS              STOMPTLS
+	// AdvertiseAddr is stomp.advertise_addr: "", the host:port clients are
+	// told to reach this node's plain STOMP listener at (the CONNECTED
+	// frame's x-brokerd-nodes header, /v1/cluster); "" derives it from
+	// stomp.addr, with an unspecified host (0.0.0.0, ::) replaced by the
+	// gossip address's host.
+	AdvertiseAddr string
+	// WSAddr is stomp.ws_addr: "", the STOMP over WebSocket listener (path
+	// /ws); "" serves none.
+	WSAddr string
+	// WSSAddr is stomp.wss_addr: "", STOMP over secure WebSocket (wss, path
+	// /ws) with stomp.tls's certificate, key and client-certificate
+	// settings; "" serves none.
+	WSSAddr string
+	// WSAllowedOrigins is stomp.ws_allowed_origins: none; the Origin hosts
+	// (patterns as in path.Match: "app.example.com", "*.example.com",
+	// "localhost:8080") a browser page may open a WebSocket from, besides
+	// the listener's own host. A request without an Origin header (not a
+	// browser) is always allowed; "*" allows every origin.
+	WSAllowedOrigins []string
 }
 
 // STOMPTLS is the STOMP-over-TLS listener (RabbitMQ's 61614). TLS 1.2 and

@@ -101,7 +101,8 @@ func TestDefault(t *testing.T) {
 		"queue.max_length", "queue.max_bytes", "replica.write_quorum",
 		"stomp.tls.addr", "stomp.tls.cert_file", "stomp.tls.key_file", "stomp.tls.client_ca_file",
 		"admin.tls.cert_file", "admin.tls.key_file", "admin.tls.client_ca_file", "admin.token_file", "admin.metrics_public",
-		"auth.x509_login", "auth.acl_file", "cluster.tls.cert_file", "cluster.tls.key_file", "cluster.tls.ca_file"}
+		"auth.x509_login", "auth.acl_file", "cluster.tls.cert_file", "cluster.tls.key_file", "cluster.tls.ca_file",
+		"stomp.advertise_addr", "stomp.ws_addr", "stomp.wss_addr", "stomp.ws_allowed_origins"}
 	for _, s := range settings {
 		if reflect.ValueOf(s.field(&d)).Elem().IsZero() && !slices.Contains(mayBeZero, s.key) {
 			t.Errorf("Default() leaves %s unset", s.key)
@@ -215,6 +216,9 @@ func TestFlags(t *testing.T) {
 		"replication-factor":     {"replica.factor", "2"},
 		"write-quorum":           {"replica.write_quorum", "0"},
 		"stomp-tls-addr":         {"stomp.tls.addr", ""},
+		"stomp-advertise-addr":   {"stomp.advertise_addr", ""},
+		"stomp-ws-addr":          {"stomp.ws_addr", ""},
+		"stomp-wss-addr":         {"stomp.wss_addr", ""},
 		"admin-token-file":       {"admin.token_file", ""},
 		"acl-file":               {"auth.acl_file", ""},
 	}
@@ -326,7 +330,9 @@ func TestEveryKeyFromEveryLayer(t *testing.T) {
 		Node: Node{Name: "n1", DataDir: "/var/lib/brokerd"},
 		STOMP: STOMP{Addr: "127.0.0.1:0", HeartbeatSend: time.Second, HeartbeatReceive: 2 * time.Second,
 			ConnectTimeout: 3 * time.Second, WriteTimeout: 4 * time.Second, HeartbeatMin: 5 * time.Millisecond,
-			TLS: STOMPTLS{Addr: "127.0.0.1:1", CertFile: "/etc/brokerd/stomp.crt", KeyFile: "/etc/brokerd/stomp.key", ClientCAFile: "/etc/brokerd/clients.crt", ClientAuth: "require"}},
+			TLS: STOMPTLS{Addr: "127.0.0.1:1", CertFile: "/etc/brokerd/stomp.crt", KeyFile: "/etc/brokerd/stomp.key", ClientCAFile: "/etc/brokerd/clients.crt", ClientAuth: "require"},
+			AdvertiseAddr: "broker-1.example:61613", WSAddr: "127.0.0.1:15674", WSSAddr: "127.0.0.1:15673",
+			WSAllowedOrigins: []string{"app.example.com", "*.example.org:8443"}},
 		Admin: Admin{Addr: "", TLS: AdminTLS{CertFile: "/etc/brokerd/admin.crt", KeyFile: "/etc/brokerd/admin.key", ClientCAFile: "/etc/brokerd/ops.crt"},
 			TokenFile: "/etc/brokerd/token", MetricsPublic: true},
 		Log: Log{Level: "debug", Format: "json"},
@@ -346,7 +352,8 @@ func TestEveryKeyFromEveryLayer(t *testing.T) {
 	file := `
 node: {name: n1, data_dir: /var/lib/brokerd}
 stomp: {addr: "127.0.0.1:0", heartbeat_send: 1s, heartbeat_receive: 2s, connect_timeout: 3s, write_timeout: 4s, heartbeat_min: 5ms,
-  tls: {addr: "127.0.0.1:1", cert_file: /etc/brokerd/stomp.crt, key_file: /etc/brokerd/stomp.key, client_ca_file: /etc/brokerd/clients.crt, client_auth: require}}
+  tls: {addr: "127.0.0.1:1", cert_file: /etc/brokerd/stomp.crt, key_file: /etc/brokerd/stomp.key, client_ca_file: /etc/brokerd/clients.crt, client_auth: require},
+  advertise_addr: "broker-1.example:61613", ws_addr: "127.0.0.1:15674", wss_addr: "127.0.0.1:15673", ws_allowed_origins: [app.example.com, "*.example.org:8443"]}
 admin: {addr: , tls: {cert_file: /etc/brokerd/admin.crt, key_file: /etc/brokerd/admin.key, client_ca_file: /etc/brokerd/ops.crt}, token_file: /etc/brokerd/token, metrics_public: true}
 log: {level: debug, format: json}
 store: {sync: batch, sync_interval: 5ms, max_batch: 6, apply_interval: 7ms, wal_size: 1MiB, min_free_bytes: 0, recover: truncate}
@@ -374,6 +381,8 @@ replica: {factor: 4, write_quorum: 1, tombstone_ttl: 90s}
 		"BROKERD_STOMP_CONNECT_TIMEOUT=3s", "BROKERD_STOMP_WRITE_TIMEOUT=4s", "BROKERD_STOMP_HEARTBEAT_MIN=5ms",
 		"BROKERD_STOMP_TLS_ADDR=127.0.0.1:1", "BROKERD_STOMP_TLS_CERT_FILE=/etc/brokerd/stomp.crt", "BROKERD_STOMP_TLS_KEY_FILE=/etc/brokerd/stomp.key",
 		"BROKERD_STOMP_TLS_CLIENT_CA_FILE=/etc/brokerd/clients.crt", "BROKERD_STOMP_TLS_CLIENT_AUTH=require",
+		"BROKERD_STOMP_ADVERTISE_ADDR=broker-1.example:61613", "BROKERD_STOMP_WS_ADDR=127.0.0.1:15674", "BROKERD_STOMP_WSS_ADDR=127.0.0.1:15673",
+		"BROKERD_STOMP_WS_ALLOWED_ORIGINS=app.example.com, *.example.org:8443",
 		"BROKERD_ADMIN_ADDR=", "BROKERD_ADMIN_TLS_CERT_FILE=/etc/brokerd/admin.crt", "BROKERD_ADMIN_TLS_KEY_FILE=/etc/brokerd/admin.key",
 		"BROKERD_ADMIN_TLS_CLIENT_CA_FILE=/etc/brokerd/ops.crt", "BROKERD_ADMIN_TOKEN_FILE=/etc/brokerd/token", "BROKERD_ADMIN_METRICS_PUBLIC=true",
 		"BROKERD_LOG_LEVEL=debug", "BROKERD_LOG_FORMAT=json",

@@ -32,6 +32,10 @@ var settings = []setting{
 	{"stomp.tls.key_file", "", "", func(c *Config) any { return &c.STOMP.TLS.KeyFile }},
 	{"stomp.tls.client_ca_file", "", "", func(c *Config) any { return &c.STOMP.TLS.ClientCAFile }},
 	{"stomp.tls.client_auth", "", "", func(c *Config) any { return &c.STOMP.TLS.ClientAuth }},
+	{"stomp.advertise_addr", "stomp-advertise-addr", "host:port clients are told to reach this node's STOMP listener at", func(c *Config) any { return &c.STOMP.AdvertiseAddr }},
+	{"stomp.ws_addr", "stomp-ws-addr", `STOMP over WebSocket listen address (path /ws), "" for none`, func(c *Config) any { return &c.STOMP.WSAddr }},
+	{"stomp.wss_addr", "stomp-wss-addr", `STOMP over secure WebSocket listen address (path /ws), "" for none`, func(c *Config) any { return &c.STOMP.WSSAddr }},
+	{"stomp.ws_allowed_origins", "", "", func(c *Config) any { return &c.STOMP.WSAllowedOrigins }},
 
 	{"admin.addr", "admin-addr", `admin HTTP listen address, "" to disable`, func(c *Config) any { return &c.Admin.Addr }},
 	{"admin.tls.cert_file", "", "", func(c *Config) any { return &c.Admin.TLS.CertFile }},

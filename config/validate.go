@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"path"
 	"slices"
 	"strconv"
 	"strings"
@@ -67,7 +68,7 @@ func (c Config) problems() []error {
 	if c.STOMP.TLS.Addr != "" {
 		check("stomp.tls.cert_file", requiredWith(c.STOMP.TLS.CertFile, "stomp.tls.addr"))
 		check("stomp.tls.key_file", requiredWith(c.STOMP.TLS.KeyFile, "stomp.tls.addr"))
-	} else {
+	} else if c.STOMP.WSSAddr == "" {
 		for key, v := range map[string]string{"stomp.tls.cert_file": c.STOMP.TLS.CertFile, "stomp.tls.key_file": c.STOMP.TLS.KeyFile, "stomp.tls.client_ca_file": c.STOMP.TLS.ClientCAFile} {
 			if v != "" {
 				check(key, errors.New("has no effect without stomp.tls.addr"))
@@ -78,6 +79,18 @@ func (c Config) problems() []error {
 		check("stomp.tls.client_ca_file", requiredWith(c.STOMP.TLS.ClientCAFile, "stomp.tls.client_auth: "+c.STOMP.TLS.ClientAuth))
 	} else if c.STOMP.TLS.ClientCAFile != "" && c.STOMP.TLS.Addr != "" {
 		check("stomp.tls.client_auth", errors.New(`is "none", so stomp.tls.client_ca_file has no effect (set request or require)`))
+	}
+
+	check("stomp.advertise_addr", optional(c.STOMP.AdvertiseAddr, dialAddr))
+	check("stomp.ws_addr", optional(c.STOMP.WSAddr, listenAddr))
+	check("stomp.wss_addr", optional(c.STOMP.WSSAddr, listenAddr))
+	if c.STOMP.WSSAddr != "" && (c.STOMP.TLS.CertFile == "" || c.STOMP.TLS.KeyFile == "") {
+		check("stomp.wss_addr", errors.New("needs stomp.tls.cert_file and stomp.tls.key_file (wss uses the STOMP TLS settings)"))
+	}
+	for i, o := range c.STOMP.WSAllowedOrigins {
+		if err := originPattern(o); err != nil {
+			check("stomp.ws_allowed_origins", fmt.Errorf("entry %d: %w", i, err))
+		}
 	}
 
 	check("admin.addr", optional(c.Admin.Addr, listenAddr))
@@ -114,6 +127,12 @@ func (c Config) problems() []error {
 	x509Required := c.Auth.X509Login && c.STOMP.TLS.ClientAuth == "require"
 	if c.Auth.UsersFile == "" && !c.Auth.AllowAnonymous && !x509Required && c.STOMP.TLS.Addr != "" && listenAddr(c.STOMP.TLS.Addr) == nil && !listensOnLoopback(c.STOMP.TLS.Addr) {
 		check("auth.users_file", errors.New("required when stomp.tls.addr listens beyond loopback (or auth.x509_login with stomp.tls.client_auth: require, or auth.allow_anonymous: true)"))
+	}
+	// A WebSocket listener beyond loopback is as anonymous as stomp.addr.
+	for key, addr := range map[string]string{"stomp.ws_addr": c.STOMP.WSAddr, "stomp.wss_addr": c.STOMP.WSSAddr} {
+		if c.Auth.UsersFile == "" && !c.Auth.AllowAnonymous && !x509Required && addr != "" && listenAddr(addr) == nil && !listensOnLoopback(addr) {
+			check("auth.users_file", fmt.Errorf("required when %s listens beyond loopback (set auth.allow_anonymous: true to allow anonymous clients)", key))
+		}
 	}
 	if c.Auth.X509Login && (c.STOMP.TLS.Addr == "" || (c.STOMP.TLS.ClientAuth != "request" && c.STOMP.TLS.ClientAuth != "require")) {
 		check("auth.x509_login", errors.New("needs stomp.tls.addr with stomp.tls.client_auth request or require"))
@@ -292,6 +311,21 @@ func listensOnLoopback(addr string) bool {
 	}
 	ip, err := netip.ParseAddr(host)
 	return err == nil && ip.Unmap().IsLoopback()
+}
+
+// originPattern accepts an Origin host pattern: a host or host:port, with
+// path.Match wildcards, or "*" for every origin; not a URL.
+func originPattern(s string) error {
+	if s == "" {
+		return errors.New("empty origin pattern")
+	}
+	if strings.Contains(s, "://") || strings.Contains(s, "/") || strings.ContainsFunc(s, unicode.IsSpace) {
+		return fmt.Errorf("%q is not a host pattern (write app.example.com or *.example.com:8443, without scheme or path)", s)
+	}
+	if _, err := path.Match(s, ""); err != nil {
+		return fmt.Errorf("%q: %v", s, err)
+	}
+	return nil
 }
 
 func dlqPrefix(s string) error {
