@@ -325,6 +325,9 @@ func (s *Server) acceptLoop(ln net.Listener, isTLS bool) {
 		}
 		sess := newSession(s, c, "session-"+strconv.FormatUint(s.nextID.Add(1), 10))
 		sess.ip = ip
+		if isTLS {
+			sess.transport = TransportTLS
+		}
 		s.sessions[sess] = struct{}{}
 		s.wg.Add(1)
 		s.mu.Unlock()

@@ -47,6 +47,8 @@ type session struct {
 	// anonymous session. Set by connect, read by the reader goroutine.
 	user string
 	ip   netip.Addr // the remote address (zero for a pipe)
+	// transport is the listener the connection came in on.
+	transport Transport
 	// frameRead is when the reader read the frame it handles, if that
 	// frame asks for a receipt (reader goroutine only).
 	frameRead time.Time
