@@ -6,8 +6,9 @@ import (
 	"fmt"
 )
 
-// ProtocolVersion is the version of Meta this node speaks.
-const ProtocolVersion = 1
+// ProtocolVersion is the highest protocol version this build speaks
+// (MaxProtocol, see version.go), gossiped as Meta.Proto.
+const ProtocolVersion = MaxProtocol
 
 // metaMaxSize is memberlist's limit on node metadata.
 const metaMaxSize = 512
@@ -23,7 +24,11 @@ type Meta struct {
 	Active      bool   `json:"act,omitempty"`
 	ActiveSince int64  `json:"as,omitempty"`
 	JoinedAt    int64  `json:"j"`
-	Proto       int    `json:"v"`
+	// Proto and ProtoMin are the protocol versions the node speaks
+	// (ProtocolRange): Proto the highest, ProtoMin the lowest (absent in
+	// the metadata of builds before ranges, which speak 1 to Proto).
+	Proto    int `json:"v"`
+	ProtoMin int `json:"vm,omitempty"`
 	// SetHash (ActiveSet.Hash) and Epoch (the counter) are the node's
 	// EpochID.
 	SetHash string `json:"h,omitempty"`
@@ -58,6 +63,9 @@ func decodeMeta(b []byte) (Meta, error) {
 	}
 	if m.ID == "" || m.Proto < 1 {
 		return Meta{}, fmt.Errorf("%w: no id or protocol version", errMeta)
+	}
+	if !m.protocols().Valid() {
+		return Meta{}, fmt.Errorf("%w: protocol versions %s", errMeta, m.protocols())
 	}
 	return m, nil
 }

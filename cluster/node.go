@@ -11,6 +11,7 @@ import (
 	"sort"
 	"strconv"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/hashicorp/memberlist"
@@ -81,6 +82,10 @@ type Config struct {
 	// Now is the clock of the membership's timers (promotion delay,
 	// forgetting); nil means time.Now.
 	Now func() time.Time
+	// Protocols is the range of protocol versions the node speaks (see
+	// version.go); the zero value means the build's (BuildProtocols).
+	// Tests set other ranges.
+	Protocols ProtocolRange
 	// Wall is the wall clock behind the times the node advertises, its
 	// first start (JoinedAt) and when it took its seat (ActiveSince); nil
 	// means time.Now. The chaos suite's build shifts it to jump one node's
@@ -130,6 +135,8 @@ type MemberStatus struct {
 	AdminAddr   string  `json:"admin_addr"`
 	PeerAddr    string  `json:"peer_addr"`
 	ActiveSince *string `json:"active_since"`
+	// Protocols is the range of protocol versions the member speaks.
+	Protocols ProtocolRange `json:"protocols"`
 }
 
 // Status is the node's view of the cluster.
@@ -148,6 +155,11 @@ type Status struct {
 	ActiveMembersWanted int            `json:"active_members_wanted"`
 	ActiveSet           []string       `json:"active_set"`
 	Members             []MemberStatus `json:"members"`
+	// ProtocolVersion is the cluster's effective protocol version: the
+	// highest every member alive in this node's view speaks (version.go).
+	ProtocolVersion int `json:"protocol_version"`
+	// Protocols is the range of versions this node speaks.
+	Protocols ProtocolRange `json:"protocols"`
 }
 
 // Node is this process's membership in the cluster.
@@ -167,7 +179,13 @@ type Node struct {
 	// failed; guarded by evalMu.
 	persistFailing bool
 
+	// protos is the range of protocol versions this node speaks;
+	// effective mirrors proto.effective for lock-free readers.
+	protos    ProtocolRange
+	effective atomic.Int64
+
 	mu       sync.Mutex
+	proto    protocolState
 	self     Meta
 	epoch    EpochID // the epoch advertised (self.Epoch, self.SetHash), persisted
 	seat     Seat
@@ -231,6 +249,12 @@ func New(cfg Config) (*Node, error) {
 	if cfg.NodeID == "" {
 		return nil, errors.New("cluster: node ID is empty")
 	}
+	if cfg.Protocols == (ProtocolRange{}) {
+		cfg.Protocols = BuildProtocols()
+	}
+	if !cfg.Protocols.Valid() {
+		return nil, fmt.Errorf("cluster: protocol versions %s: want 1 <= min <= max", cfg.Protocols)
+	}
 	if cfg.Transport == nil && cfg.BindAddr != "" {
 		if _, _, err := splitHostPort(cfg.BindAddr); err != nil {
 			return nil, fmt.Errorf("cluster.gossip_addr: %w", err)
@@ -277,9 +301,10 @@ func New(cfg Config) (*Node, error) {
 		log: cfg.Logger.With("component", "cluster"),
 		self: Meta{
 			ID: cfg.NodeID, Name: cfg.NodeName, STOMPAddr: cfg.STOMPAddr, AdminAddr: cfg.AdminAddr,
-			PeerAddr: cfg.PeerAddr, JoinedAt: joined, Proto: ProtocolVersion, M: cfg.ActiveMembers,
+			PeerAddr: cfg.PeerAddr, JoinedAt: joined, Proto: cfg.Protocols.Max, ProtoMin: cfg.Protocols.Min, M: cfg.ActiveMembers,
 		},
 		epoch:   epoch,
+		protos:  cfg.Protocols,
 		known:   make(map[string]*known),
 		wake:    make(chan struct{}, 1),
 		publish: make(chan struct{}, 1),
@@ -325,6 +350,8 @@ func (n *Node) Start() error {
 	c.Label = n.cfg.ClusterName
 	c.Delegate = &delegate{n}
 	c.Events = &events{n}
+	c.Merge = versionGuard{n}
+	c.Alive = versionGuard{n}
 	c.Logger = log.New(&logBridge{log: n.log}, "", 0)
 	if n.cfg.Keyring != nil {
 		c.Keyring = n.cfg.Keyring.ml
@@ -364,6 +391,10 @@ func (n *Node) Start() error {
 		if _, err := ml.Join(n.cfg.Join); err != nil {
 			n.log.Warn("join failed; running alone and retrying", "join", n.cfg.Join, "err", err, "retry_every", n.cfg.RejoinInterval)
 		}
+	}
+	if err := n.joinRefusal(); err != nil {
+		_ = ml.Shutdown()
+		return fmt.Errorf("cluster: join %v: %w", n.cfg.Join, err)
 	}
 	n.wg.Add(3)
 	go n.loop()
@@ -533,6 +564,7 @@ func (n *Node) evaluate() {
 
 	if d.Epoch != prev && !n.persistEpoch(prev, d.Epoch) {
 		n.mu.Lock()
+		n.noteEffectiveLocked(metas)
 		n.status = n.buildStatus(metas, states)
 		n.mu.Unlock()
 		return
@@ -551,6 +583,7 @@ func (n *Node) evaluate() {
 		n.log.Info("active set changed", "epoch", d.Epoch, "active_set", []string(d.Set), "m", mval)
 	}
 	n.seat, n.set, n.epoch = d.Seat, d.Set, d.Epoch
+	n.noteEffectiveLocked(metas)
 	// n.self is read afresh: Leave and SetActiveMembers may have changed
 	// it while mu was released.
 	next := n.self
@@ -619,10 +652,11 @@ func (n *Node) buildStatus(metas map[string]Meta, states map[string]string) Stat
 	s := Status{
 		NodeID: n.self.ID, NodeName: n.self.Name, ClusterName: n.cfg.ClusterName,
 		Epoch: n.epoch.Counter, EpochID: n.epoch, Converged: converged, ActiveMembersWanted: n.self.M,
-		ActiveSet: append([]string(nil), n.set...),
+		ActiveSet:       append([]string(nil), n.set...),
+		ProtocolVersion: n.proto.effective, Protocols: n.protos,
 	}
 	add := func(m Meta, state string) {
-		ms := MemberStatus{ID: m.ID, Name: m.Name, Role: "observer", State: state, STOMPAddr: m.STOMPAddr, AdminAddr: m.AdminAddr, PeerAddr: m.PeerAddr}
+		ms := MemberStatus{ID: m.ID, Name: m.Name, Role: "observer", State: state, STOMPAddr: m.STOMPAddr, AdminAddr: m.AdminAddr, PeerAddr: m.PeerAddr, Protocols: m.protocols()}
 		if state == "alive" || state == "suspect" {
 			if n.set.Contains(m.ID) {
 				ms.Role = "active"
@@ -825,7 +859,7 @@ func newMetrics(reg prometheus.Registerer, n *Node) *metrics {
 		Name: "brokerd_cluster_promotions_total", Help: "Times this node took a seat as an active member.",
 	})}
 	if reg != nil {
-		reg.MustRegister(m.promotions, &collector{n: n})
+		reg.MustRegister(m.promotions, &collector{n: n}, protocolCollector{n: n})
 	}
 	return m
 }
