@@ -41,6 +41,10 @@ type Meta struct {
 	// Leaving announces a graceful leave: the others drop the node from
 	// their view at once and record it as "left", not "dead".
 	Leaving bool `json:"bye,omitempty"`
+	// Draining announces maintenance (brokerd drain): the node stays an
+	// active member and a replica, but placement prefers an undrained
+	// replica as the owner of its queues, and it takes no new clients.
+	Draining bool `json:"dr,omitempty"`
 }
 
 var errMeta = errors.New("bad node metadata")

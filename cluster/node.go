@@ -137,6 +137,9 @@ type MemberStatus struct {
 	ActiveSince *string `json:"active_since"`
 	// Protocols is the range of protocol versions the member speaks.
 	Protocols ProtocolRange `json:"protocols"`
+	// Draining: the node is in maintenance (brokerd drain) and owns no
+	// queue while another replica can.
+	Draining bool `json:"draining,omitempty"`
 }
 
 // Status is the node's view of the cluster.
@@ -657,6 +660,7 @@ func (n *Node) buildStatus(metas map[string]Meta, states map[string]string) Stat
 	}
 	add := func(m Meta, state string) {
 		ms := MemberStatus{ID: m.ID, Name: m.Name, Role: "observer", State: state, STOMPAddr: m.STOMPAddr, AdminAddr: m.AdminAddr, PeerAddr: m.PeerAddr, Protocols: m.protocols()}
+		ms.Draining = m.Draining
 		if state == "alive" || state == "suspect" {
 			if n.set.Contains(m.ID) {
 				ms.Role = "active"

@@ -90,3 +90,21 @@ func WriteQuorum(r, w int) int {
 	}
 	return r/2 + 1
 }
+
+// PreferredOwner returns the first member of set (in its order) for which
+// draining is false, or set's first member when every one is draining, or
+// "" for an empty set. A draining member (in maintenance) keeps its seat
+// in the replica set, so the R copies stay, but hands ownership to the
+// next replica; every node that sees the same set and the same draining
+// members names the same owner.
+func PreferredOwner(set []string, draining func(id string) bool) string {
+	if len(set) == 0 {
+		return ""
+	}
+	for _, id := range set {
+		if !draining(id) {
+			return id
+		}
+	}
+	return set[0]
+}

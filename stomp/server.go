@@ -159,6 +159,8 @@ type Server struct {
 	authSlots chan struct{}
 	nextID    atomic.Uint64
 	wg        sync.WaitGroup // accept loop and sessions
+	// draining, when set, is why CONNECTs are refused (SetDraining).
+	draining atomic.Pointer[string]
 }
 
 // NewServer returns a Server for broker. Call Start to listen.

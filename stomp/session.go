@@ -237,6 +237,8 @@ func (s *session) run() {
 		s.srv.m.errors.WithLabelValues(pe.reason).Inc()
 		log.Info("protocol error", "err", pe.Error())
 		s.push(&pendingOp{errFr: errorFrame(pe), final: true})
+	case err != nil && s.stopping.Load() && s.srv.draining.Load() != nil:
+		s.push(&pendingOp{errFr: errorFrame(s.srv.drainRefusal()), final: true})
 	case err != nil && s.stopping.Load():
 		s.push(&pendingOp{errFr: errorFrame(perr("shutdown", "server shutting down", "the server is shutting down; reconnect to another node")), final: true})
 	case err != nil && !errors.Is(err, io.EOF) && !errors.Is(err, net.ErrClosed):
@@ -383,6 +385,9 @@ func (s *session) connect(f *frame.Frame) error {
 		return pe
 	}
 	s.version = v
+	if pe := s.srv.drainRefusal(); pe != nil {
+		return pe
+	}
 	// host names a virtual host. There is one: any value, and none (which
 	// stomp.py sends by default despite 1.1 and 1.2 requiring it), selects
 	// it, as the specification allows a server to.

@@ -28,6 +28,9 @@ type adminTarget struct {
 	caFile    string
 	certFile  string
 	keyFile   string
+	// timeout bounds one call; zero is 5 s (a purge of a large queue
+	// sets more).
+	timeout time.Duration
 }
 
 // addAdminFlags adds to c the flags every command that calls a node's
@@ -65,6 +68,9 @@ func (t *adminTarget) client() (string, *http.Client, error) {
 		return "", nil, fmt.Errorf("--admin-addr %q is http://, but --ca-file and --cert-file are for HTTPS", t.addr)
 	}
 	c := &http.Client{Timeout: 5 * time.Second}
+	if t.timeout > 0 {
+		c.Timeout = t.timeout
+	}
 	if wantTLS || scheme == "https" {
 		scheme = "https"
 		tc := &tls.Config{MinVersion: tls.VersionTLS12}
@@ -161,7 +167,7 @@ func (t *adminTarget) call(method, path string, body, out any) error {
 		case resp.StatusCode == http.StatusBadRequest && strings.HasPrefix(base, "http:") && bytes.Contains(b, []byte("HTTPS")):
 			msg += " (the node serves HTTPS: pass --ca-file, or --admin-addr https://...)"
 		}
-		return errors.New(msg)
+		return &adminStatusError{Status: resp.StatusCode, Msg: msg}
 	}
 	if out == nil {
 		return nil
@@ -171,6 +177,15 @@ func (t *adminTarget) call(method, path string, body, out any) error {
 	}
 	return nil
 }
+
+// adminStatusError is an admin API answer other than 200: Status is its
+// HTTP status, Msg the node's text with the address and hints.
+type adminStatusError struct {
+	Status int
+	Msg    string
+}
+
+func (e *adminStatusError) Error() string { return e.Msg }
 
 // destCounts is, per node ID, how many queues it owns and how many it
 // holds a copy of (besides the owner's).

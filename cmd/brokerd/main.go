@@ -78,11 +78,12 @@ func run(args, environ []string, stdin io.Reader, stdout, stderr io.Writer) int 
 	root.AddCommand(statusCmd(stdout))
 	root.AddCommand(activeMembersCmd(stdout))
 	root.AddCommand(reloadCmd(stdout))
+	root.AddCommand(opsCmds(stdout)...) // queues, purge, drain, undrain (ops.go)
 	root.AddCommand(gossipKeysCmd(stdin, stdout))
 	if err := root.Execute(); err != nil {
 		fmt.Fprintf(stderr, "brokerd: %v\n", err)
 		if code == exitOK {
-			code = exitFail
+			code = exitCodeOf(err)
 		}
 	}
 	return code

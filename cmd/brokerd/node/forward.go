@@ -546,6 +546,8 @@ func forwardHandler(rt *router, log *slog.Logger) func(peer string, f *frame.Fra
 				resp.Body = b
 				reply(resp)
 			}()
+		case opPurge:
+			rt.servePurge(f, reply) // ops.go
 		default:
 			reply(stomp.PeerFail("unknown-op", fmt.Sprintf("unknown operation %q", f.Header.Get(stomp.PeerHeaderOp))))
 		}

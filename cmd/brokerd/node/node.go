@@ -70,7 +70,13 @@ type Node struct {
 	failErr  error         // set before failed is closed
 	stopped  chan struct{} // closed by Shutdown: watchStore returns
 	stopOnce sync.Once
-	watchWG  sync.WaitGroup // watchStore
+	watchWG  sync.WaitGroup // watchStore, a drain's closing of sessions
+
+	// Maintenance (drain.go), under drainMu.
+	drainMu        sync.Mutex
+	drainGen       uint64 // counts drains and undrains
+	drainClosed    int    // client sessions the last drain ended
+	drainedAtStart bool   // the store said draining at Start
 }
 
 // Options are hooks for tests that run several nodes in one process.
@@ -334,6 +340,7 @@ func (n *Node) ID() string { return n.id }
 func (n *Node) Start() error {
 	n.st.Start()
 	n.rep.Start()
+	n.restoreDrain() // before the first client: a drained node refuses them
 	if err := n.srv.Start(); err != nil {
 		n.rep.Close()
 		n.st.Close()
@@ -381,6 +388,9 @@ func (n *Node) Start() error {
 	var cl *cluster.Node
 	if err == nil {
 		cl, err = cluster.New(ccfg)
+	}
+	if err == nil && n.drainedAtStart {
+		err = cl.SetDraining(true) // gossiped from the first join
 	}
 	if err == nil {
 		err = cl.Start()
@@ -588,6 +598,7 @@ func (n *Node) adminHandler() http.Handler {
 		writeJSON(w, n.rep.Destinations())
 	})
 	n.gossipKeysRoutes(mux)
+	n.opsRoutes(mux)
 	return mux
 }
 
@@ -612,6 +623,16 @@ func (n *Node) healthz(w http.ResponseWriter, r *http.Request) {
 	case failed != nil:
 		body["status"] = "failed"
 		body["error"] = "store failed: " + failed.Error()
+		w.Header().Set("Content-Type", "application/json")
+		w.WriteHeader(http.StatusServiceUnavailable)
+		enc := json.NewEncoder(w)
+		enc.SetIndent("", "  ")
+		_ = enc.Encode(body)
+		return
+	case n.srv.Draining():
+		// Out of service for maintenance (brokerd drain): load balancers
+		// and readiness probes stop sending clients.
+		body["status"] = "draining"
 		w.Header().Set("Content-Type", "application/json")
 		w.WriteHeader(http.StatusServiceUnavailable)
 		enc := json.NewEncoder(w)

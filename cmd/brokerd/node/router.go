@@ -44,6 +44,9 @@ type viewSnap struct {
 	// started or came back): a queue taken over under fewer joins may
 	// lack copies and acknowledgements those peers hold.
 	joins uint64
+	// draining holds the alive members that announce maintenance (brokerd
+	// drain): ownerOf passes over them while another replica can own.
+	draining map[string]bool
 }
 
 // viewTTL bounds how stale the router's membership snapshot may be.
@@ -663,6 +666,12 @@ func (rt *router) load() viewSnap {
 	v := viewSnap{self: st.NodeID, epoch: st.EpochID, peers: map[string]string{}, at: time.Now()}
 	v.addrs = map[string]string{}
 	for _, m := range st.Members {
+		if m.Draining && (m.State == "alive" || m.State == "suspect") {
+			if v.draining == nil {
+				v.draining = map[string]bool{}
+			}
+			v.draining[m.ID] = true
+		}
 		if m.ID != st.NodeID && (m.State == "alive" || m.State == "suspect") {
 			v.addrs[m.ID] = m.PeerAddr
 			if !rt.refused[m.ID] {
@@ -735,13 +744,10 @@ func (rt *router) peerAddr(id string) string {
 }
 
 // ownerOf is the node that serves queue dest in v: the first of its
-// replica set; "" while this node has no agreed active set.
+// replica set that is not draining (the first when all are); "" while
+// this node has no agreed active set.
 func (rt *router) ownerOf(v viewSnap, dest string) string {
-	set := replica.ReplicaSet(dest, v.active, rt.r)
-	if len(set) == 0 {
-		return ""
-	}
-	return set[0]
+	return replica.PreferredOwner(replica.ReplicaSet(dest, v.active, rt.r), func(id string) bool { return v.draining[id] })
 }
 
 // errNoActiveSet: the node has not agreed on the active members yet.
@@ -804,7 +810,9 @@ func (rt *router) watch() {
 				}
 			})
 		}
-		set := strings.Join(v.active, ",")
+		// A drain or undrain moves ownership as a change of the active
+		// set does: the set's signature carries the draining members.
+		set := strings.Join(v.active, ",") + "|" + drainingSig(v)
 		if v.epoch == last && set == lastSet && !joined {
 			continue
 		}

@@ -1,0 +1,247 @@
+package node
+
+import (
+	"errors"
+	"fmt"
+	"slices"
+	"sort"
+	"strings"
+	"time"
+
+	"github.com/brokerd/brokerd/replica"
+)
+
+// Draining a node for maintenance (brokerd drain, POST /v1/drain).
+//
+// A draining node announces it in its gossip metadata (cluster.Meta
+// Draining). It stays an active member and a replica of its queues, so
+// every queue keeps its R copies, but placement on every node names the
+// first undrained member of a queue's replica set as its owner
+// (replica.PreferredOwner). The hand-off is the one a change of the
+// active set makes: the drained node's router sees the new owners in its
+// view at once and releases its queues (subscriptions end, their
+// unacknowledged messages come back redelivered at the new owner, which
+// takes the queue over by pulling every copy, the drained node's too, and
+// is told to merge); other nodes follow within a gossip round, and while
+// views differ a forwarded SEND or subscribe is refused as not owned and
+// routed again, as in a failover. The node refuses new STOMP connections
+// with an ERROR "node draining" naming the other nodes, and once it owns
+// no queue (or after drainCloseAfter) ends its client sessions as a
+// shutdown does, so that clients reconnect elsewhere. /healthz answers
+// 503 "draining". The state is kept in the store's meta and survives a
+// restart until undrain: an upgraded node comes back without owning
+// anything or taking clients until the operator says so.
+
+// metaDraining is the store meta key of the drained state: "1" draining.
+const metaDraining = "draining"
+
+// drainCloseAfter bounds how long a drained node waits for its queues to
+// move before it ends its client sessions anyway.
+const drainCloseAfter = 30 * time.Second
+
+// ErrDrainRefused is a drain that would leave a queue without an
+// undrained owner, or the cluster without an undrained active member.
+var ErrDrainRefused = errors.New("drain refused")
+
+// DrainStatus is the drained state of a node, as POST /v1/drain,
+// POST /v1/undrain and GET /v1/drain return it.
+type DrainStatus struct {
+	NodeID   string `json:"node_id"`
+	NodeName string `json:"node_name"`
+	Draining bool   `json:"draining"`
+	// OwnedQueues is the number of queues this node still serves (0 once
+	// a drain has handed every one over).
+	OwnedQueues int `json:"owned_queues"`
+	// ClientsClosed is the number of client sessions the drain ended
+	// (set once it has).
+	ClientsClosed int `json:"clients_closed"`
+	// Clients is the number of STOMP sessions open now.
+	Clients int `json:"clients"`
+}
+
+// drainingSig lists v's draining members, sorted: part of the router's
+// view signature, so that a drain or undrain moves ownership.
+func drainingSig(v viewSnap) string {
+	ids := make([]string, 0, len(v.draining))
+	for id := range v.draining {
+		ids = append(ids, id)
+	}
+	sort.Strings(ids)
+	return strings.Join(ids, ",")
+}
+
+// servedQueues is the queues this node serves or is taking over.
+func (rt *router) servedQueues() []string {
+	qs := rt.rep.AdoptedQueues()
+	rt.omu.Lock()
+	for dest := range rt.owned {
+		if !slices.Contains(qs, dest) {
+			qs = append(qs, dest)
+		}
+	}
+	rt.omu.Unlock()
+	sort.Strings(qs)
+	return qs
+}
+
+// checkDrain says why draining self in v would leave a queue, or the
+// cluster, without an undrained owner: nil when it would not.
+func (rt *router) checkDrain(v viewSnap) error {
+	undrained := 0
+	for _, id := range v.active {
+		if _, alive := v.peers[id]; alive && id != v.self && !v.draining[id] {
+			undrained++
+		}
+	}
+	if undrained == 0 {
+		return fmt.Errorf("%w: it would leave no undrained active member (active set %s; draining or unreachable: every other)", ErrDrainRefused, strings.Join(v.active, ","))
+	}
+	if rt.r < 2 {
+		return fmt.Errorf("%w: replica.replicas is %d: no other node holds a copy of this node's queues to serve them", ErrDrainRefused, rt.r)
+	}
+	for _, dest := range rt.servedQueues() {
+		ok := false
+		for _, id := range replica.ReplicaSet(dest, v.active, rt.r) {
+			if _, alive := v.peers[id]; alive && id != v.self && !v.draining[id] {
+				ok = true
+				break
+			}
+		}
+		if !ok {
+			return fmt.Errorf("%w: no other replica of %s is alive and undrained (replica set %s)", ErrDrainRefused, dest, strings.Join(replica.ReplicaSet(dest, v.active, rt.r), ","))
+		}
+	}
+	return nil
+}
+
+// drainDetail is the body of the ERROR a CONNECT gets while draining:
+// the other nodes' STOMP addresses, when known.
+func (n *Node) drainDetail() string {
+	msg := "this node is draining for maintenance; connect to another node of the cluster"
+	if n.cl == nil {
+		return msg
+	}
+	var addrs []string
+	for _, m := range n.cl.Status().Members {
+		if m.ID != n.id && !m.Draining && m.STOMPAddr != "" && (m.State == "alive" || m.State == "suspect") {
+			addrs = append(addrs, m.STOMPAddr)
+		}
+	}
+	if len(addrs) > 0 {
+		msg += ": " + strings.Join(addrs, " ")
+	}
+	return msg
+}
+
+// restoreDrain reads the drained state kept in the store: a node that
+// was draining when it stopped refuses clients from its first accept.
+func (n *Node) restoreDrain() {
+	b, err := n.st.Meta(metaDraining)
+	if err != nil {
+		n.log.Error("reading the drained state failed; starting undrained", "err", err)
+		return
+	}
+	if string(b) == "1" {
+		n.drainedAtStart = true
+		n.srv.SetDraining("this node is draining for maintenance; connect to another node of the cluster")
+		n.log.Info("starting drained: no clients and no queue owned until undrain")
+	}
+}
+
+// Drain puts the node in maintenance (see above). It returns once the
+// drain is recorded and announced; the hand-off and the end of the
+// client sessions follow in the background (DrainState shows them). It
+// is refused with ErrDrainRefused when no other node could own this
+// node's queues. Draining a drained node changes nothing.
+func (n *Node) Drain() (DrainStatus, error) {
+	n.drainMu.Lock()
+	defer n.drainMu.Unlock()
+	if n.rt == nil || n.cl == nil {
+		return n.drainStateLocked(), fmt.Errorf("%w: not clustered: a single node has no other node to hand its queues and clients to", ErrDrainRefused)
+	}
+	if n.srv.Draining() && n.cl.Draining() {
+		return n.drainStateLocked(), nil
+	}
+	if err := n.rt.checkDrain(n.rt.refresh()); err != nil {
+		return n.drainStateLocked(), err
+	}
+	if err := n.st.SetMeta(metaDraining, []byte("1")); err != nil {
+		return n.drainStateLocked(), fmt.Errorf("recording the drained state: %w", err)
+	}
+	n.srv.SetDraining(n.drainDetail())
+	if err := n.cl.SetDraining(true); err != nil {
+		return n.drainStateLocked(), err
+	}
+	n.rt.refresh()
+	n.log.Info("draining: handing queues over and refusing new clients", "queues", len(n.rt.servedQueues()))
+	n.drainGen++
+	n.drainClosed = 0
+	n.startDrainClose(n.drainGen)
+	return n.drainStateLocked(), nil
+}
+
+// startDrainClose ends the client sessions once the node owns no queue
+// (or after drainCloseAfter), unless an undrain or a later drain came
+// first (gen). Called under drainMu.
+func (n *Node) startDrainClose(gen uint64) {
+	n.watchWG.Add(1)
+	go func() {
+		defer n.watchWG.Done()
+		deadline := time.Now().Add(drainCloseAfter)
+		t := time.NewTicker(50 * time.Millisecond)
+		defer t.Stop()
+		for len(n.rt.servedQueues()) > 0 && time.Now().Before(deadline) {
+			select {
+			case <-n.stopped:
+				return
+			case <-t.C:
+			}
+		}
+		n.drainMu.Lock()
+		defer n.drainMu.Unlock()
+		if n.drainGen != gen || !n.srv.Draining() {
+			return
+		}
+		n.drainClosed = n.srv.CloseClients()
+		n.log.Info("drained: client sessions ended", "sessions", n.drainClosed, "queues_still_owned", len(n.rt.servedQueues()))
+	}()
+}
+
+// Undrain ends maintenance: the node takes clients again and owns its
+// queues again (they are handed back as they were handed over).
+// Undraining a node that is not draining changes nothing.
+func (n *Node) Undrain() (DrainStatus, error) {
+	n.drainMu.Lock()
+	defer n.drainMu.Unlock()
+	if err := n.st.SetMeta(metaDraining, []byte("0")); err != nil {
+		return n.drainStateLocked(), fmt.Errorf("recording the undrained state: %w", err)
+	}
+	n.drainGen++
+	n.drainClosed = 0
+	if n.cl != nil {
+		if err := n.cl.SetDraining(false); err != nil {
+			return n.drainStateLocked(), err
+		}
+	}
+	n.srv.SetDraining("")
+	if n.rt != nil {
+		n.rt.refresh()
+	}
+	n.log.Info("undrained: taking clients and owning queues again")
+	return n.drainStateLocked(), nil
+}
+
+// DrainState is the node's drained state now.
+func (n *Node) DrainState() DrainStatus {
+	n.drainMu.Lock()
+	defer n.drainMu.Unlock()
+	return n.drainStateLocked()
+}
+
+func (n *Node) drainStateLocked() DrainStatus {
+	s := DrainStatus{NodeID: n.id, NodeName: n.cfg.Node.Name, Draining: n.srv.Draining(), ClientsClosed: n.drainClosed, Clients: n.srv.Sessions()}
+	if n.rt != nil {
+		s.OwnedQueues = len(n.rt.servedQueues())
+	}
+	return s
+}
