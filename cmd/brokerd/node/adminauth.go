@@ -1,6 +1,7 @@
 package node
 
 import (
+	"crypto/rand"
 	"crypto/sha256"
 	"crypto/subtle"
 	"crypto/tls"
@@ -31,6 +32,9 @@ type adminAuth struct {
 	clientCerts   bool                              // admin.tls.client_ca_file is set
 	metricsPublic bool
 	log           *slog.Logger
+	// sessionKey keys the cluster page's session cookies (see
+	// sessionValue): random per process, so a restart ends them.
+	sessionKey [32]byte
 }
 
 // newAdminAuth reads admin.token_file, if set.
@@ -40,6 +44,9 @@ func newAdminAuth(cfg config.Admin, log *slog.Logger) (*adminAuth, error) {
 		clientCerts:   cfg.TLS.ClientCAFile != "",
 		metricsPublic: cfg.MetricsPublic,
 		log:           log.With("component", "admin"),
+	}
+	if _, err := rand.Read(a.sessionKey[:]); err != nil {
+		return nil, fmt.Errorf("admin page session key: %w", err)
 	}
 	if err := a.reload(); err != nil {
 		return nil, err
@@ -86,9 +93,14 @@ func readAdminToken(path string) ([]byte, error) {
 
 // public reports whether path is served without authentication. Paths
 // are compared exactly: the mux redirects an unclean path to its clean
-// form, which is then checked again.
+// form, which is then checked again. The cluster page's sign-in, sign-out
+// and style sheet are public: they show nothing of the node.
 func (a *adminAuth) public(path string) bool {
-	return path == "/healthz" || (a.metricsPublic && path == "/metrics")
+	switch path {
+	case "/healthz", "/ui/login", "/ui/logout", "/ui/style.css":
+		return true
+	}
+	return a.metricsPublic && path == "/metrics"
 }
 
 // check returns "" when r is authenticated, or why it is not.
@@ -111,13 +123,23 @@ func (a *adminAuth) check(r *http.Request) string {
 	if want == nil {
 		return "tokens are not accepted (no admin.token_file), only client certificates"
 	}
-	// Digests have the same length whatever was sent, so the comparison
-	// takes the same time whether the length or the content differs.
-	got := sha256.Sum256([]byte(strings.TrimSpace(tok)))
-	if subtle.ConstantTimeCompare(got[:], want[:]) != 1 {
+	if !a.tokenOK(tok) {
 		return "wrong bearer token"
 	}
 	return ""
+}
+
+// tokenOK reports whether tok (surrounding whitespace ignored) is the
+// admin token; false without a token file.
+func (a *adminAuth) tokenOK(tok string) bool {
+	want := a.token.Load()
+	if want == nil {
+		return false
+	}
+	// Digests have the same length whatever was sent, so the comparison
+	// takes the same time whether the length or the content differs.
+	got := sha256.Sum256([]byte(strings.TrimSpace(tok)))
+	return subtle.ConstantTimeCompare(got[:], want[:]) == 1
 }
 
 // wrap returns h behind authentication; an open API is h itself.
@@ -131,8 +153,15 @@ func (a *adminAuth) wrap(h http.Handler) http.Handler {
 			return
 		}
 		why := a.check(r)
-		if why == "" {
-			h.ServeHTTP(w, r)
+		if why == "" || a.sessionOK(r) {
+			// Long answers (the page's stream) check again, so that a
+			// token reload ends them.
+			h.ServeHTTP(w, withAuthCheck(r, func() bool { return a.check(r) == "" || a.sessionOK(r) }))
+			return
+		}
+		if r.URL.Path == "/" && (r.Method == http.MethodGet || r.Method == http.MethodHead) {
+			// A browser opening the cluster page: the sign-in form.
+			a.serveLogin(w, http.StatusUnauthorized, "")
 			return
 		}
 		a.log.Warn("admin request refused", "remote", r.RemoteAddr, "method", r.Method, "path", r.URL.Path, "reason", why)

@@ -62,6 +62,8 @@ type Node struct {
 	admin    *http.Server
 	adminL   net.Listener
 	adminD   chan struct{}
+	guard    *adminAuth // the admin API's authentication; nil without admin.addr
+	page     *pageState // the cluster page's sampler and streams; nil without admin.addr
 
 	// Fail-stop: closed once the store has failed and the node has stopped
 	// serving (see watchStore).
@@ -376,6 +378,7 @@ func (n *Node) Start() error {
 			n.reload.add("admin.token_file", guard.reload)
 		}
 		n.adminL = ln
+		n.guard = guard
 	}
 	if n.peerSrv != nil {
 		if err := n.peerSrv.Start(); err != nil {
@@ -405,6 +408,8 @@ func (n *Node) Start() error {
 	}
 	if n.adminL != nil {
 		ln := n.adminL
+		n.page = newPageState(n)
+		n.page.start()
 		n.admin = &http.Server{
 			Handler:           guard.wrap(n.adminHandler()),
 			ReadHeaderTimeout: 5 * time.Second,
@@ -514,6 +519,12 @@ func (n *Node) AdminAddr() string {
 func (n *Node) Shutdown(ctx context.Context) error {
 	n.stopOnce.Do(func() { close(n.stopped) })
 	n.watchWG.Wait() // a fail-stop in progress finishes first (bounded)
+	if n.page != nil {
+		// The page's sampler and streams stop first: the admin server
+		// would wait for the streams, and the destination gatherer uses
+		// the peer links.
+		n.page.close()
+	}
 	// Clients first, while this node is still a member: the listener
 	// closes, each connection's earlier frames take effect (its SENDs
 	// replicated under the current epoch) and their receipts go out.
@@ -598,6 +609,7 @@ func (n *Node) adminHandler() http.Handler {
 		writeJSON(w, n.rep.Destinations())
 	})
 	n.gossipKeysRoutes(mux)
+	n.pageRoutes(mux)
 	n.opsRoutes(mux)
 	return mux
 }
