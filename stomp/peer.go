@@ -11,9 +11,11 @@ import (
 	"crypto/rand"
 	"crypto/sha256"
 	"crypto/tls"
+	"encoding/binary"
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"hash/crc32"
 	"io"
 	"log/slog"
 	mrand "math/rand/v2"
@@ -26,6 +28,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/brokerd/brokerd/cluster"
 	"github.com/go-stomp/stomp/v3/frame"
 	"github.com/prometheus/client_golang/prometheus"
 )
@@ -69,6 +72,12 @@ var (
 	// handler dropped us (PeerDrop).
 	ErrPeerDropped = errors.New("peer dropped the link")
 
+	// ErrPeerVersion means a handshake was refused because the two nodes
+	// speak no protocol version in common (PeerServerConfig.Protocols):
+	// the server refused the client's range, or the client the server's.
+	// The error names both ranges.
+	ErrPeerVersion = errors.New("peer protocol versions do not overlap")
+
 	// ErrPeerProtocol means the other side sent something the peer
 	// protocol does not allow (a malformed frame, an answer to no pending
 	// request, an unexpected command).
@@ -100,6 +109,14 @@ const (
 	peerHeaderNodeID = "x-node-id"
 	peerHeaderNonce  = "x-nonce"
 	peerHeaderAuth   = "x-auth"
+	// peerHeaderProto states, in CONNECT and CONNECTED, the range of
+	// protocol versions the sender speaks, "min..max"; absent means 1..1
+	// (a build before ranges).
+	peerHeaderProto = "x-proto"
+	// peerHeaderCRC carries, from protocol version 2 on, the CRC-32C
+	// (Castagnoli) of a request's body, 8 hex digits; the server checks
+	// it before the handler sees the request.
+	peerHeaderCRC = "x-crc32c"
 )
 
 // Codes of the ERROR frames the server itself sends (x-code). All but
@@ -117,6 +134,10 @@ const (
 	// peerCodeTLS: the TLS handshake failed (a certificate refused by
 	// either side, or a client that does not speak TLS to a TLS port).
 	peerCodeTLS = "tls"
+	// peerCodeVersion: the two sides speak no protocol version in common.
+	peerCodeVersion = "version"
+	// peerCodeChecksum: a request's body does not match its x-crc32c.
+	peerCodeChecksum = "checksum"
 	// Operation failures the server substitutes for a bad reply.
 	peerCodeTooLarge = "reply-too-large"
 	peerCodeInternal = "internal"
@@ -292,6 +313,39 @@ func peerKeys(fn func() [][]byte, secret []byte) [][]byte {
 		return [][]byte{secret}
 	}
 	return nil
+}
+
+// peerParseProtocols parses an x-proto header value, "min..max"; an
+// absent header (ok false) is 1..1, the range of builds before ranges.
+func peerParseProtocols(v string, ok bool) (cluster.ProtocolRange, error) {
+	if !ok {
+		return cluster.ProtocolRange{Min: 1, Max: 1}, nil
+	}
+	lo, hi, found := strings.Cut(v, "..")
+	a, err1 := strconv.Atoi(lo)
+	b, err2 := strconv.Atoi(hi)
+	r := cluster.ProtocolRange{Min: a, Max: b}
+	if !found || err1 != nil || err2 != nil || !r.Valid() {
+		return cluster.ProtocolRange{}, fmt.Errorf("%s %q is not min..max", peerHeaderProto, fioTrunc(v))
+	}
+	return r, nil
+}
+
+// peerLinkProtocol returns the version a link between ranges a and b
+// speaks, the highest both speak, and whether there is one.
+func peerLinkProtocol(a, b cluster.ProtocolRange) (int, bool) {
+	v := min(a.Max, b.Max)
+	return v, v >= max(a.Min, b.Min)
+}
+
+// peerCRCTable is CRC-32C's (hardware-accelerated on amd64 and arm64).
+var peerCRCTable = crc32.MakeTable(crc32.Castagnoli)
+
+// peerCRC returns the x-crc32c value of body.
+func peerCRC(body []byte) string {
+	var b [4]byte
+	binary.BigEndian.PutUint32(b[:], crc32.Checksum(body, peerCRCTable))
+	return hex.EncodeToString(b[:])
 }
 
 // peerIsTLSAlert reports whether err is a TLS alert received from the
@@ -483,6 +537,13 @@ type PeerServerConfig struct {
 	TLS *tls.Config
 	// NodeID is this node's ID, sent in CONNECTED.
 	NodeID string
+	// Protocols is the range of protocol versions this node speaks (the
+	// zero value: the build's, cluster.BuildProtocols), stated in
+	// CONNECTED. A client whose range does not overlap it is refused with
+	// an ERROR (x-code "version") naming both. On a link whose version is
+	// 2 or more the server checks each request's x-crc32c, when present,
+	// and drops the link on a mismatch (x-code "checksum").
+	Protocols cluster.ProtocolRange
 	// Limits bound each frame read from a peer, and each reply written
 	// (a reply over them is replaced by an operation failure). Zero
 	// fields take their DefaultPeerLimits value.
@@ -569,6 +630,19 @@ func DefaultPeerServerConfig() PeerServerConfig {
 // not an attacker on the path: run links over a private network or TLS
 // (with TLS, the secret's proof is kept inside it as a second check).
 //
+// Protocol versions: CONNECT and CONNECTED carry x-proto, the range of
+// brokerd protocol versions the sender speaks ("1..2"; absent means 1..1,
+// a build before ranges). The server refuses a client whose range does
+// not overlap its own with an ERROR (x-code "version") naming both
+// ranges, and the client refuses such a server likewise (ErrPeerVersion);
+// otherwise the link speaks the highest version both speak. From version
+// 2 on, a request with a body may carry x-crc32c, the CRC-32C of its body
+// (8 hex digits): the client adds it while the cluster's effective
+// version is 2 or more too (PeerClientConfig.Protocol), and the server
+// checks it before the handler sees the request, dropping the link on a
+// mismatch (x-code "checksum"), so a body damaged between the two
+// processes is never applied. A version-1 server never sees it.
+//
 // Heart-beats: each side sends a heart-beat (an EOL) when it has written
 // nothing for half its period, and closes the link after three periods
 // without a byte from the other side, so a peer that is stopped or cut
@@ -625,6 +699,7 @@ type peerServerMetrics struct {
 	framesIn    prometheus.Counter
 	framesOut   *prometheus.CounterVec
 	dropped     *prometheus.CounterVec
+	checksums   prometheus.Counter
 }
 
 func newPeerServerMetrics(reg prometheus.Registerer) *peerServerMetrics {
@@ -641,6 +716,9 @@ func newPeerServerMetrics(reg prometheus.Registerer) *peerServerMetrics {
 		dropped: peerRegister(reg, prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "brokerd_peer_server_dropped_total", Help: "Peer connections closed by this node, by reason (an ERROR's x-code).",
 		}, []string{"reason"})),
+		checksums: peerRegister(reg, prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "brokerd_peer_server_checksums_verified_total", Help: "Peer requests whose body checksum (x-crc32c, protocol version 2) matched.",
+		})),
 	}
 }
 
@@ -671,6 +749,9 @@ func NewPeerServer(cfg PeerServerConfig, h PeerHandler) *PeerServer {
 	if cfg.Logger == nil {
 		cfg.Logger = def.Logger
 	}
+	if cfg.Protocols == (cluster.ProtocolRange{}) {
+		cfg.Protocols = cluster.BuildProtocols()
+	}
 	cfg.Secret = slices.Clone(cfg.Secret)
 	return &PeerServer{
 		cfg:      cfg,
@@ -692,6 +773,9 @@ func (s *PeerServer) Start() error {
 	}
 	if s.h == nil {
 		return errors.New("peer server: nil handler")
+	}
+	if !s.cfg.Protocols.Valid() {
+		return fmt.Errorf("peer server: protocol versions %s: want 1 <= min <= max", s.cfg.Protocols)
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -908,6 +992,7 @@ type peerServerConn struct {
 	claimed   string // the node ID a client claims before its proof is checked
 	peer      string
 	sendEvery time.Duration
+	proto     int // the link's protocol version
 
 	slots      chan struct{} // one token per request in flight
 	stopCh     chan struct{} // closed by stop
@@ -1137,6 +1222,16 @@ func (sc *peerServerConn) handshake(deadline time.Time) error {
 			return peerPerr(peerCodeAuth, "access refused", "the handshake's proof of the cluster secret is missing or wrong")
 		}
 	}
+	theirs, err := peerParseProtocols(f.Header.Contains(peerHeaderProto))
+	if err != nil {
+		return peerPerr(peerCodeHandshake, "invalid protocol versions", "%v", err)
+	}
+	proto, ok := peerLinkProtocol(theirs, cfg.Protocols)
+	if !ok {
+		// Short, so the client's log shows it whole: the server's log
+		// names the client (claimed_peer).
+		return peerPerr(peerCodeVersion, "protocol versions do not overlap", "client speaks %s, server speaks %s", theirs, cfg.Protocols)
+	}
 	hb, ok := f.Header.Contains(frame.HeartBeat)
 	if !ok {
 		return peerPerr(peerCodeHeartbeat, "heart-beats required", "peers must offer heart-beats")
@@ -1158,7 +1253,9 @@ func (sc *peerServerConn) handshake(deadline time.Time) error {
 	sy := max(cx, cfg.Heartbeat)
 	sc.peer = id
 	sc.sendEvery = sx
-	c := frame.New(frame.CONNECTED, frame.Version, peerVersion, peerHeaderNodeID, cfg.NodeID, frame.HeartBeat, peerHeartbeatHeader(sx, sy))
+	sc.proto = proto
+	c := frame.New(frame.CONNECTED, frame.Version, peerVersion, peerHeaderNodeID, cfg.NodeID, frame.HeartBeat, peerHeartbeatHeader(sx, sy),
+		peerHeaderProto, cfg.Protocols.String())
 	if proofKey != nil {
 		c.Header.Add(peerHeaderAuth, peerMAC(proofKey, peerMACServer, nonce, id, cfg.NodeID))
 	}
@@ -1172,7 +1269,7 @@ func (sc *peerServerConn) handshake(deadline time.Time) error {
 	}
 	sc.s.m.framesOut.WithLabelValues(frame.CONNECTED).Inc()
 	sc.ir.d = peerMissedBeats * sy
-	sc.log.Debug("peer link accepted", "peer", id)
+	sc.log.Debug("peer link accepted", "peer", id, "protocol", proto)
 	return nil
 }
 
@@ -1209,6 +1306,16 @@ func (sc *peerServerConn) readLoop() error {
 		}
 		if f.Header.Get(PeerHeaderOp) == "" {
 			return peerPerr(peerCodeProtocol, "missing x-op", "every peer request needs an x-op header")
+		}
+		if sc.proto >= 2 {
+			if sum, ok := f.Header.Contains(peerHeaderCRC); ok {
+				if want := peerCRC(f.Body); sum != want {
+					return peerPerr(peerCodeChecksum, "body checksum mismatch", "request %q: %s %q, the body's is %s",
+						fioTrunc(receipt), peerHeaderCRC, fioTrunc(sum), want)
+				}
+				f.Header.Del(peerHeaderCRC)
+				sc.s.m.checksums.Inc()
+			}
 		}
 		sc.mu.Lock()
 		if sc.stopped {
@@ -1401,6 +1508,18 @@ type PeerClientConfig struct {
 	TLS *tls.Config
 	// NodeID is this node's ID, sent in CONNECT.
 	NodeID string
+	// Protocols is the range of protocol versions this node speaks (the
+	// zero value: the build's, cluster.BuildProtocols), stated in
+	// CONNECT. A server whose range does not overlap it is refused
+	// (ErrPeerVersion); otherwise the link speaks the highest version
+	// both speak.
+	Protocols cluster.ProtocolRange
+	// Protocol, when set, returns the cluster's effective protocol
+	// version (cluster.Node.ProtocolVersion): a request uses the features
+	// of version 2 (x-crc32c) only while both it and the link's version
+	// are 2 or more. nil means the link's version alone. It is called on
+	// the link's writer goroutine, for each request: it must be cheap.
+	Protocol func() int
 	// Host is sent as CONNECT's host header (the cluster's name).
 	Host string
 	// Limits bound each frame read from the peer; requests are checked
@@ -1485,6 +1604,8 @@ type PeerClient struct {
 }
 
 type peerClientMetrics struct {
+	protoVec      *prometheus.GaugeVec
+	proto         prometheus.Gauge
 	upVec         *prometheus.GaugeVec
 	rttVec        *prometheus.HistogramVec
 	reconnectsVec *prometheus.CounterVec
@@ -1531,6 +1652,9 @@ func NewPeerClient(cfg PeerClientConfig) *PeerClient {
 	if cfg.Logger == nil {
 		cfg.Logger = def.Logger
 	}
+	if cfg.Protocols == (cluster.ProtocolRange{}) {
+		cfg.Protocols = cluster.BuildProtocols()
+	}
 	if cfg.Dial == nil {
 		var d net.Dialer
 		cfg.Dial = func(ctx context.Context, addr string) (net.Conn, error) {
@@ -1559,6 +1683,10 @@ func NewPeerClient(cfg PeerClientConfig) *PeerClient {
 	m.reconnectsVec = peerRegister(cfg.Registerer, prometheus.NewCounterVec(prometheus.CounterOpts{
 		Name: "brokerd_peer_reconnects_total", Help: "Links to the peer re-established after the first.",
 	}, []string{"peer"}))
+	m.protoVec = peerRegister(cfg.Registerer, prometheus.NewGaugeVec(prometheus.GaugeOpts{
+		Name: "brokerd_peer_link_protocol", Help: "The protocol version the link to the peer speaks (the highest both nodes speak), 0 while it is down.",
+	}, []string{"peer"}))
+	m.proto = m.protoVec.WithLabelValues(cfg.Peer)
 	m.up = m.upVec.WithLabelValues(cfg.Peer)
 	m.rtt = m.rttVec.WithLabelValues(cfg.Peer)
 	m.reconnects = m.reconnectsVec.WithLabelValues(cfg.Peer)
@@ -1576,6 +1704,9 @@ func (c *PeerClient) Start() error {
 	}
 	if c.cfg.Peer == "" {
 		return errors.New("peer client: Peer is required with AddrFunc and no PeerNodeID")
+	}
+	if !c.cfg.Protocols.Valid() {
+		return fmt.Errorf("peer client: protocol versions %s: want 1 <= min <= max", c.cfg.Protocols)
 	}
 	c.mu.Lock()
 	defer c.mu.Unlock()
@@ -1626,6 +1757,7 @@ func (c *PeerClient) Close() error {
 	}
 	c.wg.Wait()
 	c.m.upVec.DeleteLabelValues(c.cfg.Peer)
+	c.m.protoVec.DeleteLabelValues(c.cfg.Peer)
 	c.m.rttVec.DeleteLabelValues(c.cfg.Peer)
 	c.m.reconnectsVec.DeleteLabelValues(c.cfg.Peer)
 	return nil
@@ -1635,7 +1767,7 @@ func (c *PeerClient) Close() error {
 // be passed to it.
 func peerReservedHeader(name string) bool {
 	switch name {
-	case frame.Receipt, PeerHeaderOp, frame.ContentLength:
+	case frame.Receipt, PeerHeaderOp, frame.ContentLength, peerHeaderCRC:
 		return true
 	}
 	return false
@@ -1658,8 +1790,8 @@ func peerReservedHeader(name string) bool {
 // ctx ends; ctx does not bound the request once queued. It returns an
 // error, and never calls done, when it could not queue the request:
 // ctx.Err(), ErrPeerClosed, or an invalid request (empty op, odd headers,
-// a reserved header name: receipt, x-op, content-length, or a frame over
-// Limits). The caller must not modify body until done runs.
+// a reserved header name: receipt, x-op, content-length, x-crc32c, or a
+// frame over Limits, counting the x-crc32c a version-2 link adds). The caller must not modify body until done runs.
 //
 // done runs on the client's reader goroutine, one call at a time, and
 // must not block: in particular it must not wait for Request, which may
@@ -1684,9 +1816,19 @@ func (c *PeerClient) Request(ctx context.Context, op string, headers []string, b
 	hs := make([]string, 0, 4+len(headers))
 	hs = append(hs, frame.Receipt, id, PeerHeaderOp, op)
 	hs = append(hs, headers...)
+	// The checksum is made here, on the caller's goroutine, and sent if
+	// the link and the cluster speak version 2 (writeLoop).
+	var crc string
+	if len(body) > 0 {
+		crc = peerCRC(body)
+		hs = append(hs, peerHeaderCRC, crc)
+	}
 	f := &frame.Frame{Command: frame.SEND, Header: frame.NewHeader(hs...), Body: body}
 	if err := peerFrameFits(c.cfg.Limits, f); err != nil {
 		return fmt.Errorf("peer request: %w", err)
+	}
+	if crc != "" {
+		f.Header.Del(peerHeaderCRC)
 	}
 	if err := ctx.Err(); err != nil {
 		return err
@@ -1698,7 +1840,7 @@ func (c *PeerClient) Request(ctx context.Context, op string, headers []string, b
 	case <-c.ctx.Done():
 		return ErrPeerClosed
 	}
-	call := &peerCall{seq: seq, id: id, f: f, done: done}
+	call := &peerCall{seq: seq, id: id, f: f, crc: crc, done: done}
 	for {
 		c.mu.Lock()
 		l, ready, closed := c.link, c.ready, c.closed
@@ -1733,6 +1875,7 @@ type peerCall struct {
 	seq   uint64
 	id    string
 	f     *frame.Frame // the SEND; nil once written
+	crc   string       // the body's x-crc32c, "" without a body
 	done  func(*frame.Frame, error)
 	start time.Time
 }
@@ -1746,6 +1889,7 @@ type peerLink struct {
 	r         *frameReader
 	w         *frameWriter
 	sendEvery time.Duration
+	proto     int // the link's protocol version
 
 	signal     chan struct{} // wakes the writer
 	stop       chan struct{} // closed when the link ends
@@ -1832,7 +1976,7 @@ func (c *PeerClient) run() {
 			if c.ctx.Err() != nil {
 				return
 			}
-			if errors.Is(err, ErrPeerAuth) || errors.Is(err, ErrPeerHandshake) || errors.Is(err, ErrPeerTLS) {
+			if errors.Is(err, ErrPeerAuth) || errors.Is(err, ErrPeerHandshake) || errors.Is(err, ErrPeerTLS) || errors.Is(err, ErrPeerVersion) {
 				c.log.Warn("peer handshake failed", "err", err)
 			} else {
 				c.log.Debug("peer dial failed", "err", err)
@@ -1855,7 +1999,8 @@ func (c *PeerClient) run() {
 			c.m.reconnects.Inc()
 		}
 		c.m.up.Set(1)
-		c.log.Info("peer link up", "peer_node", l.nodeID, "addr", l.c.RemoteAddr().String())
+		c.m.proto.Set(float64(l.proto))
+		c.log.Info("peer link up", "peer_node", l.nodeID, "addr", l.c.RemoteAddr().String(), "protocol", l.proto)
 		c.notify(true, nil)
 		up := time.Now()
 
@@ -1874,6 +2019,7 @@ func (c *PeerClient) run() {
 			cause = ErrPeerClosed
 		}
 		c.m.up.Set(0)
+		c.m.proto.Set(0)
 		l.fail(cause)
 		if c.ctx.Err() != nil {
 			return
@@ -1997,7 +2143,8 @@ func (c *PeerClient) handshake(conn net.Conn) (*peerLink, error) {
 		frame.Host, cfg.Host,
 		peerHeaderNodeID, cfg.NodeID,
 		frame.HeartBeat, peerHeartbeatHeader(cfg.Heartbeat, cfg.Heartbeat),
-		peerHeaderNonce, nonce)
+		peerHeaderNonce, nonce,
+		peerHeaderProto, cfg.Protocols.String())
 	keys := peerKeys(cfg.SecretKeys, cfg.Secret)
 	if len(keys) > 0 {
 		f.Header.Add(peerHeaderAuth, peerMAC(keys[0], peerMACClient, nonce, cfg.NodeID))
@@ -2030,6 +2177,8 @@ func (c *PeerClient) handshake(conn net.Conn) (*peerLink, error) {
 			kind = ErrPeerAuth
 		case peerCodeTLS:
 			kind = ErrPeerTLS
+		case peerCodeVersion:
+			kind = ErrPeerVersion
 		}
 		return nil, fmt.Errorf("%w: server refused: %s: %s", kind, fioTrunc(resp.Header.Get(frame.Message)), fioTrunc(string(resp.Body)))
 	default:
@@ -2047,6 +2196,14 @@ func (c *PeerClient) handshake(conn net.Conn) (*peerLink, error) {
 	}
 	if cfg.PeerNodeID != "" && id != cfg.PeerNodeID {
 		return nil, fmt.Errorf("%w: node %q answered, want %q", ErrPeerHandshake, fioTrunc(id), fioTrunc(cfg.PeerNodeID))
+	}
+	theirs, err := peerParseProtocols(resp.Header.Contains(peerHeaderProto))
+	if err != nil {
+		return nil, fmt.Errorf("%w: %w", ErrPeerHandshake, err)
+	}
+	proto, ok := peerLinkProtocol(cfg.Protocols, theirs)
+	if !ok {
+		return nil, fmt.Errorf("%w: node %s speaks protocol versions %s, node %s speaks %s", ErrPeerVersion, fioTrunc(id), theirs, cfg.NodeID, cfg.Protocols)
 	}
 	sx, sy, err := frame.ParseHeartBeat(resp.Header.Get(frame.HeartBeat))
 	if err != nil || sx <= 0 {
@@ -2067,6 +2224,7 @@ func (c *PeerClient) handshake(conn net.Conn) (*peerLink, error) {
 		r:          r,
 		w:          w,
 		sendEvery:  sendEvery,
+		proto:      proto,
 		signal:     make(chan struct{}, 1),
 		stop:       make(chan struct{}),
 		writerDone: make(chan struct{}),
@@ -2152,8 +2310,12 @@ func (l *peerLink) writeLoop() {
 		l.mu.Lock()
 		batch, l.queue = l.queue, batch[:0]
 		l.mu.Unlock()
+		v2 := l.proto >= 2 && (l.cl.cfg.Protocol == nil || l.cl.cfg.Protocol() >= 2)
 		for i, call := range batch {
 			batch[i] = nil
+			if v2 && call.crc != "" {
+				call.f.Header.Add(peerHeaderCRC, call.crc)
+			}
 			if err := w.WriteFrame(call.f, peerVersion); err != nil {
 				l.closeWith(err)
 				return

@@ -80,6 +80,16 @@ func (n *Node) setupReplication() error {
 		ccfg.TLS = tf.mutualClientConfig()
 	}
 	ccfg.NodeID = n.id
+	// Links speak the build's protocol versions, and use version 2's
+	// checksums only once every member speaks it (cluster.Node's
+	// effective version; README, Rolling upgrades).
+	ccfg.Protocols = cluster.BuildProtocols()
+	ccfg.Protocol = func() int {
+		if n.cl == nil {
+			return 1
+		}
+		return n.cl.ProtocolVersion()
+	}
 	ccfg.Host = cfg.Cluster.Name
 	ccfg.Logger = n.log
 	ccfg.Registerer = n.reg
@@ -119,6 +129,7 @@ func (n *Node) setupReplication() error {
 		scfg.TLS = tf.mutualServerConfig()
 	}
 	scfg.NodeID = n.id
+	scfg.Protocols = cluster.BuildProtocols()
 	scfg.Logger = n.log
 	scfg.Registerer = n.reg
 	appendH := replicationHandler(n.rep, func() cluster.EpochID { return status().EpochID })
