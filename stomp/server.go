@@ -104,8 +104,20 @@ type Config struct {
 	// login or that same login, and no passcode (RabbitMQ's
 	// ssl_cert_login). Other CONNECTs are checked by Auth as usual.
 	X509Login bool
+	// WSAddr, when set, is a listener that speaks STOMP over WebSocket
+	// (path WSPath); port 0 picks a free port (see Server.WSAddr).
+	WSAddr string
+	// WSSAddr, when set, speaks STOMP over secure WebSocket with TLS
+	// (required then, as for TLSAddr; with X509Login a client certificate
+	// logs in there too).
+	WSSAddr string
+	// WSAllowedOrigins are the Origin hosts (path.Match patterns, or
+	// scheme://host patterns) a browser page may open a WebSocket from,
+	// besides the listener's own host; a request without Origin is
+	// allowed, any other gets 403.
+	WSAllowedOrigins []string
 	// MaxConnectionsPerIP caps the concurrent connections from one remote
-	// address, on both listeners together. Zero or negative: no cap.
+	// address, on all listeners together. Zero or negative: no cap.
 	MaxConnectionsPerIP int
 	// MaxLoginChecks bounds the password checks (bcrypt) running at once,
 	// so that a flood of CONNECTs cannot take every core; a CONNECT waits
@@ -114,11 +126,23 @@ type Config struct {
 	MaxLoginChecks int
 	// ServerName is sent in CONNECTED's server header.
 	ServerName string
+	// Nodes, if set, returns the value of CONNECTED's x-brokerd-nodes
+	// header for a client that came over transport t: the client
+	// addresses (host:port, comma-separated) of the cluster's alive nodes,
+	// this one first, for the client to fail over to. "" sends no header.
+	// It is called for every CONNECT, from the session's goroutine, so it
+	// must be cheap and safe for concurrent use.
+	Nodes func(t Transport) string
 	// Logger receives the server's logs.
 	Logger *slog.Logger
 	// Registerer receives the metrics; nil means none.
 	Registerer prometheus.Registerer
 }
+
+// HeaderNodes is the CONNECTED header that lists the client addresses of
+// the cluster's alive nodes, this one first (Config.Nodes). STOMP 1.2
+// lets a server add headers of its own to CONNECTED.
+const HeaderNodes = "x-brokerd-nodes"
 
 // DefaultConfig returns a Config with every field set.
 func DefaultConfig() Config {
@@ -149,10 +173,15 @@ type Server struct {
 
 	ln       net.Listener
 	tlsLn    net.Listener // nil without TLSAddr
+	ws, wss  *wsListener  // nil without WSAddr, WSSAddr
 	closing  atomic.Bool
 	mu       sync.Mutex
 	sessions map[*session]struct{}
 	perIP    map[netip.Addr]int // open connections per remote address, under mu
+	// conns counts the connections holding a slot (MaxConnections), under
+	// mu: TCP and TLS sessions, and WebSocket connections from accept to
+	// close, upgraded or not.
+	conns    int
 	logins   *loginGuard
 	refusing chan struct{} // one token per refuseAsync goroutine
 	// authSlots bounds concurrent password checks (MaxLoginChecks).
@@ -211,29 +240,50 @@ func NewServer(cfg Config, broker Broker) *Server {
 }
 
 // Start binds the listeners and starts accepting. An empty Addr serves
-// no plain listener (TLS only); one of Addr and TLSAddr is needed.
+// no plain listener; one of Addr, TLSAddr, WSAddr and WSSAddr is needed.
 func (s *Server) Start() error {
-	if s.cfg.TLSAddr != "" && s.cfg.TLS == nil {
-		return errors.New("stomp: TLSAddr without a TLS config")
+	if (s.cfg.TLSAddr != "" || s.cfg.WSSAddr != "") && s.cfg.TLS == nil {
+		return errors.New("stomp: TLSAddr or WSSAddr without a TLS config")
 	}
-	if s.cfg.Addr == "" && s.cfg.TLSAddr == "" {
+	if s.cfg.Addr == "" && s.cfg.TLSAddr == "" && s.cfg.WSAddr == "" && s.cfg.WSSAddr == "" {
 		return errors.New("stomp: no listen address")
 	}
-	var ln net.Listener
+	// Bind every listener before serving any, so that a failure leaves
+	// nothing behind.
+	var ln, tln net.Listener
+	var ws, wss *wsListener
+	fail := func(err error) error {
+		for _, l := range []net.Listener{ln, tln} {
+			if l != nil {
+				l.Close()
+			}
+		}
+		ws.close()
+		wss.close()
+		return err
+	}
+	var err error
 	if s.cfg.Addr != "" {
-		var err error
 		if ln, err = net.Listen("tcp", s.cfg.Addr); err != nil {
-			return fmt.Errorf("stomp listen: %w", err)
+			return fail(fmt.Errorf("stomp listen: %w", err))
 		}
 	}
 	if s.cfg.TLSAddr != "" {
-		tln, err := net.Listen("tcp", s.cfg.TLSAddr)
-		if err != nil {
-			if ln != nil {
-				ln.Close()
-			}
-			return fmt.Errorf("stomp tls listen: %w", err)
+		if tln, err = net.Listen("tcp", s.cfg.TLSAddr); err != nil {
+			return fail(fmt.Errorf("stomp tls listen: %w", err))
 		}
+	}
+	if s.cfg.WSAddr != "" {
+		if ws, err = s.listenWS(s.cfg.WSAddr, TransportWS); err != nil {
+			return fail(err)
+		}
+	}
+	if s.cfg.WSSAddr != "" {
+		if wss, err = s.listenWS(s.cfg.WSSAddr, TransportWSS); err != nil {
+			return fail(err)
+		}
+	}
+	if tln != nil {
 		s.tlsLn = tln
 		s.wg.Add(1)
 		go s.acceptLoop(tln, true)
@@ -245,6 +295,14 @@ func (s *Server) Start() error {
 		go s.acceptLoop(ln, false)
 		s.log.Info("stomp listening", "addr", ln.Addr().String())
 	}
+	for _, l := range []*wsListener{ws, wss} {
+		if l != nil {
+			s.wg.Add(1)
+			go s.serveWS(l)
+			s.log.Info("stomp listening (WebSocket)", "addr", l.ln.Addr().String(), "transport", l.transport.String(), "path", WSPath)
+		}
+	}
+	s.ws, s.wss = ws, wss
 	return nil
 }
 
@@ -300,7 +358,7 @@ func (s *Server) acceptLoop(ln net.Listener, isTLS bool) {
 			c.Close()
 			return
 		}
-		if s.cfg.MaxConnections > 0 && len(s.sessions) >= s.cfg.MaxConnections {
+		if s.cfg.MaxConnections > 0 && s.conns >= s.cfg.MaxConnections {
 			s.mu.Unlock()
 			s.m.refused.WithLabelValues("max_connections").Inc()
 			s.log.Warn("connection refused", "reason", "too many connections", "remote", c.RemoteAddr().String())
@@ -319,9 +377,7 @@ func (s *Server) acceptLoop(ln net.Listener, isTLS bool) {
 			}
 			continue
 		}
-		if ip.IsValid() {
-			s.perIP[ip]++
-		}
+		s.takeSlotLocked(ip)
 		if isTLS {
 			c = tls.Server(c, s.cfg.TLS)
 		}
@@ -333,7 +389,7 @@ func (s *Server) acceptLoop(ln net.Listener, isTLS bool) {
 		s.sessions[sess] = struct{}{}
 		s.wg.Add(1)
 		s.mu.Unlock()
-		s.m.connections.Inc()
+		s.m.connections.WithLabelValues(sess.transport.String()).Inc()
 		s.m.connectionsTotal.Inc()
 		go func() {
 			defer s.wg.Done()
@@ -342,14 +398,41 @@ func (s *Server) acceptLoop(ln net.Listener, isTLS bool) {
 			}
 			s.mu.Lock()
 			delete(s.sessions, sess)
-			if ip.IsValid() {
-				if s.perIP[ip]--; s.perIP[ip] <= 0 {
-					delete(s.perIP, ip)
-				}
-			}
+			s.giveSlotLocked(ip)
 			s.mu.Unlock()
-			s.m.connections.Dec()
+			s.m.connections.WithLabelValues(sess.transport.String()).Dec()
 		}()
+	}
+}
+
+// roomLocked says whether a connection from ip fits under MaxConnections
+// and MaxConnectionsPerIP: "" if it does, else the metrics reason and the
+// ERROR detail. s.mu must be held.
+func (s *Server) roomLocked(ip netip.Addr) (reason, detail string) {
+	if s.cfg.MaxConnections > 0 && s.conns >= s.cfg.MaxConnections {
+		return "max_connections", "this server accepts at most " + strconv.Itoa(s.cfg.MaxConnections) + " connections"
+	}
+	if s.cfg.MaxConnectionsPerIP > 0 && ip.IsValid() && s.perIP[ip] >= s.cfg.MaxConnectionsPerIP {
+		return "max_connections_per_ip", "this server accepts at most " + strconv.Itoa(s.cfg.MaxConnectionsPerIP) + " connections from one address"
+	}
+	return "", ""
+}
+
+// takeSlotLocked counts a connection from ip; giveSlotLocked uncounts it.
+// s.mu must be held.
+func (s *Server) takeSlotLocked(ip netip.Addr) {
+	s.conns++
+	if ip.IsValid() {
+		s.perIP[ip]++
+	}
+}
+
+func (s *Server) giveSlotLocked(ip netip.Addr) {
+	s.conns--
+	if ip.IsValid() {
+		if s.perIP[ip]--; s.perIP[ip] <= 0 {
+			delete(s.perIP, ip)
+		}
 	}
 }
 
@@ -425,6 +508,8 @@ func (s *Server) Shutdown(ctx context.Context) error {
 	if s.tlsLn != nil {
 		s.tlsLn.Close()
 	}
+	s.ws.close()
+	s.wss.close()
 	s.mu.Lock()
 	for sess := range s.sessions {
 		sess.shutdown()
@@ -447,7 +532,7 @@ func (s *Server) Shutdown(ctx context.Context) error {
 }
 
 type metrics struct {
-	connections      prometheus.Gauge
+	connections      *prometheus.GaugeVec // by transport
 	connectionsTotal prometheus.Counter
 	refused          *prometheus.CounterVec
 	loginsRefused    prometheus.Counter
@@ -467,9 +552,9 @@ var latencyBuckets = []float64{
 
 func newMetrics(reg prometheus.Registerer) *metrics {
 	m := &metrics{
-		connections:      prometheus.NewGauge(prometheus.GaugeOpts{Name: "brokerd_stomp_connections", Help: "Open STOMP connections."}),
+		connections:      prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "brokerd_stomp_connections", Help: "Open STOMP connections, by transport: tcp, tls, ws, wss."}, []string{"transport"}),
 		connectionsTotal: prometheus.NewCounter(prometheus.CounterOpts{Name: "brokerd_stomp_connections_total", Help: "STOMP connections accepted."}),
-		refused:          prometheus.NewCounterVec(prometheus.CounterOpts{Name: "brokerd_stomp_connections_refused_total", Help: "STOMP connections refused before CONNECT, by reason: max_connections, max_connections_per_ip, tls (a failed handshake)."}, []string{"reason"}),
+		refused:          prometheus.NewCounterVec(prometheus.CounterOpts{Name: "brokerd_stomp_connections_refused_total", Help: "STOMP connections refused before CONNECT, by reason: max_connections, max_connections_per_ip, tls (a failed handshake), origin (a WebSocket from a page whose Origin is not allowed)."}, []string{"reason"}),
 		loginsRefused:    prometheus.NewCounter(prometheus.CounterOpts{Name: "brokerd_stomp_logins_refused_total", Help: "CONNECTs refused for a wrong login, passcode or certificate."}),
 		framesIn:         prometheus.NewCounterVec(prometheus.CounterOpts{Name: "brokerd_stomp_frames_in_total", Help: "Frames received, by command."}, []string{"command"}),
 		framesOut:        prometheus.NewCounterVec(prometheus.CounterOpts{Name: "brokerd_stomp_frames_out_total", Help: "Frames sent, by command."}, []string{"command"}),
@@ -479,6 +564,9 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 			Help:    "From reading a frame that asks for a receipt to writing its RECEIPT to the connection: the broker's share of a client's receipt latency.",
 			Buckets: latencyBuckets,
 		}),
+	}
+	for _, t := range []Transport{TransportTCP, TransportTLS, TransportWS, TransportWSS} {
+		m.connections.WithLabelValues(t.String()) // every transport shows, at 0
 	}
 	if reg != nil {
 		reg.MustRegister(m.connections, m.connectionsTotal, m.refused, m.loginsRefused, m.framesIn, m.framesOut, m.errors, m.receiptSeconds)

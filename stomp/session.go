@@ -430,13 +430,19 @@ func (s *session) connect(f *frame.Frame) error {
 	if v != "1.0" {
 		c.Header.Add(frame.HeartBeat, strconv.FormatInt(sx.Milliseconds(), 10)+","+strconv.FormatInt(sy.Milliseconds(), 10))
 	}
+	if cfg.Nodes != nil {
+		if nodes := cfg.Nodes(s.transport); nodes != "" {
+			c.Header.Add(HeaderNodes, nodes)
+		}
+	}
 	s.enqueueFrame(c, false)
 	return nil
 }
 
 // certCN is the subject CN of the client certificate TLS verified, or "".
+// The connection is a *tls.Conn, or a wsConn over one (wss).
 func (s *session) certCN() string {
-	tc, ok := s.conn.(*tls.Conn)
+	tc, ok := s.conn.(interface{ ConnectionState() tls.ConnectionState })
 	if !ok {
 		return ""
 	}
