@@ -124,10 +124,10 @@ func NewWithOptions(cfg config.Config, log *slog.Logger, opts Options) (*Node, e
 	if err != nil {
 		return nil, fmt.Errorf("queue.overflow: %w", err)
 	}
-	// STOMP over TLS: the files are read now, so that a bad one stops the
-	// start with the key's name, and again at every reload.
+	// STOMP over TLS (and wss): the files are read now, so that a bad one
+	// stops the start with the key's name, and again at every reload.
 	var stompTLS *tlsFiles
-	if t := cfg.STOMP.TLS; t.Addr != "" {
+	if t := cfg.STOMP.TLS; t.Addr != "" || cfg.STOMP.WSSAddr != "" {
 		ca := t.ClientCAFile
 		if t.ClientAuth == "none" {
 			ca = ""
@@ -243,6 +243,9 @@ func NewWithOptions(cfg config.Config, log *slog.Logger, opts Options) (*Node, e
 		pcfg.TLS = stompTLS.serverConfig(clientAuthType(cfg.STOMP.TLS.ClientAuth))
 		n.reload.add("stomp.tls", stompTLS.reload)
 	}
+	pcfg.WSAddr = cfg.STOMP.WSAddr
+	pcfg.WSSAddr = cfg.STOMP.WSSAddr // with stomp.tls's certificate, as reloaded
+	pcfg.WSAllowedOrigins = cfg.STOMP.WSAllowedOrigins
 	pcfg.Logger = log
 	pcfg.Registerer = reg
 
@@ -500,6 +503,24 @@ func (n *Node) STOMPAddr() string {
 // STOMPTLSAddr is the bound STOMP-over-TLS address, or "" without one.
 func (n *Node) STOMPTLSAddr() string {
 	if a := n.srv.TLSAddr(); a != nil {
+		return a.String()
+	}
+	return ""
+}
+
+// STOMPWSAddr is the bound STOMP-over-WebSocket address (stomp.ws_addr),
+// or "" without one.
+func (n *Node) STOMPWSAddr() string {
+	if a := n.srv.WSAddr(); a != nil {
+		return a.String()
+	}
+	return ""
+}
+
+// STOMPWSSAddr is the bound STOMP-over-secure-WebSocket address
+// (stomp.wss_addr), or "" without one.
+func (n *Node) STOMPWSSAddr() string {
+	if a := n.srv.WSSAddr(); a != nil {
 		return a.String()
 	}
 	return ""
