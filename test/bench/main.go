@@ -64,6 +64,10 @@
 //	-series             per-second receipt p99/max (see below)
 //	-pid N              sample process N's memory from /proc/N/status (brokerd's PID)
 //	-admin host:port    brokerd's admin address: count its write-ahead log wraps
+//	-ws                 STOMP over WebSocket: every address is a WebSocket
+//	                    listener, reached at ws://ADDR/ws (wss:// with -tls-ca),
+//	                    e.g. brokerd's stomp.ws_addr or RabbitMQ Web STOMP's
+//	                    15674; each flush of a connection is one message
 //	-mode MODE          load (this) | backlog (see backlog.go and backlog.sh) |
 //	                    fsync (see fsync.go: one log write+fdatasync on a disk)
 //	-fsync-dir DIR      with -mode fsync: where to append the probe file
@@ -183,6 +187,7 @@ package main
 
 import (
 	"bufio"
+	"context"
 	"crypto/tls"
 	"crypto/x509"
 	"encoding/json"
@@ -203,6 +208,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/brokerd/brokerd/stomp"
 	"github.com/go-stomp/stomp/v3/frame"
 )
 
@@ -227,6 +233,9 @@ type config struct {
 	// the CA certificates in this PEM file.
 	tlsCA  string
 	tlsCfg *tls.Config
+	// ws makes every connection STOMP over WebSocket to ws://ADDR/ws
+	// (wss:// with tlsCA).
+	ws bool
 
 	// consumerAddr is -consumer-addr as given ("" = same as -addr).
 	consumerAddr string
@@ -278,6 +287,7 @@ func parseFlags(args []string) (config, error) {
 	fs.StringVar(&c.admin, "admin", "", "brokerd admin address host:port: count the wraps of its write-ahead log (store checkpoints or segment switches) during the run, per second with -series")
 	fs.StringVar(&c.mode, "mode", "load", "load (one run against a running broker), backlog (start brokerd with -broker, fill a queue with -count messages, kill -9, restart, drain; see the package doc) or fsync (time write+fdatasync of log-sized appends in -fsync-dir for -duration)")
 	fs.StringVar(&c.tlsCA, "tls-ca", "", "connect with TLS, trusting the CA certificates in this PEM file (the broker's stomp.tls listener)")
+	fs.BoolVar(&c.ws, "ws", false, "connect with STOMP over WebSocket, to ws://ADDR/ws (wss:// with -tls-ca): the addresses are WebSocket listeners (brokerd's stomp.ws_addr, RabbitMQ Web STOMP)")
 	fs.StringVar(&c.fsyncDir, "fsync-dir", "", "with -mode fsync: directory (on the broker's disk) to append and fdatasync a probe file in")
 	c.bl.flags(fs)
 	fs.Usage = func() {
@@ -601,7 +611,15 @@ func dial(r *run, name, addr string) (*conn, error) {
 	cfg := r.cfg
 	var nc net.Conn
 	var err error
-	if cfg.tlsCfg != nil {
+	if cfg.ws {
+		scheme := "ws://"
+		if cfg.tlsCfg != nil {
+			scheme = "wss://"
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), cfg.timeout)
+		nc, err = stomp.DialWebSocket(ctx, scheme+addr+stomp.WSPath, cfg.tlsCfg, nil)
+		cancel()
+	} else if cfg.tlsCfg != nil {
 		tc := cfg.tlsCfg.Clone()
 		tc.ServerName, _, _ = net.SplitHostPort(addr)
 		nc, err = tls.DialWithDialer(&net.Dialer{Timeout: cfg.timeout}, "tcp", addr, tc)
