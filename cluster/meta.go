@@ -4,6 +4,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"net"
 )
 
 // ProtocolVersion is the highest protocol version this build speaks
@@ -16,9 +17,17 @@ const metaMaxSize = 512
 // Meta is what a node gossips about itself. Field names are short: it must
 // fit in memberlist's 512 bytes with long addresses.
 type Meta struct {
-	ID          string `json:"id"`
-	Name        string `json:"n"`
+	ID   string `json:"id"`
+	Name string `json:"n"`
+	// STOMPAddr, STOMPTLS, STOMPWS and STOMPWSS are where clients reach
+	// the node's STOMP listeners (plain, TLS, WebSocket, secure
+	// WebSocket), "" for none. All but the first non-empty one are stored
+	// as ":port" when they share its host, so that four long DNS names do
+	// not fill the 512 bytes: read them with ClientAddrs.
 	STOMPAddr   string `json:"s,omitempty"`
+	STOMPTLS    string `json:"st,omitempty"`
+	STOMPWS     string `json:"sw,omitempty"`
+	STOMPWSS    string `json:"ss,omitempty"`
 	AdminAddr   string `json:"a,omitempty"`
 	PeerAddr    string `json:"p,omitempty"`
 	Active      bool   `json:"act,omitempty"`
@@ -48,6 +57,56 @@ type Meta struct {
 }
 
 var errMeta = errors.New("bad node metadata")
+
+// ClientAddrs are where clients reach a node's STOMP listeners, host:port
+// each, "" for a listener the node does not have.
+type ClientAddrs struct {
+	TCP, TLS, WS, WSS string
+}
+
+// setClientAddrs stores a in m, each address after the first non-empty
+// one as ":port" when it has that one's host.
+func (m *Meta) setClientAddrs(a ClientAddrs) {
+	all := [4]string{a.TCP, a.TLS, a.WS, a.WSS}
+	base := ""
+	for i, addr := range all {
+		if addr == "" {
+			continue
+		}
+		host, port, err := net.SplitHostPort(addr)
+		switch {
+		case base == "":
+			if err == nil {
+				base = host
+			}
+		case err == nil && host == base:
+			all[i] = ":" + port
+		}
+	}
+	m.STOMPAddr, m.STOMPTLS, m.STOMPWS, m.STOMPWSS = all[0], all[1], all[2], all[3]
+}
+
+// ClientAddrs returns the addresses m advertises for its STOMP listeners,
+// each as host:port.
+func (m Meta) ClientAddrs() ClientAddrs {
+	all := [4]string{m.STOMPAddr, m.STOMPTLS, m.STOMPWS, m.STOMPWSS}
+	base := ""
+	for i, addr := range all {
+		if addr == "" {
+			continue
+		}
+		host, port, err := net.SplitHostPort(addr)
+		if err != nil {
+			continue
+		}
+		if base == "" {
+			base = host
+		} else if host == "" {
+			all[i] = net.JoinHostPort(base, port)
+		}
+	}
+	return ClientAddrs{TCP: all[0], TLS: all[1], WS: all[2], WSS: all[3]}
+}
 
 func (m *Meta) encode() ([]byte, error) {
 	b, err := json.Marshal(m)

@@ -40,8 +40,18 @@ type Config struct {
 	// AdvertiseAddr is the address others reach this node at; "" means
 	// BindAddr (or, for 0.0.0.0, memberlist's choice of a private IP).
 	AdvertiseAddr string
-	// Join lists host:port of nodes to join through; DNS names resolve.
+	// Join lists host:port of nodes to join through. A DNS name joins
+	// every address it resolves to (A and AAAA), resolved again at each
+	// retry while the node is alone and every ResolveInterval after (see
+	// resolve.go); a name that does not resolve is logged and retried.
 	Join []string
+	// Resolver resolves the DNS names of Join; nil means
+	// net.DefaultResolver.
+	Resolver *net.Resolver
+	// ResolveInterval is how often a node that is not alone resolves the
+	// names of Join again and joins the addresses that are not members
+	// yet (a scaled-up StatefulSet's new pods). Default 30s.
+	ResolveInterval time.Duration
 	// ActiveMembers is M at first start; the cluster-wide value gossiped
 	// with a higher version wins.
 	ActiveMembers int
@@ -66,8 +76,12 @@ type Config struct {
 	ForgetAfter time.Duration
 	// Tick is how often the view is re-evaluated even without events.
 	Tick time.Duration
-	// STOMPAddr, AdminAddr and PeerAddr are advertised to the others.
-	STOMPAddr, AdminAddr, PeerAddr string
+	// STOMPAddr, AdminAddr and PeerAddr are advertised to the others, and
+	// so are STOMPTLSAddr, STOMPWSAddr and STOMPWSSAddr, the node's other
+	// client listeners ("" for none). An unspecified host (0.0.0.0, ::, or
+	// none) is advertised as the gossip address's host.
+	STOMPAddr, AdminAddr, PeerAddr          string
+	STOMPTLSAddr, STOMPWSAddr, STOMPWSSAddr string
 	// State keeps the node's first-start time and its epoch; nil keeps
 	// them in memory (a restarted node then starts its epoch afresh).
 	State State
@@ -96,16 +110,17 @@ type Config struct {
 // DefaultConfig returns a Config with every field but the identities set.
 func DefaultConfig() Config {
 	return Config{
-		ClusterName:    "brokerd",
-		BindAddr:       "127.0.0.1:7946",
-		ActiveMembers:  3,
-		PromotionDelay: 500 * time.Millisecond,
-		RejoinInterval: 2 * time.Second,
-		ForgetAfter:    24 * time.Hour,
-		Tick:           50 * time.Millisecond,
-		Logger:         slog.Default(),
-		Now:            time.Now,
-		Wall:           time.Now,
+		ClusterName:     "brokerd",
+		BindAddr:        "127.0.0.1:7946",
+		ActiveMembers:   3,
+		PromotionDelay:  500 * time.Millisecond,
+		RejoinInterval:  2 * time.Second,
+		ResolveInterval: 30 * time.Second,
+		ForgetAfter:     24 * time.Hour,
+		Tick:            50 * time.Millisecond,
+		Logger:          slog.Default(),
+		Now:             time.Now,
+		Wall:            time.Now,
 	}
 }
 
@@ -135,6 +150,11 @@ type MemberStatus struct {
 	AdminAddr   string  `json:"admin_addr"`
 	PeerAddr    string  `json:"peer_addr"`
 	ActiveSince *string `json:"active_since"`
+	// STOMPTLSAddr, STOMPWSAddr and STOMPWSSAddr are the member's other
+	// client listeners, "" for none.
+	STOMPTLSAddr string `json:"stomp_tls_addr,omitempty"`
+	STOMPWSAddr  string `json:"stomp_ws_addr,omitempty"`
+	STOMPWSSAddr string `json:"stomp_wss_addr,omitempty"`
 	// Protocols is the range of protocol versions the member speaks.
 	Protocols ProtocolRange `json:"protocols"`
 	// Draining: the node is in maintenance (brokerd drain) and owns no
@@ -173,6 +193,8 @@ type Node struct {
 	m   *metrics
 	// gossipAddr is the advertised gossip address, set by Start.
 	gossipAddr string
+	// joins resolves the DNS names of cfg.Join (resolve.go).
+	joins *joinResolver
 
 	// evalMu serializes evaluate, which holds it (and not mu) while it
 	// persists a new epoch: memberlist calls into the node with its own
@@ -243,6 +265,9 @@ func New(cfg Config) (*Node, error) {
 	if cfg.RejoinInterval <= 0 {
 		cfg.RejoinInterval = def.RejoinInterval
 	}
+	if cfg.ResolveInterval <= 0 {
+		cfg.ResolveInterval = def.ResolveInterval
+	}
 	if cfg.ForgetAfter <= 0 {
 		cfg.ForgetAfter = def.ForgetAfter
 	}
@@ -303,7 +328,7 @@ func New(cfg Config) (*Node, error) {
 		cfg: cfg,
 		log: cfg.Logger.With("component", "cluster"),
 		self: Meta{
-			ID: cfg.NodeID, Name: cfg.NodeName, STOMPAddr: cfg.STOMPAddr, AdminAddr: cfg.AdminAddr,
+			ID: cfg.NodeID, Name: cfg.NodeName, AdminAddr: cfg.AdminAddr,
 			PeerAddr: cfg.PeerAddr, JoinedAt: joined, Proto: cfg.Protocols.Max, ProtoMin: cfg.Protocols.Min, M: cfg.ActiveMembers,
 		},
 		epoch:   epoch,
@@ -313,13 +338,15 @@ func New(cfg Config) (*Node, error) {
 		publish: make(chan struct{}, 1),
 		stop:    make(chan struct{}),
 	}
+	n.self.setClientAddrs(ClientAddrs{TCP: cfg.STOMPAddr, TLS: cfg.STOMPTLSAddr, WS: cfg.STOMPWSAddr, WSS: cfg.STOMPWSSAddr})
+	n.joins = newJoinResolver(cfg.Resolver, n.log)
 	if !epoch.IsZero() {
 		n.self.Epoch, n.self.SetHash = epoch.Counter, setHash(epoch.Set)
 	}
 	n.m = newMetrics(cfg.Registerer, n)
 	b, err := n.self.encode()
 	if err != nil {
-		return nil, err
+		return nil, fmt.Errorf("cluster: node.name and the advertised addresses (stomp.advertise_addr) are too long: %w", err)
 	}
 	n.metaB = b
 	return n, nil
@@ -389,10 +416,23 @@ func (n *Node) Start() error {
 	// local node (under its own lock) at every metadata update.
 	ln := ml.LocalNode()
 	n.gossipAddr = net.JoinHostPort(ln.Addr.String(), strconv.Itoa(int(ln.Port)))
+	if err := n.advertiseAt(ln.Addr.String()); err != nil {
+		ml.Shutdown()
+		return err
+	}
 	n.evaluate() // publish our own meta and status at once
 	if len(n.cfg.Join) > 0 {
-		if _, err := ml.Join(n.cfg.Join); err != nil {
-			n.log.Warn("join failed; running alone and retrying", "join", n.cfg.Join, "err", err, "retry_every", n.cfg.RejoinInterval)
+		ctx, cancel := context.WithTimeout(context.Background(), resolveTimeout)
+		addrs := n.joins.resolve(ctx, n.cfg.Join)
+		cancel()
+		var err error
+		if len(addrs) == 0 {
+			err = errors.New("no join address resolved")
+		} else {
+			_, err = ml.Join(addrs)
+		}
+		if err != nil {
+			n.log.Warn("join failed; running alone and retrying", "join", n.cfg.Join, "addrs", addrs, "err", err, "retry_every", n.cfg.RejoinInterval)
 		}
 	}
 	if err := n.joinRefusal(); err != nil {
@@ -659,7 +699,9 @@ func (n *Node) buildStatus(metas map[string]Meta, states map[string]string) Stat
 		ProtocolVersion: n.proto.effective, Protocols: n.protos,
 	}
 	add := func(m Meta, state string) {
-		ms := MemberStatus{ID: m.ID, Name: m.Name, Role: "observer", State: state, STOMPAddr: m.STOMPAddr, AdminAddr: m.AdminAddr, PeerAddr: m.PeerAddr, Protocols: m.protocols()}
+		ca := m.ClientAddrs()
+		ms := MemberStatus{ID: m.ID, Name: m.Name, Role: "observer", State: state, STOMPAddr: ca.TCP, STOMPTLSAddr: ca.TLS,
+			STOMPWSAddr: ca.WS, STOMPWSSAddr: ca.WSS, AdminAddr: m.AdminAddr, PeerAddr: m.PeerAddr, Protocols: m.protocols()}
 		ms.Draining = m.Draining
 		if state == "alive" || state == "suspect" {
 			if n.set.Contains(m.ID) {
@@ -724,40 +766,104 @@ func (n *Node) publishLoop() {
 	}
 }
 
-// rejoinLoop retries the join list while the node is alone, and the
-// addresses of lost (not departed) members, so that the two sides of a
-// healed partition find each other again.
+// rejoinLoop retries the join list while the node is alone (resolving
+// its names again each time), and the addresses of lost (not departed)
+// members, so that the two sides of a healed partition find each other
+// again. A node that is not alone resolves the join list's names every
+// ResolveInterval and joins the addresses that are not members yet, so
+// that nodes that appear behind a name (a scaled-up StatefulSet) are
+// found even if they joined no one.
 func (n *Node) rejoinLoop() {
 	defer n.wg.Done()
+	// Resolutions in progress end with the node.
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	go func() {
+		select {
+		case <-n.stop:
+			cancel()
+		case <-ctx.Done():
+		}
+	}()
 	t := time.NewTicker(n.cfg.RejoinInterval)
 	defer t.Stop()
+	var resolveC <-chan time.Time
+	if hasNames(n.cfg.Join) {
+		rt := time.NewTicker(n.cfg.ResolveInterval)
+		defer rt.Stop()
+		resolveC = rt.C
+	}
 	for {
 		select {
 		case <-n.stop:
 			return
 		case <-t.C:
-		}
-		var addrs []string
-		n.mu.Lock()
-		for _, k := range n.known {
-			if k.state == "dead" && k.addr != "" {
-				addrs = append(addrs, k.addr)
-			}
-		}
-		n.mu.Unlock()
-		if n.ml.NumMembers() <= 1 {
-			addrs = append(addrs, n.cfg.Join...)
-		}
-		if len(addrs) == 0 {
-			continue
-		}
-		if k, err := n.ml.Join(addrs); err != nil && k == 0 {
-			n.log.Debug("rejoin failed", "addrs", addrs, "err", err)
-			if n.ml.NumMembers() <= 1 && len(n.cfg.Join) > 0 {
-				n.log.Warn("join failed; running alone and retrying", "join", n.cfg.Join, "err", err, "retry_every", n.cfg.RejoinInterval)
+			n.rejoin(ctx)
+		case <-resolveC:
+			if n.ml.NumMembers() > 1 {
+				n.joinNewResolved(ctx)
 			}
 		}
 	}
+}
+
+// rejoin dials the lost members, and the join list while the node is
+// alone.
+func (n *Node) rejoin(ctx context.Context) {
+	var addrs []string
+	n.mu.Lock()
+	for _, k := range n.known {
+		if k.state == "dead" && k.addr != "" {
+			addrs = append(addrs, k.addr)
+		}
+	}
+	n.mu.Unlock()
+	alone := n.ml.NumMembers() <= 1
+	if alone && len(n.cfg.Join) > 0 {
+		rctx, cancel := context.WithTimeout(ctx, resolveTimeout)
+		addrs = append(addrs, n.joins.resolve(rctx, n.cfg.Join)...)
+		cancel()
+	}
+	if len(addrs) == 0 {
+		if alone && len(n.cfg.Join) > 0 {
+			n.log.Warn("join failed; running alone and retrying", "join", n.cfg.Join, "err", "no join address resolved", "retry_every", n.cfg.RejoinInterval)
+		}
+		return
+	}
+	if k, err := n.ml.Join(addrs); err != nil && k == 0 {
+		n.log.Debug("rejoin failed", "addrs", addrs, "err", err)
+		if n.ml.NumMembers() <= 1 && len(n.cfg.Join) > 0 {
+			n.log.Warn("join failed; running alone and retrying", "join", n.cfg.Join, "err", err, "retry_every", n.cfg.RejoinInterval)
+		}
+	}
+}
+
+// joinNewResolved resolves the join list and joins the addresses that
+// are neither this node nor a member it knows alive.
+func (n *Node) joinNewResolved(ctx context.Context) {
+	rctx, cancel := context.WithTimeout(ctx, resolveTimeout)
+	addrs := n.joins.resolve(rctx, n.cfg.Join)
+	cancel()
+	members := map[string]bool{normalAddr(n.gossipAddr): true}
+	n.mu.Lock()
+	for _, k := range n.known {
+		if k.state == "alive" || k.state == "suspect" {
+			members[normalAddr(k.addr)] = true
+		}
+	}
+	n.mu.Unlock()
+	var fresh []string
+	for _, a := range addrs {
+		if !members[a] {
+			fresh = append(fresh, a)
+		}
+	}
+	if len(fresh) == 0 {
+		return
+	}
+	k, err := n.ml.Join(fresh)
+	n.log.Info("joined new addresses of the join list", "addrs", fresh, "answered", k, "err", err)
+	n.signal(n.wake)
 }
 
 // delegate gives memberlist our metadata. Its methods are called from

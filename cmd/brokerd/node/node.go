@@ -44,6 +44,8 @@ type Node struct {
 	rep *replica.Node
 	srv *stomp.Server
 	cl  *cluster.Node
+	// disc lists the cluster's nodes in CONNECTED (discovery.go).
+	disc *discovery
 
 	opts Options
 
@@ -236,6 +238,8 @@ func NewWithOptions(cfg config.Config, log *slog.Logger, opts Options) (*Node, e
 		n.reload.add("auth", auth.reload)
 	}
 	pcfg.ServerName = "brokerd/" + Version
+	n.disc = newDiscovery()
+	pcfg.Nodes = n.disc.nodes
 	pcfg.X509Login = cfg.Auth.X509Login
 	pcfg.MaxConnectionsPerIP = cfg.Limits.MaxConnectionsPerIP
 	if stompTLS != nil {
@@ -266,7 +270,8 @@ func (n *Node) clusterConfig() (cluster.Config, error) {
 	c.ActiveMembers = cfg.Cluster.ActiveMembers
 	c.PromotionDelay = cfg.Cluster.PromotionDelay
 	c.ForgetAfter = cfg.Cluster.ForgetAfter
-	c.STOMPAddr = n.STOMPAddr()
+	ca := advertisedClientAddrs(cfg.STOMP.AdvertiseAddr, cluster.ClientAddrs{TCP: n.STOMPAddr(), TLS: n.STOMPTLSAddr()})
+	c.STOMPAddr, c.STOMPTLSAddr, c.STOMPWSAddr, c.STOMPWSSAddr = ca.TCP, ca.TLS, ca.WS, ca.WSS
 	c.AdminAddr = n.AdminAddr()
 	c.PeerAddr = cfg.Cluster.PeerAddr
 	c.State = n.st
@@ -406,6 +411,7 @@ func (n *Node) Start() error {
 		return err
 	}
 	n.cl = cl
+	n.disc.cl.Store(cl)
 	if n.rt != nil {
 		n.rt.start()
 	}
