@@ -643,3 +643,96 @@ func TestClusterDrainUnderLoad(t *testing.T) {
 	}
 	t.Logf("drain under load: %d receipted, 0 lost, %d duplicate deliveries, %d reconnects", total, dups, errs.Load())
 }
+
+// TestClusterDrainRefusalsAndRestart: 3 nodes, R=2. A drain that would
+// leave a queue with no undrained replica, or the cluster with no
+// undrained active member, is refused (409, naming why) and changes
+// nothing. A drained node that restarts comes back drained: it refuses
+// CONNECT, /healthz answers 503 and the others see it draining, until
+// undrain.
+func TestClusterDrainRefusalsAndRestart(t *testing.T) {
+	if testing.Short() {
+		t.Skip("in-process cluster")
+	}
+	oc := newOpsCluster(t, 3, 2, "a", "b", "c")
+	oc.waitConverged(15*time.Second, oc.names)
+	st := oc.broker("a").Cluster().Status()
+	aID, bID := oc.broker("a").ID(), oc.broker("b").ID()
+	var q string
+	for i := range 10000 {
+		name := fmt.Sprintf("/queue/refuse%d", i)
+		if set := replica.ReplicaSet(name, st.ActiveSet, 2); set[0] == bID && set[1] == aID {
+			q = name
+			break
+		}
+	}
+	c, err := oc.dial("b")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Send(q, "text/plain", []byte("x"), stomp.SendOpt.Receipt); err != nil {
+		t.Fatal(err)
+	}
+	_ = c.Disconnect()
+	post := func(name, path string) (int, string) {
+		code, err := adminJSON(http.MethodPost, oc.broker(name).AdminAddr(), path, nil)
+		if err != nil {
+			return code, err.Error()
+		}
+		return code, ""
+	}
+	seesDraining := func(want map[string]bool) func() (bool, string) {
+		return func() (bool, string) {
+			for _, n := range oc.names {
+				for _, m := range oc.broker(n).Cluster().Status().Members {
+					if m.Draining != want[m.Name] {
+						return false, fmt.Sprintf("%s sees %s draining=%v", n, m.Name, m.Draining)
+					}
+				}
+			}
+			return true, ""
+		}
+	}
+	if code, msg := post("a", "/v1/drain"); code != 200 {
+		t.Fatalf("drain a: %d %s", code, msg)
+	}
+	waitFor(t, 10*time.Second, "every node sees a draining", seesDraining(map[string]bool{"a": true}))
+	if code, msg := post("b", "/v1/drain"); code != http.StatusConflict || !strings.Contains(msg, "no other replica of "+q+" is alive and undrained") {
+		t.Fatalf("drain b while a, the other replica of %s, is drained: %d %s; want 409 naming the queue", q, code, msg)
+	}
+	if oc.broker("b").DrainState().Draining {
+		t.Fatal("a refused drain left b draining")
+	}
+	if code, msg := post("c", "/v1/drain"); code != 200 {
+		t.Fatalf("drain c: %d %s", code, msg)
+	}
+	waitFor(t, 10*time.Second, "every node sees a and c draining", seesDraining(map[string]bool{"a": true, "c": true}))
+	if code, msg := post("b", "/v1/drain"); code != http.StatusConflict || !strings.Contains(msg, "no undrained active member") {
+		t.Fatalf("drain of the last undrained member: %d %s; want 409", code, msg)
+	}
+	if code, msg := post("c", "/v1/undrain"); code != 200 {
+		t.Fatalf("undrain c: %d %s", code, msg)
+	}
+
+	// a restarts drained.
+	oc.stop("a")
+	oc.restart("a")
+	oc.waitConverged(15*time.Second, oc.names)
+	waitFor(t, 10*time.Second, "every node sees the restarted a draining", seesDraining(map[string]bool{"a": true}))
+	if cmd, msg, body := connectRaw(t, oc.broker("a").STOMPAddr()); cmd != "ERROR" || msg != "node draining" {
+		t.Fatalf("CONNECT to a restarted drained: %s %q %q, want ERROR node draining", cmd, msg, body)
+	}
+	if code, _ := adminJSON(http.MethodGet, oc.broker("a").AdminAddr(), "/healthz", nil); code != http.StatusServiceUnavailable {
+		t.Fatalf("/healthz of a restarted drained: %d, want 503", code)
+	}
+	if code, msg := post("a", "/v1/undrain"); code != 200 {
+		t.Fatalf("undrain a: %d %s", code, msg)
+	}
+	waitFor(t, 10*time.Second, "every node sees nobody draining", seesDraining(map[string]bool{}))
+	if cmd, msg, _ := connectRaw(t, oc.broker("a").STOMPAddr()); cmd != "CONNECTED" {
+		t.Fatalf("CONNECT to a undrained: %s %q", cmd, msg)
+	}
+	if code, _ := adminJSON(http.MethodGet, oc.broker("a").AdminAddr(), "/healthz", nil); code != 200 {
+		t.Fatalf("/healthz of a undrained: %d, want 200", code)
+	}
+}
