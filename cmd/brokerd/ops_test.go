@@ -1,0 +1,130 @@
+package main
+
+import (
+	"encoding/json"
+	"net/http"
+	"net/http/httptest"
+	"strings"
+	"sync"
+	"testing"
+
+	"github.com/brokerd/brokerd/cluster"
+	"github.com/go-stomp/stomp/v3"
+)
+
+// The operator commands against a node with an HTTPS admin API and a
+// token: what they print, and the exit status of each kind of refusal.
+func TestOpsCommands(t *testing.T) {
+	a := startAdminNode(t)
+	c, err := stomp.Dial("tcp", a.n.STOMPAddr())
+	if err != nil {
+		t.Fatal(err)
+	}
+	for range 7 {
+		if err := c.Send("/queue/cli-purge", "text/plain", []byte("x"), stomp.SendOpt.Receipt); err != nil {
+			t.Fatal(err)
+		}
+	}
+	_ = c.Disconnect()
+	auth := []string{"--admin-addr", a.addr, "--token-file", a.tokenFile, "--ca-file", a.ca.CertFile}
+	for _, tc := range []struct {
+		name       string
+		args       []string
+		wantCode   int
+		wantOut    string
+		wantErrOut string
+	}{
+		{"queues", append([]string{"queues"}, auth...), 0, "/queue/cli-purge  7", ""},
+		{"queues --json", append([]string{"queues", "--json"}, auth...), 0, `"pending": 7`, ""},
+		{"purge", append([]string{"purge", "/queue/cli-purge"}, auth...), 0, "purged /queue/cli-purge: 7 messages removed", ""},
+		{"purge again, bare name", append([]string{"purge", "cli-purge"}, auth...), 0, "purged /queue/cli-purge: 0 messages removed", ""},
+		{"purge an unknown queue", append([]string{"purge", "nope"}, auth...), exitNotFound, "", "no such queue: /queue/nope"},
+		{"purge without the token", []string{"purge", "cli-purge", "--admin-addr", a.addr, "--ca-file", a.ca.CertFile}, exitAuth, "", "401 Unauthorized"},
+		{"purge without the CA", []string{"purge", "cli-purge", "--admin-addr", "https://" + a.addr, "--token-file", a.tokenFile}, exitAuth, "", "certificate signed by unknown authority"},
+		{"queues from a closed port", []string{"queues", "--admin-addr", "127.0.0.1:1"}, exitUnreachable, "", "connection refused"},
+		{"drain a single node", append([]string{"drain", "cli-test"}, auth...), exitRefused, "", "drain refused: not clustered"},
+		{"drain an unknown node", append([]string{"drain", "nobody"}, auth...), exitNotFound, "", `no node named "nobody" in the cluster (members: cli-test)`},
+		{"undrain an unknown node", append([]string{"undrain", "nobody"}, auth...), exitNotFound, "", `no node named "nobody"`},
+		{"undrain", append([]string{"undrain", "cli-test"}, auth...), 0, "node cli-test (" + a.n.ID() + ") undrained", ""},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			code, out, errOut := brokerd(tc.args...)
+			if code != tc.wantCode || !strings.Contains(out, tc.wantOut) || !strings.Contains(errOut, tc.wantErrOut) {
+				t.Fatalf("brokerd %s: exit %d, stdout %q, stderr %q; want exit %d, stdout with %q, stderr with %q",
+					strings.Join(tc.args, " "), code, out, errOut, tc.wantCode, tc.wantOut, tc.wantErrOut)
+			}
+		})
+	}
+}
+
+// fakeDrainNode is an admin API that answers drain calls: after a POST
+// /v1/drain, GET /v1/drain reports the queues still owned, one fewer each
+// time down to stopAt.
+type fakeDrainNode struct {
+	mu     sync.Mutex
+	owned  int
+	stopAt int
+	calls  []string
+}
+
+func (f *fakeDrainNode) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.calls = append(f.calls, r.Method+" "+r.URL.Path)
+	st := map[string]any{"node_id": "id-b", "node_name": "b", "draining": r.URL.Path != "/v1/undrain", "owned_queues": f.owned, "clients": 0, "clients_closed": 2}
+	if r.Method == http.MethodGet && f.owned > f.stopAt {
+		f.owned--
+		st["owned_queues"] = f.owned
+	}
+	_ = json.NewEncoder(w).Encode(st)
+}
+
+// drain NODE finds the node in the cluster as --admin-addr sees it and
+// calls that node's own admin address; it waits for the hand-off, and
+// exits 75 when the node still owns queues after --wait.
+func TestOpsDrainCallsTheNamedNode(t *testing.T) {
+	b := &fakeDrainNode{owned: 3}
+	bs := httptest.NewServer(b)
+	defer bs.Close()
+	bAddr := strings.TrimPrefix(bs.URL, "http://")
+	as := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path != "/v1/cluster" {
+			http.Error(w, "not here", http.StatusTeapot)
+			return
+		}
+		_ = json.NewEncoder(w).Encode(cluster.Status{NodeName: "a", Members: []cluster.MemberStatus{
+			{ID: "id-a", Name: "a", State: "alive", AdminAddr: "127.0.0.1:1"},
+			{ID: "id-b", Name: "b", State: "alive", AdminAddr: bAddr},
+			{ID: "id-c", Name: "c", State: "dead", AdminAddr: "127.0.0.1:1"},
+		}})
+	}))
+	defer as.Close()
+	aAddr := strings.TrimPrefix(as.URL, "http://")
+
+	code, out, errOut := brokerd("drain", "b", "--admin-addr", aAddr, "--wait", "10s")
+	if code != 0 || !strings.Contains(out, "node b (id-b) drained: it owns no queue, takes no new client, 2 client sessions ended") {
+		t.Fatalf("drain b: exit %d, %q %q", code, out, errOut)
+	}
+	b.mu.Lock()
+	calls := strings.Join(b.calls, ",")
+	b.mu.Unlock()
+	if !strings.HasPrefix(calls, "POST /v1/drain,GET /v1/drain") {
+		t.Fatalf("calls at b: %s", calls)
+	}
+
+	b.mu.Lock()
+	b.owned, b.stopAt = 3, 2
+	b.mu.Unlock()
+	code, _, errOut = brokerd("drain", "id-b", "--admin-addr", aAddr, "--wait", "300ms")
+	if code != exitRefused || !strings.Contains(errOut, "node b is draining but still owns 2 queues after 300ms: do not stop it yet") {
+		t.Fatalf("drain with a hand-off not done in time: exit %d, %q; want %d", code, errOut, exitRefused)
+	}
+	code, _, errOut = brokerd("drain", "c", "--admin-addr", aAddr)
+	if code != exitUnreachable || !strings.Contains(errOut, "node c (id-c) is dead in a's view") {
+		t.Fatalf("drain of a dead node: exit %d, %q; want %d", code, errOut, exitUnreachable)
+	}
+	code, out, errOut = brokerd("undrain", "b", "--admin-addr", aAddr)
+	if code != 0 || !strings.Contains(out, "node b (id-b) undrained") {
+		t.Fatalf("undrain b: exit %d, %q %q", code, out, errOut)
+	}
+}
