@@ -131,12 +131,12 @@ type destCache struct {
 	mu     sync.Mutex
 	cur    []DestInfo
 	at     time.Time     // when cur was gathered; zero before the first
-	ready  chan struct{} // closed once cur was gathered once
+	next   chan struct{} // closed (and replaced) when a gathering ends
 	wanted time.Time     // the last get
 }
 
 func newDestCache(fetch func() []DestInfo, stop <-chan struct{}) *destCache {
-	return &destCache{fetch: fetch, stop: stop, kick: make(chan struct{}, 1), done: make(chan struct{}), ready: make(chan struct{})}
+	return &destCache{fetch: fetch, stop: stop, kick: make(chan struct{}, 1), done: make(chan struct{}), next: make(chan struct{})}
 }
 
 func (c *destCache) start() {
@@ -171,25 +171,25 @@ func (c *destCache) run() {
 		}
 		ds := c.fetch()
 		c.mu.Lock()
-		first := c.at.IsZero()
 		c.cur, c.at = ds, time.Now()
+		close(c.next)
+		c.next = make(chan struct{})
 		c.mu.Unlock()
-		if first {
-			close(c.ready)
-		}
 	}
 }
 
 // get returns the last gathered destinations (the caller must not modify
-// them) and when they were gathered; the first call waits up to
-// pageDestWait for a first gathering.
+// them) and when they were gathered. When there are none yet, or the
+// gatherer has idled (nobody asked for pageDestIdle), it waits up to
+// pageDestWait for a fresh gathering; otherwise it does not wait, so that
+// a slow peer never holds up the members' states.
 func (c *destCache) get(ctx context.Context) ([]DestInfo, time.Time) {
 	c.mu.Lock()
 	c.wanted = time.Now()
+	stale := c.at.IsZero() || time.Since(c.at) > pageDestIdle
+	next := c.next
 	c.mu.Unlock()
-	select {
-	case <-c.ready:
-	default:
+	if stale {
 		select {
 		case c.kick <- struct{}{}:
 		default:
@@ -197,7 +197,7 @@ func (c *destCache) get(ctx context.Context) ([]DestInfo, time.Time) {
 		t := time.NewTimer(pageDestWait)
 		defer t.Stop()
 		select {
-		case <-c.ready:
+		case <-next:
 		case <-t.C:
 		case <-ctx.Done():
 		case <-c.stop:
@@ -412,9 +412,8 @@ func (a *adminAuth) serveLogin(w http.ResponseWriter, status int, msg string) {
 	w.WriteHeader(status)
 	_ = loginTmpl.Execute(w, struct {
 		Message   string
-		NoToken   bool
 		CertsOnly bool
-	}{msg, a.token.Load() == nil, a.clientCerts && a.token.Load() == nil})
+	}{msg, a.token.Load() == nil})
 }
 
 // login is POST /ui/login: a form with the admin token. The token is

@@ -50,8 +50,16 @@
       tr.setAttribute("data-self", m.self ? "true" : "false");
       tr.appendChild(el("td", m.name, "name"));
       const role = el("td"); role.appendChild(el("span", m.role, "role role-" + m.role)); tr.appendChild(role);
-      const state = el("td"); state.appendChild(el("span", m.state, "state state-" + m.state)); tr.appendChild(state);
-      tr.appendChild(el("td", m.stomp_addr || "–", "addr"));
+      const state = el("td"); state.appendChild(el("span", m.state, "state state-" + m.state));
+      if (m.draining) state.appendChild(el("span", "draining", "state state-draining"));
+      tr.appendChild(state);
+      const stomp = el("td", null, "addr");
+      const listeners = [["", m.stomp_addr], ["tls ", m.stomp_tls_addr], ["ws ", m.stomp_ws_addr], ["wss ", m.stomp_wss_addr]];
+      for (const [kind, addr] of listeners) {
+        if (addr) stomp.appendChild(el("div", kind + addr));
+      }
+      if (!stomp.firstChild) stomp.textContent = "–";
+      tr.appendChild(stomp);
       const admin = el("td", null, "addr");
       if (m.admin_addr && safeAddr(m.admin_addr) && !m.self) {
         const a = el("a", m.admin_addr);
