@@ -294,7 +294,7 @@ func TestChaos(t *testing.T) {
 	}
 	var rolling rollingResult
 	if *flagRolling && !r.aborted() {
-		if rolling, err = r.rollingRestart(cl); err != nil {
+		if rolling, err = r.rollingRestart(cl, rollingHooks{}); err != nil {
 			r.abort(err)
 		}
 	}
@@ -811,11 +811,21 @@ type rollingResult struct {
 	Exits                  []string `json:"exits"`
 }
 
+// rollingHooks let a rolling restart change each node while it is down
+// (the upgrade test swaps its binary) and check the cluster once the node
+// is back; nil hooks do nothing. An error ends the rolling restart.
+type rollingHooks struct {
+	// down runs after node k (0-based) exited, before it starts again.
+	down func(k int, nd *node) error
+	// back runs once node k is back and the cluster agrees.
+	back func(k int, nd *node) error
+}
+
 // rollingRestart stops every node in turn with SIGTERM (each must exit
 // with status 0) and starts it again, waiting for the cluster to agree
 // before the next, while the clients keep going; it reports the longest
 // time a producer went without a RECEIPT and a consumer without a MESSAGE.
-func (r *run) rollingRestart(cl *clients) (res rollingResult, err error) {
+func (r *run) rollingRestart(cl *clients, hooks rollingHooks) (res rollingResult, err error) {
 	if err := r.nw.heal(); err != nil {
 		return res, err
 	}
@@ -830,7 +840,7 @@ func (r *run) rollingRestart(cl *clients) (res rollingResult, err error) {
 		res.MaxPause, res.MaxPauseClient = p.Seconds(), pw
 		res.MaxConsumerPause, res.MaxConsumerPauseClient = c.Seconds(), cw
 	}()
-	for _, nd := range r.nodes {
+	for k, nd := range r.nodes {
 		// A node takes at most 30 s to stop and 60 s to agree again.
 		if time.Until(r.deadline) < 4*time.Minute {
 			r.logf("rolling restart cut short before %s: less than 4 minutes to the test deadline", nd.name())
@@ -845,6 +855,11 @@ func (r *run) rollingRestart(cl *clients) (res rollingResult, err error) {
 		if state != "exit status 0" {
 			return res, fmt.Errorf("rolling restart: %s ended with %q after SIGTERM, want exit status 0 (see %s)", nd.name(), state, nd.logPath)
 		}
+		if hooks.down != nil {
+			if err := hooks.down(k, nd); err != nil {
+				return res, fmt.Errorf("rolling restart: %s: %v", nd.name(), err)
+			}
+		}
 		if err := r.startNode(nd); err != nil {
 			return res, err
 		}
@@ -853,6 +868,11 @@ func (r *run) rollingRestart(cl *clients) (res rollingResult, err error) {
 			return res, fmt.Errorf("rolling restart of %s: %v", nd.name(), err)
 		}
 		r.logf("rolling restart: %s back (%s), agreement after %s", nd.name(), state, took.Round(time.Millisecond))
+		if hooks.back != nil {
+			if err := hooks.back(k, nd); err != nil {
+				return res, fmt.Errorf("rolling restart: after %s: %v", nd.name(), err)
+			}
+		}
 		r.checkCrashes()
 		if r.aborted() {
 			return res, nil
