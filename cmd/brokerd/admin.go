@@ -240,7 +240,11 @@ func printStatus(w io.Writer, s cluster.Status, counts map[string]destCounts) {
 		if m.ActiveSince != nil {
 			since = *m.ActiveSince
 		}
-		line := fmt.Sprintf("%s\t%s\t%s\t%s\t%s\t%s\t%s", m.Name, m.ID, m.Role, m.State, m.STOMPAddr, m.AdminAddr, since)
+		state := m.State
+		if m.Draining {
+			state += ",draining" // brokerd drain
+		}
+		line := fmt.Sprintf("%s\t%s\t%s\t%s\t%s\t%s\t%s", m.Name, m.ID, m.Role, state, m.STOMPAddr, m.AdminAddr, since)
 		if counts != nil {
 			c := counts[m.ID]
 			line += fmt.Sprintf("\t%d\t%d", c.owns, c.copies)

@@ -5,6 +5,10 @@
 //	brokerd passwd alice          # print a users-file line
 //	brokerd status                # a node's view of the cluster (admin API)
 //	brokerd reload                # reread users, ACL, certificates, admin token (as SIGHUP)
+//	brokerd queues                # every queue: pending, in flight, owner, replicas
+//	brokerd purge QUEUE           # remove a queue's ready messages cluster-wide
+//	brokerd drain NODE            # maintenance: hand its queues over, take no clients
+//	brokerd undrain NODE          # end maintenance
 //
 // The commands that call the admin API take --admin-addr, --token-file,
 // --ca-file, --cert-file and --key-file.

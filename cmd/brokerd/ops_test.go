@@ -128,3 +128,16 @@ func TestOpsDrainCallsTheNamedNode(t *testing.T) {
 		t.Fatalf("undrain b: exit %d, %q %q", code, out, errOut)
 	}
 }
+
+// brokerd status marks a draining member in its STATE column.
+func TestStatusShowsDraining(t *testing.T) {
+	var b strings.Builder
+	printStatus(&b, cluster.Status{NodeName: "a", Members: []cluster.MemberStatus{
+		{ID: "id-a", Name: "a", Role: "active", State: "alive"},
+		{ID: "id-b", Name: "b", Role: "active", State: "alive", Draining: true},
+	}}, nil)
+	out := b.String()
+	if !strings.Contains(out, "alive,draining") || strings.Count(out, "draining") != 1 {
+		t.Fatalf("status table:\n%s\nwant b alive,draining and a not", out)
+	}
+}
