@@ -103,4 +103,15 @@
 // time: a second one refuses to start while a lock file in /tmp is held.
 // The run directory (node logs, data, history.jsonl) is kept when the run
 // fails or with -chaos.keep.
+//
+// TestChaosRollingUpgrade (upgrade_test.go, about a minute) runs the same
+// clients against 3 nodes built from this source without build tags
+// (protocol version 1) and upgrades them under load, one at a time and
+// through the rolling restart's steps, to the -tags brokerd_proto2 build
+// (versions 1..2): every node must report version 1 in /v1/cluster while
+// an old node is a member, with no checksummed peer request although the
+// new nodes' links to each other speak 2, and version 2 with checksums
+// verified once all are new; then the drain and the same history checks.
+//
+//	BROKERD_CHAOS=1 go test -v -run TestChaosRollingUpgrade ./test/chaos
 package chaos
