@@ -161,6 +161,7 @@ func (a *adminAuth) wrap(h http.Handler) http.Handler {
 		}
 		if r.URL.Path == "/" && (r.Method == http.MethodGet || r.Method == http.MethodHead) {
 			// A browser opening the cluster page: the sign-in form.
+			w.Header().Set("WWW-Authenticate", `Bearer realm="brokerd"`)
 			a.serveLogin(w, http.StatusUnauthorized, "")
 			return
 		}

@@ -127,6 +127,9 @@ var protectedRoutes = []struct{ method, path string }{
 	{http.MethodGet, "/metrics"},
 	{http.MethodGet, "/debug/pprof/"},
 	{http.MethodGet, "/debug/pprof/goroutine?debug=1"},
+	{http.MethodGet, "/"}, // the cluster page; without credentials, its sign-in form
+	{http.MethodGet, "/v1/overview"},
+	{http.MethodGet, "/ui/app.js"},
 }
 
 func TestAdminTokenRequired(t *testing.T) {

@@ -23,6 +23,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"html/template"
+	"net"
 	"net/http"
 	"strconv"
 	"strings"
@@ -56,7 +57,8 @@ const (
 	pageWriteTimeout = 5 * time.Second
 	// sessionTTL is how long a page session cookie is accepted.
 	sessionTTL = 12 * time.Hour
-	// sessionCookie is the page session cookie's name.
+	// sessionCookie starts the page session cookie's name; the admin
+	// listener's port ends it (see sessionCookieName).
 	sessionCookie = "brokerd_session"
 	// pageCSP is the Content-Security-Policy of every page response: the
 	// page's own files only, no inline script or style, no framing.
@@ -283,6 +285,9 @@ func (p *pageState) overview(ctx context.Context, since int64) overview {
 // sign-in form.
 func (n *Node) pageRoutes(mux *http.ServeMux) {
 	p := n.page
+	if p == nil || n.guard == nil {
+		return // no admin server
+	}
 	mux.HandleFunc("GET /{$}", func(w http.ResponseWriter, r *http.Request) {
 		serveUIFile(w, r, "ui/index.html", "text/html; charset=utf-8")
 	})
@@ -294,7 +299,7 @@ func (n *Node) pageRoutes(mux *http.ServeMux) {
 	})
 	mux.HandleFunc("POST /ui/login", n.guard.login)
 	mux.HandleFunc("POST /ui/logout", func(w http.ResponseWriter, r *http.Request) {
-		http.SetCookie(w, &http.Cookie{Name: sessionCookie, Value: "", Path: "/", MaxAge: -1, HttpOnly: true, Secure: r.TLS != nil, SameSite: http.SameSiteStrictMode})
+		http.SetCookie(w, &http.Cookie{Name: sessionCookieName(r), Value: "", Path: "/", MaxAge: -1, HttpOnly: true, Secure: r.TLS != nil, SameSite: http.SameSiteStrictMode})
 		http.Redirect(w, r, "/", http.StatusSeeOther)
 	})
 	mux.HandleFunc("GET /v1/overview", func(w http.ResponseWriter, r *http.Request) {
@@ -330,6 +335,9 @@ func (p *pageState) stream(w http.ResponseWriter, r *http.Request) {
 	w.Header().Set("Cache-Control", "no-store")
 	w.Header().Set("X-Accel-Buffering", "no")
 	w.WriteHeader(http.StatusOK)
+	if r.Method == http.MethodHead {
+		return
+	}
 	send := func(o overview) error {
 		b, err := json.Marshal(o)
 		if err != nil {
@@ -440,7 +448,7 @@ func (a *adminAuth) login(w http.ResponseWriter, r *http.Request) {
 	}
 	exp := time.Now().Add(sessionTTL)
 	http.SetCookie(w, &http.Cookie{
-		Name: sessionCookie, Value: a.sessionValue(exp), Path: "/",
+		Name: sessionCookieName(r), Value: a.sessionValue(exp), Path: "/",
 		Expires: exp, MaxAge: int(sessionTTL.Seconds()),
 		HttpOnly: true, Secure: r.TLS != nil, SameSite: http.SameSiteStrictMode,
 	})
@@ -470,6 +478,19 @@ func (a *adminAuth) sessionMAC(exp string, digest *[sha256.Size]byte) []byte {
 	return m.Sum(nil)
 }
 
+// sessionCookieName is the session cookie's name for the admin listener
+// r came in on: brokerd_session_PORT. Browsers keep cookies per host, not
+// per port, so nodes on one host (127.0.0.1:8613, :8623, ...) would
+// otherwise overwrite each other's session.
+func sessionCookieName(r *http.Request) string {
+	if a, ok := r.Context().Value(http.LocalAddrContextKey).(net.Addr); ok {
+		if _, port, err := net.SplitHostPort(a.String()); err == nil {
+			return sessionCookie + "_" + port
+		}
+	}
+	return sessionCookie
+}
+
 // sessionOK reports whether r is a GET or HEAD with a session cookie for
 // the current token that has not expired. Other methods are never
 // authorized by a cookie.
@@ -481,7 +502,7 @@ func (a *adminAuth) sessionOK(r *http.Request) bool {
 	if d == nil {
 		return false
 	}
-	c, err := r.Cookie(sessionCookie)
+	c, err := r.Cookie(sessionCookieName(r))
 	if err != nil || len(c.Value) > 128 {
 		return false
 	}

@@ -34,7 +34,7 @@ func pageDo(t *testing.T, c *http.Client, method, url, cookie, bearer string, bo
 		t.Fatal(err)
 	}
 	if cookie != "" {
-		req.AddCookie(&http.Cookie{Name: sessionCookie, Value: cookie})
+		req.AddCookie(&http.Cookie{Name: cookieName(req.URL.Port()), Value: cookie})
 	}
 	if bearer != "" {
 		req.Header.Set("Authorization", "Bearer "+bearer)
@@ -50,6 +50,9 @@ func pageDo(t *testing.T, c *http.Client, method, url, cookie, bearer string, bo
 	b, _ := io.ReadAll(resp.Body)
 	return answer{code: resp.StatusCode, body: string(b), header: resp.Header}
 }
+
+// cookieName is the session cookie's name on the admin port.
+func cookieName(port string) string { return sessionCookie + "_" + port }
 
 // noRedirects is a client that shows redirects instead of following them.
 func noRedirects() *http.Client {
@@ -403,7 +406,7 @@ func openStream(t *testing.T, base, cookie string) (int, *sseStream) {
 	ctx, cancel := context.WithCancel(context.Background())
 	req, _ := http.NewRequestWithContext(ctx, http.MethodGet, base+"/v1/overview/stream", nil)
 	if cookie != "" {
-		req.AddCookie(&http.Cookie{Name: sessionCookie, Value: cookie})
+		req.AddCookie(&http.Cookie{Name: cookieName(req.URL.Port()), Value: cookie})
 	}
 	resp, err := http.DefaultTransport.RoundTrip(req)
 	if err != nil {
@@ -568,8 +571,9 @@ func loginCookie(t *testing.T, c *http.Client, base, tok string) (answer, *http.
 	t.Helper()
 	a := pageDo(t, c, http.MethodPost, base+"/ui/login", "", "", strings.NewReader(url.Values{"token": {tok}}.Encode()))
 	resp := http.Response{Header: a.header}
+	u, _ := url.Parse(base)
 	for _, ck := range resp.Cookies() {
-		if ck.Name == sessionCookie && ck.Value != "" {
+		if ck.Name == cookieName(u.Port()) && ck.Value != "" {
 			return a, ck
 		}
 	}
