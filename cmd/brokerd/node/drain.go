@@ -18,13 +18,14 @@ import (
 // every queue keeps its R copies, but placement on every node names the
 // first undrained member of a queue's replica set as its owner
 // (replica.PreferredOwner). The hand-off is the one a change of the
-// active set makes: the drained node's router sees the new owners in its
-// view at once and releases its queues (subscriptions end, their
-// unacknowledged messages come back redelivered at the new owner, which
-// takes the queue over by pulling every copy, the drained node's too, and
-// is told to merge); other nodes follow within a gossip round, and while
-// views differ a forwarded SEND or subscribe is refused as not owned and
-// routed again, as in a failover. The node refuses new STOMP connections
+// active set makes, ordered so that the queues have one owner at a time:
+// the drained node's router counts itself draining first and releases
+// its queues (subscriptions end, their unacknowledged messages come back
+// redelivered at the new owner), and only then gossips the drain; the
+// other nodes name the new owners as they hear of it, and each new owner
+// takes its queues over by pulling every copy, the drained node's too.
+// Until the views agree a forwarded SEND or subscribe is refused as not
+// owned and routed again, as in a failover. The node refuses new STOMP connections
 // with an ERROR "node draining" naming the other nodes, and once it owns
 // no queue (or after drainCloseAfter) ends its client sessions as a
 // shutdown does, so that clients reconnect elsewhere. /healthz answers
@@ -34,6 +35,11 @@ import (
 
 // metaDraining is the store meta key of the drained state: "1" draining.
 const metaDraining = "draining"
+
+// drainReleaseWait bounds how long a drain waits for its node to release
+// its queues before it announces the drain (the router's watch releases
+// them within a tick, 100 ms, unless a take-over is in progress).
+const drainReleaseWait = 1500 * time.Millisecond
 
 // drainCloseAfter bounds how long a drained node waits for its queues to
 // move before it ends its client sessions anyway.
@@ -143,6 +149,9 @@ func (n *Node) restoreDrain() {
 	}
 	if string(b) == "1" {
 		n.drainedAtStart = true
+		if n.rt != nil {
+			n.rt.drainingSelf.Store(true)
+		}
 		n.srv.SetDraining("this node is draining for maintenance; connect to another node of the cluster")
 		n.log.Info("starting drained: no clients and no queue owned until undrain")
 	}
@@ -169,11 +178,25 @@ func (n *Node) Drain() (DrainStatus, error) {
 		return n.drainStateLocked(), fmt.Errorf("recording the drained state: %w", err)
 	}
 	n.srv.SetDraining(n.drainDetail())
+	// Release here before the others hear of it: they take the queues
+	// over once they see the drain, and this node serves none by then
+	// (no two owners at once). Meanwhile the others' forwards of these
+	// queues are refused as not owned here and retried.
+	queues := len(n.rt.servedQueues())
+	n.rt.drainingSelf.Store(true)
+	n.rt.refresh()
+	deadline := time.Now().Add(drainReleaseWait)
+	for len(n.rt.servedQueues()) > 0 && time.Now().Before(deadline) {
+		time.Sleep(10 * time.Millisecond)
+	}
 	if err := n.cl.SetDraining(true); err != nil {
+		n.rt.drainingSelf.Store(false)
+		n.srv.SetDraining("")
+		_ = n.st.SetMeta(metaDraining, []byte("0"))
 		return n.drainStateLocked(), err
 	}
 	n.rt.refresh()
-	n.log.Info("draining: handing queues over and refusing new clients", "queues", len(n.rt.servedQueues()))
+	n.log.Info("draining: queues handed over, refusing new clients", "queues", queues, "still_served", len(n.rt.servedQueues()))
 	n.drainGen++
 	n.drainClosed = 0
 	n.startDrainClose(n.drainGen)
@@ -225,6 +248,9 @@ func (n *Node) Undrain() (DrainStatus, error) {
 	}
 	n.srv.SetDraining("")
 	if n.rt != nil {
+		// The others hand the queues back as they hear of it; this node
+		// takes each over (pulling every copy) on its next use.
+		n.rt.drainingSelf.Store(false)
 		n.rt.refresh()
 	}
 	n.log.Info("undrained: taking clients and owning queues again")

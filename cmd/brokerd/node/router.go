@@ -102,6 +102,11 @@ type router struct {
 	omu   sync.Mutex
 	owned map[string]*ownState // queues this node owns: pulled, adopted
 
+	// drainingSelf: this node drains (drain.go); its views count it
+	// draining before its gossip says so, so that it releases its queues
+	// before the others take them over.
+	drainingSelf atomic.Bool
+
 	pmu     sync.Mutex
 	pollers map[string]*poller // by owner node ID
 	closed  bool
@@ -665,6 +670,9 @@ func (rt *router) load() viewSnap {
 	st := rt.status()
 	v := viewSnap{self: st.NodeID, epoch: st.EpochID, peers: map[string]string{}, at: time.Now()}
 	v.addrs = map[string]string{}
+	if rt.drainingSelf.Load() {
+		v.draining = map[string]bool{st.NodeID: true}
+	}
 	for _, m := range st.Members {
 		if m.Draining && (m.State == "alive" || m.State == "suspect") {
 			if v.draining == nil {
