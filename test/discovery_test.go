@@ -9,6 +9,8 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"os"
+	"os/exec"
 	"slices"
 	"strings"
 	"testing"
@@ -193,5 +195,66 @@ func TestClusterNodesHeaderAdvertise(t *testing.T) {
 	want := map[string][2]string{"a": {"broker-a.example:61613", "broker-a.example:" + aTLSPort}, "b": {bAt, ""}}
 	if got["a"] != want["a"] || got["b"] != want["b"] {
 		t.Errorf("/v1/cluster at b lists %v, want %v", got, want)
+	}
+}
+
+// TestPythonStompPyFailover: stomp.py, given one node's address, learns
+// the others from CONNECTED (the README's snippet, test/python/failover.py)
+// and, when that node stops, connects to another one and carries on.
+func TestPythonStompPyFailover(t *testing.T) {
+	requireStompPy(t)
+	netw := netsim.New()
+	join := []string{netw.Host("a").Addr()}
+	a := discoveryNode(t, netw, "a", nil, nil)
+	b := discoveryNode(t, netw, "b", join, nil)
+	c := discoveryNode(t, netw, "c", join, nil)
+	waitNodes(t, "three nodes", a.STOMPAddr(), nil, list(a.STOMPAddr(), b.STOMPAddr(), c.STOMPAddr()))
+
+	host, port, _ := net.SplitHostPort(a.STOMPAddr())
+	ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, debianPython, "python/failover.py", host, port)
+	cmd.Env = append(os.Environ(), "PYTHONDONTWRITEBYTECODE=1", "PYTHONUNBUFFERED=1")
+	cmd.WaitDelay = 5 * time.Second
+	var stderr strings.Builder
+	cmd.Stderr = &stderr
+	stdout, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	lines := bufio.NewScanner(stdout)
+	var out []string
+	next := func() string {
+		if !lines.Scan() {
+			_ = cmd.Wait()
+			t.Fatalf("failover.py ended after %q: %s", out, stderr.String())
+		}
+		out = append(out, lines.Text())
+		return lines.Text()
+	}
+	others := []string{b.STOMPAddr(), c.STOMPAddr()}
+	slices.Sort(others)
+	want := "LEARNED " + strings.Join(others, ",") + "," + a.STOMPAddr() // a, just reached, last
+	if got := next(); got != want {
+		t.Errorf("%s, want %s", got, want)
+	}
+	if got := next(); got != "READY" {
+		t.Fatalf("got %q, want READY", got)
+	}
+	sctx, scancel := context.WithTimeout(context.Background(), 5*time.Second)
+	_ = a.Shutdown(sctx)
+	scancel()
+	got := next()
+	if at, ok := strings.CutPrefix(got, "RECONNECTED "); !ok || (at != b.STOMPAddr() && at != c.STOMPAddr()) {
+		t.Fatalf("got %q, want RECONNECTED to b (%s) or c (%s)", got, b.STOMPAddr(), c.STOMPAddr())
+	}
+	if got := next(); got != "GOT after failover" {
+		t.Errorf("got %q, want the message back", got)
+	}
+	if err := cmd.Wait(); err != nil {
+		t.Fatalf("failover.py: %v: %s (output %q)", err, stderr.String(), out)
 	}
 }
