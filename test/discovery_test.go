@@ -19,6 +19,7 @@ import (
 	"github.com/brokerd/brokerd/cluster"
 	"github.com/brokerd/brokerd/cmd/brokerd/node"
 	"github.com/brokerd/brokerd/config"
+	"github.com/brokerd/brokerd/stomp"
 	"github.com/brokerd/brokerd/test/netsim"
 	"github.com/brokerd/brokerd/test/tlstest"
 	"github.com/go-stomp/stomp/v3/frame"
@@ -91,6 +92,13 @@ func nodesHeader(t *testing.T, addr string, tc *tls.Config) (string, bool) {
 	if err != nil {
 		t.Fatalf("dial %s: %v", addr, err)
 	}
+	return connectedNodes(t, addr, c)
+}
+
+// connectedNodes sends CONNECT on c and returns CONNECTED's
+// x-brokerd-nodes header, and whether it had one; it closes c.
+func connectedNodes(t *testing.T, addr string, c net.Conn) (string, bool) {
+	t.Helper()
 	defer c.Close()
 	_ = c.SetDeadline(time.Now().Add(5 * time.Second))
 	if _, err := io.WriteString(c, "CONNECT\naccept-version:1.2\nhost:/\nheart-beat:0,0\n\n\x00"); err != nil {
@@ -153,6 +161,35 @@ func TestClusterNodesHeader(t *testing.T) {
 	waitNodes(t, "b died", a.STOMPAddr(), nil, list(a.STOMPAddr(), c.STOMPAddr()))
 	t.Logf("b gone from the header after %v", time.Since(start).Round(time.Millisecond))
 	waitNodes(t, "b died, over TLS", c.STOMPTLSAddr(), tc, list(c.STOMPTLSAddr(), a.STOMPTLSAddr()))
+}
+
+// TestClusterNodesHeaderWebSocket: a client that came over WebSocket gets
+// the nodes' WebSocket addresses.
+func TestClusterNodesHeaderWebSocket(t *testing.T) {
+	netw := netsim.New()
+	withWS := func(c *config.Config) { c.STOMP.WSAddr = "127.0.0.1:0" }
+	a := discoveryNode(t, netw, "a", nil, withWS)
+	b := discoveryNode(t, netw, "b", []string{netw.Host("a").Addr()}, withWS)
+	c := discoveryNode(t, netw, "c", []string{netw.Host("a").Addr()}, nil) // no ws listener: not listed
+	waitNodes(t, "three nodes", a.STOMPAddr(), nil, list(a.STOMPAddr(), b.STOMPAddr(), c.STOMPAddr()))
+	want := list(a.STOMPWSAddr(), b.STOMPWSAddr())
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		conn, err := stomp.DialWebSocket(ctx, "ws://"+a.STOMPWSAddr()+"/ws", nil, nil)
+		cancel()
+		if err != nil {
+			t.Fatalf("dial ws: %v", err)
+		}
+		got, _ := connectedNodes(t, a.STOMPWSAddr(), conn)
+		if got == want {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("x-brokerd-nodes over WebSocket is %q, want %q", got, want)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
 }
 
 // TestClusterNodesHeaderAdvertise: stomp.advertise_addr is what the others

@@ -270,7 +270,8 @@ func (n *Node) clusterConfig() (cluster.Config, error) {
 	c.ActiveMembers = cfg.Cluster.ActiveMembers
 	c.PromotionDelay = cfg.Cluster.PromotionDelay
 	c.ForgetAfter = cfg.Cluster.ForgetAfter
-	ca := advertisedClientAddrs(cfg.STOMP.AdvertiseAddr, cluster.ClientAddrs{TCP: n.STOMPAddr(), TLS: n.STOMPTLSAddr()})
+	ca := advertisedClientAddrs(cfg.STOMP.AdvertiseAddr, cluster.ClientAddrs{
+		TCP: n.STOMPAddr(), TLS: n.STOMPTLSAddr(), WS: n.STOMPWSAddr(), WSS: n.STOMPWSSAddr()})
 	c.STOMPAddr, c.STOMPTLSAddr, c.STOMPWSAddr, c.STOMPWSSAddr = ca.TCP, ca.TLS, ca.WS, ca.WSS
 	c.AdminAddr = n.AdminAddr()
 	c.PeerAddr = cfg.Cluster.PeerAddr
