@@ -3,15 +3,19 @@
 # the chaos suite's short profile, and a short run of every fuzz target.
 # Installs Debian's python3-stomp first if /usr/bin/python3 cannot import
 # stomp (TestPythonStompPy needs it), iproute2 and iptables if missing
-# (the chaos suite needs them, and root), and openssl if missing (the TLS
-# tests run `openssl s_client`).
+# (the chaos suite needs them, and root), openssl if missing (the TLS
+# tests run `openssl s_client`), and chromium if missing plus
+# @stomp/stompjs from npm into .cache/ (the browser tests in test/browser).
 #
 #   test/run.sh
 #
 # Environment:
 #   FUZZTIME  how long each fuzz target runs (default 20s)
 #   CI        when "true", a missing stomp.py fails TestPythonStompPy
-#             instead of skipping it
+#             instead of skipping it, and a missing chromium or stompjs
+#             fails the browser tests
+#   BROKERD_SCREENSHOT  when set, the browser test writes its screenshot
+#             of the cluster page there (docs/cluster-page.png)
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -122,6 +126,55 @@ install_openssl() {
 	fi
 }
 
+install_chromium() {
+	# The browser tests (test/browser) drive Debian's chromium headless.
+	if command -v chromium >/dev/null 2>&1; then
+		return 0
+	fi
+	if ! command -v apt-get >/dev/null 2>&1; then
+		echo "no apt-get: install chromium by hand" >&2
+		return 1
+	fi
+	if ! as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium; then
+		as_root env DEBIAN_FRONTEND=noninteractive apt-get update
+		as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium
+	fi
+	chromium --version
+}
+
+# The browser tests' page loads @stomp/stompjs's UMD bundle, an exact
+# version from npm, unpacked once into the gitignored .cache/.
+STOMPJS_VERSION=7.5.0
+STOMPJS_DIR="$PWD/.cache/stompjs-$STOMPJS_VERSION"
+export BROKERD_STOMPJS="$STOMPJS_DIR/package/bundles/stomp.umd.min.js"
+
+fetch_stompjs() {
+	if [ -s "$BROKERD_STOMPJS" ]; then
+		return 0
+	fi
+	if ! command -v npm >/dev/null 2>&1; then
+		if ! command -v apt-get >/dev/null 2>&1; then
+			echo "no npm and no apt-get: install npm by hand" >&2
+			return 1
+		fi
+		if ! as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends npm; then
+			as_root env DEBIAN_FRONTEND=noninteractive apt-get update
+			as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends npm
+		fi
+	fi
+	local tmp
+	tmp=$(mktemp -d)
+	if ! (cd "$tmp" && npm pack --silent "@stomp/stompjs@$STOMPJS_VERSION" >/dev/null); then
+		rm -rf "$tmp"
+		return 1
+	fi
+	rm -rf "$STOMPJS_DIR"
+	mkdir -p "$STOMPJS_DIR"
+	tar -xzf "$tmp"/stomp-stompjs-"$STOMPJS_VERSION".tgz -C "$STOMPJS_DIR"
+	rm -rf "$tmp"
+	ls -l "$BROKERD_STOMPJS"
+}
+
 fuzz_one() {
 	local pkg=$1 name=$2 out attempt
 	for attempt in 1 2; do
@@ -161,6 +214,8 @@ fuzz_all() {
 run "install python3-stomp if missing" install_stomp_py
 run "install iproute2 and iptables if missing" install_chaos_tools
 run "install openssl if missing" install_openssl
+run "install chromium if missing" install_chromium
+run "fetch @stomp/stompjs $STOMPJS_VERSION from npm if missing" fetch_stompjs
 run "go vet" go vet ./...
 run "staticcheck" go run honnef.co/go/tools/cmd/staticcheck@v0.8.2 ./...
 run "go test -race" go test -race -count=1 -timeout 30m ./...
