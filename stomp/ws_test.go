@@ -503,12 +503,14 @@ func TestWSMaxConnectionsPerIP(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer idle.Close()
-	// The plain STOMP port is full now.
+	// The plain STOMP port is full now (once the server has accepted the
+	// idle connection).
 	waitRefused := func() {
 		t.Helper()
 		deadline := time.Now().Add(5 * time.Second)
 		for {
 			c := tdial(t, srv.Addr().String())
+			c.write(wsConnect)
 			f := c.read()
 			c.c.Close()
 			if f.Command == frame.ERROR && f.Header.Get(frame.Message) == "too many connections" {
@@ -526,7 +528,8 @@ func TestWSMaxConnectionsPerIP(t *testing.T) {
 	if err == nil || resp == nil || resp.StatusCode != http.StatusServiceUnavailable {
 		t.Fatalf("third connection: %v %v, want 503", resp, err)
 	}
-	// The idle connection upgrades and holds its slot as a session.
+	// Closing the idle connection frees its slot for a WebSocket session,
+	// which then holds it.
 	idle.Close()
 	var w *wsClient
 	deadline := time.Now().Add(5 * time.Second)
