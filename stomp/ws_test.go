@@ -682,3 +682,32 @@ func TestWSSX509Login(t *testing.T) {
 		t.Fatal("logged in over wss without a certificate or passcode")
 	}
 }
+
+// TestWSFrameTooLarge: a frame over the frame-size limit in one message
+// gets ERROR "frame too large", then the WebSocket closes (the message's
+// rest is over the WebSocket read limit, the same size: status 1009).
+func TestWSFrameTooLarge(t *testing.T) {
+	srv := wsServer(t, func(c *Config) {
+		c.Limits = DefaultLimits()
+		c.Limits.MaxFrameSize = 4096
+	})
+	w := wsDial(t, wsURL(srv), nil)
+	w.send(websocket.MessageText, wsConnect)
+	w.expect(frame.CONNECTED)
+	w.send(websocket.MessageText, "SEND\ndestination:/queue/big\n\n"+strings.Repeat("x", 8000)+"\x00")
+	if f := w.expect(frame.ERROR); f.Header.Get(frame.Message) != "frame too large" {
+		t.Fatalf("ERROR %v", f.Header)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	for {
+		_, _, err := w.c.Read(ctx)
+		if err == nil {
+			continue
+		}
+		if s := websocket.CloseStatus(err); s != websocket.StatusNormalClosure && s != websocket.StatusMessageTooBig {
+			t.Fatalf("want the WebSocket closed (1000 or 1009), got %v", err)
+		}
+		return
+	}
+}
