@@ -112,7 +112,7 @@ type protocolState struct {
 	// effective is the cluster's effective version in the last view, 0
 	// before the first evaluation.
 	effective int
-	// refused is the first refusal of a join this node asked for (it was
+	// refused is the last refusal of a join this node asked for (it was
 	// alone and the cluster it reached speaks no version of its range).
 	refused *VersionError
 	// logged holds the refusals of other nodes already logged (by node ID,
@@ -245,11 +245,13 @@ func (g versionGuard) NotifyMerge(peers []*memberlist.Node) error {
 	tc, _ := commonProtocols(theirs)
 	if len(ours) == 1 {
 		// Alone: this node is the one joining (or one of two nodes alone).
+		// Logged once per pair of ranges: a node refused after its start
+		// (it started alone) retries every RejoinInterval.
 		e := &VersionError{Node: oc, Cluster: tc}
-		if n.proto.refused == nil {
-			n.proto.refused = e
+		if n.proto.refused == nil || *n.proto.refused != *e {
+			n.log.Error("join refused: no protocol version in common with the cluster", "protocols", oc.String(), "cluster_protocols", tc.String(), "members", ids, "err", e.Error())
 		}
-		n.log.Error("join refused: no protocol version in common with the cluster", "protocols", oc.String(), "cluster_protocols", tc.String(), "members", ids, "err", e.Error())
+		n.proto.refused = e
 		return e
 	}
 	id := strings.Join(ids, ",")
