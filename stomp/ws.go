@@ -35,10 +35,10 @@ import (
 // WSPath is the HTTP path of the WebSocket endpoint; other paths get 404.
 const WSPath = "/ws"
 
-// WSSubprotocols are the WebSocket subprotocols the server offers, most
+// wsSubprotocols are the WebSocket subprotocols the server offers, most
 // preferred first (the first one the client also asks for is chosen). A
 // client that asks for none is served too, as RabbitMQ Web STOMP does.
-var WSSubprotocols = []string{"v12.stomp", "v11.stomp", "v10.stomp"}
+var wsSubprotocols = []string{"v12.stomp", "v11.stomp", "v10.stomp"}
 
 const (
 	// wsMaxHeaderBytes bounds the HTTP request header of a handshake.
@@ -266,7 +266,7 @@ func (s *Server) handleWS(w http.ResponseWriter, r *http.Request, transport Tran
 
 	rec := &statusRecorder{ResponseWriter: w}
 	ws, err := websocket.Accept(rec, r, &websocket.AcceptOptions{
-		Subprotocols:   WSSubprotocols,
+		Subprotocols:   wsSubprotocols,
 		OriginPatterns: s.cfg.WSAllowedOrigins,
 	})
 	if err != nil {
@@ -469,7 +469,7 @@ func (c *wsConn) Subprotocol() string { return c.ws.Subprotocol() }
 
 // DialWebSocket opens a STOMP over WebSocket connection to url
 // (ws://host:port/ws, or wss:// with tlsCfg, nil meaning the system's
-// roots), offering WSSubprotocols, and returns it as a net.Conn that
+// roots), offering wsSubprotocols, and returns it as a net.Conn that
 // behaves like the server's side: reads ignore message boundaries and
 // types, each Write is one message (text when valid UTF-8, else binary),
 // deadlines work, and Close sends a close frame and waits for the answer
@@ -509,7 +509,7 @@ func DialWebSocket(ctx context.Context, url string, tlsCfg *tls.Config, header h
 	ws, resp, err := websocket.Dial(ctx, url, &websocket.DialOptions{
 		HTTPClient:   &http.Client{Transport: tr},
 		HTTPHeader:   header,
-		Subprotocols: WSSubprotocols,
+		Subprotocols: wsSubprotocols,
 	})
 	if err != nil {
 		if resp != nil {
