@@ -2,6 +2,7 @@ package cluster
 
 import (
 	"context"
+	"errors"
 	"log/slog"
 	"net"
 	"net/netip"
@@ -79,7 +80,9 @@ func (j *joinResolver) resolve(ctx context.Context, entries []string) []string {
 func (j *joinResolver) lookup(ctx context.Context, e, host, port string) []string {
 	ips, err := j.r.LookupIPAddr(ctx, host)
 	if err != nil {
-		j.note(e, "error: "+err.Error(), nil, err)
+		if ctx.Err() == nil || errors.Is(ctx.Err(), context.DeadlineExceeded) {
+			j.note(e, "error: "+err.Error(), nil, err)
+		} // else the node is closing: nothing to report
 		return nil
 	}
 	p := parsePort(port)
