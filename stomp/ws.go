@@ -279,7 +279,8 @@ func (s *Server) handleWS(w http.ResponseWriter, r *http.Request, transport Tran
 		}
 		return
 	}
-	ws.SetReadLimit(int64(s.cfg.Limits.MaxFrameSize))
+	// A message may not be larger than a frame may be.
+	ws.SetReadLimit(int64(fioNormalizeLimits(s.cfg.Limits).MaxFrameSize))
 	c := newWSConn(ws, raw, &s.wg)
 
 	ip := remoteIP(raw)
