@@ -381,7 +381,10 @@ func (c *wsConn) readErr(err error) error {
 	case c.closing.Load() || errors.Is(err, net.ErrClosed):
 		return net.ErrClosed
 	case errors.Is(err, io.EOF), errors.Is(err, io.ErrUnexpectedEOF):
-		return io.ErrUnexpectedEOF // the TCP connection ended without a close frame
+		// The TCP connection ended without a close frame: as a TCP
+		// client's end (the frame reader tells a frame cut short).
+		c.eof = true
+		return io.EOF
 	}
 	return fmt.Errorf("websocket read: %w", err)
 }
