@@ -125,20 +125,23 @@ func (n *Node) pageDestinations() []DestInfo {
 // states.
 type destCache struct {
 	fetch func() []DestInfo
-	stop  <-chan struct{}
-	kick  chan struct{}
-	done  chan struct{}
-	begun atomic.Bool
+	// maxWait is how long a get waits for a gathering (pageDestWait).
+	maxWait time.Duration
+	stop    <-chan struct{}
+	kick    chan struct{}
+	done    chan struct{}
+	begun   atomic.Bool
 
 	mu     sync.Mutex
 	cur    []DestInfo
 	at     time.Time     // when cur was gathered; zero before the first
 	next   chan struct{} // closed (and replaced) when a gathering ends
 	wanted time.Time     // the last get
+	since  time.Time     // when the gathering in progress began; zero if none
 }
 
 func newDestCache(fetch func() []DestInfo, stop <-chan struct{}) *destCache {
-	return &destCache{fetch: fetch, stop: stop, kick: make(chan struct{}, 1), done: make(chan struct{}), next: make(chan struct{})}
+	return &destCache{fetch: fetch, maxWait: pageDestWait, stop: stop, kick: make(chan struct{}, 1), done: make(chan struct{}), next: make(chan struct{})}
 }
 
 func (c *destCache) start() {
@@ -171,9 +174,12 @@ func (c *destCache) run() {
 		if idle {
 			continue
 		}
+		c.mu.Lock()
+		c.since = time.Now()
+		c.mu.Unlock()
 		ds := c.fetch()
 		c.mu.Lock()
-		c.cur, c.at = ds, time.Now()
+		c.cur, c.at, c.since = ds, time.Now(), time.Time{}
 		close(c.next)
 		c.next = make(chan struct{})
 		c.mu.Unlock()
@@ -183,12 +189,16 @@ func (c *destCache) run() {
 // get returns the last gathered destinations (the caller must not modify
 // them) and when they were gathered. When there are none yet, or the
 // gatherer has idled (nobody asked for pageDestIdle), it waits up to
-// pageDestWait for a fresh gathering; otherwise it does not wait, so that
-// a slow peer never holds up the members' states.
+// pageDestWait for a fresh gathering; otherwise, or when a gathering has
+// already taken longer than that, it does not wait, so that a slow peer
+// never holds up the members' states.
 func (c *destCache) get(ctx context.Context) ([]DestInfo, time.Time) {
 	c.mu.Lock()
 	c.wanted = time.Now()
 	stale := c.at.IsZero() || time.Since(c.at) > pageDestIdle
+	if !c.since.IsZero() && time.Since(c.since) > c.maxWait {
+		stale = false // stuck on a peer: show what there is
+	}
 	next := c.next
 	c.mu.Unlock()
 	if stale {
@@ -196,7 +206,7 @@ func (c *destCache) get(ctx context.Context) ([]DestInfo, time.Time) {
 		case c.kick <- struct{}{}:
 		default:
 		}
-		t := time.NewTimer(pageDestWait)
+		t := time.NewTimer(c.maxWait)
 		defer t.Stop()
 		select {
 		case <-next:

@@ -267,7 +267,7 @@ func TestPageOverviewCluster(t *testing.T) {
 	// queue at its owner with its replicas and pending count.
 	var owner string
 	for _, name := range pc.names {
-		waitFor(t, 10*time.Second, "overview of "+name, func() string {
+		waitFor(t, 20*time.Second, "overview of "+name, func() string {
 			o := getOverview(t, pc.nodes[name], "")
 			if !o.Clustered || o.NodeName != name || o.Epoch == 0 {
 				return fmt.Sprintf("node %q clustered %v epoch %d", o.NodeName, o.Clustered, o.Epoch)
@@ -310,7 +310,10 @@ func TestPageOverviewCluster(t *testing.T) {
 				owner = d.OwnerName
 				return ""
 			}
-			return fmt.Sprintf("%s not among %d destinations", dest, len(o.Destinations))
+			// GET /v1/destinations, for the failure message: the page's
+			// source, asked directly.
+			direct := pageDo(t, &http.Client{Timeout: 10 * time.Second}, http.MethodGet, "http://"+pc.nodes[name].AdminAddr()+"/v1/destinations", "", "", nil)
+			return fmt.Sprintf("%s not among %d destinations (GET /v1/destinations: %d %.300s)", dest, len(o.Destinations), direct.code, direct.body)
 		})
 	}
 
@@ -815,4 +818,49 @@ func TestPageSamplerRing(t *testing.T) {
 		t.Errorf("Samples(4): %+v", got)
 	}
 	s.Close() // never started: returns
+}
+
+// A gathering of the destinations stuck on a slow peer holds up the first
+// overview by the wait at most, and the next ones not at all: the members'
+// states keep coming.
+func TestPageDestCacheSlowPeer(t *testing.T) {
+	release := make(chan struct{})
+	var mu sync.Mutex
+	calls := 0
+	stop := make(chan struct{})
+	c := newDestCache(func() []DestInfo {
+		mu.Lock()
+		calls++
+		first := calls == 1
+		mu.Unlock()
+		if first {
+			<-release
+		}
+		return []DestInfo{{Owner: "x"}}
+	}, stop)
+	c.maxWait = 300 * time.Millisecond
+	c.start()
+	defer func() { close(stop); c.wait() }()
+	ctx := context.Background()
+
+	start := time.Now()
+	if ds, _ := c.get(ctx); len(ds) != 0 {
+		t.Fatalf("first get while the gathering hangs: %v", ds)
+	}
+	if d := time.Since(start); d < c.maxWait || d > c.maxWait+2*time.Second {
+		t.Errorf("first get returned after %v, want about %v", d, c.maxWait)
+	}
+	time.Sleep(c.maxWait)
+	start = time.Now()
+	c.get(ctx)
+	if d := time.Since(start); d > 100*time.Millisecond {
+		t.Errorf("get while a gathering has hung longer than the wait took %v, want no wait", d)
+	}
+	close(release)
+	waitFor(t, 5*time.Second, "destinations after the peer answered", func() string {
+		if ds, at := c.get(ctx); len(ds) != 1 || at.IsZero() {
+			return fmt.Sprintf("%d destinations", len(ds))
+		}
+		return ""
+	})
 }
