@@ -105,7 +105,18 @@ func (rt *router) checkDrain(v viewSnap) error {
 	if rt.r < 2 {
 		return fmt.Errorf("%w: replica.replicas is %d: no other node holds a copy of this node's queues to serve them", ErrDrainRefused, rt.r)
 	}
-	for _, dest := range rt.servedQueues() {
+	// The queues it serves, and those it holds a copy of that it would
+	// come to own (a queue without another undrained replica stays with
+	// its first replica, draining or not).
+	check := rt.servedQueues()
+	if bs, err := rt.st.Buckets(); err == nil {
+		for _, b := range bs {
+			if b.Count > 0 && validDest(b.Name) && !slices.Contains(check, b.Name) && slices.Contains(replica.ReplicaSet(b.Name, v.active, rt.r), v.self) {
+				check = append(check, b.Name)
+			}
+		}
+	}
+	for _, dest := range check {
 		ok := false
 		for _, id := range replica.ReplicaSet(dest, v.active, rt.r) {
 			if _, alive := v.peers[id]; alive && id != v.self && !v.draining[id] {
