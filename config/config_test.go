@@ -707,6 +707,23 @@ func TestValidate(t *testing.T) {
 			c.STOMP.TLS.ClientAuth, c.STOMP.TLS.ClientCAFile, c.Auth.X509Login = "require", "ca.pem", true
 		}, "", ""},
 		{"auth.x509_login without client certificates", func(c *Config) { c.Auth.X509Login = true }, "auth.x509_login", "needs stomp.tls.addr"},
+		{"stomp.ws_addr not host:port", func(c *Config) { c.STOMP.WSAddr = "15674" }, "stomp.ws_addr", "not host:port"},
+		{"stomp.wss_addr without certificate", func(c *Config) { c.STOMP.WSSAddr = "127.0.0.1:15673" }, "stomp.wss_addr", "needs stomp.tls.cert_file"},
+		{"stomp.wss_addr with the STOMP TLS certificate", func(c *Config) {
+			c.STOMP.WSSAddr, c.STOMP.TLS.CertFile, c.STOMP.TLS.KeyFile = "127.0.0.1:15673", "c.pem", "k.pem"
+		}, "", ""},
+		{"stomp.ws_addr beyond loopback without users", func(c *Config) { c.STOMP.WSAddr = ":15674" }, "auth.users_file", "required when stomp.ws_addr listens beyond loopback"},
+		{"stomp.ws_allowed_origins a URL", func(c *Config) { c.STOMP.WSAllowedOrigins = []string{"https://app.example.com"} }, "stomp.ws_allowed_origins", "not a host pattern"},
+		{"stomp.ws_allowed_origins bad pattern", func(c *Config) { c.STOMP.WSAllowedOrigins = []string{"app[.example.com"} }, "stomp.ws_allowed_origins", "entry 0"},
+		{"stomp.ws_allowed_origins patterns", func(c *Config) { c.STOMP.WSAllowedOrigins = []string{"*", "*.example.com", "localhost:8080"} }, "", ""},
+		{"stomp.addr empty with only a WebSocket listener", func(c *Config) { c.STOMP.Addr, c.STOMP.WSAddr = "", "127.0.0.1:15674" }, "", ""},
+		{"stomp.addr empty with no listener at all", func(c *Config) { c.STOMP.Addr = "" }, "stomp.addr", "must not be empty"},
+		{"stomp.advertise_addr without port", func(c *Config) { c.STOMP.AdvertiseAddr = "broker-1.example" }, "stomp.advertise_addr", "not host:port"},
+		{"stomp.advertise_addr without host", func(c *Config) { c.STOMP.AdvertiseAddr = ":61613" }, "stomp.advertise_addr", "has no host"},
+		{"auth.x509_login over wss only", func(c *Config) {
+			c.STOMP.WSSAddr, c.STOMP.TLS.CertFile, c.STOMP.TLS.KeyFile = "127.0.0.1:15673", "c.pem", "k.pem"
+			c.STOMP.TLS.ClientAuth, c.STOMP.TLS.ClientCAFile, c.Auth.X509Login = "require", "ca.pem", true
+		}, "", ""},
 		{"admin.tls cert without key", func(c *Config) { c.Admin.TLS.CertFile = "c.pem" }, "admin.tls.key_file", "go together"},
 		{"admin.tls.client_ca_file without cert", func(c *Config) { c.Admin.TLS.ClientCAFile = "ca.pem" }, "admin.tls.client_ca_file", "needs admin.tls.cert_file"},
 		{"admin.addr beyond loopback without a token", func(c *Config) { c.Admin.Addr = "0.0.0.0:8613" }, "admin.token_file", "required when admin.addr listens beyond loopback"},

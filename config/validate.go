@@ -53,8 +53,8 @@ func (c Config) problems() []error {
 	check("node.name", nodeName(c.Node.Name))
 	check("node.data_dir", nonEmpty(c.Node.DataDir))
 
-	if c.STOMP.Addr == "" && c.STOMP.TLS.Addr == "" {
-		check("stomp.addr", errors.New(`must not be empty unless stomp.tls.addr is set ("" serves STOMP over TLS only)`))
+	if c.STOMP.Addr == "" && c.STOMP.TLS.Addr == "" && c.STOMP.WSAddr == "" && c.STOMP.WSSAddr == "" {
+		check("stomp.addr", errors.New(`must not be empty unless stomp.tls.addr, stomp.ws_addr or stomp.wss_addr is set ("" serves no plain TCP listener)`))
 	} else {
 		check("stomp.addr", optional(c.STOMP.Addr, listenAddr))
 	}
@@ -134,8 +134,8 @@ func (c Config) problems() []error {
 			check("auth.users_file", fmt.Errorf("required when %s listens beyond loopback (set auth.allow_anonymous: true to allow anonymous clients)", key))
 		}
 	}
-	if c.Auth.X509Login && (c.STOMP.TLS.Addr == "" || (c.STOMP.TLS.ClientAuth != "request" && c.STOMP.TLS.ClientAuth != "require")) {
-		check("auth.x509_login", errors.New("needs stomp.tls.addr with stomp.tls.client_auth request or require"))
+	if c.Auth.X509Login && ((c.STOMP.TLS.Addr == "" && c.STOMP.WSSAddr == "") || (c.STOMP.TLS.ClientAuth != "request" && c.STOMP.TLS.ClientAuth != "require")) {
+		check("auth.x509_login", errors.New("needs stomp.tls.addr or stomp.wss_addr with stomp.tls.client_auth request or require"))
 	}
 
 	check("limits.max_frame_size", positive(c.Limits.MaxFrameSize))
