@@ -117,7 +117,7 @@ func serve(cfg config.Config, stderr io.Writer) int {
 		fmt.Fprintf(stderr, "brokerd: %v\n", err)
 		return exitFail
 	}
-	log.Info("brokerd started", "node_id", n.ID(), "stomp", n.STOMPAddr(), "stomp_tls", n.STOMPTLSAddr(), "admin", n.AdminAddr(), "data_dir", cfg.Node.DataDir)
+	log.Info("brokerd started", "node_id", n.ID(), "stomp", n.STOMPAddr(), "stomp_tls", n.STOMPTLSAddr(), "stomp_ws", n.STOMPWSAddr(), "stomp_wss", n.STOMPWSSAddr(), "admin", n.AdminAddr(), "data_dir", cfg.Node.DataDir)
 	code := exitOK
 	hup := make(chan os.Signal, 1)
 	signal.Notify(hup, syscall.SIGHUP)
