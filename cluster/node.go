@@ -439,6 +439,10 @@ func (n *Node) Start() error {
 		_ = ml.Shutdown()
 		return fmt.Errorf("cluster: join %v: %w", n.cfg.Join, err)
 	}
+	// Once more, with the members the join brought (memberlist told
+	// events synchronously): the node must not act on its lone view, in
+	// which the effective protocol version is its own.
+	n.evaluate()
 	n.wg.Add(3)
 	go n.loop()
 	go n.publishLoop()

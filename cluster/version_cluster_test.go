@@ -71,6 +71,11 @@ func TestClusterProtocolRollingUpgrade(t *testing.T) {
 		if i == 2 {
 			want = 2
 		}
+		// From the moment Start returns: its peer links must not act on
+		// its lone view (version 2) while old members are there.
+		if v := nodes[name].ProtocolVersion(); i < 2 && v != 1 {
+			t.Errorf("%s says version %d right after joining a cluster with version-1 members", name, v)
+		}
 		waitFor(t, 15*time.Second, "version after upgrading "+name, func() bool { return everyVersion(want, nodes) })
 	}
 	reg := prometheus.NewRegistry()
