@@ -20,7 +20,7 @@ func worstMeta(stompHost string) Meta {
 		AdminAddr: v6, PeerAddr: v6,
 		Active: true, ActiveSince: 9_999_999_999_999, JoinedAt: 9_999_999_999_999, Proto: 99,
 		SetHash: strings.Repeat("f", 16), Epoch: 9_999_999_999, MVersion: 9_999_999_999, M: 999,
-		Leaving: true,
+		Leaving: true, ProtoMin: 99, Draining: true,
 	}
 	m.setClientAddrs(ClientAddrs{
 		TCP: net.JoinHostPort(stompHost, "65535"), TLS: net.JoinHostPort(stompHost, "65534"),
