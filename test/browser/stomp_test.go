@@ -354,34 +354,39 @@ func TestBrowserCluster(t *testing.T) {
 }
 
 // traffic sends messages with receipts over TCP through n1 to three
-// queues in rounds (rounds seconds), and consumes the first queue's on
-// n3, so that n1's rates, its receipt latencies and the destinations'
-// depths are not all zero.
+// queues, two of them owned by n1, one round a second for rounds seconds,
+// and consumes the first on n3 as it goes, so that n1's rates (sent above
+// delivered), its receipt latencies and the destinations' depths are not
+// all zero.
 func traffic(t *testing.T, c *testCluster, rounds int) {
 	t.Helper()
-	prod := c.nodes[0].dial(t)
-	cons := c.nodes[2].dial(t)
-	sub, err := cons.Subscribe("/queue/orders", stomp.AckAuto)
-	if err != nil {
-		t.Fatal(err)
+	n1, n2 := c.nodes[0], c.nodes[1]
+	prod := n1.dial(t)
+	queues := []string{c.queueOwnedBy(t, "orders", n1), c.queueOwnedBy(t, "invoices", n1), c.queueOwnedBy(t, "audit", n2)}
+	var subs []*stomp.Subscription // of queues[0]
+	for _, q := range queues[:1] {
+		sub, err := c.nodes[2].dial(t).Subscribe(q, stomp.AckAuto)
+		if err != nil {
+			t.Fatal(err)
+		}
+		subs = append(subs, sub)
 	}
-	queues := []string{"/queue/orders", "/queue/invoices", "/queue/audit"}
-	sent := 0
 	for r := 0; r < rounds; r++ {
 		start := time.Now()
-		for i := 0; i < 20+15*(r%4); i++ {
-			q := queues[i%3]
-			if err := prod.Send(q, "text/plain", []byte("order "+strconv.Itoa(i)), stomp.SendOpt.Receipt); err != nil {
+		sent := make([]int, len(queues))
+		for i := 0; i < 30+20*(r%4); i++ {
+			q := i % len(queues)
+			if err := prod.Send(queues[q], "text/plain", []byte("order "+strconv.Itoa(i)), stomp.SendOpt.Receipt); err != nil {
 				t.Fatal(err)
 			}
-			if q == queues[0] {
-				sent++
+			sent[q]++
+		}
+		for q, sub := range subs {
+			for i := 0; i < sent[q]; i++ {
+				receiveTCP(t, sub, "traffic on "+queues[q])
 			}
 		}
 		time.Sleep(time.Second - time.Since(start))
-	}
-	for i := 0; i < sent; i++ {
-		receiveTCP(t, sub, "traffic on /queue/orders")
 	}
 }
 
