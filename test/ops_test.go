@@ -275,8 +275,10 @@ func connectRaw(t *testing.T, addr string) (command, message, body string) {
 
 // TestClusterPurgeViaNonOwnerStaysPurged: 3 nodes, R=2. A queue holds 50
 // receipted messages, 5 of them delivered to a client-individual
-// subscriber and not acknowledged. A purge through a node that is not
-// the owner removes the 45 ready ones and keeps the 5. After the owner is
+// subscriber and not acknowledged. Its second replica stops. A purge
+// through a node that is not the owner removes the 45 ready ones and
+// keeps the 5. The second replica comes back with its copy of all 50
+// (merged at the owner's next take-over). After the owner is
 // stopped (the other replica takes the queue over from its copy) and
 // after it is started again (it takes the queue back, merging), no
 // purged message is delivered: each time a sentinel sent last arrives
@@ -327,6 +329,18 @@ func TestClusterPurgeViaNonOwnerStaysPurged(t *testing.T) {
 			t.Fatalf("only %d of 5 deliveries arrived", len(held))
 		}
 	}
+	// The queue's other replica goes away before the purge and comes
+	// back after it with its copy of every message: only tombstones keep
+	// the purged ones out when that copy is merged.
+	away := oc.nameOf(set[1])
+	oc.stop(away)
+	var present []string
+	for _, n := range oc.names {
+		if n != away {
+			present = append(present, n)
+		}
+	}
+	oc.waitConverged(15*time.Second, present)
 	// The owner's in-flight count shows the 5 before the purge.
 	waitFor(t, 5*time.Second, "5 in flight at the owner", func() (bool, string) {
 		var qs []node.QueueInfo
@@ -359,6 +373,8 @@ func TestClusterPurgeViaNonOwnerStaysPurged(t *testing.T) {
 		}
 	}
 	_ = prod.Disconnect()
+	oc.restart(away)
+	oc.waitConverged(15*time.Second, oc.names)
 	_ = cons.Disconnect() // the 5 return to the queue
 
 	want := map[string]bool{"new-0": true, "new-1": true, "new-2": true}
