@@ -30,6 +30,11 @@
 //     every epoch either side used for another set (Decide states it
 //     exactly).
 //
+// Protocol versions (version.go): each build speaks a range of versions,
+// gossiped in Meta; the cluster's effective version is the lowest maximum
+// among the alive members, and a node with no version in common with the
+// members is not admitted (memberlist's merge and alive delegates).
+//
 // Lock order in Node: evalMu, then mu. evalMu (not mu) is held while an
 // epoch is persisted, so memberlist's callbacks never wait for an fsync.
 package cluster
