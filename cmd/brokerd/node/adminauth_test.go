@@ -129,6 +129,9 @@ var protectedRoutes = []struct{ method, path string }{
 	{http.MethodGet, "/debug/pprof/goroutine?debug=1"},
 	{http.MethodGet, "/"}, // the cluster page; without credentials, its sign-in form
 	{http.MethodGet, "/v1/overview"},
+	{http.MethodGet, "/v1/queues"},   // ops.go
+	{http.MethodGet, "/v1/drain"},    // ops.go
+	{http.MethodPost, "/v1/undrain"}, // ops.go
 	{http.MethodGet, "/ui/app.js"},
 }
 
