@@ -866,6 +866,12 @@ func (n *Node) joinNewResolved(ctx context.Context) {
 		return
 	}
 	k, err := n.ml.Join(fresh)
+	if k == 0 {
+		// A listed address nobody answers at (a pod that is down) is
+		// tried again every ResolveInterval: not worth an info line each time.
+		n.log.Debug("new addresses of the join list did not answer", "addrs", fresh, "err", err)
+		return
+	}
 	n.log.Info("joined new addresses of the join list", "addrs", fresh, "answered", k, "err", err)
 	n.signal(n.wake)
 }
