@@ -227,10 +227,10 @@ func printStatus(w io.Writer, s cluster.Status, counts map[string]destCounts) {
 	if !s.Converged {
 		conv = "NO"
 	}
-	fmt.Fprintf(w, "cluster %s  node %s (%s)  epoch %d  converged %s  active members wanted %d\n\n",
-		s.ClusterName, s.NodeName, s.NodeID, s.Epoch, conv, s.ActiveMembersWanted)
+	fmt.Fprintf(w, "cluster %s  node %s (%s)  epoch %d  converged %s  active members wanted %d  protocol version %d\n\n",
+		s.ClusterName, s.NodeName, s.NodeID, s.Epoch, conv, s.ActiveMembersWanted, s.ProtocolVersion)
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
-	head := "NAME\tID\tROLE\tSTATE\tSTOMP\tADMIN\tACTIVE SINCE"
+	head := "NAME\tID\tROLE\tSTATE\tSTOMP\tADMIN\tACTIVE SINCE\tPROTOCOLS"
 	if counts != nil {
 		head += "\tOWNS\tCOPIES"
 	}
@@ -244,7 +244,12 @@ func printStatus(w io.Writer, s cluster.Status, counts map[string]destCounts) {
 		if m.Draining {
 			state += ",draining" // brokerd drain
 		}
-		line := fmt.Sprintf("%s\t%s\t%s\t%s\t%s\t%s\t%s", m.Name, m.ID, m.Role, state, m.STOMPAddr, m.AdminAddr, since)
+		// The versions the member speaks (README, Rolling upgrades).
+		protos := "-"
+		if m.Protocols.Valid() {
+			protos = m.Protocols.String()
+		}
+		line := fmt.Sprintf("%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s", m.Name, m.ID, m.Role, state, m.STOMPAddr, m.AdminAddr, since, protos)
 		if counts != nil {
 			c := counts[m.ID]
 			line += fmt.Sprintf("\t%d\t%d", c.owns, c.copies)
