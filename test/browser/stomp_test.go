@@ -296,9 +296,10 @@ func TestBrowserCluster(t *testing.T) {
 			Name  string `json:"name"`
 			State string `json:"state"`
 			Role  string `json:"role"`
+			Text  string `json:"text"` // what a person reads in the row
 		}
 		rows := func() []row {
-			return mustEval[[]row](t, admin, `Array.from(document.querySelectorAll("tr[data-member]")).map(r => ({name: r.dataset.member, state: r.dataset.state, role: r.dataset.role || ""}))`)
+			return mustEval[[]row](t, admin, `Array.from(document.querySelectorAll("tr[data-member]")).map(r => ({name: r.dataset.member, state: r.dataset.state, role: r.dataset.role || "", text: r.innerText}))`)
 		}
 		show := func(rs []row) string {
 			b, _ := json.Marshal(rs)
@@ -308,7 +309,7 @@ func TestBrowserCluster(t *testing.T) {
 			rs := rows()
 			alive := map[string]bool{}
 			for _, r := range rs {
-				if r.State == "alive" {
+				if r.State == "alive" && strings.Contains(r.Text, "alive") {
 					alive[r.Name] = true
 				}
 			}
@@ -338,6 +339,9 @@ func TestBrowserCluster(t *testing.T) {
 			for _, r := range rows() {
 				if r.Name == "n3" {
 					state = r.State
+					if !strings.Contains(r.Text, state) {
+						state += " (not in the row's text)"
+					}
 				}
 			}
 			if state != last {
