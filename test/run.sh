@@ -146,10 +146,10 @@ install_chromium() {
 # version from npm, unpacked once into the gitignored .cache/.
 STOMPJS_VERSION=7.5.0
 STOMPJS_DIR="$PWD/.cache/stompjs-$STOMPJS_VERSION"
-export BROKERD_STOMPJS="$STOMPJS_DIR/package/bundles/stomp.umd.min.js"
+export STOMPJS_BUNDLE="$STOMPJS_DIR/package/bundles/stomp.umd.min.js"
 
 fetch_stompjs() {
-	if [ -s "$BROKERD_STOMPJS" ]; then
+	if [ -s "$STOMPJS_BUNDLE" ]; then
 		return 0
 	fi
 	if ! command -v npm >/dev/null 2>&1; then
@@ -172,7 +172,7 @@ fetch_stompjs() {
 	mkdir -p "$STOMPJS_DIR"
 	tar -xzf "$tmp"/stomp-stompjs-"$STOMPJS_VERSION".tgz -C "$STOMPJS_DIR"
 	rm -rf "$tmp"
-	ls -l "$BROKERD_STOMPJS"
+	ls -l "$STOMPJS_BUNDLE"
 }
 
 fuzz_one() {

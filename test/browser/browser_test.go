@@ -50,12 +50,12 @@ func requirements(t *testing.T) (chromium, bundle string) {
 	if chromium == "" {
 		missing("no chromium on PATH (Debian package chromium)")
 	}
-	bundle = os.Getenv("BROKERD_STOMPJS")
+	bundle = os.Getenv("STOMPJS_BUNDLE")
 	if bundle == "" {
-		missing("BROKERD_STOMPJS is not set: the path of @stomp/stompjs 7's bundles/stomp.umd.min.js")
+		missing("STOMPJS_BUNDLE is not set: the path of @stomp/stompjs 7's bundles/stomp.umd.min.js")
 	}
 	if fi, err := os.Stat(bundle); err != nil || fi.Size() == 0 {
-		missing(fmt.Sprintf("BROKERD_STOMPJS=%s: no stompjs bundle there (%v)", bundle, err))
+		missing(fmt.Sprintf("STOMPJS_BUNDLE=%s: no stompjs bundle there (%v)", bundle, err))
 	}
 	return chromium, bundle
 }

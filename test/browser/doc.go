@@ -4,7 +4,7 @@
 // processes, and loads the cluster page of a node's admin address.
 //
 // The tests need Debian's chromium and the stompjs UMD bundle, whose path
-// BROKERD_STOMPJS names; test/run.sh installs both. Without either they
+// STOMPJS_BUNDLE names; test/run.sh installs both. Without either they
 // skip, unless CI is "true", where they fail. BROKERD_SCREENSHOT=path
 // writes the cluster page's screenshot there (docs/cluster-page.png).
 //

@@ -80,7 +80,8 @@ func brokerdBinary(t testing.TB) string {
 }
 
 // childEnv is the test's environment without BROKERD_ variables (the
-// broker would take BROKERD_STOMPJS for an unknown key), plus extra.
+// broker refuses a BROKERD_ variable that names no key, such as the test
+// command's BROKERD_SCREENSHOT), plus extra.
 func childEnv(extra ...string) []string {
 	var env []string
 	for _, kv := range os.Environ() {
