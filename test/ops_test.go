@@ -708,7 +708,7 @@ func TestClusterDrainUnderLoad(t *testing.T) {
 // undrained active member, is refused (409, naming why) and changes
 // nothing. A drained node that restarts comes back drained: it refuses
 // CONNECT, /healthz answers 503 and the others see it draining, until
-// undrain.
+// undrain. After every node restarted, /v1/queues lists the queue idle.
 func TestClusterDrainRefusalsAndRestart(t *testing.T) {
 	if testing.Short() {
 		t.Skip("in-process cluster")
@@ -794,4 +794,24 @@ func TestClusterDrainRefusalsAndRestart(t *testing.T) {
 	if code, _ := adminJSON(http.MethodGet, oc.broker("a").AdminAddr(), "/healthz", nil); code != 200 {
 		t.Fatalf("/healthz of a undrained: %d, want 200", code)
 	}
+
+	// After a restart of every node no queue is served until its first
+	// use: brokerd queues still lists it, idle, from its copies.
+	for _, n := range oc.names {
+		oc.stop(n)
+	}
+	for _, n := range oc.names {
+		oc.restart(n)
+	}
+	oc.waitConverged(15*time.Second, oc.names)
+	waitFor(t, 10*time.Second, q+" listed idle, owner b, 1 message", func() (bool, string) {
+		var qs []node.QueueInfo
+		_, err := adminJSON(http.MethodGet, oc.broker("c").AdminAddr(), "/v1/queues", &qs)
+		for _, x := range qs {
+			if x.Name == q {
+				return x.Idle && x.Owner == bID && x.Pending == 1 && len(x.Replicas) == 2, fmt.Sprintf("%+v", x)
+			}
+		}
+		return false, fmt.Sprint(qs, err)
+	})
 }

@@ -95,6 +95,7 @@ type queueRow struct {
 	Bytes     int64  `json:"pending_bytes"`
 	Owner     string `json:"owner"`
 	OwnerName string `json:"owner_name"`
+	Idle      bool   `json:"idle"`
 	Replicas  []struct {
 		ID    string `json:"id"`
 		Name  string `json:"name"`
@@ -109,6 +110,9 @@ func printQueues(w io.Writer, qs []queueRow) {
 		owner := q.OwnerName
 		if owner == "" {
 			owner = q.Owner
+		}
+		if q.Idle {
+			owner += " (idle)" // not served since its owner started: counted from its copies
 		}
 		var reps []string
 		for _, r := range q.Replicas {
@@ -134,7 +138,7 @@ func queuesCmd(stdout io.Writer) *cobra.Command {
 		Short: "List the queues with their pending and in-flight counts, owner and replica set (GET /v1/queues)",
 		Long: "List the queues with their pending (ready) and in-flight (delivered, unacknowledged) counts as their owner\n" +
 			"counts them, their owner and their replica set, cluster-wide (any node answers). A queue no node has\n" +
-			"served since its owner started is not listed until its first use.",
+			"served since its owner started is shown idle, with the messages of its fullest copy as pending.",
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			var raw json.RawMessage

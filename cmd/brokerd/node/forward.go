@@ -548,6 +548,8 @@ func forwardHandler(rt *router, log *slog.Logger) func(peer string, f *frame.Fra
 			}()
 		case opPurge:
 			rt.servePurge(f, reply) // ops.go
+		case opBuckets:
+			rt.serveBuckets(reply) // ops.go
 		default:
 			reply(stomp.PeerFail("unknown-op", fmt.Sprintf("unknown operation %q", f.Header.Get(stomp.PeerHeaderOp))))
 		}

@@ -2,11 +2,14 @@ package node
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"net/http"
+	"sort"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/brokerd/brokerd/replica"
@@ -22,14 +25,121 @@ import (
 // durable at the owner and on its write quorum before the answer.
 const opPurge = "purge"
 
+// opBuckets asks a node for the queues it holds a copy of (for GET
+// /v1/queues); answer: JSON []bucketInfo, at most maxBucketsListed.
+const opBuckets = "buckets"
+
+// maxBucketsListed bounds the copies one node lists for GET /v1/queues.
+const maxBucketsListed = 10000
+
 // purgeBudget bounds a purge, forwarded or not: a very large queue that
 // takes longer keeps what was removed, and the purge can be run again.
 const purgeBudget = 2 * time.Minute
 
 // QueueInfo is a queue as GET /v1/queues shows it: its counts at its
 // owner (pending: ready to deliver; in_flight: delivered, not yet
-// acknowledged), its owner and its replica set.
-type QueueInfo = DestInfo
+// acknowledged), its owner and its replica set. A queue no node serves
+// at the moment (nobody used it since its owner started) has Idle set,
+// the owner placement names, and as pending the most messages a copy
+// holds.
+type QueueInfo struct {
+	DestInfo
+	Idle bool `json:"idle,omitempty"`
+}
+
+// bucketInfo is a node's copy of a queue (opBuckets).
+type bucketInfo struct {
+	Name  string `json:"name"`
+	Count int64  `json:"count"`
+	Bytes int64  `json:"bytes"`
+}
+
+// localBuckets lists the non-empty queue copies in this node's store.
+func (rt *router) localBuckets() []bucketInfo {
+	bs, err := rt.st.Buckets()
+	if err != nil {
+		return nil
+	}
+	var out []bucketInfo
+	for _, b := range bs {
+		if b.Count > 0 && validDest(b.Name) && len(out) < maxBucketsListed {
+			out = append(out, bucketInfo{b.Name, b.Count, b.Bytes})
+		}
+	}
+	return out
+}
+
+// serveBuckets answers opBuckets.
+func (rt *router) serveBuckets(reply func(*frame.Frame)) {
+	go func() {
+		b, err := json.Marshal(rt.localBuckets())
+		if err != nil {
+			reply(stomp.PeerFail("internal", err.Error()))
+			return
+		}
+		resp := stomp.PeerOK()
+		resp.Body = b
+		reply(resp)
+	}()
+}
+
+// idleQueues is the queues some alive node holds a copy of that are not
+// in served, with their owner by placement.
+func (rt *router) idleQueues(served map[string]bool) []QueueInfo {
+	v := rt.view()
+	copies := map[string]bucketInfo{}
+	add := func(bs []bucketInfo) {
+		for _, b := range bs {
+			if c, ok := copies[b.Name]; !served[b.Name] && (!ok || b.Count > c.Count) {
+				copies[b.Name] = b
+			}
+		}
+	}
+	add(rt.localBuckets())
+	var mu sync.Mutex
+	var wg sync.WaitGroup
+	for peer := range v.peers {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			ch := make(chan []bucketInfo, 1)
+			ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+			defer cancel()
+			if err := rt.fwd.request(ctx, peer, opBuckets, nil, nil, func(f *frame.Frame, err error) {
+				var bs []bucketInfo
+				if err == nil {
+					_ = json.Unmarshal(f.Body, &bs)
+				}
+				ch <- bs
+			}); err != nil {
+				return
+			}
+			select {
+			case bs := <-ch:
+				mu.Lock()
+				add(bs)
+				mu.Unlock()
+			case <-ctx.Done():
+			}
+		}()
+	}
+	wg.Wait()
+	names := map[string]string{}
+	for _, m := range rt.status().Members {
+		names[m.ID] = m.Name
+	}
+	var out []QueueInfo
+	for _, b := range copies {
+		qi := QueueInfo{Idle: true, DestInfo: DestInfo{DestinationInfo: replica.DestinationInfo{Name: b.Name, Kind: replica.KindQueue.String(), Pending: int(b.Count), Bytes: b.Bytes}}}
+		qi.Owner = rt.ownerOf(v, b.Name)
+		qi.OwnerName = names[qi.Owner]
+		for _, id := range replica.ReplicaSet(b.Name, v.active, rt.r) {
+			qi.Replicas = append(qi.Replicas, ReplicaInfo{ID: id, Name: names[id], State: "idle"})
+		}
+		out = append(out, qi)
+	}
+	return out
+}
 
 // opsRoutes registers the operator routes on the admin mux.
 func (n *Node) opsRoutes(mux *http.ServeMux) {
@@ -91,22 +201,27 @@ func queueName(name string) string {
 }
 
 // queues lists the queues: clustered, every alive node's, each as its
-// owner counts it.
+// owner counts it, and those no node serves now (Idle) from their
+// copies.
 func (n *Node) queues() []QueueInfo {
 	out := []QueueInfo{}
 	if n.rt == nil {
 		for _, d := range n.rep.Destinations() {
 			if d.Kind == replica.KindQueue.String() {
-				out = append(out, QueueInfo{DestinationInfo: d, Owner: n.id, OwnerName: n.cfg.Node.Name})
+				out = append(out, QueueInfo{DestInfo: DestInfo{DestinationInfo: d, Owner: n.id, OwnerName: n.cfg.Node.Name}})
 			}
 		}
 		return out
 	}
+	served := map[string]bool{}
 	for _, d := range n.rt.clusterDestinations() {
 		if d.Kind == replica.KindQueue.String() {
-			out = append(out, d)
+			out = append(out, QueueInfo{DestInfo: d})
+			served[d.Name] = true
 		}
 	}
+	out = append(out, n.rt.idleQueues(served)...)
+	sort.Slice(out, func(i, j int) bool { return out[i].Name < out[j].Name })
 	return out
 }
 
