@@ -265,9 +265,17 @@ func (s *Server) handleWS(w http.ResponseWriter, r *http.Request, transport Tran
 	defer s.wg.Done()
 
 	rec := &statusRecorder{ResponseWriter: w}
+	var c *wsConn // set before the session reads, so before any ping
 	ws, err := websocket.Accept(rec, r, &websocket.AcceptOptions{
 		Subprotocols:   wsSubprotocols,
 		OriginPatterns: s.cfg.WSAllowedOrigins,
+		// The pong is written outside the session's writer, whose write
+		// deadline may have passed long ago on an idle session: give it
+		// a deadline of its own (a later one than the writer's).
+		OnPingReceived: func(context.Context, []byte) bool {
+			_ = c.SetWriteDeadline(time.Now().Add(s.cfg.WriteTimeout))
+			return true
+		},
 	})
 	if err != nil {
 		if rec.status == http.StatusForbidden {
@@ -281,7 +289,7 @@ func (s *Server) handleWS(w http.ResponseWriter, r *http.Request, transport Tran
 	}
 	// A message may not be larger than a frame may be.
 	ws.SetReadLimit(int64(fioNormalizeLimits(s.cfg.Limits).MaxFrameSize))
-	c := newWSConn(ws, raw, &s.wg)
+	c = newWSConn(ws, raw, &s.wg)
 
 	ip := remoteIP(raw)
 	s.mu.Lock()
