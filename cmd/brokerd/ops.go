@@ -263,6 +263,9 @@ func drainCmd(stdout io.Writer) *cobra.Command {
 			if st.OwnedQueues > 0 {
 				return &exitError{exitRefused, fmt.Errorf("node %s is draining but still owns %d queues after %v: do not stop it yet (run brokerd drain again to wait more)", m.Name, st.OwnedQueues, wait)}
 			}
+			if err := waitSeen(nt, m, true, deadline); err != nil {
+				return err
+			}
 			fmt.Fprintf(stdout, "node %s (%s) drained: it owns no queue, takes no new client, %d client sessions ended, %d still open\n", m.Name, m.ID, st.ClientsClosed, st.Clients)
 			return nil
 		},
@@ -274,11 +277,13 @@ func drainCmd(stdout io.Writer) *cobra.Command {
 
 func undrainCmd(stdout io.Writer) *cobra.Command {
 	var target *adminTarget
+	var wait time.Duration
 	c := &cobra.Command{
 		Use:   "undrain NODE",
 		Short: "End a node's maintenance: it takes clients and owns queues again (POST /v1/undrain)",
 		Long: "End a node's maintenance (brokerd drain): it takes clients again and becomes the owner of its queues\n" +
-			"again. NODE is a node name or ID, found as for drain. Exit status: 65 unknown node, 69 node unreachable,\n" +
+			"again. NODE is a node name or ID, found as for drain; the command waits (--wait) until every alive node\n" +
+			"sees it undrained. Exit status: 65 unknown node, 69 node unreachable, 75 not seen by every node in time,\n" +
 			"77 authentication refused.",
 		Args: cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
@@ -290,12 +295,67 @@ func undrainCmd(stdout io.Writer) *cobra.Command {
 			if err := nt.call(http.MethodPost, "/v1/undrain", nil, &st); err != nil {
 				return classify(err)
 			}
+			if err := waitSeen(nt, m, false, time.Now().Add(wait)); err != nil {
+				return err
+			}
 			fmt.Fprintf(stdout, "node %s (%s) undrained: it takes clients and owns queues again\n", m.Name, m.ID)
 			return nil
 		},
 	}
 	target = addAdminFlags(c)
+	c.Flags().DurationVar(&wait, "wait", 20*time.Second, "how long to wait for every alive node to see the node undrained")
 	return c
+}
+
+// waitSeen waits until every alive member, asked at its own admin
+// address (with nt's credentials), sees node m draining (or not, with
+// draining false), or deadline: a drain or undrain spreads by gossip, and
+// the next operation (another drain, a stop) must be judged on it.
+func waitSeen(nt *adminTarget, m cluster.MemberStatus, draining bool, deadline time.Time) error {
+	var last string
+	for {
+		var s cluster.Status
+		if err := nt.call(http.MethodGet, "/v1/cluster", nil, &s); err != nil {
+			return classify(err)
+		}
+		var behind []string
+		for _, o := range s.Members {
+			if o.ID == m.ID || o.AdminAddr == "" || (o.State != "alive" && o.State != "suspect") {
+				continue
+			}
+			t := *nt
+			t.addr = o.AdminAddr
+			if strings.HasPrefix(nt.addr, "https://") {
+				t.addr = "https://" + o.AdminAddr
+			}
+			var os cluster.Status
+			if err := t.call(http.MethodGet, "/v1/cluster", nil, &os); err != nil {
+				behind = append(behind, o.Name+" ("+err.Error()+")")
+				continue
+			}
+			seen := false
+			for _, x := range os.Members {
+				if x.ID == m.ID {
+					seen = x.Draining == draining
+				}
+			}
+			if !seen {
+				behind = append(behind, o.Name)
+			}
+		}
+		if len(behind) == 0 {
+			return nil
+		}
+		last = strings.Join(behind, ", ")
+		if time.Now().After(deadline) {
+			word := "draining"
+			if !draining {
+				word = "undrained"
+			}
+			return &exitError{exitRefused, fmt.Errorf("node %s: not every node sees it %s yet (%s): wait before the next drain or stop", m.Name, word, last)}
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
 }
 
 // opsCmds are the operator commands, for the root command.

@@ -57,73 +57,107 @@ func TestOpsCommands(t *testing.T) {
 	}
 }
 
-// fakeDrainNode is an admin API that answers drain calls: after a POST
-// /v1/drain, GET /v1/drain reports the queues still owned, one fewer each
-// time down to stopAt.
-type fakeDrainNode struct {
-	mu     sync.Mutex
-	owned  int
-	stopAt int
-	calls  []string
+// fakeCluster is the admin APIs of two nodes, a and b, for the drain
+// commands: after a POST /v1/drain at b, b's GET /v1/drain reports the
+// queues still owned, one fewer each time down to stopAt, and a's view
+// shows b draining when aFollows.
+type fakeCluster struct {
+	mu              sync.Mutex
+	aAddr, bAddr    string
+	owned, stopAt   int
+	draining, aSees bool
+	aFollows        bool
+	calls           []string
 }
 
-func (f *fakeDrainNode) ServeHTTP(w http.ResponseWriter, r *http.Request) {
-	f.mu.Lock()
-	defer f.mu.Unlock()
-	f.calls = append(f.calls, r.Method+" "+r.URL.Path)
-	st := map[string]any{"node_id": "id-b", "node_name": "b", "draining": r.URL.Path != "/v1/undrain", "owned_queues": f.owned, "clients": 0, "clients_closed": 2}
-	if r.Method == http.MethodGet && f.owned > f.stopAt {
-		f.owned--
-		st["owned_queues"] = f.owned
-	}
-	_ = json.NewEncoder(w).Encode(st)
+func (f *fakeCluster) status(self string, bDraining bool) cluster.Status {
+	return cluster.Status{NodeName: self, Members: []cluster.MemberStatus{
+		{ID: "id-a", Name: "a", State: "alive", AdminAddr: f.aAddr},
+		{ID: "id-b", Name: "b", State: "alive", AdminAddr: f.bAddr, Draining: bDraining},
+		{ID: "id-c", Name: "c", State: "dead", AdminAddr: "127.0.0.1:1"},
+	}}
 }
 
-// drain NODE finds the node in the cluster as --admin-addr sees it and
-// calls that node's own admin address; it waits for the hand-off, and
-// exits 75 when the node still owns queues after --wait.
-func TestOpsDrainCallsTheNamedNode(t *testing.T) {
-	b := &fakeDrainNode{owned: 3}
-	bs := httptest.NewServer(b)
-	defer bs.Close()
-	bAddr := strings.TrimPrefix(bs.URL, "http://")
-	as := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+func (f *fakeCluster) a() http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		f.mu.Lock()
+		defer f.mu.Unlock()
 		if r.URL.Path != "/v1/cluster" {
 			http.Error(w, "not here", http.StatusTeapot)
 			return
 		}
-		_ = json.NewEncoder(w).Encode(cluster.Status{NodeName: "a", Members: []cluster.MemberStatus{
-			{ID: "id-a", Name: "a", State: "alive", AdminAddr: "127.0.0.1:1"},
-			{ID: "id-b", Name: "b", State: "alive", AdminAddr: bAddr},
-			{ID: "id-c", Name: "c", State: "dead", AdminAddr: "127.0.0.1:1"},
-		}})
-	}))
-	defer as.Close()
-	aAddr := strings.TrimPrefix(as.URL, "http://")
+		_ = json.NewEncoder(w).Encode(f.status("a", f.aSees))
+	})
+}
 
-	code, out, errOut := brokerd("drain", "b", "--admin-addr", aAddr, "--wait", "10s")
+func (f *fakeCluster) b() http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		f.mu.Lock()
+		defer f.mu.Unlock()
+		f.calls = append(f.calls, r.Method+" "+r.URL.Path)
+		switch r.Method + " " + r.URL.Path {
+		case "GET /v1/cluster":
+			_ = json.NewEncoder(w).Encode(f.status("b", f.draining))
+			return
+		case "POST /v1/drain", "POST /v1/undrain":
+			f.draining = r.URL.Path == "/v1/drain"
+			if f.aFollows {
+				f.aSees = f.draining
+			}
+		case "GET /v1/drain":
+			if f.owned > f.stopAt {
+				f.owned--
+			}
+		}
+		_ = json.NewEncoder(w).Encode(map[string]any{"node_id": "id-b", "node_name": "b", "draining": f.draining, "owned_queues": f.owned, "clients": 0, "clients_closed": 2})
+	})
+}
+
+// drain NODE finds the node in the cluster as --admin-addr sees it and
+// calls that node's own admin address; it waits for the hand-off and for
+// every alive node to see the drain, and exits 75 when either does not
+// come within --wait.
+func TestOpsDrainCallsTheNamedNode(t *testing.T) {
+	f := &fakeCluster{owned: 3, aFollows: true}
+	as := httptest.NewServer(f.a())
+	defer as.Close()
+	bs := httptest.NewServer(f.b())
+	defer bs.Close()
+	f.aAddr, f.bAddr = strings.TrimPrefix(as.URL, "http://"), strings.TrimPrefix(bs.URL, "http://")
+
+	code, out, errOut := brokerd("drain", "b", "--admin-addr", f.aAddr, "--wait", "10s")
 	if code != 0 || !strings.Contains(out, "node b (id-b) drained: it owns no queue, takes no new client, 2 client sessions ended") {
 		t.Fatalf("drain b: exit %d, %q %q", code, out, errOut)
 	}
-	b.mu.Lock()
-	calls := strings.Join(b.calls, ",")
-	b.mu.Unlock()
+	f.mu.Lock()
+	calls := strings.Join(f.calls, ",")
+	f.mu.Unlock()
 	if !strings.HasPrefix(calls, "POST /v1/drain,GET /v1/drain") {
 		t.Fatalf("calls at b: %s", calls)
 	}
 
-	b.mu.Lock()
-	b.owned, b.stopAt = 3, 2
-	b.mu.Unlock()
-	code, _, errOut = brokerd("drain", "id-b", "--admin-addr", aAddr, "--wait", "300ms")
+	f.mu.Lock()
+	f.owned, f.stopAt = 3, 2
+	f.mu.Unlock()
+	code, _, errOut = brokerd("drain", "id-b", "--admin-addr", f.aAddr, "--wait", "300ms")
 	if code != exitRefused || !strings.Contains(errOut, "node b is draining but still owns 2 queues after 300ms: do not stop it yet") {
 		t.Fatalf("drain with a hand-off not done in time: exit %d, %q; want %d", code, errOut, exitRefused)
 	}
-	code, _, errOut = brokerd("drain", "c", "--admin-addr", aAddr)
+	f.mu.Lock()
+	f.owned, f.stopAt, f.aFollows, f.aSees = 0, 0, false, false
+	f.mu.Unlock()
+	code, _, errOut = brokerd("drain", "b", "--admin-addr", f.aAddr, "--wait", "300ms")
+	if code != exitRefused || !strings.Contains(errOut, "node b: not every node sees it draining yet (a)") {
+		t.Fatalf("drain that a does not see: exit %d, %q; want %d", code, errOut, exitRefused)
+	}
+	code, _, errOut = brokerd("drain", "c", "--admin-addr", f.aAddr)
 	if code != exitUnreachable || !strings.Contains(errOut, "node c (id-c) is dead in a's view") {
 		t.Fatalf("drain of a dead node: exit %d, %q; want %d", code, errOut, exitUnreachable)
 	}
-	code, out, errOut = brokerd("undrain", "b", "--admin-addr", aAddr)
+	f.mu.Lock()
+	f.aFollows, f.aSees = true, true
+	f.mu.Unlock()
+	code, out, errOut = brokerd("undrain", "b", "--admin-addr", f.aAddr)
 	if code != 0 || !strings.Contains(out, "node b (id-b) undrained") {
 		t.Fatalf("undrain b: exit %d, %q %q", code, out, errOut)
 	}

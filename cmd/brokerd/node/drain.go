@@ -76,11 +76,18 @@ func drainingSig(v viewSnap) string {
 	return strings.Join(ids, ",")
 }
 
-// servedQueues is the queues this node serves or is taking over.
+// servedQueues is the queues this node serves or is taking over. A
+// take-over that ended without a queue (a purge or existence check of a
+// queue that does not exist) leaves nothing served.
 func (rt *router) servedQueues() []string {
 	qs := rt.rep.AdoptedQueues()
 	rt.omu.Lock()
-	for dest := range rt.owned {
+	for dest, st := range rt.owned {
+		select {
+		case <-st.done:
+			continue // adopted (listed above) or failed
+		default:
+		}
 		if !slices.Contains(qs, dest) {
 			qs = append(qs, dest)
 		}
