@@ -240,7 +240,8 @@ func drainCmd(stdout io.Writer) *cobra.Command {
 			"stays a replica), refuses new STOMP connections, ends its client sessions once its queues moved, and\n" +
 			"/healthz answers 503 \"draining\". It stays drained across restarts until brokerd undrain. NODE is a\n" +
 			"node name or ID; the command reads the cluster from --admin-addr (any node) and calls NODE's own\n" +
-			"admin address, with the same credentials. It waits up to --wait for the hand-off.\n" +
+			"admin address, with the same credentials. It waits up to --wait for the hand-off and for every alive\n" +
+			"node to see the drain. Drain one node at a time.\n" +
 			"Exit status: 65 unknown node, 69 node unreachable, 75 refused (no other undrained replica could own a\n" +
 			"queue, or the hand-off did not finish within --wait: do not stop the node yet), 77 authentication refused.",
 		Args: cobra.ExactArgs(1),
