@@ -59,14 +59,16 @@ func (d *discovery) nodes(t stomp.Transport) string {
 // nodeLists returns, for each transport, the x-brokerd-nodes value of
 // status: the client address of this node for that transport, then those
 // of the other alive members in address order, comma-separated. A member
-// that is suspect, dead or left is not listed, nor one without a listener
+// that is suspect, dead, left or draining is not listed, nor one without a listener
 // for the transport or whose address has no host clients could dial
 // (0.0.0.0). Bounded by maxListedNodes and maxNodesHeaderLen.
 func nodeLists(s cluster.Status) [4]string {
 	var self [4]string
 	var others [4][]string
 	for _, m := range s.Members {
-		if m.State != "alive" {
+		// A draining member refuses new clients: not a place to fail
+		// over to.
+		if m.State != "alive" || (m.Draining && m.ID != s.NodeID) {
 			continue
 		}
 		addrs := [4]string{stomp.TransportTCP: m.STOMPAddr, stomp.TransportTLS: m.STOMPTLSAddr, stomp.TransportWS: m.STOMPWSAddr, stomp.TransportWSS: m.STOMPWSSAddr}
@@ -104,14 +106,32 @@ func nodeLists(s cluster.Status) [4]string {
 }
 
 // dialable reports whether addr is host:port with a host a client can
-// dial: not empty, not 0.0.0.0 or ::.
+// dial: not empty, not 0.0.0.0 or ::, and an IP address or a host name
+// (letters, digits, '.', '-', '_'), so that an address gossiped by a
+// member can neither break the CONNECTED frame (a newline) nor add
+// entries to the list (a comma).
 func dialable(addr string) bool {
 	host, port, err := net.SplitHostPort(addr)
-	if err != nil || host == "" || port == "" || port == "0" {
+	if err != nil || host == "" || port == "" || port == "0" || strings.Trim(port, "0123456789") != "" {
 		return false
 	}
-	ip, err := netip.ParseAddr(host)
-	return err != nil || !ip.IsUnspecified()
+	if ip, err := netip.ParseAddr(host); err == nil {
+		return !ip.IsUnspecified() && hostNameChars(ip.Zone())
+	}
+	return hostNameChars(host)
+}
+
+// hostNameChars reports whether s has only the characters of a host name
+// (or an interface name, for an IPv6 zone): letters, digits, '.', '-', '_'.
+func hostNameChars(s string) bool {
+	for _, c := range []byte(s) {
+		switch {
+		case 'a' <= c && c <= 'z', 'A' <= c && c <= 'Z', '0' <= c && c <= '9', c == '.', c == '-', c == '_':
+		default:
+			return false
+		}
+	}
+	return true
 }
 
 // advertisedClientAddrs returns the addresses a node advertises for its

@@ -21,6 +21,7 @@ func TestNodeLists(t *testing.T) {
 		m("dead", "dead", "10.0.0.3:61613", "10.0.0.3:61614"),
 		m("left", "left", "10.0.0.4:61613", "10.0.0.4:61614"),
 		m("any", "alive", "0.0.0.0:61613", "[::]:61614"),
+		{ID: "drained", Name: "drained", State: "alive", Draining: true, STOMPAddr: "10.0.0.6:61613"},
 	}}
 	got := nodeLists(s)
 	want := [4]string{
