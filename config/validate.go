@@ -81,7 +81,7 @@ func (c Config) problems() []error {
 		check("stomp.tls.client_auth", errors.New(`is "none", so stomp.tls.client_ca_file has no effect (set request or require)`))
 	}
 
-	check("stomp.advertise_addr", optional(c.STOMP.AdvertiseAddr, dialAddr))
+	check("stomp.advertise_addr", optional(c.STOMP.AdvertiseAddr, advertiseAddr))
 	check("stomp.ws_addr", optional(c.STOMP.WSAddr, listenAddr))
 	check("stomp.wss_addr", optional(c.STOMP.WSSAddr, listenAddr))
 	if c.STOMP.WSSAddr != "" && (c.STOMP.TLS.CertFile == "" || c.STOMP.TLS.KeyFile == "") {
@@ -283,6 +283,25 @@ func dialAddr(s string) error {
 	}
 	if host == "" {
 		return fmt.Errorf("%q has no host", s)
+	}
+	return nil
+}
+
+// advertiseAddr is dialAddr with a host that is an IP address or a host
+// name (letters, digits, '.', '-', '_'): clients get it in a
+// comma-separated header (x-brokerd-nodes).
+func advertiseAddr(s string) error {
+	if err := dialAddr(s); err != nil {
+		return err
+	}
+	host, _, _ := net.SplitHostPort(s)
+	if _, err := netip.ParseAddr(host); err == nil {
+		return nil
+	}
+	if i := strings.IndexFunc(host, func(r rune) bool {
+		return !(r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z' || r >= '0' && r <= '9' || r == '.' || r == '-' || r == '_')
+	}); i >= 0 {
+		return fmt.Errorf("%q: host %q has %q, which no host name has", s, host, host[i:i+1])
 	}
 	return nil
 }

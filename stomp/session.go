@@ -431,7 +431,9 @@ func (s *session) connect(f *frame.Frame) error {
 		c.Header.Add(frame.HeartBeat, strconv.FormatInt(sx.Milliseconds(), 10)+","+strconv.FormatInt(sy.Milliseconds(), 10))
 	}
 	if cfg.Nodes != nil {
-		if nodes := cfg.Nodes(s.transport); nodes != "" {
+		// CONNECTED's headers are not escaped: a value with a line end
+		// could not be written, and the client would get no answer.
+		if nodes := cfg.Nodes(s.transport); nodes != "" && !strings.ContainsAny(nodes, "\r\n") {
 			c.Header.Add(HeaderNodes, nodes)
 		}
 	}
