@@ -431,6 +431,11 @@ func (n *Node) Start() error {
 		} else {
 			_, err = ml.Join(addrs)
 		}
+		if err == nil && ml.NumMembers() <= 1 {
+			// The join list names this node (a headless Service lists
+			// every pod): its answer is no member found.
+			err = errors.New("only this node answered")
+		}
 		if err != nil {
 			n.log.Warn("join failed; running alone and retrying", "join", n.cfg.Join, "addrs", addrs, "err", err, "retry_every", n.cfg.RejoinInterval)
 		}
@@ -834,11 +839,17 @@ func (n *Node) rejoin(ctx context.Context) {
 		}
 		return
 	}
-	if k, err := n.ml.Join(addrs); err != nil && k == 0 {
+	k, err := n.ml.Join(addrs)
+	if err != nil && k == 0 {
 		n.log.Debug("rejoin failed", "addrs", addrs, "err", err)
-		if n.ml.NumMembers() <= 1 && len(n.cfg.Join) > 0 {
-			n.log.Warn("join failed; running alone and retrying", "join", n.cfg.Join, "err", err, "retry_every", n.cfg.RejoinInterval)
+	}
+	// Still alone, though the join list may have named this node, which
+	// answers its own join: no member found.
+	if alone && n.ml.NumMembers() <= 1 && len(n.cfg.Join) > 0 {
+		if err == nil {
+			err = errors.New("only this node answered")
 		}
+		n.log.Warn("join failed; running alone and retrying", "join", n.cfg.Join, "err", err, "retry_every", n.cfg.RejoinInterval)
 	}
 }
 
