@@ -10,6 +10,9 @@ import (
 // purgeChunk bounds the keys one round of Purge reads and removes.
 const purgeChunk = 8192
 
+// purgeRoundHook, when set (tests), runs between two rounds of a purge.
+var purgeRoundHook func()
+
 // Purge removes the ready messages of queue dest, in memory and on disk,
 // as RabbitMQ's queue purge does: the messages handed out to a
 // subscription and not yet acknowledged stay (their ACK or NACK settles
@@ -22,7 +25,7 @@ const purgeChunk = 8192
 // here (synced) and, with a Replicator, on the write quorum; an error
 // after some rounds leaves those removed (the count says how many).
 // Messages committed while it runs (above the highest key the queue had
-// counted when a round began) are after the purge and stay. The queue
+// counted when its first round began) are after the purge and stay. The queue
 // must exist (QueueExists): dest names a queue this node serves.
 //
 // Memory is bounded: the bucket is read purgeChunk keys at a time.
@@ -36,6 +39,10 @@ func (n *Node) Purge(ctx context.Context, dest string) (int, error) {
 	}
 	removed := 0
 	var after uint64
+	// bound is the highest key counted when the purge began: a message
+	// committed later (a SEND receipted while a long purge runs) stays.
+	var bound uint64
+	first := true
 	for {
 		if err := ctx.Err(); err != nil {
 			return removed, err
@@ -57,6 +64,9 @@ func (n *Node) Purge(ctx context.Context, dest string) (int, error) {
 		}
 		after = keys[len(keys)-1]
 		d := n.lockDestination(dest, KindQueue)
+		if first {
+			bound, first = d.countedTo, false
+		}
 		inflight := map[uint64]bool{}
 		for _, s := range d.subs {
 			for _, e := range s.inflight {
@@ -68,7 +78,7 @@ func (n *Node) Purge(ctx context.Context, dest string) (int, error) {
 		var ops []store.Op
 		round := 0
 		for _, k := range keys {
-			if k > d.countedTo {
+			if k > bound {
 				last = true // committed after the purge began: it stays
 				break
 			}
@@ -111,6 +121,9 @@ func (n *Node) Purge(ctx context.Context, dest string) (int, error) {
 		}
 		if last || len(keys) < purgeChunk {
 			return removed, nil
+		}
+		if purgeRoundHook != nil {
+			purgeRoundHook()
 		}
 	}
 }
