@@ -232,13 +232,15 @@ func (s *session) run() {
 	err := s.readLoop()
 	var pe *protocolError
 	isPE := errors.As(err, &pe)
+	// Read once: an undrain may clear it at any moment.
+	drainErr := s.srv.drainRefusal()
 	switch {
 	case isPE:
 		s.srv.m.errors.WithLabelValues(pe.reason).Inc()
 		log.Info("protocol error", "err", pe.Error())
 		s.push(&pendingOp{errFr: errorFrame(pe), final: true})
-	case err != nil && s.stopping.Load() && s.srv.draining.Load() != nil:
-		s.push(&pendingOp{errFr: errorFrame(s.srv.drainRefusal()), final: true})
+	case err != nil && s.stopping.Load() && drainErr != nil:
+		s.push(&pendingOp{errFr: errorFrame(drainErr), final: true})
 	case err != nil && s.stopping.Load():
 		s.push(&pendingOp{errFr: errorFrame(perr("shutdown", "server shutting down", "the server is shutting down; reconnect to another node")), final: true})
 	case err != nil && !errors.Is(err, io.EOF) && !errors.Is(err, net.ErrClosed):
