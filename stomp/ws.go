@@ -316,8 +316,9 @@ func (s *Server) handleWS(w http.ResponseWriter, r *http.Request, transport Tran
 // wsConn is a WebSocket connection carrying STOMP, as a net.Conn: reads
 // return the bytes of the messages received, of either type, streamed and
 // with message boundaries ignored (one frame or several per message, or a
-// frame split over several); each Write is sent as one message, a text
-// message when it is valid UTF-8 and a binary one otherwise. Deadlines
+// frame split over several); each Write is sent as one message (several
+// of at most wsMaxMessage for a larger one), a text message when it is
+// valid UTF-8 and a binary one otherwise. Deadlines
 // are those of the underlying connection; unlike websocket.NetConn, a
 // deadline does not close the connection, so the session can still write
 // its ERROR after a read deadline (heart-beat timeout, shutdown).
@@ -397,22 +398,42 @@ func (c *wsConn) readErr(err error) error {
 	return fmt.Errorf("websocket read: %w", err)
 }
 
-// Write sends p as one message: text when p is valid UTF-8, else binary.
+// wsMaxMessage bounds the messages Write sends. A pong (answering the
+// client's ping) waits for the message being written, and coder/websocket
+// gives it 5 s before it fails the read side: a large write to a slow
+// client is cut so that the pong goes out between two pieces.
+const wsMaxMessage = 64 << 10
+
+// Write sends p as one message, or as messages of at most wsMaxMessage
+// bytes cut at the start of a UTF-8 sequence; each is text when it is
+// valid UTF-8, else binary.
 func (c *wsConn) Write(p []byte) (int, error) {
 	if c.closing.Load() {
 		return 0, net.ErrClosed
 	}
-	typ := websocket.MessageText
-	if !utf8.Valid(p) {
-		typ = websocket.MessageBinary
-	}
-	if err := c.ws.Write(context.Background(), typ, p); err != nil {
-		if errors.Is(err, os.ErrDeadlineExceeded) {
-			return 0, os.ErrDeadlineExceeded
+	n := 0
+	for len(p) > 0 {
+		k := len(p)
+		if k > wsMaxMessage {
+			k = wsMaxMessage
+			for i := 0; i < utf8.UTFMax-1 && !utf8.RuneStart(p[k]); i++ {
+				k--
+			}
 		}
-		return 0, fmt.Errorf("websocket write: %w", err)
+		typ := websocket.MessageText
+		if !utf8.Valid(p[:k]) {
+			typ = websocket.MessageBinary
+		}
+		if err := c.ws.Write(context.Background(), typ, p[:k]); err != nil {
+			if errors.Is(err, os.ErrDeadlineExceeded) {
+				return n, os.ErrDeadlineExceeded
+			}
+			return n, fmt.Errorf("websocket write: %w", err)
+		}
+		n += k
+		p = p[k:]
 	}
-	return len(p), nil
+	return n, nil
 }
 
 // Close sends a close frame (normal closure) and closes the connection
