@@ -510,7 +510,15 @@ func (c *wsConn) Subprotocol() string { return c.ws.Subprotocol() }
 // for one). One incoming message may have up to 64 MiB. It is for Go
 // clients and tests: go-stomp's stomp.Connect takes the net.Conn.
 func DialWebSocket(ctx context.Context, url string, tlsCfg *tls.Config, header http.Header) (net.Conn, error) {
-	rawc := make(chan net.Conn, 1)
+	// The connection the handshake ends on is the last one dialed: a
+	// redirect dials again (keep-alives are off).
+	var rawMu sync.Mutex
+	var last net.Conn
+	record := func(c net.Conn) {
+		rawMu.Lock()
+		last = c
+		rawMu.Unlock()
+	}
 	var d net.Dialer
 	tr := &http.Transport{
 		Proxy:             nil,
@@ -518,7 +526,7 @@ func DialWebSocket(ctx context.Context, url string, tlsCfg *tls.Config, header h
 		DialContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
 			c, err := d.DialContext(ctx, network, addr)
 			if err == nil {
-				rawc <- c
+				record(c)
 			}
 			return c, err
 		},
@@ -534,7 +542,7 @@ func DialWebSocket(ctx context.Context, url string, tlsCfg *tls.Config, header h
 			td := tls.Dialer{NetDialer: &d, Config: cfg}
 			c, err := td.DialContext(ctx, network, addr)
 			if err == nil {
-				rawc <- c
+				record(c)
 			}
 			return c, err
 		},
@@ -551,11 +559,12 @@ func DialWebSocket(ctx context.Context, url string, tlsCfg *tls.Config, header h
 		return nil, fmt.Errorf("websocket dial %s: %w", url, err)
 	}
 	ws.SetReadLimit(64 << 20)
-	select {
-	case raw := <-rawc:
-		return newWSConn(ws, raw, nil), nil
-	default:
+	rawMu.Lock()
+	raw := last
+	rawMu.Unlock()
+	if raw == nil {
 		ws.CloseNow()
 		return nil, fmt.Errorf("websocket dial %s: no connection", url)
 	}
+	return newWSConn(ws, raw, nil), nil
 }
