@@ -19,3 +19,24 @@ func TestReview13AdvertiseAddrHost(t *testing.T) {
 		}
 	}
 }
+
+// TestReview13PlainWSWithX509Login: a client certificate logs in over
+// TLS only, so auth.x509_login with required client certificates does not
+// make a plain stomp.ws_addr beyond loopback any less anonymous: without
+// a users file it is refused, as stomp.addr is; stomp.wss_addr is not.
+func TestReview13PlainWSWithX509Login(t *testing.T) {
+	x509 := func(c *Config) {
+		c.STOMP.Addr = "127.0.0.1:61613"
+		c.STOMP.TLS.Addr, c.STOMP.TLS.CertFile, c.STOMP.TLS.KeyFile = ":61614", "c.pem", "k.pem"
+		c.STOMP.TLS.ClientAuth, c.STOMP.TLS.ClientCAFile, c.Auth.X509Login = "require", "ca.pem", true
+	}
+	c := Default()
+	x509(&c)
+	c.STOMP.WSAddr = ":15674"
+	checkValidateError(t, c.Validate(), "auth.users_file", "required when stomp.ws_addr listens beyond loopback")
+
+	c = Default()
+	x509(&c)
+	c.STOMP.WSSAddr = ":15673"
+	checkValidateError(t, c.Validate(), "", "")
+}

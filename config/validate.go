@@ -128,9 +128,12 @@ func (c Config) problems() []error {
 	if c.Auth.UsersFile == "" && !c.Auth.AllowAnonymous && !x509Required && c.STOMP.TLS.Addr != "" && listenAddr(c.STOMP.TLS.Addr) == nil && !listensOnLoopback(c.STOMP.TLS.Addr) {
 		check("auth.users_file", errors.New("required when stomp.tls.addr listens beyond loopback (or auth.x509_login with stomp.tls.client_auth: require, or auth.allow_anonymous: true)"))
 	}
-	// A WebSocket listener beyond loopback is as anonymous as stomp.addr.
+	// A WebSocket listener beyond loopback is as anonymous as stomp.addr;
+	// a required client certificate logs in over wss only (plain ws has
+	// no TLS, so no certificate).
 	for key, addr := range map[string]string{"stomp.ws_addr": c.STOMP.WSAddr, "stomp.wss_addr": c.STOMP.WSSAddr} {
-		if c.Auth.UsersFile == "" && !c.Auth.AllowAnonymous && !x509Required && addr != "" && listenAddr(addr) == nil && !listensOnLoopback(addr) {
+		certLogin := x509Required && key == "stomp.wss_addr"
+		if c.Auth.UsersFile == "" && !c.Auth.AllowAnonymous && !certLogin && addr != "" && listenAddr(addr) == nil && !listensOnLoopback(addr) {
 			check("auth.users_file", fmt.Errorf("required when %s listens beyond loopback (set auth.allow_anonymous: true to allow anonymous clients)", key))
 		}
 	}
