@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"slices"
 	"strings"
+	"time"
 
 	"github.com/hashicorp/memberlist"
 	"github.com/prometheus/client_golang/prometheus"
@@ -119,7 +120,20 @@ type protocolState struct {
 	// the range refused), so a node that keeps gossiping is logged once.
 	// Bounded: cleared when it reaches maxRefusalsLogged.
 	logged map[string]ProtocolRange
+	// vetted holds, by node ID, when a merge (NotifyMerge) last found the
+	// side the node was on compatible with this node's view; vetting,
+	// when a vetting join to a node last started (NotifyAlive). Both are
+	// bounded like logged.
+	vetted  map[string]time.Time
+	vetting map[string]time.Time
 }
+
+// vetTTL is how long a merge's verdict lets gossip about the nodes of the
+// other side in: memberlist merges right after NotifyMerge, on the same
+// goroutine, and a verdict is about the view of that moment (kept longer,
+// a node that the other side listed and that has since gone over to a
+// side this one does not speak would come back in with it).
+const vetTTL = time.Second
 
 // maxRefusalsLogged bounds protocolState.logged.
 const maxRefusalsLogged = 256
@@ -219,11 +233,14 @@ func (g versionGuard) NotifyMerge(peers []*memberlist.Node) error {
 	n := g.n
 	remote := map[string]bool{}
 	var theirs []ProtocolRange
-	var ids []string
+	var ids, all []string
 	for _, p := range peers {
 		if p.Name == n.cfg.NodeID || (p.State != memberlist.StateAlive && p.State != memberlist.StateSuspect) {
 			continue
 		}
+		// The other side's members: those its view counts (a node it
+		// holds dead was not checked with it).
+		all = append(all, p.Name)
 		m, err := decodeMeta(p.Meta)
 		if err != nil || m.Leaving {
 			continue
@@ -232,13 +249,13 @@ func (g versionGuard) NotifyMerge(peers []*memberlist.Node) error {
 		theirs = append(theirs, m.protocols())
 		ids = append(ids, p.Name)
 	}
-	if len(theirs) == 0 {
-		return nil
-	}
 	n.mu.Lock()
 	defer n.mu.Unlock()
 	ours := n.rangesExceptLocked(remote)
-	if _, ok := commonProtocols(append(slices.Clone(ours), theirs...)); ok {
+	if _, ok := commonProtocols(append(slices.Clone(ours), theirs...)); ok || len(theirs) == 0 {
+		// The whole other side is compatible with this one: the gossip
+		// about its nodes that the merge brings (NotifyAlive) is let in.
+		n.proto.vetted = boundedPut(n.proto.vetted, all, n.cfg.Now())
 		return nil
 	}
 	oc, _ := commonProtocols(ours)
@@ -279,13 +296,76 @@ func (g versionGuard) NotifyAlive(peer *memberlist.Node) error {
 	n.mu.Lock()
 	defer n.mu.Unlock()
 	ours := n.rangesExceptLocked(map[string]bool{peer.Name: true})
-	if _, ok := commonProtocols(append(slices.Clone(ours), m.protocols())); ok {
+	r := m.protocols()
+	oc, _ := commonProtocols(ours)
+	if _, ok := commonProtocols(append(slices.Clone(ours), r)); !ok {
+		e := &VersionError{NodeID: peer.Name, Node: r, Cluster: oc}
+		n.logRefusalLocked("member refused: no protocol version in common with the cluster", e)
+		return e
+	}
+	// A node that is not a member of this view (new, or back after a
+	// partition) may come with a side of its own: members admitted while
+	// this side could not see them, whose versions this side may not
+	// speak. Its own range tells only when that cannot be (its range
+	// within the one every member here speaks, so its side speaks some
+	// version of it): otherwise the node is let in by a merge that vetted
+	// its whole side (NotifyMerge), which a join to it now brings about.
+	// Without this, after a partition during which one side moved to a
+	// version the other does not speak, the nodes of either side that
+	// speak both would be admitted by the other, and nodes would list
+	// each other without listing the same members.
+	// A verdict serves once: the merge's own gossip comes right after it.
+	now := n.cfg.Now()
+	at, ok := n.proto.vetted[peer.Name]
+	vetted := ok && now.Sub(at) < vetTTL && !now.Before(at)
+	delete(n.proto.vetted, peer.Name)
+	if k := n.known[peer.Name]; k != nil && (k.state == "alive" || k.state == "suspect") {
 		return nil
 	}
-	oc, _ := commonProtocols(ours)
-	e := &VersionError{NodeID: peer.Name, Node: m.protocols(), Cluster: oc}
-	n.logRefusalLocked("member refused: no protocol version in common with the cluster", e)
-	return e
+	if (r.Min >= oc.Min && r.Max <= oc.Max) || vetted {
+		return nil
+	}
+	n.vetLocked(peer.Name, peer.Address(), now)
+	return fmt.Errorf("node %s (protocol versions %s) is not a member of this view and may bring members that do not speak %s: joining it to check its side first", peer.Name, r, oc)
+}
+
+// vetLocked joins the node at addr (id), at most once per RejoinInterval,
+// so that the merge checks its whole side (NotifyMerge) and, if it is
+// compatible, brings it in. memberlist holds its node lock around
+// NotifyAlive: the join runs on a goroutine of its own. Called under mu.
+func (n *Node) vetLocked(id, addr string, now time.Time) {
+	// Before Start's first evaluation (which follows n.ml's assignment,
+	// under mu) there is no memberlist to join with yet.
+	if n.proto.effective == 0 || n.ml == nil || addr == "" {
+		return
+	}
+	if t, ok := n.proto.vetting[id]; ok && now.Sub(t) < n.cfg.RejoinInterval && !now.Before(t) {
+		return
+	}
+	n.proto.vetting = boundedPut(n.proto.vetting, []string{id}, now)
+	ml := n.ml
+	go func() {
+		select {
+		case <-n.stop:
+			return
+		default:
+		}
+		if _, err := ml.Join([]string{addr}); err != nil {
+			n.log.Debug("join to check a returning or new node's side failed", "peer", id, "addr", addr, "err", err)
+		}
+	}()
+}
+
+// boundedPut sets m[id] = t for each id, clearing m first when it holds
+// maxRefusalsLogged entries or more.
+func boundedPut(m map[string]time.Time, ids []string, t time.Time) map[string]time.Time {
+	if m == nil || len(m) >= maxRefusalsLogged {
+		m = map[string]time.Time{}
+	}
+	for _, id := range ids {
+		m[id] = t
+	}
+	return m
 }
 
 var (
