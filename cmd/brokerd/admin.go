@@ -227,8 +227,13 @@ func printStatus(w io.Writer, s cluster.Status, counts map[string]destCounts) {
 	if !s.Converged {
 		conv = "NO"
 	}
-	fmt.Fprintf(w, "cluster %s  node %s (%s)  epoch %d  converged %s  active members wanted %d  protocol version %d\n\n",
-		s.ClusterName, s.NodeName, s.NodeID, s.Epoch, conv, s.ActiveMembersWanted, s.ProtocolVersion)
+	// A node built before protocol versions reports none ("-").
+	proto := "-"
+	if s.ProtocolVersion > 0 {
+		proto = strconv.Itoa(s.ProtocolVersion)
+	}
+	fmt.Fprintf(w, "cluster %s  node %s (%s)  epoch %d  converged %s  active members wanted %d  protocol version %s\n\n",
+		s.ClusterName, s.NodeName, s.NodeID, s.Epoch, conv, s.ActiveMembersWanted, proto)
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
 	head := "NAME\tID\tROLE\tSTATE\tSTOMP\tADMIN\tACTIVE SINCE\tPROTOCOLS"
 	if counts != nil {
