@@ -1309,7 +1309,8 @@ func (sc *peerServerConn) readLoop() error {
 		}
 		if sc.proto >= 2 {
 			if sum, ok := f.Header.Contains(peerHeaderCRC); ok {
-				if want := peerCRC(f.Body); sum != want {
+				// Hex digits in either case: the value, not its spelling.
+				if want := peerCRC(f.Body); !strings.EqualFold(sum, want) {
 					return peerPerr(peerCodeChecksum, "body checksum mismatch", "request %q: %s %q, the body's is %s",
 						fioTrunc(receipt), peerHeaderCRC, fioTrunc(sum), want)
 				}
