@@ -160,7 +160,11 @@ func (a *adminAuth) wrap(h http.Handler) http.Handler {
 			return
 		}
 		if r.URL.Path == "/" && (r.Method == http.MethodGet || r.Method == http.MethodHead) {
-			// A browser opening the cluster page: the sign-in form.
+			// A browser opening the cluster page: the sign-in form. Wrong
+			// credentials are logged as on any path (a browser sends none).
+			if r.Header.Get("Authorization") != "" {
+				a.log.Warn("admin request refused", "remote", r.RemoteAddr, "method", r.Method, "path", r.URL.Path, "reason", why)
+			}
 			w.Header().Set("WWW-Authenticate", `Bearer realm="brokerd"`)
 			a.serveLogin(w, http.StatusUnauthorized, "")
 			return
