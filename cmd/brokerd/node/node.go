@@ -46,6 +46,9 @@ type Node struct {
 	cl  *cluster.Node
 	// disc lists the cluster's nodes in CONNECTED (discovery.go).
 	disc *discovery
+	// sampled holds the metrics the cluster page's sampler reads
+	// (sampleRegisterer), also in reg.
+	sampled *prometheus.Registry
 
 	opts Options
 
@@ -184,7 +187,8 @@ func NewWithOptions(cfg config.Config, log *slog.Logger, opts Options) (*Node, e
 	rcfg.ReadAheadMessages = cfg.Queue.ReadAheadMessages
 	rcfg.ReadAheadBytes = cfg.Queue.ReadAheadBytes
 	rcfg.TombstoneTTL = cfg.Replica.TombstoneTTL
-	rcfg.Registerer = reg
+	sreg := newSampleRegisterer(reg)
+	rcfg.Registerer = sreg
 	rcfg.Logger = log
 	rep := replica.New(rcfg, st)
 	n := &Node{
@@ -251,7 +255,8 @@ func NewWithOptions(cfg config.Config, log *slog.Logger, opts Options) (*Node, e
 	pcfg.WSSAddr = cfg.STOMP.WSSAddr // with stomp.tls's certificate, as reloaded
 	pcfg.WSAllowedOrigins = cfg.STOMP.WSAllowedOrigins
 	pcfg.Logger = log
-	pcfg.Registerer = reg
+	pcfg.Registerer = sreg
+	n.sampled = sreg.Sample
 
 	n.srv = stomp.NewServer(pcfg, broker)
 	return n, nil

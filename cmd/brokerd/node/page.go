@@ -33,6 +33,7 @@ import (
 
 	"github.com/brokerd/brokerd/cluster"
 	"github.com/brokerd/brokerd/replica"
+	"github.com/prometheus/client_golang/prometheus"
 )
 
 // Bounds of the page.
@@ -83,7 +84,11 @@ type pageState struct {
 }
 
 func newPageState(n *Node) *pageState {
-	p := &pageState{n: n, samples: newSampler(n.reg, pageSampleEvery, pageSamples), done: make(chan struct{})}
+	var g prometheus.Gatherer = n.reg
+	if n.sampled != nil {
+		g = n.sampled // only the sampled metrics (sampleRegisterer)
+	}
+	p := &pageState{n: n, samples: newSampler(g, pageSampleEvery, pageSamples), done: make(chan struct{})}
 	p.dests = newDestCache(n.pageDestinations, p.done)
 	return p
 }

@@ -2,6 +2,7 @@ package node
 
 import (
 	"math"
+	"strings"
 	"sync"
 	"time"
 
@@ -16,6 +17,58 @@ const (
 	metricReceipt     = "brokerd_stomp_receipt_seconds"
 	metricConnections = "brokerd_stomp_connections"
 )
+
+// sampleRegisterer registers every collector in Registerer and, the ones
+// that describe a metric the sampler reads, in Sample too, which the
+// sampler gathers: not the whole registry, every second, whose
+// per-destination series and count of open files cost in proportion to
+// the queues clients create and the connections they open.
+type sampleRegisterer struct {
+	prometheus.Registerer
+	Sample *prometheus.Registry
+}
+
+func newSampleRegisterer(reg prometheus.Registerer) sampleRegisterer {
+	return sampleRegisterer{Registerer: reg, Sample: prometheus.NewRegistry()}
+}
+
+func (r sampleRegisterer) Register(c prometheus.Collector) error {
+	if err := r.Registerer.Register(c); err != nil {
+		return err
+	}
+	if describesSampled(c) {
+		return r.Sample.Register(c)
+	}
+	return nil
+}
+
+func (r sampleRegisterer) MustRegister(cs ...prometheus.Collector) {
+	for _, c := range cs {
+		if err := r.Register(c); err != nil {
+			panic(err)
+		}
+	}
+}
+
+// describesSampled reports whether c describes one of the sampler's
+// metrics.
+func describesSampled(c prometheus.Collector) bool {
+	ch := make(chan *prometheus.Desc)
+	go func() {
+		c.Describe(ch)
+		close(ch)
+	}()
+	found := false
+	for d := range ch {
+		s := d.String()
+		for _, name := range []string{metricPublished, metricDelivered, metricReceipt, metricConnections} {
+			if strings.Contains(s, `fqName: "`+name+`"`) {
+				found = true
+			}
+		}
+	}
+	return found
+}
 
 // Sample is one second of a node's traffic, as the cluster page charts it.
 // Rates are per second over the interval since the previous sample.
