@@ -1,6 +1,7 @@
 package node
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"slices"
@@ -9,6 +10,8 @@ import (
 	"time"
 
 	"github.com/brokerd/brokerd/replica"
+	"github.com/brokerd/brokerd/stomp"
+	"github.com/go-stomp/stomp/v3/frame"
 )
 
 // Draining a node for maintenance (brokerd drain, POST /v1/drain).
@@ -251,6 +254,12 @@ func (n *Node) startDrainClose(gen uint64) {
 // Undrain ends maintenance: the node takes clients again and owns its
 // queues again (they are handed back as they were handed over).
 // Undraining a node that is not draining changes nothing.
+//
+// The order mirrors the drain's, so that a queue has one owner at a
+// time: the undrain is gossiped while this node still counts itself
+// draining, the others release the queues it owns again as they hear of
+// it, and only once every alive peer says it has (opReleased; at most
+// undrainHandBackWait) does this node own them and take clients.
 func (n *Node) Undrain() (DrainStatus, error) {
 	n.drainMu.Lock()
 	defer n.drainMu.Unlock()
@@ -264,15 +273,99 @@ func (n *Node) Undrain() (DrainStatus, error) {
 			return n.drainStateLocked(), err
 		}
 	}
-	n.srv.SetDraining("")
 	if n.rt != nil {
-		// The others hand the queues back as they hear of it; this node
-		// takes each over (pulling every copy) on its next use.
+		if n.rt.drainingSelf.Load() {
+			if behind := n.rt.waitReleased(n.id, undrainHandBackWait); len(behind) > 0 {
+				n.log.Warn("undrain: owning queues again before every peer released them", "peers", behind)
+			}
+		}
+		// This node takes each queue over (pulling every copy) on its
+		// next use.
 		n.rt.drainingSelf.Store(false)
 		n.rt.refresh()
 	}
+	n.srv.SetDraining("")
 	n.log.Info("undrained: taking clients and owning queues again")
 	return n.drainStateLocked(), nil
+}
+
+// undrainHandBackWait bounds how long an undrain waits for the other
+// nodes to release the queues it owns again.
+const undrainHandBackWait = 5 * time.Second
+
+// opReleased asks a peer whether it sees node x-node undrained and serves
+// none of the queues that node owns (Undrain); answer: x-done "1" if so.
+const opReleased = "released"
+
+const (
+	hdrNode = "x-node"
+	hdrDone = "x-done"
+)
+
+// waitReleased waits until every alive peer sees node id undrained and
+// serves none of its queues, or for d. It returns the peers that did not
+// say so in time. A peer that does not know the operation (an older
+// version) is not waited for.
+func (rt *router) waitReleased(id string, d time.Duration) []string {
+	deadline := time.Now().Add(d)
+	v := rt.refresh()
+	var behind []string
+	for peer := range v.peers {
+		for {
+			done := make(chan bool, 1)
+			ctx, cancel := context.WithDeadline(context.Background(), deadline)
+			err := rt.fwd.request(ctx, peer, opReleased, []string{hdrNode, id}, nil, func(f *frame.Frame, err error) {
+				var pe *stomp.PeerError
+				done <- (err == nil && f.Header.Get(hdrDone) == "1") || (errors.As(err, &pe) && pe.Code == "unknown-op")
+			})
+			ok := false
+			if err == nil {
+				select {
+				case ok = <-done:
+				case <-ctx.Done():
+				}
+			}
+			cancel()
+			if ok {
+				break
+			}
+			if _, alive := rt.view().peers[peer]; !alive {
+				break
+			}
+			if time.Now().After(deadline) {
+				behind = append(behind, peer)
+				break
+			}
+			select {
+			case <-rt.stop:
+				return behind
+			case <-time.After(20 * time.Millisecond):
+			}
+		}
+	}
+	return behind
+}
+
+// serveReleased answers opReleased.
+func (rt *router) serveReleased(f *frame.Frame, reply func(*frame.Frame)) {
+	id := f.Header.Get(hdrNode)
+	go func() {
+		v := rt.refresh()
+		done := !v.draining[id]
+		if done {
+			for _, dest := range rt.servedQueues() {
+				if rt.ownerOf(v, dest) == id {
+					done = false // released at the router's next tick
+					break
+				}
+			}
+		}
+		ans := "0"
+		if done {
+			ans = "1"
+		}
+		reply(stomp.PeerOK(hdrDone, ans))
+	}()
 }
 
 // DrainState is the node's drained state now.

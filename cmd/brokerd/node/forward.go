@@ -550,6 +550,8 @@ func forwardHandler(rt *router, log *slog.Logger) func(peer string, f *frame.Fra
 			rt.servePurge(f, reply) // ops.go
 		case opBuckets:
 			rt.serveBuckets(reply) // ops.go
+		case opReleased:
+			rt.serveReleased(f, reply) // drain.go
 		default:
 			reply(stomp.PeerFail("unknown-op", fmt.Sprintf("unknown operation %q", f.Header.Get(stomp.PeerHeaderOp))))
 		}

@@ -47,6 +47,10 @@ type viewSnap struct {
 	// draining holds the alive members that announce maintenance (brokerd
 	// drain): ownerOf passes over them while another replica can own.
 	draining map[string]bool
+	// drainFlips counts the changes of draining seen by any load: a drain
+	// and undrain between two ticks of the watch leave draining as it
+	// was, but a queue taken over in between must be released.
+	drainFlips uint64
 }
 
 // viewTTL bounds how stale the router's membership snapshot may be.
@@ -96,8 +100,10 @@ type router struct {
 	// queues fail over at once, before gossip's verdict. Guarded by vmu.
 	refused map[string]bool
 	// Under vmu: the peers of the last view loaded, and the joins seen.
-	lastPeers map[string]string
-	joins     uint64
+	lastPeers  map[string]string
+	joins      uint64
+	lastDrain  string // drainingSig of the last load
+	drainFlips uint64
 
 	omu   sync.Mutex
 	owned map[string]*ownState // queues this node owns: pulled, adopted
@@ -707,6 +713,11 @@ func (rt *router) load() viewSnap {
 	}
 	rt.lastPeers = v.peers
 	v.joins = rt.joins
+	if sig := drainingSig(v); sig != rt.lastDrain {
+		rt.lastDrain = sig
+		rt.drainFlips++
+	}
+	v.drainFlips = rt.drainFlips
 	return v
 }
 
@@ -820,7 +831,9 @@ func (rt *router) watch() {
 		}
 		// A drain or undrain moves ownership as a change of the active
 		// set does: the set's signature carries the draining members.
-		set := strings.Join(v.active, ",") + "|" + drainingSig(v)
+		// drainFlips: a drain and undrain between two ticks, which a
+		// queue may have been taken over under, count too.
+		set := strings.Join(v.active, ",") + "|" + drainingSig(v) + "|" + strconv.FormatUint(v.drainFlips, 10)
 		if v.epoch == last && set == lastSet && !joined {
 			continue
 		}
