@@ -150,13 +150,13 @@ type MemberStatus struct {
 	AdminAddr   string  `json:"admin_addr"`
 	PeerAddr    string  `json:"peer_addr"`
 	ActiveSince *string `json:"active_since"`
+	// Protocols is the range of protocol versions the member speaks.
+	Protocols ProtocolRange `json:"protocols"`
 	// STOMPTLSAddr, STOMPWSAddr and STOMPWSSAddr are the member's other
 	// client listeners, "" for none.
 	STOMPTLSAddr string `json:"stomp_tls_addr,omitempty"`
 	STOMPWSAddr  string `json:"stomp_ws_addr,omitempty"`
 	STOMPWSSAddr string `json:"stomp_wss_addr,omitempty"`
-	// Protocols is the range of protocol versions the member speaks.
-	Protocols ProtocolRange `json:"protocols"`
 	// Draining: the node is in maintenance (brokerd drain) and owns no
 	// queue while another replica can.
 	Draining bool `json:"draining,omitempty"`

@@ -207,6 +207,12 @@ func (n *Node) logRefusalLocked(msg string, e *VersionError) {
 	n.log.Warn(msg, "peer", e.NodeID, "peer_protocols", e.Node.String(), "cluster_protocols", e.Cluster.String(), "err", e.Error())
 }
 
+// JoinRefused returns the refusal of this node's join (a *VersionError),
+// while the cluster it was asked to join refuses it over protocol versions
+// and it runs alone; nil otherwise. A node refused after it started alone
+// keeps running, serving no one else's queues: /healthz reports it.
+func (n *Node) JoinRefused() error { return n.joinRefusal() }
+
 // joinRefusal returns the refusal of this node's join, if its join was
 // refused over protocol versions and it is still alone.
 func (n *Node) joinRefusal() error {

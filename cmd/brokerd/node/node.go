@@ -642,8 +642,8 @@ func (n *Node) adminHandler() http.Handler {
 		writeJSON(w, n.rep.Destinations())
 	})
 	n.gossipKeysRoutes(mux)
-	n.pageRoutes(mux)
 	n.opsRoutes(mux)
+	n.pageRoutes(mux)
 	return mux
 }
 
@@ -668,6 +668,18 @@ func (n *Node) healthz(w http.ResponseWriter, r *http.Request) {
 	case failed != nil:
 		body["status"] = "failed"
 		body["error"] = "store failed: " + failed.Error()
+		w.Header().Set("Content-Type", "application/json")
+		w.WriteHeader(http.StatusServiceUnavailable)
+		enc := json.NewEncoder(w)
+		enc.SetIndent("", "  ")
+		_ = enc.Encode(body)
+		return
+	case n.cl != nil && n.cl.JoinRefused() != nil:
+		// Started alone, then refused by the cluster of cluster.join
+		// (no protocol version in common): it must not look like a
+		// healthy member to a load balancer.
+		body["status"] = "refused"
+		body["error"] = n.cl.JoinRefused().Error()
 		w.Header().Set("Content-Type", "application/json")
 		w.WriteHeader(http.StatusServiceUnavailable)
 		enc := json.NewEncoder(w)
