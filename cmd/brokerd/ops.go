@@ -198,6 +198,9 @@ type drainState struct {
 	OwnedQueues   int    `json:"owned_queues"`
 	ClientsClosed int    `json:"clients_closed"`
 	Clients       int    `json:"clients"`
+	// PendingTransactions: recorded multi-owner COMMITs whose remaining
+	// messages are on the node's disk only.
+	PendingTransactions int `json:"pending_transactions"`
 }
 
 // nodeTarget finds node (a name or an ID) in the cluster as the node at
@@ -240,7 +243,8 @@ func drainCmd(stdout io.Writer) *cobra.Command {
 			"stays a replica), refuses new STOMP connections, ends its client sessions once its queues moved, and\n" +
 			"/healthz answers 503 \"draining\". It stays drained across restarts until brokerd undrain. NODE is a\n" +
 			"node name or ID; the command reads the cluster from --admin-addr (any node) and calls NODE's own\n" +
-			"admin address, with the same credentials. It waits up to --wait for the hand-off and for every alive\n" +
+			"admin address, with the same credentials. It waits up to --wait for the hand-off, for the transactions\n" +
+			"recorded there to be applied, and for every alive\n" +
 			"node to see the drain. Drain one node at a time.\n" +
 			"Exit status: 65 unknown node, 69 node unreachable, 75 refused (no other undrained replica could own a\n" +
 			"queue, or the hand-off did not finish within --wait: do not stop the node yet), 77 authentication refused.",
@@ -255,7 +259,7 @@ func drainCmd(stdout io.Writer) *cobra.Command {
 				return classify(err)
 			}
 			deadline := time.Now().Add(wait)
-			for (st.OwnedQueues > 0 || st.Clients > 0) && time.Now().Before(deadline) {
+			for (st.OwnedQueues > 0 || st.Clients > 0 || st.PendingTransactions > 0) && time.Now().Before(deadline) {
 				time.Sleep(200 * time.Millisecond)
 				if err := nt.call(http.MethodGet, "/v1/drain", nil, &st); err != nil {
 					return classify(err)
@@ -263,6 +267,9 @@ func drainCmd(stdout io.Writer) *cobra.Command {
 			}
 			if st.OwnedQueues > 0 {
 				return &exitError{exitRefused, fmt.Errorf("node %s is draining but still owns %d queues after %v: do not stop it yet (run brokerd drain again to wait more)", m.Name, st.OwnedQueues, wait)}
+			}
+			if st.PendingTransactions > 0 {
+				return &exitError{exitRefused, fmt.Errorf("node %s is draining but still completes %d transactions recorded there (their remaining messages are on its disk only) after %v: do not stop it yet (run brokerd drain again to wait more)", m.Name, st.PendingTransactions, wait)}
 			}
 			if err := waitSeen(nt, m, true, deadline); err != nil {
 				return err

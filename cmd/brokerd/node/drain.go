@@ -66,6 +66,11 @@ type DrainStatus struct {
 	ClientsClosed int `json:"clients_closed"`
 	// Clients is the number of STOMP sessions open now.
 	Clients int `json:"clients"`
+	// PendingTransactions is the number of COMMITs over several queues'
+	// owners this node recorded and has not applied everywhere yet: their
+	// remaining messages are on this node's disk only until then, so it
+	// must not be stopped before this is 0.
+	PendingTransactions int `json:"pending_transactions"`
 }
 
 // drainingSig lists v's draining members, sorted: part of the router's
@@ -379,6 +384,9 @@ func (n *Node) drainStateLocked() DrainStatus {
 	s := DrainStatus{NodeID: n.id, NodeName: n.cfg.Node.Name, Draining: n.srv.Draining(), ClientsClosed: n.drainClosed, Clients: n.srv.Sessions()}
 	if n.rt != nil {
 		s.OwnedQueues = len(n.rt.servedQueues())
+		if n.rt.txn != nil {
+			s.PendingTransactions = n.rt.txn.incomplete()
+		}
 	}
 	return s
 }
