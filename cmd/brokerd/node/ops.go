@@ -32,6 +32,11 @@ const opBuckets = "buckets"
 // maxBucketsListed bounds the copies one node lists for GET /v1/queues.
 const maxBucketsListed = 10000
 
+// maxBucketsBytes bounds the JSON of those copies: well under a peer
+// link's body limit (16 MiB), whatever the names' length (up to a header
+// line each), so the answer is never refused as too large.
+const maxBucketsBytes = 8 << 20
+
 // purgeBudget bounds a purge, forwarded or not: a very large queue that
 // takes longer keeps what was removed, and the purge can be run again.
 const purgeBudget = 2 * time.Minute
@@ -61,9 +66,16 @@ func (rt *router) localBuckets() []bucketInfo {
 		return nil
 	}
 	var out []bucketInfo
+	size := 2
 	for _, b := range bs {
 		if b.Count > 0 && validDest(b.Name) && len(out) < maxBucketsListed {
-			out = append(out, bucketInfo{b.Name, b.Count, b.Bytes})
+			bi := bucketInfo{b.Name, b.Count, b.Bytes}
+			j, err := json.Marshal(bi)
+			if err != nil || size+len(j)+1 > maxBucketsBytes {
+				break
+			}
+			size += len(j) + 1
+			out = append(out, bi)
 		}
 	}
 	return out
