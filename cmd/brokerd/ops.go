@@ -300,7 +300,11 @@ func undrainCmd(stdout io.Writer) *cobra.Command {
 				return err
 			}
 			var st drainState
-			if err := nt.call(http.MethodPost, "/v1/undrain", nil, &st); err != nil {
+			// The node answers once the others released its queues (up to
+			// 5 s when one is slow): longer than a call's usual 5 s.
+			post := *nt
+			post.timeout = 20 * time.Second
+			if err := post.call(http.MethodPost, "/v1/undrain", nil, &st); err != nil {
 				return classify(err)
 			}
 			if err := waitSeen(nt, m, false, time.Now().Add(wait)); err != nil {
