@@ -9,6 +9,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"net/url"
 	"os"
 	"strings"
 	"sync/atomic"
@@ -142,8 +143,47 @@ func (a *adminAuth) tokenOK(tok string) bool {
 	return subtle.ConstantTimeCompare(got[:], want[:]) == 1
 }
 
-// wrap returns h behind authentication; an open API is h itself.
+// wrap returns h behind authentication (an open API: h itself), and
+// refuses a browser's cross-site request that would change something
+// (crossSite), open API or not.
 func (a *adminAuth) wrap(h http.Handler) http.Handler {
+	inner := a.wrapAuth(h)
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if crossSite(r) {
+			a.log.Warn("admin request refused", "remote", r.RemoteAddr, "method", r.Method, "path", r.URL.Path, "reason", "cross-site request from a browser", "origin", r.Header.Get("Origin"))
+			http.Error(w, "cross-site request refused", http.StatusForbidden)
+			return
+		}
+		inner.ServeHTTP(w, r)
+	})
+}
+
+// crossSite reports a request that changes something (not GET, HEAD or
+// OPTIONS) sent by a browser from a page of another site: a forged form
+// or a no-cors fetch, which needs no preflight. An open admin API
+// (loopback) would otherwise purge or drain for any web page its
+// operator visits. Browsers say where the request comes from (Origin,
+// Sec-Fetch-Site); clients that are not browsers send neither.
+func crossSite(r *http.Request) bool {
+	switch r.Method {
+	case http.MethodGet, http.MethodHead, http.MethodOptions:
+		return false
+	}
+	if r.Header.Get("Sec-Fetch-Site") == "cross-site" {
+		return true
+	}
+	o := r.Header.Get("Origin")
+	if o == "" {
+		return false
+	}
+	u, err := url.Parse(o)
+	if err != nil || u.Host == "" {
+		return true // "null": a sandboxed frame, a file
+	}
+	return !strings.EqualFold(u.Host, r.Host)
+}
+
+func (a *adminAuth) wrapAuth(h http.Handler) http.Handler {
 	if a.open() {
 		return h
 	}
