@@ -149,6 +149,13 @@ func (a *adminAuth) tokenOK(tok string) bool {
 func (a *adminAuth) wrap(h http.Handler) http.Handler {
 	inner := a.wrapAuth(h)
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if a.open() && r.URL.Path != "/healthz" && !loopbackHost(r.Host) {
+			// DNS rebinding: a web page whose name now resolves to
+			// 127.0.0.1 is same-origin with itself, Origin included.
+			a.log.Warn("admin request refused", "remote", r.RemoteAddr, "method", r.Method, "path", r.URL.Path, "reason", "open admin API asked for by a host name that is not loopback", "host", r.Host)
+			http.Error(w, "the admin API has no credentials: ask for it by a loopback address (127.0.0.1, [::1], localhost)", http.StatusForbidden)
+			return
+		}
 		if crossSite(r) {
 			a.log.Warn("admin request refused", "remote", r.RemoteAddr, "method", r.Method, "path", r.URL.Path, "reason", "cross-site request from a browser", "origin", r.Header.Get("Origin"))
 			http.Error(w, "cross-site request refused", http.StatusForbidden)
@@ -181,6 +188,21 @@ func crossSite(r *http.Request) bool {
 		return true // "null": a sandboxed frame, a file
 	}
 	return !strings.EqualFold(u.Host, r.Host)
+}
+
+// loopbackHost reports whether host (a request's Host, with or without
+// a port) is a loopback IP or localhost: the names an open admin API,
+// which listens on loopback only, is asked for by.
+func loopbackHost(host string) bool {
+	if h, _, err := net.SplitHostPort(host); err == nil {
+		host = h
+	}
+	host = strings.TrimSuffix(strings.TrimPrefix(host, "["), "]")
+	if strings.EqualFold(host, "localhost") {
+		return true
+	}
+	ip := net.ParseIP(host)
+	return ip != nil && ip.IsLoopback()
 }
 
 func (a *adminAuth) wrapAuth(h http.Handler) http.Handler {

@@ -69,3 +69,45 @@ func TestReview13OpenAdminRefusesCrossSitePosts(t *testing.T) {
 		t.Fatalf("purge from the CLI: %d %s", code, body)
 	}
 }
+
+// TestReview13OpenAdminRefusesForeignHostNames: DNS rebinding. A web
+// page at evil.example whose name is made to resolve to 127.0.0.1 is
+// same-origin with the open admin API as the browser sees it (its Origin
+// and the Host it sends are both evil.example), so it could read every
+// /v1 answer and purge or drain. An open API answers only requests that
+// name it by a loopback address.
+func TestReview13OpenAdminRefusesForeignHostNames(t *testing.T) {
+	n := startOpsNode(t)
+	do := func(method, path, host string, hdr ...string) int {
+		req, err := http.NewRequest(method, "http://"+n.AdminAddr()+path, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		req.Host = host
+		for i := 0; i+1 < len(hdr); i += 2 {
+			req.Header.Set(hdr[i], hdr[i+1])
+		}
+		resp, err := (&http.Client{Timeout: 10 * time.Second}).Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		return resp.StatusCode
+	}
+	_, port, _ := strings.Cut(n.AdminAddr(), ":")
+	evil := "evil.example:" + port
+	if code := do(http.MethodGet, "/v1/queues", evil); code != http.StatusForbidden {
+		t.Fatalf("GET /v1/queues asked for as %s: %d, want 403", evil, code)
+	}
+	if code := do(http.MethodPost, "/v1/drain", evil, "Origin", "http://"+evil); code != http.StatusForbidden {
+		t.Fatalf("POST /v1/drain from a rebound page: %d, want 403", code)
+	}
+	for _, h := range []string{n.AdminAddr(), "localhost:" + port, "[::1]:" + port} {
+		if code := do(http.MethodGet, "/v1/queues", h); code != http.StatusOK {
+			t.Fatalf("GET /v1/queues asked for as %s: %d, want 200", h, code)
+		}
+	}
+	if code := do(http.MethodGet, "/healthz", evil); code != http.StatusOK {
+		t.Fatalf("/healthz asked for as %s: %d, want 200 (probes)", evil, code)
+	}
+}
