@@ -160,6 +160,10 @@ type MemberStatus struct {
 	// Draining: the node is in maintenance (brokerd drain) and owns no
 	// queue while another replica can.
 	Draining bool `json:"draining,omitempty"`
+	// Legacy: the member runs a build from before protocol ranges (its
+	// metadata has no minimum version), which knows nothing of drained
+	// members either: a drain is refused while one is alive.
+	Legacy bool `json:"legacy,omitempty"`
 }
 
 // Status is the node's view of the cluster.
@@ -712,6 +716,7 @@ func (n *Node) buildStatus(metas map[string]Meta, states map[string]string) Stat
 		ms := MemberStatus{ID: m.ID, Name: m.Name, Role: "observer", State: state, STOMPAddr: ca.TCP, STOMPTLSAddr: ca.TLS,
 			STOMPWSAddr: ca.WS, STOMPWSSAddr: ca.WSS, AdminAddr: m.AdminAddr, PeerAddr: m.PeerAddr, Protocols: m.protocols()}
 		ms.Draining = m.Draining
+		ms.Legacy = m.ProtoMin == 0
 		if state == "alive" || state == "suspect" {
 			if n.set.Contains(m.ID) {
 				ms.Role = "active"

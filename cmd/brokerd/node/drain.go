@@ -9,6 +9,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/brokerd/brokerd/cluster"
 	"github.com/brokerd/brokerd/replica"
 	"github.com/brokerd/brokerd/stomp"
 	"github.com/go-stomp/stomp/v3/frame"
@@ -146,6 +147,23 @@ func (rt *router) checkDrain(v viewSnap) error {
 	return nil
 }
 
+// legacyMembers refuses a drain while an alive member runs a build from
+// before drain (and protocol ranges): it would go on naming this node as
+// the owner of its queues while this node refuses them, and its clients'
+// SENDs and subscriptions to them would fail until the drain ends.
+func legacyMembers(s cluster.Status) error {
+	var old []string
+	for _, m := range s.Members {
+		if m.Legacy && (m.State == "alive" || m.State == "suspect") {
+			old = append(old, m.Name)
+		}
+	}
+	if len(old) > 0 {
+		return fmt.Errorf("%w: %s run a build from before drain (it would keep sending this node's queues here): upgrade them first, or stop this node without draining", ErrDrainRefused, strings.Join(old, ", "))
+	}
+	return nil
+}
+
 // drainDetail is the body of the ERROR a CONNECT gets while draining:
 // the other nodes' STOMP addresses, when known.
 func (n *Node) drainDetail() string {
@@ -196,6 +214,9 @@ func (n *Node) Drain() (DrainStatus, error) {
 	}
 	if n.srv.Draining() && n.cl.Draining() {
 		return n.drainStateLocked(), nil
+	}
+	if err := legacyMembers(n.cl.Status()); err != nil {
+		return n.drainStateLocked(), err
 	}
 	if err := n.rt.checkDrain(n.rt.refresh()); err != nil {
 		return n.drainStateLocked(), err
