@@ -119,7 +119,7 @@ func (rt *router) checkDrain(v viewSnap) error {
 		return fmt.Errorf("%w: it would leave no undrained active member (active set %s; draining or unreachable: every other)", ErrDrainRefused, strings.Join(v.active, ","))
 	}
 	if rt.r < 2 {
-		return fmt.Errorf("%w: replica.replicas is %d: no other node holds a copy of this node's queues to serve them", ErrDrainRefused, rt.r)
+		return fmt.Errorf("%w: replica.factor is %d: no other node holds a copy of this node's queues to serve them", ErrDrainRefused, rt.r)
 	}
 	// The queues it serves, and those it holds a copy of that it would
 	// come to own (a queue without another undrained replica stays with
