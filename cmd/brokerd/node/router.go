@@ -777,9 +777,13 @@ var errNoActiveSet = fmt.Errorf("%w: the cluster has not agreed on its active me
 // (the pollers see them gone and bind again). When nodes appear that were
 // not in the previous view (a partition healed, a node restarted or
 // joined), they may hold messages this node's copies lack, so every
-// queue this node owns is taken over again: released, and on its next
-// use pulled from every alive node (the union) and adopted. Subscribers
-// bind again; their unacknowledged messages come back redelivered.
+// queue this node took over before they appeared (ownState.staleIn) is
+// taken over again: released, and on its next use pulled from every
+// alive node (the union) and adopted. Subscribers bind again; their
+// unacknowledged messages come back redelivered. A queue taken over
+// since they appeared pulled their copies already: it stays served (a
+// released queue is served, and listed by GET /v1/destinations and the
+// cluster page, again only once a client uses it).
 func (rt *router) watch() {
 	defer rt.wg.Done()
 	t := time.NewTicker(100 * time.Millisecond)
@@ -848,7 +852,9 @@ func (rt *router) watch() {
 				last = cluster.EpochID{}
 				continue
 			}
-			if joined || rt.ownerOf(v, dest) != v.self {
+			// A queue taken over after the nodes joined (its take-over's
+			// view counted them: staleIn) pulled their copies already.
+			if (joined && st.staleIn(v)) || rt.ownerOf(v, dest) != v.self {
 				gone = append(gone, dest)
 				delete(rt.owned, dest)
 			}
