@@ -301,7 +301,7 @@ func undrainCmd(stdout io.Writer) *cobra.Command {
 			}
 			var st drainState
 			// The node answers once the others released its queues (up to
-			// 5 s when one is slow): longer than a call's usual 5 s.
+			// 3 s when one is slow): longer than a call's usual 5 s.
 			post := *nt
 			post.timeout = 20 * time.Second
 			if err := post.call(http.MethodPost, "/v1/undrain", nil, &st); err != nil {

@@ -316,8 +316,12 @@ func (n *Node) Undrain() (DrainStatus, error) {
 }
 
 // undrainHandBackWait bounds how long an undrain waits for the other
-// nodes to release the queues it owns again.
-const undrainHandBackWait = 5 * time.Second
+// nodes to release the queues it owns again. Meanwhile the nodes that
+// see the undrain forward those queues here, where they are refused as
+// not owned and retried for failoverBudget: the wait must end well
+// within it, or one peer that cannot be asked (its peer link down,
+// gossip alive) fails every client SEND to them elsewhere.
+const undrainHandBackWait = failoverBudget - time.Second
 
 // opReleased asks a peer whether it sees node x-node undrained and serves
 // none of the queues that node owns (Undrain); answer: x-done "1" if so.
