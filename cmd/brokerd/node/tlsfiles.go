@@ -90,6 +90,14 @@ func (t *tlsFiles) serverConfig(auth tls.ClientAuthType) *tls.Config {
 				MinVersion:   tls.VersionTLS12,
 				Certificates: []tls.Certificate{*m.cert},
 				ClientAuth:   auth,
+				// No session tickets: a resumed session keeps the client
+				// certificate verified before a reload (a dropped CA would
+				// still log in with auth.x509_login), and a TLS 1.3
+				// ticket arriving while a client's reader thread and its
+				// CONNECT writer share one OpenSSL connection (stomp.py)
+				// can lose that CONNECT. STOMP connections are long-lived:
+				// a full handshake per connection costs little.
+				SessionTicketsDisabled: true,
 			}
 			if m.pool != nil && auth != tls.NoClientCert {
 				c.ClientCAs = m.pool
