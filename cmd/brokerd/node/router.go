@@ -146,13 +146,6 @@ type ownState struct {
 	done  chan struct{}
 	err   error
 	joins uint64 // viewSnap.joins when the take-over began (set before done closes)
-	// missed: the alive peers whose copy the take-over could not read
-	// (set before done closes). They count as merged for staleIn, so the
-	// queue is taken over again when the forwarding link to one of them
-	// comes up (linkState), not only on a join: a peer alive in the view
-	// all along (its link down: a peer-port partition, a TLS or key
-	// refusal) never joins again.
-	missed []string
 }
 
 // staleIn reports whether a peer joined v since the queue was taken
@@ -747,9 +740,6 @@ func (rt *router) linkState(peer string, up bool, err error) {
 		rt.snap.at = time.Time{} // reload at the next use
 	}
 	rt.vmu.Unlock()
-	if up {
-		rt.goBackground(func() { rt.remergeMissed(peer) })
-	}
 	switch {
 	case distrusted:
 		rt.log.Warn("peer link refused by TLS or the cluster key", "peer", peer, "err", err)
@@ -863,11 +853,8 @@ func (rt *router) watch() {
 				continue
 			}
 			// A queue taken over after the nodes joined (its take-over's
-			// view counted them) pulled their copies already; one whose
-			// take-over read its view before a join (staleIn) did not,
-			// even when the join was noticed on an earlier tick, while
-			// the take-over still ran (joined is false by now).
-			if st.staleIn(v) || rt.ownerOf(v, dest) != v.self {
+			// view counted them: staleIn) pulled their copies already.
+			if (joined && st.staleIn(v)) || rt.ownerOf(v, dest) != v.self {
 				gone = append(gone, dest)
 				delete(rt.owned, dest)
 			}
@@ -909,36 +896,6 @@ func (rt *router) release(v viewSnap, dest string) {
 		case <-rt.stop:
 		}
 	})
-}
-
-// remergeMissed takes over again the queues whose take-over could not
-// read peer's copy (ownState.missed): peer's forwarding link is up.
-func (rt *router) remergeMissed(peer string) {
-	rt.omu.Lock()
-	var dests []string
-	var sts []*ownState
-	for dest, st := range rt.owned {
-		dests, sts = append(dests, dest), append(sts, st)
-	}
-	rt.omu.Unlock()
-	for i, st := range sts {
-		select {
-		case <-st.done: // one in progress may miss peer still
-		case <-rt.stop:
-			return
-		}
-		if !slices.Contains(st.missed, peer) {
-			continue
-		}
-		v := rt.view()
-		rt.omu.Lock()
-		cur := rt.owned[dests[i]] == st
-		rt.omu.Unlock()
-		if cur && rt.ownerOf(v, dests[i]) == v.self {
-			rt.log.Info("a peer whose copy a take-over could not read is reachable again: merging it", "dest", dests[i], "peer", peer)
-			rt.merge(dests[i])
-		}
-	}
 }
 
 // merge makes this node take dest over again (pulling every alive node's
@@ -1055,17 +1012,13 @@ func (rt *router) takeOver(dest string, st *ownState) error {
 	v := rt.refresh()
 	st.joins = v.joins
 	var wg sync.WaitGroup
-	var mmu sync.Mutex
 	for peer := range v.peers {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
 			n, err := rt.pullRetry(peer, dest, v)
 			if err != nil {
-				rt.log.Warn("taking over a queue: a peer's copy could not be read; messages only it holds stay there until its link is up again", "dest", dest, "peer", peer, "err", err)
-				mmu.Lock()
-				st.missed = append(st.missed, peer)
-				mmu.Unlock()
+				rt.log.Warn("taking over a queue: a peer's copy could not be read; messages only it holds stay there", "dest", dest, "peer", peer, "err", err)
 				return
 			}
 			rt.m.merged.Add(float64(n))
