@@ -330,7 +330,7 @@ func TestEveryKeyFromEveryLayer(t *testing.T) {
 		Node: Node{Name: "n1", DataDir: "/var/lib/brokerd"},
 		STOMP: STOMP{Addr: "127.0.0.1:0", HeartbeatSend: time.Second, HeartbeatReceive: 2 * time.Second,
 			ConnectTimeout: 3 * time.Second, WriteTimeout: 4 * time.Second, HeartbeatMin: 5 * time.Millisecond,
-			TLS: STOMPTLS{Addr: "127.0.0.1:1", CertFile: "/etc/brokerd/stomp.crt", KeyFile: "/etc/brokerd/stomp.key", ClientCAFile: "/etc/brokerd/clients.crt", ClientAuth: "require"},
+			TLS:           STOMPTLS{Addr: "127.0.0.1:1", CertFile: "/etc/brokerd/stomp.crt", KeyFile: "/etc/brokerd/stomp.key", ClientCAFile: "/etc/brokerd/clients.crt", ClientAuth: "require"},
 			AdvertiseAddr: "broker-1.example:61613", WSAddr: "127.0.0.1:15674", WSSAddr: "127.0.0.1:15673",
 			WSAllowedOrigins: []string{"app.example.com", "*.example.org:8443"}},
 		Admin: Admin{Addr: "", TLS: AdminTLS{CertFile: "/etc/brokerd/admin.crt", KeyFile: "/etc/brokerd/admin.key", ClientCAFile: "/etc/brokerd/ops.crt"},
