@@ -146,6 +146,31 @@ type ownState struct {
 	done  chan struct{}
 	err   error
 	joins uint64 // viewSnap.joins when the take-over began (set before done closes)
+	// releasing: not a take-over but a release in progress (closeDest
+	// and Release). It holds dest's place in owned so that no take-over
+	// starts before the Release, which would close the subscriptions
+	// that take-over's callers bound and drop its adoption (the queue
+	// then counted owned here but served by nobody). Waiters start over
+	// once it is done.
+	releasing bool
+}
+
+// markReleasing puts a release's placeholder in owned[dest]; rt.omu is
+// held. The caller closes dest and releases it, then calls endRelease.
+func (rt *router) markReleasing(dest string) *ownState {
+	st := &ownState{done: make(chan struct{}), releasing: true}
+	rt.owned[dest] = st
+	return st
+}
+
+// endRelease removes the placeholder of a finished release.
+func (rt *router) endRelease(dest string, st *ownState) {
+	rt.omu.Lock()
+	if rt.owned[dest] == st {
+		delete(rt.owned, dest)
+	}
+	rt.omu.Unlock()
+	close(st.done)
 }
 
 // staleIn reports whether a peer joined v since the queue was taken
@@ -809,20 +834,21 @@ func (rt *router) watch() {
 		// Queues served here outside the router's take-over (a
 		// dead-letter move into a queue another node owns, a write
 		// racing a release) are released whatever the epoch.
-		var stray, mine []string
+		var mine []string
+		stray := map[string]*ownState{}
 		rt.omu.Lock()
 		for _, dest := range rt.rep.AdoptedQueues() {
 			if _, ok := rt.owned[dest]; !ok {
 				if rt.ownerOf(v, dest) != v.self {
-					stray = append(stray, dest)
+					stray[dest] = rt.markReleasing(dest)
 				} else {
 					mine = append(mine, dest)
 				}
 			}
 		}
 		rt.omu.Unlock()
-		for _, dest := range stray {
-			rt.release(v, dest)
+		for dest, st := range stray {
+			rt.release(v, dest, st)
 		}
 		for _, dest := range mine {
 			// Owned here but adopted without a take-over (a dead-letter
@@ -843,25 +869,25 @@ func (rt *router) watch() {
 		}
 		last, lastSet = v.epoch, set
 		rt.omu.Lock()
-		var gone []string
+		gone := map[string]*ownState{}
 		for dest, st := range rt.owned {
 			select {
 			case <-st.done:
 			default:
-				// Being taken over: look at it again next tick.
+				// Being taken over or released: look at it again next
+				// tick.
 				last = cluster.EpochID{}
 				continue
 			}
 			// A queue taken over after the nodes joined (its take-over's
 			// view counted them: staleIn) pulled their copies already.
 			if (joined && st.staleIn(v)) || rt.ownerOf(v, dest) != v.self {
-				gone = append(gone, dest)
-				delete(rt.owned, dest)
+				gone[dest] = rt.markReleasing(dest)
 			}
 		}
 		rt.omu.Unlock()
-		for _, dest := range gone {
-			rt.release(v, dest)
+		for dest, st := range gone {
+			rt.release(v, dest, st)
 		}
 		if joined && len(gone) > 0 {
 			rt.log.Info("nodes joined the view: queues will be merged with their copies on next use", "queues", len(gone))
@@ -872,10 +898,12 @@ func (rt *router) watch() {
 // release stops serving dest here and tells its owner in v to merge this
 // node's copy: it may hold messages this node accepted after the owner
 // took the queue over (while this node's view still named itself).
-func (rt *router) release(v viewSnap, dest string) {
+// st is the release's placeholder in owned (markReleasing).
+func (rt *router) release(v viewSnap, dest string, st *ownState) {
 	rt.m.released.Inc()
 	rt.host.closeDest(dest)
 	rt.rep.Release(dest)
+	rt.endRelease(dest, st)
 	owner := rt.ownerOf(v, dest)
 	if owner == "" || owner == v.self {
 		return
@@ -930,10 +958,11 @@ func (rt *router) merge(dest string) {
 		})
 		return
 	}
-	delete(rt.owned, dest)
+	rel := rt.markReleasing(dest)
 	rt.omu.Unlock()
 	rt.host.closeDest(dest)
 	rt.rep.Release(dest)
+	rt.endRelease(dest, rel)
 	rt.log.Info("merging a released copy: the queue is taken over again", "dest", dest)
 	rt.goBackground(func() {
 		if err := rt.ensureOwned(dest); err != nil {
@@ -964,16 +993,20 @@ func (rt *router) ensureOwned(dest string) error {
 		case <-time.After(forwardTimeout):
 			return fmt.Errorf("%w: taking over %s is still in progress", replica.ErrNoQuorum, dest)
 		}
+		if st.releasing {
+			continue // released: take it over anew
+		}
 		if st.err != nil || !st.staleIn(rt.view()) {
 			return st.err
 		}
 		rt.omu.Lock()
 		if rt.owned[dest] == st {
-			delete(rt.owned, dest)
+			rel := rt.markReleasing(dest)
 			rt.omu.Unlock()
 			rt.log.Info("nodes joined the view since this queue was taken over: taking it over again before serving it", "dest", dest)
 			rt.host.closeDest(dest)
 			rt.rep.Release(dest)
+			rt.endRelease(dest, rel)
 			rt.m.released.Inc()
 			continue
 		}
