@@ -942,6 +942,12 @@ func (rt *router) merge(dest string) {
 		}
 		return
 	}
+	if st.releasing {
+		// Being released here: its next take-over pulls every copy,
+		// the requester's included.
+		rt.omu.Unlock()
+		return
+	}
 	select {
 	case <-st.done:
 	default:
@@ -988,13 +994,27 @@ func (rt *router) ensureOwned(dest string) error {
 			break
 		}
 		rt.omu.Unlock()
+		if st.releasing {
+			// A release always ends (closeDest, Release), however many
+			// queues the watch releases before this one: no timeout.
+			select {
+			case <-st.done:
+			case <-rt.stop:
+				return fmt.Errorf("%w: the node is stopping", replica.ErrNoQuorum)
+			}
+			// Released because a node joined (take it over anew), or
+			// because it moved: then another node serves it, and a
+			// take-over here would serve it twice until the next view
+			// change. The caller retries at the new owner.
+			if v := rt.refresh(); rt.ownerOf(v, dest) != v.self {
+				return fmt.Errorf("%w: %w: %s moved to %s while this node released it", replica.ErrNoQuorum, errNotOwner, dest, rt.ownerOf(v, dest))
+			}
+			continue
+		}
 		select {
 		case <-st.done:
 		case <-time.After(forwardTimeout):
 			return fmt.Errorf("%w: taking over %s is still in progress", replica.ErrNoQuorum, dest)
-		}
-		if st.releasing {
-			continue // released: take it over anew
 		}
 		if st.err != nil || !st.staleIn(rt.view()) {
 			return st.err
@@ -1377,7 +1397,7 @@ func (rt *router) queueExists(dest string) (bool, error) {
 		if err == nil {
 			return ok, nil
 		}
-		if !isNotOwner(err) && !errors.Is(err, errNoActiveSet) || time.Now().After(deadline) {
+		if !isNotOwner(err) && !errors.Is(err, errNotOwner) && !errors.Is(err, errNoActiveSet) || time.Now().After(deadline) {
 			return false, err
 		}
 		time.Sleep(50 * time.Millisecond)
@@ -1739,6 +1759,8 @@ func isNotOwner(err error) bool {
 // failCode is the peer failure code for a local error.
 func failCode(err error) string {
 	switch {
+	case errors.Is(err, errNotOwner):
+		return codeNotOwner // the sender asks the owner in a fresh view
 	case errors.Is(err, replica.ErrQueueFull):
 		return codeQueueFull
 	case errors.Is(err, replica.ErrLowDisk):
