@@ -105,6 +105,9 @@ func TestReleaseMergeStormAcksAccepted(t *testing.T) {
 		}
 		acked++
 	}
+	if acked < 20 {
+		t.Fatalf("%d of 20 messages acknowledged in 30 s of merges (stored: %v)", acked, a.bodies(t, q))
+	}
 }
 
 // A caller that waited for a release of a queue that moved to another
@@ -140,5 +143,34 @@ func TestReleaseMovedQueueNotTakenOverHere(t *testing.T) {
 	}
 	if a.rep.Adopted(q) {
 		t.Fatal("node-a took over a queue node-b owns")
+	}
+}
+
+// A local SEND whose queue moved since this node's cached view (the
+// take-over finds, in a fresh view, another owner) goes to the new owner:
+// no ERROR for the client, and no copy served here.
+func TestReleaseMovedQueueSendGoesToNewOwner(t *testing.T) {
+	rn := &r6Net{addrs: map[string]string{}}
+	both := []string{"node-a", "node-b"}
+	q := pickQueue(t, "release-moved-send-", func(n string) bool { return ownerIn(n, both) == "node-a" })
+	a := startR6(t, "node-a", rn, both, []string{"node-b"}, r6Opts{r: 1, w: 1, noWatch: true})
+	b := startR6(t, "node-b", rn, []string{"node-b"}, []string{"node-a"}, r6Opts{r: 1, w: 1, noWatch: true})
+	a.warm(t, "node-b")
+	a.rt.refresh() // cached: node-a owns q
+
+	// node-a leaves the active set; its router's cached view (viewTTL)
+	// still says otherwise.
+	a.view.mu.Lock()
+	a.view.active = []string{"node-b"}
+	a.view.epoch.Counter, a.view.epoch.Set = 2, 2
+	a.view.mu.Unlock()
+	if err := waitErr(t, "SEND", a.apply(t, sendBatch(q, "moved")), 10*time.Second); err != nil {
+		t.Fatalf("SEND to a queue that moved under the cached view: %v", err)
+	}
+	if a.rep.Adopted(q) {
+		t.Fatal("node-a took over a queue node-b owns")
+	}
+	if got := b.bodies(t, q); len(got) != 1 || got[0] != "moved" {
+		t.Fatalf("node-b (the owner) holds %v, want [moved]", got)
 	}
 }

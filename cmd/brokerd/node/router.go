@@ -368,7 +368,7 @@ func leftCopy(err error) bool {
 	if errors.As(err, &pe) {
 		return pe.Code == "no-quorum"
 	}
-	return errors.Is(err, replica.ErrNoQuorum) && !errors.Is(err, errNoActiveSet)
+	return errors.Is(err, replica.ErrNoQuorum) && !errors.Is(err, errNoActiveSet) && !errors.Is(err, errNotOwner)
 }
 
 // viewSig names a view's placement: its epoch and active members.
@@ -408,7 +408,7 @@ func retryable(err error) bool {
 // broke or an answer that never came leaves the outcome unknown.
 func mayHaveStored(err error) bool {
 	var pe *stomp.PeerError
-	return !(errors.As(err, &pe) && pe.Code == codeNotOwner)
+	return !(errors.As(err, &pe) && pe.Code == codeNotOwner) && !errors.Is(err, errNotOwner)
 }
 
 // finalErr is the error a client gets for a SEND that failed for good.
@@ -1002,13 +1002,8 @@ func (rt *router) ensureOwned(dest string) error {
 			case <-rt.stop:
 				return fmt.Errorf("%w: the node is stopping", replica.ErrNoQuorum)
 			}
-			// Released because a node joined (take it over anew), or
-			// because it moved: then another node serves it, and a
-			// take-over here would serve it twice until the next view
-			// change. The caller retries at the new owner.
-			if v := rt.refresh(); rt.ownerOf(v, dest) != v.self {
-				return fmt.Errorf("%w: %w: %s moved to %s while this node released it", replica.ErrNoQuorum, errNotOwner, dest, rt.ownerOf(v, dest))
-			}
+			// Released because a node joined: take it over anew (or,
+			// if it moved, refuse: takeOver checks).
 			continue
 		}
 		select {
@@ -1063,6 +1058,13 @@ func (rt *router) takeOver(dest string, st *ownState) error {
 	// A fresh view, not the cached one: a peer that appeared in the
 	// last viewTTL must be pulled from too.
 	v := rt.refresh()
+	if o := rt.ownerOf(v, dest); o != v.self {
+		// The caller checked ownership in an older view (the queue moved
+		// since, maybe while this node released it): taken over here, it
+		// would be served twice until the next view change. The caller
+		// goes to the owner.
+		return fmt.Errorf("%w: %w: %s is owned by %s in this node's view", replica.ErrNoQuorum, errNotOwner, dest, o)
+	}
 	st.joins = v.joins
 	var wg sync.WaitGroup
 	for peer := range v.peers {
@@ -1217,6 +1219,19 @@ func (rt *router) Apply(b *replica.Batch, done func(error)) error {
 			continue
 		}
 		o := rt.ownerOf(v, m.Dest)
+		if o == v.self {
+			if err := rt.ensureOwned(m.Dest); err != nil {
+				if !errors.Is(err, errNotOwner) {
+					return err
+				}
+				// It moved while this node released it: to its owner
+				// in a fresh view.
+				v = rt.refresh()
+				if o = rt.ownerOf(v, m.Dest); o == v.self {
+					return err
+				}
+			}
+		}
 		if o == "" {
 			return errNoActiveSet
 		}
@@ -1233,9 +1248,6 @@ func (rt *router) Apply(b *replica.Batch, done func(error)) error {
 			}
 			p.sends = append(p.sends, m)
 			continue
-		}
-		if err := rt.ensureOwned(m.Dest); err != nil {
-			return err
 		}
 		local.Sends = append(local.Sends, m)
 	}
