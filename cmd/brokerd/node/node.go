@@ -29,6 +29,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
+	"golang.org/x/net/netutil"
 )
 
 // Version is reported in CONNECTED's server header.
@@ -426,8 +427,11 @@ func (n *Node) Start() error {
 		n.page = newPageState(n)
 		n.page.start()
 		n.admin = &http.Server{
-			Handler:           guard.wrap(n.adminHandler()),
-			ReadHeaderTimeout: 5 * time.Second,
+			Handler:           adminWriteDeadline(guard.wrap(n.adminHandler())),
+			ReadHeaderTimeout: adminHeaderTimeout,
+			ReadTimeout:       adminReadTimeout,
+			IdleTimeout:       adminIdleTimeout,
+			MaxHeaderBytes:    adminMaxHeaderBytes,
 			// TLS handshake errors (a client certificate the CA did not
 			// sign) and the like, with the client's address.
 			ErrorLog: slog.NewLogLogger(n.log.With("component", "admin").Handler(), slog.LevelWarn),
@@ -435,7 +439,9 @@ func (n *Node) Start() error {
 		n.adminD = make(chan struct{})
 		go func() {
 			defer close(n.adminD)
-			if err := n.admin.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+			// At most adminMaxConns connections at once (a goroutine and
+			// buffers each); the rest wait in the listen backlog.
+			if err := n.admin.Serve(netutil.LimitListener(ln, adminMaxConns)); err != nil && !errors.Is(err, http.ErrServerClosed) {
 				n.log.Error("admin server stopped", "err", err)
 			}
 		}()
@@ -445,6 +451,38 @@ func (n *Node) Start() error {
 	n.watchWG.Add(1)
 	go n.watchStore()
 	return nil
+}
+
+// The admin HTTP server's bounds: what one client, or many, can hold.
+// Variables only so that tests can shorten them.
+var (
+	// adminMaxConns bounds the connections served at once; the stream
+	// of the cluster page has its own, lower bound (pageMaxStreams).
+	adminMaxConns = 256
+	// adminHeaderTimeout bounds the TLS handshake and a request's
+	// headers; adminReadTimeout the whole request, body included (the
+	// admin API's bodies are a few hundred bytes).
+	adminHeaderTimeout = 5 * time.Second
+	adminReadTimeout   = 30 * time.Second
+	// adminIdleTimeout closes a keep-alive connection left idle.
+	adminIdleTimeout = 60 * time.Second
+	// adminWriteTimeout bounds writing one answer to a client that does
+	// not read, except the long-lived ones (adminWriteDeadline).
+	adminWriteTimeout   = 30 * time.Second
+	adminMaxHeaderBytes = 64 << 10
+)
+
+// adminWriteDeadline gives every answer adminWriteTimeout to be written,
+// except the cluster page's event stream (which sets a deadline for each
+// event) and the profiles of /debug/pprof/ (which take as long as they
+// are asked to). http.Server's WriteTimeout would cut those too.
+func adminWriteDeadline(h http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path != "/v1/overview/stream" && !strings.HasPrefix(r.URL.Path, "/debug/pprof/") {
+			_ = http.NewResponseController(w).SetWriteDeadline(time.Now().Add(adminWriteTimeout))
+		}
+		h.ServeHTTP(w, r)
+	})
 }
 
 // watchStore stops the node when the store fails: a write or fsync of the

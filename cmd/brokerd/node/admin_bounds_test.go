@@ -1,0 +1,134 @@
+package node
+
+// The admin HTTP server's bounds: a client, or many, cannot hold its
+// connections, goroutines and buffers without limit.
+
+import (
+	"bufio"
+	"io"
+	"net"
+	"net/http"
+	"strings"
+	"testing"
+	"time"
+)
+
+// shorten sets *v to d for the test.
+func shorten[T any](t *testing.T, v *T, d T) {
+	old := *v
+	*v = d
+	t.Cleanup(func() { *v = old })
+}
+
+// silentConns opens k TCP connections to addr that send nothing.
+func silentConns(t *testing.T, addr string, k int) []net.Conn {
+	t.Helper()
+	var cs []net.Conn
+	for i := 0; i < k; i++ {
+		c, err := net.Dial("tcp", addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { c.Close() })
+		cs = append(cs, c)
+	}
+	return cs
+}
+
+func TestAdminConnectionsCapped(t *testing.T) {
+	shorten(t, &adminMaxConns, 4)
+	n, _ := startAdminNode(t, adminTestConfig(t))
+	addr := n.AdminAddr()
+	held := silentConns(t, addr, 4)
+	time.Sleep(200 * time.Millisecond) // accepted, each waiting for its headers
+
+	got := make(chan error, 1)
+	go func() {
+		resp, err := (&http.Client{Timeout: 20 * time.Second}).Get("http://" + addr + "/healthz")
+		if err == nil {
+			resp.Body.Close()
+		}
+		got <- err
+	}()
+	select {
+	case err := <-got:
+		t.Fatalf("a fifth connection was served (%v) while 4 (the cap) were held", err)
+	case <-time.After(500 * time.Millisecond):
+	}
+	held[0].Close()
+	select {
+	case err := <-got:
+		if err != nil {
+			t.Fatalf("GET /healthz once a held connection closed: %v", err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("GET /healthz not answered 10 s after a held connection closed")
+	}
+}
+
+func TestAdminSilentConnectionDropped(t *testing.T) {
+	shorten(t, &adminHeaderTimeout, 300*time.Millisecond)
+	n, _ := startAdminNode(t, adminTestConfig(t))
+	c := silentConns(t, n.AdminAddr(), 1)[0]
+	if _, err := io.WriteString(c, "GET /healthz HTTP/1.1\r\nHost: x\r\n"); err != nil { // never ends its headers
+		t.Fatal(err)
+	}
+	_ = c.SetReadDeadline(time.Now().Add(10 * time.Second))
+	b, err := io.ReadAll(c)
+	if err != nil && !strings.Contains(err.Error(), "reset") {
+		t.Fatalf("a connection that never finished its headers: %v (read %q), want it closed", err, b)
+	}
+}
+
+func TestAdminIdleKeepAliveClosed(t *testing.T) {
+	shorten(t, &adminIdleTimeout, 300*time.Millisecond)
+	n, _ := startAdminNode(t, adminTestConfig(t))
+	c := silentConns(t, n.AdminAddr(), 1)[0]
+	if _, err := io.WriteString(c, "GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"); err != nil {
+		t.Fatal(err)
+	}
+	_ = c.SetReadDeadline(time.Now().Add(10 * time.Second))
+	br := bufio.NewReader(c)
+	resp, err := http.ReadResponse(br, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, _ = io.Copy(io.Discard, resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		t.Fatalf("GET /healthz: %s", resp.Status)
+	}
+	start := time.Now()
+	if _, err := br.ReadByte(); err != io.EOF {
+		t.Fatalf("an idle keep-alive connection: read %v after %v, want EOF (closed by the server)", err, time.Since(start))
+	}
+}
+
+// The write deadline spares the cluster page's event stream.
+func TestAdminStreamOutlivesWriteTimeout(t *testing.T) {
+	shorten(t, &adminWriteTimeout, 300*time.Millisecond)
+	n, _ := startAdminNode(t, adminTestConfig(t))
+	resp, err := (&http.Client{Timeout: 20 * time.Second}).Get("http://" + n.AdminAddr() + "/v1/overview/stream")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		t.Fatalf("GET /v1/overview/stream: %s", resp.Status)
+	}
+	br := bufio.NewReader(resp.Body)
+	events := 0
+	deadline := time.Now().Add(2500 * time.Millisecond)
+	for time.Now().Before(deadline) {
+		line, err := br.ReadString('\n')
+		if err != nil {
+			t.Fatalf("the stream ended after %d events: %v", events, err)
+		}
+		if strings.HasPrefix(line, "data:") {
+			events++
+		}
+	}
+	if events < 2 {
+		t.Fatalf("%d events in 2.5 s, want one a second", events)
+	}
+}
