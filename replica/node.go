@@ -287,7 +287,7 @@ type Node struct {
 
 	mu    sync.Mutex
 	dests map[string]*destination
-	// ndests is len(dests), kept under mu, read without it (atDestLimit).
+	// ndests is len(dests), set under mu, read without it (refuseNewLocked).
 	ndests atomic.Int64
 	closed bool
 
