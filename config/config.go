@@ -125,7 +125,6 @@ type Limits struct {
 	MaxOutgoingBytes     int   // limits.max_outgoing_bytes: 4 MiB of frames queued to one connection
 	MaxTransactionBytes  int64 // limits.max_transaction_bytes: 64 MiB of frames held by open transactions, per connection
 	MaxConnectionsPerIP  int   // limits.max_connections_per_ip: 1000 client connections from one remote address
-	MaxDestinations      int   // limits.max_destinations: 100000 destinations (queues, topics with subscribers) a node holds before clients' SENDs and SUBSCRIBEs that would create one are refused
 }
 
 // Queue is queue delivery.
@@ -239,7 +238,6 @@ func Default() Config {
 			MaxOutgoingBytes:     4 << 20,
 			MaxTransactionBytes:  64 << 20,
 			MaxConnectionsPerIP:  1000,
-			MaxDestinations:      100000,
 		},
 		Queue: Queue{
 			MaxRedeliveries:   5,

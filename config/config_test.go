@@ -89,7 +89,7 @@ func TestDefault(t *testing.T) {
 		d.Store.MinFreeBytes != 268435456 || d.Store.WALSize != 64<<20 || d.Store.Recover != "refuse" ||
 		d.Queue.Overflow != "reject-publish" || d.Queue.IdleDeleteAfter != time.Hour ||
 		d.Queue.ReadAheadMessages != 1000 || d.Queue.ReadAheadBytes != 4<<20 || d.Limits.MaxUnacked != 10000 ||
-		d.STOMP.HeartbeatMin != time.Second || d.Limits.MaxOutgoingBytes != 4<<20 || d.Limits.MaxTransactionBytes != 64<<20 || d.Limits.MaxConnectionsPerIP != 1000 || d.Limits.MaxDestinations != 100000 || d.STOMP.TLS.ClientAuth != "none" ||
+		d.STOMP.HeartbeatMin != time.Second || d.Limits.MaxOutgoingBytes != 4<<20 || d.Limits.MaxTransactionBytes != 64<<20 || d.Limits.MaxConnectionsPerIP != 1000 || d.STOMP.TLS.ClientAuth != "none" ||
 		d.Cluster.ForgetAfter != 24*time.Hour || d.Cluster.AllowPlaintextGossip ||
 		d.Replica.Factor != 2 || d.Replica.WriteQuorum != 0 || d.WriteQuorum() != 2 {
 		t.Errorf("Default() = %+v", d)
@@ -340,7 +340,7 @@ func TestEveryKeyFromEveryLayer(t *testing.T) {
 			ApplyInterval: 7 * time.Millisecond, WALSize: 1 << 20, MinFreeBytes: 0, Recover: "truncate"},
 		Auth: Auth{UsersFile: "/etc/brokerd/users", AllowAnonymous: true, X509Login: true, ACLFile: "/etc/brokerd/acl"},
 		Limits: Limits{MaxFrameSize: 7, MaxHeaderCount: 8, MaxHeaderLength: 9, MaxBodySize: 10, MaxConnections: 11, MaxSubscriptions: 12, MaxTransactionFrames: 13, TopicBuffer: 14,
-			MaxUnacked: 15, MaxUnackedBytes: 2 << 20, MaxOutgoingBytes: 16 << 10, MaxTransactionBytes: 17e6, MaxConnectionsPerIP: 24, MaxDestinations: 25},
+			MaxUnacked: 15, MaxUnackedBytes: 2 << 20, MaxOutgoingBytes: 16 << 10, MaxTransactionBytes: 17e6, MaxConnectionsPerIP: 24},
 		Queue: Queue{MaxRedeliveries: 0, DLQPrefix: "/queue/dead.", MaxLength: 18, MaxBytes: 19 << 30, Overflow: "drop-head",
 			IdleDeleteAfter: 20 * time.Minute, ReadAheadMessages: 21, ReadAheadBytes: 22},
 		Cluster: Cluster{GossipAddr: "0.0.0.0:7946", PeerAddr: ":7947", Join: []string{"a.example:7946", "[::1]:7946"},
@@ -359,7 +359,7 @@ log: {level: debug, format: json}
 store: {sync: batch, sync_interval: 5ms, max_batch: 6, apply_interval: 7ms, wal_size: 1MiB, min_free_bytes: 0, recover: truncate}
 auth: {users_file: /etc/brokerd/users, allow_anonymous: true, x509_login: true, acl_file: /etc/brokerd/acl}
 limits: {max_frame_size: 7, max_header_count: 8, max_header_length: 9, max_body_size: 10, max_connections: 11, max_subscriptions: 12, max_transaction_frames: 13, topic_buffer: 14,
-  max_unacked: 15, max_unacked_bytes: 2MiB, max_outgoing_bytes: 16KiB, max_transaction_bytes: 17MB, max_connections_per_ip: 24, max_destinations: 25}
+  max_unacked: 15, max_unacked_bytes: 2MiB, max_outgoing_bytes: 16KiB, max_transaction_bytes: 17MB, max_connections_per_ip: 24}
 queue: {max_redeliveries: 0, dlq_prefix: /queue/dead., max_length: 18, max_bytes: 19 GiB, overflow: drop-head,
   idle_delete_after: 20m, read_ahead_messages: 21, read_ahead_bytes: 22}
 cluster:
@@ -392,7 +392,7 @@ replica: {factor: 4, write_quorum: 1, tombstone_ttl: 90s}
 		"BROKERD_LIMITS_MAX_FRAME_SIZE=7", "BROKERD_LIMITS_MAX_HEADER_COUNT=8", "BROKERD_LIMITS_MAX_HEADER_LENGTH=9",
 		"BROKERD_LIMITS_MAX_BODY_SIZE=10", "BROKERD_LIMITS_MAX_CONNECTIONS=11", "BROKERD_LIMITS_MAX_SUBSCRIPTIONS=12",
 		"BROKERD_LIMITS_MAX_TRANSACTION_FRAMES=13", "BROKERD_LIMITS_TOPIC_BUFFER=14",
-		"BROKERD_LIMITS_MAX_UNACKED=15", "BROKERD_LIMITS_MAX_UNACKED_BYTES=2MiB", "BROKERD_LIMITS_MAX_OUTGOING_BYTES=16KiB", "BROKERD_LIMITS_MAX_TRANSACTION_BYTES=17000000", "BROKERD_LIMITS_MAX_CONNECTIONS_PER_IP=24", "BROKERD_LIMITS_MAX_DESTINATIONS=25",
+		"BROKERD_LIMITS_MAX_UNACKED=15", "BROKERD_LIMITS_MAX_UNACKED_BYTES=2MiB", "BROKERD_LIMITS_MAX_OUTGOING_BYTES=16KiB", "BROKERD_LIMITS_MAX_TRANSACTION_BYTES=17000000", "BROKERD_LIMITS_MAX_CONNECTIONS_PER_IP=24",
 		"BROKERD_QUEUE_MAX_REDELIVERIES=0", "BROKERD_QUEUE_DLQ_PREFIX=/queue/dead.",
 		"BROKERD_QUEUE_MAX_LENGTH=18", "BROKERD_QUEUE_MAX_BYTES=19GiB", "BROKERD_QUEUE_OVERFLOW=drop-head",
 		"BROKERD_QUEUE_IDLE_DELETE_AFTER=20m", "BROKERD_QUEUE_READ_AHEAD_MESSAGES=21", "BROKERD_QUEUE_READ_AHEAD_BYTES=22B",
@@ -733,7 +733,6 @@ func TestValidate(t *testing.T) {
 			c.Admin.TLS = AdminTLS{CertFile: "c.pem", KeyFile: "k.pem", ClientCAFile: "ca.pem"}
 		}, "", ""},
 		{"limits.max_connections_per_ip 0", func(c *Config) { c.Limits.MaxConnectionsPerIP = 0 }, "limits.max_connections_per_ip", "> 0"},
-		{"limits.max_destinations 0", func(c *Config) { c.Limits.MaxDestinations = 0 }, "limits.max_destinations", "> 0"},
 		{"cluster.tls partial", func(c *Config) {
 			c.Cluster.GossipAddr = "127.0.0.1:7946"
 			c.Cluster.TLS = ClusterTLS{CertFile: "c.pem", KeyFile: "k.pem"}

@@ -73,7 +73,6 @@ var settings = []setting{
 	{"limits.max_outgoing_bytes", "", "", func(c *Config) any { return &c.Limits.MaxOutgoingBytes }},
 	{"limits.max_transaction_bytes", "", "", func(c *Config) any { return &c.Limits.MaxTransactionBytes }},
 	{"limits.max_connections_per_ip", "", "", func(c *Config) any { return &c.Limits.MaxConnectionsPerIP }},
-	{"limits.max_destinations", "", "", func(c *Config) any { return &c.Limits.MaxDestinations }},
 
 	{"queue.max_redeliveries", "", "", func(c *Config) any { return &c.Queue.MaxRedeliveries }},
 	{"queue.dlq_prefix", "", "", func(c *Config) any { return &c.Queue.DLQPrefix }},

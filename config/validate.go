@@ -154,7 +154,6 @@ func (c Config) problems() []error {
 	check("limits.max_outgoing_bytes", positive(c.Limits.MaxOutgoingBytes))
 	check("limits.max_transaction_bytes", positive(c.Limits.MaxTransactionBytes))
 	check("limits.max_connections_per_ip", positive(c.Limits.MaxConnectionsPerIP))
-	check("limits.max_destinations", positive(c.Limits.MaxDestinations))
 
 	check("queue.max_redeliveries", atLeastZero(c.Queue.MaxRedeliveries))
 	check("queue.dlq_prefix", dlqPrefix(c.Queue.DLQPrefix))

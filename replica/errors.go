@@ -25,10 +25,6 @@ var (
 	// exist (see Node.QueueExists). Nothing was changed. It comes as a
 	// *NoSuchQueueError, which names the queue.
 	ErrNoSuchQueue = errors.New("queue does not exist")
-	// ErrTooManyDestinations is a SEND or SUBSCRIBE that would create a
-	// destination while the node holds Config.MaxDestinations already.
-	// Nothing was changed.
-	ErrTooManyDestinations = errors.New("too many destinations")
 )
 
 // NoSuchQueueError is ErrNoSuchQueue for the queue Dest.

@@ -15,8 +15,6 @@ type metrics struct {
 	idleRemoved  prometheus.Counter
 	corrupt      prometheus.Counter
 	inherited    prometheus.Counter
-	refusedDests prometheus.Counter
-	dests        prometheus.GaugeFunc
 }
 
 func newMetrics(reg prometheus.Registerer, n *Node) *metrics {
@@ -36,15 +34,10 @@ func newMetrics(reg prometheus.Registerer, n *Node) *metrics {
 		idleRemoved:  prometheus.NewCounter(prometheus.CounterOpts{Name: "brokerd_queues_idle_removed_total", Help: "Empty queues removed after queue.idle_delete_after without subscribers."}),
 		inherited: prometheus.NewCounter(prometheus.CounterOpts{Name: "brokerd_messages_redelivered_after_failover_total",
 			Help: "First deliveries here of messages inherited from a previous owner (a failover or a re-placement), marked redelivered because that owner may have delivered them."}),
-		refusedDests: prometheus.NewCounter(prometheus.CounterOpts{Name: "brokerd_destinations_refused_total",
-			Help: "SENDs and SUBSCRIBEs refused because they would create a destination beyond limits.max_destinations."}),
-		dests: prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "brokerd_destinations",
-			Help: "Destinations this node holds in memory (queues it serves, topics with subscribers); limits.max_destinations bounds the ones clients create."},
-			func() float64 { return float64(n.ndests.Load()) }),
 	}
 	if reg != nil {
 		reg.MustRegister(m.published, m.delivered, m.acked, m.redelivered, m.deadLettered, m.expired, m.dropped,
-			m.rejected, m.droppedHead, m.idleRemoved, m.corrupt, m.inherited, m.refusedDests, m.dests, &depthCollector{n: n})
+			m.rejected, m.droppedHead, m.idleRemoved, m.corrupt, m.inherited, &depthCollector{n: n})
 	}
 	return m
 }

@@ -117,11 +117,6 @@ type Config struct {
 	// stays on disk and is read in as the window drains.
 	ReadAheadMessages int
 	ReadAheadBytes    int
-	// MaxDestinations bounds the destinations (queues and topics with
-	// subscribers) a client's SEND or SUBSCRIBE may create on this node
-	// while it holds that many; 0 is unlimited. Queues that exist (taken
-	// over, replicated, loaded at start) are never refused.
-	MaxDestinations int
 	// MaxLength and MaxBytes limit a queue's ready (pending, not in
 	// flight) messages and the bytes of their bodies; 0 is unlimited.
 	MaxLength int64
@@ -285,10 +280,8 @@ type Node struct {
 	topicIDPrefix string
 	topicSeq      atomic.Uint64
 
-	mu    sync.Mutex
-	dests map[string]*destination
-	// ndests is len(dests), set under mu, read without it (refuseNewLocked).
-	ndests atomic.Int64
+	mu     sync.Mutex
+	dests  map[string]*destination
 	closed bool
 
 	loadMu  sync.Mutex
@@ -482,24 +475,8 @@ func (n *Node) destinationLocked(name string, kind Kind) *destination {
 	if d == nil {
 		d = &destination{name: name, kind: kind, n: n}
 		n.dests[name] = d
-		n.ndests.Store(int64(len(n.dests)))
 	}
 	return d
-}
-
-// refuseNewLocked refuses d, just looked up for a client's SEND or
-// SUBSCRIBE (lockDestination) and locked, if it does not exist and the
-// node holds more than MaxDestinations with it: d is unlocked and
-// dropped, and the error names the limit. Otherwise it returns nil with
-// d still locked.
-func (n *Node) refuseNewLocked(d *destination) error {
-	if n.cfg.MaxDestinations <= 0 || d.existsLocked() || n.ndests.Load() <= int64(n.cfg.MaxDestinations) {
-		return nil
-	}
-	d.mu.Unlock()
-	n.dropUncreated(d)
-	n.m.refusedDests.Inc()
-	return fmt.Errorf("%w: this node holds %d destinations (limits.max_destinations); %s is not created", ErrTooManyDestinations, n.cfg.MaxDestinations, d.name)
 }
 
 // lockDestination returns destination name, created if missing, locked.
@@ -539,15 +516,12 @@ func (n *Node) Subscribe(opts SubOptions) (*Subscription, error) {
 		opts.Prefetch = n.cfg.MaxUnacked
 	}
 	d := n.lockDestination(opts.Dest, kind)
-	if kind == KindQueue && opts.NoCreate && !d.existsLocked() {
-		d.mu.Unlock()
-		n.dropUncreated(d)
-		return nil, &NoSuchQueueError{Dest: opts.Dest}
-	}
-	if err := n.refuseNewLocked(d); err != nil {
-		return nil, err
-	}
 	if kind == KindQueue {
+		if opts.NoCreate && !d.existsLocked() {
+			d.mu.Unlock()
+			n.dropUncreated(d)
+			return nil, &NoSuchQueueError{Dest: opts.Dest}
+		}
 		d.created = true
 	}
 	s := &Subscription{d: d, opts: opts, inflight: make(map[uint64]*inflight), active: kind == KindQueue}
@@ -857,7 +831,7 @@ func (n *Node) Apply(b *Batch, done func(error)) error {
 			d.mu.Unlock()
 			n.dropUncreated(d)
 			err = &NoSuchQueueError{Dest: m.Dest}
-		} else if err = n.refuseNewLocked(d); err == nil {
+		} else {
 			err = d.reserveLocked(m)
 			d.mu.Unlock()
 		}
@@ -1028,7 +1002,6 @@ func (n *Node) removeIdle(d *destination) {
 	ok := n.dests[d.name] == d && d.idleLocked()
 	if ok {
 		delete(n.dests, d.name)
-		n.ndests.Store(int64(len(n.dests)))
 		d.removed = true
 	}
 	d.mu.Unlock()
@@ -1075,7 +1048,6 @@ func (n *Node) dropUncreated(d *destination) {
 	defer d.mu.Unlock()
 	if n.dests[d.name] == d && !d.existsLocked() {
 		delete(n.dests, d.name)
-		n.ndests.Store(int64(len(n.dests)))
 		d.removed = true
 	}
 }

@@ -588,7 +588,6 @@ func (n *Node) Release(dest string) {
 	d.mu.Unlock()
 	d.adopted = false
 	delete(n.dests, dest)
-	n.ndests.Store(int64(len(n.dests)))
 	n.log.Info("released queue", "dest", dest)
 }
 

@@ -217,7 +217,6 @@ func (s *Subscription) Close() {
 		d.mu.Lock()
 		if len(d.subs) == 0 && n.dests[d.name] == d {
 			delete(n.dests, d.name)
-			n.ndests.Store(int64(len(n.dests)))
 		}
 		d.mu.Unlock()
 		n.mu.Unlock()

@@ -554,8 +554,6 @@ func asyncError(err error) *protocolError {
 		return perr("queue-full", "queue full", "%v", err)
 	case errors.Is(err, replica.ErrLowDisk):
 		return perr("low-disk", "broker low on disk space", "%v", err)
-	case errors.Is(err, replica.ErrTooManyDestinations):
-		return perr("too-many-destinations", "too many destinations", "%v", err)
 	case errors.Is(err, replica.ErrUnknownAck), errors.Is(err, replica.ErrSubscriptionClosed):
 		return perr("ack", "unknown message", "%v", err)
 	}
@@ -574,8 +572,6 @@ func brokerError(f *frame.Frame, err error) error {
 	case errors.Is(err, replica.ErrLowDisk):
 		return perr("low-disk", "broker low on disk space",
 			"the broker refuses new messages until free disk space returns; consumers can still receive and acknowledge (%v)", err)
-	case errors.Is(err, replica.ErrTooManyDestinations):
-		return perr("too-many-destinations", "too many destinations", "%s: %v", f.Command, err)
 	case errors.Is(err, replica.ErrNoQuorum):
 		return perr("no-quorum", "not enough replicas", "%s: %v", f.Command, err)
 	}

@@ -58,7 +58,6 @@ const (
 	codeUnknownAck = "unknown-ack"
 	codeUnknownSub = "unknown-subscription"
 	codeNoQueue    = "no-such-queue" // message: the queue's name
-	codeTooMany    = "too-many-destinations"
 )
 
 // fwdLinks holds one peer link per peer for forwarding (separate from the

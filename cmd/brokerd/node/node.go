@@ -182,7 +182,6 @@ func NewWithOptions(cfg config.Config, log *slog.Logger, opts Options) (*Node, e
 	rcfg.MaxUnacked = cfg.Limits.MaxUnacked
 	rcfg.MaxUnackedBytes = cfg.Limits.MaxUnackedBytes
 	rcfg.MaxLength = cfg.Queue.MaxLength
-	rcfg.MaxDestinations = cfg.Limits.MaxDestinations
 	rcfg.MaxBytes = cfg.Queue.MaxBytes
 	rcfg.Overflow = overflow
 	rcfg.IdleDeleteAfter = cfg.Queue.IdleDeleteAfter

@@ -396,7 +396,7 @@ func retryable(err error) bool {
 	switch {
 	case errors.Is(err, replica.ErrQueueFull), errors.Is(err, replica.ErrLowDisk),
 		errors.Is(err, replica.ErrBadDestination), errors.Is(err, replica.ErrUnknownAck),
-		errors.Is(err, replica.ErrNoSuchQueue), errors.Is(err, replica.ErrTooManyDestinations):
+		errors.Is(err, replica.ErrNoSuchQueue):
 		return false
 	}
 	return true // no quorum here, a link down, an answer that never came
@@ -418,8 +418,7 @@ func finalErr(err error) error {
 	}
 	var pe *stomp.PeerError
 	if !errors.As(err, &pe) && (errors.Is(err, replica.ErrNoQuorum) || errors.Is(err, replica.ErrQueueFull) ||
-		errors.Is(err, replica.ErrLowDisk) || errors.Is(err, replica.ErrBadDestination) || errors.Is(err, replica.ErrNoSuchQueue) ||
-		errors.Is(err, replica.ErrTooManyDestinations)) {
+		errors.Is(err, replica.ErrLowDisk) || errors.Is(err, replica.ErrBadDestination) || errors.Is(err, replica.ErrNoSuchQueue)) {
 		return err // a local write's own error
 	}
 	return peerErr(err)
@@ -1760,8 +1759,6 @@ func peerErr(err error) error {
 		return fmt.Errorf("%w (%s)", replica.ErrUnknownAck, pe.Message)
 	case codeNoQueue:
 		return &replica.NoSuchQueueError{Dest: pe.Message}
-	case codeTooMany:
-		return fmt.Errorf("%w (%s)", replica.ErrTooManyDestinations, pe.Message)
 	}
 	return fmt.Errorf("%w: the queue's owner refused: %s: %s", replica.ErrNoQuorum, pe.Code, pe.Message)
 }
@@ -1786,8 +1783,6 @@ func failCode(err error) string {
 		return codeUnknownAck
 	case errors.Is(err, replica.ErrNoSuchQueue):
 		return codeNoQueue
-	case errors.Is(err, replica.ErrTooManyDestinations):
-		return codeTooMany
 	case errors.Is(err, replica.ErrNoQuorum):
 		return "no-quorum"
 	}
