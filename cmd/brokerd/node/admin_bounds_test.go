@@ -8,6 +8,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -130,5 +131,32 @@ func TestAdminStreamOutlivesWriteTimeout(t *testing.T) {
 	}
 	if events < 2 {
 		t.Fatalf("%d events in 2.5 s, want one a second", events)
+	}
+}
+
+// A refused request's connection is closed: clients without credentials
+// cannot hold the admin server's connections (adminMaxConns) with
+// keep-alives.
+func TestAdminRefusedConnectionClosed(t *testing.T) {
+	cfg := adminTestConfig(t)
+	cfg.Admin.TokenFile = writeToken(t, filepath.Join(t.TempDir(), "admin.token"), testAdminToken)
+	n, _ := startAdminNode(t, cfg)
+	c := silentConns(t, n.AdminAddr(), 1)[0]
+	if _, err := io.WriteString(c, "GET /v1/cluster HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"); err != nil {
+		t.Fatal(err)
+	}
+	_ = c.SetReadDeadline(time.Now().Add(10 * time.Second))
+	br := bufio.NewReader(c)
+	resp, err := http.ReadResponse(br, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, _ = io.Copy(io.Discard, resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusUnauthorized {
+		t.Fatalf("GET /v1/cluster without a token: %s", resp.Status)
+	}
+	if _, err := br.ReadByte(); err != io.EOF {
+		t.Fatalf("after a 401: read %v, want EOF (the server closes a refused client's connection)", err)
 	}
 }

@@ -153,11 +153,13 @@ func (a *adminAuth) wrap(h http.Handler) http.Handler {
 			// DNS rebinding: a web page whose name now resolves to
 			// 127.0.0.1 is same-origin with itself, Origin included.
 			a.log.Warn("admin request refused", "remote", r.RemoteAddr, "method", r.Method, "path", r.URL.Path, "reason", "open admin API asked for by a host name that is not loopback", "host", r.Host)
+			w.Header().Set("Connection", "close") // a refused client holds no connection (adminMaxConns)
 			http.Error(w, "the admin API has no credentials: ask for it by a loopback address (127.0.0.1, [::1], localhost)", http.StatusForbidden)
 			return
 		}
 		if crossSite(r) {
 			a.log.Warn("admin request refused", "remote", r.RemoteAddr, "method", r.Method, "path", r.URL.Path, "reason", "cross-site request from a browser", "origin", r.Header.Get("Origin"))
+			w.Header().Set("Connection", "close")
 			http.Error(w, "cross-site request refused", http.StatusForbidden)
 			return
 		}
@@ -233,6 +235,7 @@ func (a *adminAuth) wrapAuth(h http.Handler) http.Handler {
 		}
 		a.log.Warn("admin request refused", "remote", r.RemoteAddr, "method", r.Method, "path", r.URL.Path, "reason", why)
 		w.Header().Set("WWW-Authenticate", `Bearer realm="brokerd"`)
+		w.Header().Set("Connection", "close") // a refused client holds no connection (adminMaxConns)
 		http.Error(w, why, http.StatusUnauthorized)
 	})
 }

@@ -385,6 +385,11 @@ func (n *Node) Start() error {
 			_ = n.Shutdown(context.Background())
 			return fmt.Errorf("admin listen: %w", err)
 		}
+		// At most adminMaxConns connections at once (a goroutine and
+		// buffers each); the rest wait in the listen backlog. Beneath
+		// TLS: http.Server must see *tls.Conn to handshake and fill
+		// r.TLS (client certificates).
+		ln = netutil.LimitListener(ln, adminMaxConns)
 		if tf != nil {
 			ln = adminListener(ln, tf, n.cfg.Admin.TLS.ClientCAFile != "")
 			n.reload.add("admin.tls", tf.reload)
@@ -439,9 +444,7 @@ func (n *Node) Start() error {
 		n.adminD = make(chan struct{})
 		go func() {
 			defer close(n.adminD)
-			// At most adminMaxConns connections at once (a goroutine and
-			// buffers each); the rest wait in the listen backlog.
-			if err := n.admin.Serve(netutil.LimitListener(ln, adminMaxConns)); err != nil && !errors.Is(err, http.ErrServerClosed) {
+			if err := n.admin.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
 				n.log.Error("admin server stopped", "err", err)
 			}
 		}()
