@@ -5,9 +5,11 @@ package node
 
 import (
 	"bufio"
+	"fmt"
 	"io"
 	"net"
 	"net/http"
+	"net/http/httptest"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -158,5 +160,48 @@ func TestAdminRefusedConnectionClosed(t *testing.T) {
 	}
 	if _, err := br.ReadByte(); err != io.EOF {
 		t.Fatalf("after a 401: read %v, want EOF (the server closes a refused client's connection)", err)
+	}
+}
+
+// One address cannot take every connection: beyond adminMaxConnsPerIP
+// its connections are closed at once, and others are still served.
+func TestAdminConnectionsPerIPCapped(t *testing.T) {
+	shorten(t, &adminMaxConnsPerIP, 2)
+	n, _ := startAdminNode(t, adminTestConfig(t))
+	addr := n.AdminAddr()
+	held := silentConns(t, addr, 2)
+	time.Sleep(200 * time.Millisecond)
+	extra := silentConns(t, addr, 1)[0]
+	_ = extra.SetReadDeadline(time.Now().Add(3 * time.Second))
+	if _, err := extra.Read(make([]byte, 1)); err != io.EOF && !strings.Contains(fmt.Sprint(err), "reset") {
+		t.Fatalf("a third connection from one address while 2 (the per-address cap) are held: read %v, want it closed", err)
+	}
+	held[0].Close()
+	waitFor(t, 5*time.Second, "GET /healthz once a held connection closed", func() string {
+		resp, err := (&http.Client{Timeout: 2 * time.Second}).Get("http://" + addr + "/healthz")
+		if err != nil {
+			return err.Error()
+		}
+		resp.Body.Close()
+		return ""
+	})
+}
+
+// The answer's write deadline counts from its first byte: a handler that
+// works longer than adminWriteTimeout (a purge) still answers.
+func TestAdminWriteDeadlineFromFirstByte(t *testing.T) {
+	shorten(t, &adminWriteTimeout, 200*time.Millisecond)
+	srv := httptest.NewServer(adminWriteDeadline(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		time.Sleep(600 * time.Millisecond)
+		_, _ = io.WriteString(w, "purged 3")
+	})))
+	defer srv.Close()
+	resp, err := (&http.Client{Timeout: 10 * time.Second}).Post(srv.URL+"/v1/queues/q/purge", "text/plain", nil)
+	if err != nil {
+		t.Fatalf("an answer after 600 ms of work with a 200 ms write bound: %v", err)
+	}
+	defer resp.Body.Close()
+	if b, _ := io.ReadAll(resp.Body); string(b) != "purged 3" {
+		t.Fatalf("answer %q", b)
 	}
 }

@@ -386,10 +386,11 @@ func (n *Node) Start() error {
 			return fmt.Errorf("admin listen: %w", err)
 		}
 		// At most adminMaxConns connections at once (a goroutine and
-		// buffers each); the rest wait in the listen backlog. Beneath
+		// buffers each; the rest wait in the listen backlog), and
+		// adminMaxConnsPerIP from one address (the rest are closed). Beneath
 		// TLS: http.Server must see *tls.Conn to handshake and fill
 		// r.TLS (client certificates).
-		ln = netutil.LimitListener(ln, adminMaxConns)
+		ln = &perIPListener{Listener: netutil.LimitListener(ln, adminMaxConns), max: adminMaxConnsPerIP, n: map[string]int{}}
 		if tf != nil {
 			ln = adminListener(ln, tf, n.cfg.Admin.TLS.ClientCAFile != "")
 			n.reload.add("admin.tls", tf.reload)
@@ -462,6 +463,8 @@ var (
 	// adminMaxConns bounds the connections served at once; the stream
 	// of the cluster page has its own, lower bound (pageMaxStreams).
 	adminMaxConns = 256
+	// adminMaxConnsPerIP bounds those from one remote address.
+	adminMaxConnsPerIP = 64
 	// adminHeaderTimeout bounds the TLS handshake and a request's
 	// headers; adminReadTimeout the whole request, body included (the
 	// admin API's bodies are a few hundred bytes).
@@ -475,17 +478,107 @@ var (
 	adminMaxHeaderBytes = 64 << 10
 )
 
-// adminWriteDeadline gives every answer adminWriteTimeout to be written,
+// adminWriteDeadline gives every answer adminWriteTimeout to be written
+// from its first byte (a purge may work for minutes before it answers),
 // except the cluster page's event stream (which sets a deadline for each
-// event) and the profiles of /debug/pprof/ (which take as long as they
-// are asked to). http.Server's WriteTimeout would cut those too.
+// event) and the profiles and traces of /debug/pprof/ (which take as long
+// as they are asked to). http.Server's WriteTimeout would cut those too,
+// and counts from the request.
 func adminWriteDeadline(h http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		if r.URL.Path != "/v1/overview/stream" && !strings.HasPrefix(r.URL.Path, "/debug/pprof/") {
-			_ = http.NewResponseController(w).SetWriteDeadline(time.Now().Add(adminWriteTimeout))
+		switch r.URL.Path {
+		case "/v1/overview/stream", "/debug/pprof/profile", "/debug/pprof/trace":
+			h.ServeHTTP(w, r)
+			return
 		}
-		h.ServeHTTP(w, r)
+		if r.URL.Query().Has("seconds") && strings.HasPrefix(r.URL.Path, "/debug/pprof/") {
+			h.ServeHTTP(w, r) // a delta profile, over the seconds asked
+			return
+		}
+		h.ServeHTTP(&deadlineOnWrite{ResponseWriter: w}, r)
 	})
+}
+
+// deadlineOnWrite sets the connection's write deadline when the answer
+// starts (adminWriteDeadline).
+type deadlineOnWrite struct {
+	http.ResponseWriter
+	armed bool
+}
+
+func (d *deadlineOnWrite) arm() {
+	if !d.armed {
+		d.armed = true
+		_ = http.NewResponseController(d.ResponseWriter).SetWriteDeadline(time.Now().Add(adminWriteTimeout))
+	}
+}
+
+func (d *deadlineOnWrite) WriteHeader(code int) {
+	d.arm()
+	d.ResponseWriter.WriteHeader(code)
+}
+
+func (d *deadlineOnWrite) Write(b []byte) (int, error) {
+	d.arm()
+	return d.ResponseWriter.Write(b)
+}
+
+// Unwrap lets http.ResponseController reach the connection.
+func (d *deadlineOnWrite) Unwrap() http.ResponseWriter { return d.ResponseWriter }
+
+// perIPListener closes connections beyond max from one remote address at
+// once, so that one client cannot take every admin connection
+// (adminMaxConns) with keep-alives or slow headers.
+type perIPListener struct {
+	net.Listener
+	max int
+	mu  sync.Mutex
+	n   map[string]int // at most as many entries as connections held
+}
+
+func (l *perIPListener) Accept() (net.Conn, error) {
+	for {
+		c, err := l.Listener.Accept()
+		if err != nil {
+			return nil, err
+		}
+		ip := remoteIP(c)
+		l.mu.Lock()
+		if l.n[ip] >= l.max {
+			l.mu.Unlock()
+			_ = c.Close() // frees its slot of the cap beneath
+			continue
+		}
+		l.n[ip]++
+		l.mu.Unlock()
+		return &perIPConn{Conn: c, l: l, ip: ip}, nil
+	}
+}
+
+func remoteIP(c net.Conn) string {
+	if a, ok := c.RemoteAddr().(*net.TCPAddr); ok {
+		return a.IP.String()
+	}
+	return c.RemoteAddr().String()
+}
+
+type perIPConn struct {
+	net.Conn
+	l    *perIPListener
+	ip   string
+	once sync.Once
+}
+
+func (c *perIPConn) Close() error {
+	err := c.Conn.Close()
+	c.once.Do(func() {
+		c.l.mu.Lock()
+		if c.l.n[c.ip]--; c.l.n[c.ip] <= 0 {
+			delete(c.l.n, c.ip)
+		}
+		c.l.mu.Unlock()
+	})
+	return err
 }
 
 // watchStore stops the node when the store fails: a write or fsync of the

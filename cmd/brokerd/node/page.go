@@ -432,6 +432,9 @@ func (a *adminAuth) serveLogin(w http.ResponseWriter, status int, msg string) {
 	pageHeaders(w)
 	w.Header().Set("Content-Type", "text/html; charset=utf-8")
 	w.Header().Set("Cache-Control", "no-store")
+	if status != http.StatusOK {
+		w.Header().Set("Connection", "close") // a refused client holds no connection (adminMaxConns)
+	}
 	w.WriteHeader(status)
 	_ = loginTmpl.Execute(w, struct {
 		Message   string
