@@ -111,6 +111,27 @@ func (f *fwdLinks) request(ctx context.Context, peer, op string, headers []strin
 	return c.Request(ctx, op, headers, body, done)
 }
 
+// prune closes and forgets the links to peers keep says no: links are
+// made on demand and redialled until closed, so one to a peer the cluster
+// forgot would be kept for ever. It returns the peers pruned.
+func (f *fwdLinks) prune(keep func(peer string) bool) []string {
+	f.mu.Lock()
+	var gone []string
+	var links []*stomp.PeerClient
+	for peer, c := range f.links {
+		if !keep(peer) {
+			gone = append(gone, peer)
+			links = append(links, c)
+			delete(f.links, peer)
+		}
+	}
+	f.mu.Unlock()
+	for _, c := range links {
+		_ = c.Close()
+	}
+	return gone
+}
+
 func (f *fwdLinks) close() {
 	f.mu.Lock()
 	f.closed = true

@@ -234,6 +234,28 @@ func (o *peerOut) failQueued(err error) {
 	}
 }
 
+// prune stops the links to peers keep says no (see fwdLinks.prune);
+// their queued and pending appends fail. It returns the peers pruned.
+func (p *peerLinks) prune(keep func(peer string) bool) []string {
+	p.mu.Lock()
+	var gone []string
+	var outs []*peerOut
+	for peer, o := range p.out {
+		if !keep(peer) {
+			gone = append(gone, peer)
+			outs = append(outs, o)
+			delete(p.out, peer)
+		}
+	}
+	p.mu.Unlock()
+	for _, o := range outs {
+		o.cancel()
+		o.wg.Wait()
+		_ = o.c.Close()
+	}
+	return gone
+}
+
 // Close stops every link; queued and pending appends fail.
 func (p *peerLinks) Close() {
 	p.mu.Lock()

@@ -91,6 +91,9 @@ type router struct {
 	nmu      sync.Mutex
 	notOwned map[[2]string]time.Time
 	pr       *replica.PeerReplicator // for operators: which copies are in sync
+	// pruneRep, if set, closes the replication links to peers keep says
+	// no (peerLinks.prune), as pruneLinks does the forwarding links.
+	pruneRep func(keep func(peer string) bool) []string
 	m        routerMetrics
 
 	vmu  sync.Mutex
@@ -787,6 +790,30 @@ func (rt *router) peerAddr(id string) string {
 	return rt.refresh().addrs[id]
 }
 
+// pruneLinks closes the links to peers the cluster no longer knows: a
+// member dead or gone for cluster.forget_after is forgotten, and its
+// links, made on demand, would otherwise be redialled for ever. A link
+// pruned by mistake (a peer that joined after the status was read) is
+// made again on its next use.
+func (rt *router) pruneLinks() {
+	st := rt.status()
+	known := make(map[string]bool, len(st.Members))
+	for _, m := range st.Members {
+		known[m.ID] = true
+	}
+	if st.NodeID == "" || !known[st.NodeID] {
+		return // no status yet: nothing to compare with
+	}
+	keep := func(id string) bool { return known[id] }
+	gone := rt.fwd.prune(keep)
+	if rt.pruneRep != nil {
+		gone = append(gone, rt.pruneRep(keep)...)
+	}
+	if len(gone) > 0 {
+		rt.log.Info("closed the links to peers the cluster forgot", "peers", gone)
+	}
+}
+
 // ownerOf is the node that serves queue dest in v: the first of its
 // replica set that is not draining (the first when all are); "" while
 // this node has no agreed active set.
@@ -824,6 +851,9 @@ func (rt *router) watch() {
 		}
 		if tick%10 == 0 {
 			rt.expireNotOwned()
+		}
+		if tick%100 == 50 {
+			rt.pruneLinks()
 		}
 		v := rt.refresh()
 		for p := range v.peers {

@@ -110,6 +110,7 @@ func (n *Node) setupReplication() error {
 		n.reg.MustRegister(n.pr.Collector())
 	}
 	rt.pr = n.pr
+	rt.pruneRep = n.links.prune
 	n.rep.SetReplicator(n.pr)
 
 	addr := cfg.Cluster.PeerAddr
