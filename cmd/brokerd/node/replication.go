@@ -8,6 +8,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/brokerd/brokerd/cluster"
@@ -58,7 +59,11 @@ const connectWait = 2 * time.Second
 // in bytes and drained in order by one goroutine, so that Append never
 // blocks (PeerClient.Request waits while the link is down or full).
 type peerLinks struct {
-	inc       uint64                 // this incarnation, for headerSeq
+	inc uint64 // this incarnation, for headerSeq
+	// seq numbers the appends of every link (headerSeq's second part):
+	// one counter, so that a link made again after prune goes on above
+	// the old one's numbers, which its receiver still remembers.
+	seq       atomic.Uint64
 	base      stomp.PeerClientConfig // Secret, NodeID, Logger, Registerer, timeouts
 	addrOf    func(id string) string // a peer's peer-link address, "" when unknown
 	maxQueued int                    // bytes queued per peer
@@ -209,7 +214,7 @@ func (p *peerLinks) run(o *peerOut) {
 				}
 				ctx, cancel = context.WithTimeout(o.ctx, left)
 			}
-			o.seq++
+			o.seq = p.seq.Add(1)
 			seq := strconv.FormatUint(p.inc, 10) + "/" + strconv.FormatUint(o.seq, 10)
 			err := o.c.Request(ctx, opAppend, []string{headerEpoch, epoch.String(), headerSeq, seq}, body, finish)
 			cancel()

@@ -805,6 +805,16 @@ func (rt *router) pruneLinks() {
 		return // no status yet: nothing to compare with
 	}
 	keep := func(id string) bool { return known[id] }
+	// A peer refused while its host answered (linkState) is cleared by
+	// a link that comes up; with its links gone nothing would, and the
+	// forgotten peer, back under its ID, would be left out of every view.
+	rt.vmu.Lock()
+	for id := range rt.refused {
+		if !known[id] {
+			delete(rt.refused, id)
+		}
+	}
+	rt.vmu.Unlock()
 	gone := rt.fwd.prune(keep)
 	if rt.pruneRep != nil {
 		gone = append(gone, rt.pruneRep(keep)...)
