@@ -247,6 +247,10 @@ func (p *peerLinks) prune(keep func(peer string) bool) []string {
 	var outs []*peerOut
 	for peer, o := range p.out {
 		if !keep(peer) {
+			// Cancelled before a new link to peer can be made: the old
+			// one sends nothing numbered after the new one's first
+			// append (the receiver would apply it out of order).
+			o.cancel()
 			gone = append(gone, peer)
 			outs = append(outs, o)
 			delete(p.out, peer)
@@ -254,7 +258,6 @@ func (p *peerLinks) prune(keep func(peer string) bool) []string {
 	}
 	p.mu.Unlock()
 	for _, o := range outs {
-		o.cancel()
 		o.wg.Wait()
 		_ = o.c.Close()
 	}

@@ -805,9 +805,15 @@ func (rt *router) pruneLinks() {
 		return // no status yet: nothing to compare with
 	}
 	keep := func(id string) bool { return known[id] }
+	gone := rt.fwd.prune(keep)
+	if rt.pruneRep != nil {
+		gone = append(gone, rt.pruneRep(keep)...)
+	}
 	// A peer refused while its host answered (linkState) is cleared by
 	// a link that comes up; with its links gone nothing would, and the
 	// forgotten peer, back under its ID, would be left out of every view.
+	// After the prune: a pruned link's Close waits for its state
+	// reports, so none sets a refusal again after this.
 	rt.vmu.Lock()
 	for id := range rt.refused {
 		if !known[id] {
@@ -815,10 +821,6 @@ func (rt *router) pruneLinks() {
 		}
 	}
 	rt.vmu.Unlock()
-	gone := rt.fwd.prune(keep)
-	if rt.pruneRep != nil {
-		gone = append(gone, rt.pruneRep(keep)...)
-	}
 	if len(gone) > 0 {
 		rt.log.Info("closed the links to peers the cluster forgot", "peers", gone)
 	}
