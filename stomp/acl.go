@@ -301,7 +301,7 @@ func compilePattern(s string) pattern {
 	p := pattern{p: b.String()}
 	wild := strings.IndexAny(p.p, "*#")
 	p.literal = wild < 0
-	p.prefix = wild == len(p.p)-1 && p.p[wild] == '#'
+	p.prefix = wild >= 0 && wild == len(p.p)-1 && p.p[wild] == '#' // "" has no wildcard
 	return p
 }
 
