@@ -83,11 +83,13 @@ func TestAdminSilentConnectionDropped(t *testing.T) {
 	}
 }
 
-func TestAdminIdleKeepAliveClosed(t *testing.T) {
-	shorten(t, &adminIdleTimeout, 300*time.Millisecond)
-	n, _ := startAdminNode(t, adminTestConfig(t))
-	c := silentConns(t, n.AdminAddr(), 1)[0]
-	if _, err := io.WriteString(c, "GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"); err != nil {
+// getOnConn sends one keep-alive GET of path on a new raw connection to
+// addr, reads the answer and returns its status and the reader, from
+// which the test reads what comes next (EOF: the server closed it).
+func getOnConn(t *testing.T, addr, path string) (int, *bufio.Reader) {
+	t.Helper()
+	c := silentConns(t, addr, 1)[0]
+	if _, err := io.WriteString(c, "GET "+path+" HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"); err != nil {
 		t.Fatal(err)
 	}
 	_ = c.SetReadDeadline(time.Now().Add(10 * time.Second))
@@ -98,8 +100,15 @@ func TestAdminIdleKeepAliveClosed(t *testing.T) {
 	}
 	_, _ = io.Copy(io.Discard, resp.Body)
 	resp.Body.Close()
-	if resp.StatusCode != http.StatusOK {
-		t.Fatalf("GET /healthz: %s", resp.Status)
+	return resp.StatusCode, br
+}
+
+func TestAdminIdleKeepAliveClosed(t *testing.T) {
+	shorten(t, &adminIdleTimeout, 300*time.Millisecond)
+	n, _ := startAdminNode(t, adminTestConfig(t))
+	code, br := getOnConn(t, n.AdminAddr(), "/healthz")
+	if code != http.StatusOK {
+		t.Fatalf("GET /healthz: %d", code)
 	}
 	start := time.Now()
 	if _, err := br.ReadByte(); err != io.EOF {
@@ -143,20 +152,9 @@ func TestAdminRefusedConnectionClosed(t *testing.T) {
 	cfg := adminTestConfig(t)
 	cfg.Admin.TokenFile = writeToken(t, filepath.Join(t.TempDir(), "admin.token"), testAdminToken)
 	n, _ := startAdminNode(t, cfg)
-	c := silentConns(t, n.AdminAddr(), 1)[0]
-	if _, err := io.WriteString(c, "GET /v1/cluster HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"); err != nil {
-		t.Fatal(err)
-	}
-	_ = c.SetReadDeadline(time.Now().Add(10 * time.Second))
-	br := bufio.NewReader(c)
-	resp, err := http.ReadResponse(br, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	_, _ = io.Copy(io.Discard, resp.Body)
-	resp.Body.Close()
-	if resp.StatusCode != http.StatusUnauthorized {
-		t.Fatalf("GET /v1/cluster without a token: %s", resp.Status)
+	code, br := getOnConn(t, n.AdminAddr(), "/v1/cluster")
+	if code != http.StatusUnauthorized {
+		t.Fatalf("GET /v1/cluster without a token: %d", code)
 	}
 	if _, err := br.ReadByte(); err != io.EOF {
 		t.Fatalf("after a 401: read %v, want EOF (the server closes a refused client's connection)", err)

@@ -34,9 +34,7 @@ func TestReleaseTakeOverWaitsForRelease(t *testing.T) {
 		t.Fatalf("ensureOwned returned (%v) while the queue was being released", err)
 	case <-time.After(300 * time.Millisecond):
 	}
-	a.rt.host.closeDest(q)
-	a.rt.rep.Release(q)
-	a.rt.endRelease(q, rel)
+	a.rt.releaseHere(q, rel)
 	select {
 	case err := <-owned:
 		if err != nil {
@@ -127,9 +125,7 @@ func TestReleaseMovedQueueNotTakenOverHere(t *testing.T) {
 	go func() { owned <- a.rt.ensureOwned(q) }()
 	time.Sleep(100 * time.Millisecond)
 	a.setView([]string{"node-b"}, 2) // the queue moves to node-b
-	a.rt.host.closeDest(q)
-	a.rt.rep.Release(q)
-	a.rt.endRelease(q, rel)
+	a.rt.releaseHere(q, rel)
 	select {
 	case err := <-owned:
 		if !errors.Is(err, errNotOwner) {

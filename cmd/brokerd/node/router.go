@@ -159,15 +159,20 @@ type ownState struct {
 }
 
 // markReleasing puts a release's placeholder in owned[dest]; rt.omu is
-// held. The caller closes dest and releases it, then calls endRelease.
+// held. The caller then calls releaseHere.
 func (rt *router) markReleasing(dest string) *ownState {
 	st := &ownState{done: make(chan struct{}), releasing: true}
 	rt.owned[dest] = st
 	return st
 }
 
-// endRelease removes the placeholder of a finished release.
-func (rt *router) endRelease(dest string, st *ownState) {
+// releaseHere stops serving dest here, st being its placeholder in
+// owned (markReleasing): its subscriptions end (their nodes bind again),
+// the replica drops the queue (the bucket stays a copy), and then the
+// placeholder goes.
+func (rt *router) releaseHere(dest string, st *ownState) {
+	rt.host.closeDest(dest)
+	rt.rep.Release(dest)
 	rt.omu.Lock()
 	if rt.owned[dest] == st {
 		delete(rt.owned, dest)
@@ -943,9 +948,7 @@ func (rt *router) watch() {
 // st is the release's placeholder in owned (markReleasing).
 func (rt *router) release(v viewSnap, dest string, st *ownState) {
 	rt.m.released.Inc()
-	rt.host.closeDest(dest)
-	rt.rep.Release(dest)
-	rt.endRelease(dest, st)
+	rt.releaseHere(dest, st)
 	owner := rt.ownerOf(v, dest)
 	if owner == "" || owner == v.self {
 		return
@@ -1008,9 +1011,7 @@ func (rt *router) merge(dest string) {
 	}
 	rel := rt.markReleasing(dest)
 	rt.omu.Unlock()
-	rt.host.closeDest(dest)
-	rt.rep.Release(dest)
-	rt.endRelease(dest, rel)
+	rt.releaseHere(dest, rel)
 	rt.log.Info("merging a released copy: the queue is taken over again", "dest", dest)
 	rt.goBackground(func() {
 		if err := rt.ensureOwned(dest); err != nil {
@@ -1061,9 +1062,7 @@ func (rt *router) ensureOwned(dest string) error {
 			rel := rt.markReleasing(dest)
 			rt.omu.Unlock()
 			rt.log.Info("nodes joined the view since this queue was taken over: taking it over again before serving it", "dest", dest)
-			rt.host.closeDest(dest)
-			rt.rep.Release(dest)
-			rt.endRelease(dest, rel)
+			rt.releaseHere(dest, rel)
 			rt.m.released.Inc()
 			continue
 		}
