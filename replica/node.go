@@ -206,8 +206,13 @@ type Sub interface {
 	Tried(tags ...uint64)
 	// Check returns ErrUnknownAck unless tag is outstanding.
 	Check(tag uint64) error
-	// Close ends the subscription; its unacknowledged messages return.
+	// Close ends the subscription because its client failed; its
+	// unacknowledged messages return, each that reached the wire counting
+	// toward MaxRedeliveries.
 	Close()
+	// Return ends the subscription for another reason; its
+	// unacknowledged messages return marked redelivered, not counted.
+	Return()
 }
 
 var _ Sub = (*Subscription)(nil)

@@ -356,16 +356,32 @@ func (d *destination) dispatchLocked() []store.Op {
 	return ops
 }
 
-// requeueLocked returns m to pending, or, when it has been delivered too
-// often, adds it to nk for the dead-letter queue and returns the delete
-// of the original. ops gets the store writes.
-func (d *destination) requeueLocked(m *Message, delivered bool, ops []store.Op, nk *newKeys) []store.Op {
+// requeueLocked returns m to pending, or, when it has failed too often,
+// adds it to nk for the dead-letter queue and returns the delete of the
+// original. ops gets the store writes.
+//
+// delivered: m reached the wire. failed: its delivery failed (a NACK, or
+// the client's connection was lost), which counts toward
+// MaxRedeliveries. A delivery returned for another reason (the client
+// unsubscribed or disconnected, the broker ended the subscription) does
+// not count: m only comes back marked as possibly delivered (a count of
+// at least 1).
+func (d *destination) requeueLocked(m *Message, delivered, failed bool, ops []store.Op, nk *newKeys) []store.Op {
 	n := d.n
+	counted := delivered && failed
 	if delivered {
-		m.Deliveries++
 		n.m.redelivered.Inc()
 	}
-	if delivered && n.cfg.MaxRedeliveries > 0 && m.Deliveries > n.cfg.MaxRedeliveries &&
+	marked := false
+	switch {
+	case counted:
+		m.Deliveries++
+		marked = true
+	case delivered && m.Deliveries == 0:
+		m.Deliveries = 1
+		marked = true
+	}
+	if counted && n.cfg.MaxRedeliveries > 0 && m.Deliveries > n.cfg.MaxRedeliveries &&
 		!isDLQ(d.name, n.cfg.DLQPrefix) {
 		dl := &Message{
 			Dest:    n.cfg.DLQPrefix + d.name[len(QueuePrefix):],
@@ -391,7 +407,7 @@ func (d *destination) requeueLocked(m *Message, delivered bool, ops []store.Op, 
 		d.rewrites = append(d.rewrites, store.Op{Kind: store.OpPut, Bucket: d.name, Key: m.Seq, Value: m.encode()})
 		return ops
 	}
-	if !delivered {
+	if !marked {
 		return ops
 	}
 	// Keep the delivery count across restarts. The rewrite is submitted

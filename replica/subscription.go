@@ -162,7 +162,7 @@ func (s *Subscription) settle(tag uint64, nack bool, ops []store.Op, nk *newKeys
 		case e.acked:
 			// Removed already (RemoveKeys): nothing to return or write.
 		case nack:
-			ops = d.requeueLocked(e.msg, true, ops, nk)
+			ops = d.requeueLocked(e.msg, true, true, ops, nk)
 		default:
 			d.n.m.acked.Inc()
 			ops = append(ops, d.removeOp(e.msg.Seq))
@@ -173,12 +173,26 @@ func (s *Subscription) settle(tag uint64, nack bool, ops []store.Op, nk *newKeys
 	return ops
 }
 
-// Close ends the subscription. Its unacknowledged messages go back to the
-// queue (marked redelivered if they reached the wire) and to the other
-// subscribers; topic messages are dropped. The store writes this makes
-// (delivery counts, dead-letter moves) are submitted before Close returns,
-// so a later Barrier covers them.
-func (s *Subscription) Close() {
+// Close ends the subscription because its client failed (its connection
+// was lost). Its unacknowledged messages go back to the queue (marked
+// redelivered if they reached the wire) and to the other subscribers;
+// each that reached the wire counts a failed delivery toward
+// MaxRedeliveries, as a NACK does. Topic messages are dropped. The store
+// writes this makes (delivery counts, dead-letter moves) are submitted
+// before Close returns, so a later Barrier covers them.
+func (s *Subscription) Close() { s.close(true) }
+
+// Return ends the subscription for any other reason: the client
+// unsubscribed or disconnected, or the broker ended it (a shutdown, the
+// queue moved, the subscriber's node was lost). Its unacknowledged
+// messages go back as with Close, marked redelivered if they reached the
+// wire, but their delivery counts only rise from 0 to 1 (the mark): they
+// do not count toward MaxRedeliveries, which a churning cluster or a
+// consumer that prefetches and leaves would otherwise exhaust for
+// messages nobody failed to process.
+func (s *Subscription) Return() { s.close(false) }
+
+func (s *Subscription) close(failed bool) {
 	d := s.d
 	d.mu.Lock()
 	if s.closed {
@@ -200,7 +214,7 @@ func (s *Subscription) Close() {
 			if e.acked {
 				continue // removed already (RemoveKeys)
 			}
-			ops = d.requeueLocked(e.msg, e.written, ops, &nk)
+			ops = d.requeueLocked(e.msg, e.written, failed, ops, &nk)
 		}
 	}
 	s.inflight = nil

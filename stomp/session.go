@@ -147,13 +147,15 @@ type outItem struct {
 	closed   func(error)
 }
 
-// closeSub closes a subscription: its unacknowledged messages go back.
-// Close submits its store writes (delivery counts, dead-lettering) without
-// a sync; when done is set (an UNSUBSCRIBE waits), a barrier then makes
-// them durable before done is signalled, so that the receipt covers them.
+// closeSub closes a subscription (UNSUBSCRIBE): its unacknowledged
+// messages go back, marked redelivered, without counting toward
+// queue.max_redeliveries. Return submits its store writes (the marks)
+// without a sync; when done is set (an UNSUBSCRIBE waits), a barrier then
+// makes them durable before done is signalled, so that the receipt covers
+// them.
 func (s *session) closeSub(sb *sub, done func(error)) {
 	sb.closed.Store(true)
-	sb.rs.Close()
+	sb.rs.Return()
 	if done != nil {
 		s.srv.broker.Barrier(done)
 	}
@@ -251,10 +253,22 @@ func (s *session) run() {
 	<-s.writerDone
 	// Only now, with every flushed delivery recorded as written, return
 	// the client's unacknowledged messages to their queues; the writer
-	// dropped anything it had not written.
+	// dropped anything it had not written. A connection the client lost
+	// (closed or reset without DISCONNECT, silent past its heart-beat, or
+	// too slow to take its frames) counts a failed delivery of each
+	// toward queue.max_redeliveries, as a NACK does: that is how a
+	// message that crashes its consumers ends in the dead-letter queue.
+	// One the client ended with DISCONNECT, or the broker ended with an
+	// ERROR (a refused or malformed frame, a shutdown, a drain), only
+	// marks them redelivered.
+	failed := err != nil && !s.stopping.Load() && (!isPE || pe.reason == "heart-beat")
 	for _, sb := range s.subs {
 		sb.closed.Store(true)
-		sb.rs.Close()
+		if failed {
+			sb.rs.Close()
+		} else {
+			sb.rs.Return()
+		}
 	}
 	if isPE {
 		// Closing a socket with unread input sends a reset, which can

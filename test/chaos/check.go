@@ -94,17 +94,34 @@ type idState struct {
 	dest       string
 	deliveries int
 	marked     int // deliveries with redelivered:true
+	// dlqUnmarked: unmarked deliveries from the dead-letter queue. A
+	// message dead-lettered is a new message of that queue: its first
+	// delivery there carries no redelivered:true (as RabbitMQ's), and is
+	// not a duplicate of its deliveries from the original queue.
+	dlqUnmarked int
 	// outOfOrder counts unmarked deliveries on a connection that had
-	// already received the id: one connection's order is certain.
+	// already received the id from the same queue: one connection's
+	// order is certain.
 	outOfOrder int
-	byConn     map[int64]bool // connections it was delivered on
-	acked      bool           // an ACK of it was receipted
-	ackedFirst bool           // ... by a consumer, before the drain
-	maybeAcked bool           // an ACK was written and its answer lost
-	lastTo     string         // the client of the latest delivery
-	laterThan  bool           // delivered again after maybeAcked was set
+	byConn     map[connDest]bool // connections (and queue kind) it was delivered on
+	acked      bool              // an ACK of it was receipted
+	ackedFirst bool              // ... by a consumer, before the drain
+	maybeAcked bool              // an ACK was written and its answer lost
+	lastTo     string            // the client of the latest delivery
+	laterThan  bool              // delivered again after maybeAcked was set
 	ackedAgain bool
 }
+
+// connDest is a consumer connection and whether the delivery came from a
+// dead-letter queue.
+type connDest struct {
+	conn int64
+	dlq  bool
+}
+
+// isDLQ reports whether dest is a dead-letter queue (queue.dlq_prefix's
+// default, as dlqOf).
+func isDLQ(dest string) bool { return strings.HasPrefix(dest, "/queue/DLQ.") }
 
 // drainClient is the client name of the final drain, which starts after
 // every consumer has stopped.
@@ -138,15 +155,20 @@ func check(evs []event) result {
 		case evReceived:
 			s.deliveries++
 			r.Deliveries++
-			if e.redelivered {
+			cd := connDest{e.conn, isDLQ(e.dest)}
+			switch {
+			case e.redelivered:
 				s.marked++
-			} else if s.byConn[e.conn] {
+			case s.byConn[cd]:
 				s.outOfOrder++
 			}
-			if s.byConn == nil {
-				s.byConn = map[int64]bool{}
+			if !e.redelivered && cd.dlq {
+				s.dlqUnmarked++
 			}
-			s.byConn[e.conn] = true
+			if s.byConn == nil {
+				s.byConn = map[connDest]bool{}
+			}
+			s.byConn[cd] = true
 			if s.maybeAcked {
 				s.laterThan = true
 			}
@@ -186,7 +208,10 @@ func check(evs []event) result {
 		}
 		if s.deliveries > 1 {
 			r.Duplicated++
-			bad := max(s.deliveries-s.marked-1, 0)
+			// One unmarked delivery from the queue, and one from its
+			// dead-letter queue, are first deliveries.
+			unmarked := s.deliveries - s.marked
+			bad := max(unmarked-s.dlqUnmarked-1, 0) + max(s.dlqUnmarked-1, 0)
 			r.UnmarkedLater += s.outOfOrder
 			r.DupUnmarked += bad
 			r.DupMarked += max(s.deliveries-1-bad, 0)

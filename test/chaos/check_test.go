@@ -119,3 +119,24 @@ func TestCheckUnexpectedAndMisdelivered(t *testing.T) {
 		t.Errorf("wrong body: Misdelivered=%d", r.Misdelivered)
 	}
 }
+
+// A message dead-lettered is a new message of the dead-letter queue: its
+// first delivery there is unmarked (as RabbitMQ's), also on a connection
+// that received it from the original queue. A second unmarked delivery
+// from the dead-letter queue is still a failure.
+func TestCheckDeadLetterFirstDeliveryUnmarked(t *testing.T) {
+	q, dlq := "/queue/q", dlqOf("/queue/q")
+	on := func(e event) event { e.conn = 7; return e }
+	r := check(hist(sent("x", q), on(got("x", q, false)), on(got("x", q, true)), on(got("x", dlq, false)), event{kind: evAcked, id: "x"}))
+	if r.DupUnmarked != 0 || r.UnmarkedLater != 0 || r.Misdelivered != 0 || len(r.failures()) != 0 {
+		t.Errorf("delivered, redelivered, then dead-lettered and delivered from %s: %+v, failures %v", dlq, r, r.failures())
+	}
+	r = check(hist(sent("x", q), got("x", q, false), got("x", dlq, false), got("x", dlq, false), event{kind: evAcked, id: "x"}))
+	if r.DupUnmarked != 1 || len(r.failures()) == 0 {
+		t.Errorf("two unmarked deliveries from the dead-letter queue must fail: %+v", r)
+	}
+	r = check(hist(sent("x", q), got("x", q, false), got("x", q, false), got("x", dlq, false), event{kind: evAcked, id: "x"}))
+	if r.DupUnmarked != 1 || len(r.failures()) == 0 {
+		t.Errorf("two unmarked deliveries from the queue must fail, a dead-letter delivery notwithstanding: %+v", r)
+	}
+}

@@ -22,7 +22,7 @@ const (
 	opSend        = "send"         // body: messages (encodeMessages); durable at the owner before the answer
 	opTopic       = "topic"        // body: topic messages, fanned out to the receiver's subscribers
 	opSubscribe   = "subscribe"    // destination, x-sub, ack, x-prefetch
-	opUnsubscribe = "unsubscribe"  // x-sub
+	opUnsubscribe = "unsubscribe"  // x-sub, x-failed
 	opAck         = "ack"          // x-sub, x-tag, x-nack, x-sync
 	opPoll        = "poll"         // body: "sub credit" lines; x-keys; answer: deliveries, x-gone, x-keys
 	opPull        = "pull"         // destination, x-after, x-tombstones; answer: replica wire ops, x-count, x-after, x-more
@@ -36,12 +36,18 @@ const (
 	hdrTag      = "x-tag"
 	hdrNack     = "x-nack"
 	hdrSync     = "x-sync"
-	hdrGone     = "x-gone"
-	hdrAfter    = "x-after"
-	hdrCount    = "x-count"
-	hdrMore     = "x-more"
-	hdrTombs    = "x-tombstones" // on a pull: "1" reads the queue's tombstones instead of its messages
-	hdrRetry    = "x-retry"      // on a send: "1" when the sender retries it after a failure or refusal
+	// hdrFailed: on an unsubscribe, "1" when the subscriber's client
+	// failed (its connection was lost): its unacknowledged messages count
+	// toward queue.max_redeliveries (replica.Subscription.Close). Absent
+	// (and from nodes of earlier versions), they return marked only
+	// (replica.Subscription.Return).
+	hdrFailed = "x-failed"
+	hdrGone   = "x-gone"
+	hdrAfter  = "x-after"
+	hdrCount  = "x-count"
+	hdrMore   = "x-more"
+	hdrTombs  = "x-tombstones" // on a pull: "1" reads the queue's tombstones instead of its messages
+	hdrRetry  = "x-retry"      // on a send: "1" when the sender retries it after a failure or refusal
 	// hdrNoCreate: on a send, the indices (comma list) of its messages
 	// that may not create their queue (replica.Message.NoCreate); on a
 	// subscribe, "1" (replica.SubOptions.NoCreate).
@@ -435,7 +441,7 @@ func forwardHandler(rt *router, log *slog.Logger) func(peer string, f *frame.Fra
 				reply(stomp.PeerOK())
 			}()
 		case opUnsubscribe:
-			rt.host.unsubscribe(peer, f.Header.Get(hdrSub))
+			rt.host.unsubscribe(peer, f.Header.Get(hdrSub), f.Header.Get(hdrFailed) == "1")
 			reply(stomp.PeerOK())
 		case opAck:
 			tag, err := strconv.ParseUint(f.Header.Get(hdrTag), 10, 64)

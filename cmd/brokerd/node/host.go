@@ -141,7 +141,7 @@ func (h *host) subscribe(peer, id, dest string, mode replica.AckMode, prefetch i
 	gone := hs.gone
 	hs.mu.Unlock()
 	if gone {
-		rs.Close()
+		rs.Return() // nothing was handed out yet
 	}
 	return nil
 }
@@ -166,8 +166,11 @@ func (h *host) remove(hs *hostSub) bool {
 }
 
 // end closes hs: its undelivered buffer and in-flight messages return to
-// the queue (marked redelivered once handed out).
-func (h *host) end(hs *hostSub) {
+// the queue (marked redelivered once handed out). failed: the subscriber's
+// client failed, and each handed-out message counts toward
+// queue.max_redeliveries (replica.Subscription.Close); otherwise the
+// broker or the client ended it, and they are only marked (Return).
+func (h *host) end(hs *hostSub, failed bool) {
 	if !h.remove(hs) {
 		return
 	}
@@ -176,17 +179,21 @@ func (h *host) end(hs *hostSub) {
 	rs := hs.rs
 	hs.buf = nil
 	hs.mu.Unlock()
-	if rs != nil {
+	switch {
+	case rs == nil:
+	case failed:
 		rs.Close()
+	default:
+		rs.Return()
 	}
 }
 
-func (h *host) unsubscribe(peer, id string) {
+func (h *host) unsubscribe(peer, id string, failed bool) {
 	h.mu.Lock()
 	hs := h.subs[subKey(peer, id)]
 	h.mu.Unlock()
 	if hs != nil {
-		h.end(hs)
+		h.end(hs, failed)
 	}
 }
 
@@ -228,7 +235,7 @@ func (h *host) closeAll() {
 	}
 	h.mu.Unlock()
 	for _, hs := range hss {
-		h.end(hs)
+		h.end(hs, false)
 	}
 }
 
@@ -260,7 +267,7 @@ func (h *host) sweep(stop chan struct{}, wg *sync.WaitGroup) {
 		h.mu.Unlock()
 		for _, hs := range idle {
 			h.rt.log.Info("closing a forwarded subscription: its node stopped polling", "peer", hs.peer, "dest", hs.dest)
-			h.end(hs)
+			h.end(hs, false) // the broker's failure, not the client's
 		}
 	}
 }

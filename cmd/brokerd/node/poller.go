@@ -96,7 +96,7 @@ func (rs *routedSub) bind() error {
 			closed := rs.closed
 			rs.mu.Unlock()
 			if closed {
-				rs.unsubscribeAt(owner, gen)
+				rs.unsubscribeAt(owner, gen, false)
 				return replica.ErrSubscriptionClosed
 			}
 			return rt.attach(owner, rs, gen)
@@ -143,17 +143,24 @@ func (rs *routedSub) subscribeAt(owner string, v viewSnap, gen uint64) error {
 // unsubscribeAt ends the subscription's binding gen at owner, without
 // waiting: an owner that is down or slow ends it itself once this node
 // stops polling for it (subIdle).
-func (rs *routedSub) unsubscribeAt(owner string, gen uint64) {
+//
+// failed: the client failed (replica.Subscription.Close), and the
+// owner counts each handed-out message toward queue.max_redeliveries.
+func (rs *routedSub) unsubscribeAt(owner string, gen uint64, failed bool) {
 	rt := rs.rt
 	if owner == rt.view().self {
-		rt.host.unsubscribe(owner, rs.ownerID(gen))
+		rt.host.unsubscribe(owner, rs.ownerID(gen), failed)
 		return
+	}
+	hdrs := []string{hdrSub, rs.ownerID(gen)}
+	if failed {
+		hdrs = append(hdrs, hdrFailed, "1")
 	}
 	rt.goBackground(func() {
 		ctx, cancel := context.WithTimeout(context.Background(), forwardTimeout)
 		defer cancel()
 		done := make(chan struct{})
-		if err := rt.fwd.request(ctx, owner, opUnsubscribe, []string{hdrSub, rs.ownerID(gen)}, nil, func(*frame.Frame, error) { close(done) }); err != nil {
+		if err := rt.fwd.request(ctx, owner, opUnsubscribe, hdrs, nil, func(*frame.Frame, error) { close(done) }); err != nil {
 			return
 		}
 		select {
@@ -181,7 +188,7 @@ func (rs *routedSub) lost(gen uint64) {
 		p.remove(rs)
 	}
 	rs.rt.goBackground(func() {
-		rs.unsubscribeAt(old, gen)
+		rs.unsubscribeAt(old, gen, false) // the binding was lost: the broker's doing
 		rs.rebind()
 	})
 }
@@ -583,7 +590,15 @@ func (rt *router) removeKeysHere(dest string, keys []uint64) error {
 
 // Close implements replica.Sub: the owner closes its subscription, and
 // the messages in flight return to the queue.
-func (rs *routedSub) Close() {
+// Close ends the subscription because its client failed: the owner
+// counts each handed-out message toward queue.max_redeliveries.
+func (rs *routedSub) Close() { rs.close(true) }
+
+// Return ends the subscription for another reason: its messages return
+// marked redelivered, not counted (replica.Subscription.Return).
+func (rs *routedSub) Return() { rs.close(false) }
+
+func (rs *routedSub) close(failed bool) {
 	rs.mu.Lock()
 	if rs.closed {
 		rs.mu.Unlock()
@@ -608,7 +623,7 @@ func (rs *routedSub) Close() {
 		p.remove(rs)
 	}
 	if owner != "" {
-		rs.unsubscribeAt(owner, gen)
+		rs.unsubscribeAt(owner, gen, failed)
 	}
 }
 
