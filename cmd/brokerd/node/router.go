@@ -110,6 +110,10 @@ type router struct {
 
 	omu   sync.Mutex
 	owned map[string]*ownState // queues this node owns: pulled, adopted
+	// remerging: per peer whose link came up, a remergeMissed running
+	// (1) and asked to run again when done (2): one goroutine per peer
+	// however often its link flaps. Entries are deleted when it ends.
+	remerging map[string]int
 
 	// drainingSelf: this node drains (drain.go); its views count it
 	// draining before its gossip says so, so that it releases its queues
@@ -149,6 +153,13 @@ type ownState struct {
 	done  chan struct{}
 	err   error
 	joins uint64 // viewSnap.joins when the take-over began (set before done closes)
+	// missed: the alive peers whose copy the take-over could not read
+	// (set before done closes). They count as merged for staleIn, so the
+	// queue is taken over again when the forwarding link to one of them
+	// comes up (linkState, remergeMissed), not only on a join: a peer
+	// alive in the view all along (its link down: a peer-port partition,
+	// a TLS or key refusal) never joins again.
+	missed []string
 	// releasing: not a take-over but a release in progress (closeDest
 	// and Release). It holds dest's place in owned so that no take-over
 	// starts before the Release, which would close the subscriptions
@@ -189,12 +200,13 @@ func (st *ownState) staleIn(v viewSnap) bool { return v.joins > st.joins }
 func newRouter(rep *replica.Node, st *store.Store, r int, status func() cluster.Status, fwd *fwdLinks, log *slog.Logger, reg prometheus.Registerer) *router {
 	rt := &router{
 		rep: rep, st: st, r: r, log: log, status: status, fwd: fwd,
-		owned:   map[string]*ownState{},
-		refused: map[string]bool{},
-		pollers: map[string]*poller{},
-		prefix:  fmt.Sprintf("%s-%x", rep.NodeID(), time.Now().UnixNano()),
-		stop:    make(chan struct{}),
-		m:       newRouterMetrics(reg),
+		owned:     map[string]*ownState{},
+		remerging: map[string]int{},
+		refused:   map[string]bool{},
+		pollers:   map[string]*poller{},
+		prefix:    fmt.Sprintf("%s-%x", rep.NodeID(), time.Now().UnixNano()),
+		stop:      make(chan struct{}),
+		m:         newRouterMetrics(reg),
 	}
 	rt.host = newHost(rt)
 	rt.txn = newTxnLog(rt)
@@ -773,6 +785,9 @@ func (rt *router) linkState(peer string, up bool, err error) {
 		rt.snap.at = time.Time{} // reload at the next use
 	}
 	rt.vmu.Unlock()
+	if up {
+		rt.linkUp(peer)
+	}
 	switch {
 	case distrusted:
 		rt.log.Warn("peer link refused by TLS or the cluster key", "peer", peer, "err", err)
@@ -927,8 +942,11 @@ func (rt *router) watch() {
 				continue
 			}
 			// A queue taken over after the nodes joined (its take-over's
-			// view counted them: staleIn) pulled their copies already.
-			if (joined && st.staleIn(v)) || rt.ownerOf(v, dest) != v.self {
+			// view counted them) pulled their copies already; one whose
+			// take-over read its view before a join (staleIn) did not,
+			// even when the join was noticed on an earlier tick, while
+			// the take-over still ran (joined is false by now).
+			if st.staleIn(v) || rt.ownerOf(v, dest) != v.self {
 				gone[dest] = rt.markReleasing(dest)
 			}
 		}
@@ -969,6 +987,62 @@ func (rt *router) release(v viewSnap, dest string, st *ownState) {
 		case <-rt.stop:
 		}
 	})
+}
+
+// linkUp runs remergeMissed for peer, whose forwarding link is up: in
+// the background, one at a time per peer, and once more if the link
+// came up again meanwhile.
+func (rt *router) linkUp(peer string) {
+	rt.omu.Lock()
+	defer rt.omu.Unlock()
+	if rt.remerging[peer] > 0 {
+		rt.remerging[peer] = 2
+		return
+	}
+	rt.remerging[peer] = 1
+	rt.goBackground(func() {
+		for {
+			rt.remergeMissed(peer)
+			rt.omu.Lock()
+			if rt.remerging[peer] < 2 {
+				delete(rt.remerging, peer)
+				rt.omu.Unlock()
+				return
+			}
+			rt.remerging[peer] = 1
+			rt.omu.Unlock()
+		}
+	})
+}
+
+// remergeMissed takes over again the queues whose take-over could not
+// read peer's copy (ownState.missed): peer's forwarding link is up.
+func (rt *router) remergeMissed(peer string) {
+	rt.omu.Lock()
+	var dests []string
+	var sts []*ownState
+	for dest, st := range rt.owned {
+		dests, sts = append(dests, dest), append(sts, st)
+	}
+	rt.omu.Unlock()
+	for i, st := range sts {
+		select {
+		case <-st.done: // one in progress may miss peer still
+		case <-rt.stop:
+			return
+		}
+		if st.releasing || !slices.Contains(st.missed, peer) {
+			continue
+		}
+		v := rt.view()
+		rt.omu.Lock()
+		cur := rt.owned[dests[i]] == st
+		rt.omu.Unlock()
+		if cur && rt.ownerOf(v, dests[i]) == v.self {
+			rt.log.Info("a peer whose copy a take-over could not read is reachable again: merging it", "dest", dests[i], "peer", peer)
+			rt.merge(dests[i])
+		}
+	}
 }
 
 // merge makes this node take dest over again (pulling every alive node's
@@ -1108,13 +1182,17 @@ func (rt *router) takeOver(dest string, st *ownState) error {
 	}
 	st.joins = v.joins
 	var wg sync.WaitGroup
+	var mmu sync.Mutex
 	for peer := range v.peers {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
 			n, err := rt.pullRetry(peer, dest, v)
 			if err != nil {
-				rt.log.Warn("taking over a queue: a peer's copy could not be read; messages only it holds stay there", "dest", dest, "peer", peer, "err", err)
+				rt.log.Warn("taking over a queue: a peer's copy could not be read; messages only it holds stay there until its link is up again", "dest", dest, "peer", peer, "err", err)
+				mmu.Lock()
+				st.missed = append(st.missed, peer)
+				mmu.Unlock()
 				return
 			}
 			rt.m.merged.Add(float64(n))
