@@ -269,6 +269,9 @@ type Node struct {
 	// store commits them (lock order: wmu, destination.mu, then rmu).
 	rmu sync.Mutex
 	rep Replicator // nil: a node of its own, nothing is replicated
+	// onRemoved (SetOnRemoved) is told of queues dropped as uncreated
+	// or idle.
+	onRemoved func(dest string)
 	// catchUp holds, per queue being copied from its owner, the keys
 	// deleted since the copy began (see ApplyReplicated). Guarded by wmu.
 	catchUp map[string]*catchState
@@ -1000,6 +1003,17 @@ func (n *Node) sweep() {
 // after the delete (lock order wmu, Node.mu, destination.mu; commit never
 // holds the other two while taking wmu).
 func (n *Node) removeIdle(d *destination) {
+	if !n.removeIdleLocked(d) {
+		return
+	}
+	if n.onRemoved != nil {
+		n.onRemoved(d.name)
+	}
+}
+
+// removeIdleLocked is removeIdle's work under wmu; it reports whether d
+// was removed.
+func (n *Node) removeIdleLocked(d *destination) bool {
 	n.wmu.Lock()
 	defer n.wmu.Unlock()
 	n.mu.Lock()
@@ -1012,11 +1026,12 @@ func (n *Node) removeIdle(d *destination) {
 	d.mu.Unlock()
 	n.mu.Unlock()
 	if !ok {
-		return
+		return false
 	}
 	n.log.Debug("idle queue removed", "dest", d.name)
 	n.m.idleRemoved.Inc()
 	n.write([]store.Op{{Kind: store.OpDeleteBucket, Bucket: d.name}}, false, n.internalDone, nil)
+	return true
 }
 
 // QueueExists reports whether queue name exists here. A queue exists
@@ -1046,14 +1061,18 @@ func (n *Node) QueueExists(name string) bool {
 // progress finishes first, so what it read is not lost with d.
 func (n *Node) dropUncreated(d *destination) {
 	n.wmu.Lock()
-	defer n.wmu.Unlock()
 	n.mu.Lock()
-	defer n.mu.Unlock()
 	d.mu.Lock()
-	defer d.mu.Unlock()
-	if n.dests[d.name] == d && !d.existsLocked() {
+	dropped := n.dests[d.name] == d && !d.existsLocked()
+	if dropped {
 		delete(n.dests, d.name)
 		d.removed = true
+	}
+	d.mu.Unlock()
+	n.mu.Unlock()
+	n.wmu.Unlock()
+	if dropped && n.onRemoved != nil {
+		n.onRemoved(d.name)
 	}
 }
 

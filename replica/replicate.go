@@ -47,6 +47,13 @@ type writeCounter interface {
 // before Start and before any client is served.
 func (n *Node) SetReplicator(r Replicator) { n.rep = r }
 
+// SetOnRemoved makes n call f with the name of each queue it drops from
+// memory because the queue does not exist (refused a SEND or SUBSCRIBE
+// that may not create it) or was removed as idle, after n's locks are
+// released: a router forgets what it knew of the queue. Call it before
+// Start.
+func (n *Node) SetOnRemoved(f func(dest string)) { n.onRemoved = f }
+
 // Errors of replication.
 var (
 	// ErrNoQuorum: fewer than the write quorum of a queue's replicas

@@ -115,6 +115,7 @@ type r6Opts struct {
 	maxRedeliveries int
 	wrap            func(stomp.PeerHandler) stomp.PeerHandler
 	noWatch         bool
+	idleDelete      time.Duration // queue.idle_delete_after; 0: the default
 }
 
 func (m *r6Member) status() cluster.Status {
@@ -158,6 +159,9 @@ func startR6(t *testing.T, id string, rn *r6Net, active, members []string, o r6O
 	rcfg.Logger = log
 	if o.maxRedeliveries > 0 {
 		rcfg.MaxRedeliveries = o.maxRedeliveries
+	}
+	if o.idleDelete > 0 {
+		rcfg.IdleDeleteAfter = o.idleDelete
 	}
 	rep := replica.New(rcfg, st)
 	m := &r6Member{id: id, net: rn, st: st, rep: rep, fgate: newGate(),

@@ -210,6 +210,8 @@ func newRouter(rep *replica.Node, st *store.Store, r int, status func() cluster.
 	}
 	rt.host = newHost(rt)
 	rt.txn = newTxnLog(rt)
+	// A queue the replica drops (never created, or idle) leaves owned.
+	rep.SetOnRemoved(func(dest string) { rt.forgetRemoved(dest) })
 	rt.retrying = map[string]*retryWait{}
 	rt.chains = map[string]*retryChain{}
 	rt.flights = map[string]*sendFlight{}
@@ -887,6 +889,9 @@ func (rt *router) watch() {
 		if tick%100 == 50 {
 			rt.pruneLinks()
 		}
+		if tick%100 == 75 {
+			rt.forgetRemoved()
+		}
 		v := rt.refresh()
 		for p := range v.peers {
 			_, _ = rt.fwd.get(p) // a link to every peer: each hears a refusal
@@ -987,6 +992,40 @@ func (rt *router) release(v viewSnap, dest string, st *ownState) {
 		case <-rt.stop:
 		}
 	})
+}
+
+// forgetRemoved drops from owned the queues (dests, or all) whose
+// take-over succeeded but which the replica no longer serves (not
+// Adopted): removed as idle (queue.idle_delete_after), or never created
+// (a SEND, SUBSCRIBE or exists request refused because its user may not
+// create the queue). Otherwise owned would hold every queue name ever
+// used here until the view changes: a user without the configure
+// permission could grow it one name per refused SEND. A later use of
+// the name takes the queue over anew. The watch calls it every 10 s.
+func (rt *router) forgetRemoved(dests ...string) {
+	rt.omu.Lock()
+	defer rt.omu.Unlock()
+	forget := func(dest string, st *ownState) {
+		select {
+		case <-st.done:
+		default:
+			return // being taken over or released
+		}
+		if !st.releasing && st.err == nil && !rt.rep.Adopted(dest) {
+			delete(rt.owned, dest)
+		}
+	}
+	if len(dests) == 0 {
+		for dest, st := range rt.owned {
+			forget(dest, st)
+		}
+		return
+	}
+	for _, dest := range dests {
+		if st := rt.owned[dest]; st != nil {
+			forget(dest, st)
+		}
+	}
 }
 
 // linkUp runs remergeMissed for peer, whose forwarding link is up: in
@@ -1520,7 +1559,9 @@ func (rt *router) queueExists(dest string) (bool, error) {
 			err = errNoActiveSet
 		case v.self:
 			if err = rt.ensureOwned(dest); err == nil {
-				ok = rt.rep.QueueExists(dest)
+				if ok = rt.rep.QueueExists(dest); !ok {
+					rt.forgetRemoved(dest) // taken over only to be refused
+				}
 			}
 		default:
 			ok, err = rt.askExists(o, dest)
