@@ -506,7 +506,17 @@ func (n *Node) CatchingUp(dest string) bool {
 // With a Replicator, a queue a client names before it was adopted is
 // adopted then (lockQueue), so that no in-memory queue ever stands for
 // less than its bucket holds.
-func (n *Node) Adopt(dest string) error {
+func (n *Node) Adopt(dest string) error { return n.adopt(dest, false) }
+
+// AdoptExisting is Adopt of a queue known to exist although this node's
+// store may lack its bucket: another node holds it, maybe empty (a
+// drained queue whose new owner was not its replica). The queue counts
+// as created (QueueExists), so a SEND that may not create it is
+// accepted. In memory only, as a queue that was only subscribed to: a
+// restart forgets it until the next take-over reads it again.
+func (n *Node) AdoptExisting(dest string) error { return n.adopt(dest, true) }
+
+func (n *Node) adopt(dest string, exists bool) error {
 	if k, err := ParseDestination(dest); err != nil || k != KindQueue {
 		return fmt.Errorf("adopt %q: not a queue", dest)
 	}
@@ -514,6 +524,11 @@ func (n *Node) Adopt(dest string) error {
 	defer n.wmu.Unlock()
 	n.mu.Lock()
 	if d := n.dests[dest]; d != nil && d.adopted {
+		if exists {
+			d.mu.Lock()
+			d.created = true
+			d.mu.Unlock()
+		}
 		n.mu.Unlock()
 		return nil
 	}
@@ -533,6 +548,9 @@ func (n *Node) Adopt(dest string) error {
 		return fmt.Errorf("adopt %s: %w", dest, err)
 	}
 	d.mu.Lock()
+	if exists {
+		d.created = true
+	}
 	for _, b := range buckets {
 		if b.Name == dest {
 			// The queue was created before (QueueExists), here or at

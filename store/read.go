@@ -101,6 +101,21 @@ func (s *Store) Scan(bucket string, after uint64, limit int, maxBytes int, fn fu
 	})
 }
 
+// HasBucket reports whether bucket name is there, even empty: its queue
+// was written to and not removed since. It sees every commit whose
+// callback ran before it was called.
+func (s *Store) HasBucket(name string) (bool, error) {
+	if err := s.ap.waitCurrent(); err != nil {
+		return false, err
+	}
+	ok := false
+	err := s.db.View(func(tx *bolt.Tx) error {
+		ok = tx.Bucket([]byte(queuePrefix+name)) != nil
+		return nil
+	})
+	return ok, err
+}
+
 // Bucket returns the stats of one bucket (zero, with its name, when it
 // does not exist). It sees every commit whose callback ran before it was
 // called.

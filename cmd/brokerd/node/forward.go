@@ -25,7 +25,7 @@ const (
 	opUnsubscribe = "unsubscribe"  // x-sub, x-failed
 	opAck         = "ack"          // x-sub, x-tag, x-nack, x-sync
 	opPoll        = "poll"         // body: "sub credit" lines; x-keys; answer: deliveries, x-gone, x-keys
-	opPull        = "pull"         // destination, x-after, x-tombstones; answer: replica wire ops, x-count, x-after, x-more
+	opPull        = "pull"         // destination, x-after, x-tombstones; answer: replica wire ops, x-count, x-after, x-more, x-exists
 	opDests       = "destinations" // answer: JSON of the destinations the node serves (admin)
 	opMerge       = "merge"        // destination: the sender released its copy; take the queue over again
 	opExists      = "exists"       // destination; answer: x-exists "1" if the queue exists at its owner (replica.Node.QueueExists)
@@ -52,7 +52,12 @@ const (
 	// that may not create their queue (replica.Message.NoCreate); on a
 	// subscribe, "1" (replica.SubOptions.NoCreate).
 	hdrNoCreate = "x-no-create"
-	hdrExists   = "x-exists"
+	// hdrExists: on an exists answer, "1" if the queue exists at its
+	// owner; on the answer to the first pull of a queue's messages, "1"
+	// if the queue's bucket is in the answering node's store (it exists
+	// there, even empty), so that a new owner that was not its replica
+	// knows it exists (replica.Node.AdoptExisting).
+	hdrExists = "x-exists"
 	// hdrKeys: on a poll, "1" asks for each delivery's key in its queue;
 	// on its answer, "1" says they are there (appendKeyedDelivery).
 	hdrKeys = "x-keys"
@@ -500,7 +505,13 @@ func forwardHandler(rt *router, log *slog.Logger) func(peer string, f *frame.Fra
 				if more {
 					m = "1"
 				}
-				resp := stomp.PeerOK(hdrCount, strconv.Itoa(n), hdrAfter, strconv.FormatUint(last, 10), hdrMore, m)
+				hdrs := []string{hdrCount, strconv.Itoa(n), hdrAfter, strconv.FormatUint(last, 10), hdrMore, m}
+				if after == 0 && f.Header.Get(hdrTombs) != "1" {
+					if ok, err := rt.st.HasBucket(dest); err == nil && ok {
+						hdrs = append(hdrs, hdrExists, "1")
+					}
+				}
+				resp := stomp.PeerOK(hdrs...)
 				resp.Body = body
 				reply(resp)
 			}()

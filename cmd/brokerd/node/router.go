@@ -1222,11 +1222,12 @@ func (rt *router) takeOver(dest string, st *ownState) error {
 	st.joins = v.joins
 	var wg sync.WaitGroup
 	var mmu sync.Mutex
+	var existed atomic.Bool
 	for peer := range v.peers {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			n, err := rt.pullRetry(peer, dest, v)
+			n, err := rt.pullRetry(peer, dest, v, &existed)
 			if err != nil {
 				rt.log.Warn("taking over a queue: a peer's copy could not be read; messages only it holds stay there until its link is up again", "dest", dest, "peer", peer, "err", err)
 				mmu.Lock()
@@ -1242,6 +1243,11 @@ func (rt *router) takeOver(dest string, st *ownState) error {
 	}
 	wg.Wait()
 	rt.m.takeovers.Inc()
+	if existed.Load() {
+		// A peer holds the queue's bucket, maybe empty (a drained
+		// queue): it exists, whether or not any message was copied.
+		return rt.rep.AdoptExisting(dest)
+	}
 	return rt.rep.Adopt(dest)
 }
 
@@ -1257,13 +1263,15 @@ const pullRetryFor = 2 * time.Second
 // to pullRetryFor: taking over without an alive peer's copy would serve
 // messages it knows were acknowledged, and leave messages only it holds
 // unserved until the next merge.
-func (rt *router) pullRetry(peer, dest string, v viewSnap) (int, error) {
+//
+// existed is set when peer says the queue exists there (hdrExists).
+func (rt *router) pullRetry(peer, dest string, v viewSnap, existed *atomic.Bool) (int, error) {
 	deadline := time.Now().Add(pullRetryFor)
 	for {
 		// Messages even when the tombstones could not be read: a
 		// message only that peer holds matters more than a duplicate.
-		_, terr := rt.pull(peer, dest, v, true)
-		n, err := rt.pull(peer, dest, v, false)
+		_, terr := rt.pull(peer, dest, v, true, nil)
+		n, err := rt.pull(peer, dest, v, false, existed)
 		if err == nil {
 			err = terr
 		}
@@ -1282,8 +1290,9 @@ func (rt *router) pullRetry(peer, dest string, v viewSnap) (int, error) {
 }
 
 // pull copies peer's bucket of dest into the local store, or with
-// tombs its tombstones of dest.
-func (rt *router) pull(peer, dest string, v viewSnap, tombs bool) (int, error) {
+// tombs its tombstones of dest. existed, if set, is set when peer says
+// the queue exists there.
+func (rt *router) pull(peer, dest string, v viewSnap, tombs bool, existed *atomic.Bool) (int, error) {
 
 	var after uint64
 	total := 0
@@ -1324,6 +1333,9 @@ func (rt *router) pull(peer, dest string, v viewSnap, tombs bool) (int, error) {
 			if err := <-ch; err != nil {
 				return total, err
 			}
+		}
+		if existed != nil && resp.Header.Get(hdrExists) == "1" {
+			existed.Store(true)
 		}
 		var n int
 		var last uint64
