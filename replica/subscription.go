@@ -180,7 +180,7 @@ func (s *Subscription) settle(tag uint64, nack bool, ops []store.Op, nk *newKeys
 // MaxRedeliveries, as a NACK does. Topic messages are dropped. The store
 // writes this makes (delivery counts, dead-letter moves) are submitted
 // before Close returns, so a later Barrier covers them.
-func (s *Subscription) Close() { s.close(true) }
+func (s *Subscription) Close() { s.close(nil, true) }
 
 // Return ends the subscription for any other reason: the client
 // unsubscribed or disconnected, or the broker ended it (a shutdown, the
@@ -190,9 +190,23 @@ func (s *Subscription) Close() { s.close(true) }
 // do not count toward MaxRedeliveries, which a churning cluster or a
 // consumer that prefetches and leaves would otherwise exhaust for
 // messages nobody failed to process.
-func (s *Subscription) Return() { s.close(false) }
+func (s *Subscription) Return() { s.close(nil, false) }
 
-func (s *Subscription) close(failed bool) {
+// CloseFailed is Close for a client that failed holding only the
+// deliveries tags (those it had received; a subscriber's node knows
+// which): they count toward MaxRedeliveries, the others return as with
+// Return.
+func (s *Subscription) CloseFailed(tags []uint64) {
+	set := make(map[uint64]bool, len(tags))
+	for _, t := range tags {
+		set[t] = true
+	}
+	s.close(set, false)
+}
+
+// close ends s; a delivery's return counts as a failure when all is set
+// or its tag is in failed.
+func (s *Subscription) close(failed map[uint64]bool, all bool) {
 	d := s.d
 	d.mu.Lock()
 	if s.closed {
@@ -214,7 +228,7 @@ func (s *Subscription) close(failed bool) {
 			if e.acked {
 				continue // removed already (RemoveKeys)
 			}
-			ops = d.requeueLocked(e.msg, e.written, failed, ops, &nk)
+			ops = d.requeueLocked(e.msg, e.written, all || failed[t], ops, &nk)
 		}
 	}
 	s.inflight = nil

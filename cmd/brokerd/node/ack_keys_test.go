@@ -36,7 +36,7 @@ func endBinding(t *testing.T, sub replica.Sub) {
 	rs.rebinding = true
 	rs.mu.Unlock()
 	p.remove(rs)
-	rs.unsubscribeAt(owner, old, false)
+	rs.unsubscribeAt(owner, old, nil)
 }
 
 // waitPending waits until m's queue q holds n pending messages.
@@ -186,7 +186,7 @@ func TestAckKeysOwnerForgotSubscription(t *testing.T) {
 	rs.p = nil
 	rs.mu.Unlock()
 	p.remove(rs)
-	a.rt.host.unsubscribe("node-b", rs.ownerID(old), false)
+	a.rt.host.unsubscribe("node-b", rs.ownerID(old), nil)
 	waitPending(t, a, q, 1)
 
 	if err := ackOf(t, b, sub, tag1); err != nil {

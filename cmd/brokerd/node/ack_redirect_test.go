@@ -68,7 +68,7 @@ func TestAckRedirectClientModeRedirectAcksOthers(t *testing.T) {
 	if got := rec.waitN(2, 5*time.Second); len(got) != 2 || got[1] != "m2" {
 		t.Fatalf("m2 on the new binding: %v", got)
 	}
-	rs.unsubscribeAt("node-a", old, false) // m1 comes back, after m2
+	rs.unsubscribeAt("node-a", old, nil) // m1 comes back, after m2
 	if got := rec.waitN(3, 5*time.Second); len(got) != 3 || got[2] != "m1" {
 		t.Fatalf("m1 redelivered on the new binding: %v", got)
 	}
@@ -204,7 +204,7 @@ func TestAckRedirectTransactionErrorAfterSendStored(t *testing.T) {
 	if err := rs.bind(); err != nil {
 		t.Fatal(err)
 	}
-	defer rs.unsubscribeAt("node-a", old, false)
+	defer rs.unsubscribeAt("node-a", old, nil)
 
 	if err := sub.Check(tag1); err != nil {
 		return // refused at the frame: nothing stored, fine

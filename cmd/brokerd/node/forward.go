@@ -22,7 +22,7 @@ const (
 	opSend        = "send"         // body: messages (encodeMessages); durable at the owner before the answer
 	opTopic       = "topic"        // body: topic messages, fanned out to the receiver's subscribers
 	opSubscribe   = "subscribe"    // destination, x-sub, ack, x-prefetch
-	opUnsubscribe = "unsubscribe"  // x-sub, x-failed
+	opUnsubscribe = "unsubscribe"  // x-sub, x-failed; body with x-failed: the failed deliveries' tags (uvarints)
 	opAck         = "ack"          // x-sub, x-tag, x-nack, x-sync
 	opPoll        = "poll"         // body: "sub credit" lines; x-keys; answer: deliveries, x-gone, x-keys
 	opPull        = "pull"         // destination, x-after, x-tombstones; answer: replica wire ops, x-count, x-after, x-more, x-exists
@@ -37,9 +37,10 @@ const (
 	hdrNack     = "x-nack"
 	hdrSync     = "x-sync"
 	// hdrFailed: on an unsubscribe, "1" when the subscriber's client
-	// failed (its connection was lost): its unacknowledged messages count
-	// toward queue.max_redeliveries (replica.Subscription.Close). Absent
-	// (and from nodes of earlier versions), they return marked only
+	// failed (its connection was lost) holding the deliveries whose tags
+	// (uvarints) are the body: they count toward queue.max_redeliveries
+	// (replica.Subscription.CloseFailed). Absent (and from nodes of
+	// earlier versions), every message returns marked only
 	// (replica.Subscription.Return).
 	hdrFailed = "x-failed"
 	hdrGone   = "x-gone"
@@ -446,7 +447,15 @@ func forwardHandler(rt *router, log *slog.Logger) func(peer string, f *frame.Fra
 				reply(stomp.PeerOK())
 			}()
 		case opUnsubscribe:
-			rt.host.unsubscribe(peer, f.Header.Get(hdrSub), f.Header.Get(hdrFailed) == "1")
+			var failed []uint64
+			if f.Header.Get(hdrFailed) == "1" {
+				var err error
+				if failed, err = decodeKeys(f.Body); err != nil {
+					reply(stomp.PeerDrop("malformed unsubscribe"))
+					return
+				}
+			}
+			rt.host.unsubscribe(peer, f.Header.Get(hdrSub), failed)
 			reply(stomp.PeerOK())
 		case opAck:
 			tag, err := strconv.ParseUint(f.Header.Get(hdrTag), 10, 64)
@@ -547,18 +556,8 @@ func forwardHandler(rt *router, log *slog.Logger) func(peer string, f *frame.Fra
 			}()
 		case opAckKeys:
 			dest := f.Header.Get(frame.Destination)
-			var keys []uint64
-			ok := validDest(dest)
-			for b := f.Body; ok && len(b) > 0; {
-				k, n := binary.Uvarint(b)
-				if n <= 0 || len(keys) >= maxForwardMessages {
-					ok = false
-					break
-				}
-				keys = append(keys, k)
-				b = b[n:]
-			}
-			if !ok {
+			keys, err := decodeKeys(f.Body)
+			if err != nil || !validDest(dest) {
 				reply(stomp.PeerDrop("malformed ack-keys"))
 				return
 			}
@@ -594,4 +593,27 @@ func forwardHandler(rt *router, log *slog.Logger) func(peer string, f *frame.Fra
 			reply(stomp.PeerFail("unknown-op", fmt.Sprintf("unknown operation %q", f.Header.Get(stomp.PeerHeaderOp))))
 		}
 	}
+}
+
+// encodeTags appends uvarint tags or keys to b (decodeKeys reads them).
+func encodeTags(b []byte, tags []uint64) []byte {
+	for _, t := range tags {
+		b = binary.AppendUvarint(b, t)
+	}
+	return b
+}
+
+// decodeKeys reads a body of uvarints (message keys, delivery tags), at
+// most maxForwardMessages of them.
+func decodeKeys(b []byte) ([]uint64, error) {
+	var keys []uint64
+	for len(b) > 0 {
+		k, n := binary.Uvarint(b)
+		if n <= 0 || len(keys) >= maxForwardMessages {
+			return nil, errors.New("malformed list of keys")
+		}
+		keys = append(keys, k)
+		b = b[n:]
+	}
+	return keys, nil
 }

@@ -8,7 +8,8 @@ import (
 )
 
 // FuzzForwardDecode: the bodies of forwarded SENDs and topic messages,
-// of poll requests and of poll answers come from other nodes. Whatever
+// of poll requests and of poll answers, and lists of keys or tags
+// (ack-keys, a failed unsubscribe) come from other nodes. Whatever
 // they hold, decoding returns an error or values that encode back to
 // what decodes to the same, and never panics.
 func FuzzForwardDecode(f *testing.F) {
@@ -17,6 +18,7 @@ func FuzzForwardDecode(f *testing.F) {
 	f.Add(appendDelivery(nil, "sub.1", 7, replica.Delivery{Msg: m, Redelivered: true, Count: 2}))
 	f.Add(appendKeyedDelivery(nil, "sub.1", 7, replica.Delivery{Msg: &replica.Message{Dest: "/queue/a", Seq: 1 << 40, Body: []byte("b")}}))
 	f.Add([]byte("sub.1 5\nsub.2 0\n"))
+	f.Add(encodeTags(nil, []uint64{1, 300, 1 << 40}))
 	f.Add([]byte{})
 	f.Fuzz(func(t *testing.T, b []byte) {
 		if msgs, err := decodeMessages(b, 64); err == nil {
@@ -42,6 +44,11 @@ func FuzzForwardDecode(f *testing.F) {
 				if d.msg == nil || d.count < 0 {
 					t.Fatalf("decoded keyed delivery %+v", d)
 				}
+			}
+		}
+		if keys, err := decodeKeys(b); err == nil {
+			if again, err := decodeKeys(encodeTags(nil, keys)); err != nil || len(again) != len(keys) || len(keys) > maxForwardMessages {
+				t.Fatalf("%d keys: a round trip gave %d (%v)", len(keys), len(again), err)
 			}
 		}
 		if items, err := parsePoll(b); err == nil {

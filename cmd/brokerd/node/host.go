@@ -167,10 +167,11 @@ func (h *host) remove(hs *hostSub) bool {
 
 // end closes hs: its undelivered buffer and in-flight messages return to
 // the queue (marked redelivered once handed out). failed: the subscriber's
-// client failed, and each handed-out message counts toward
-// queue.max_redeliveries (replica.Subscription.Close); otherwise the
-// broker or the client ended it, and they are only marked (Return).
-func (h *host) end(hs *hostSub, failed bool) {
+// client failed holding these deliveries (their tags here), which count
+// toward queue.max_redeliveries (replica.Subscription.CloseFailed); the
+// others (and all of them when failed is empty: the broker or the client
+// ended it) are only marked (Return).
+func (h *host) end(hs *hostSub, failed []uint64) {
 	if !h.remove(hs) {
 		return
 	}
@@ -181,14 +182,14 @@ func (h *host) end(hs *hostSub, failed bool) {
 	hs.mu.Unlock()
 	switch {
 	case rs == nil:
-	case failed:
-		rs.Close()
+	case len(failed) > 0:
+		rs.CloseFailed(failed)
 	default:
 		rs.Return()
 	}
 }
 
-func (h *host) unsubscribe(peer, id string, failed bool) {
+func (h *host) unsubscribe(peer, id string, failed []uint64) {
 	h.mu.Lock()
 	hs := h.subs[subKey(peer, id)]
 	h.mu.Unlock()
@@ -235,7 +236,7 @@ func (h *host) closeAll() {
 	}
 	h.mu.Unlock()
 	for _, hs := range hss {
-		h.end(hs, false)
+		h.end(hs, nil)
 	}
 }
 
@@ -267,7 +268,7 @@ func (h *host) sweep(stop chan struct{}, wg *sync.WaitGroup) {
 		h.mu.Unlock()
 		for _, hs := range idle {
 			h.rt.log.Info("closing a forwarded subscription: its node stopped polling", "peer", hs.peer, "dest", hs.dest)
-			h.end(hs, false) // the broker's failure, not the client's
+			h.end(hs, nil) // the broker's failure, not the client's
 		}
 	}
 }

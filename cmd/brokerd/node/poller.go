@@ -96,7 +96,7 @@ func (rs *routedSub) bind() error {
 			closed := rs.closed
 			rs.mu.Unlock()
 			if closed {
-				rs.unsubscribeAt(owner, gen, false)
+				rs.unsubscribeAt(owner, gen, nil)
 				return replica.ErrSubscriptionClosed
 			}
 			return rt.attach(owner, rs, gen)
@@ -144,23 +144,26 @@ func (rs *routedSub) subscribeAt(owner string, v viewSnap, gen uint64) error {
 // waiting: an owner that is down or slow ends it itself once this node
 // stops polling for it (subIdle).
 //
-// failed: the client failed (replica.Subscription.Close), and the
-// owner counts each handed-out message toward queue.max_redeliveries.
-func (rs *routedSub) unsubscribeAt(owner string, gen uint64, failed bool) {
+// failed: the client failed holding these deliveries (tags at the
+// owner), which count toward queue.max_redeliveries
+// (replica.Subscription.CloseFailed); the rest return marked only.
+func (rs *routedSub) unsubscribeAt(owner string, gen uint64, failed []uint64) {
 	rt := rs.rt
 	if owner == rt.view().self {
 		rt.host.unsubscribe(owner, rs.ownerID(gen), failed)
 		return
 	}
 	hdrs := []string{hdrSub, rs.ownerID(gen)}
-	if failed {
+	var body []byte
+	if len(failed) > 0 {
 		hdrs = append(hdrs, hdrFailed, "1")
+		body = encodeTags(nil, failed)
 	}
 	rt.goBackground(func() {
 		ctx, cancel := context.WithTimeout(context.Background(), forwardTimeout)
 		defer cancel()
 		done := make(chan struct{})
-		if err := rt.fwd.request(ctx, owner, opUnsubscribe, hdrs, nil, func(*frame.Frame, error) { close(done) }); err != nil {
+		if err := rt.fwd.request(ctx, owner, opUnsubscribe, hdrs, body, func(*frame.Frame, error) { close(done) }); err != nil {
 			return
 		}
 		select {
@@ -188,7 +191,7 @@ func (rs *routedSub) lost(gen uint64) {
 		p.remove(rs)
 	}
 	rs.rt.goBackground(func() {
-		rs.unsubscribeAt(old, gen, false) // the binding was lost: the broker's doing
+		rs.unsubscribeAt(old, gen, nil) // the binding was lost: the broker's doing
 		rs.rebind()
 	})
 }
@@ -251,7 +254,7 @@ func (rs *routedSub) deliver(gen uint64, w wireDelivery) {
 		rs.mu.Unlock()
 		if rs.opts.Ack == replica.AckAuto {
 			// The owner counted it acknowledged when it handed it out.
-			rs.rt.republish(w.msg)
+			rs.rt.republish(w.msg, false) // never handed to the session
 		}
 		return
 	}
@@ -327,7 +330,7 @@ func (rs *routedSub) wrote(tags []uint64, tried bool) {
 	p := rs.p
 	rs.mu.Unlock()
 	for _, m := range again {
-		rs.rt.republish(m)
+		rs.rt.republish(m, true) // the write failed part way
 	}
 	if wake && p != nil {
 		p.wake()
@@ -607,9 +610,13 @@ func (rs *routedSub) close(failed bool) {
 	rs.closed = true
 	owner, gen, p := rs.owner, rs.gen, rs.p
 	var again []*replica.Message
+	var written []uint64 // the current binding's deliveries the client got
 	for _, f := range rs.inflight {
 		if f.msg != nil && !f.write {
 			again = append(again, f.msg) // auto mode, never on the wire
+		}
+		if failed && f.write && f.gen == gen && !rs.rebinding && f.otag != 0 {
+			written = append(written, f.otag)
 		}
 	}
 	rs.inflight = map[uint64]*flight{}
@@ -617,13 +624,13 @@ func (rs *routedSub) close(failed bool) {
 	rs.mu.Unlock()
 	// After rs.mu: republish takes the router's lock (order: pmu, rs.mu).
 	for _, m := range again {
-		rs.rt.republish(m)
+		rs.rt.republish(m, false) // the session never wrote it
 	}
 	if p != nil {
 		p.remove(rs)
 	}
 	if owner != "" {
-		rs.unsubscribeAt(owner, gen, failed)
+		rs.unsubscribeAt(owner, gen, written)
 	}
 }
 

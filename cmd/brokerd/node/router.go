@@ -1776,11 +1776,17 @@ func (rt *router) applyOnce(msgs []*replica.Message, since time.Time, done func(
 
 // republish stores m in its queue again: an auto-ack delivery that the
 // owner counted acknowledged when it handed it out, but that never
-// reached the client (its subscription closed first, or the write
-// failed). It keeps its message-id and comes back marked redelivered.
-func (rt *router) republish(m *replica.Message) {
+// reached the client (its subscription closed or was re-bound first, or
+// the write failed). It keeps its message-id. tried: the write to the
+// client failed part way, so the client may have seen it: it comes back
+// marked redelivered, and the failed write counts toward
+// queue.max_redeliveries. Otherwise no client saw it, nobody failed, and
+// its count is kept.
+func (rt *router) republish(m *replica.Message, tried bool) {
 	c := *m
-	c.Deliveries = m.Deliveries + 1
+	if tried {
+		c.Deliveries = m.Deliveries + 1
+	}
 	c.Seq = 0
 	c.NoCreate = false // the broker's own SEND
 	rt.goBackground(func() {
