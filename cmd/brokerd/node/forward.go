@@ -114,6 +114,14 @@ func (f *fwdLinks) get(peer string) (*stomp.PeerClient, error) {
 	return c, nil
 }
 
+// connected reports whether the link to peer exists and is up.
+func (f *fwdLinks) connected(peer string) bool {
+	f.mu.Lock()
+	c := f.links[peer]
+	f.mu.Unlock()
+	return c != nil && c.Connected()
+}
+
 // request sends one request to peer; done runs once with the answer.
 func (f *fwdLinks) request(ctx context.Context, peer, op string, headers []string, body []byte, done func(*frame.Frame, error)) error {
 	c, err := f.get(peer)

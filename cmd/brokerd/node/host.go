@@ -36,7 +36,8 @@ var (
 const (
 	pollWait = 250 * time.Millisecond
 	// subIdle: a subscription whose node has not polled for it this long
-	// is closed (its node died or was cut off); its messages return.
+	// is closed (its node died or was cut off, or its unsubscribe was
+	// lost); its messages return.
 	subIdle = 10 * time.Second
 	// maxHostSubs bounds the subscriptions one node may hold here.
 	maxHostSubs = 1 << 16
@@ -65,6 +66,7 @@ type hostSub struct {
 	key, peer, id, dest string
 	rs                  *replica.Subscription
 	auto                bool
+	polled              time.Time // last named in a poll (or made); guarded by host.mu
 
 	mu   sync.Mutex
 	buf  []replica.Delivery
@@ -109,7 +111,7 @@ func (h *host) subscribe(peer, id, dest string, mode replica.AckMode, prefetch i
 		h.mu.Unlock()
 		return fmt.Errorf("too many subscriptions from %s (%d)", peer, maxHostSubs)
 	}
-	hs := &hostSub{key: key, peer: peer, id: id, dest: dest, auto: mode == replica.AckAuto}
+	hs := &hostSub{key: key, peer: peer, id: id, dest: dest, auto: mode == replica.AckAuto, polled: time.Now()}
 	h.subs[key] = hs
 	h.perPeer[peer]++
 	if h.byDest[dest] == nil {
@@ -240,7 +242,10 @@ func (h *host) closeAll() {
 	}
 }
 
-// sweep ends the subscriptions of nodes that stopped polling.
+// sweep ends the subscriptions their nodes stopped polling for: the node
+// died or was cut off, or it ended the subscription and its unsubscribe
+// was lost (a poller names every subscription it holds in every poll, at
+// least once a second).
 func (h *host) sweep(stop chan struct{}, wg *sync.WaitGroup) {
 	defer wg.Done()
 	t := time.NewTicker(time.Second)
@@ -255,7 +260,7 @@ func (h *host) sweep(stop chan struct{}, wg *sync.WaitGroup) {
 		h.mu.Lock()
 		var idle []*hostSub
 		for _, hs := range h.subs {
-			if now.Sub(h.polled[hs.peer]) > subIdle {
+			if now.Sub(hs.polled) > subIdle {
 				idle = append(idle, hs)
 			}
 		}
@@ -267,7 +272,7 @@ func (h *host) sweep(stop chan struct{}, wg *sync.WaitGroup) {
 		}
 		h.mu.Unlock()
 		for _, hs := range idle {
-			h.rt.log.Info("closing a forwarded subscription: its node stopped polling", "peer", hs.peer, "dest", hs.dest)
+			h.rt.log.Info("closing a forwarded subscription: its node stopped polling for it", "peer", hs.peer, "dest", hs.dest, "sub", hs.id)
 			h.end(hs, nil) // the broker's failure, not the client's
 		}
 	}
@@ -330,6 +335,14 @@ func joinIDs(ids []string) string { return strings.Join(ids, ",") }
 func (h *host) poll(peer string, items []pollItem, keyed bool) pollResult {
 	deadline := time.NewTimer(pollWait)
 	defer deadline.Stop()
+	h.mu.Lock()
+	now := time.Now()
+	for _, it := range items {
+		if hs := h.subs[subKey(peer, it.id)]; hs != nil {
+			hs.polled = now
+		}
+	}
+	h.mu.Unlock()
 	for {
 		h.mu.Lock()
 		h.polled[peer] = time.Now()

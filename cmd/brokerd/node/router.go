@@ -114,6 +114,10 @@ type router struct {
 	// (1) and asked to run again when done (2): one goroutine per peer
 	// however often its link flaps. Entries are deleted when it ends.
 	remerging map[string]int
+	// missTries: per queue whose take-overs keep missing a peer whose
+	// link is up, how many times retryMissed took it over again (its
+	// backoff). Entries of queues no longer owned are dropped.
+	missTries map[string]int
 
 	// drainingSelf: this node drains (drain.go); its views count it
 	// draining before its gossip says so, so that it releases its queues
@@ -160,6 +164,7 @@ type ownState struct {
 	// alive in the view all along (its link down: a peer-port partition,
 	// a TLS or key refusal) never joins again.
 	missed []string
+	ended  time.Time // when the take-over ended (set before done closes)
 	// releasing: not a take-over but a release in progress (closeDest
 	// and Release). It holds dest's place in owned so that no take-over
 	// starts before the Release, which would close the subscriptions
@@ -202,6 +207,7 @@ func newRouter(rep *replica.Node, st *store.Store, r int, status func() cluster.
 		rep: rep, st: st, r: r, log: log, status: status, fwd: fwd,
 		owned:     map[string]*ownState{},
 		remerging: map[string]int{},
+		missTries: map[string]int{},
 		refused:   map[string]bool{},
 		pollers:   map[string]*poller{},
 		prefix:    fmt.Sprintf("%s-%x", rep.NodeID(), time.Now().UnixNano()),
@@ -892,6 +898,9 @@ func (rt *router) watch() {
 		if tick%100 == 75 {
 			rt.forgetRemoved()
 		}
+		if tick%10 == 5 {
+			rt.retryMissed()
+		}
 		v := rt.refresh()
 		for p := range v.peers {
 			_, _ = rt.fwd.get(p) // a link to every peer: each hears a refusal
@@ -1025,6 +1034,63 @@ func (rt *router) forgetRemoved(dests ...string) {
 		if st := rt.owned[dest]; st != nil {
 			forget(dest, st)
 		}
+	}
+}
+
+// missedRetry is how long after a take-over that could not read the copy
+// of a peer whose link is up (it answered with an error, or not in time)
+// the queue is taken over again: doubled on each retry of the same
+// queue, up to missedRetryMax.
+const (
+	missedRetry    = 5 * time.Second
+	missedRetryMax = 5 * time.Minute
+)
+
+// retryMissed takes over again the queues whose take-over missed a peer
+// that is alive and whose forwarding link is up: remergeMissed acts when
+// such a link comes up, but a pull also fails with the link up (a store
+// error at the peer, a scan slower than forwardTimeout), and that peer's
+// messages would stay unmerged. Backed off per queue. The watch calls it
+// every second.
+func (rt *router) retryMissed() {
+	v := rt.view()
+	now := time.Now()
+	var again []string
+	rt.omu.Lock()
+	for dest := range rt.missTries {
+		if rt.owned[dest] == nil {
+			delete(rt.missTries, dest)
+		}
+	}
+	for dest, st := range rt.owned {
+		select {
+		case <-st.done:
+		default:
+			continue
+		}
+		if st.releasing || st.err != nil {
+			continue
+		}
+		if len(st.missed) == 0 {
+			delete(rt.missTries, dest)
+			continue
+		}
+		wait := min(missedRetry<<min(rt.missTries[dest], 6), missedRetryMax)
+		if now.Sub(st.ended) < wait {
+			continue
+		}
+		for _, p := range st.missed {
+			if _, alive := v.peers[p]; alive && rt.fwd.connected(p) {
+				again = append(again, dest)
+				rt.missTries[dest]++
+				break
+			}
+		}
+	}
+	rt.omu.Unlock()
+	for _, dest := range again {
+		rt.log.Info("a take-over could not read an alive peer's copy: taking the queue over again", "dest", dest)
+		rt.merge(dest)
 	}
 }
 
@@ -1191,6 +1257,7 @@ func (rt *router) ensureOwned(dest string) error {
 		rt.omu.Unlock()
 	}
 	st.err = err
+	st.ended = time.Now()
 	close(st.done)
 	return err
 }
