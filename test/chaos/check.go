@@ -44,6 +44,12 @@ type result struct {
 	// its copy as new while the other side's hands out its inherited copy
 	// marked.
 	UnmarkedLater int `json:"unmarked_later"`
+	// DeadLettered is ids delivered from a dead-letter queue: their
+	// deliveries failed queue.max_redeliveries times (the consumers'
+	// connections, closed without DISCONNECT, count as failures).
+	// Reported, not failed: a rise without more client faults would be
+	// healthy messages dead-lettered.
+	DeadLettered int `json:"dead_lettered"`
 	// AckedAgain is ids delivered in the final drain after a consumer's
 	// ACK of them was receipted: a second copy of a SEND stored twice (a
 	// retry after an attempt whose outcome was unknown; copies keep the
@@ -99,6 +105,7 @@ type idState struct {
 	// delivery there carries no redelivered:true (as RabbitMQ's), and is
 	// not a duplicate of its deliveries from the original queue.
 	dlqUnmarked int
+	dlq         bool // delivered from the dead-letter queue
 	// outOfOrder counts unmarked deliveries on a connection that had
 	// already received the id from the same queue: one connection's
 	// order is certain.
@@ -165,6 +172,7 @@ func check(evs []event) result {
 			if !e.redelivered && cd.dlq {
 				s.dlqUnmarked++
 			}
+			s.dlq = s.dlq || cd.dlq
 			if s.byConn == nil {
 				s.byConn = map[connDest]bool{}
 			}
@@ -205,6 +213,9 @@ func check(evs []event) result {
 		}
 		if s.acked {
 			r.Consumed++
+		}
+		if s.dlq {
+			r.DeadLettered++
 		}
 		if s.deliveries > 1 {
 			r.Duplicated++
@@ -279,6 +290,7 @@ func (r result) String() string {
 	fmt.Fprintf(&b, "received: %d distinct in %d deliveries, %d acknowledged with a receipt, %d receipted ids only with an ACK whose answer was lost (%d of them delivered again after it)\n",
 		r.Received, r.Deliveries, r.Consumed, r.AckUnknown, r.AckUnknownLater)
 	fmt.Fprintf(&b, "duplicated: %d ids; extra deliveries marked redelivered %d, UNMARKED %d; unmarked after a marked one on one connection %d\n", r.Duplicated, r.DupMarked, r.DupUnmarked, r.UnmarkedLater)
+	fmt.Fprintf(&b, "dead-lettered: %d ids delivered from a dead-letter queue\n", r.DeadLettered)
 	fmt.Fprintf(&b, "acknowledged with a receipt, then delivered again in the drain: %d\n", r.AckedAgain)
 	fmt.Fprintf(&b, "LOST (receipted, never consumed): %d (%d never delivered)   UNEXPECTED (received, never sent): %d   MISDELIVERED: %d",
 		r.Lost, r.LostUnseen, r.Unexpected, r.Misdelivered)

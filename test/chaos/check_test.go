@@ -128,7 +128,7 @@ func TestCheckDeadLetterFirstDeliveryUnmarked(t *testing.T) {
 	q, dlq := "/queue/q", dlqOf("/queue/q")
 	on := func(e event) event { e.conn = 7; return e }
 	r := check(hist(sent("x", q), on(got("x", q, false)), on(got("x", q, true)), on(got("x", dlq, false)), event{kind: evAcked, id: "x"}))
-	if r.DupUnmarked != 0 || r.UnmarkedLater != 0 || r.Misdelivered != 0 || len(r.failures()) != 0 {
+	if r.DupUnmarked != 0 || r.UnmarkedLater != 0 || r.Misdelivered != 0 || r.DeadLettered != 1 || len(r.failures()) != 0 {
 		t.Errorf("delivered, redelivered, then dead-lettered and delivered from %s: %+v, failures %v", dlq, r, r.failures())
 	}
 	r = check(hist(sent("x", q), got("x", q, false), got("x", dlq, false), got("x", dlq, false), event{kind: evAcked, id: "x"}))
