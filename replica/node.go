@@ -272,6 +272,7 @@ type Node struct {
 	// onRemoved (SetOnRemoved) is told of queues dropped as uncreated
 	// or idle.
 	onRemoved func(dest string)
+	keepIdle  func(dest string) bool // SetKeepIdle
 	// catchUp holds, per queue being copied from its owner, the keys
 	// deleted since the copy began (see ApplyReplicated). Guarded by wmu.
 	catchUp map[string]*catchState
@@ -1003,6 +1004,9 @@ func (n *Node) sweep() {
 // after the delete (lock order wmu, Node.mu, destination.mu; commit never
 // holds the other two while taking wmu).
 func (n *Node) removeIdle(d *destination) {
+	if n.keepIdle != nil && n.keepIdle(d.name) {
+		return
+	}
 	if !n.removeIdleLocked(d) {
 		return
 	}

@@ -54,6 +54,13 @@ func (n *Node) SetReplicator(r Replicator) { n.rep = r }
 // Start.
 func (n *Node) SetOnRemoved(f func(dest string)) { n.onRemoved = f }
 
+// SetKeepIdle makes n ask keep, with no lock of n held, before it removes
+// an idle queue: true keeps it (for now; it is asked again at the next
+// sweep). A router keeps a queue whose take-over could not read every
+// copy: the removal's bucket delete, replicated, would destroy messages
+// only an unread copy holds. Call it before Start.
+func (n *Node) SetKeepIdle(keep func(dest string) bool) { n.keepIdle = keep }
+
 // Errors of replication.
 var (
 	// ErrNoQuorum: fewer than the write quorum of a queue's replicas

@@ -103,9 +103,10 @@ func (s *Store) Scan(bucket string, after uint64, limit int, maxBytes int, fn fu
 
 // HasBucket reports whether bucket name is there, even empty: its queue
 // was written to and not removed since. It sees every commit whose
-// callback ran before it was called.
+// callback ran before it was called that creates or deletes the bucket
+// (it waits as a Scan of the whole bucket does, not for other buckets).
 func (s *Store) HasBucket(name string) (bool, error) {
-	if err := s.ap.waitCurrent(); err != nil {
+	if err := s.ap.waitScan(name, 0); err != nil {
 		return false, err
 	}
 	ok := false

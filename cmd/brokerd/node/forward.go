@@ -39,9 +39,10 @@ const (
 	// hdrFailed: on an unsubscribe, "1" when the subscriber's client
 	// failed (its connection was lost) holding the deliveries whose tags
 	// (uvarints) are the body: they count toward queue.max_redeliveries
-	// (replica.Subscription.CloseFailed). Absent (and from nodes of
-	// earlier versions), every message returns marked only
-	// (replica.Subscription.Return).
+	// (replica.Subscription.CloseFailed). With an empty body (a node of
+	// the first version that sent it) every handed-out message counts
+	// (Close). Absent (and from nodes of earlier versions), every message
+	// returns marked only (replica.Subscription.Return).
 	hdrFailed = "x-failed"
 	hdrGone   = "x-gone"
 	hdrAfter  = "x-after"
@@ -461,6 +462,9 @@ func forwardHandler(rt *router, log *slog.Logger) func(peer string, f *frame.Fra
 				if failed, err = decodeKeys(f.Body); err != nil {
 					reply(stomp.PeerDrop("malformed unsubscribe"))
 					return
+				}
+				if len(failed) == 0 {
+					failed = allFailed
 				}
 			}
 			rt.host.unsubscribe(peer, f.Header.Get(hdrSub), failed)

@@ -184,12 +184,18 @@ func (h *host) end(hs *hostSub, failed []uint64) {
 	hs.mu.Unlock()
 	switch {
 	case rs == nil:
+	case len(failed) == 1 && failed[0] == allFailed[0]:
+		rs.Close()
 	case len(failed) > 0:
 		rs.CloseFailed(failed)
 	default:
 		rs.Return()
 	}
 }
+
+// allFailed, as end's failed, counts every handed-out delivery (tag 0 is
+// never a delivery's).
+var allFailed = []uint64{0}
 
 func (h *host) unsubscribe(peer, id string, failed []uint64) {
 	h.mu.Lock()

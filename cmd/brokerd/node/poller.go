@@ -615,7 +615,7 @@ func (rs *routedSub) close(failed bool) {
 		if f.msg != nil && !f.write {
 			again = append(again, f.msg) // auto mode, never on the wire
 		}
-		if failed && f.write && f.gen == gen && !rs.rebinding && f.otag != 0 {
+		if failed && f.write && f.gen == gen && !rs.rebinding && f.otag != 0 && len(written) < maxForwardMessages {
 			written = append(written, f.otag)
 		}
 	}

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"math/rand/v2"
 	"slices"
 	"sort"
 	"strconv"
@@ -118,6 +119,9 @@ type router struct {
 	// link is up, how many times retryMissed took it over again (its
 	// backoff). Entries of queues no longer owned are dropped.
 	missTries map[string]int
+	// probing: queues whose missed peers retryMissed is probing (one
+	// goroutine each; a subset of owned).
+	probing map[string]bool
 
 	// drainingSelf: this node drains (drain.go); its views count it
 	// draining before its gossip says so, so that it releases its queues
@@ -208,6 +212,7 @@ func newRouter(rep *replica.Node, st *store.Store, r int, status func() cluster.
 		owned:     map[string]*ownState{},
 		remerging: map[string]int{},
 		missTries: map[string]int{},
+		probing:   map[string]bool{},
 		refused:   map[string]bool{},
 		pollers:   map[string]*poller{},
 		prefix:    fmt.Sprintf("%s-%x", rep.NodeID(), time.Now().UnixNano()),
@@ -216,8 +221,10 @@ func newRouter(rep *replica.Node, st *store.Store, r int, status func() cluster.
 	}
 	rt.host = newHost(rt)
 	rt.txn = newTxnLog(rt)
-	// A queue the replica drops (never created, or idle) leaves owned.
+	// A queue the replica drops (never created, or idle) leaves owned;
+	// one whose take-over missed a copy is not removed as idle.
 	rep.SetOnRemoved(func(dest string) { rt.forgetRemoved(dest) })
+	rep.SetKeepIdle(rt.unmerged)
 	rt.retrying = map[string]*retryWait{}
 	rt.chains = map[string]*retryChain{}
 	rt.flights = map[string]*sendFlight{}
@@ -1003,6 +1010,25 @@ func (rt *router) release(v viewSnap, dest string, st *ownState) {
 	})
 }
 
+// unmerged reports whether queue dest's take-over is in progress or
+// could not read an alive peer's copy (ownState.missed): the replica
+// keeps it rather than remove it as idle, since the removal's bucket
+// delete, replicated, would destroy the messages only that copy holds.
+func (rt *router) unmerged(dest string) bool {
+	rt.omu.Lock()
+	defer rt.omu.Unlock()
+	st := rt.owned[dest]
+	if st == nil {
+		return false
+	}
+	select {
+	case <-st.done:
+		return !st.releasing && len(st.missed) > 0
+	default:
+		return true
+	}
+}
+
 // forgetRemoved drops from owned the queues (dests, or all) whose
 // take-over succeeded but which the replica no longer serves (not
 // Adopted): removed as idle (queue.idle_delete_after), or never created
@@ -1050,12 +1076,20 @@ const (
 // that is alive and whose forwarding link is up: remergeMissed acts when
 // such a link comes up, but a pull also fails with the link up (a store
 // error at the peer, a scan slower than forwardTimeout), and that peer's
-// messages would stay unmerged. Backed off per queue. The watch calls it
-// every second.
+// messages would stay unmerged. Backed off per queue (with jitter, so
+// that queues taken over together do not retry together), and only once
+// a probe pull from a missed peer succeeds: a take-over again re-binds
+// the subscribers, which a peer still failing would cost for nothing. The
+// watch calls it every second; the probes and merges run in the
+// background, one per queue.
 func (rt *router) retryMissed() {
 	v := rt.view()
 	now := time.Now()
-	var again []string
+	type cand struct {
+		dest  string
+		peers []string
+	}
+	var again []cand
 	rt.omu.Lock()
 	for dest := range rt.missTries {
 		if rt.owned[dest] == nil {
@@ -1076,21 +1110,57 @@ func (rt *router) retryMissed() {
 			continue
 		}
 		wait := min(missedRetry<<min(rt.missTries[dest], 6), missedRetryMax)
-		if now.Sub(st.ended) < wait {
+		wait += time.Duration(rand.Int64N(int64(wait/4) + 1))
+		if rt.probing[dest] || now.Sub(st.ended) < wait {
 			continue
 		}
+		var peers []string
 		for _, p := range st.missed {
 			if _, alive := v.peers[p]; alive && rt.fwd.connected(p) {
-				again = append(again, dest)
-				rt.missTries[dest]++
-				break
+				peers = append(peers, p)
 			}
+		}
+		if len(peers) > 0 {
+			again = append(again, cand{dest, peers})
+			rt.missTries[dest]++
+			rt.probing[dest] = true
 		}
 	}
 	rt.omu.Unlock()
-	for _, dest := range again {
-		rt.log.Info("a take-over could not read an alive peer's copy: taking the queue over again", "dest", dest)
-		rt.merge(dest)
+	for _, c := range again {
+		rt.goBackground(func() {
+			defer func() {
+				rt.omu.Lock()
+				delete(rt.probing, c.dest)
+				rt.omu.Unlock()
+			}()
+			for _, p := range c.peers {
+				if err := rt.probePull(p, c.dest); err != nil {
+					rt.log.Debug("a peer whose copy a take-over missed still cannot be read", "dest", c.dest, "peer", p, "err", err)
+					continue
+				}
+				rt.log.Info("a peer whose copy a take-over could not read answers now: taking the queue over again", "dest", c.dest, "peer", p)
+				rt.merge(c.dest)
+				return
+			}
+		})
+	}
+}
+
+// probePull asks peer for the first chunk of its copy of dest, without
+// applying it: whether a take-over's pull would succeed now.
+func (rt *router) probePull(peer, dest string) error {
+	ctx, cancel := context.WithTimeout(context.Background(), forwardTimeout)
+	defer cancel()
+	errc := make(chan error, 1)
+	if err := rt.fwd.request(ctx, peer, opPull, []string{frame.Destination, dest, hdrAfter, "0"}, nil, func(_ *frame.Frame, err error) { errc <- err }); err != nil {
+		return err
+	}
+	select {
+	case err := <-errc:
+		return err
+	case <-ctx.Done():
+		return ctx.Err()
 	}
 }
 
