@@ -14,11 +14,19 @@ import (
 // peer link (R = 2, W = 2, both stores fdatasync), with 64 SENDs in
 // flight as a producer with a window of 64 would have; compare with
 // -bench 'ReplicatedSend/local' (the same owner without a replica).
+//
+// The w1 cases keep one SEND in flight, as a producer waiting on each
+// receipt: their ns/op is the receipt latency (an fdatasync here, and the
+// peer link's round trip with the replica's fdatasync).
 func BenchmarkReplicatedSend(b *testing.B) {
-	for _, mode := range []string{"local", "replicated"} {
+	for _, c := range []struct {
+		mode   string
+		window int
+	}{{"local", 64}, {"replicated", 64}, {"local/w1", 1}, {"replicated/w1", 1}} {
+		mode := c.mode
 		b.Run(mode, func(b *testing.B) {
 			active := []string{"a", "b"}
-			if mode == "local" {
+			if mode == "local" || mode == "local/w1" {
 				active = []string{"a"}
 			}
 			net := &repNet{active: active, epoch: cluster.EpochID{Counter: 1, Set: 1}, addrs: map[string]string{}}
@@ -29,7 +37,7 @@ func BenchmarkReplicatedSend(b *testing.B) {
 				b.Fatal(err)
 			}
 			body := make([]byte, 256)
-			sem := make(chan struct{}, 64)
+			sem := make(chan struct{}, c.window)
 			var wg sync.WaitGroup
 			var mu sync.Mutex
 			var firstErr error
