@@ -3,11 +3,13 @@ package stomp
 import (
 	"bufio"
 	"bytes"
+	"context"
 	"net"
 	"strings"
 	"testing"
 
 	"github.com/go-stomp/stomp/v3/frame"
+	"github.com/prometheus/client_golang/prometheus"
 )
 
 // BenchmarkSessionSendReceipt measures the SEND -> RECEIPT path through a
@@ -45,6 +47,41 @@ func BenchmarkSessionSendReceipt(b *testing.B) {
 			if _, err := br.ReadSlice(0); err != nil {
 				b.Fatal(err)
 			}
+		}
+	}
+}
+
+// BenchmarkPeerRoundTrip measures one peer request at a time (a 256-byte
+// body answered at once by the handler) over loopback: the peer link's
+// own share of a replicated SEND's receipt latency, without any disk.
+func BenchmarkPeerRoundTrip(b *testing.B) {
+	s := NewPeerServer(peerServerConfig(nil), PeerHandlerFunc(func(_ string, _ *frame.Frame, reply func(*frame.Frame)) {
+		reply(PeerOK())
+	}))
+	if err := s.Start(); err != nil {
+		b.Fatal(err)
+	}
+	defer s.Close()
+	cfg := DefaultPeerClientConfig()
+	cfg.Addr = s.Addr().String()
+	cfg.NodeID = "node-c"
+	cfg.Logger = peerDiscardLogger()
+	cfg.Registerer = prometheus.NewRegistry()
+	c := NewPeerClient(cfg)
+	if err := c.Start(); err != nil {
+		b.Fatal(err)
+	}
+	defer c.Close()
+	body := make([]byte, 256)
+	done := make(chan error, 1)
+	ctx := context.Background()
+	b.ResetTimer()
+	for i := 0; i < b.N; i++ {
+		if err := c.Request(ctx, "op", nil, body, func(_ *frame.Frame, err error) { done <- err }); err != nil {
+			b.Fatal(err)
+		}
+		if err := <-done; err != nil {
+			b.Fatal(err)
 		}
 	}
 }
