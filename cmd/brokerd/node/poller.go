@@ -591,10 +591,10 @@ func (rt *router) removeKeysHere(dest string, keys []uint64) error {
 	return <-ch
 }
 
-// Close implements replica.Sub: the owner closes its subscription, and
-// the messages in flight return to the queue.
-// Close ends the subscription because its client failed: the owner
-// counts each handed-out message toward queue.max_redeliveries.
+// Close implements replica.Sub: the subscription ends because its client
+// failed. The owner closes its subscription, and the messages in flight
+// return to the queue; those the client had received count toward
+// queue.max_redeliveries.
 func (rs *routedSub) Close() { rs.close(true) }
 
 // Return ends the subscription for another reason: its messages return
