@@ -1,6 +1,7 @@
 package test
 
 import (
+	"bytes"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -349,6 +350,9 @@ func TestProcessReplicationLagMetric(t *testing.T) {
 			_ = rep.cmd.Process.Signal(syscall.SIGCONT)
 		}
 	}()
+	// kill(2) returns before the process has stopped: on a busy machine
+	// it may still confirm the next append (the lag would read 99).
+	waitProcStopped(t, rep.cmd.Process.Pid)
 	const n = 100
 	for i := range n {
 		if err := c.Send(q, "text/plain", []byte("while stopped "+strconv.Itoa(i)), stomp.SendOpt.Receipt); err != nil {
@@ -515,5 +519,26 @@ func TestProcessReplicationFailoverKeepsOrder(t *testing.T) {
 			t.Fatalf("%d receipted messages never reached the consumer", missing)
 		}
 		time.Sleep(100 * time.Millisecond)
+	}
+}
+
+// waitProcStopped waits until process pid is stopped (state T in
+// /proc/pid/stat), for at most 5 s.
+func waitProcStopped(t *testing.T, pid int) {
+	t.Helper()
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+		if err != nil {
+			t.Fatal(err)
+		}
+		// pid (comm) state ...: comm may hold spaces and parentheses.
+		if i := bytes.LastIndexByte(b, ')'); i >= 0 && i+2 < len(b) && (b[i+2] == 'T' || b[i+2] == 't') {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("process %d not stopped 5 s after SIGSTOP: %s", pid, b)
+		}
+		time.Sleep(5 * time.Millisecond)
 	}
 }
