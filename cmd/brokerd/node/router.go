@@ -137,6 +137,12 @@ type router struct {
 	prefix string // makes subscription IDs unique across restarts
 
 	stop chan struct{}
+	// ctx is cancelled with stop: background requests to peers (pulls,
+	// probes, merge requests) end at once on shutdown rather than hold it
+	// up to forwardTimeout (close waits for them). Unsubscribes are left
+	// to finish: they return the messages the node's clients held.
+	ctx       context.Context
+	cancelCtx context.CancelFunc
 	wg   sync.WaitGroup
 }
 
@@ -219,6 +225,7 @@ func newRouter(rep *replica.Node, st *store.Store, r int, status func() cluster.
 		stop:      make(chan struct{}),
 		m:         newRouterMetrics(reg),
 	}
+	rt.ctx, rt.cancelCtx = context.WithCancel(context.Background())
 	rt.host = newHost(rt)
 	rt.txn = newTxnLog(rt)
 	// A queue the replica drops (never created, or idle) leaves owned;
@@ -707,6 +714,7 @@ func (rt *router) close() {
 	rt.pollers = map[string]*poller{}
 	rt.pmu.Unlock()
 	close(rt.stop)
+	rt.cancelCtx()
 	for _, p := range ps {
 		p.cancel()
 	}
@@ -993,7 +1001,7 @@ func (rt *router) release(v viewSnap, dest string, st *ownState) {
 		return
 	}
 	rt.goBackground(func() {
-		ctx, cancel := context.WithTimeout(context.Background(), forwardTimeout)
+		ctx, cancel := context.WithTimeout(rt.ctx, forwardTimeout)
 		defer cancel()
 		done := make(chan error, 1)
 		if err := rt.fwd.request(ctx, owner, opMerge, []string{frame.Destination, dest}, nil, func(_ *frame.Frame, err error) { done <- err }); err != nil {
@@ -1150,7 +1158,7 @@ func (rt *router) retryMissed() {
 // probePull asks peer for the first chunk of its copy of dest, without
 // applying it: whether a take-over's pull would succeed now.
 func (rt *router) probePull(peer, dest string) error {
-	ctx, cancel := context.WithTimeout(context.Background(), forwardTimeout)
+	ctx, cancel := context.WithTimeout(rt.ctx, forwardTimeout)
 	defer cancel()
 	errc := make(chan error, 1)
 	if err := rt.fwd.request(ctx, peer, opPull, []string{frame.Destination, dest, hdrAfter, "0"}, nil, func(_ *frame.Frame, err error) { errc <- err }); err != nil {
@@ -1437,7 +1445,7 @@ func (rt *router) pull(peer, dest string, v viewSnap, tombs bool, existed *atomi
 		var resp *frame.Frame
 		var rerr error
 		done := make(chan struct{})
-		ctx, cancel := context.WithTimeout(context.Background(), forwardTimeout)
+		ctx, cancel := context.WithTimeout(rt.ctx, forwardTimeout)
 		hdrs := []string{frame.Destination, dest, hdrAfter, fmt.Sprint(after)}
 		if tombs {
 			hdrs = append(hdrs, hdrTombs, "1")
@@ -1457,6 +1465,9 @@ func (rt *router) pull(peer, dest string, v viewSnap, tombs bool, existed *atomi
 			// stuck or slow): go on without its copy.
 			cancel()
 			return total, fmt.Errorf("pull from %s: no answer within %v", peer, forwardTimeout)
+		case <-rt.stop:
+			cancel()
+			return total, fmt.Errorf("pull from %s: %w: the node is stopping", peer, replica.ErrNoQuorum)
 		}
 		cancel()
 		if rerr != nil {
