@@ -143,7 +143,7 @@ type router struct {
 	// to finish: they return the messages the node's clients held.
 	ctx       context.Context
 	cancelCtx context.CancelFunc
-	wg   sync.WaitGroup
+	wg        sync.WaitGroup
 }
 
 type routerMetrics struct {
