@@ -119,7 +119,10 @@ func (rs *routedSub) subscribeAt(owner string, v viewSnap, gen uint64) error {
 		return rt.host.subscribe(v.self, rs.ownerID(gen), rs.opts.Dest, rs.opts.Ack, prefetch, noCreate)
 	}
 	errc := make(chan error, 1)
-	ctx, cancel := context.WithTimeout(context.Background(), forwardTimeout)
+	// Ends with the router: a re-bind in the background must not hold a
+	// stopping node (a binding the owner makes anyway is never polled,
+	// and the owner ends it after subIdle).
+	ctx, cancel := context.WithTimeout(rt.ctx, forwardTimeout)
 	defer cancel()
 	hdrs := []string{
 		frame.Destination, rs.opts.Dest, hdrSub, rs.ownerID(gen), frame.Ack, rs.opts.Ack.String(), hdrPrefetch, strconv.Itoa(max(prefetch, 0)),
@@ -131,7 +134,12 @@ func (rs *routedSub) subscribeAt(owner string, v viewSnap, gen uint64) error {
 	if err != nil {
 		return peerErr(err)
 	}
-	if err := <-errc; err != nil {
+	select {
+	case err = <-errc:
+	case <-rt.stop:
+		return fmt.Errorf("%w: the node is stopping", replica.ErrNoQuorum)
+	}
+	if err != nil {
 		if isNotOwner(err) {
 			return err
 		}

@@ -1005,12 +1005,14 @@ func (rt *router) release(v viewSnap, dest string, st *ownState) {
 		defer cancel()
 		done := make(chan error, 1)
 		if err := rt.fwd.request(ctx, owner, opMerge, []string{frame.Destination, dest}, nil, func(_ *frame.Frame, err error) { done <- err }); err != nil {
-			rt.log.Warn("released a queue; its owner could not be told to merge this copy", "dest", dest, "owner", owner, "err", err)
+			if !rt.stopped() {
+				rt.log.Warn("released a queue; its owner could not be told to merge this copy", "dest", dest, "owner", owner, "err", err)
+			}
 			return
 		}
 		select {
 		case err := <-done:
-			if err != nil {
+			if err != nil && !rt.stopped() {
 				rt.log.Warn("released a queue; its owner could not be told to merge this copy", "dest", dest, "owner", owner, "err", err)
 			}
 		case <-rt.stop:
@@ -1374,7 +1376,9 @@ func (rt *router) takeOver(dest string, st *ownState) error {
 			defer wg.Done()
 			n, err := rt.pullRetry(peer, dest, v, &existed)
 			if err != nil {
-				rt.log.Warn("taking over a queue: a peer's copy could not be read; messages only it holds stay there until its link is up again", "dest", dest, "peer", peer, "err", err)
+				if !rt.stopped() {
+					rt.log.Warn("taking over a queue: a peer's copy could not be read; messages only it holds stay there until its link is up again", "dest", dest, "peer", peer, "err", err)
+				}
 				mmu.Lock()
 				st.missed = append(st.missed, peer)
 				mmu.Unlock()
