@@ -32,14 +32,8 @@ import (
 // returns the MESSAGE.
 func redeliveryRound(t *testing.T, addr, q, end, full string) *frame.Frame {
 	t.Helper()
-	c, err := net.DialTimeout("tcp", addr, 5*time.Second)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
-	br := bufio.NewReader(c)
-	rc := &rawConn{t: t, c: c, r: frame.NewReader(br), br: br}
-	rc.connect()
+	rc := dialRaw(t, addr)
+	defer rc.c.Close()
 	rc.frame("SUBSCRIBE", "", "id", "s", "destination", q, "ack", "client-individual", "prefetch-count", "10")
 	m := rc.read()
 	if m.Command != frame.MESSAGE {
@@ -55,7 +49,7 @@ func redeliveryRound(t *testing.T, addr, q, end, full string) *frame.Frame {
 		}
 		rc.expectClosed()
 	case "crash":
-		_ = c.(*net.TCPConn).SetLinger(0) // a reset, as a killed process's socket
+		_ = rc.c.(*net.TCPConn).SetLinger(0) // a reset, as a killed process's socket
 	case "unsubscribe":
 		rc.frame("UNSUBSCRIBE", "", "id", "s", "receipt", "u")
 		rc.awaitReceipt("u")
@@ -67,17 +61,24 @@ func redeliveryRound(t *testing.T, addr, q, end, full string) *frame.Frame {
 	return m
 }
 
-// sendRaw sends body to q on addr with a receipt.
-func sendRaw(t *testing.T, addr, q, body string) {
+// dialRaw connects a raw STOMP 1.2 connection to addr.
+func dialRaw(t *testing.T, addr string) *rawConn {
 	t.Helper()
 	c, err := net.DialTimeout("tcp", addr, 5*time.Second)
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer c.Close()
 	br := bufio.NewReader(c)
 	rc := &rawConn{t: t, c: c, r: frame.NewReader(br), br: br}
 	rc.connect()
+	return rc
+}
+
+// sendRaw sends body to q on addr with a receipt.
+func sendRaw(t *testing.T, addr, q, body string) {
+	t.Helper()
+	rc := dialRaw(t, addr)
+	defer rc.c.Close()
 	rc.frame("SEND", body, "destination", q, "receipt", "r")
 	rc.awaitReceipt("r")
 	rc.frame("DISCONNECT", "", "receipt", "d")

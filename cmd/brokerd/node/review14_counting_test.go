@@ -5,16 +5,13 @@ package node
 // against; see the report.
 
 import (
-	"context"
 	"fmt"
-	"log/slog"
 	"slices"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/brokerd/brokerd/replica"
-	"github.com/brokerd/brokerd/stomp"
 	"github.com/go-stomp/stomp/v3/frame"
 )
 
@@ -155,29 +152,7 @@ func TestReview14LostUnsubscribeOrphansSubscription(t *testing.T) {
 	rn := &r6Net{addrs: map[string]string{}}
 	a := startR6(t, "node-a", rn, []string{"node-a"}, nil, r6Opts{})
 	q := "/queue/r14orphan"
-	ccfg := stomp.DefaultPeerClientConfig()
-	ccfg.Secret, ccfg.NodeID, ccfg.Logger = testSecret, "node-p", slog.New(slog.DiscardHandler)
-	ccfg.Peer, ccfg.PeerNodeID = "node-a", "node-a"
-	ccfg.AddrFunc = func() string { return rn.addr("node-a") }
-	p := stomp.NewPeerClient(ccfg)
-	if err := p.Start(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = p.Close() })
-	req := func(op string, headers []string, body []byte) (*frame.Frame, error) {
-		type res struct {
-			f   *frame.Frame
-			err error
-		}
-		ch := make(chan res, 1)
-		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-		defer cancel()
-		if err := p.Request(ctx, op, headers, body, func(f *frame.Frame, err error) { ch <- res{f, err} }); err != nil {
-			return nil, err
-		}
-		r := <-ch
-		return r.f, r.err
-	}
+	req := r15Peer(t, a, "node-p")
 	if err := waitErr(t, "SEND", a.apply(t, sendBatch(q, "held")), 10*time.Second); err != nil {
 		t.Fatal(err)
 	}

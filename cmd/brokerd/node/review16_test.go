@@ -12,10 +12,10 @@ import (
 	"github.com/go-stomp/stomp/v3/frame"
 )
 
-// review16BlackHole listens on a port that accepts connections and never
+// blackHole listens on a port that accepts connections and never
 // answers (a peer stuck, or a host whose process hangs): a peer link to
 // it never comes up.
-func review16BlackHole(t *testing.T) string {
+func blackHole(t *testing.T) string {
 	t.Helper()
 	l, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -100,7 +100,7 @@ func review16TimedClose(m *r6Member, limit time.Duration) (time.Duration, bool) 
 // after subscribeAt returns).
 func TestReview16ShutdownDoesNotWaitForRebindToDeadOwner(t *testing.T) {
 	rn := &r6Net{addrs: map[string]string{}}
-	rn.set("node-b", review16BlackHole(t))
+	rn.set("node-b", blackHole(t))
 	active := []string{"node-a", "node-b"}
 	a := startR6(t, "node-a", rn, active, []string{"node-b"}, r6Opts{r: 1, w: 1, noWatch: true})
 	dest := review16DestOf(t, "/queue/r16-rebind", "node-b", active)
@@ -122,7 +122,7 @@ func TestReview16ShutdownDoesNotWaitForRebindToDeadOwner(t *testing.T) {
 // take-overs.
 func TestReview16ShutdownDoesNotWaitForOwnersTakeOver(t *testing.T) {
 	rn := &r6Net{addrs: map[string]string{}}
-	rn.set("node-b", review16BlackHole(t))
+	rn.set("node-b", blackHole(t))
 	active := []string{"node-a", "node-c"}
 	// node-c sees node-b alive (not active): its take-overs pull from it.
 	c := startR6(t, "node-c", rn, active, []string{"node-a", "node-b"}, r6Opts{r: 1, w: 1, noWatch: true})

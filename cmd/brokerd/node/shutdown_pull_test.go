@@ -1,8 +1,6 @@
 package node
 
 import (
-	"net"
-	"sync"
 	"testing"
 	"time"
 )
@@ -15,32 +13,7 @@ import (
 func TestShutdownDoesNotWaitForHungPull(t *testing.T) {
 	rn := &r6Net{addrs: map[string]string{}}
 	// node-b's peer port accepts connections and never answers.
-	bh, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	var mu sync.Mutex
-	var held []net.Conn
-	go func() {
-		for {
-			c, err := bh.Accept()
-			if err != nil {
-				return
-			}
-			mu.Lock()
-			held = append(held, c)
-			mu.Unlock()
-		}
-	}()
-	t.Cleanup(func() {
-		_ = bh.Close()
-		mu.Lock()
-		for _, c := range held {
-			_ = c.Close()
-		}
-		mu.Unlock()
-	})
-	rn.set("node-b", bh.Addr().String())
+	rn.set("node-b", blackHole(t))
 	a := startR6(t, "node-a", rn, []string{"node-a"}, []string{"node-b"}, r6Opts{r: 1, w: 1, noWatch: true})
 	started := make(chan struct{})
 	a.rt.goBackground(func() {
