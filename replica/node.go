@@ -606,7 +606,11 @@ func (n *Node) commit(ops []store.Op, nk newKeys, sync bool, after func(), done 
 	if n.rep != nil && done != nil {
 		done, quorum = join2(done)
 	}
-	finish := func(err error) {
+	// apply makes the local commit's outcome visible; finish then tells
+	// the caller. Marking a copy stored without its quorum (below) goes
+	// between the two, so that a client told of the failure never finds
+	// the copy unmarked.
+	apply := func(err error) {
 		if err == nil {
 			for i, m := range nk.msgs {
 				nk.dst[i].committed(m)
@@ -620,6 +624,9 @@ func (n *Node) commit(ops []store.Op, nk newKeys, sync bool, after func(), done 
 			}
 			n.log.Error("store commit failed", "err", err)
 		}
+	}
+	finish := func(err error) {
+		apply(err)
 		if done != nil {
 			done(err)
 		}
@@ -681,11 +688,14 @@ func (n *Node) commit(ops []store.Op, nk newKeys, sync bool, after func(), done 
 				}
 			}
 		}
-		localDone, q := finish, quorum
+		q := quorum
 		finish = func(err error) {
-			localDone(err)
+			apply(err)
 			if both, mark := j.local(err == nil); both {
 				settle(mark)
+			}
+			if done != nil {
+				done(err)
 			}
 		}
 		quorum = func(err error) {

@@ -175,3 +175,48 @@ func TestUnconfirmedReleasedQueueRewritten(t *testing.T) {
 		}
 	}
 }
+
+// The quorum's failure can be known before the local commit (a loaded
+// disk, a peer link that is down). The client is told of the failure
+// once the commit is done, and the copy must be marked by then: a client
+// that subscribes as soon as it hears (here, inside the callback) must
+// not get the copy unmarked.
+func TestUnconfirmedQuorumFailedBeforeLocalCommit(t *testing.T) {
+	h, peers := r9Owner(t, 0, time.Hour)
+	const q = "/queue/r9-late-commit"
+	if err := h.n.Adopt(q); err != nil {
+		t.Fatal(err)
+	}
+	// Hold the store's callback goroutine: the SEND's local commit
+	// cannot report until released.
+	hold, held := make(chan struct{}), make(chan struct{})
+	h.st.Submit(nil, false, func(error) { close(held); <-hold })
+	<-held
+	c := newCollector()
+	errc := make(chan error, 1)
+	b := &Batch{Sync: true, Sends: []*Message{{Dest: q, Body: []byte("unconfirmed")}}}
+	if err := h.n.Apply(b, func(err error) {
+		if _, serr := h.n.Subscribe(SubOptions{Dest: q, Ack: AckAuto, Deliver: c.deliver}); serr != nil {
+			t.Error(serr)
+		}
+		errc <- err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for peers.since(time.Time{}) == 0 {
+		if time.Now().After(deadline) {
+			t.Fatal("the append never reached the replica")
+		}
+		time.Sleep(time.Millisecond)
+	}
+	time.Sleep(50 * time.Millisecond) // the append fails at once (delay 0)
+	close(hold)
+	if err := <-errc; !errors.Is(err, ErrNoQuorum) {
+		t.Fatalf("SEND: %v, want ErrNoQuorum", err)
+	}
+	d := c.wait(t, 1)[0]
+	if !d.Redelivered {
+		t.Fatalf("the copy whose quorum failed before its local commit went out redelivered=false to a client told of the failure")
+	}
+}
