@@ -373,7 +373,7 @@ func (rs *routedSub) Check(tag uint64) error {
 // queue's current owner (ackKeys), and the ACK's outcome is that
 // removal's: a RECEIPT means it took effect. A NACK of such a delivery
 // does nothing (the message is back already).
-func (rs *routedSub) ack(tag uint64, nack bool, done func(error)) {
+func (rs *routedSub) ack(tag uint64, nack, sync bool, done func(error)) {
 	rs.mu.Lock()
 	f := rs.inflight[tag]
 	if f == nil {
@@ -472,7 +472,7 @@ func (rs *routedSub) ack(tag uint64, nack bool, done func(error)) {
 	}
 	v := rt.view()
 	if owner == v.self {
-		if err := rt.host.ack(owner, id, f.otag, nack, true, done); err != nil {
+		if err := rt.host.ack(owner, id, f.otag, nack, sync, done); err != nil {
 			if errors.Is(err, errUnknownSub) {
 				gone()
 				return
@@ -486,7 +486,14 @@ func (rs *routedSub) ack(tag uint64, nack bool, done func(error)) {
 	if nack {
 		n = "1"
 	}
-	err := rt.fwd.request(ctx, owner, opAck, []string{hdrSub, id, hdrTag, strconv.FormatUint(f.otag, 10), hdrNack, n, hdrSync, "1"}, nil, func(_ *frame.Frame, err error) {
+	// Unsynced unless the client asked for a receipt: the next barrier
+	// of this node syncs it at the owner (ackbarrier.go).
+	sy := "1"
+	unsynced := !sync && rt.markAckUnsynced(owner, dest, false)
+	if unsynced {
+		sy = "0"
+	}
+	err := rt.fwd.request(ctx, owner, opAck, []string{hdrSub, id, hdrTag, strconv.FormatUint(f.otag, 10), hdrNack, n, hdrSync, sy}, nil, func(_ *frame.Frame, err error) {
 		cancel()
 		var pe *stomp.PeerError
 		if errors.As(err, &pe) && pe.Code == codeUnknownSub {
@@ -495,6 +502,11 @@ func (rs *routedSub) ack(tag uint64, nack bool, done func(error)) {
 		}
 		done(peerErr(err))
 	})
+	if unsynced {
+		// Again, now that the ACK is queued on the link: a barrier that
+		// took the pair between the two calls was sent before it.
+		rt.markAckUnsynced(owner, dest, true)
+	}
 	if err != nil {
 		cancel()
 		done(peerErr(err))

@@ -128,6 +128,10 @@ type router struct {
 	// before the others take them over.
 	drainingSelf atomic.Bool
 
+	// acks: the owners sent unsynced ACKs, for the next barrier
+	// (ackbarrier.go).
+	acks ackDirty
+
 	pmu     sync.Mutex
 	pollers map[string]*poller // by owner node ID
 	closed  bool
@@ -1504,7 +1508,17 @@ func (rt *router) pull(peer, dest string, v viewSnap, tombs bool, existed *atomi
 // Barrier implements stomp.Broker: forwarded operations are durable at
 // their owner before they complete, so the local store's barrier covers
 // the rest.
-func (rt *router) Barrier(done func(error)) { rt.rep.Barrier(done) }
+// Barrier implements stomp.Broker: every earlier write of this node is
+// durable, here and at the owners sent its unsynced ACKs.
+func (rt *router) Barrier(done func(error)) {
+	if !rt.ackBarrierNeeded() {
+		rt.rep.Barrier(done)
+		return
+	}
+	all := replica.JoinN(2, done)
+	rt.syncAcks(all)
+	rt.rep.Barrier(all)
+}
 
 // Apply implements stomp.Broker. The batch is split by where each part
 // takes effect: here (topics, queues this node owns), or at another
@@ -1621,6 +1635,12 @@ func (rt *router) Apply(b *replica.Batch, done func(error)) error {
 	if len(txnSends) > 0 {
 		n++
 	}
+	// A synced batch is a barrier for the connection's earlier frames:
+	// their unsynced ACKs at other owners too.
+	syncAcks := b.Sync && rt.ackBarrierNeeded()
+	if syncAcks {
+		n++
+	}
 	if len(local.Sends) > 0 || len(local.Acks) > 0 || n == 0 {
 		n++
 	}
@@ -1678,8 +1698,11 @@ func (rt *router) Apply(b *replica.Batch, done func(error)) error {
 			all(err)
 		})
 	}
+	if syncAcks {
+		rt.syncAcks(all)
+	}
 	for _, a := range routed {
-		a.Sub.(*routedSub).ack(a.Tag, a.Nack, all)
+		a.Sub.(*routedSub).ack(a.Tag, a.Nack, b.Sync, all)
 	}
 	if body != nil {
 		rt.broadcastTopics(v, body)
